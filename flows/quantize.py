@@ -1,0 +1,44 @@
+"""The expertbits flow: six stages, each a cached, retryable Prefect task passing URIs and digests.
+
+    download → statistics → allocation → quantization → kernel validation → evaluation → publish
+
+Run it with `expertbits quantize` (see `expertbits quantize --help`), or from the Prefect UI once
+served (`flows/serve.py` in a later issue). Every stage is keyed on content digests, so a rerun
+with the same inputs is all cache hits.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from expertbits.tasks.records import RunManifest
+from expertbits.tasks.stages import (
+    allocate_bits,
+    check_store,
+    evaluate_model,
+    extract_statistics,
+    fetch_checkpoint,
+    publish_run,
+    quantize_experts,
+    validate_kernels,
+)
+
+from .params import QuantizeParams
+
+
+@flow(name="expertbits-quantize", log_prints=True)
+def quantize_moe(params: QuantizeParams = QuantizeParams()) -> RunManifest:
+    """Quantize a fine-tuned MoE checkpoint with per-expert bit-widths and publish every artifact."""
+    p = params
+    io = dict(store=p.store, storage_options=p.storage_options)
+    check_store(p.store, p.storage_options)
+
+    finetuned = fetch_checkpoint(p.checkpoint, p.cache_dir, p.storage_options)
+    reference = fetch_checkpoint(p.reference, p.cache_dir, p.storage_options) if p.reference else None
+    stats = extract_statistics(finetuned, reference, cache_dir=p.cache_dir, **io)
+    allocation = allocate_bits(stats, p.avg_bits, p.bit_widths, p.zeta, **io)
+    quantized = quantize_experts(finetuned, allocation, p.group_size, cache_dir=p.cache_dir, **io)
+    validation = validate_kernels(quantized, finetuned, p.validation_rtol, cache_dir=p.cache_dir, **io)
+    evaluation = evaluate_model(finetuned, quantized, p.eval_text, p.eval_seq_len, p.eval_windows, cache_dir=p.cache_dir, **io)
+
+    return publish_run(p.model_dump(mode="json"), stats, allocation, quantized, validation, evaluation, **io)

@@ -1,0 +1,1 @@
+"""expertbits.tasks."""

@@ -1,0 +1,205 @@
+"""Architecture adapters: where the router and the expert matrices of each MoE layer live.
+
+One small table per architecture names the router and the experts in both layouts that
+transformers 5 writes: legacy per-expert keys (`experts.{e}.w1.weight`) and fused 3-D tensors
+(`experts.gate_up_proj` [E, 2F, H], `experts.down_proj` [E, H, F]). Nothing else in expertbits
+knows model names. A tensor that looks like an expert but is not claimed is an error, never a
+skip: silently unquantized experts are the most reported bug in peer tools.
+
+Roles: `gate` is the first-layer (input) projection whose rows MaxVar is taken over; `up` is
+the second input projection of gated FFNs; `down` is the output projection.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+
+from .checkpoint import Checkpoint
+from .errors import CheckpointError
+
+
+@dataclass(frozen=True)
+class ExpertMatrix:
+    """One [out, in] matrix of one expert, and where its bytes are in the checkpoint."""
+
+    layer: int
+    expert: int
+    role: str  # "gate" | "up" | "down"
+    name: str  # canonical module name, used for the quantized tensors' keys
+    key: str  # source tensor
+    index: int | None = None  # expert index into a fused 3-D tensor
+    rows: tuple[int, int] | None = None  # row range inside the matrix (gate/up halves of gate_up_proj)
+
+
+@dataclass(frozen=True)
+class MoELayer:
+    layer: int
+    router_key: str
+    num_experts: int
+    matrices: tuple[ExpertMatrix, ...]
+
+
+@dataclass(frozen=True)
+class MoEModel:
+    model_type: str
+    layout: str  # "per-expert" | "fused"
+    layers: tuple[MoELayer, ...]
+
+    @property
+    def matrices(self) -> list[ExpertMatrix]:
+        return [m for layer in self.layers for m in layer.matrices]
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """Regexes for one architecture. Group 1 is the layer; group 2 the expert; group 3 the projection."""
+
+    router: str
+    per_expert: str
+    roles: dict[str, str]  # projection name in the key -> role
+    fused_prefix: str  # the experts module, for fused tensors: f"{prefix}.gate_up_proj" / ".down_proj"
+
+
+_MLP = r"model\.layers\.(\d+)\.mlp"
+_SPECS: dict[str, tuple[_Spec, ...]] = {
+    "mixtral": (
+        _Spec(
+            router=r"model\.layers\.(\d+)\.block_sparse_moe\.gate\.weight",
+            per_expert=r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight",
+            roles={"w1": "gate", "w3": "up", "w2": "down"},
+            fused_prefix="",
+        ),
+        _Spec(
+            router=_MLP + r"\.gate\.weight",
+            per_expert=_MLP + r"\.experts\.(\d+)\.(w1|w2|w3)\.weight",
+            roles={"w1": "gate", "w3": "up", "w2": "down"},
+            fused_prefix=_MLP + r"\.experts",
+        ),
+    ),
+}
+_QWEN_LIKE = (
+    _Spec(
+        router=_MLP + r"\.gate\.weight",
+        per_expert=_MLP + r"\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight",
+        roles={"gate_proj": "gate", "up_proj": "up", "down_proj": "down"},
+        fused_prefix=_MLP + r"\.experts",
+    ),
+)
+for _t in ("qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2"):
+    _SPECS[_t] = _QWEN_LIKE
+
+SUPPORTED_MODEL_TYPES = tuple(sorted(_SPECS))
+_EXPERTISH = re.compile(r"\.experts?\.|\.experts$|block_sparse_moe|\.router\.")
+
+
+def detect(ckpt: Checkpoint) -> MoEModel:
+    """Map every router and expert tensor of a checkpoint, or raise CheckpointError."""
+    model_type = ckpt.config.get("model_type", "?")
+    names = ckpt.tensors
+    if model_type not in _SPECS:
+        if any(_EXPERTISH.search(k) for k in names):
+            raise CheckpointError(
+                f"{ckpt.path}: model_type {model_type!r} has expert tensors but no expertbits adapter",
+                f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}; add an adapter in tasks/adapters.py",
+            )
+        raise _dense(ckpt, model_type)
+    for spec in _SPECS[model_type]:
+        routers = {int(m.group(1)): k for k in names if (m := re.fullmatch(spec.router, k))}
+        if routers:
+            return _build(ckpt, model_type, spec, routers)
+    raise _dense(ckpt, model_type)
+
+
+def _dense(ckpt: Checkpoint, model_type: str) -> CheckpointError:
+    return CheckpointError(
+        f"{ckpt.path}: no MoE router found (model_type {model_type!r}); this looks like a dense model",
+        "expertbits allocates bits per expert, so it needs a Mixture-of-Experts checkpoint",
+    )
+
+
+def _build(ckpt: Checkpoint, model_type: str, spec: _Spec, routers: dict[int, str]) -> MoEModel:
+    names = ckpt.tensors
+    per_expert: dict[int, dict[tuple[int, str], str]] = defaultdict(dict)
+    for k in names:
+        if m := re.fullmatch(spec.per_expert, k):
+            per_expert[int(m.group(1))][(int(m.group(2)), spec.roles[m.group(3)])] = k
+    layers, claimed, layouts = [], set(routers.values()), set()
+    for layer, router_key in sorted(routers.items()):
+        shape = names[router_key].shape
+        if len(shape) != 2:
+            raise CheckpointError(f"{ckpt.path}: router {router_key} has shape {shape}, expected [experts, hidden]", "re-export the checkpoint")
+        num_experts = shape[0]
+        if per_expert.get(layer):
+            matrices = _per_expert_layer(ckpt, layer, num_experts, per_expert[layer], spec)
+            layouts.add("per-expert")
+        else:
+            matrices = _fused_layer(ckpt, layer, num_experts, router_key, spec)
+            layouts.add("fused")
+        claimed.update(m.key for m in matrices)
+        layers.append(MoELayer(layer, router_key, num_experts, tuple(matrices)))
+    stray = sorted(k for k in names if k not in claimed and ".experts." in k and "shared_expert" not in k)
+    if stray:
+        raise CheckpointError(
+            f"{ckpt.path}: {len(stray)} expert tensors not understood by the {model_type} adapter, e.g. {stray[:3]}",
+            "this layout is not supported yet; extend tasks/adapters.py rather than leave experts unquantized",
+        )
+    if len(layouts) != 1:
+        raise CheckpointError(f"{ckpt.path}: mixes per-expert and fused expert tensors", "re-export the checkpoint in one layout")
+    return MoEModel(model_type=model_type, layout=layouts.pop(), layers=tuple(layers))
+
+
+def _per_expert_layer(ckpt, layer, num_experts, found, spec) -> list[ExpertMatrix]:
+    out = []
+    for e in range(num_experts):
+        for role in ("gate", "up", "down"):
+            key = found.get((e, role))
+            if key is None:
+                raise CheckpointError(
+                    f"{ckpt.path}: layer {layer} has a router for {num_experts} experts but no {role} matrix for expert {e}",
+                    "the checkpoint is incomplete; re-export it",
+                )
+            out.append(ExpertMatrix(layer, e, role, key.removesuffix(".weight"), key))
+    extra = sorted({e for e, _ in found} - set(range(num_experts)))
+    if extra:
+        raise CheckpointError(f"{ckpt.path}: layer {layer} has expert tensors {extra} beyond its router's {num_experts} rows", "re-export the checkpoint")
+    return out
+
+
+def _fused_layer(ckpt, layer, num_experts, router_key, spec) -> list[ExpertMatrix]:
+    prefix = re.sub(r"\(\\d\+\)", str(layer), spec.fused_prefix).replace("\\.", ".") if spec.fused_prefix else ""
+    gate_up, down = f"{prefix}.gate_up_proj", f"{prefix}.down_proj"
+    if not prefix or gate_up not in ckpt.tensors or down not in ckpt.tensors:
+        raise CheckpointError(
+            f"{ckpt.path}: layer {layer} has a router ({router_key}) but no expert tensors the adapter recognises",
+            "the checkpoint is incomplete or in an unsupported layout",
+        )
+    e, two_f, h = ckpt.tensors[gate_up].shape
+    e2, h2, f = ckpt.tensors[down].shape
+    if e != num_experts or e2 != num_experts or two_f != 2 * f or h2 != h:
+        raise CheckpointError(
+            f"{ckpt.path}: layer {layer} fused expert shapes {ckpt.tensors[gate_up].shape} / {ckpt.tensors[down].shape} "
+            f"do not match {num_experts} experts of [2F, H] / [H, F]",
+            "the checkpoint is damaged or in an unsupported layout",
+        )
+    out = []
+    for x in range(num_experts):
+        out.append(ExpertMatrix(layer, x, "gate", f"{prefix}.{x}.gate_proj", gate_up, x, (0, f)))
+        out.append(ExpertMatrix(layer, x, "up", f"{prefix}.{x}.up_proj", gate_up, x, (f, 2 * f)))
+        out.append(ExpertMatrix(layer, x, "down", f"{prefix}.{x}.down_proj", down, x, None))
+    return out
+
+
+def check_compatible(model: MoEModel, reference: MoEModel, ckpt: Checkpoint, ref: Checkpoint) -> None:
+    """The reference must have the same routers with the same shapes; otherwise Λ is meaningless."""
+    ours = {layer.layer: ckpt.tensors[layer.router_key].shape for layer in model.layers}
+    theirs = {layer.layer: ref.tensors[layer.router_key].shape for layer in reference.layers}
+    if ours != theirs:
+        diff = [(k, ours.get(k), theirs.get(k)) for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
+        layer, a, b = diff[0]
+        raise CheckpointError(
+            f"reference {ref.path} does not match checkpoint {ckpt.path}: layer {layer} router shape {b} vs {a} "
+            f"({len(diff)} layers differ)",
+            "pass the checkpoint this model was fine-tuned from as --reference, or omit --reference to use the final router norm",
+        )

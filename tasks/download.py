@@ -1,0 +1,168 @@
+"""Stage 1: bring a checkpoint into a content-addressed local cache and verify it.
+
+Sources: a local folder or `file://` URI, `zoo://family/variant` (bundled), `s3://bucket/prefix`
+(s3fs), and `hf://org/name@revision` (huggingface_hub). Files land in
+`<cache>/checkpoints/<digest>/` where the digest is the sha256 of the sorted per-file sha256
+manifest, so two URIs with the same bytes share one entry and a changed file is a new entry.
+Only what expertbits reads is fetched: config, safetensors, tokenizer files.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError
+from .storage import open_fs, sha256_file
+
+PATTERNS = ("config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+            "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt")
+MANIFEST = "expertbits-manifest.json"
+
+
+@dataclass(frozen=True)
+class LocalCheckpoint:
+    uri: str
+    path: Path
+    digest: str
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("EXPERTBITS_CACHE", Path.home() / ".cache" / "expertbits")).expanduser()
+
+
+def _wanted(name: str) -> bool:
+    return any(fnmatch.fnmatch(name, p) for p in PATTERNS)
+
+
+def fingerprint(uri: str, storage_options: dict[str, Any] | None = None) -> str:
+    """A cheap identity of the source's current contents (names, sizes, mtimes or ETags), for cache keys."""
+    scheme, location = _split(uri)
+    if scheme == "hf":
+        return f"hf:{location}"  # a revision names fixed contents; huggingface_hub caches by it
+    fs, root = open_fs(location if scheme != "file" else str(location), storage_options if scheme == "s3" else None)
+    if scheme == "s3":
+        fs.invalidate_cache(root)
+    try:
+        infos = fs.find(root, detail=True)
+    except FileNotFoundError:
+        infos = {}
+    parts = sorted(
+        (k[len(root):], v.get("size"), v.get("ETag") or v.get("mtime") or v.get("LastModified"))
+        for k, v in infos.items() if _wanted(k.rsplit("/", 1)[-1])
+    )
+    return hashlib.sha256(json.dumps([uri, parts], default=str).encode()).hexdigest()
+
+
+def _split(uri: str) -> tuple[str, str]:
+    if uri.startswith("zoo://"):
+        from expertbits.zoo import resolve
+
+        try:
+            return "file", str(resolve(uri))
+        except FileNotFoundError as e:
+            raise CheckpointError(str(e), "name a bundled model, e.g. zoo://micro-mixtral/finetuned") from e
+    if uri.startswith("hf://"):
+        return "hf", uri.removeprefix("hf://")
+    if uri.startswith("s3://"):
+        return "s3", uri.rstrip("/")
+    if "://" in uri and not uri.startswith("file://"):
+        raise CheckpointError(f"unsupported checkpoint URI {uri!r}", "use a folder, file://, s3://, hf://org/name@revision or zoo://")
+    return "file", str(Path(uri.removeprefix("file://")).expanduser().resolve())
+
+
+def download(uri: str, cache_dir: str | Path | None = None, storage_options: dict[str, Any] | None = None) -> LocalCheckpoint:
+    """Fetch `uri` into the cache (or find it there) and return its verified local copy."""
+    cache = Path(cache_dir or default_cache_dir())
+    scheme, location = _split(uri)
+    staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=_mkdir(cache / "checkpoints")))
+    try:
+        if scheme == "file":
+            _fetch_local(Path(location), staging, uri)
+        elif scheme == "s3":
+            _fetch_s3(location, staging, storage_options or {}, uri)
+        else:
+            _fetch_hf(location, staging, uri)
+        files = {p.name: {"sha256": sha256_file(p), "size": p.stat().st_size} for p in sorted(staging.iterdir())}
+        if not any(n.endswith(".safetensors") for n in files):
+            raise CheckpointError(
+                f"{uri}: no *.safetensors files found",
+                "expertbits reads safetensors only (no pickle); export with model.save_pretrained(dir)",
+            )
+        digest = hashlib.sha256("".join(f"{n} {f['sha256']}\n" for n, f in files.items()).encode()).hexdigest()
+        (staging / MANIFEST).write_text(json.dumps({"uri": uri, "digest": digest, "files": files}, indent=2, sort_keys=True))
+        final = cache / "checkpoints" / digest
+        if final.exists() and verify(final):
+            shutil.rmtree(staging)
+        else:
+            shutil.rmtree(final, ignore_errors=True)
+            staging.rename(final)  # atomic: a reader never sees a half-filled entry
+        return LocalCheckpoint(uri=uri, path=final, digest=digest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def verify(path: Path) -> bool:
+    """True if every file listed in the entry's manifest is present with its recorded sha256."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return all((path / n).is_file() and sha256_file(path / n) == f["sha256"] for n, f in manifest["files"].items())
+
+
+def ensure_local(uri: str, digest: str, cache_dir: str | Path | None = None, storage_options=None) -> Path:
+    """The cached copy of a checkpoint, fetched again if the cache was cleared since; digest must match."""
+    path = Path(cache_dir or default_cache_dir()) / "checkpoints" / digest
+    if (path / MANIFEST).is_file():
+        return path
+    fresh = download(uri, cache_dir, storage_options)
+    if fresh.digest != digest:
+        raise CheckpointError(
+            f"{uri} changed since it was cached (digest {fresh.digest[:12]} != {digest[:12]})",
+            "rerun the flow so every stage sees the new checkpoint",
+        )
+    return fresh.path
+
+
+def _mkdir(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _fetch_local(src: Path, dst: Path, uri: str) -> None:
+    if not src.is_dir():
+        raise CheckpointError(f"{uri}: {src} is not a folder", "point at a checkpoint folder holding config.json and *.safetensors")
+    for p in sorted(src.iterdir()):
+        if p.is_file() and _wanted(p.name):
+            shutil.copyfile(p, dst / p.name)
+
+
+def _fetch_s3(location: str, dst: Path, storage_options: dict[str, Any], uri: str) -> None:
+    fs, root = open_fs(location, storage_options)
+    fs.invalidate_cache(root)
+    names = [k for k in fs.find(root) if _wanted(k.rsplit("/", 1)[-1]) and k[len(root):].count("/") == 1]
+    if not names:
+        raise CheckpointError(f"{uri}: no checkpoint files under this prefix", "check the bucket and prefix")
+    for key in names:
+        fs.get_file(key, str(dst / key.rsplit("/", 1)[-1]))
+
+
+def _fetch_hf(location: str, dst: Path, uri: str) -> None:
+    from huggingface_hub import snapshot_download
+
+    repo, _, revision = location.partition("@")
+    if repo.count("/") != 1:
+        raise CheckpointError(f"{uri}: expected hf://org/name@revision", "e.g. hf://mistralai/Mixtral-8x7B-v0.1@<commit sha>")
+    snapshot = Path(snapshot_download(repo, revision=revision or None, allow_patterns=list(PATTERNS)))
+    for p in sorted(snapshot.iterdir()):
+        if p.is_file() and _wanted(p.name):
+            shutil.copyfile(p, dst / p.name)

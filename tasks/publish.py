@@ -1,0 +1,79 @@
+"""Gather a run's stage outputs under one run prefix, with the manifest written last.
+
+  runs/<run-id>/
+    statistics/expert_stats.parquet, checkpoints.json
+    allocation/bit_allocation.parquet
+    quantization/...                 the quantized checkpoint (HF layout)
+    validation/kernel_validation.parquet
+    evaluation/evaluation.json
+    expertbits.duckdb                every table above, queryable together (schema: tasks/schema.sql)
+    manifest.json                    written last: parameters, stage keys, every file's sha256
+
+The run id is derived from the stage keys, so the same inputs and configuration give the same
+prefix and the same bytes. A reader that finds no manifest.json must ignore the prefix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tempfile
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+
+from .records import RunManifest, StageOutput
+from .statistics import schema_sql
+from .storage import Store, sha256_file
+
+
+def run_id(checkpoint_uri: str, avg_bits: float, outputs: list[StageOutput]) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", checkpoint_uri.lower().rstrip("/").split("://")[-1].replace("@", "-"))[-40:].strip("-")
+    digest = hashlib.sha256("".join(o.key for o in outputs).encode()).hexdigest()[:10]
+    return f"{slug}-{avg_bits:g}b-{digest}"
+
+
+def build_database(path: Path, store: Store, outputs: dict[str, StageOutput], tmp: Path) -> None:
+    """One DuckDB file with every table of the run, loaded from the stage outputs."""
+    def local(stage: str, rel: str) -> str:
+        return str(store.get_file(f"{outputs[stage].prefix}/{rel}", tmp / stage / rel))
+
+    con = duckdb.connect(str(path), config={"autoinstall_known_extensions": False})
+    try:
+        con.execute(schema_sql())
+        ckpts = pd.DataFrame(json.loads(Path(local("statistics", "checkpoints.json")).read_text()))
+        con.execute("INSERT INTO checkpoints SELECT digest, uri, role, model_type, layout, moe_layers, experts FROM ckpts")
+        for table, stage, rel in (("expert_stats", "statistics", "expert_stats.parquet"),
+                                  ("bit_allocation", "allocation", "bit_allocation.parquet"),
+                                  ("kernel_validation", "validation", "kernel_validation.parquet")):
+            con.execute(f"INSERT INTO {table} SELECT * FROM read_parquet('{local(stage, rel)}')")
+        metrics = json.loads(Path(local("evaluation", "evaluation.json")).read_text())
+        rows = pd.DataFrame([{"metric": k, "value": float(v)} for k, v in sorted(metrics.items()) if isinstance(v, (int, float))])
+        con.execute("INSERT INTO evaluation SELECT * FROM rows")
+        con.execute("CHECKPOINT")
+    finally:
+        con.close()
+
+
+def publish(store: Store, rid: str, outputs: dict[str, StageOutput], parameters: dict) -> RunManifest:
+    prefix = f"runs/{rid}"
+    with store.staging(prefix), tempfile.TemporaryDirectory() as tmp:
+        store.remove(prefix)
+        files: dict[str, str] = {}
+        for stage, out in outputs.items():
+            for rel, sha in out.files.items():
+                store.copy(f"{out.prefix}/{rel}", f"{prefix}/{stage}/{rel}")
+                files[f"{stage}/{rel}"] = sha
+        db = Path(tmp) / "expertbits.duckdb"
+        build_database(db, store, outputs, Path(tmp))
+        store.put_file(db, f"{prefix}/expertbits.duckdb")
+        files["expertbits.duckdb"] = sha256_file(db)
+        manifest = RunManifest(
+            run_id=rid, uri=store.uri(prefix), files=dict(sorted(files.items())),
+            stages={stage: out.key for stage, out in outputs.items()},
+            summary={"parameters": parameters, **{stage: out.summary for stage, out in outputs.items()}},
+        )
+        store.write_bytes(f"{prefix}/manifest.json", manifest.model_dump_json(indent=2).encode())
+    return manifest

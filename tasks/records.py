@@ -1,0 +1,33 @@
+"""Small records passed between Prefect tasks: URIs and digests, never tensors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+
+class CheckpointRecord(BaseModel):
+    """A checkpoint fetched into the local cache."""
+
+    uri: str
+    digest: str  # sha256 of the sorted per-file sha256 manifest
+    path: str  # local cache folder (may be refetched by digest if the cache was cleared)
+
+
+class StageOutput(BaseModel):
+    """What a stage wrote: files under `objects/<stage>/<key>/` in the store, and a summary."""
+
+    stage: str
+    key: str  # the cache key: digests of the inputs + configuration + code version
+    prefix: str  # store-relative folder
+    files: dict[str, str]  # relative name -> sha256
+    summary: dict[str, Any]
+
+
+class RunManifest(BaseModel):
+    run_id: str
+    uri: str  # the run prefix in the store
+    files: dict[str, str]
+    stages: dict[str, str]  # stage -> cache key
+    summary: dict[str, Any]

@@ -1,0 +1,108 @@
+"""Stage 2: per-expert statistics, streamed from safetensors (the model is never instantiated).
+
+For each MoE layer and routed expert s:
+  Λ_s      = ‖w_s^ft‖₂ − ‖w_s^ref‖₂   (router row norms; signed difference of norms, not norm of
+                                       the difference). Without a reference: ‖w_s^ft‖₂, the
+                                       paper's proxy for checkpoints trained from scratch.
+  MaxVar_s = max over rows r of W₁ of  (1/d) Σ_i (W₁[r,i] − mean_i W₁[r,·])²
+             where W₁ is the expert's first-layer (gate / w1) matrix [F, H].
+Everything is computed in fp32; memory is bounded by the largest single tensor read.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+import duckdb
+import pandas as pd
+import torch
+
+from .adapters import MoEModel, check_compatible, detect
+from .checkpoint import Checkpoint, require_finite
+
+Progress = Callable[[float, str], None]
+
+
+def schema_sql() -> str:
+    return resources.files("expertbits.tasks").joinpath("schema.sql").read_text()
+
+
+def maxvar(w: torch.Tensor) -> float:
+    """Maximum over rows of the (population) variance across the input dimension."""
+    return float(w.float().var(dim=1, unbiased=False).max())
+
+
+def collect(ft: Checkpoint, ref: Checkpoint | None, progress: Progress | None = None) -> tuple[pd.DataFrame, dict]:
+    """Statistics of every routed expert, as a DataFrame with the expert_stats columns."""
+    model = detect(ft)
+    ref_model = None
+    if ref is not None:
+        ref_model = detect(ref)
+        check_compatible(model, ref_model, ft, ref)
+    rows = []
+    for i, layer in enumerate(model.layers):
+        router = ft.read(layer.router_key).float()
+        require_finite(router, f"{ft.path}: {layer.router_key}")
+        norms = router.norm(dim=1)
+        ref_norms = None
+        if ref is not None:
+            ref_router = ref.read(ref_model.layers[i].router_key).float()
+            require_finite(ref_router, f"{ref.path}: {ref_model.layers[i].router_key}")
+            ref_norms = ref_router.norm(dim=1)
+        lam = norms - ref_norms if ref_norms is not None else norms
+        # Stable sort, expert index breaks ties: the allocation must be reproducible.
+        order = sorted(range(layer.num_experts), key=lambda e: (float(lam[e]), e))
+        rank = {e: r for r, e in enumerate(order)}
+        for m in layer.matrices:
+            if m.role != "gate":
+                continue
+            w = ft.read(m.key, m.index, m.rows)
+            require_finite(w, f"{ft.path}: {m.name}")
+            e = m.expert
+            rows.append({
+                "layer": layer.layer, "expert": e,
+                "router_norm": float(norms[e]),
+                "reference_router_norm": float(ref_norms[e]) if ref_norms is not None else None,
+                "lambda": float(lam[e]),
+                "lambda_source": "norm-change" if ref is not None else "final-norm-proxy",
+                "maxvar": maxvar(w),
+                "lambda_rank": rank[e],
+            })
+        if progress:
+            progress((i + 1) / len(model.layers), f"statistics: layer {layer.layer} done")
+    stats = pd.DataFrame(rows).astype({"reference_router_norm": "float64"})
+    info = {"model_type": model.model_type, "layout": model.layout, "moe_layers": len(model.layers),
+            "experts": model.layers[0].num_experts}
+    return stats, info
+
+
+def write_database(db_path: Path, stats: pd.DataFrame, checkpoints: list[dict]) -> None:
+    """A fresh DuckDB file with the schema, the checkpoints read, and the expert statistics."""
+    db_path.unlink(missing_ok=True)
+    con = duckdb.connect(str(db_path), config={"autoinstall_known_extensions": False})
+    try:
+        con.execute(schema_sql())
+        ckpts = pd.DataFrame(checkpoints)
+        con.execute("INSERT INTO checkpoints SELECT digest, uri, role, model_type, layout, moe_layers, experts FROM ckpts")
+        con.execute("INSERT INTO expert_stats SELECT * FROM stats ORDER BY layer, expert")
+    finally:
+        con.close()
+
+
+def read_stats(path: Path) -> pd.DataFrame:
+    """expert_stats from a parquet export, ordered by (layer, expert)."""
+    con = duckdb.connect(config={"autoinstall_known_extensions": False})
+    try:
+        return con.sql(f"SELECT * FROM read_parquet('{path}') ORDER BY layer, expert").df()
+    finally:
+        con.close()
+
+
+def export_parquet(stats: pd.DataFrame, path: Path) -> None:
+    con = duckdb.connect(config={"autoinstall_known_extensions": False})
+    try:
+        con.execute(f"COPY (SELECT * FROM stats ORDER BY layer, expert) TO '{path}' (FORMAT parquet)")
+    finally:
+        con.close()

@@ -1,0 +1,101 @@
+"""Test environment: set before anything imports torch, triton or prefect."""
+
+import os
+import tempfile
+
+_HOME = tempfile.mkdtemp(prefix="expertbits-tests-")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2-core CI: threads oversubscribe and slow torch 50x
+os.environ["PREFECT_HOME"] = os.path.join(_HOME, "prefect")
+os.environ["PREFECT_LOCAL_STORAGE_PATH"] = os.path.join(_HOME, "prefect", "results")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
+os.environ["PREFECT_LOGGING_TO_API_BATCH_INTERVAL"] = "0.3"
+os.environ["EXPERTBITS_CACHE"] = os.path.join(_HOME, "cache")
+os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+os.environ.pop("AWS_PROFILE", None)
+
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any @triton.jit runs
+torch.set_num_threads(1)
+
+import json  # noqa: E402
+import logging  # noqa: E402
+import shutil  # noqa: E402
+import socket  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from expertbits.zoo import text_path  # noqa: E402
+from expertbits.zoo.micro import MicroConfig, build_pair  # noqa: E402
+
+TINY = MicroConfig(hidden=32, intermediate=64, layers=2, heads=2, experts=4, top_k=2, vocab=300, seq_len=64, batch=8)
+
+
+@pytest.fixture(scope="session")
+def micro_pair(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny trained Mixtral pair (base, fine-tuned), built in seconds."""
+    out = tmp_path_factory.mktemp("micro")
+    return build_pair(out, pretrain_text=text_path("docs-train").read_text()[:120_000],
+                      finetune_text=text_path("code-train").read_text()[:120_000], cfg=TINY,
+                      pretrain_steps=40, finetune_steps=20, log=None)
+
+
+@pytest.fixture
+def copy_ckpt(tmp_path):
+    """Copy a checkpoint folder so a test may damage it."""
+    def copy(src: Path, name: str = "ckpt") -> Path:
+        dst = tmp_path / name
+        shutil.copytree(src, dst)
+        return dst
+    return copy
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """An S3-compatible HTTP server on loopback (moto in server mode), as s3fs tests itself."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_endpoint):
+    """(s3fs filesystem, storage_options) with a fresh bucket per test."""
+    import s3fs
+    import uuid
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    options = {"endpoint_url": s3_endpoint}
+    fs = s3fs.S3FileSystem(**options)
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    fs.mkdir(bucket)
+    fs.bucket = bucket
+    yield fs, options
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """One temporary Prefect API server for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

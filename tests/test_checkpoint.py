@@ -1,0 +1,139 @@
+"""Checkpoint reading, architecture adapters and statistics against hand-computed values."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from expertbits.tasks.adapters import check_compatible, detect
+from expertbits.tasks.checkpoint import Checkpoint
+from expertbits.tasks.errors import CheckpointError
+from expertbits.tasks.statistics import collect, maxvar
+
+
+def write_ckpt(path: Path, tensors: dict, model_type: str = "mixtral") -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    save_file({k: v.clone().contiguous() for k, v in tensors.items()}, path / "model.safetensors")
+    return path
+
+
+def mixtral_tensors(router: torch.Tensor, w1s: list[torch.Tensor], layer: int = 0) -> dict:
+    p = f"model.layers.{layer}.block_sparse_moe"
+    t = {f"{p}.gate.weight": router, "model.embed_tokens.weight": torch.zeros(4, router.shape[1])}
+    for e, w1 in enumerate(w1s):
+        t[f"{p}.experts.{e}.w1.weight"] = w1
+        t[f"{p}.experts.{e}.w3.weight"] = w1 * 2
+        t[f"{p}.experts.{e}.w2.weight"] = w1.T.contiguous()
+    return t
+
+
+def test_lambda_and_maxvar_hand_computed(tmp_path):
+    # router rows: ft ‖[3,4]‖ = 5, ‖[0,2]‖ = 2; base ‖[0,1]‖ = 1, ‖[0,3]‖ = 3 -> Λ = 4, -1
+    # w1 of expert 0: rows [1,1,1,1] (var 0) and [0,2,0,2] (var 1) -> MaxVar 1
+    # w1 of expert 1: rows [0,0,0,4] (var 3) and [1,2,3,4] (var 1.25) -> MaxVar 3
+    w1 = [torch.tensor([[1.0, 1, 1, 1], [0, 2, 0, 2]]), torch.tensor([[0.0, 0, 0, 4], [1, 2, 3, 4]])]
+    ft = write_ckpt(tmp_path / "ft", mixtral_tensors(torch.tensor([[3.0, 4, 0, 0], [0, 2, 0, 0]]), w1))
+    base = write_ckpt(tmp_path / "base", mixtral_tensors(torch.tensor([[0.0, 1, 0, 0], [0, 3, 0, 0]]), w1))
+    with Checkpoint.open(ft) as f, Checkpoint.open(base) as b:
+        stats, info = collect(f, b)
+    assert info == {"model_type": "mixtral", "layout": "per-expert", "moe_layers": 1, "experts": 2}
+    assert stats["lambda"].tolist() == pytest.approx([4.0, -1.0])
+    assert stats.maxvar.tolist() == pytest.approx([1.0, 3.0])
+    assert stats.lambda_rank.tolist() == [1, 0]
+    assert set(stats.lambda_source) == {"norm-change"}
+    with Checkpoint.open(ft) as f:
+        proxy, _ = collect(f, None)
+    assert proxy["lambda"].tolist() == pytest.approx([5.0, 2.0])
+    assert set(proxy.lambda_source) == {"final-norm-proxy"}
+
+
+def test_maxvar_is_max_over_rows_of_population_variance():
+    w = torch.tensor([[1.0, 3.0], [0.0, 10.0], [5.0, 5.0]])
+    assert maxvar(w) == pytest.approx(25.0)
+
+
+def test_fused_layout_gives_the_same_statistics(micro_pair, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base, ft = micro_pair
+    model = AutoModelForCausalLM.from_pretrained(ft)
+    model.save_pretrained(tmp_path / "fused", save_original_format=False)
+    with Checkpoint.open(tmp_path / "fused") as fused, Checkpoint.open(ft) as legacy, Checkpoint.open(base) as ref:
+        m = detect(fused)
+        assert m.layout == "fused" and len(m.layers) == 2 and len(m.matrices) == 2 * 4 * 3
+        a, _ = collect(fused, ref)
+        b, _ = collect(legacy, ref)
+    assert a[["lambda", "maxvar"]].values.ravel().tolist() == pytest.approx(b[["lambda", "maxvar"]].values.ravel().tolist(), rel=1e-6)
+
+
+def test_qwen2_moe_shared_expert_is_not_a_routed_expert(tmp_path):
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    cfg = Qwen2MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                         shared_expert_intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, num_experts=4, num_experts_per_tok=2)
+    Qwen2MoeForCausalLM(cfg).save_pretrained(tmp_path / "q")
+    with Checkpoint.open(tmp_path / "q") as c:
+        m = detect(c)
+    assert m.model_type == "qwen2_moe" and [len(layer.matrices) for layer in m.layers] == [12, 12]
+    assert not any("shared" in x.key for x in m.matrices)
+
+
+def test_dense_model_is_rejected(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / "dense")
+    with Checkpoint.open(tmp_path / "dense") as c, pytest.raises(CheckpointError, match="dense model"):
+        detect(c)
+
+
+def test_unknown_architecture_with_experts_is_an_error_not_a_skip(tmp_path):
+    t = mixtral_tensors(torch.ones(2, 4), [torch.ones(2, 4)] * 2)
+    with Checkpoint.open(write_ckpt(tmp_path / "x", t, model_type="mystery_moe")) as c:
+        with pytest.raises(CheckpointError, match="no expertbits adapter"):
+            detect(c)
+
+
+def test_missing_expert_matrix_is_named(tmp_path):
+    t = mixtral_tensors(torch.ones(2, 4), [torch.ones(2, 4)] * 2)
+    del t["model.layers.0.block_sparse_moe.experts.1.w3.weight"]
+    with Checkpoint.open(write_ckpt(tmp_path / "x", t)) as c:
+        with pytest.raises(CheckpointError, match="no up matrix for expert 1"):
+            detect(c)
+
+
+def test_truncated_safetensors_names_the_file(micro_pair, copy_ckpt):
+    d = copy_ckpt(micro_pair[1])
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: corrupt or truncated"):
+        Checkpoint.open(d)
+
+
+def test_pickle_only_checkpoint_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    with pytest.raises(CheckpointError, match="safetensors only"):
+        Checkpoint.open(tmp_path)
+
+
+def test_reference_with_different_router_shape_is_rejected(tmp_path):
+    ft = write_ckpt(tmp_path / "ft", mixtral_tensors(torch.ones(2, 4), [torch.ones(2, 4)] * 2))
+    ref = write_ckpt(tmp_path / "ref", mixtral_tensors(torch.ones(3, 4), [torch.ones(2, 4)] * 3))
+    with Checkpoint.open(ft) as f, Checkpoint.open(ref) as r:
+        with pytest.raises(CheckpointError, match=r"router shape \(3, 4\) vs \(2, 4\)"):
+            check_compatible(detect(f), detect(r), f, r)
+        with pytest.raises(CheckpointError, match="does not match"):
+            collect(f, r)
+
+
+def test_nan_weights_are_rejected(tmp_path):
+    w1 = torch.ones(2, 4)
+    w1[1, 2] = float("nan")
+    with Checkpoint.open(write_ckpt(tmp_path / "x", mixtral_tensors(torch.ones(2, 4), [torch.ones(2, 4), w1]))) as c:
+        with pytest.raises(CheckpointError, match="experts.1.w1 has 1 NaN/Inf"):
+            collect(c, None)
