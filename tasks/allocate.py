@@ -75,7 +75,7 @@ def allocate(stats: pd.DataFrame, cfg: AllocationConfig) -> pd.DataFrame:
     low, high = cfg.tiers()
     rows = []
     for layer, group in stats.groupby("layer", sort=True):
-        lam = dict(zip(group.expert, group["lambda"]))
+        lam = dict(zip(group.expert, group["lambda_score"]))
         var = dict(zip(group.expert, group.maxvar))
         primary = sorted(lam, key=lambda e: (lam[e], e))
         order, moved = maxvar_rearrange(primary, var, cfg.zeta)

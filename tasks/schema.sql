@@ -18,7 +18,7 @@ CREATE TABLE IF NOT EXISTS expert_stats (
     expert                INTEGER NOT NULL,
     router_norm           DOUBLE  NOT NULL,  -- ||w_s|| of router row s in the fine-tuned checkpoint
     reference_router_norm DOUBLE,            -- ||w_s|| in the reference; NULL without one
-    lambda                DOUBLE  NOT NULL,  -- router_norm - reference_router_norm, or router_norm (proxy)
+    lambda_score          DOUBLE  NOT NULL,  -- router_norm - reference_router_norm, or router_norm (proxy)
     lambda_source         VARCHAR NOT NULL,  -- 'norm-change' | 'final-norm-proxy'
     maxvar                DOUBLE  NOT NULL,  -- max over first-layer rows of the variance across the input dim
     lambda_rank           INTEGER NOT NULL   -- 0 = smallest lambda in its layer (most bits)

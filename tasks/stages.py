@@ -83,9 +83,12 @@ def _progress(stage: str):
     return report
 
 
-def _miss_unless(store: Store, stage: str, key: str) -> str:
-    """The key if the store still holds that stage output, else a one-off key that forces a rerun."""
-    return key if store.exists(f"objects/{stage}/{key}/_stage.json") else f"{key}-rebuild-{uuid.uuid4().hex}"
+def _miss_unless(ctx, store: Store, stage: str, key: str) -> str:
+    """The key, unless Prefect holds a record for it whose objects left the store: then a one-off miss."""
+    record = ctx.result_store is not None and ctx.result_store.exists(key)
+    if record and not store.exists(f"objects/{stage}/{key}/_stage.json"):
+        return f"{key}-rebuild-{uuid.uuid4().hex}"
+    return key
 
 
 def _publish_stage(store: Store, stage: str, key: str, local: Path, summary: dict) -> StageOutput:
@@ -126,15 +129,8 @@ def check_store(root: str, storage_options: dict) -> str:
 # ---- 1. download --------------------------------------------------------------------------------
 
 def _download_key(ctx, p) -> str:
-    fp = download.fingerprint(p["uri"], p["storage_options"])
-    index = Path(p["cache_dir"] or download.default_cache_dir()) / "index" / f"{fp}.json"
-    try:
-        digest = json.loads(index.read_text())["digest"]
-        present = (Path(p["cache_dir"] or download.default_cache_dir()) / "checkpoints" / digest / download.MANIFEST).is_file()
-    except (OSError, ValueError, KeyError):
-        present = False
-    key = stage_key("download", fp)
-    return key if present else f"{key}-fetch-{uuid.uuid4().hex}"
+    # A record whose cache folder was cleared since is still valid: consumers refetch by digest.
+    return stage_key("download", download.fingerprint(p["uri"], p["storage_options"]), p["cache_dir"])
 
 
 @task(name="download", cache_key_fn=_download_key, persist_result=True, result_serializer="json",
@@ -157,7 +153,7 @@ def fetch_checkpoint(uri: str, cache_dir: str | None, storage_options: dict) -> 
 
 def _stats_key(ctx, p) -> str:
     ref = p["reference"].digest if p["reference"] else None
-    return _miss_unless(Store(p["store"], p["storage_options"]), "statistics",
+    return _miss_unless(ctx, Store(p["store"], p["storage_options"]), "statistics",
                         stage_key("statistics", p["checkpoint"].digest, ref, p["store"]))
 
 
@@ -183,14 +179,14 @@ def extract_statistics(checkpoint: CheckpointRecord, reference: CheckpointRecord
         statistics.export_parquet(stats, tmp / "expert_stats.parquet")
         (tmp / "checkpoints.json").write_text(json.dumps(ckpts, indent=2, sort_keys=True))
         summary = dict(info, lambda_source=str(stats.lambda_source.iloc[0]),
-                       lambda_min=float(stats["lambda"].min()), lambda_max=float(stats["lambda"].max()))
+                       lambda_min=float(stats["lambda_score"].min()), lambda_max=float(stats["lambda_score"].max()))
         return _publish_stage(st, "statistics", key, tmp, summary)
 
 
 # ---- 3. allocation ------------------------------------------------------------------------------
 
 def _alloc_key(ctx, p) -> str:
-    return _miss_unless(Store(p["store"], p["storage_options"]), "allocation",
+    return _miss_unless(ctx, Store(p["store"], p["storage_options"]), "allocation",
                         stage_key("allocation", p["stats"].key, p["avg_bits"], p["bit_widths"], p["zeta"]))
 
 
@@ -218,7 +214,7 @@ def allocate_bits(stats: StageOutput, avg_bits: float, bit_widths: list[int], ze
 # ---- 4. quantization ----------------------------------------------------------------------------
 
 def _quant_key(ctx, p) -> str:
-    return _miss_unless(Store(p["store"], p["storage_options"]), "quantization",
+    return _miss_unless(ctx, Store(p["store"], p["storage_options"]), "quantization",
                         stage_key("quantization", p["checkpoint"].digest, p["allocation"].key, p["group_size"]))
 
 
@@ -240,7 +236,7 @@ def quantize_experts(checkpoint: CheckpointRecord, allocation: StageOutput, grou
 # ---- 5. kernel validation -----------------------------------------------------------------------
 
 def _valid_key(ctx, p) -> str:
-    return _miss_unless(Store(p["store"], p["storage_options"]), "validation",
+    return _miss_unless(ctx, Store(p["store"], p["storage_options"]), "validation",
                         stage_key("validation", p["quantized"].key, p["rtol"]))
 
 
@@ -281,7 +277,7 @@ def read_text(uri: str, storage_options: dict) -> str:
 
 def _eval_key(ctx, p) -> str:
     text = hashlib.sha256(read_text(p["text_uri"], p["storage_options"]).encode()).hexdigest()
-    return _miss_unless(Store(p["store"], p["storage_options"]), "evaluation",
+    return _miss_unless(ctx, Store(p["store"], p["storage_options"]), "evaluation",
                         stage_key("evaluation", p["checkpoint"].digest, p["quantized"].key, text, p["seq_len"], p["windows"]))
 
 

@@ -65,7 +65,7 @@ def collect(ft: Checkpoint, ref: Checkpoint | None, progress: Progress | None = 
                 "layer": layer.layer, "expert": e,
                 "router_norm": float(norms[e]),
                 "reference_router_norm": float(ref_norms[e]) if ref_norms is not None else None,
-                "lambda": float(lam[e]),
+                "lambda_score": float(lam[e]),
                 "lambda_source": "norm-change" if ref is not None else "final-norm-proxy",
                 "maxvar": maxvar(w),
                 "lambda_rank": rank[e],
@@ -78,19 +78,6 @@ def collect(ft: Checkpoint, ref: Checkpoint | None, progress: Progress | None = 
     return stats, info
 
 
-def write_database(db_path: Path, stats: pd.DataFrame, checkpoints: list[dict]) -> None:
-    """A fresh DuckDB file with the schema, the checkpoints read, and the expert statistics."""
-    db_path.unlink(missing_ok=True)
-    con = duckdb.connect(str(db_path), config={"autoinstall_known_extensions": False})
-    try:
-        con.execute(schema_sql())
-        ckpts = pd.DataFrame(checkpoints)
-        con.execute("INSERT INTO checkpoints SELECT digest, uri, role, model_type, layout, moe_layers, experts FROM ckpts")
-        con.execute("INSERT INTO expert_stats SELECT * FROM stats ORDER BY layer, expert")
-    finally:
-        con.close()
-
-
 def read_stats(path: Path) -> pd.DataFrame:
     """expert_stats from a parquet export, ordered by (layer, expert)."""
     con = duckdb.connect(config={"autoinstall_known_extensions": False})
@@ -100,9 +87,11 @@ def read_stats(path: Path) -> pd.DataFrame:
         con.close()
 
 
-def export_parquet(stats: pd.DataFrame, path: Path) -> None:
+def export_parquet(frame: pd.DataFrame, path: Path) -> None:
+    """Write a DataFrame as parquet through DuckDB, rows in the frame's order."""
     con = duckdb.connect(config={"autoinstall_known_extensions": False})
     try:
-        con.execute(f"COPY (SELECT * FROM stats ORDER BY layer, expert) TO '{path}' (FORMAT parquet)")
+        con.register("frame", frame)
+        con.execute(f"COPY (SELECT * FROM frame) TO '{path}' (FORMAT parquet, PRESERVE_ORDER true)")
     finally:
         con.close()

@@ -50,7 +50,7 @@ def test_no_rearrangement_when_zeta_is_huge():
 
 
 def _stats(layers: dict[int, list[tuple[float, float]]]) -> pd.DataFrame:
-    return pd.DataFrame([{"layer": l, "expert": e, "lambda": lam, "maxvar": mv}
+    return pd.DataFrame([{"layer": l, "expert": e, "lambda_score": lam, "maxvar": mv}
                          for l, experts in layers.items() for e, (lam, mv) in enumerate(experts)])
 
 

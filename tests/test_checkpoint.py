@@ -40,13 +40,13 @@ def test_lambda_and_maxvar_hand_computed(tmp_path):
     with Checkpoint.open(ft) as f, Checkpoint.open(base) as b:
         stats, info = collect(f, b)
     assert info == {"model_type": "mixtral", "layout": "per-expert", "moe_layers": 1, "experts": 2}
-    assert stats["lambda"].tolist() == pytest.approx([4.0, -1.0])
+    assert stats["lambda_score"].tolist() == pytest.approx([4.0, -1.0])
     assert stats.maxvar.tolist() == pytest.approx([1.0, 3.0])
     assert stats.lambda_rank.tolist() == [1, 0]
     assert set(stats.lambda_source) == {"norm-change"}
     with Checkpoint.open(ft) as f:
         proxy, _ = collect(f, None)
-    assert proxy["lambda"].tolist() == pytest.approx([5.0, 2.0])
+    assert proxy["lambda_score"].tolist() == pytest.approx([5.0, 2.0])
     assert set(proxy.lambda_source) == {"final-norm-proxy"}
 
 
@@ -66,7 +66,7 @@ def test_fused_layout_gives_the_same_statistics(micro_pair, tmp_path):
         assert m.layout == "fused" and len(m.layers) == 2 and len(m.matrices) == 2 * 4 * 3
         a, _ = collect(fused, ref)
         b, _ = collect(legacy, ref)
-    assert a[["lambda", "maxvar"]].values.ravel().tolist() == pytest.approx(b[["lambda", "maxvar"]].values.ravel().tolist(), rel=1e-6)
+    assert a[["lambda_score", "maxvar"]].values.ravel().tolist() == pytest.approx(b[["lambda_score", "maxvar"]].values.ravel().tolist(), rel=1e-6)
 
 
 def test_qwen2_moe_shared_expert_is_not_a_routed_expert(tmp_path):

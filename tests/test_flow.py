@@ -1,0 +1,135 @@
+"""The Prefect flow end to end on a tiny trained pair: artifacts, cache hits, S3, bad input."""
+
+import json
+import subprocess
+import sys
+
+import duckdb
+import pytest
+import torch
+
+pytestmark = pytest.mark.integration
+
+
+def run(prefect_api, **kw):
+    from expertbits.flows.params import QuantizeParams
+    from expertbits.flows.quantize import quantize_moe
+
+    state = quantize_moe(QuantizeParams(**kw), return_state=True)
+    return state
+
+
+def task_states(state) -> dict[str, str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
+
+
+@pytest.fixture
+def params(micro_pair, tmp_path):
+    base, ft = micro_pair
+    text = tmp_path / "heldout.txt"
+    from expertbits.zoo import text_path
+
+    text.write_text(text_path("code-heldout").read_text())
+    return dict(checkpoint=str(ft), reference=str(base), avg_bits=2.5, bit_widths=[2, 3], group_size=32,
+                store=str(tmp_path / "store"), eval_text=str(text), eval_windows=4, eval_seq_len=64)
+
+
+def test_flow_runs_then_caches_then_recomputes_only_what_changed(prefect_api, params, tmp_path):
+    first = run(prefect_api, **params)
+    manifest = first.result()
+    run_dir = tmp_path / "store" / "runs" / manifest.run_id
+    assert (run_dir / "manifest.json").is_file()
+    on_disk = json.loads((run_dir / "manifest.json").read_text())
+    assert set(on_disk["files"]) >= {"statistics/expert_stats.parquet", "allocation/bit_allocation.parquet",
+                                     "quantization/config.json", "validation/kernel_validation.parquet",
+                                     "evaluation/evaluation.json", "expertbits.duckdb"}
+    qc = json.loads((run_dir / "quantization" / "config.json").read_text())["quantization_config"]
+    assert sorted(qc["expert_bits"]) == ["0", "1"] and all(len(v) == 4 for v in qc["expert_bits"].values())
+    assert sum(sum(v) for v in qc["expert_bits"].values()) / 8 == 2.5
+    con = duckdb.connect(str(run_dir / "expertbits.duckdb"), read_only=True)
+    assert con.execute("SELECT count(*) FROM expert_stats").fetchone()[0] == 8
+    assert con.execute("SELECT count(*) FROM kernel_validation WHERE passed").fetchone()[0] == 24
+    kl = con.execute("SELECT value FROM evaluation WHERE metric = 'kl'").fetchone()[0]
+    con.close()
+    assert 0 < kl < 1
+
+    states = task_states(first)
+    assert all(s == "Completed" for s in states.values()), states
+
+    second = run(prefect_api, **params)
+    assert second.result().run_id == manifest.run_id
+    states = task_states(second)
+    cached = {k for k, v in states.items() if v == "Cached"}
+    assert cached == {"download", "statistics", "allocation", "quantization", "kernel-validation", "evaluation"}, states
+
+    third = run(prefect_api, **dict(params, avg_bits=2.75))
+    states = task_states(third)
+    assert {k for k, v in states.items() if v == "Cached"} == {"download", "statistics"}, states
+    assert third.result().run_id != manifest.run_id
+
+
+def test_flow_on_s3_store(prefect_api, params, s3):
+    fs, options = s3
+    fs.put(params["checkpoint"] + "/", f"{fs.bucket}/in/ft/", recursive=True)
+    manifest = run(prefect_api, **dict(params, checkpoint=f"s3://{fs.bucket}/in/ft", store=f"s3://{fs.bucket}/store",
+                                       storage_options=options)).result()
+    assert manifest.uri == f"s3://{fs.bucket}/store/runs/{manifest.run_id}"
+    keys = {k.split(f"runs/{manifest.run_id}/", 1)[1] for k in fs.find(f"{fs.bucket}/store/runs/{manifest.run_id}")}
+    assert keys == set(manifest.files) | {"manifest.json"}
+
+
+def test_bad_input_fails_clearly_and_leaves_no_run(prefect_api, params, copy_ckpt, tmp_path):
+    from expertbits.tasks.errors import CheckpointError
+
+    bad = copy_ckpt(params["checkpoint"], "truncated")
+    f = bad / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+    state = run(prefect_api, **dict(params, checkpoint=str(bad)))
+    assert state.is_failed()
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        state.result()
+    assert not (tmp_path / "store" / "runs").exists()
+
+
+def test_nan_in_an_expert_fails_quantization_without_a_run(prefect_api, params, copy_ckpt, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    bad = copy_ckpt(params["checkpoint"], "nan")
+    t = load_file(bad / "model.safetensors")
+    t["model.layers.1.block_sparse_moe.experts.2.w2.weight"][0, 0] = float("nan")
+    save_file(t, bad / "model.safetensors", metadata={"format": "pt"})
+    state = run(prefect_api, **dict(params, checkpoint=str(bad)))
+    assert state.is_failed() and "NaN" in str(state.message) + repr(state.result(raise_on_failure=False))
+    assert not (tmp_path / "store" / "runs").exists()
+    assert not list((tmp_path / "store" / "objects").glob("quantization/*"))
+
+
+def test_budget_outside_the_bit_widths_is_refused_before_any_work():
+    from pydantic import ValidationError
+
+    from expertbits.flows.params import QuantizeParams
+
+    with pytest.raises(ValidationError, match="outside the available bit-widths"):
+        QuantizeParams(avg_bits=4.5, bit_widths=[2, 3, 4])
+
+
+def test_unreachable_store_fails_the_flow_first(prefect_api, params, s3_endpoint):
+    state = run(prefect_api, **dict(params, store="s3://missing-bucket/x", storage_options={"endpoint_url": s3_endpoint}))
+    assert state.is_failed()
+    assert "unreachable" in repr(state.result(raise_on_failure=False))
+
+
+def test_cli_help_explains_every_option():
+    out = subprocess.run([sys.executable, "-m", "expertbits.flows.cli", "quantize", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    for opt in ("--checkpoint", "--reference", "--avg-bits", "--bit-widths", "--group-size", "--zeta", "--store",
+                "--storage-option", "--eval-text", "--eval-windows", "--eval-seq-len", "--validation-rtol", "--cache-dir"):
+        assert opt in out
+    bad = subprocess.run([sys.executable, "-m", "expertbits.flows.cli", "quantize", "--avg-bits", "9"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "avg_bits" in bad.stderr

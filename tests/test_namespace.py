@@ -1,0 +1,47 @@
+"""flows/, tasks/ and kernels/ install under expertbits.*, never as top-level import names.
+
+`kernels` is Hugging Face's kernel hub package, which transformers probes for; if ours were
+importable as `kernels`, transformers would try to use it.
+"""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_project_packages_live_under_the_namespace():
+    for name in ("flows", "tasks", "kernels"):
+        spec = importlib.util.find_spec(f"expertbits.{name}")
+        assert spec is not None and Path(spec.origin).parent == REPO / name
+
+
+def test_no_top_level_flows_tasks_or_kernels_from_this_project():
+    # run outside the repo so the working directory is not on sys.path
+    code = ("import importlib.util, json; "
+            "print(json.dumps({n: (s.origin if (s := importlib.util.find_spec(n)) else None) for n in ('flows', 'tasks', 'kernels')}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, check=True).stdout
+    for name, origin in __import__("json").loads(out).items():
+        assert origin is None or not str(origin).startswith(str(REPO)), (name, origin)
+
+
+def test_transformers_and_a_moe_model_still_work():
+    code = """
+import torch, transformers
+from transformers.utils import is_kernels_available
+from transformers import MixtralConfig, MixtralForCausalLM
+import expertbits.kernels, expertbits.tasks, expertbits.flows
+assert not is_kernels_available() or 'expertbits' not in str(__import__('kernels').__file__)
+torch.manual_seed(0)
+m = MixtralForCausalLM(MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    num_attention_heads=2, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)).eval()
+with torch.no_grad():
+    out = m(torch.arange(16)[None], output_router_logits=True)
+assert out.logits.shape == (1, 16, 64) and torch.isfinite(out.logits).all()
+print('ok', transformers.__version__)
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ok")
