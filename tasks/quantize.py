@@ -35,11 +35,12 @@ Progress = Callable[[float, str], None]
 
 
 def quantize_checkpoint(src: Path, alloc: pd.DataFrame, group_size: int, out: Path,
-                        metadata: dict[str, str] | None = None, progress: Progress | None = None) -> dict:
+                        progress: Progress | None = None) -> dict:
     """Write the quantized checkpoint of `src` into `out` (which must not exist); return a summary."""
     bits_of = {(int(r.layer), int(r.expert)): int(r.bits) for r in alloc.itertuples()}
     out.mkdir(parents=True)
-    meta = {"format": "pt", **(metadata or {})}
+    # one key only: safetensors writes metadata in hash-map order, so two keys break byte-reproducibility
+    meta = {"format": "pt"}
     with Checkpoint.open(src) as ckpt:
         model = detect(ckpt)
         missing = sorted({(layer.layer, m.expert) for layer in model.layers for m in layer.matrices} - set(bits_of))

@@ -229,7 +229,7 @@ def quantize_experts(checkpoint: CheckpointRecord, allocation: StageOutput, grou
         alloc = statistics.read_stats(_local(st, allocation, tmp) / "bit_allocation.parquet")
         summary = quantize.quantize_checkpoint(
             _ckpt_path(checkpoint, cache_dir, storage_options), alloc, group_size, tmp / "checkpoint",
-            metadata={"expertbits_allocation": allocation.key}, progress=_progress("quantization"))
+            progress=_progress("quantization"))
         return _publish_stage(st, "quantization", key, tmp / "checkpoint", summary)
 
 
