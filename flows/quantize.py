@@ -2,9 +2,9 @@
 
     download → statistics → allocation → quantization → kernel validation → evaluation → publish
 
-Run it with `expertbits quantize` (see `expertbits quantize --help`), or from the Prefect UI once
-served (`flows/serve.py` in a later issue). Every stage is keyed on content digests, so a rerun
-with the same inputs is all cache hits.
+Run it with `expertbits quantize` (see `expertbits quantize --help`) or call `quantize_moe`
+with a `QuantizeParams`. Every stage is keyed on content digests, so a rerun with the same
+inputs is all cache hits.
 """
 
 from __future__ import annotations

@@ -28,6 +28,16 @@ def task_states(state) -> dict[str, str]:
     return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
 
 
+def artifacts(state) -> set[tuple[str, str | None]]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    return {(a.type, a.key) for a in found}
+
+
 @pytest.fixture
 def params(micro_pair, tmp_path):
     base, ft = micro_pair
@@ -60,6 +70,10 @@ def test_flow_runs_then_caches_then_recomputes_only_what_changed(prefect_api, pa
 
     states = task_states(first)
     assert all(s == "Completed" for s in states.values()), states
+    kinds = artifacts(first)
+    assert {"table", "markdown", "progress"} <= {t for t, _ in kinds}
+    assert any(k and k.startswith("bit-allocation-") for t, k in kinds if t == "table")
+    assert any(k and k.startswith("quant-eval-") for t, k in kinds if t == "markdown")
 
     second = run(prefect_api, **params)
     assert second.result().run_id == manifest.run_id
@@ -146,3 +160,32 @@ def test_cli_help_explains_every_option():
     bad = subprocess.run([sys.executable, "-m", "expertbits.flows.cli", "quantize", "--avg-bits", "9"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "avg_bits" in bad.stderr
+
+
+def test_only_io_errors_are_retried():
+    from prefect.states import Failed
+
+    from expertbits.tasks.errors import CheckpointError
+    from expertbits.tasks.stages import _transient
+
+    assert _transient(None, None, Failed(data=ConnectionResetError("peer reset")))
+    assert _transient(None, None, Failed(data=TimeoutError("slow")))
+    assert not _transient(None, None, Failed(data=CheckpointError("truncated", "re-download")))
+    assert not _transient(None, None, Failed(data=RuntimeError("bug")))
+
+
+def test_readme_command_quantizes_the_bundled_model(tmp_path):
+    """`expertbits quantize` with no options, as the README's first command runs it."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")  # a fresh ephemeral API, as on a new machine
+    env.pop("PREFECT_LOCAL_STORAGE_PATH", None)
+    out = subprocess.run(["expertbits", "quantize"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = list((tmp_path / "expertbits-store" / "runs").iterdir())
+    assert len(runs) == 1 and (runs[0] / "manifest.json").is_file()
+    manifest = json.loads((runs[0] / "manifest.json").read_text())
+    assert manifest["summary"]["parameters"]["checkpoint"] == "zoo://micro-mixtral/finetuned"
+    assert manifest["summary"]["allocation"]["achieved_avg_bits"] == 2.5
+    assert f"artifacts: {tmp_path / 'expertbits-store' / 'runs' / runs[0].name}" in out.stdout
