@@ -19,6 +19,8 @@ def _prefect_defaults() -> None:
     # An ephemeral Prefect API starts in ~17 s on a fresh machine; the default 20 s timeout is too tight.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if home := os.environ.get("PREFECT_HOME"):
+        os.makedirs(os.path.expanduser(home), exist_ok=True)  # Prefect creates the folder, not its parents
     # torch threads oversubscribe small CPUs alongside the Prefect server; one thread is faster there.
     if (os.cpu_count() or 1) <= 4:
         os.environ.setdefault("OMP_NUM_THREADS", "1")

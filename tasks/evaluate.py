@@ -33,6 +33,9 @@ def token_windows(text: str, tokenizer, seq_len: int, windows: int) -> torch.Ten
 
 def _load(path: Path):
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the flow reports its own progress
 
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

@@ -73,12 +73,16 @@ def _transient(task, task_run, state) -> bool:
 
 
 def _progress(stage: str):
+    """A callback that moves a progress artifact on the flow run and logs at each quarter."""
     logger = get_run_logger()
     artifact = create_progress_artifact(progress=0.0, description=f"{stage} progress")
+    logged = [0.0]
 
     def report(fraction: float, message: str) -> None:
         update_progress_artifact(artifact_id=artifact, progress=round(100 * fraction, 1))
-        logger.info(message)
+        if fraction >= min(1.0, logged[0] + 0.25):
+            logged[0] = fraction
+            logger.info(message)
 
     return report
 
