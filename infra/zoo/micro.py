@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from . import text_path
+from .train import Stream, TrainConfig, train_causal
 
 
 @dataclass(frozen=True)
@@ -31,7 +30,6 @@ class MicroConfig:
     vocab: int = 512
     seq_len: int = 128
     batch: int = 16
-    aux_loss: float = 0.02
 
 
 def train_tokenizer(text: str, vocab: int):
@@ -64,38 +62,11 @@ def _model(cfg: MicroConfig, seed: int):
         num_experts_per_tok=cfg.top_k,
         max_position_embeddings=cfg.seq_len * 4,
         tie_word_embeddings=True,
-        router_aux_loss_coef=cfg.aux_loss,
-        output_router_logits=True,
+        router_aux_loss_coef=0.0,  # balance is per layer, in train.py
         eos_token_id=0,
         bos_token_id=0,
     )
     return MixtralForCausalLM(config)
-
-
-def train(model, ids: torch.Tensor, steps: int, lr: float, cfg: MicroConfig, seed: int, log=print) -> dict:
-    """AdamW with warm-up and cosine decay on random windows of `ids`; returns a training record."""
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
-    warmup = max(1, steps // 10)
-    model.train()
-    start, loss = time.perf_counter(), float("nan")
-    for step in range(steps):
-        scale = (step + 1) / warmup if step < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-        for group in opt.param_groups:
-            group["lr"] = lr * scale
-        starts = torch.randint(0, len(ids) - cfg.seq_len - 1, (cfg.batch,), generator=gen)
-        batch = torch.stack([ids[s : s + cfg.seq_len] for s in starts.tolist()])
-        out = model(input_ids=batch, labels=batch)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        loss = out.loss.item()
-        if log and (step % 50 == 0 or step == steps - 1):
-            log(f"step {step + 1}/{steps} loss {loss:.3f}")
-    model.eval()
-    return {"steps": steps, "lr": lr, "seed": seed, "tokens": steps * cfg.batch * cfg.seq_len,
-            "final_loss": round(loss, 4), "wall_s": round(time.perf_counter() - start, 1)}
 
 
 def _save(model, tokenizer, out: Path, card: dict) -> Path:
@@ -126,9 +97,12 @@ def build_pair(
     pre_ids = torch.tensor(tokenizer(pretrain_text)["input_ids"])
     ft_ids = torch.tensor(tokenizer(finetune_text)["input_ids"])
     model = _model(cfg, seed)
-    base_record = train(model, pre_ids, pretrain_steps, 3e-3, cfg, seed, log)
+    def steps(n: int, lr: float, seed: int) -> TrainConfig:
+        return TrainConfig(steps=n, lr=lr, batch=cfg.batch, seq_len=cfg.seq_len, seed=seed)
+
+    base_record = train_causal(model, [Stream(pre_ids)], steps(pretrain_steps, 3e-3, seed), log)
     base = _save(model, tokenizer, out / "base", {"config": asdict(cfg), "pretrain": base_record})
-    ft_record = train(model, ft_ids, finetune_steps, 1e-3, cfg, seed + 1, log)
+    ft_record = train_causal(model, [Stream(ft_ids)], steps(finetune_steps, 1e-3, seed + 1), log)
     ft = _save(model, tokenizer, out / "finetuned", {"config": asdict(cfg), "pretrain": base_record, "finetune": ft_record})
     return base, ft
 
