@@ -271,9 +271,9 @@ def validate_kernels(quantized: StageOutput, checkpoint: CheckpointRecord, rtol:
 
 def read_text(uri: str, storage_options: dict) -> str:
     if uri.startswith("zoo://"):
-        from expertbits.zoo import resolve
+        from expertbits.zoo import read_text as read_zoo_text
 
-        return resolve(uri).read_text()
+        return read_zoo_text(uri)
     fs, path = open_fs(uri.removeprefix("file://") if uri.startswith("file://") else uri, storage_options)
     with fs.open(path, "rb") as f:
         return f.read().decode()

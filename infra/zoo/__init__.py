@@ -1,8 +1,9 @@
 """The model zoo: checkpoints and text that ship with expertbits, named by `zoo://` URIs.
 
-`zoo://micro-mixtral/finetuned` is a checkpoint folder under `models/`; `zoo://text/code-heldout`
-is a text file under `text/`. Nothing here is downloaded: the hub is not reachable everywhere
-expertbits runs, so the project brings its own models.
+`zoo://mixtral-tiny/wordnet` is a checkpoint folder under `models/<family>/<variant>/`;
+`zoo://text/austen-heldout` is a corpus split under `corpora/` (or a small text under `text/`).
+Nothing here is downloaded: the hub is not reachable everywhere expertbits runs, so the
+project brings its own models.
 """
 
 from __future__ import annotations
@@ -20,7 +21,24 @@ def text_path(name: str) -> Path:
 
 
 def available_texts() -> list[str]:
-    return sorted(p.stem for p in (ROOT / "text").glob("*.txt"))
+    from .corpora import CORPORA
+
+    splits = [f"{name}-{split}" for name, parts in CORPORA.items() for split in parts]
+    return sorted([p.stem for p in (ROOT / "text").glob("*.txt")] + splits)
+
+
+def read_text(uri: str) -> str:
+    """The text named by `zoo://text/<name>`: a committed .txt, or `<corpus>-<split>` of the corpora."""
+    from . import corpora
+
+    name = uri.removeprefix("zoo://").removeprefix("text/").strip("/")
+    small = ROOT / "text" / f"{name}.txt"
+    if small.is_file():
+        return small.read_text()
+    corpus, _, split = name.rpartition("-")
+    if corpus in corpora.CORPORA and split in corpora.CORPORA[corpus]:
+        return corpora.read(corpus, split)
+    raise FileNotFoundError(f"no bundled text {name!r}; available: {available_texts()}")
 
 
 def available_models() -> list[str]:
@@ -28,10 +46,8 @@ def available_models() -> list[str]:
 
 
 def resolve(uri: str) -> Path:
-    """Local path of a `zoo://family/variant` checkpoint or `zoo://text/name` text."""
+    """Local folder of a `zoo://family/variant` checkpoint."""
     name = uri.removeprefix("zoo://").strip("/")
-    if name.startswith("text/"):
-        return text_path(name.removeprefix("text/"))
     path = ROOT / "models" / name
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no zoo model {name!r}; available: {available_models()}")

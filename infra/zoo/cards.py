@@ -1,0 +1,152 @@
+"""Measure each zoo checkpoint and write its model card (README.md + metrics.json).
+
+Per checkpoint: perplexity on every held-out domain, supersense accuracy, KL(fp ‖ quant) of
+uniform round-to-nearest at 4, 3 and 2 bits (the pipeline's own quantizer), per-layer expert
+usage on held-out text, and for fine-tunes the per-expert Λ beside the control's.
+
+    python -m expertbits.zoo.cards mixtral-tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from expertbits.tasks.adapters import detect
+from expertbits.tasks.checkpoint import Checkpoint
+from expertbits.tasks.evaluate import evaluate, token_windows
+from expertbits.tasks.quantize import quantize_checkpoint
+from expertbits.tasks.statistics import collect
+
+from . import corpora
+from .build_zoo import FAMILIES, MODELS
+
+DOMAINS = ("austen", "web", "python", "wordnet-supersense")
+SPLIT = {"wordnet-supersense": "test"}
+WINDOWS, SEQ_LEN, GROUP = 32, 256, 64
+KL_DOMAIN = {"wordnet": "wordnet-supersense", "code": "python"}  # others: web
+
+
+def heldout(name: str) -> str:
+    return corpora.read(name, SPLIT.get(name, "heldout"))
+
+
+def perplexity_and_usage(model, tok, text: str) -> tuple[float, torch.Tensor]:
+    """Perplexity, and per-layer routing share of each expert relative to a fair share (1.0)."""
+    ids = token_windows(text, tok, SEQ_LEN, WINDOWS)
+    nll, count, usage = 0.0, 0, None
+    with torch.no_grad():
+        for window in ids:
+            out = model(window[None], output_router_logits=True)
+            logp = out.logits[0, :-1].float().log_softmax(-1)
+            nll -= float(logp.gather(1, window[1:, None]).sum())
+            count += len(window) - 1
+            k = model.config.num_experts_per_tok
+            chosen = torch.stack([r.topk(k, dim=-1).indices.flatten().bincount(minlength=r.shape[-1]) for r in out.router_logits])
+            usage = chosen if usage is None else usage + chosen
+    experts = usage.shape[1]
+    return math.exp(nll / count), usage.float() / usage.sum(1, keepdim=True) * experts
+
+
+def supersense_accuracy(model, tok, limit: int | None = None) -> float:
+    """Share of test glosses whose most likely label (summed label-token log-prob) is right."""
+    labels = corpora.SUPERSENSE_LABELS
+    answers = [tok(f" {label}", add_special_tokens=False)["input_ids"] for label in labels]
+    examples = corpora.supersense_examples("test")[:limit]
+    correct = 0
+    with torch.no_grad():
+        for gloss, gold in examples:
+            prompt = tok(f"{gloss} =>", add_special_tokens=False)["input_ids"]
+            width = len(prompt) + max(map(len, answers))
+            batch = torch.full((len(labels), width), tok.pad_token_id)
+            for i, a in enumerate(answers):
+                batch[i, : len(prompt) + len(a)] = torch.tensor(prompt + a)
+            logp = model(batch).logits.float().log_softmax(-1)
+            scores = [sum(float(logp[i, len(prompt) - 1 + j, t]) for j, t in enumerate(a)) for i, a in enumerate(answers)]
+            correct += labels[max(range(len(labels)), key=scores.__getitem__)] == gold
+    return correct / len(examples)
+
+
+def uniform_kl(path: Path, text: str) -> dict[int, float]:
+    with Checkpoint.open(path) as c:
+        experts = [(layer.layer, e) for layer in detect(c).layers for e in range(layer.num_experts)]
+    out = {}
+    for bits in (4, 3, 2):
+        alloc = pd.DataFrame([{"layer": l, "expert": e, "bits": bits} for l, e in experts])
+        with tempfile.TemporaryDirectory() as tmp:
+            quantize_checkpoint(path, alloc, GROUP, Path(tmp) / "q")
+            out[bits] = evaluate(path, Path(tmp) / "q", text, seq_len=SEQ_LEN, windows=WINDOWS)["kl"]
+    return out
+
+
+def lambdas(family: str, variant: str) -> list[dict] | None:
+    parent = FAMILIES[family]["variants"][variant].parent
+    if parent is None:
+        return None
+    with Checkpoint.open(MODELS / family / variant) as ft, Checkpoint.open(MODELS / family / parent) as ref:
+        stats, _ = collect(ft, ref)
+    return stats[["layer", "expert", "lambda_score"]].round(5).to_dict(orient="records")
+
+
+def measure(family: str, variant: str) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(1)
+    path = MODELS / family / variant
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ppl, usage = {}, {}
+    for domain in DOMAINS:
+        ppl[domain], share = perplexity_and_usage(model, tok, heldout(domain))
+        usage[domain] = share.round(decimals=3).tolist()
+    params = sum(p.numel() for p in model.parameters())
+    expert_params = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    return {"parameters": params, "expert_parameters": expert_params, "perplexity": ppl,
+            "supersense_accuracy": supersense_accuracy(model, tok),
+            "kl_uniform_rtn": {"group_size": GROUP, "text": KL_DOMAIN.get(variant, "web"),
+                               **{str(b): v for b, v in uniform_kl(path, heldout(KL_DOMAIN.get(variant, "web"))).items()}},
+            "expert_usage_vs_fair_share": usage,
+            "min_expert_usage": min(min(min(layer) for layer in u) for u in usage.values()),
+            "lambda": lambdas(family, variant)}
+
+
+def write_card(family: str, variant: str, metrics: dict) -> None:
+    path = MODELS / family / variant
+    training = json.loads((path / "training.json").read_text())
+    (path / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    t = training["train"]
+    lines = [f"# zoo://{family}/{variant}", "", training["description"].capitalize() + ".", "",
+             f"- parameters: {metrics['parameters']:,} ({metrics['expert_parameters']:,} in routed experts)",
+             f"- data: " + ", ".join(f"{d['corpus']} (share {d['share']:g})" for d in training["data"]),
+             f"- training: {t['steps']} steps × {t['batch']} × {t['seq_len']} tokens = {t['tokens']:,} tokens, "
+             f"lr {t['lr']}, seed {t['seed']}, {t['wall_s']:.0f} s on {training['machine']}",
+             f"- continues: zoo://{family}/{training['parent']}" if training["parent"] else "- trained from scratch",
+             "", "| held-out domain | perplexity | min expert usage (× fair share) |", "|---|---|---|"]
+    for d, v in metrics["perplexity"].items():
+        lines.append(f"| {d} | {v:.2f} | {min(min(layer) for layer in metrics['expert_usage_vs_fair_share'][d]):.2f} |")
+    kl = metrics["kl_uniform_rtn"]
+    lines += ["", f"Supersense accuracy (8 classes, chance 12.5%): {100 * metrics['supersense_accuracy']:.1f}%", "",
+              f"KL(fp ‖ uniform RTN, group {kl['group_size']}) per token on {kl['text']}: "
+              f"4-bit {kl['4']:.4f}, 3-bit {kl['3']:.4f}, 2-bit {kl['2']:.4f}", ""]
+    (path / "README.md").write_text("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Measure zoo checkpoints and write their model cards.")
+    parser.add_argument("family")
+    parser.add_argument("variants", nargs="*")
+    args = parser.parse_args()
+    for variant in args.variants or list(FAMILIES[args.family]["variants"]):
+        metrics = measure(args.family, variant)
+        write_card(args.family, variant, metrics)
+        print(variant, json.dumps({k: metrics[k] for k in ("perplexity", "supersense_accuracy", "kl_uniform_rtn", "min_expert_usage")}))
+
+
+if __name__ == "__main__":
+    main()
