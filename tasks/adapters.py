@@ -54,7 +54,8 @@ class MoEModel:
 
 @dataclass(frozen=True)
 class _Spec:
-    """Regexes for one architecture. Group 1 is the layer; group 2 the expert; group 3 the projection."""
+    """Regexes for one architecture, with named groups `layer`, `expert`, `proj` (and `stack`:
+    encoder/decoder blocks of seq2seq models, where decoder layer ids follow the encoder's)."""
 
     router: str
     per_expert: str
@@ -62,18 +63,23 @@ class _Spec:
     fused_prefix: str  # the experts module, for fused tensors: f"{prefix}.gate_up_proj" / ".down_proj"
 
 
-_MLP = r"model\.layers\.(\d+)\.mlp"
+def _layer(m: re.Match, config: dict) -> int:
+    stack = m.groupdict().get("stack")
+    return int(m["layer"]) + (config.get("num_layers", 0) if stack == "decoder" else 0)
+
+
+_MLP = r"model\.layers\.(?P<layer>\d+)\.mlp"
 _SPECS: dict[str, tuple[_Spec, ...]] = {
     "mixtral": (
         _Spec(
-            router=r"model\.layers\.(\d+)\.block_sparse_moe\.gate\.weight",
-            per_expert=r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight",
+            router=r"model\.layers\.(?P<layer>\d+)\.block_sparse_moe\.gate\.weight",
+            per_expert=r"model\.layers\.(?P<layer>\d+)\.block_sparse_moe\.experts\.(?P<expert>\d+)\.(?P<proj>w1|w2|w3)\.weight",
             roles={"w1": "gate", "w3": "up", "w2": "down"},
             fused_prefix="",
         ),
         _Spec(
             router=_MLP + r"\.gate\.weight",
-            per_expert=_MLP + r"\.experts\.(\d+)\.(w1|w2|w3)\.weight",
+            per_expert=_MLP + r"\.experts\.(?P<expert>\d+)\.(?P<proj>w1|w2|w3)\.weight",
             roles={"w1": "gate", "w3": "up", "w2": "down"},
             fused_prefix=_MLP + r"\.experts",
         ),
@@ -82,13 +88,19 @@ _SPECS: dict[str, tuple[_Spec, ...]] = {
 _QWEN_LIKE = (
     _Spec(
         router=_MLP + r"\.gate\.weight",
-        per_expert=_MLP + r"\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight",
+        per_expert=_MLP + r"\.experts\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight",
         roles={"gate_proj": "gate", "up_proj": "up", "down_proj": "down"},
         fused_prefix=_MLP + r"\.experts",
     ),
 )
 for _t in ("qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2"):
     _SPECS[_t] = _QWEN_LIKE
+_SWITCH = r"(?P<stack>encoder|decoder)\.block\.(?P<layer>\d+)\.layer\.\d+\.mlp"
+_SPECS["switch_transformers"] = (  # per-expert modules in both stacks; wi is the first (input) layer
+    _Spec(router=_SWITCH + r"\.router\.classifier\.weight",
+          per_expert=_SWITCH + r"\.experts\.expert_(?P<expert>\d+)\.(?P<proj>wi|wo)\.weight",
+          roles={"wi": "gate", "wo": "down"}, fused_prefix=""),
+)
 
 SUPPORTED_MODEL_TYPES = tuple(sorted(_SPECS))
 _EXPERTISH = re.compile(r"\.experts?\.|\.experts$|block_sparse_moe|\.router\.")
@@ -106,7 +118,7 @@ def detect(ckpt: Checkpoint) -> MoEModel:
             )
         raise _dense(ckpt, model_type)
     for spec in _SPECS[model_type]:
-        routers = {int(m.group(1)): k for k in names if (m := re.fullmatch(spec.router, k))}
+        routers = {_layer(m, ckpt.config): k for k in names if (m := re.fullmatch(spec.router, k))}
         if routers:
             return _build(ckpt, model_type, spec, routers)
     raise _dense(ckpt, model_type)
@@ -124,7 +136,7 @@ def _build(ckpt: Checkpoint, model_type: str, spec: _Spec, routers: dict[int, st
     per_expert: dict[int, dict[tuple[int, str], str]] = defaultdict(dict)
     for k in names:
         if m := re.fullmatch(spec.per_expert, k):
-            per_expert[int(m.group(1))][(int(m.group(2)), spec.roles[m.group(3)])] = k
+            per_expert[_layer(m, ckpt.config)][(int(m["expert"]), spec.roles[m["proj"]])] = k
     layers, claimed, layouts = [], set(routers.values()), set()
     for layer, router_key in sorted(routers.items()):
         shape = names[router_key].shape
@@ -152,8 +164,9 @@ def _build(ckpt: Checkpoint, model_type: str, spec: _Spec, routers: dict[int, st
 
 def _per_expert_layer(ckpt, layer, num_experts, found, spec) -> list[ExpertMatrix]:
     out = []
+    roles = [r for r in ("gate", "up", "down") if r in spec.roles.values()]
     for e in range(num_experts):
-        for role in ("gate", "up", "down"):
+        for role in roles:
             key = found.get((e, role))
             if key is None:
                 raise CheckpointError(
@@ -168,7 +181,7 @@ def _per_expert_layer(ckpt, layer, num_experts, found, spec) -> list[ExpertMatri
 
 
 def _fused_layer(ckpt, layer, num_experts, router_key, spec) -> list[ExpertMatrix]:
-    prefix = re.sub(r"\(\\d\+\)", str(layer), spec.fused_prefix).replace("\\.", ".") if spec.fused_prefix else ""
+    prefix = re.sub(r"\(\?P<layer>\\d\+\)", str(layer), spec.fused_prefix).replace("\\.", ".") if spec.fused_prefix else ""
     gate_up, down = f"{prefix}.gate_up_proj", f"{prefix}.down_proj"
     if not prefix or gate_up not in ckpt.tensors or down not in ckpt.tensors:
         raise CheckpointError(

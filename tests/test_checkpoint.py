@@ -137,3 +137,33 @@ def test_nan_weights_are_rejected(tmp_path):
     with Checkpoint.open(write_ckpt(tmp_path / "x", mixtral_tensors(torch.ones(2, 4), [torch.ones(2, 4), w1]))) as c:
         with pytest.raises(CheckpointError, match="experts.1.w1 has 1 NaN/Inf"):
             collect(c, None)
+
+
+def test_switch_transformers_encoder_and_decoder_experts(tmp_path):
+    import pandas as pd
+    from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+
+    from expertbits.tasks.quantize import quantize_checkpoint
+    from expertbits.tasks.quantized import dequantize_checkpoint
+
+    cfg = SwitchTransformersConfig(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=4, num_decoder_layers=4,
+                                   num_sparse_encoder_layers=2, num_sparse_decoder_layers=2, num_heads=2, num_experts=4,
+                                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    torch.manual_seed(0)
+    model = SwitchTransformersForConditionalGeneration(cfg).eval()
+    model.save_pretrained(tmp_path / "sw")
+    with Checkpoint.open(tmp_path / "sw") as c:
+        m = detect(c)
+        stats, _ = collect(c, None)
+    # sparse blocks 1 and 3 of the encoder, and of the decoder (ids after the encoder's 4 layers)
+    assert m.model_type == "switch_transformers" and [layer.layer for layer in m.layers] == [1, 3, 5, 7]
+    assert all(len(layer.matrices) == 4 * 2 for layer in m.layers)  # wi and wo per expert, no up
+    assert m.layers[2].router_key == "decoder.block.1.layer.2.mlp.router.classifier.weight"
+    assert len(stats) == 16
+    alloc = pd.DataFrame([{"layer": l, "expert": e, "bits": 8} for l in (1, 3, 5, 7) for e in range(4)])
+    quantize_checkpoint(tmp_path / "sw", alloc, 16, tmp_path / "q")
+    deq = SwitchTransformersForConditionalGeneration.from_pretrained(
+        dequantize_checkpoint(tmp_path / "q", tmp_path / "sw", tmp_path / "deq")).eval()
+    x, y = torch.arange(2, 12)[None], torch.arange(3, 8)[None]
+    with torch.no_grad():
+        assert torch.allclose(deq(input_ids=x, labels=y).logits, model(input_ids=x, labels=y).logits, atol=0.05)
