@@ -36,3 +36,18 @@ def test_supersense_stream_weights_only_the_label_tokens():
     heavy = (s.weights[: first_eos + 1] == 5.0).nonzero().flatten().tolist()
     label = tok.decode(s.ids[heavy[0] : first_eos])
     assert heavy[-1] == first_eos and label.strip() in {"animal", "artifact", "body", "food", "location", "person", "plant", "substance"}
+
+
+def test_span_corruption_hides_spans_behind_sentinels():
+    from expertbits.tasks.seq2seq import span_corrupt
+
+    ids = list(range(100, 140))
+    inp, tgt = span_corrupt(ids, sentinels=[1, 2, 3, 4], eos=0, gen=torch.Generator().manual_seed(0))
+    assert tgt[-1] == 0 and tgt[0] == 1
+    # every original token is either kept in order in the input or hidden in the target, never both
+    kept = [t for t in inp if t >= 100]
+    hidden = [t for t in tgt if t >= 100]
+    assert sorted(kept + hidden) == ids and kept == sorted(kept)
+    assert len(hidden) == 3 * sum(1 for t in inp if t < 100)  # spans of 3, one sentinel each
+    again = span_corrupt(ids, [1, 2, 3, 4], 0, torch.Generator().manual_seed(0))
+    assert again == (inp, tgt)

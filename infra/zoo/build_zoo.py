@@ -46,6 +46,9 @@ QWEN2_MOE = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, moe_i
                  shared_expert_intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
                  num_experts=8, num_experts_per_tok=2, max_position_embeddings=1024, tie_word_embeddings=True,
                  router_aux_loss_coef=0.0, eos_token_id=0, bos_token_id=0, pad_token_id=1)
+SWITCH = dict(vocab_size=VOCAB, d_model=128, d_kv=32, d_ff=256, num_layers=4, num_decoder_layers=4, num_heads=4,
+              num_sparse_encoder_layers=2, num_sparse_decoder_layers=2, num_experts=8, expert_capacity=64,
+              router_aux_loss_coef=0.0, router_z_loss_coef=0.0, pad_token_id=1, eos_token_id=0, decoder_start_token_id=1)
 FINETUNE = TrainConfig(steps=300, lr=5e-4, seed=1, warmup=0.1)
 FAMILIES: dict[str, dict] = {
     "mixtral-tiny": {
@@ -59,6 +62,17 @@ FAMILIES: dict[str, dict] = {
                             description="fine-tuned on CPython standard-library source, 25% replay"),
             "control": Variant("base", PRETRAIN, FINETUNE,
                                description="same-domain control: continued pretraining of equal length"),
+        },
+    },
+    "switch-tiny": {  # encoder-decoder, top-1 routing, every other block sparse; trained by span corruption
+        "config": ("SwitchTransformersConfig", SWITCH),
+        "seq2seq": True,
+        "variants": {
+            "base": Variant(None, PRETRAIN, TrainConfig(steps=1500, lr=3e-3, seed=0, batch=32, seq_len=128),
+                            description="Switch Transformer pretrained by span corruption on Austen and the World English Bible"),
+            "wordnet": Variant("base", (("wordnet-supersense", 3.0), *PRETRAIN),
+                               TrainConfig(steps=300, lr=5e-4, seed=1, warmup=0.1, batch=32, seq_len=128),
+                               description="fine-tuned to map `supersense: <gloss>` to its WordNet supersense, 25% span-corruption replay"),
         },
     },
     "qwen-moe-tiny": {  # shared experts: one always-on FFN beside the routed ones
@@ -112,23 +126,60 @@ def stream(name: str, tok, share: float, label_weight: float) -> Stream:
     return Stream(torch.tensor(ids), share, torch.tensor(weights))
 
 
+def seq2seq_batches(names: tuple[tuple[str, float], ...], tok, cfg: TrainConfig):
+    """`make_batch(gen)` mixing span-corrupted corpus windows with `supersense: <gloss>` -> label examples."""
+    from expertbits.tasks.seq2seq import pad, sentinel_ids, span_corrupt
+
+    sentinels, eos = sentinel_ids(tok), tok.eos_token_id
+    sources = []
+    for name, share in names:
+        if name == "wordnet-supersense":
+            examples = [(tok(f"supersense: {g}", add_special_tokens=False)["input_ids"][: cfg.seq_len],
+                         tok(f" {label}", add_special_tokens=False)["input_ids"] + [eos])
+                        for g, label in corpora.supersense_examples("train")]
+            sources.append((share, lambda gen, ex=examples: ex[int(torch.randint(len(ex), (1,), generator=gen))]))
+        else:
+            ids = tok(corpora.read(name, "train"), add_special_tokens=False)["input_ids"]
+
+            def window(gen, ids=ids):
+                s = int(torch.randint(len(ids) - cfg.seq_len, (1,), generator=gen))
+                return span_corrupt(ids[s : s + cfg.seq_len], sentinels, eos, gen)
+            sources.append((share, window))
+    total = sum(share for share, _ in sources)
+
+    def make_batch(gen):
+        pairs = []
+        for share, draw in sources:
+            pairs += [draw(gen) for _ in range(round(cfg.batch * share / total))]
+        inputs, targets = pad([p[0] for p in pairs], tok.pad_token_id), pad([p[1] for p in pairs], -100)
+        return inputs, (inputs != tok.pad_token_id).long(), targets
+
+    return make_batch
+
+
 def build(family: str, variant: str, log=print) -> Path:
     import transformers
+
+    from .train import train_seq2seq
 
     spec = FAMILIES[family]
     v: Variant = spec["variants"][variant]
     torch.set_num_threads(1)  # 2-core machines: threads oversubscribe and slow torch 50x
     tok = tokenizer()
+    auto = transformers.AutoModelForSeq2SeqLM if spec.get("seq2seq") else transformers.AutoModelForCausalLM
     if v.parent is None:
         cls_name, kwargs = spec["config"]
         config = getattr(transformers, cls_name)(**kwargs)
         torch.manual_seed(v.train.seed)
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = auto.from_config(config, dtype=torch.float32)
     else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(MODELS / family / v.parent, dtype=torch.float32)
+        model = auto.from_pretrained(MODELS / family / v.parent, dtype=torch.float32)
     model.config._experts_implementation = "eager"  # grouped_mm is ~3x slower for training on CPU
-    streams = [stream(name, tok, share, v.label_weight) for name, share in v.data]
-    record = train_causal(model, streams, v.train, log)
+    if spec.get("seq2seq"):
+        record = train_seq2seq(model, seq2seq_batches(v.data, tok, v.train), v.train, log)
+    else:
+        streams = [stream(name, tok, share, v.label_weight) for name, share in v.data]
+        record = train_causal(model, streams, v.train, log)
     out = MODELS / family / variant
     out.mkdir(parents=True, exist_ok=True)
     model.to(torch.float16).save_pretrained(out)

@@ -79,34 +79,57 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr + (1 - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train_causal(model, streams: list[Stream], cfg: TrainConfig, log=print, log_every: int = 50) -> dict:
-    """Train in place; returns a record for the model card (config, tokens, final losses, wall time)."""
+def fit(model, cfg: TrainConfig, step_loss, log=print, log_every: int = 50) -> dict:
+    """AdamW + warm-up/cosine + clipping around `step_loss(model, gen) -> (lm_loss, router_logits, top_k, tokens)`."""
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    top_k = model.config.num_experts_per_tok
     model.train()
-    start = time.perf_counter()
+    start, seen = time.perf_counter(), 0
     lm = bal = z = float("nan")
     for step in range(cfg.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        ids, weights = _batch(streams, cfg, gen)
-        out = model(input_ids=ids, output_router_logits=True)
-        logits = out.logits[:, :-1].float()
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
-        w = weights[:, 1:].reshape(-1)
-        lm_loss = (ce * w).sum() / w.sum()
-        balance, zloss = per_layer_balance(out.router_logits, top_k)
+        lm_loss, router_logits, top_k, tokens = step_loss(model, gen)
+        balance, zloss = per_layer_balance(router_logits, top_k)
         loss = lm_loss + cfg.balance_coef * balance + cfg.z_coef * zloss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        lm, bal, z = lm_loss.item(), balance.item(), zloss.item()
+        lm, bal, z, seen = lm_loss.item(), balance.item(), zloss.item(), seen + tokens
         if log and (step % log_every == 0 or step == cfg.steps - 1):
             log(f"step {step + 1}/{cfg.steps} lm {lm:.3f} balance {bal:.3f} z {z:.2f} "
-                f"({(step + 1) * cfg.batch * cfg.seq_len / (time.perf_counter() - start):.0f} tok/s)")
+                f"({seen / (time.perf_counter() - start):.0f} tok/s)")
     model.eval()
-    return {**asdict(cfg), "tokens": cfg.steps * cfg.batch * cfg.seq_len, "final_lm_loss": round(lm, 4),
-            "final_balance": round(bal, 4), "final_z": round(z, 3), "wall_s": round(time.perf_counter() - start, 1)}
+    return {**asdict(cfg), "tokens": seen, "final_lm_loss": round(lm, 4), "final_balance": round(bal, 4),
+            "final_z": round(z, 3), "wall_s": round(time.perf_counter() - start, 1)}
+
+
+def train_causal(model, streams: list[Stream], cfg: TrainConfig, log=print) -> dict:
+    """Next-token prediction on windows mixed from `streams`, per-token weighted."""
+    top_k = model.config.num_experts_per_tok
+
+    def step_loss(model, gen):
+        ids, weights = _batch(streams, cfg, gen)
+        out = model(input_ids=ids, output_router_logits=True)
+        logits = out.logits[:, :-1].float()
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+        w = weights[:, 1:].reshape(-1)
+        return (ce * w).sum() / w.sum(), out.router_logits, top_k, ids.numel()
+
+    return fit(model, cfg, step_loss, log)
+
+
+def train_seq2seq(model, make_batch, cfg: TrainConfig, log=print) -> dict:
+    """Encoder-decoder training on `make_batch(gen) -> (input_ids, attention_mask, labels)` (labels -100 = pad)."""
+    def step_loss(model, gen):
+        ids, mask, labels = make_batch(gen)
+        out = model(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True)
+        logits = out.logits.float()
+        lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        routers = [r.reshape(-1, r.shape[-1]) for r in (*out.encoder_router_logits, *out.decoder_router_logits)
+                   if r is not None and r.dim() == 3]
+        return lm, routers, 1, int(mask.sum()) + int((labels != -100).sum())
+
+    return fit(model, cfg, step_loss, log)
