@@ -2,7 +2,9 @@
 
 Token-level KL(p_fp ‖ p_quant), averaged over every predicted token, plus the perplexity of
 both models. The text is cut into `windows` non-overlapping windows of `seq_len` tokens, spread
-evenly over the file so a short file is not read twice.
+evenly over the file so a short file is not read twice. Decoder-only models predict each next
+token of a window; encoder-decoder models (Switch) predict the spans hidden from each window by
+seeded span corruption, the objective they were trained on.
 """
 
 from __future__ import annotations
@@ -31,45 +33,64 @@ def token_windows(text: str, tokenizer, seq_len: int, windows: int) -> torch.Ten
     return torch.tensor([ids[s : s + seq_len] for s in starts])
 
 
-def _load(path: Path):
-    from transformers import AutoModelForCausalLM
+def _load(path: Path, seq2seq: bool):
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the flow reports its own progress
-
+    auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = auto.from_pretrained(path, dtype=torch.float32)
     except ValueError as e:
-        raise CheckpointError(f"{path}: transformers cannot load it as a causal LM ({e})",
-                              "evaluation supports decoder-only models for now") from e
+        raise CheckpointError(f"{path}: transformers cannot load it as a {'seq2seq' if seq2seq else 'causal'} LM ({e})",
+                              "evaluation supports decoder-only and encoder-decoder language models") from e
     return model.eval()
+
+
+def examples(ids: torch.Tensor, tokenizer, seq2seq: bool) -> list[tuple[dict, torch.Tensor]]:
+    """(model inputs, target tokens) per window: next tokens, or span-corruption targets."""
+    if not seq2seq:
+        return [({"input_ids": w[None]}, w[1:]) for w in ids]
+    from .seq2seq import sentinel_ids, span_corrupt
+
+    gen, sentinels = torch.Generator().manual_seed(0), sentinel_ids(tokenizer)
+    out = []
+    for w in ids:
+        x, y = span_corrupt(w.tolist(), sentinels, tokenizer.eos_token_id, gen)
+        out.append(({"input_ids": torch.tensor([x]), "labels": torch.tensor([y])}, torch.tensor(y)))
+    return out
+
+
+def log_probs(model, inputs: dict) -> torch.Tensor:
+    """Log-probabilities of the predictions aligned with the targets of `examples`."""
+    logits = model(**inputs).logits[0].float()
+    return torch.log_softmax(logits if "labels" in inputs else logits[:-1], -1)
 
 
 def evaluate(fp_path: Path, q_path: Path, text: str, *, seq_len: int = 256, windows: int = 16,
              progress: Progress | None = None) -> dict:
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     torch.manual_seed(0)
+    seq2seq = bool(getattr(AutoConfig.from_pretrained(fp_path), "is_encoder_decoder", False))
     try:
         tokenizer = AutoTokenizer.from_pretrained(fp_path)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{fp_path}: no usable tokenizer ({e})", "save the tokenizer with the checkpoint") from e
-    ids = token_windows(text, tokenizer, seq_len, windows)
-    fp_model = _load(fp_path)
+    pairs = examples(token_windows(text, tokenizer, seq_len, windows), tokenizer, seq2seq)
+    fp_model = _load(fp_path, seq2seq)
     with tempfile.TemporaryDirectory(prefix="expertbits-deq-") as tmp:
-        q_model = _load(dequantize_checkpoint(q_path, fp_path, Path(tmp)))
+        q_model = _load(dequantize_checkpoint(q_path, fp_path, Path(tmp)), seq2seq)
     kl_sum, nll_fp, nll_q, count = 0.0, 0.0, 0.0, 0
     with torch.no_grad():
-        for i, window in enumerate(ids):
-            x = window[None]
-            logp = torch.log_softmax(fp_model(x).logits[0, :-1].float(), -1)
-            logq = torch.log_softmax(q_model(x).logits[0, :-1].float(), -1)
-            target = window[1:]
+        for i, (inputs, target) in enumerate(pairs):
+            logp, logq = log_probs(fp_model, inputs), log_probs(q_model, inputs)
             kl_sum += float((logp.exp() * (logp - logq)).sum())
             nll_fp -= float(logp.gather(1, target[:, None]).sum())
             nll_q -= float(logq.gather(1, target[:, None]).sum())
             count += len(target)
             if progress:
-                progress((i + 1) / len(ids), f"evaluated window {i + 1}/{len(ids)}")
+                progress((i + 1) / len(pairs), f"evaluated window {i + 1}/{len(pairs)}")
     return {"kl": kl_sum / count, "ppl_fp": math.exp(nll_fp / count), "ppl_quant": math.exp(nll_q / count),
-            "tokens": count, "windows": len(ids), "seq_len": seq_len}
+            "tokens": count, "windows": len(pairs), "seq_len": seq_len,
+            "objective": "span-corruption" if seq2seq else "next-token"}

@@ -96,3 +96,27 @@ def test_kl_orders_bit_widths(micro_pair, tmp_path):
     assert kl[8]["kl"] < 1e-3
     assert kl[2]["ppl_fp"] == pytest.approx(kl[8]["ppl_fp"])  # fp side does not depend on the quantized model
     assert kl[2]["tokens"] == 4 * 63
+
+
+def test_encoder_decoder_models_are_evaluated_on_span_corruption(tmp_path):
+    from transformers import AutoTokenizer, SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+
+    from expertbits.zoo.build_zoo import TOKENIZER
+
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    torch.manual_seed(0)
+    cfg = SwitchTransformersConfig(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2,
+                                   num_sparse_encoder_layers=1, num_sparse_decoder_layers=1, num_heads=2, num_experts=4,
+                                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                   decoder_start_token_id=tok.pad_token_id)
+    SwitchTransformersForConditionalGeneration(cfg).save_pretrained(tmp_path / "sw")
+    tok.save_pretrained(tmp_path / "sw")
+    layers = (1, 3)  # the sparse block of the encoder (1) and of the decoder (2 + 1)
+    kl = {}
+    for bits in (8, 2):
+        alloc = pd.DataFrame([{"layer": l, "expert": e, "bits": bits} for l in layers for e in range(4)])
+        quantize_checkpoint(tmp_path / "sw", alloc, 16, tmp_path / f"q{bits}")
+        kl[bits] = evaluate(tmp_path / "sw", tmp_path / f"q{bits}", TEXT, seq_len=64, windows=4)
+    assert kl[8]["objective"] == "span-corruption" and kl[8]["windows"] == 4
+    assert kl[8]["kl"] < kl[2]["kl"] and kl[8]["kl"] < 1e-3
+    assert kl[8]["ppl_fp"] == pytest.approx(kl[2]["ppl_fp"])

@@ -20,7 +20,7 @@ import torch
 
 from expertbits.tasks.adapters import detect
 from expertbits.tasks.checkpoint import Checkpoint
-from expertbits.tasks.evaluate import evaluate, token_windows
+from expertbits.tasks.evaluate import evaluate, examples, token_windows
 from expertbits.tasks.quantize import quantize_checkpoint
 from expertbits.tasks.statistics import collect
 
@@ -37,18 +37,28 @@ def heldout(name: str) -> str:
     return corpora.read(name, SPLIT.get(name, "heldout"))
 
 
+def _routers(out) -> list[torch.Tensor]:
+    """Per-layer router logits as [tokens, experts], for decoder-only and encoder-decoder outputs."""
+    if getattr(out, "encoder_router_logits", None) is not None:
+        layers = [*out.encoder_router_logits, *out.decoder_router_logits]
+    else:
+        layers = list(out.router_logits)
+    return [r.reshape(-1, r.shape[-1]) for r in layers if r is not None and r.dim() >= 2]
+
+
 def perplexity_and_usage(model, tok, text: str) -> tuple[float, torch.Tensor]:
-    """Perplexity, and per-layer routing share of each expert relative to a fair share (1.0)."""
-    ids = token_windows(text, tok, SEQ_LEN, WINDOWS)
+    """Perplexity (of the training objective), and each layer's routing share per expert vs a fair share (1.0)."""
+    seq2seq = model.config.is_encoder_decoder
+    k = 1 if seq2seq else model.config.num_experts_per_tok
     nll, count, usage = 0.0, 0, None
     with torch.no_grad():
-        for window in ids:
-            out = model(window[None], output_router_logits=True)
-            logp = out.logits[0, :-1].float().log_softmax(-1)
-            nll -= float(logp.gather(1, window[1:, None]).sum())
-            count += len(window) - 1
-            k = model.config.num_experts_per_tok
-            chosen = torch.stack([r.topk(k, dim=-1).indices.flatten().bincount(minlength=r.shape[-1]) for r in out.router_logits])
+        for inputs, target in examples(token_windows(text, tok, SEQ_LEN, WINDOWS), tok, seq2seq):
+            out = model(**inputs, output_router_logits=True)
+            logits = out.logits[0].float()
+            logp = torch.log_softmax(logits if seq2seq else logits[:-1], -1)
+            nll -= float(logp.gather(1, target[:, None]).sum())
+            count += len(target)
+            chosen = torch.stack([r.topk(k, dim=-1).indices.flatten().bincount(minlength=r.shape[-1]) for r in _routers(out)])
             usage = chosen if usage is None else usage + chosen
     experts = usage.shape[1]
     return math.exp(nll / count), usage.float() / usage.sum(1, keepdim=True) * experts
@@ -57,20 +67,28 @@ def perplexity_and_usage(model, tok, text: str) -> tuple[float, torch.Tensor]:
 def supersense_accuracy(model, tok, limit: int | None = None) -> float:
     """Share of test glosses whose most likely label (summed label-token log-prob) is right."""
     labels = corpora.SUPERSENSE_LABELS
-    answers = [tok(f" {label}", add_special_tokens=False)["input_ids"] for label in labels]
-    examples = corpora.supersense_examples("test")[:limit]
+    seq2seq = model.config.is_encoder_decoder
+    answers = [tok(f" {label}", add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if seq2seq else [])
+               for label in labels]
     correct = 0
+    examples_ = corpora.supersense_examples("test")[:limit]
     with torch.no_grad():
-        for gloss, gold in examples:
-            prompt = tok(f"{gloss} =>", add_special_tokens=False)["input_ids"]
-            width = len(prompt) + max(map(len, answers))
-            batch = torch.full((len(labels), width), tok.pad_token_id)
-            for i, a in enumerate(answers):
-                batch[i, : len(prompt) + len(a)] = torch.tensor(prompt + a)
-            logp = model(batch).logits.float().log_softmax(-1)
-            scores = [sum(float(logp[i, len(prompt) - 1 + j, t]) for j, t in enumerate(a)) for i, a in enumerate(answers)]
+        for gloss, gold in examples_:
+            if seq2seq:
+                x = tok(f"supersense: {gloss}", add_special_tokens=False)["input_ids"]
+                targets = torch.tensor([a + [-100] * (max(map(len, answers)) - len(a)) for a in answers])
+                logp = model(input_ids=torch.tensor([x] * len(labels)), labels=targets).logits.float().log_softmax(-1)
+                scores = [sum(float(logp[i, j, t]) for j, t in enumerate(a)) for i, a in enumerate(answers)]
+            else:
+                prompt = tok(f"{gloss} =>", add_special_tokens=False)["input_ids"]
+                width = len(prompt) + max(map(len, answers))
+                batch = torch.full((len(labels), width), tok.pad_token_id)
+                for i, a in enumerate(answers):
+                    batch[i, : len(prompt) + len(a)] = torch.tensor(prompt + a)
+                logp = model(batch).logits.float().log_softmax(-1)
+                scores = [sum(float(logp[i, len(prompt) - 1 + j, t]) for j, t in enumerate(a)) for i, a in enumerate(answers)]
             correct += labels[max(range(len(labels)), key=scores.__getitem__)] == gold
-    return correct / len(examples)
+    return correct / len(examples_)
 
 
 def uniform_kl(path: Path, text: str) -> dict[int, float]:
@@ -95,12 +113,13 @@ def lambdas(family: str, variant: str) -> list[dict] | None:
 
 
 def measure(family: str, variant: str) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     torch.set_num_threads(1)
     path = MODELS / family / variant
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    auto = AutoModelForSeq2SeqLM if FAMILIES[family].get("seq2seq") else AutoModelForCausalLM
+    model = auto.from_pretrained(path, dtype=torch.float32).eval()
     ppl, usage = {}, {}
     for domain in DOMAINS:
         ppl[domain], share = perplexity_and_usage(model, tok, heldout(domain))

@@ -1,0 +1,45 @@
+"""Model-card measurements on small random models of both kinds (decoder-only and Switch)."""
+
+import pytest
+import torch
+
+from expertbits.zoo import cards, corpora
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from expertbits.zoo.build_zoo import tokenizer
+
+    return tokenizer()
+
+
+def _mixtral(tok):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    return MixtralForCausalLM(MixtralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                            num_attention_heads=2, num_key_value_heads=2, num_local_experts=4,
+                                            num_experts_per_tok=2, pad_token_id=tok.pad_token_id)).eval()
+
+
+def _switch(tok):
+    from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+
+    torch.manual_seed(0)
+    return SwitchTransformersForConditionalGeneration(SwitchTransformersConfig(
+        vocab_size=len(tok), d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2, num_sparse_encoder_layers=1,
+        num_sparse_decoder_layers=1, num_heads=2, num_experts=4, pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id)).eval()
+
+
+@pytest.mark.parametrize("build,layers", [(_mixtral, 2), (_switch, 2)], ids=["mixtral", "switch"])
+def test_usage_shares_and_accuracy(build, layers, tok, monkeypatch):
+    monkeypatch.setattr(cards, "WINDOWS", 2)
+    monkeypatch.setattr(cards, "SEQ_LEN", 64)
+    model = build(tok)
+    ppl, usage = cards.perplexity_and_usage(model, tok, corpora.read("austen", "heldout"))
+    assert usage.shape == (layers, 4)
+    assert torch.allclose(usage.sum(1), torch.full((layers,), 4.0))  # shares of a fair share sum to E
+    assert 100 < ppl < 10 * len(tok)  # an untrained model is near-uniform over the vocabulary
+    acc = cards.supersense_accuracy(model, tok, limit=16)
+    assert 0.0 <= acc <= 1.0
