@@ -1,7 +1,8 @@
 """`expertbits` command line: the same parameters as the flow and the Prefect UI form.
 
-Options are generated from `QuantizeParams`, so the CLI, the flow and the UI cannot drift apart.
-With no options, `expertbits quantize` runs on the bundled micro-mixtral pair into ./expertbits-store.
+Options are generated from the flows' pydantic parameters, so the CLI, the flows and the UI cannot
+drift apart. With no options, `expertbits quantize` and `expertbits league` run on the bundled
+default pair into ./expertbits-store.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import os
 import sys
 from typing import Any, get_args
 
-from .params import QuantizeParams
+from pydantic import BaseModel
+
+from .params import LeagueParams, QuantizeParams
 
 
 def _prefect_defaults() -> None:
@@ -30,25 +33,33 @@ def _option(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _add_options(parser: argparse.ArgumentParser) -> None:
-    for name, field in QuantizeParams.model_fields.items():
+def _add_options(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
+    for name, field in model.model_fields.items():
         default = field.get_default(call_default_factory=True)
         help_text = f"{field.description} (default: {json.dumps(default)})"
         ann = field.annotation
         if name == "storage_options":
             parser.add_argument("--storage-option", dest=name, action="append", metavar="KEY=VALUE",
                                 help=f"{field.description}; repeatable, VALUE parsed as JSON when it can be")
-        elif name == "bit_widths":
-            parser.add_argument(_option(name), dest=name, metavar="B,B,...", help=help_text + "; comma-separated")
+        elif ann == list[list[int]]:
+            parser.add_argument(_option(name), dest=name, nargs="+", metavar="B,B,...",
+                                help=help_text + "; each set comma-separated, sets separated by spaces")
+        elif getattr(ann, "__origin__", None) is list:
+            parser.add_argument(_option(name), dest=name, metavar="X,X,...", help=help_text + "; comma-separated")
         else:
             kind = next((t for t in (float, int) if ann is t or t in get_args(ann)), str)
             parser.add_argument(_option(name), dest=name, type=kind, metavar=name.upper(), help=help_text)
 
 
-def _params(args: argparse.Namespace) -> QuantizeParams:
-    given: dict[str, Any] = {k: v for k, v in vars(args).items() if k in QuantizeParams.model_fields and v is not None}
-    if "bit_widths" in given:
-        given["bit_widths"] = [int(b) for b in given["bit_widths"].split(",") if b.strip()]
+def _params(args: argparse.Namespace, model: type[BaseModel]) -> BaseModel:
+    given: dict[str, Any] = {k: v for k, v in vars(args).items() if k in model.model_fields and v is not None}
+    for name, value in list(given.items()):
+        ann = model.model_fields[name].annotation
+        if ann == list[list[int]]:
+            given[name] = [[int(b) for b in s.split(",") if b.strip()] for s in value]
+        elif getattr(ann, "__origin__", None) is list:
+            kind = get_args(ann)[0]
+            given[name] = [kind(x.strip()) for x in value.split(",") if x.strip()]
     if "storage_options" in given:
         opts = {}
         for item in given["storage_options"]:
@@ -58,7 +69,7 @@ def _params(args: argparse.Namespace) -> QuantizeParams:
             except json.JSONDecodeError:
                 opts[key] = value
         given["storage_options"] = opts
-    return QuantizeParams(**given)
+    return model(**given)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,7 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run download → statistics → allocation → quantization → kernel validation → "
                                    "evaluation as a Prefect flow and publish every artifact under one run prefix of the store. "
                                    "With no options it quantizes the bundled micro-mixtral pair into ./expertbits-store.")
-    _add_options(q)
+    _add_options(q, QuantizeParams)
+    lg = sub.add_parser("league", help="compare allocators × budgets on one checkpoint pair",
+                        description="Run download → statistics → calibration → league as a Prefect flow: every "
+                                    "allocator at every budget and bit-width set is quantized and evaluated, and the table, "
+                                    "a Pareto plot and a heatmap are published under leagues/<id>/ of the store.")
+    _add_options(lg, LeagueParams)
     return parser
 
 
@@ -76,21 +92,27 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pydantic import ValidationError
 
+    model = {"quantize": QuantizeParams, "league": LeagueParams}[args.command]
     try:
-        params = _params(args)
-    except ValidationError as e:
+        params = _params(args, model)
+    except (ValidationError, ValueError) as e:
         print(f"expertbits: invalid options:\n{e}", file=sys.stderr)
         return 2
     _prefect_defaults()
     from expertbits.tasks.errors import ExpertbitsError
 
+    from .league import league_table
     from .quantize import quantize_moe
 
     try:
-        manifest = quantize_moe(params)
+        manifest = (quantize_moe if args.command == "quantize" else league_table)(params)
     except ExpertbitsError as e:
         print(f"expertbits: {e}", file=sys.stderr)
         return 1
+    if args.command == "league":
+        print(f"\nleague {manifest.run_id}: {manifest.summary['league']['cells']} cells; ranked first: "
+              f"{manifest.summary['league']['ranked_first']}\nartifacts: {manifest.uri}")
+        return 0
     ev, al = manifest.summary["evaluation"], manifest.summary["allocation"]
     print(f"\nrun {manifest.run_id}: {al['achieved_avg_bits']} avg bits, KL {ev['kl']:.5f}, "
           f"ppl {ev['ppl_fp']:.2f} -> {ev['ppl_quant']:.2f}\nartifacts: {manifest.uri}")

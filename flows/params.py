@@ -1,4 +1,4 @@
-"""The flow's parameters: one pydantic model shared by the CLI, the flow and the Prefect UI form."""
+"""The flows' parameters: pydantic models shared by the CLI, the flows and the Prefect UI forms."""
 
 from __future__ import annotations
 
@@ -7,28 +7,36 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from expertbits.tasks.allocate import AllocationConfig
+from expertbits.tasks.allocators import ALLOCATORS
+from expertbits.tasks.league import DEFAULT_ALLOCATORS, TASKS, Grid
+
+DEFAULT_CHECKPOINT = "zoo://micro-mixtral/finetuned"
+DEFAULT_REFERENCE = "zoo://micro-mixtral/base"
 
 
-class QuantizeParams(BaseModel):
-    """Quantize a fine-tuned MoE checkpoint with per-expert bit-widths."""
+class CommonParams(BaseModel):
+    """What every expertbits flow reads: checkpoints, texts, store."""
 
     model_config = ConfigDict(extra="forbid")
 
-    checkpoint: str = Field("zoo://micro-mixtral/finetuned", description=(
+    checkpoint: str = Field(DEFAULT_CHECKPOINT, description=(
         "The MoE checkpoint to quantize: a folder, file://, s3://bucket/prefix, hf://org/name@revision or zoo://family/variant"))
-    reference: str | None = Field("zoo://micro-mixtral/base", description=(
+    reference: str | None = Field(DEFAULT_REFERENCE, description=(
         "The checkpoint it was fine-tuned from, for the router-norm change Λ. Empty: use the final router norm (paper's proxy)"))
-    avg_bits: float = Field(2.5, gt=0, le=8, description="Average bits per routed expert, between the smallest and largest bit-width")
-    bit_widths: list[int] = Field([2, 3, 4], min_length=1, description="Available expert bit-widths; the two around the budget are used")
     group_size: int = Field(64, ge=8, le=4096, description="Weights per quantization group along the input dimension")
     zeta: float = Field(3.0, gt=0, description="MaxVar promotion threshold ζ (an expert passes those with ζ·MaxVar below its own)")
+    maxvar_definition: str = Field("max-row", description=(
+        "MaxVar as the paper defines it ('max-row': max over rows of the row variance) or as the reference code "
+        "computes it ('max-norm-row': variance of the largest-norm row)"))
     store: str = Field("expertbits-store", description="Artifact store: a local folder or s3://bucket/prefix")
     storage_options: dict[str, Any] = Field(default_factory=dict, description=(
         "fsspec/s3fs options for s3:// URIs, e.g. {\"endpoint_url\": \"http://127.0.0.1:9000\"}; keep secrets in AWS_* env vars"))
     eval_text: str = Field("zoo://text/code-heldout", description="Held-out text for KL and perplexity: a file, s3:// or zoo://text/name")
     eval_windows: int = Field(16, ge=1, description="Number of evaluation windows")
-    eval_seq_len: int = Field(256, ge=8, description="Tokens per evaluation window")
-    validation_rtol: float = Field(1e-4, gt=0, description="Largest kernel-vs-reference relative error accepted")
+    eval_seq_len: int = Field(256, ge=8, description="Tokens per evaluation and calibration window")
+    calibration_text: str = Field("zoo://text/code-train", description=(
+        "Text routed through the model for activation frequency, routing weight and sensitivity (not the evaluation text)"))
+    calibration_windows: int = Field(16, ge=1, description="Number of calibration windows")
     cache_dir: str | None = Field(None, description="Local checkpoint cache (default: $EXPERTBITS_CACHE or ~/.cache/expertbits)")
 
     @field_validator("reference", mode="before")
@@ -36,8 +44,55 @@ class QuantizeParams(BaseModel):
     def _empty_is_none(cls, v):
         return v or None
 
+
+class QuantizeParams(CommonParams):
+    """Quantize a fine-tuned MoE checkpoint with per-expert bit-widths."""
+
+    avg_bits: float = Field(2.5, gt=0, le=8, description="Average bits per routed expert, between the smallest and largest bit-width")
+    bit_widths: list[int] = Field([2, 3, 4], min_length=1, description="Available expert bit-widths")
+    allocator: str = Field("paper", description=f"Who gets the bits: {', '.join(ALLOCATORS)} (see tasks/allocators.py)")
+    scheme: str = Field("two-tier", description=(
+        "Tier counts for ranking allocators: 'two-tier' (the two widths around the budget) or 'three-tier' "
+        "(three equally spaced widths, the paper's region rules)"))
+    seed: int = Field(0, ge=0, description="Seed of the random allocator")
+    validation_rtol: float = Field(1e-4, gt=0, description="Largest kernel-vs-reference relative error accepted")
+
     @model_validator(mode="after")
     def _budget_fits(self):
-        # fail before any work: the allocation rule needs widths on both sides of the budget
-        AllocationConfig(avg_bits=self.avg_bits, bit_widths=tuple(self.bit_widths), zeta=self.zeta)
+        self.allocation_config()  # fail before any work: unknown allocator, unreachable budget, bad scheme
         return self
+
+    def allocation_config(self) -> AllocationConfig:
+        return AllocationConfig(avg_bits=self.avg_bits, bit_widths=tuple(self.bit_widths), zeta=self.zeta,
+                                allocator=self.allocator, scheme=self.scheme,
+                                maxvar_definition=self.maxvar_definition, seed=self.seed)
+
+
+class LeagueParams(CommonParams):
+    """Evaluate allocators × budgets × bit-width sets side by side on one checkpoint pair."""
+
+    allocators: list[str] = Field(list(DEFAULT_ALLOCATORS), min_length=1, description="Allocators to compare")
+    budgets: list[float] = Field([2.0, 2.25, 2.5, 2.75, 3.0], min_length=1, description="Average bits per expert to try")
+    bit_sets: list[list[int]] = Field([[2, 3, 4], [1, 2, 3]], min_length=1, description="Bit-width sets to try")
+    scheme: str = Field("three-tier", description="Tier counts for three equally spaced widths (others use two-tier)")
+    random_draws: int = Field(5, ge=1, description="Draws of the random allocator (reported as median and range)")
+    task: str | None = Field(None, description=f"Task accuracy to measure per cell: {', '.join(TASKS)}, or empty")
+    task_examples: int = Field(300, ge=1, description="Task examples per cell")
+
+    @field_validator("task", mode="before")
+    @classmethod
+    def _empty_task_is_none(cls, v):
+        return v or None
+
+    @model_validator(mode="after")
+    def _grid_is_valid(self):
+        self.grid().configs()  # every cell's allocation config is validated before any work
+        if self.task is not None and self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
+        return self
+
+    def grid(self) -> Grid:
+        return Grid(allocators=tuple(self.allocators), budgets=tuple(self.budgets),
+                    bit_sets=tuple(tuple(s) for s in self.bit_sets), scheme=self.scheme,
+                    random_draws=self.random_draws, zeta=self.zeta, maxvar_definition=self.maxvar_definition,
+                    group_size=self.group_size)

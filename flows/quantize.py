@@ -1,6 +1,7 @@
 """The expertbits flow: six stages, each a cached, retryable Prefect task passing URIs and digests.
 
-    download → statistics → allocation → quantization → kernel validation → evaluation → publish
+    download → statistics (+ calibration, for allocators that use routing or error) → allocation
+    → quantization → kernel validation → evaluation → publish
 
 Run it with `expertbits quantize` (see `expertbits quantize --help`) or call `quantize_moe`
 with a `QuantizeParams`. Every stage is keyed on content digests, so a rerun with the same
@@ -9,8 +10,12 @@ inputs is all cache hits.
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from prefect import flow
 
+from expertbits.tasks.allocators import NEEDS_CALIBRATION, NEEDS_ERROR
+from expertbits.tasks.league_stages import calibrate_experts
 from expertbits.tasks.records import RunManifest
 from expertbits.tasks.stages import (
     allocate_bits,
@@ -36,9 +41,13 @@ def quantize_moe(params: QuantizeParams = QuantizeParams()) -> RunManifest:
     finetuned = fetch_checkpoint(p.checkpoint, p.cache_dir, p.storage_options)
     reference = fetch_checkpoint(p.reference, p.cache_dir, p.storage_options) if p.reference else None
     stats = extract_statistics(finetuned, reference, cache_dir=p.cache_dir, **io)
-    allocation = allocate_bits(stats, p.avg_bits, p.bit_widths, p.zeta, **io)
+    calibration = None
+    if p.allocator in NEEDS_CALIBRATION | NEEDS_ERROR:
+        calibration = calibrate_experts(finetuned, p.calibration_text, p.eval_seq_len, p.calibration_windows,
+                                        p.bit_widths, p.group_size, cache_dir=p.cache_dir, **io)
+    allocation = allocate_bits(stats, calibration, asdict(p.allocation_config()), **io)
     quantized = quantize_experts(finetuned, allocation, p.group_size, cache_dir=p.cache_dir, **io)
     validation = validate_kernels(quantized, finetuned, p.validation_rtol, cache_dir=p.cache_dir, **io)
     evaluation = evaluate_model(finetuned, quantized, p.eval_text, p.eval_seq_len, p.eval_windows, cache_dir=p.cache_dir, **io)
 
-    return publish_run(p.model_dump(mode="json"), stats, allocation, quantized, validation, evaluation, **io)
+    return publish_run(p.model_dump(mode="json"), stats, calibration, allocation, quantized, validation, evaluation, **io)

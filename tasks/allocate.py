@@ -1,14 +1,22 @@
-"""Stage 3: per-expert bit-widths from Λ and MaxVar (two-tier rule of the paper).
+"""Stage 3: per-expert bit-widths. Counts per bit level come from the budget; who gets them
+comes from an allocator's priority order (see `allocators.py`).
 
-Per MoE layer, independently:
+The paper's method, per MoE layer independently:
   1. order experts by ascending Λ (position 0 = highest priority = most bits);
   2. one pass from the largest Λ upward: expert j jumps to the topmost position p whose expert
      has ζ·MaxVar < MaxVar_j, if that is above where j sits (so a noisy expert is not left
      below a much quieter one);
-  3. the first n_h = round(κ·E) experts get b_h, the rest b_l, with κ = (b_avg − b_l)/(b_h − b_l)
-     and b_l ≤ b_avg ≤ b_h the two available bit-widths that bracket the budget.
-Every layer gets the same counts, so each layer's mean bits is the achieved average; Python's
-round (half to even) decides ties, as in the reference code, and the achieved average is reported.
+  3. counts per bit level, the same in every layer (so each layer's mean is the achieved average):
+     two-tier   b_l ≤ b_avg ≤ b_h adjacent widths; n_h = round(κ·E), κ = (b_avg − b_l)/(b_h − b_l)
+     three-tier b_l < b_m < b_h equally spaced, Δ = b_h − b_l; start from the two-tier split on
+                the side of b_m the budget falls, then turn pairs of b_m experts into one b_h
+                and one b_l (same average) while the region allows it:
+                  b_avg > b_h − Δ/3          while n_m ≥ 2                (most b_h experts)
+                  b_h − 2Δ/3 ≤ b_avg ≤ …     while n_m after ≥ conversions made (incl. this one)
+                  b_avg < b_h − 2Δ/3         never                        (fewest b_l experts)
+     The first n_h experts of the order get b_h, the next n_m get b_m, the rest b_l.
+Python's round (half to even) decides ties, as in the reference code; the achieved average
+is reported, not assumed.
 """
 
 from __future__ import annotations
@@ -19,15 +27,24 @@ import pandas as pd
 
 from .errors import BudgetError
 
+SCHEMES = ("two-tier", "three-tier")
+MAXVAR_DEFINITIONS = {"max-row": "maxvar", "max-norm-row": "maxvar_max_norm_row"}  # paper | reference code
+
 
 @dataclass(frozen=True)
 class AllocationConfig:
     avg_bits: float
     bit_widths: tuple[int, ...] = (2, 3, 4)
     zeta: float = 3.0
-    version: int = 1
+    allocator: str = "paper"
+    scheme: str = "two-tier"
+    maxvar_definition: str = "max-row"
+    seed: int = 0  # for the random allocator
+    version: int = 2
 
     def __post_init__(self):
+        from .allocators import ALLOCATORS
+
         widths = tuple(sorted(set(self.bit_widths)))
         if not widths or any(not 1 <= b <= 8 for b in widths):
             raise BudgetError(f"bit widths {self.bit_widths} must be integers in 1..8", "e.g. --bit-widths 2,3,4")
@@ -38,6 +55,16 @@ class AllocationConfig:
             )
         if self.zeta <= 0:
             raise BudgetError(f"zeta must be positive, got {self.zeta}", "the paper's default is 3")
+        if self.scheme not in SCHEMES:
+            raise BudgetError(f"unknown allocation scheme {self.scheme!r}", f"choose one of {', '.join(SCHEMES)}")
+        if self.scheme == "three-tier" and (len(widths) != 3 or widths[2] - widths[1] != widths[1] - widths[0]):
+            raise BudgetError(f"three-tier allocation needs exactly three equally spaced bit-widths, got {list(widths)}",
+                              "e.g. --bit-widths 1,2,3 or 2,3,4, or --scheme two-tier")
+        if self.allocator not in ALLOCATORS:
+            raise BudgetError(f"unknown allocator {self.allocator!r}", f"choose one of {', '.join(ALLOCATORS)}")
+        if self.maxvar_definition not in MAXVAR_DEFINITIONS:
+            raise BudgetError(f"unknown MaxVar definition {self.maxvar_definition!r}",
+                              f"choose one of {', '.join(MAXVAR_DEFINITIONS)}")
         object.__setattr__(self, "bit_widths", widths)
 
     def tiers(self) -> tuple[int, int]:
@@ -60,42 +87,73 @@ def maxvar_rearrange(order: list[int], maxvar: dict[int, float], zeta: float) ->
     return order, moved
 
 
-def two_tier_counts(num_experts: int, cfg: AllocationConfig) -> tuple[int, int]:
-    """(n_high, n_low) experts per layer."""
-    low, high = cfg.tiers()
+def _split(num_experts: int, avg: float, low: int, high: int) -> int:
+    """Experts at `high` in a two-level split of `num_experts` around `avg` (banker's rounding)."""
     if low == high:
-        return num_experts, 0
-    kappa = min(1.0, max(0.0, (cfg.avg_bits - low) / (high - low)))
-    n_high = round(kappa * num_experts)
-    return n_high, num_experts - n_high
+        return num_experts
+    return round(min(1.0, max(0.0, (avg - low) / (high - low))) * num_experts)
 
 
-def allocate(stats: pd.DataFrame, cfg: AllocationConfig) -> pd.DataFrame:
-    """The bit_allocation table (layer, expert, bits, position, reason) from expert_stats."""
-    low, high = cfg.tiers()
+def tier_counts(num_experts: int, cfg: AllocationConfig) -> dict[int, int]:
+    """{bits: experts per layer}, highest bits first; the same for every layer."""
+    if cfg.scheme == "two-tier":
+        low, high = cfg.tiers()
+        n_high = _split(num_experts, cfg.avg_bits, low, high)
+        return {high: n_high, low: num_experts - n_high} if high != low else {high: num_experts}
+    bl, bm, bh = cfg.bit_widths
+    if cfg.avg_bits >= bm:
+        n_h = _split(num_experts, cfg.avg_bits, bm, bh)
+        n_m, n_l = num_experts - n_h, 0
+    else:
+        n_h, n_m = 0, _split(num_experts, cfg.avg_bits, bl, bm)
+        n_l = num_experts - n_m
+    delta, conversions = bh - bl, 0
+    while n_m >= 2:
+        if cfg.avg_bits > bh - delta / 3:
+            pass
+        elif cfg.avg_bits >= bh - 2 * delta / 3:
+            if n_m - 2 < conversions + 1:
+                break
+        else:
+            break
+        n_h, n_m, n_l, conversions = n_h + 1, n_m - 2, n_l + 1, conversions + 1
+    return {bh: n_h, bm: n_m, bl: n_l}
+
+
+def assign(order: list[int], counts: dict[int, int]) -> dict[int, int]:
+    """{expert: bits}: walk the priority order handing out the highest bits first."""
+    levels = [b for b in sorted(counts, reverse=True) for _ in range(counts[b])]
+    if len(levels) != len(order):
+        raise BudgetError(f"counts {counts} do not cover {len(order)} experts", "this is a bug; please report it")
+    return dict(zip(order, levels))
+
+
+def allocate(stats: pd.DataFrame, cfg: AllocationConfig, calibration: pd.DataFrame | None = None,
+             qerror: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The bit_allocation table (layer, expert, bits, position, reason) from the statistics tables."""
+    from .allocators import ALLOCATORS, Inputs
+
+    inputs = Inputs.build(stats, cfg, calibration, qerror)
     rows = []
-    for layer, group in stats.groupby("layer", sort=True):
-        lam = dict(zip(group.expert, group["lambda_score"]))
-        var = dict(zip(group.expert, group.maxvar))
-        primary = sorted(lam, key=lambda e: (lam[e], e))
-        order, moved = maxvar_rearrange(primary, var, cfg.zeta)
-        n_high, _ = two_tier_counts(len(order), cfg)
-        for pos, e in enumerate(order):
-            reason = f"lambda rank {primary.index(e)}"
-            if e in moved:
-                reason += f", promoted by maxvar over expert {moved[e]}"
-            rows.append({"layer": int(layer), "expert": int(e), "bits": high if pos < n_high else low,
-                         "position": pos, "reason": reason})
+    for layer in sorted(stats.layer.unique()):
+        experts = sorted(int(e) for e in stats.expert[stats.layer == layer])
+        counts = tier_counts(len(experts), cfg)
+        decision = ALLOCATORS[cfg.allocator](inputs.layer(int(layer)), counts, cfg)
+        for pos, e in enumerate(decision.order):
+            rows.append({"layer": int(layer), "expert": e, "bits": decision.bits[e], "position": pos,
+                         "reason": decision.reasons.get(e, "")})
     return pd.DataFrame(rows).sort_values(["layer", "expert"]).reset_index(drop=True)
 
 
 def summarize(alloc: pd.DataFrame, cfg: AllocationConfig) -> dict:
     counts = alloc.groupby("bits").size().to_dict()
     return {
+        "allocator": cfg.allocator,
+        "scheme": cfg.scheme,
         "requested_avg_bits": cfg.avg_bits,
         "achieved_avg_bits": round(float(alloc.bits.mean()), 6),
         "experts_per_bits": {int(b): int(n) for b, n in counts.items()},
         "moved_by_maxvar": int(alloc.reason.str.contains("promoted").sum()),
-        "tiers": list(cfg.tiers()),
+        "bit_widths": list(cfg.bit_widths),
         "zeta": cfg.zeta,
     }

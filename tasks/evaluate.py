@@ -67,30 +67,47 @@ def log_probs(model, inputs: dict) -> torch.Tensor:
     return torch.log_softmax(logits if "labels" in inputs else logits[:-1], -1)
 
 
+class Reference:
+    """The full-precision model's predictions on the evaluation text, computed once and compared
+    against any number of quantized variants (the league table evaluates dozens)."""
+
+    def __init__(self, fp_path: Path, text: str, *, seq_len: int = 256, windows: int = 16):
+        from transformers import AutoConfig, AutoTokenizer
+
+        torch.manual_seed(0)
+        self.seq_len = seq_len
+        self.seq2seq = bool(getattr(AutoConfig.from_pretrained(fp_path), "is_encoder_decoder", False))
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(fp_path)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{fp_path}: no usable tokenizer ({e})", "save the tokenizer with the checkpoint") from e
+        self.pairs = examples(token_windows(text, self.tokenizer, seq_len, windows), self.tokenizer, self.seq2seq)
+        self.model = _load(fp_path, self.seq2seq)
+        with torch.no_grad():
+            self.log_probs = [log_probs(self.model, inputs) for inputs, _ in self.pairs]
+        self.nll = -sum(float(lp.gather(1, t[:, None]).sum()) for lp, (_, t) in zip(self.log_probs, self.pairs))
+        self.count = sum(len(t) for _, t in self.pairs)
+
+    def load(self, path: Path):
+        return _load(path, self.seq2seq)
+
+    def compare(self, q_model, progress: Progress | None = None) -> dict:
+        kl_sum, nll_q = 0.0, 0.0
+        with torch.no_grad():
+            for i, ((inputs, target), logp) in enumerate(zip(self.pairs, self.log_probs)):
+                logq = log_probs(q_model, inputs)
+                kl_sum += float((logp.exp() * (logp - logq)).sum())
+                nll_q -= float(logq.gather(1, target[:, None]).sum())
+                if progress:
+                    progress((i + 1) / len(self.pairs), f"evaluated window {i + 1}/{len(self.pairs)}")
+        return {"kl": kl_sum / self.count, "ppl_fp": math.exp(self.nll / self.count),
+                "ppl_quant": math.exp(nll_q / self.count), "tokens": self.count, "windows": len(self.pairs),
+                "seq_len": self.seq_len, "objective": "span-corruption" if self.seq2seq else "next-token"}
+
+
 def evaluate(fp_path: Path, q_path: Path, text: str, *, seq_len: int = 256, windows: int = 16,
              progress: Progress | None = None) -> dict:
-    from transformers import AutoConfig, AutoTokenizer
-
-    torch.manual_seed(0)
-    seq2seq = bool(getattr(AutoConfig.from_pretrained(fp_path), "is_encoder_decoder", False))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(fp_path)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{fp_path}: no usable tokenizer ({e})", "save the tokenizer with the checkpoint") from e
-    pairs = examples(token_windows(text, tokenizer, seq_len, windows), tokenizer, seq2seq)
-    fp_model = _load(fp_path, seq2seq)
+    ref = Reference(fp_path, text, seq_len=seq_len, windows=windows)
     with tempfile.TemporaryDirectory(prefix="expertbits-deq-") as tmp:
-        q_model = _load(dequantize_checkpoint(q_path, fp_path, Path(tmp)), seq2seq)
-    kl_sum, nll_fp, nll_q, count = 0.0, 0.0, 0.0, 0
-    with torch.no_grad():
-        for i, (inputs, target) in enumerate(pairs):
-            logp, logq = log_probs(fp_model, inputs), log_probs(q_model, inputs)
-            kl_sum += float((logp.exp() * (logp - logq)).sum())
-            nll_fp -= float(logp.gather(1, target[:, None]).sum())
-            nll_q -= float(logq.gather(1, target[:, None]).sum())
-            count += len(target)
-            if progress:
-                progress((i + 1) / len(pairs), f"evaluated window {i + 1}/{len(pairs)}")
-    return {"kl": kl_sum / count, "ppl_fp": math.exp(nll_fp / count), "ppl_quant": math.exp(nll_q / count),
-            "tokens": count, "windows": len(pairs), "seq_len": seq_len,
-            "objective": "span-corruption" if seq2seq else "next-token"}
+        q_model = ref.load(dequantize_checkpoint(q_path, fp_path, Path(tmp)))
+    return ref.compare(q_model, progress)

@@ -2,6 +2,7 @@
 
   runs/<run-id>/
     statistics/expert_stats.parquet, checkpoints.json
+    calibration/expert_calibration.parquet, expert_qerror.parquet   (allocators that need them)
     allocation/bit_allocation.parquet
     quantization/...                 the quantized checkpoint (HF layout)
     validation/kernel_validation.parquet
@@ -48,7 +49,10 @@ def build_database(path: Path, store: Store, outputs: dict[str, StageOutput], tm
         for table, stage, rel in (("expert_stats", "statistics", "expert_stats.parquet"),
                                   ("bit_allocation", "allocation", "bit_allocation.parquet"),
                                   ("kernel_validation", "validation", "kernel_validation.parquet")):
-            con.execute(f"INSERT INTO {table} SELECT * FROM read_parquet('{local(stage, rel)}')")
+            con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM read_parquet('{local(stage, rel)}')")
+        if "calibration" in outputs:
+            for table in ("expert_calibration", "expert_qerror"):
+                con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM read_parquet('{local('calibration', table + '.parquet')}')")
         metrics = json.loads(Path(local("evaluation", "evaluation.json")).read_text())
         rows = pd.DataFrame([{"metric": k, "value": float(v)} for k, v in sorted(metrics.items()) if isinstance(v, (int, float))])
         con.execute("INSERT INTO evaluation SELECT * FROM rows")

@@ -21,6 +21,7 @@ CREATE TABLE IF NOT EXISTS expert_stats (
     lambda_score          DOUBLE  NOT NULL,  -- router_norm - reference_router_norm, or router_norm (proxy)
     lambda_source         VARCHAR NOT NULL,  -- 'norm-change' | 'final-norm-proxy'
     maxvar                DOUBLE  NOT NULL,  -- max over first-layer rows of the variance across the input dim
+    maxvar_max_norm_row   DOUBLE  NOT NULL,  -- variance of the largest-norm first-layer row (reference code)
     lambda_rank           INTEGER NOT NULL   -- 0 = smallest lambda in its layer (most bits)
 );
 
@@ -49,4 +50,52 @@ CREATE TABLE IF NOT EXISTS kernel_validation (
 CREATE TABLE IF NOT EXISTS evaluation (
     metric VARCHAR NOT NULL,  -- 'kl', 'ppl_fp', 'ppl_quant', 'tokens'
     value  DOUBLE  NOT NULL
+);
+
+-- One row per (MoE layer, routed expert): routing on calibration text (tasks/calibrate.py).
+CREATE TABLE IF NOT EXISTS expert_calibration (
+    layer          INTEGER NOT NULL,
+    expert         INTEGER NOT NULL,
+    frequency      DOUBLE  NOT NULL,  -- share of tokens with this expert among their top-k
+    routing_weight DOUBLE  NOT NULL,  -- mean router softmax probability over the tokens routed to it
+    hessian_trace  DOUBLE  NOT NULL,  -- sum over routed tokens of ||x||^2, per calibration token
+    tokens         BIGINT  NOT NULL   -- calibration tokens seen by this layer's router
+);
+
+-- One row per (layer, expert, bits): what round-to-nearest at those bits costs the expert.
+CREATE TABLE IF NOT EXISTS expert_qerror (
+    layer              INTEGER NOT NULL,
+    expert             INTEGER NOT NULL,
+    bits               INTEGER NOT NULL,
+    weight_error       DOUBLE  NOT NULL,  -- ||W - Q(W)||_F^2 over the expert's matrices
+    routed_input_error DOUBLE  NOT NULL   -- input-weighted: sum_i h_i ||dW[:, i]||^2 (see calibrate.py)
+);
+
+-- One row per league cell: an allocator at a budget over a bit-width set (random: one per draw).
+CREATE TABLE IF NOT EXISTS league (
+    bit_set        VARCHAR NOT NULL,  -- e.g. '2,3,4'
+    scheme         VARCHAR NOT NULL,  -- 'two-tier' | 'three-tier' tier counts for rank allocators
+    budget         DOUBLE  NOT NULL,  -- requested average bits per expert
+    allocator      VARCHAR NOT NULL,
+    seed           INTEGER NOT NULL,
+    avg_bits       DOUBLE  NOT NULL,  -- achieved nominal average
+    effective_bits DOUBLE  NOT NULL,  -- including fp16 scales and offsets and packing slack
+    kl             DOUBLE  NOT NULL,  -- KL(fp || quant) per token on the evaluation text
+    ppl            DOUBLE  NOT NULL,
+    ppl_fp         DOUBLE  NOT NULL,
+    accuracy       DOUBLE,            -- task accuracy, where the checkpoint has a task
+    accuracy_fp    DOUBLE,
+    allocation_ms  DOUBLE  NOT NULL   -- time the allocator took, statistics given
+);
+
+-- The bits every league cell gave every expert.
+CREATE TABLE IF NOT EXISTS league_allocation (
+    bit_set   VARCHAR NOT NULL,
+    scheme    VARCHAR NOT NULL,
+    budget    DOUBLE  NOT NULL,
+    allocator VARCHAR NOT NULL,
+    seed      INTEGER NOT NULL,
+    layer     INTEGER NOT NULL,
+    expert    INTEGER NOT NULL,
+    bits      INTEGER NOT NULL
 );

@@ -34,7 +34,7 @@ from .storage import Store, open_fs, sha256_file
 STAGE_CODE = {
     "download": (download, checkpoint_io),
     "statistics": (statistics, adapters, checkpoint_io),
-    "allocation": (allocate,),
+    "allocation": (allocate, "expertbits.tasks.allocators"),
     "quantization": (quantize, adapters, checkpoint_io, "expertbits.kernels.packing"),
     "validation": (validate, quantized, "expertbits.kernels.packing", "expertbits.kernels.dequant_matmul",
                    "expertbits.kernels.dequant_matmul_triton"),
@@ -190,22 +190,26 @@ def extract_statistics(checkpoint: CheckpointRecord, reference: CheckpointRecord
 # ---- 3. allocation ------------------------------------------------------------------------------
 
 def _alloc_key(ctx, p) -> str:
+    calib = p["calibration"].key if p["calibration"] else None
     return _miss_unless(ctx, Store(p["store"], p["storage_options"]), "allocation",
-                        stage_key("allocation", p["stats"].key, p["avg_bits"], p["bit_widths"], p["zeta"]))
+                        stage_key("allocation", p["stats"].key, calib, p["config"]))
 
 
 @task(name="allocation", cache_key_fn=_alloc_key, persist_result=True, result_serializer="json")
-def allocate_bits(stats: StageOutput, avg_bits: float, bit_widths: list[int], zeta: float, store: str,
+def allocate_bits(stats: StageOutput, calibration: StageOutput | None, config: dict, store: str,
                   storage_options: dict) -> StageOutput:
-    """Per-expert bit-widths from Λ and MaxVar: the paper's two-tier rule."""
+    """Per-expert bit-widths: tier counts from the budget, the order from the chosen allocator."""
+    from .league_stages import read_calibration
+
     st = Store(store, storage_options)
-    cfg = allocate.AllocationConfig(avg_bits=avg_bits, bit_widths=tuple(bit_widths), zeta=zeta)
-    key = stage_key("allocation", stats.key, avg_bits, bit_widths, zeta)
+    cfg = allocate.AllocationConfig(**dict(config, bit_widths=tuple(config["bit_widths"])))
+    key = stage_key("allocation", stats.key, calibration.key if calibration else None, config)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         table = statistics.read_stats(_local(st, stats, tmp) / "expert_stats.parquet")
+        calib, qerr = read_calibration(st, calibration, tmp)
         start = time.perf_counter()
-        alloc = allocate.allocate(table, cfg)
+        alloc = allocate.allocate(table, cfg, calib, qerr)
         elapsed = time.perf_counter() - start
         out = tmp / "out"
         out.mkdir()
@@ -305,12 +309,13 @@ def evaluate_model(checkpoint: CheckpointRecord, quantized: StageOutput, text_ur
 # ---- publish ------------------------------------------------------------------------------------
 
 @task(name="publish-run", retries=3, retry_delay_seconds=[1, 4, 10], retry_condition_fn=_transient)
-def publish_run(parameters: dict, stats: StageOutput, allocation: StageOutput, quantized: StageOutput,
-                validation: StageOutput, evaluation: StageOutput, store: str, storage_options: dict) -> RunManifest:
+def publish_run(parameters: dict, stats: StageOutput, calibration: StageOutput | None, allocation: StageOutput,
+                quantized: StageOutput, validation: StageOutput, evaluation: StageOutput, store: str,
+                storage_options: dict) -> RunManifest:
     """Copy every stage output under one run prefix, write the manifest last, show artifacts in the UI."""
     st = Store(store, storage_options)
-    outputs = {"statistics": stats, "allocation": allocation, "quantization": quantized,
-               "validation": validation, "evaluation": evaluation}
+    outputs = {"statistics": stats, **({"calibration": calibration} if calibration else {}), "allocation": allocation,
+               "quantization": quantized, "validation": validation, "evaluation": evaluation}
     rid = publish.run_id(parameters["checkpoint"], parameters["avg_bits"], list(outputs.values()))
     manifest = publish.publish(st, rid, outputs, parameters)
     _ui_artifacts(st, manifest, outputs)

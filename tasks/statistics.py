@@ -5,7 +5,9 @@ For each MoE layer and routed expert s:
                                        the difference). Without a reference: ‖w_s^ft‖₂, the
                                        paper's proxy for checkpoints trained from scratch.
   MaxVar_s = max over rows r of W₁ of  (1/d) Σ_i (W₁[r,i] − mean_i W₁[r,·])²
-             where W₁ is the expert's first-layer (gate / w1) matrix [F, H].
+             where W₁ is the expert's first-layer (gate / w1) matrix [F, H] (the paper's
+             definition), and beside it the reference code's variant: the variance of the
+             row of W₁ with the largest l2 norm (`maxvar_max_norm_row`).
 Everything is computed in fp32; memory is bounded by the largest single tensor read.
 """
 
@@ -32,6 +34,13 @@ def schema_sql() -> str:
 def maxvar(w: torch.Tensor) -> float:
     """Maximum over rows of the (population) variance across the input dimension."""
     return float(w.float().var(dim=1, unbiased=False).max())
+
+
+def row_variances(w: torch.Tensor) -> tuple[float, float]:
+    """(max over rows of the row variance, variance of the largest-norm row), one fp32 pass."""
+    w = w.float()
+    var = w.var(dim=1, unbiased=False)
+    return float(var.max()), float(var[int(w.square().sum(dim=1).argmax())])
 
 
 def collect(ft: Checkpoint, ref: Checkpoint | None, progress: Progress | None = None) -> tuple[pd.DataFrame, dict]:
@@ -61,13 +70,15 @@ def collect(ft: Checkpoint, ref: Checkpoint | None, progress: Progress | None = 
             w = ft.read(m.key, m.index, m.rows)
             require_finite(w, f"{ft.path}: {m.name}")
             e = m.expert
+            var_max, var_max_norm_row = row_variances(w)
             rows.append({
                 "layer": layer.layer, "expert": e,
                 "router_norm": float(norms[e]),
                 "reference_router_norm": float(ref_norms[e]) if ref_norms is not None else None,
                 "lambda_score": float(lam[e]),
                 "lambda_source": "norm-change" if ref is not None else "final-norm-proxy",
-                "maxvar": maxvar(w),
+                "maxvar": var_max,
+                "maxvar_max_norm_row": var_max_norm_row,
                 "lambda_rank": rank[e],
             })
         if progress:

@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-from expertbits.tasks.allocate import AllocationConfig, allocate, maxvar_rearrange, summarize, two_tier_counts
+from expertbits.tasks.allocate import AllocationConfig, allocate, maxvar_rearrange, summarize, tier_counts
 from expertbits.tasks.errors import BudgetError
 
 # (avg_bits, bit_widths, experts) -> experts at the high tier; κ·E rounded half to even
@@ -25,7 +25,70 @@ TWO_TIER = [
 @pytest.mark.parametrize("avg,widths,experts,n_high", TWO_TIER, ids=[f"{a}b-{w}-E{e}" for a, w, e, _ in TWO_TIER])
 def test_two_tier_counts(avg, widths, experts, n_high):
     cfg = AllocationConfig(avg_bits=avg, bit_widths=widths)
-    assert two_tier_counts(experts, cfg)[0] == n_high
+    counts = tier_counts(experts, cfg)
+    assert counts[max(counts)] == n_high and sum(counts.values()) == experts
+
+
+# method.md §3: E = 8, bits {1, 2, 3}, three-tier -> (n 1-bit, n 2-bit, n 3-bit)
+THREE_TIER_SPEC = [(1.5, (4, 4, 0)), (1.75, (4, 2, 2)), (2.0, (2, 4, 2)), (2.125, (2, 3, 3)),
+                   (2.25, (2, 2, 4)), (2.5, (2, 0, 6)), (2.75, (1, 0, 7))]
+
+
+@pytest.mark.parametrize("avg,expected", THREE_TIER_SPEC, ids=[f"{a}b" for a, _ in THREE_TIER_SPEC])
+def test_three_tier_reproduces_the_spec_table(avg, expected):
+    counts = tier_counts(8, AllocationConfig(avg_bits=avg, bit_widths=(1, 2, 3), scheme="three-tier"))
+    assert (counts[1], counts[2], counts[3]) == expected
+
+
+def _three_tier_by_hand(e: int, avg: float, bl: int, bm: int, bh: int) -> tuple[int, int, int]:
+    """The region rules written out independently: enumerate how many pairs to convert."""
+    if avg >= bm:
+        n_h = round(max(0, min(1, (avg - bm) / (bh - bm))) * e)
+        base = (0, e - n_h, n_h)
+    else:
+        n_m = round(max(0, min(1, (avg - bl) / (bm - bl))) * e)
+        base = (e - n_m, n_m, 0)
+    d = bh - bl
+    if avg < bh - 2 * d / 3:
+        return base
+    best = base
+    for c in range(1, base[1] // 2 + 1):
+        cand = (base[0] + c, base[1] - 2 * c, base[2] + c)
+        if avg > bh - d / 3 or cand[1] >= c:
+            best = cand
+        else:
+            break
+    return best
+
+
+@pytest.mark.parametrize("widths", [(1, 2, 3), (2, 3, 4), (2, 4, 6)])
+@pytest.mark.parametrize("experts", [4, 7, 8, 16, 60, 64])
+def test_three_tier_any_expert_count(widths, experts):
+    bl, bm, bh = widths
+    for step in range(0, 33):
+        avg = bl + (bh - bl) * step / 32
+        counts = tier_counts(experts, AllocationConfig(avg_bits=avg, bit_widths=widths, scheme="three-tier"))
+        assert (counts[bl], counts[bm], counts[bh]) == _three_tier_by_hand(experts, avg, bl, bm, bh)
+        assert sum(counts.values()) == experts
+        # conversions keep the baseline's average; only rounding moves it, by under one step per expert
+        achieved = sum(b * n for b, n in counts.items()) / experts
+        assert abs(achieved - avg) <= (bh - bl) / 2 / experts * 2 + 1e-9
+
+
+def test_three_tier_needs_three_equally_spaced_widths():
+    with pytest.raises(BudgetError, match="equally spaced"):
+        AllocationConfig(avg_bits=2.5, bit_widths=(1, 2, 4), scheme="three-tier")
+    with pytest.raises(BudgetError, match="equally spaced"):
+        AllocationConfig(avg_bits=2.5, bit_widths=(2, 3), scheme="three-tier")
+
+
+def test_three_tier_allocation_hands_out_bits_in_order():
+    # Λ ascending 3, 1, 0, 2, ... (no MaxVar outliers): at 2.25 bits the first 4 get 3 bits, next 2 get 2, last 2 get 1
+    lam = [0.3, 0.2, 0.4, 0.1, 0.5, 0.6, 0.7, 0.8]
+    stats = _stats({0: [(v, 1.0) for v in lam]})
+    alloc = allocate(stats, AllocationConfig(avg_bits=2.25, bit_widths=(1, 2, 3), scheme="three-tier"))
+    assert alloc.sort_values("position").bits.tolist() == [3, 3, 3, 3, 2, 2, 1, 1]
+    assert alloc.sort_values("position").expert.tolist() == [3, 1, 0, 2, 4, 5, 6, 7]
 
 
 def test_maxvar_rearrangement_hand_worked():
@@ -50,7 +113,7 @@ def test_no_rearrangement_when_zeta_is_huge():
 
 
 def _stats(layers: dict[int, list[tuple[float, float]]]) -> pd.DataFrame:
-    return pd.DataFrame([{"layer": l, "expert": e, "lambda_score": lam, "maxvar": mv}
+    return pd.DataFrame([{"layer": l, "expert": e, "lambda_score": lam, "maxvar": mv, "maxvar_max_norm_row": mv}
                          for l, experts in layers.items() for e, (lam, mv) in enumerate(experts)])
 
 

@@ -68,10 +68,10 @@ FAMILIES: dict[str, dict] = {
         "config": ("SwitchTransformersConfig", SWITCH),
         "seq2seq": True,
         "variants": {
-            "base": Variant(None, PRETRAIN, TrainConfig(steps=1500, lr=3e-3, seed=0, batch=32, seq_len=128),
+            "base": Variant(None, PRETRAIN, TrainConfig(steps=1500, lr=3e-3, seed=0, batch=32, seq_len=128, balance_coef=0.03),
                             description="Switch Transformer pretrained by span corruption on Austen and the World English Bible"),
             "wordnet": Variant("base", (("wordnet-supersense", 3.0), *PRETRAIN),
-                               TrainConfig(steps=300, lr=5e-4, seed=1, warmup=0.1, batch=32, seq_len=128),
+                               TrainConfig(steps=300, lr=5e-4, seed=1, warmup=0.1, batch=32, seq_len=128, balance_coef=0.03),
                                description="fine-tuned to map `supersense: <gloss>` to its WordNet supersense, 25% span-corruption replay"),
         },
     },

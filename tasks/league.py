@@ -1,0 +1,213 @@
+"""The league table: every allocator × budget × bit-width set, quantized and evaluated side by side.
+
+Each cell allocates (timed), fake-quantizes the experts in memory with the same group-wise
+round-to-nearest the quantization stage writes (each (matrix, bits) is quantized once and
+reused across cells), loads the result with transformers and compares it with the cached
+full-precision predictions. Cells differ only in who gets which bits, so their KL, perplexity
+and task accuracy rank the allocators. The random allocator is drawn several times; the summary
+reports its median and range.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics as pystats
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import torch
+from safetensors.torch import save_file
+
+from expertbits.kernels.packing import effective_bits, quantize_rtn
+
+from .adapters import detect
+from .allocate import AllocationConfig, allocate
+from .allocators import ALLOCATORS
+from .checkpoint import Checkpoint
+from .errors import BudgetError
+from .evaluate import Reference
+
+Progress = Callable[[float, str], None]
+DEFAULT_ALLOCATORS = ("uniform", "paper", "lambda", "reverse-lambda", "maxvar", "frequency", "routing-weight",
+                      "random", "pmq", "weight-error", "routed-error")
+
+
+@dataclass(frozen=True)
+class Grid:
+    allocators: tuple[str, ...] = DEFAULT_ALLOCATORS
+    budgets: tuple[float, ...] = (2.0, 2.25, 2.5, 2.75, 3.0)
+    bit_sets: tuple[tuple[int, ...], ...] = ((2, 3, 4), (1, 2, 3))
+    scheme: str = "three-tier"  # for 3 equally spaced widths; other sets fall back to two-tier
+    random_draws: int = 5
+    zeta: float = 3.0
+    maxvar_definition: str = "max-row"
+    group_size: int = 64
+
+    def __post_init__(self):
+        unknown = [a for a in self.allocators if a not in ALLOCATORS]
+        if unknown:
+            raise BudgetError(f"unknown allocators {unknown}", f"choose from {', '.join(ALLOCATORS)}")
+
+    def configs(self) -> list[AllocationConfig]:
+        """Every cell's allocation config; budgets a bit set cannot reach are skipped."""
+        out = []
+        for widths in self.bit_sets:
+            w = tuple(sorted(widths))
+            three = len(w) == 3 and w[2] - w[1] == w[1] - w[0]
+            scheme = self.scheme if three else "two-tier"
+            for budget in self.budgets:
+                if not w[0] <= budget <= w[-1]:
+                    continue
+                for name in self.allocators:
+                    if name == "uniform" and budget not in w:
+                        continue
+                    seeds = range(self.random_draws) if name == "random" else (0,)
+                    out += [AllocationConfig(avg_bits=budget, bit_widths=w, zeta=self.zeta, allocator=name,
+                                             scheme=scheme, maxvar_definition=self.maxvar_definition, seed=s)
+                            for s in seeds]
+        if not out:
+            raise BudgetError(f"no budget of {list(self.budgets)} lies within any bit-width set {list(self.bit_sets)}",
+                              "choose budgets between the smallest and largest width of a set")
+        return out
+
+    def widths(self) -> tuple[int, ...]:
+        return tuple(sorted({b for s in self.bit_sets for b in s}))
+
+
+class FakeQuantizer:
+    """Writes fp checkpoints whose experts hold their round-to-nearest reconstruction at given bits."""
+
+    def __init__(self, path: Path, group_size: int):
+        self.path, self.group_size = path, group_size
+        with Checkpoint.open(path) as ckpt:
+            self.model = detect(ckpt)
+            self.tensors = {k: ckpt.read(k) for k in ckpt.tensors}
+        self.matrices = [m for layer in self.model.layers for m in layer.matrices]
+        self._cache: dict[tuple[str, int], torch.Tensor] = {}
+
+    def _source(self, m) -> torch.Tensor:
+        t = self.tensors[m.key]
+        t = t[m.index] if m.index is not None else t
+        return t[m.rows[0] : m.rows[1]] if m.rows else t
+
+    def effective_bits(self, bits_of: dict[tuple[int, int], int]) -> float:
+        stored = numel = 0
+        for m in self.matrices:
+            w = self._source(m)
+            stored += effective_bits(bits_of[m.layer, m.expert], self.group_size, w.shape[1]) * w.numel()
+            numel += w.numel()
+        return stored / numel
+
+    def write(self, bits_of: dict[tuple[int, int], int], out: Path) -> Path:
+        # fp32 like dequantize_checkpoint: rounding the reconstruction to fp16 would blur close cells
+        expert_keys = {m.key for m in self.matrices}
+        tensors = {k: v.float() if k in expert_keys else v for k, v in self.tensors.items()}
+        for m in self.matrices:
+            b = bits_of[m.layer, m.expert]
+            if (m.name, b) not in self._cache:
+                w = self._source(m).float()
+                self._cache[m.name, b] = quantize_rtn(w, b, self.group_size).dequantize()
+            target = tensors[m.key]
+            target = target[m.index] if m.index is not None else target
+            target = target[m.rows[0] : m.rows[1]] if m.rows else target
+            target.copy_(self._cache[m.name, b])
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+        for p in self.path.iterdir():
+            if p.suffix in (".json", ".txt", ".model") and not p.name.endswith(".index.json"):
+                shutil.copyfile(p, out / p.name)
+        return out
+
+
+TASKS = ("wordnet-supersense",)
+
+
+def task(name: str | None, examples: int) -> Callable | None:
+    """accuracy(model, tokenizer) of a named task, or None."""
+    if name is None:
+        return None
+    if name == "wordnet-supersense":
+        from expertbits.zoo.cards import supersense_accuracy
+
+        return lambda model, tok: supersense_accuracy(model, tok, limit=examples)
+    raise BudgetError(f"unknown task {name!r}", f"choose one of {', '.join(TASKS)}, or none")
+
+
+def run(ft_path: Path, stats: pd.DataFrame, calibration: pd.DataFrame | None, qerror: pd.DataFrame | None,
+        grid: Grid, reference: Reference, task: Callable | None = None,
+        progress: Progress | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(league rows, one per cell; allocations, one row per cell × expert)."""
+    fq = FakeQuantizer(ft_path, grid.group_size)
+    fp_accuracy = task(reference.model, reference.tokenizer) if task else None
+    configs = grid.configs()
+    rows, allocations = [], []
+    with tempfile.TemporaryDirectory(prefix="expertbits-league-") as tmp:
+        for i, cfg in enumerate(configs):
+            start = time.perf_counter()
+            alloc = allocate(stats, cfg, calibration, qerror)
+            alloc_ms = 1000 * (time.perf_counter() - start)
+            bits_of = {(int(r.layer), int(r.expert)): int(r.bits) for r in alloc.itertuples()}
+            model = reference.load(fq.write(bits_of, Path(tmp) / "cell"))
+            metrics = reference.compare(model)
+            cell = {"bit_set": ",".join(map(str, cfg.bit_widths)), "scheme": cfg.scheme, "budget": cfg.avg_bits,
+                    "allocator": cfg.allocator, "seed": cfg.seed, "avg_bits": float(alloc.bits.mean()),
+                    "effective_bits": fq.effective_bits(bits_of), "kl": metrics["kl"], "ppl": metrics["ppl_quant"],
+                    "ppl_fp": metrics["ppl_fp"], "accuracy": task(model, reference.tokenizer) if task else None,
+                    "accuracy_fp": fp_accuracy, "allocation_ms": alloc_ms}
+            rows.append(cell)
+            allocations += [{k: cell[k] for k in ("bit_set", "scheme", "budget", "allocator", "seed")} |
+                            {"layer": layer, "expert": e, "bits": b} for (layer, e), b in sorted(bits_of.items())]
+            if progress:
+                progress((i + 1) / len(configs), f"league: {i + 1}/{len(configs)} cells "
+                                                  f"({cfg.allocator} at {cfg.avg_bits} bits of {cfg.bit_widths})")
+    league = pd.DataFrame(rows).astype({"accuracy": "float64", "accuracy_fp": "float64"})
+    return league, pd.DataFrame(allocations)
+
+
+def summarize(league: pd.DataFrame) -> pd.DataFrame:
+    """One row per (bit set, budget, allocator): the median over random draws, with its range,
+    and each cell's rank by KL among the allocators at that budget (1 = best)."""
+    rows = []
+    for (bit_set, budget, name), g in league.groupby(["bit_set", "budget", "allocator"], sort=True):
+        row = {"bit_set": bit_set, "budget": budget, "allocator": name, "draws": len(g)}
+        for col in ("avg_bits", "effective_bits", "kl", "ppl", "accuracy", "allocation_ms"):
+            values = [v for v in g[col] if pd.notna(v)]
+            row[col] = pystats.median(values) if values else None
+            if len(g) > 1 and col in ("kl", "ppl", "accuracy"):
+                row[f"{col}_min"], row[f"{col}_max"] = (min(values), max(values)) if values else (None, None)
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    out["rank"] = out.groupby(["bit_set", "budget"]).kl.rank(method="min").astype(int)
+    return out
+
+
+def markdown(summary: pd.DataFrame) -> str:
+    """The league as markdown: KL per allocator (rows) × budget (columns), one table per bit set."""
+    lines = []
+    for bit_set, g in summary.groupby("bit_set", sort=False):
+        budgets = sorted(g.budget.unique())
+        lines += [f"**bit-widths {{{bit_set}}}**: KL(fp ‖ quant) per token, lower is better (rank at that budget)", "",
+                  "| allocator | " + " | ".join(f"{b:g} bits" for b in budgets) + " | alloc ms |",
+                  "|---|" + "---|" * (len(budgets) + 1)]
+        for name, a in g.groupby("allocator", sort=False):
+            cells = []
+            for b in budgets:
+                r = a[a.budget == b]
+                if r.empty:
+                    cells.append("")
+                    continue
+                r = r.iloc[0]
+                spread = f" [{r.kl_min:.4f}–{r.kl_max:.4f}]" if "kl_min" in r and pd.notna(r.get("kl_min")) else ""
+                cells.append(f"{r.kl:.4f}{spread} ({r['rank']})")
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {a.allocation_ms.median():.2f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def save_json(obj, path: Path) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=float) + "\n")

@@ -1,0 +1,169 @@
+"""Prefect tasks for calibration and the league table (same caching rules as `stages.py`).
+
+    calibration   routing statistics and per-(expert, bits) quantization error on calibration text
+    league        allocators × budgets × bit-width sets, each quantized and evaluated
+    publish       leagues/<id>/: tables, figures, one DuckDB, manifest.json last
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tempfile
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+from prefect import task
+from prefect.logging import get_run_logger
+
+from . import calibrate, league, plots, statistics
+from .records import CheckpointRecord, RunManifest, StageOutput
+from .stages import STAGE_CODE, _ckpt_path, _local, _miss_unless, _progress, _publish_stage, _transient, read_text, stage_key
+from .storage import Store, sha256_file
+
+STAGE_CODE.update({
+    "calibration": (calibrate, "expertbits.tasks.evaluate", "expertbits.tasks.adapters", "expertbits.kernels.packing"),
+    "league": (league, plots, "expertbits.tasks.allocate", "expertbits.tasks.allocators", "expertbits.tasks.evaluate",
+               "expertbits.kernels.packing"),
+})
+
+
+def _text_digest(uri: str, storage_options: dict) -> str:
+    return hashlib.sha256(read_text(uri, storage_options).encode()).hexdigest()
+
+
+def _calib_key(ctx, p) -> str:
+    return _miss_unless(ctx, Store(p["store"], p["storage_options"]), "calibration", stage_key(
+        "calibration", p["checkpoint"].digest, _text_digest(p["text_uri"], p["storage_options"]), p["seq_len"],
+        p["windows"], sorted(p["bit_widths"]), p["group_size"]))
+
+
+@task(name="calibration", cache_key_fn=_calib_key, persist_result=True, result_serializer="json")
+def calibrate_experts(checkpoint: CheckpointRecord, text_uri: str, seq_len: int, windows: int, bit_widths: list[int],
+                      group_size: int, store: str, storage_options: dict, cache_dir: str | None) -> StageOutput:
+    """Activation frequency, routing weight, Hessian trace and quantization error of every expert."""
+    st = Store(store, storage_options)
+    text = read_text(text_uri, storage_options)
+    key = stage_key("calibration", checkpoint.digest, hashlib.sha256(text.encode()).hexdigest(), seq_len, windows,
+                    sorted(bit_widths), group_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        calib, qerr, info = calibrate.calibrate(_ckpt_path(checkpoint, cache_dir, storage_options), text, seq_len=seq_len,
+                                                windows=windows, bit_widths=tuple(sorted(bit_widths)),
+                                                group_size=group_size, progress=_progress("calibration"))
+        statistics.export_parquet(calib, tmp / "expert_calibration.parquet")
+        statistics.export_parquet(qerr, tmp / "expert_qerror.parquet")
+        return _publish_stage(st, "calibration", key, tmp, dict(info, text=text_uri))
+
+
+def read_calibration(st: Store, out: StageOutput | None, tmp: Path) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    if out is None:
+        return None, None
+    folder = _local(st, out, tmp)
+    return (statistics.read_stats(folder / "expert_calibration.parquet"),
+            _read_parquet(folder / "expert_qerror.parquet").sort_values(["layer", "expert", "bits"], ignore_index=True))
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    con = duckdb.connect(config={"autoinstall_known_extensions": False})
+    try:
+        return con.sql(f"SELECT * FROM read_parquet('{path}')").df()
+    finally:
+        con.close()
+
+
+def _league_key(ctx, p) -> str:
+    return _miss_unless(ctx, Store(p["store"], p["storage_options"]), "league", stage_key(
+        "league", p["checkpoint"].digest, p["stats"].key, p["calibration"].key if p["calibration"] else None,
+        p["grid"], _text_digest(p["text_uri"], p["storage_options"]), p["seq_len"], p["windows"], p["task_name"],
+        p["task_examples"]))
+
+
+@task(name="league", cache_key_fn=_league_key, persist_result=True, result_serializer="json")
+def run_league(checkpoint: CheckpointRecord, stats: StageOutput, calibration: StageOutput | None, grid: dict,
+               text_uri: str, seq_len: int, windows: int, task_name: str | None, task_examples: int,
+               store: str, storage_options: dict, cache_dir: str | None) -> StageOutput:
+    """Quantize and evaluate every cell of the grid; write the tables and the figures."""
+    st = Store(store, storage_options)
+    text = read_text(text_uri, storage_options)
+    key = stage_key("league", checkpoint.digest, stats.key, calibration.key if calibration else None, grid,
+                    hashlib.sha256(text.encode()).hexdigest(), seq_len, windows, task_name, task_examples)
+    g = league.Grid(**{k: tuple(tuple(x) for x in v) if k == "bit_sets" else tuple(v) if isinstance(v, list) else v
+                       for k, v in grid.items()})
+    path = _ckpt_path(checkpoint, cache_dir, storage_options)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        table = statistics.read_stats(_local(st, stats, tmp) / "expert_stats.parquet")
+        calib, qerr = read_calibration(st, calibration, tmp)
+        reference = league.Reference(path, text, seq_len=seq_len, windows=windows)
+        rows, allocs = league.run(path, table, calib, qerr, g, reference, league.task(task_name, task_examples),
+                                  _progress("league"))
+        summary = league.summarize(rows)
+        out = tmp / "out"
+        out.mkdir()
+        for name, frame in (("league", rows), ("league_summary", summary), ("league_allocation", allocs)):
+            statistics.export_parquet(frame, out / f"{name}.parquet")
+        title = checkpoint.uri
+        (out / "league.md").write_text(f"# League table: {title}\n\n{league.markdown(summary)}")
+        plots.pareto(summary, out / "pareto.png", title)
+        first = g.bit_sets[0]
+        middle = sorted(b for b in g.budgets if min(first) <= b <= max(first))
+        plots.heatmap(allocs, out / "heatmap.png", ",".join(map(str, sorted(first))), middle[len(middle) // 2], title)
+        best = summary[summary["rank"] == 1].groupby("allocator").size().sort_values(ascending=False)
+        get_run_logger().info(f"league: {len(rows)} cells; allocators ranked first: {best.to_dict()}")
+        return _publish_stage(st, "league", key, out, {"cells": len(rows), "ranked_first": best.to_dict(),
+                                                        "task": task_name, "text": text_uri})
+
+
+@task(name="publish-league", retries=3, retry_delay_seconds=[1, 4, 10], retry_condition_fn=_transient)
+def publish_league(parameters: dict, stats: StageOutput, calibration: StageOutput | None, result: StageOutput,
+                   store: str, storage_options: dict) -> RunManifest:
+    """leagues/<id>/ with every table, both figures, one DuckDB, and manifest.json written last."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    st = Store(store, storage_options)
+    outputs = {"statistics": stats, "league": result, **({"calibration": calibration} if calibration else {})}
+    slug = re.sub(r"[^a-z0-9]+", "-", parameters["checkpoint"].lower().split("://")[-1])[-40:].strip("-")
+    rid = f"{slug}-{hashlib.sha256(''.join(o.key for o in outputs.values()).encode()).hexdigest()[:10]}"
+    prefix = f"leagues/{rid}"
+    with st.staging(prefix), tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        st.remove(prefix)
+        files = {}
+        for stage, out in outputs.items():
+            for rel, sha in out.files.items():
+                st.copy(f"{out.prefix}/{rel}", f"{prefix}/{stage}/{rel}")
+                files[f"{stage}/{rel}"] = sha
+        db = tmp / "expertbits.duckdb"
+        con = duckdb.connect(str(db), config={"autoinstall_known_extensions": False})
+        try:
+            con.execute(statistics.schema_sql())
+            for stage, out in outputs.items():
+                for rel in out.files:
+                    table = rel.removesuffix(".parquet")
+                    if rel.endswith(".parquet") and table != "league_summary":
+                        local = st.get_file(f"{out.prefix}/{rel}", tmp / stage / rel)
+                        con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM read_parquet('{local}')")
+            con.execute("CREATE VIEW league_summary AS SELECT bit_set, budget, allocator, count(*) AS draws, "
+                        "median(kl) AS kl, min(kl) AS kl_min, max(kl) AS kl_max, median(ppl) AS ppl, "
+                        "median(accuracy) AS accuracy, median(effective_bits) AS effective_bits, "
+                        "median(allocation_ms) AS allocation_ms FROM league GROUP BY ALL ORDER BY ALL")
+            con.execute("CHECKPOINT")
+        finally:
+            con.close()
+        st.put_file(db, f"{prefix}/expertbits.duckdb")
+        files["expertbits.duckdb"] = sha256_file(db)
+        manifest = RunManifest(run_id=rid, uri=st.uri(prefix), files=dict(sorted(files.items())),
+                               stages={s: o.key for s, o in outputs.items()},
+                               summary={"parameters": parameters, **{s: o.summary for s, o in outputs.items()}})
+        st.write_bytes(f"{prefix}/manifest.json", manifest.model_dump_json(indent=2).encode())
+        summary = _read_parquet(st.get_file(f"{result.prefix}/league_summary.parquet", tmp / "summary.parquet"))
+        md = st.get_file(f"{result.prefix}/league.md", tmp / "league.md").read_text()
+    create_table_artifact(key=f"league-{rid}"[:100].lower(), table=json.loads(summary.to_json(orient="records")),
+                          description=f"League table of {parameters['checkpoint']}")
+    create_markdown_artifact(key=f"league-md-{rid}"[:100].lower(), description="League table", markdown=(
+        f"{md}\n\nFigures: `{manifest.uri}/league/pareto.png`, `{manifest.uri}/league/heatmap.png`\n"))
+    get_run_logger().info(f"league published: {manifest.uri}/manifest.json")
+    return manifest

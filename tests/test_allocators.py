@@ -1,0 +1,123 @@
+"""Allocators by name, each against a hand-computed answer or an independent brute force."""
+
+import itertools
+
+import pandas as pd
+import pytest
+
+from expertbits.tasks.allocate import AllocationConfig, allocate, tier_counts
+from expertbits.tasks.allocators import ALLOCATORS, NEEDS_CALIBRATION, NEEDS_ERROR, solve
+from expertbits.tasks.errors import BudgetError, ExpertbitsError
+
+# one layer, four experts: (Λ, MaxVar, MaxVar of the max-norm row, frequency, routing weight)
+EXPERTS = [(0.30, 1.0, 1.0, 0.10, 0.50),
+           (0.10, 1.0, 9.0, 0.40, 0.20),
+           (0.40, 5.0, 1.0, 0.30, 0.30),
+           (0.20, 1.0, 1.0, 0.20, 0.60)]
+
+
+def _tables():
+    stats = pd.DataFrame([{"layer": 0, "expert": e, "lambda_score": lam, "maxvar": mv, "maxvar_max_norm_row": mvn}
+                          for e, (lam, mv, mvn, _, _) in enumerate(EXPERTS)])
+    calib = pd.DataFrame([{"layer": 0, "expert": e, "frequency": f, "routing_weight": w, "hessian_trace": 1.0, "tokens": 100}
+                          for e, (_, _, _, f, w) in enumerate(EXPERTS)])
+    # error halves per extra bit; expert e's error scale is 1 + e
+    qerr = pd.DataFrame([{"layer": 0, "expert": e, "bits": b, "weight_error": (1 + e) * 2.0 ** -b,
+                          "routed_input_error": (4 - e) * 2.0 ** -b} for e in range(4) for b in (2, 3, 4)])
+    return stats, calib, qerr
+
+
+def _bits(name, avg=2.5, widths=(2, 3), **kw):
+    stats, calib, qerr = _tables()
+    alloc = allocate(stats, AllocationConfig(avg_bits=avg, bit_widths=widths, allocator=name, **kw), calib, qerr)
+    return [int(b) for b in alloc.sort_values("expert").bits]
+
+
+# at 2.5 bits over {2, 3}, two of four experts get 3 bits
+RANKED = {
+    "paper": [0, 1, 1, 0],           # Λ ascending 1, 3, 0, 2; expert 2 (MaxVar 5 > 3·1) jumps to the top
+    "lambda": [0, 1, 0, 1],          # Λ ascending 1, 3, 0, 2
+    "reverse-lambda": [1, 0, 1, 0],  # Λ descending 2, 0, 3, 1
+    "maxvar": [1, 0, 1, 0],          # MaxVar descending 2, then 0 (ties by index)
+    "frequency": [0, 1, 1, 0],       # 1 (0.4), 2 (0.3)
+    "routing-weight": [1, 0, 0, 1],  # 3 (0.6), 0 (0.5)
+}
+
+
+@pytest.mark.parametrize("name", RANKED)
+def test_ranking_allocators_hand_computed(name):
+    assert _bits(name) == [2 + x for x in RANKED[name]]
+
+
+def test_paper_with_the_reference_codes_maxvar():
+    # max-norm-row variant: expert 1 is the noisy one and it already ranks first by Λ; no move
+    assert _bits("paper", maxvar_definition="max-norm-row") == [2, 3, 2, 3]
+
+
+def test_uniform_needs_a_width_as_budget():
+    assert _bits("uniform", avg=3.0, widths=(2, 3, 4)) == [3, 3, 3, 3]
+    with pytest.raises(BudgetError, match="uniform"):
+        _bits("uniform", avg=2.5)
+
+
+def test_random_is_seeded_and_spends_the_budget():
+    draws = {tuple(_bits("random", seed=s)) for s in range(12)}
+    assert _bits("random", seed=3) == _bits("random", seed=3)
+    assert len(draws) > 1 and all(sum(d) == 10 for d in draws)
+
+
+def _brute_force(costs, experts, widths, total):
+    best = None
+    for combo in itertools.product(widths, repeat=len(experts)):
+        if sum(combo) == total:
+            c = sum(costs[e, b] for e, b in zip(experts, combo))
+            best = min(best or (c, combo), (c, combo))
+    return dict(zip(experts, best[1]))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_milp_matches_brute_force(seed):
+    import random
+
+    rng = random.Random(seed)
+    experts, widths = list(range(6)), [1, 2, 3, 4]
+    costs = {(e, b): rng.random() * 4.0 ** -b for e in experts for b in widths}
+    total = rng.randint(6 * 1 + 1, 6 * 4 - 1)
+    got = solve(costs, experts, widths, total)
+    want = _brute_force(costs, experts, widths, total)
+    assert sum(got.values()) == total
+    assert sum(costs[e, got[e]] for e in experts) == pytest.approx(sum(costs[e, want[e]] for e in experts))
+
+
+def test_solver_allocators_hand_computed():
+    # weight-error: costs (1+e)·2^-b, 10 bits over widths {2,3}: the two largest-error experts (3, 2) get 3 bits
+    assert _bits("weight-error") == [2, 2, 3, 3]
+    # routed-error: f_e·(4-e)·2^-b -> importance 0.4, 1.2, 0.6, 0.2: experts 1 and 2
+    assert _bits("routed-error") == [2, 3, 3, 2]
+    # pmq: f·w·(1+e)·2^-b -> 0.05, 0.16, 0.27, 0.48: experts 3 and 2
+    assert _bits("pmq") == [2, 2, 3, 3]
+
+
+def test_solver_may_use_every_width_at_the_same_total():
+    stats, calib, qerr = _tables()
+    cfg = AllocationConfig(avg_bits=3.0, bit_widths=(2, 3, 4), allocator="weight-error")
+    alloc = allocate(stats, cfg, calib, qerr)
+    assert alloc.bits.sum() == sum(b * n for b, n in tier_counts(4, cfg).items()) == 12
+
+
+@pytest.mark.parametrize("name", sorted(NEEDS_CALIBRATION | NEEDS_ERROR))
+def test_missing_calibration_is_a_clear_error(name):
+    stats, _, _ = _tables()
+    with pytest.raises(ExpertbitsError) as e:
+        allocate(stats, AllocationConfig(avg_bits=2.5, bit_widths=(2, 3), allocator=name))
+    assert "fix:" in str(e.value)
+
+
+def test_every_allocator_is_covered():
+    covered = set(RANKED) | {"uniform", "random", "pmq", "weight-error", "routed-error"}
+    assert covered == set(ALLOCATORS)
+
+
+def test_unknown_allocator_is_refused_up_front():
+    with pytest.raises(BudgetError, match="unknown allocator"):
+        AllocationConfig(avg_bits=2.5, allocator="magic")

@@ -1,0 +1,151 @@
+"""Calibration statistics, the league table and its flow, on the tiny trained pair."""
+
+import json
+import tempfile
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+import pytest
+import torch
+
+from expertbits.kernels.packing import quantize_rtn
+from expertbits.tasks import calibrate, league, statistics
+from expertbits.tasks.checkpoint import Checkpoint
+from expertbits.tasks.evaluate import Reference, evaluate
+from expertbits.tasks.quantize import quantize_checkpoint
+from expertbits.zoo import text_path
+
+
+@pytest.fixture(scope="module")
+def texts():
+    return text_path("code-train").read_text()[:40_000], text_path("code-heldout").read_text()[:40_000]
+
+
+@pytest.fixture(scope="module")
+def calibrated(micro_pair, texts):
+    _, ft = micro_pair
+    return calibrate.calibrate(ft, texts[0], seq_len=64, windows=4, bit_widths=(2, 3, 4), group_size=32)
+
+
+def test_frequency_matches_the_models_own_router(micro_pair, texts, calibrated):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, ft = micro_pair
+    calib, _, info = calibrated
+    tok = AutoTokenizer.from_pretrained(ft)
+    model = AutoModelForCausalLM.from_pretrained(ft, dtype=torch.float32).eval()
+    from expertbits.tasks.evaluate import token_windows
+
+    counts, tokens = None, 0
+    with torch.no_grad():
+        for w in token_windows(texts[0], tok, 64, 4):
+            logits = model(w[None], output_router_logits=True).router_logits
+            chosen = torch.stack([l.reshape(-1, l.shape[-1]).topk(info["top_k"], -1).indices.flatten()
+                                  .bincount(minlength=l.shape[-1]) for l in logits])
+            counts = chosen if counts is None else counts + chosen
+            tokens += w.numel()
+    want = (counts.double() / tokens).flatten().tolist()
+    got = calib.sort_values(["layer", "expert"]).frequency.tolist()
+    assert got == pytest.approx(want, abs=1e-9)
+    assert calib.groupby("layer").frequency.sum().tolist() == pytest.approx([info["top_k"]] * 2)
+    assert (calib.routing_weight > 0).all() and (calib.routing_weight <= 1).all() and (calib.hessian_trace > 0).all()
+
+
+def test_quantization_error_is_the_rtn_residual(micro_pair, calibrated):
+    _, ft = micro_pair
+    _, qerr, _ = calibrated
+    with Checkpoint.open(ft) as c:
+        from expertbits.tasks.adapters import detect
+
+        layer = detect(c).layers[1]
+        mats = [m for m in layer.matrices if m.expert == 2]
+        want = sum(float((w - quantize_rtn(w, 3, 32).dequantize()).square().sum())
+                   for w in (c.read(m.key, m.index, m.rows).float() for m in mats))
+    row = qerr[(qerr.layer == layer.layer) & (qerr.expert == 2) & (qerr.bits == 3)].iloc[0]
+    assert row.weight_error == pytest.approx(want, rel=1e-6)
+    per_expert = qerr.sort_values("bits").groupby(["layer", "expert"])
+    assert all(g.weight_error.is_monotonic_decreasing and g.routed_input_error.is_monotonic_decreasing
+               for _, g in per_expert)
+
+
+@pytest.fixture(scope="module")
+def small_league(micro_pair, texts, calibrated):
+    base, ft = micro_pair
+    with Checkpoint.open(ft) as a, Checkpoint.open(base) as b:
+        stats, _ = statistics.collect(a, b)
+    calib, qerr, _ = calibrated
+    grid = league.Grid(allocators=("uniform", "paper", "random", "pmq"), budgets=(2.5, 3.0), bit_sets=((2, 3, 4),),
+                       random_draws=3, group_size=32)
+    ref = Reference(ft, texts[1], seq_len=64, windows=4)
+    rows, allocs = league.run(ft, stats, calib, qerr, grid, ref)
+    return grid, rows, allocs
+
+
+def test_league_cells_cover_the_grid(small_league):
+    grid, rows, allocs = small_league
+    # 2.5 bits: paper, 3 random draws, pmq (no uniform); 3.0 bits: all four, random drawn 3 times
+    assert len(rows) == len(grid.configs()) == 5 + 6
+    assert set(rows[rows.budget == 2.5].allocator) == {"paper", "random", "pmq"}
+    assert (allocs.groupby(["budget", "allocator", "seed"]).bits.mean().round(6) == 
+            allocs.groupby(["budget", "allocator", "seed"]).budget.first()).all()
+    assert (rows.effective_bits > rows.avg_bits).all()  # scales and offsets cost bits
+    s = league.summarize(rows)
+    rnd = s[(s.allocator == "random") & (s.budget == 2.5)].iloc[0]
+    assert rnd.draws == 3 and rnd.kl_min <= rnd.kl <= rnd.kl_max
+    assert "| paper |" in league.markdown(s)
+
+
+def test_league_cell_equals_the_quantize_stage_path(micro_pair, texts, small_league):
+    """The in-memory fake quantization must give exactly what quantize → dequantize → evaluate gives."""
+    _, ft = micro_pair
+    _, rows, allocs = small_league
+    cell = allocs[(allocs.allocator == "paper") & (allocs.budget == 2.5)][["layer", "expert", "bits"]]
+    with tempfile.TemporaryDirectory() as tmp:
+        quantize_checkpoint(ft, cell.reset_index(drop=True), 32, Path(tmp) / "q")
+        want = evaluate(ft, Path(tmp) / "q", texts[1], seq_len=64, windows=4)
+    got = rows[(rows.allocator == "paper") & (rows.budget == 2.5)].iloc[0]
+    assert got.kl == pytest.approx(want["kl"], rel=1e-5)
+    assert got.ppl == pytest.approx(want["ppl_quant"], rel=1e-5)
+
+
+@pytest.mark.integration
+def test_league_flow_publishes_tables_figures_and_artifacts(prefect_api, micro_pair, tmp_path, texts):
+    from expertbits.flows.league import league_table
+    from expertbits.flows.params import LeagueParams
+
+    base, ft = micro_pair
+    (tmp_path / "cal.txt").write_text(texts[0])
+    (tmp_path / "eval.txt").write_text(texts[1])
+    params = LeagueParams(checkpoint=str(ft), reference=str(base), allocators=["paper", "lambda", "frequency"],
+                          budgets=[2.5], bit_sets=[[2, 3]], group_size=32, store=str(tmp_path / "store"),
+                          eval_text=str(tmp_path / "eval.txt"), calibration_text=str(tmp_path / "cal.txt"),
+                          eval_windows=2, calibration_windows=2, eval_seq_len=64)
+    state = league_table(params, return_state=True)
+    manifest = state.result()
+    root = Path(manifest.uri)
+    assert json.loads((root / "manifest.json").read_text())["run_id"] == manifest.run_id
+    for name in ("league/pareto.png", "league/heatmap.png"):
+        assert (root / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    con = duckdb.connect(str(root / "expertbits.duckdb"), read_only=True)
+    try:
+        assert con.execute("SELECT count(*) FROM league").fetchone()[0] == 3
+        assert con.execute("SELECT count(*) FROM expert_calibration").fetchone()[0] == 8
+        assert con.execute("SELECT count(DISTINCT allocator) FROM league_summary").fetchone()[0] == 3
+    finally:
+        con.close()
+    from test_flow import artifacts
+
+    kinds = {kind for kind, _ in artifacts(state)}
+    assert {"table", "markdown", "progress"} <= kinds
+
+
+def test_league_params_refuse_a_bad_grid():
+    from pydantic import ValidationError
+
+    from expertbits.flows.params import LeagueParams
+
+    with pytest.raises((ValidationError, ValueError), match="unknown allocators"):
+        LeagueParams(allocators=["paper", "oracle"])
+    with pytest.raises((ValidationError, ValueError), match="no budget"):
+        LeagueParams(bit_sets=[[2, 3, 4]], budgets=[1.5, 5.0])
