@@ -186,6 +186,26 @@ def summarize(league: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+SIGNALS = ("lambda_score", "maxvar", "frequency", "routing_weight", "hessian_trace", "weight_error", "routed_input_error")
+
+
+def diagnostics(stats: pd.DataFrame, calibration: pd.DataFrame | None, qerror: pd.DataFrame | None) -> pd.DataFrame:
+    """What Λ tracks on this model: Spearman correlation of every pair of per-expert signals,
+    computed within each layer (allocation ranks within layers) and averaged over layers.
+    Errors are taken at the lowest measured width, where allocation matters most."""
+    table = stats[["layer", "expert", "lambda_score", "maxvar"]]
+    if calibration is not None:
+        table = table.merge(calibration[["layer", "expert", "frequency", "routing_weight", "hessian_trace"]],
+                            on=["layer", "expert"])
+    if qerror is not None and not qerror.empty:
+        low = qerror[qerror.bits == qerror.bits.min()][["layer", "expert", "weight_error", "routed_input_error"]]
+        table = table.merge(low, on=["layer", "expert"])
+    signals = [c for c in SIGNALS if c in table]
+    per_layer = [g[signals].rank().corr() for _, g in table.groupby("layer")]
+    mean = sum(per_layer) / len(per_layer)
+    return mean.loc[signals, signals]
+
+
 def markdown(summary: pd.DataFrame) -> str:
     """The league as markdown: KL per allocator (rows) × budget (columns), one table per bit set."""
     lines = []

@@ -106,7 +106,13 @@ def run_league(checkpoint: CheckpointRecord, stats: StageOutput, calibration: St
         for name, frame in (("league", rows), ("league_summary", summary), ("league_allocation", allocs)):
             statistics.export_parquet(frame, out / f"{name}.parquet")
         title = checkpoint.uri
-        (out / "league.md").write_text(f"# League table: {title}\n\n{league.markdown(summary)}")
+        corr = league.diagnostics(table, calib, qerr)
+        statistics.export_parquet(corr.reset_index(names="signal"), out / "signal_correlation.parquet")
+        (out / "league.md").write_text(
+            f"# League table: {title}\n\n{league.markdown(summary)}\n"
+            "Spearman correlation of per-expert signals within a layer, mean over layers:\n\n"
+            + "| | " + " | ".join(corr.columns) + " |\n|---|" + "---|" * len(corr.columns) + "\n"
+            + "".join(f"| {r} | " + " | ".join(f"{v:+.2f}" for v in corr.loc[r]) + " |\n" for r in corr.index))
         plots.pareto(summary, out / "pareto.png", title)
         first = g.bit_sets[0]
         middle = sorted(b for b in g.budgets if min(first) <= b <= max(first))
@@ -143,7 +149,7 @@ def publish_league(parameters: dict, stats: StageOutput, calibration: StageOutpu
             for stage, out in outputs.items():
                 for rel in out.files:
                     table = rel.removesuffix(".parquet")
-                    if rel.endswith(".parquet") and table != "league_summary":
+                    if rel.endswith(".parquet") and table not in ("league_summary", "signal_correlation"):
                         local = st.get_file(f"{out.prefix}/{rel}", tmp / stage / rel)
                         con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM read_parquet('{local}')")
             con.execute("CREATE VIEW league_summary AS SELECT bit_set, budget, allocator, count(*) AS draws, "

@@ -8,7 +8,8 @@ For each MoE layer and routed expert s:
              where W₁ is the expert's first-layer (gate / w1) matrix [F, H] (the paper's
              definition), and beside it the reference code's variant: the variance of the
              row of W₁ with the largest l2 norm (`maxvar_max_norm_row`).
-Everything is computed in fp32; memory is bounded by the largest single tensor read.
+Everything is computed in fp32. Allocated memory is bounded by one tensor plus a block of fp32
+rows (benchmarks/bench_statistics.py measures it); the file pages read are the OS's to reclaim.
 """
 
 from __future__ import annotations
@@ -36,11 +37,24 @@ def maxvar(w: torch.Tensor) -> float:
     return float(w.float().var(dim=1, unbiased=False).max())
 
 
-def row_variances(w: torch.Tensor) -> tuple[float, float]:
-    """(max over rows of the row variance, variance of the largest-norm row), one fp32 pass."""
-    w = w.float()
-    var = w.var(dim=1, unbiased=False)
-    return float(var.max()), float(var[int(w.square().sum(dim=1).argmax())])
+def row_variances(w: torch.Tensor, what: str = "tensor", block: int = 1024) -> tuple[float, float]:
+    """(max over rows of the row variance, variance of the largest-norm row) in fp32.
+
+    Blocks of rows keep the fp32 temporaries small (a Mixtral w1 is 14336 rows); a NaN or Inf in
+    a row makes its variance non-finite, so the full finiteness scan runs only when one is.
+    ‖row‖² = K·(var + mean²), so the norms come from the same pass.
+    """
+    best_var, best_sq, var_at_best = -1.0, -1.0, 0.0
+    for start in range(0, w.shape[0], block):
+        var, mean = torch.var_mean(w[start : start + block].float(), dim=1, unbiased=False)
+        if not (torch.isfinite(var).all() and torch.isfinite(mean).all()):
+            require_finite(w, what)
+        sq = var + mean.square()
+        i = int(sq.argmax())
+        if float(sq[i]) > best_sq:
+            best_sq, var_at_best = float(sq[i]), float(var[i])
+        best_var = max(best_var, float(var.max()))
+    return best_var, var_at_best
 
 
 def collect(ft: Checkpoint, ref: Checkpoint | None, progress: Progress | None = None) -> tuple[pd.DataFrame, dict]:
@@ -68,9 +82,8 @@ def collect(ft: Checkpoint, ref: Checkpoint | None, progress: Progress | None = 
             if m.role != "gate":
                 continue
             w = ft.read(m.key, m.index, m.rows)
-            require_finite(w, f"{ft.path}: {m.name}")
             e = m.expert
-            var_max, var_max_norm_row = row_variances(w)
+            var_max, var_max_norm_row = row_variances(w, f"{ft.path}: {m.name}")
             rows.append({
                 "layer": layer.layer, "expert": e,
                 "router_norm": float(norms[e]),

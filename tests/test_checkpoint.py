@@ -167,3 +167,19 @@ def test_switch_transformers_encoder_and_decoder_experts(tmp_path):
     x, y = torch.arange(2, 12)[None], torch.arange(3, 8)[None]
     with torch.no_grad():
         assert torch.allclose(deq(input_ids=x, labels=y).logits, model(input_ids=x, labels=y).logits, atol=0.05)
+
+
+@pytest.mark.parametrize("block", [7, 1024])
+def test_row_variances_blockwise_match_the_definitions(block):
+    from expertbits.tasks.statistics import row_variances
+
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(300, 40, generator=g) * torch.linspace(0.5, 2, 300)[:, None] + torch.randn(300, 1, generator=g)).half()
+    x = w.float()
+    var = ((x - x.mean(1, keepdim=True)) ** 2).mean(1)  # paper: (1/d) Σ (w − mean)², per row
+    got_max, got_norm_row = row_variances(w, block=block)
+    assert got_max == pytest.approx(float(var.max()), rel=1e-5)
+    assert got_norm_row == pytest.approx(float(var[x.norm(dim=1).argmax()]), rel=1e-5)  # reference code's variant
+    w[123, 7] = float("inf")
+    with pytest.raises(CheckpointError, match="NaN/Inf"):
+        row_variances(w, "expert 3 w1", block=block)
