@@ -149,3 +149,61 @@ def test_league_params_refuse_a_bad_grid():
         LeagueParams(allocators=["paper", "oracle"])
     with pytest.raises((ValidationError, ValueError), match="no budget"):
         LeagueParams(bit_sets=[[2, 3, 4]], budgets=[1.5, 5.0])
+
+
+def _tiny(tmp_path, kind):
+    from transformers import (AutoTokenizer, Qwen2MoeConfig, Qwen2MoeForCausalLM, SwitchTransformersConfig,
+                              SwitchTransformersForConditionalGeneration)
+
+    from expertbits.zoo.build_zoo import TOKENIZER
+
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    torch.manual_seed(0)
+    if kind == "switch":
+        cfg = SwitchTransformersConfig(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2,
+                                       num_sparse_encoder_layers=1, num_sparse_decoder_layers=1, num_heads=2, num_experts=4,
+                                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                       decoder_start_token_id=tok.pad_token_id)
+        model = SwitchTransformersForConditionalGeneration(cfg)
+    else:
+        cfg = Qwen2MoeConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                             shared_expert_intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                             num_key_value_heads=2, num_experts=4, num_experts_per_tok=2)
+        model = Qwen2MoeForCausalLM(cfg)
+    model.save_pretrained(tmp_path / kind)
+    tok.save_pretrained(tmp_path / kind)
+    return tmp_path / kind
+
+
+@pytest.mark.parametrize("kind,top_k", [("switch", 1), ("qwen2_moe", 2)])
+def test_calibration_on_top1_encoder_decoder_and_shared_expert_models(tmp_path, texts, kind, top_k):
+    path = _tiny(tmp_path, kind)
+    calib, qerr, info = calibrate.calibrate(path, texts[0], seq_len=64, windows=2, bit_widths=(2, 4), group_size=16)
+    assert info["top_k"] == top_k
+    assert sorted(calib.layer.unique()) == ([1, 3] if kind == "switch" else [0, 1])
+    assert calib.groupby("layer").frequency.sum().tolist() == pytest.approx([top_k] * 2)
+    assert len(qerr) == len(calib) * 2 and (qerr.weight_error > 0).all()
+
+
+def test_league_cli_help_lists_every_parameter():
+    import subprocess
+    import sys
+
+    from expertbits.flows.params import LeagueParams
+
+    out = subprocess.run([sys.executable, "-m", "expertbits.flows.cli", "league", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    for name in LeagueParams.model_fields:
+        assert ("--storage-option" if name == "storage_options" else "--" + name.replace("_", "-")) in out
+    bad = subprocess.run([sys.executable, "-m", "expertbits.flows.cli", "league", "--allocators", "paper,oracle"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "oracle" in bad.stderr
+
+
+def test_cli_parses_lists_and_bit_sets():
+    from expertbits.flows.cli import _params, build_parser
+    from expertbits.flows.params import LeagueParams
+
+    args = build_parser().parse_args(["league", "--budgets", "2,2.5", "--bit-sets", "2,3,4", "1,2,3", "--allocators", "paper,pmq"])
+    p = _params(args, LeagueParams)
+    assert p.budgets == [2.0, 2.5] and p.bit_sets == [[2, 3, 4], [1, 2, 3]] and p.allocators == ["paper", "pmq"]

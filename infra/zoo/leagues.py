@@ -1,0 +1,65 @@
+"""League tables for every zoo pair, as published in the README.
+
+    python -m expertbits.zoo.leagues                    # every pair
+    python -m expertbits.zoo.leagues mixtral-wordnet    # one
+
+Each pair runs the `expertbits-league` flow (the same as `expertbits league …` with the options
+below) into ./expertbits-store, then copies the table, the figures and the signal correlations
+to infra/zoo/results/<pair>/ so they can be read without running anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+SUPERSENSE = dict(eval_text="zoo://text/wordnet-supersense-test", calibration_text="zoo://text/wordnet-supersense-train",
+                  task="wordnet-supersense")
+PAIRS: dict[str, dict] = {
+    "mixtral-wordnet": dict(checkpoint="zoo://mixtral-tiny/wordnet", reference="zoo://mixtral-tiny/base", **SUPERSENSE),
+    "mixtral-code": dict(checkpoint="zoo://mixtral-tiny/code", reference="zoo://mixtral-tiny/base",
+                         eval_text="zoo://text/python-heldout", calibration_text="zoo://text/python-train"),
+    "mixtral-control": dict(checkpoint="zoo://mixtral-tiny/control", reference="zoo://mixtral-tiny/base",
+                            eval_text="zoo://text/web-heldout", calibration_text="zoo://text/web-train"),
+    "qwen-moe-wordnet": dict(checkpoint="zoo://qwen-moe-tiny/wordnet", reference="zoo://qwen-moe-tiny/base", **SUPERSENSE),
+    "switch-wordnet": dict(checkpoint="zoo://switch-tiny/wordnet", reference="zoo://switch-tiny/base", **SUPERSENSE),
+}
+TASK_EXAMPLES = 200
+
+
+def command(pair: str) -> str:
+    """The equivalent CLI invocation, for the README."""
+    opts = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in PAIRS[pair].items())
+    return f"expertbits league {opts}" + (f" --task-examples {TASK_EXAMPLES}" if "task" in PAIRS[pair] else "")
+
+
+def run(pair: str, store: str, docs: Path) -> Path:
+    from expertbits.flows.league import league_table
+    from expertbits.flows.params import LeagueParams
+
+    params = LeagueParams(**PAIRS[pair], store=store, task_examples=TASK_EXAMPLES)
+    manifest = league_table(params)
+    src, out = Path(manifest.uri), docs / pair
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("league.md", "pareto.png", "heatmap.png"):
+        shutil.copyfile(src / "league" / name, out / name)
+    (out / "command.txt").write_text(command(pair) + "\n")
+    return out
+
+
+def main() -> None:
+    from expertbits.flows.cli import _prefect_defaults
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("pairs", nargs="*", help=f"pairs to run (default: all): {', '.join(PAIRS)}")
+    parser.add_argument("--store", default="expertbits-store")
+    parser.add_argument("--docs", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    _prefect_defaults()
+    for pair in args.pairs or PAIRS:
+        print(run(pair, args.store, args.docs))
+
+
+if __name__ == "__main__":
+    main()
