@@ -53,6 +53,12 @@ class Grid:
         if unknown:
             raise BudgetError(f"unknown allocators {unknown}", f"choose from {', '.join(ALLOCATORS)}")
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Grid":
+        """Inverse of dataclasses.asdict after a JSON round trip (lists back to tuples)."""
+        return cls(**{k: tuple(tuple(x) for x in v) if k == "bit_sets" else tuple(v) if isinstance(v, list) else v
+                      for k, v in d.items()})
+
     def configs(self) -> list[AllocationConfig]:
         """Every cell's allocation config; budgets a bit set cannot reach are skipped."""
         out = []

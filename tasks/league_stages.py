@@ -90,8 +90,7 @@ def run_league(checkpoint: CheckpointRecord, stats: StageOutput, calibration: St
     text = read_text(text_uri, storage_options)
     key = stage_key("league", checkpoint.digest, stats.key, calibration.key if calibration else None, grid,
                     hashlib.sha256(text.encode()).hexdigest(), seq_len, windows, task_name, task_examples)
-    g = league.Grid(**{k: tuple(tuple(x) for x in v) if k == "bit_sets" else tuple(v) if isinstance(v, list) else v
-                       for k, v in grid.items()})
+    g = league.Grid.from_dict(grid)
     path = _ckpt_path(checkpoint, cache_dir, storage_options)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

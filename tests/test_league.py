@@ -207,3 +207,17 @@ def test_cli_parses_lists_and_bit_sets():
     args = build_parser().parse_args(["league", "--budgets", "2,2.5", "--bit-sets", "2,3,4", "1,2,3", "--allocators", "paper,pmq"])
     p = _params(args, LeagueParams)
     assert p.budgets == [2.0, 2.5] and p.bit_sets == [[2, 3, 4], [1, 2, 3]] and p.allocators == ["paper", "pmq"]
+
+
+def test_signal_correlations_are_per_layer_spearman(micro_pair, calibrated):
+    from scipy.stats import spearmanr
+
+    base, ft = micro_pair
+    with Checkpoint.open(ft) as a, Checkpoint.open(base) as b:
+        stats, _ = statistics.collect(a, b)
+    calib, qerr, _ = calibrated
+    corr = league.diagnostics(stats, calib, qerr)
+    merged = stats.merge(calib, on=["layer", "expert"])
+    want = sum(spearmanr(g.lambda_score, g.frequency).statistic for _, g in merged.groupby("layer")) / 2
+    assert corr.loc["lambda_score", "frequency"] == pytest.approx(want)
+    assert set(corr.columns) == set(league.SIGNALS)
