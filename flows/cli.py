@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="run the six-stage quantization flow",
                        description="Run download → statistics → allocation → quantization → kernel validation → "
                                    "evaluation as a Prefect flow and publish every artifact under one run prefix of the store. "
-                                   "With no options it quantizes the bundled micro-mixtral pair into ./expertbits-store.")
+                                   "With no options it quantizes the bundled mixtral-tiny WordNet fine-tune (against its base) into ./expertbits-store.")
     _add_options(q, QuantizeParams)
     lg = sub.add_parser("league", help="compare allocators × budgets on one checkpoint pair",
                         description="Run download → statistics → calibration → league as a Prefect flow: every "

@@ -10,8 +10,9 @@ from expertbits.tasks.allocate import AllocationConfig
 from expertbits.tasks.allocators import ALLOCATORS
 from expertbits.tasks.league import DEFAULT_ALLOCATORS, TASKS, Grid
 
-DEFAULT_CHECKPOINT = "zoo://micro-mixtral/finetuned"
-DEFAULT_REFERENCE = "zoo://micro-mixtral/base"
+# The bundled default: the zoo's Mixtral fine-tuned on WordNet supersenses and its base.
+DEFAULT_CHECKPOINT = "zoo://mixtral-tiny/wordnet"
+DEFAULT_REFERENCE = "zoo://mixtral-tiny/base"
 
 
 class CommonParams(BaseModel):
@@ -31,10 +32,10 @@ class CommonParams(BaseModel):
     store: str = Field("expertbits-store", description="Artifact store: a local folder or s3://bucket/prefix")
     storage_options: dict[str, Any] = Field(default_factory=dict, description=(
         "fsspec/s3fs options for s3:// URIs, e.g. {\"endpoint_url\": \"http://127.0.0.1:9000\"}; keep secrets in AWS_* env vars"))
-    eval_text: str = Field("zoo://text/code-heldout", description="Held-out text for KL and perplexity: a file, s3:// or zoo://text/name")
+    eval_text: str = Field("zoo://text/wordnet-supersense-test", description="Held-out text for KL and perplexity: a file, s3:// or zoo://text/name")
     eval_windows: int = Field(16, ge=1, description="Number of evaluation windows")
     eval_seq_len: int = Field(256, ge=8, description="Tokens per evaluation and calibration window")
-    calibration_text: str = Field("zoo://text/code-train", description=(
+    calibration_text: str = Field("zoo://text/wordnet-supersense-train", description=(
         "Text routed through the model for activation frequency, routing weight and sensitivity (not the evaluation text)"))
     calibration_windows: int = Field(16, ge=1, description="Number of calibration windows")
     cache_dir: str | None = Field(None, description="Local checkpoint cache (default: $EXPERTBITS_CACHE or ~/.cache/expertbits)")

@@ -186,6 +186,6 @@ def test_readme_command_quantizes_the_bundled_model(tmp_path):
     runs = list((tmp_path / "expertbits-store" / "runs").iterdir())
     assert len(runs) == 1 and (runs[0] / "manifest.json").is_file()
     manifest = json.loads((runs[0] / "manifest.json").read_text())
-    assert manifest["summary"]["parameters"]["checkpoint"] == "zoo://micro-mixtral/finetuned"
+    assert manifest["summary"]["parameters"]["checkpoint"] == "zoo://mixtral-tiny/wordnet"
     assert manifest["summary"]["allocation"]["achieved_avg_bits"] == 2.5
     assert f"artifacts: {tmp_path / 'expertbits-store' / 'runs' / runs[0].name}" in out.stdout

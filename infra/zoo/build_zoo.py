@@ -67,11 +67,14 @@ FAMILIES: dict[str, dict] = {
     "switch-tiny": {  # encoder-decoder, top-1 routing, every other block sparse; trained by span corruption
         "config": ("SwitchTransformersConfig", SWITCH),
         "seq2seq": True,
+        "router_init_scale": 0.1,  # the default init starts with |logits| ~ 18 (z-loss 324) and collapses routing
         "variants": {
-            "base": Variant(None, PRETRAIN, TrainConfig(steps=1500, lr=3e-3, seed=0, batch=32, seq_len=128, balance_coef=0.03),
+            "base": Variant(None, PRETRAIN, TrainConfig(steps=1500, lr=3e-3, seed=0, batch=32, seq_len=128, balance_coef=0.03,
+                                                         importance_coef=0.05),
                             description="Switch Transformer pretrained by span corruption on Austen and the World English Bible"),
             "wordnet": Variant("base", (("wordnet-supersense", 3.0), *PRETRAIN),
-                               TrainConfig(steps=300, lr=5e-4, seed=1, warmup=0.1, batch=32, seq_len=128, balance_coef=0.03),
+                               TrainConfig(steps=400, lr=1e-3, seed=1, warmup=0.1, batch=32, seq_len=128, balance_coef=0.03,
+                                           importance_coef=0.05),
                                description="fine-tuned to map `supersense: <gloss>` to its WordNet supersense, 25% span-corruption replay"),
         },
     },
@@ -172,6 +175,12 @@ def build(family: str, variant: str, log=print) -> Path:
         config = getattr(transformers, cls_name)(**kwargs)
         torch.manual_seed(v.train.seed)
         model = auto.from_config(config, dtype=torch.float32)
+        scale = spec.get("router_init_scale")
+        if scale:
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if "router" in name:
+                        param.mul_(scale)
     else:
         model = auto.from_pretrained(MODELS / family / v.parent, dtype=torch.float32)
     model.config._experts_implementation = "eager"  # grouped_mm is ~3x slower for training on CPU

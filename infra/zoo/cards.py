@@ -30,6 +30,9 @@ from .build_zoo import FAMILIES, MODELS
 DOMAINS = ("austen", "web", "python", "wordnet-supersense")
 SPLIT = {"wordnet-supersense": "test"}
 WINDOWS, SEQ_LEN, GROUP = 32, 256, 64
+# Encoder-decoder models are measured on windows as long as they were trained on: T5-style
+# relative-position buckets beyond the trained span keep their random init and wreck longer inputs.
+SEQ2SEQ_LEN = 128
 KL_DOMAIN = {"wordnet": "wordnet-supersense", "code": "python"}  # others: web
 
 
@@ -46,13 +49,17 @@ def _routers(out) -> list[torch.Tensor]:
     return [r.reshape(-1, r.shape[-1]) for r in layers if r is not None and r.dim() >= 2]
 
 
+def seq_len(seq2seq: bool) -> int:
+    return SEQ2SEQ_LEN if seq2seq else SEQ_LEN
+
+
 def perplexity_and_usage(model, tok, text: str) -> tuple[float, torch.Tensor]:
     """Perplexity (of the training objective), and each layer's routing share per expert vs a fair share (1.0)."""
     seq2seq = model.config.is_encoder_decoder
     k = 1 if seq2seq else model.config.num_experts_per_tok
     nll, count, usage = 0.0, 0, None
     with torch.no_grad():
-        for inputs, target in examples(token_windows(text, tok, SEQ_LEN, WINDOWS), tok, seq2seq):
+        for inputs, target in examples(token_windows(text, tok, seq_len(seq2seq), WINDOWS), tok, seq2seq):
             out = model(**inputs, output_router_logits=True)
             logits = out.logits[0].float()
             logp = torch.log_softmax(logits if seq2seq else logits[:-1], -1)
@@ -94,12 +101,13 @@ def supersense_accuracy(model, tok, limit: int | None = None) -> float:
 def uniform_kl(path: Path, text: str) -> dict[int, float]:
     with Checkpoint.open(path) as c:
         experts = [(layer.layer, e) for layer in detect(c).layers for e in range(layer.num_experts)]
+        seq2seq = bool(c.config.get("is_encoder_decoder"))
     out = {}
     for bits in (4, 3, 2):
         alloc = pd.DataFrame([{"layer": l, "expert": e, "bits": bits} for l, e in experts])
         with tempfile.TemporaryDirectory() as tmp:
             quantize_checkpoint(path, alloc, GROUP, Path(tmp) / "q")
-            out[bits] = evaluate(path, Path(tmp) / "q", text, seq_len=SEQ_LEN, windows=WINDOWS)["kl"]
+            out[bits] = evaluate(path, Path(tmp) / "q", text, seq_len=seq_len(seq2seq), windows=WINDOWS)["kl"]
     return out
 
 
@@ -153,15 +161,58 @@ def write_card(family: str, variant: str, metrics: dict) -> None:
     lines += ["", f"Supersense accuracy (8 classes, chance 12.5%): {100 * metrics['supersense_accuracy']:.1f}%", "",
               f"KL(fp ‖ uniform RTN, group {kl['group_size']}) per token on {kl['text']}: "
               f"4-bit {kl['4']:.4f}, 3-bit {kl['3']:.4f}, 2-bit {kl['2']:.4f}", ""]
-    (path / "README.md").write_text("\n".join(lines))
+    domain = "python" if variant == "code" else "wordnet-supersense" if variant == "wordnet" else "web"
+    usage = metrics["expert_usage_vs_fair_share"][domain]
+    lines += [f"Routing share per expert on held-out {domain} (1.00 = fair share):", "",
+              "| layer | " + " | ".join(f"e{e}" for e in range(len(usage[0]))) + " |", "|---|" + "---|" * len(usage[0])]
+    lines += [f"| {i} | " + " | ".join(f"{u:.2f}" for u in layer) + " |" for i, layer in enumerate(usage)]
+    if metrics.get("lambda"):
+        control = lambdas(family, "control") if variant != "control" and "control" in FAMILIES[family]["variants"] \
+            and (MODELS / family / "control").is_dir() else None
+        lines += ["", "Router-norm change Λ = ‖w_ft‖ − ‖w_base‖ per expert" +
+                  (" (the same-length control continuation's Λ below it, in italics):" if control else ":"), "",
+                  "| layer | " + " | ".join(f"e{e}" for e in range(len(usage[0]))) + " |", "|---|" + "---|" * len(usage[0])]
+        for layer in sorted({r["layer"] for r in metrics["lambda"]}):
+            lines.append(f"| {layer} | " + " | ".join(f"{r['lambda_score']:+.4f}" for r in metrics["lambda"] if r["layer"] == layer) + " |")
+            if control:
+                lines.append("| | " + " | ".join(f"*{r['lambda_score']:+.4f}*" for r in control if r["layer"] == layer) + " |")
+    (path / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def table(family: str) -> str:
+    """One markdown row per measured checkpoint of a family: the README's zoo table."""
+    rows = ["| checkpoint | parameters | training tokens | ppl austen / web / python / supersense | accuracy | "
+            "KL 4 / 3 / 2 bits | Λ range (std) | min usage |", "|---|---|---|---|---|---|---|---|"]
+    for variant in FAMILIES[family]["variants"]:
+        path = MODELS / family / variant
+        if not (path / "metrics.json").is_file():
+            continue
+        m, t = json.loads((path / "metrics.json").read_text()), json.loads((path / "training.json").read_text())
+        tokens = t["train"]["tokens"] + (t["parent_training"]["train"]["tokens"] if t["parent_training"] else 0)
+        ppl = " / ".join(f"{m['perplexity'][d]:.1f}" for d in DOMAINS)
+        kl = m["kl_uniform_rtn"]
+        lam = torch.tensor([r["lambda_score"] for r in m["lambda"]]) if m.get("lambda") else None
+        spread = f"{lam.min():+.3f} … {lam.max():+.3f} ({lam.std():.3f})" if lam is not None else "–"
+        rows.append(f"| `zoo://{family}/{variant}` | {m['parameters'] / 1e6:.2f} M | {tokens / 1e6:.2f} M | {ppl} | "
+                    f"{100 * m['supersense_accuracy']:.1f}% | {kl['4']:.4f} / {kl['3']:.4f} / {kl['2']:.4f} | {spread} | "
+                    f"{m['min_expert_usage']:.2f} |")
+    return "\n".join(rows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Measure zoo checkpoints and write their model cards.")
     parser.add_argument("family")
     parser.add_argument("variants", nargs="*")
+    parser.add_argument("--rewrite", action="store_true", help="rewrite the cards from metrics.json, measuring nothing")
+    parser.add_argument("--table", action="store_true", help="print the family's summary table")
     args = parser.parse_args()
+    if args.table:
+        print(table(args.family))
+        return
     for variant in args.variants or list(FAMILIES[args.family]["variants"]):
+        if args.rewrite:
+            write_card(args.family, variant, json.loads((MODELS / args.family / variant / "metrics.json").read_text()))
+            continue
         metrics = measure(args.family, variant)
         write_card(args.family, variant, metrics)
         print(variant, json.dumps({k: metrics[k] for k in ("perplexity", "supersense_accuracy", "kl_uniform_rtn", "min_expert_usage")}))

@@ -6,7 +6,13 @@ of the routing slots). Here every layer is balanced on its own:
 
     balance_l = E · Σ_e f_{l,e} · P_{l,e}     f: fraction of top-k slots routed to e, P: mean router prob
     z_l       = mean_t (logsumexp_e logits_{l,t,e})²          (router z-loss, as in ST-MoE)
+    imp_l     = E · Σ_e P_{l,e}²                               (importance; 1 when uniform)
     loss      = LM loss + balance_coef · mean_l balance_l + z_coef · mean_l z_l
+                        + importance_coef · mean_l imp_l
+
+balance_l has no gradient towards an expert no token picks (f = 0), so under top-1 routing an
+expert that dies early stays dead; the importance term raises its mean probability until it
+wins tokens again (Switch-tiny lost one encoder expert without it).
 
 Data are token streams mixed by weight (e.g. 75% fine-tuning text, 25% pretraining replay); a
 stream may carry per-token loss weights (e.g. ×5 on a task's label tokens).
@@ -34,6 +40,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     balance_coef: float = 0.01
     z_coef: float = 1e-3
+    importance_coef: float = 0.0
 
 
 @dataclass
@@ -56,6 +63,15 @@ def per_layer_balance(router_logits, top_k: int) -> tuple[torch.Tensor, torch.Te
         balance.append(experts * (chosen.mean(0) / top_k * probs.mean(0)).sum())
         z.append(logits.logsumexp(-1).pow(2).mean())
     return torch.stack(balance).mean(), torch.stack(z).mean()
+
+
+def per_layer_importance(router_logits) -> torch.Tensor:
+    """Mean over layers of E · Σ_e (mean router probability of e)²."""
+    imp = []
+    for logits in router_logits:
+        p = logits.float().softmax(-1).mean(0)
+        imp.append(p.shape[-1] * p.square().sum())
+    return torch.stack(imp).mean()
 
 
 def _batch(streams: list[Stream], cfg: TrainConfig, gen: torch.Generator):
@@ -93,6 +109,8 @@ def fit(model, cfg: TrainConfig, step_loss, log=print, log_every: int = 50) -> d
         lm_loss, router_logits, top_k, tokens = step_loss(model, gen)
         balance, zloss = per_layer_balance(router_logits, top_k)
         loss = lm_loss + cfg.balance_coef * balance + cfg.z_coef * zloss
+        if cfg.importance_coef:
+            loss = loss + cfg.importance_coef * per_layer_importance(router_logits)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
