@@ -23,7 +23,9 @@ PAIRS: dict[str, dict] = {
     "mixtral-control": dict(checkpoint="zoo://mixtral-tiny/control", reference="zoo://mixtral-tiny/base",
                             eval_text="zoo://text/web-heldout", calibration_text="zoo://text/web-train"),
     "qwen-moe-wordnet": dict(checkpoint="zoo://qwen-moe-tiny/wordnet", reference="zoo://qwen-moe-tiny/base", **SUPERSENSE),
-    "switch-wordnet": dict(checkpoint="zoo://switch-tiny/wordnet", reference="zoo://switch-tiny/base", **SUPERSENSE),
+    # trained on 128-token windows; T5 relative-position buckets beyond that span are untrained
+    "switch-wordnet": dict(checkpoint="zoo://switch-tiny/wordnet", reference="zoo://switch-tiny/base", eval_seq_len=128,
+                           **SUPERSENSE),
 }
 TASK_EXAMPLES = 200
 
@@ -48,6 +50,31 @@ def run(pair: str, store: str, docs: Path) -> Path:
     return out
 
 
+def lambda_vs_control(family: str = "mixtral-tiny") -> str:
+    """Is Λ the fine-tune's signal or generic norm growth? Spearman correlation, within each layer
+    (mean over layers), of each fine-tune's Λ with the same-length control continuation's Λ."""
+    from scipy.stats import spearmanr
+
+    from expertbits.tasks.checkpoint import Checkpoint
+    from expertbits.tasks.statistics import collect
+
+    from . import resolve
+
+    def lam(variant):
+        with Checkpoint.open(resolve(f"zoo://{family}/{variant}")) as ft, Checkpoint.open(resolve(f"zoo://{family}/base")) as b:
+            return collect(ft, b)[0]
+
+    control = lam("control")
+    rows = ["| fine-tune | Spearman(Λ, Λ_control) per layer | mean | share of experts with Λ > 0 |", "|---|---|---|---|"]
+    for variant in ("wordnet", "code", "control"):
+        st = lam(variant)
+        rhos = [spearmanr(g.lambda_score, control[control.layer == layer].lambda_score).statistic
+                for layer, g in st.groupby("layer")]
+        rows.append(f"| {variant} | {', '.join(f'{r:+.2f}' for r in rhos)} | {sum(rhos) / len(rhos):+.2f} | "
+                    f"{(st.lambda_score > 0).mean():.0%} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     from expertbits.flows.cli import _prefect_defaults
 
@@ -55,7 +82,11 @@ def main() -> None:
     parser.add_argument("pairs", nargs="*", help=f"pairs to run (default: all): {', '.join(PAIRS)}")
     parser.add_argument("--store", default="expertbits-store")
     parser.add_argument("--docs", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--lambda-vs-control", action="store_true", help="print how Λ of each fine-tune tracks the control's")
     args = parser.parse_args()
+    if args.lambda_vs_control:
+        print(lambda_vs_control())
+        return
     _prefect_defaults()
     for pair in args.pairs or PAIRS:
         print(run(pair, args.store, args.docs))
