@@ -55,7 +55,8 @@ def test_flow_runs_then_caches_then_recomputes_only_what_changed(prefect_api, pa
     run_dir = tmp_path / "store" / "runs" / manifest.run_id
     assert (run_dir / "manifest.json").is_file()
     on_disk = json.loads((run_dir / "manifest.json").read_text())
-    assert set(on_disk["files"]) >= {"statistics/expert_stats.parquet", "allocation/bit_allocation.parquet",
+    assert set(on_disk["files"]) >= {"statistics/expert_stats.parquet", "calibration/expert_calibration.parquet",
+                                     "allocation/bit_allocation.parquet",
                                      "quantization/config.json", "validation/kernel_validation.parquet",
                                      "evaluation/evaluation.json", "expertbits.duckdb"}
     qc = json.loads((run_dir / "quantization" / "config.json").read_text())["quantization_config"]
@@ -63,6 +64,7 @@ def test_flow_runs_then_caches_then_recomputes_only_what_changed(prefect_api, pa
     assert sum(sum(v) for v in qc["expert_bits"].values()) / 8 == 2.5
     con = duckdb.connect(str(run_dir / "expertbits.duckdb"), read_only=True)
     assert con.execute("SELECT count(*) FROM expert_stats").fetchone()[0] == 8
+    assert con.execute("SELECT count(*) FROM expert_calibration").fetchone()[0] == 8
     assert con.execute("SELECT count(*) FROM kernel_validation WHERE passed").fetchone()[0] == 24
     kl = con.execute("SELECT value FROM evaluation WHERE metric = 'kl'").fetchone()[0]
     con.close()
@@ -79,11 +81,12 @@ def test_flow_runs_then_caches_then_recomputes_only_what_changed(prefect_api, pa
     assert second.result().run_id == manifest.run_id
     states = task_states(second)
     cached = {k for k, v in states.items() if v == "Cached"}
-    assert cached == {"download", "statistics", "allocation", "quantization", "kernel-validation", "evaluation"}, states
+    assert cached == {"download", "statistics", "calibration", "allocation", "quantization", "kernel-validation",
+                      "evaluation"}, states
 
     third = run(prefect_api, **dict(params, avg_bits=2.75))
     states = task_states(third)
-    assert {k for k, v in states.items() if v == "Cached"} == {"download", "statistics"}, states
+    assert {k for k, v in states.items() if v == "Cached"} == {"download", "statistics", "calibration"}, states
     assert third.result().run_id != manifest.run_id
 
     # a cache whose objects left the store is a miss, not a pointer at nothing
@@ -103,11 +106,13 @@ def test_flow_runs_then_caches_then_recomputes_only_what_changed(prefect_api, pa
 def test_flow_on_s3_store(prefect_api, params, s3):
     fs, options = s3
     fs.put(params["checkpoint"] + "/", f"{fs.bucket}/in/ft/", recursive=True)
+    # the paper's allocator needs no calibration stage: none runs, none is published
     manifest = run(prefect_api, **dict(params, checkpoint=f"s3://{fs.bucket}/in/ft", store=f"s3://{fs.bucket}/store",
-                                       storage_options=options)).result()
+                                       storage_options=options, allocator="paper")).result()
     assert manifest.uri == f"s3://{fs.bucket}/store/runs/{manifest.run_id}"
     keys = {k.split(f"runs/{manifest.run_id}/", 1)[1] for k in fs.find(f"{fs.bucket}/store/runs/{manifest.run_id}")}
     assert keys == set(manifest.files) | {"manifest.json"}
+    assert not any(k.startswith("calibration/") for k in keys) and manifest.summary["allocation"]["allocator"] == "paper"
 
 
 def test_bad_input_fails_clearly_and_leaves_no_run(prefect_api, params, copy_ckpt, tmp_path):

@@ -44,10 +44,34 @@ def run(pair: str, store: str, docs: Path) -> Path:
     manifest = league_table(params)
     src, out = Path(manifest.uri), docs / pair
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("league.md", "pareto.png", "heatmap.png"):
+    for name in ("league.md", "pareto.png", "heatmap.png", "league_summary.parquet"):
         shutil.copyfile(src / "league" / name, out / name)
     (out / "command.txt").write_text(command(pair) + "\n")
     return out
+
+
+def overall(docs: Path) -> str:
+    """Across every published pair: each allocator's mean rank (by KL, 1 = best) over the budgets
+    where allocators differ (not a width of the set), and how often it is best or beats the median random draw."""
+    import duckdb
+
+    files = sorted(str(p) for p in docs.glob("*/league_summary.parquet"))
+    con = duckdb.connect()
+    try:
+        rows = con.execute(f"""
+            WITH s AS (SELECT *, split_part(filename, '/', -2) AS pair FROM read_parquet({files}, filename = true)),
+                 r AS (SELECT pair, bit_set, budget, kl AS random_kl FROM s WHERE allocator = 'random')
+            SELECT allocator, count(*) AS cells, round(avg(rank), 2) AS mean_rank, sum((rank = 1)::INT) AS best,
+                   sum((kl < random_kl)::INT) AS beats_random, round(median(allocation_ms), 1) AS alloc_ms
+            FROM s JOIN r USING (pair, bit_set, budget)
+            WHERE budget NOT IN (SELECT unnest(string_split(bit_set, ','))::DOUBLE) AND allocator != 'random'
+            GROUP BY allocator ORDER BY mean_rank""").fetchall()
+    finally:
+        con.close()
+    out = [f"Over {len(files)} pairs × 2 bit-width sets × 3 fractional budgets:", "",
+           "| allocator | cells | mean rank | best | beats median random | allocation ms |", "|---|---|---|---|---|---|"]
+    out += [f"| {a} | {c} | {m} | {b} | {r}/{c} | {t} |" for a, c, m, b, r, t in rows]
+    return "\n".join(out)
 
 
 def lambda_vs_control(family: str = "mixtral-tiny") -> str:
@@ -83,9 +107,13 @@ def main() -> None:
     parser.add_argument("--store", default="expertbits-store")
     parser.add_argument("--docs", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--lambda-vs-control", action="store_true", help="print how Λ of each fine-tune tracks the control's")
+    parser.add_argument("--overall", action="store_true", help="print the allocators' ranks over every published pair")
     args = parser.parse_args()
     if args.lambda_vs_control:
         print(lambda_vs_control())
+        return
+    if args.overall:
+        print(overall(args.docs))
         return
     _prefect_defaults()
     for pair in args.pairs or PAIRS:
