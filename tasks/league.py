@@ -212,26 +212,34 @@ def diagnostics(stats: pd.DataFrame, calibration: pd.DataFrame | None, qerror: p
     return mean.loc[signals, signals]
 
 
+def _grid(g: pd.DataFrame, col: str, fmt: str, spread: bool) -> list[str]:
+    budgets = sorted(g.budget.unique())
+    lines = ["| allocator | " + " | ".join(f"{b:g} bits" for b in budgets) + " | alloc ms |",
+             "|---|" + "---|" * (len(budgets) + 1)]
+    for name, a in g.groupby("allocator", sort=False):
+        cells = []
+        for b in budgets:
+            r = a[a.budget == b]
+            if r.empty or pd.isna(r.iloc[0][col]):
+                cells.append("")
+                continue
+            r = r.iloc[0]
+            lo, hi = r.get(f"{col}_min"), r.get(f"{col}_max")
+            rng = f" [{lo:{fmt}}–{hi:{fmt}}]" if spread and lo is not None and pd.notna(lo) else ""
+            cells.append(f"{r[col]:{fmt}}{rng}" + (f" ({r['rank']})" if col == "kl" else ""))
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {a.allocation_ms.median():.2f} |")
+    return lines
+
+
 def markdown(summary: pd.DataFrame) -> str:
-    """The league as markdown: KL per allocator (rows) × budget (columns), one table per bit set."""
+    """The league as markdown: KL (and task accuracy, where measured) per allocator × budget, per bit set."""
     lines = []
     for bit_set, g in summary.groupby("bit_set", sort=False):
-        budgets = sorted(g.budget.unique())
-        lines += [f"**bit-widths {{{bit_set}}}**: KL(fp ‖ quant) per token, lower is better (rank at that budget)", "",
-                  "| allocator | " + " | ".join(f"{b:g} bits" for b in budgets) + " | alloc ms |",
-                  "|---|" + "---|" * (len(budgets) + 1)]
-        for name, a in g.groupby("allocator", sort=False):
-            cells = []
-            for b in budgets:
-                r = a[a.budget == b]
-                if r.empty:
-                    cells.append("")
-                    continue
-                r = r.iloc[0]
-                spread = f" [{r.kl_min:.4f}–{r.kl_max:.4f}]" if "kl_min" in r and pd.notna(r.get("kl_min")) else ""
-                cells.append(f"{r.kl:.4f}{spread} ({r['rank']})")
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | {a.allocation_ms.median():.2f} |")
-        lines.append("")
+        lines += [f"**bit-widths {{{bit_set}}}**: KL(fp ‖ quant) per token, lower is better (rank at that budget)", ""]
+        lines += _grid(g, "kl", ".4f", True) + [""]
+        if "accuracy" in g and g.accuracy.notna().any():
+            lines += [f"Task accuracy at bit-widths {{{bit_set}}} (higher is better):", ""]
+            lines += _grid(g, "accuracy", ".3f", True) + [""]
     return "\n".join(lines)
 
 

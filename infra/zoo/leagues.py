@@ -74,6 +74,20 @@ def overall(docs: Path) -> str:
     return "\n".join(out)
 
 
+def rewrite(docs: Path) -> None:
+    """Re-render each published league.md from its summary (keeps the correlation section)."""
+    import duckdb
+
+    from expertbits.tasks.league import markdown
+
+    for summary in sorted(docs.glob("*/league_summary.parquet")):
+        md = summary.parent / "league.md"
+        head, _, _ = md.read_text().partition("\n\n")
+        tail = md.read_text()[md.read_text().index("Spearman"):]
+        frame = duckdb.sql(f"SELECT * FROM read_parquet('{summary}')").df()
+        md.write_text(f"{head}\n\n{markdown(frame)}\n{tail}")
+
+
 def lambda_vs_control(family: str = "mixtral-tiny") -> str:
     """Is Λ the fine-tune's signal or generic norm growth? Spearman correlation, within each layer
     (mean over layers), of each fine-tune's Λ with the same-length control continuation's Λ."""
@@ -108,9 +122,13 @@ def main() -> None:
     parser.add_argument("--docs", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--lambda-vs-control", action="store_true", help="print how Λ of each fine-tune tracks the control's")
     parser.add_argument("--overall", action="store_true", help="print the allocators' ranks over every published pair")
+    parser.add_argument("--rewrite", action="store_true", help="re-render the published league.md files")
     args = parser.parse_args()
     if args.lambda_vs_control:
         print(lambda_vs_control())
+        return
+    if args.rewrite:
+        rewrite(args.docs)
         return
     if args.overall:
         print(overall(args.docs))
