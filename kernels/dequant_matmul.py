@@ -15,7 +15,8 @@ from .packing import QuantizedTensor, values_per_word
 
 if not torch.cuda.is_available():
     # @triton.jit picks compiled vs interpreted when the decorator runs, i.e. when the kernel
-    # module is imported, so the choice has to be in the environment before that import.
+    # module is imported, so the choice has to be in the environment before that import
+    # (the package __init__ sets it; this covers a direct import of this module).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import triton  # noqa: E402

@@ -183,7 +183,9 @@ def test_readme_command_quantizes_the_bundled_model(tmp_path):
     """`expertbits quantize` with no options, as the README's first command runs it."""
     import os
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    # a fresh shell: no Prefect API, and no TRITON_INTERPRET (expertbits must choose the
+    # interpreter itself before transformers imports triton)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API") and k != "TRITON_INTERPRET"}
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")  # a fresh ephemeral API, as on a new machine
     env.pop("PREFECT_LOCAL_STORAGE_PATH", None)
     out = subprocess.run(["expertbits", "quantize"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
