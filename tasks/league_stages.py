@@ -63,15 +63,7 @@ def read_calibration(st: Store, out: StageOutput | None, tmp: Path) -> tuple[pd.
         return None, None
     folder = _local(st, out, tmp)
     return (statistics.read_stats(folder / "expert_calibration.parquet"),
-            _read_parquet(folder / "expert_qerror.parquet").sort_values(["layer", "expert", "bits"], ignore_index=True))
-
-
-def _read_parquet(path: Path) -> pd.DataFrame:
-    con = duckdb.connect(config={"autoinstall_known_extensions": False})
-    try:
-        return con.sql(f"SELECT * FROM read_parquet('{path}')").df()
-    finally:
-        con.close()
+            statistics.read_parquet(folder / "expert_qerror.parquet", "layer, expert, bits"))
 
 
 def _league_key(ctx, p) -> str:
@@ -164,7 +156,7 @@ def publish_league(parameters: dict, stats: StageOutput, calibration: StageOutpu
                                stages={s: o.key for s, o in outputs.items()},
                                summary={"parameters": parameters, **{s: o.summary for s, o in outputs.items()}})
         st.write_bytes(f"{prefix}/manifest.json", manifest.model_dump_json(indent=2).encode())
-        summary = _read_parquet(st.get_file(f"{result.prefix}/league_summary.parquet", tmp / "summary.parquet"))
+        summary = statistics.read_parquet(st.get_file(f"{result.prefix}/league_summary.parquet", tmp / "summary.parquet"))
         md = st.get_file(f"{result.prefix}/league.md", tmp / "league.md").read_text()
     create_table_artifact(key=f"league-{rid}"[:100].lower(), table=json.loads(summary.to_json(orient="records")),
                           description=f"League table of {parameters['checkpoint']}")

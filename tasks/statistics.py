@@ -102,13 +102,18 @@ def collect(ft: Checkpoint, ref: Checkpoint | None, progress: Progress | None = 
     return stats, info
 
 
-def read_stats(path: Path) -> pd.DataFrame:
-    """expert_stats from a parquet export, ordered by (layer, expert)."""
+def read_parquet(path: Path, order_by: str | None = None) -> pd.DataFrame:
+    """A parquet export as a DataFrame, through DuckDB (no pyarrow needed)."""
     con = duckdb.connect(config={"autoinstall_known_extensions": False})
     try:
-        return con.sql(f"SELECT * FROM read_parquet('{path}') ORDER BY layer, expert").df()
+        return con.sql(f"SELECT * FROM read_parquet('{path}')" + (f" ORDER BY {order_by}" if order_by else "")).df()
     finally:
         con.close()
+
+
+def read_stats(path: Path) -> pd.DataFrame:
+    """expert_stats (or any per-expert table) from a parquet export, ordered by (layer, expert)."""
+    return read_parquet(path, "layer, expert")
 
 
 def export_parquet(frame: pd.DataFrame, path: Path) -> None:
