@@ -122,6 +122,10 @@ def solve(costs: dict[tuple[int, int], float], experts: list[int], widths: list[
 
     pairs = [(e, b) for e in experts for b in widths]
     c = np.array([costs[p] for p in pairs], dtype=float)
+    if not np.isfinite(c).all():
+        bad = [p for p, v in zip(pairs, c) if not np.isfinite(v)]
+        raise ExpertbitsError(f"non-finite allocation cost for (expert, bits) {bad[:4]}",
+                              "the calibration or error statistics are damaged; recompute them")
     scale = max(float(np.abs(c).max()), 1e-300)  # HiGHS tolerances are absolute; keep costs O(1)
     one_each = np.array([[1.0 if pe == e else 0.0 for pe, _ in pairs] for e in experts])
     budget = np.array([[float(b) for _, b in pairs]])

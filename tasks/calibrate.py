@@ -89,22 +89,28 @@ def router_module(model, key: str, weight: torch.Tensor, path: Path) -> torch.nn
 def calibrate(ft_path: Path, text: str, *, seq_len: int, windows: int, bit_widths: tuple[int, ...],
               group_size: int, progress: Progress | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """(expert_calibration, expert_qerror, info) for the checkpoint at `ft_path`."""
+    with Checkpoint.open(ft_path) as ckpt:
+        return _calibrate(ckpt, ft_path, text, seq_len=seq_len, windows=windows, bit_widths=bit_widths,
+                          group_size=group_size, progress=progress)
+
+
+def _calibrate(ckpt: Checkpoint, ft_path: Path, text: str, *, seq_len: int, windows: int, bit_widths: tuple[int, ...],
+               group_size: int, progress: Progress | None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     from transformers import AutoConfig, AutoTokenizer
 
     from .evaluate import _load, examples, token_windows
 
-    ckpt = Checkpoint.open(ft_path)
     model_info = detect(ckpt)
     seq2seq = bool(getattr(AutoConfig.from_pretrained(ft_path), "is_encoder_decoder", False))
     tokenizer = AutoTokenizer.from_pretrained(ft_path)
     pairs = examples(token_windows(text, tokenizer, seq_len, windows), tokenizer, seq2seq)
     model = _load(ft_path, seq2seq)
     taps, handles = {}, []
-    for layer in model_info.layers:
-        weight = ckpt.read(layer.router_key)
-        taps[layer.layer] = RouterTap(weight, top_k(ckpt.config))
-        handles.append(router_module(model, layer.router_key, weight, ft_path).register_forward_pre_hook(taps[layer.layer]))
     try:
+        for layer in model_info.layers:
+            weight = ckpt.read(layer.router_key)
+            taps[layer.layer] = RouterTap(weight, top_k(ckpt.config))
+            handles.append(router_module(model, layer.router_key, weight, ft_path).register_forward_pre_hook(taps[layer.layer]))
         with torch.no_grad():
             for i, (inputs, _) in enumerate(pairs):
                 model(**inputs)

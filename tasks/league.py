@@ -64,6 +64,8 @@ class Grid:
         out = []
         for widths in self.bit_sets:
             w = tuple(sorted(widths))
+            if not w or any(not 1 <= b <= 8 for b in w):
+                raise BudgetError(f"bit-width set {list(widths)} must be non-empty with widths in 1..8", "e.g. --bit-sets 2,3,4 1,2,3")
             three = len(w) == 3 and w[2] - w[1] == w[1] - w[0]
             scheme = self.scheme if three else "two-tier"
             for budget in self.budgets:
@@ -83,6 +85,14 @@ class Grid:
 
     def widths(self) -> tuple[int, ...]:
         return tuple(sorted({b for s in self.bit_sets for b in s}))
+
+    def heatmap_cell(self) -> tuple[str, float] | None:
+        """(bit set, budget) the heatmap shows: the middle budget of the first set that has one."""
+        for widths in self.bit_sets:
+            inside = sorted(b for b in self.budgets if min(widths) <= b <= max(widths))
+            if inside:
+                return ",".join(map(str, sorted(widths))), inside[len(inside) // 2]
+        return None
 
 
 class FakeQuantizer:
@@ -112,7 +122,7 @@ class FakeQuantizer:
     def write(self, bits_of: dict[tuple[int, int], int], out: Path) -> Path:
         # fp32 like dequantize_checkpoint: rounding the reconstruction to fp16 would blur close cells
         expert_keys = {m.key for m in self.matrices}
-        tensors = {k: v.float() if k in expert_keys else v for k, v in self.tensors.items()}
+        tensors = {k: v.to(torch.float32, copy=True) if k in expert_keys else v for k, v in self.tensors.items()}
         for m in self.matrices:
             b = bits_of[m.layer, m.expert]
             if (m.name, b) not in self._cache:
@@ -188,7 +198,7 @@ def summarize(league: pd.DataFrame) -> pd.DataFrame:
                 row[f"{col}_min"], row[f"{col}_max"] = (min(values), max(values)) if values else (None, None)
         rows.append(row)
     out = pd.DataFrame(rows)
-    out["rank"] = out.groupby(["bit_set", "budget"]).kl.rank(method="min").astype(int)
+    out["rank"] = out.groupby(["bit_set", "budget"]).kl.rank(method="min").astype("Int64")
     return out
 
 
@@ -198,7 +208,8 @@ SIGNALS = ("lambda_score", "maxvar", "frequency", "routing_weight", "hessian_tra
 def diagnostics(stats: pd.DataFrame, calibration: pd.DataFrame | None, qerror: pd.DataFrame | None) -> pd.DataFrame:
     """What Λ tracks on this model: Spearman correlation of every pair of per-expert signals,
     computed within each layer (allocation ranks within layers) and averaged over layers.
-    Errors are taken at the lowest measured width, where allocation matters most."""
+    Errors are taken at the lowest measured width, where allocation matters most; MaxVar is the
+    paper's definition."""
     table = stats[["layer", "expert", "lambda_score", "maxvar"]]
     if calibration is not None:
         table = table.merge(calibration[["layer", "expert", "frequency", "routing_weight", "hessian_trace"]],
@@ -208,8 +219,10 @@ def diagnostics(stats: pd.DataFrame, calibration: pd.DataFrame | None, qerror: p
         table = table.merge(low, on=["layer", "expert"])
     signals = [c for c in SIGNALS if c in table]
     per_layer = [g[signals].rank().corr() for _, g in table.groupby("layer")]
-    mean = sum(per_layer) / len(per_layer)
-    return mean.loc[signals, signals]
+    if not per_layer:
+        return pd.DataFrame(index=signals, columns=signals, dtype=float)
+    # a constant signal in one layer (e.g. every expert routed equally) has no rank correlation there
+    return pd.concat(per_layer).groupby(level=0).mean().loc[signals, signals]
 
 
 def _grid(g: pd.DataFrame, col: str, fmt: str, spread: bool) -> list[str]:

@@ -24,9 +24,12 @@ from .stages import STAGE_CODE, _ckpt_path, _local, _miss_unless, _progress, _pu
 from .storage import Store, sha256_file
 
 STAGE_CODE.update({
-    "calibration": (calibrate, "expertbits.tasks.evaluate", "expertbits.tasks.adapters", "expertbits.kernels.packing"),
-    "league": (league, plots, "expertbits.tasks.allocate", "expertbits.tasks.allocators", "expertbits.tasks.evaluate",
-               "expertbits.kernels.packing"),
+    "calibration": (calibrate, __name__, "expertbits.tasks.evaluate", "expertbits.tasks.adapters",
+                    "expertbits.tasks.checkpoint", "expertbits.tasks.seq2seq", "expertbits.kernels.packing"),
+    "league": (league, plots, __name__, "expertbits.tasks.allocate", "expertbits.tasks.allocators",
+               "expertbits.tasks.evaluate", "expertbits.tasks.adapters", "expertbits.tasks.checkpoint",
+               "expertbits.tasks.seq2seq", "expertbits.tasks.statistics", "expertbits.kernels.packing",
+               "expertbits.zoo.cards"),
 })
 
 
@@ -105,9 +108,8 @@ def run_league(checkpoint: CheckpointRecord, stats: StageOutput, calibration: St
             + "| | " + " | ".join(corr.columns) + " |\n|---|" + "---|" * len(corr.columns) + "\n"
             + "".join(f"| {r} | " + " | ".join(f"{v:+.2f}" for v in corr.loc[r]) + " |\n" for r in corr.index))
         plots.pareto(summary, out / "pareto.png", title)
-        first = g.bit_sets[0]
-        middle = sorted(b for b in g.budgets if min(first) <= b <= max(first))
-        plots.heatmap(allocs, out / "heatmap.png", ",".join(map(str, sorted(first))), middle[len(middle) // 2], title)
+        if cell := g.heatmap_cell():
+            plots.heatmap(allocs, out / "heatmap.png", *cell, title)
         best = summary[summary["rank"] == 1].groupby("allocator").size().sort_values(ascending=False)
         get_run_logger().info(f"league: {len(rows)} cells; allocators ranked first: {best.to_dict()}")
         return _publish_stage(st, "league", key, out, {"cells": len(rows), "ranked_first": best.to_dict(),

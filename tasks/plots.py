@@ -51,6 +51,8 @@ def heatmap(allocations: pd.DataFrame, out: Path, bit_set: str, budget: float, t
     plt = _pyplot()
     cell = allocations[(allocations.bit_set == bit_set) & (allocations.budget == budget) & (allocations.seed == 0)]
     names = sorted(cell.allocator.unique())
+    if not names:
+        return out
     cols = min(4, len(names))
     rows = -(-len(names) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.6 * rows), squeeze=False,

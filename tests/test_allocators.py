@@ -121,3 +121,8 @@ def test_every_allocator_is_covered():
 def test_unknown_allocator_is_refused_up_front():
     with pytest.raises(BudgetError, match="unknown allocator"):
         AllocationConfig(avg_bits=2.5, allocator="magic")
+
+
+def test_non_finite_costs_are_a_clear_error():
+    with pytest.raises(ExpertbitsError, match="non-finite"):
+        solve({(0, 2): float("nan"), (0, 3): 1.0, (1, 2): 1.0, (1, 3): 0.5}, [0, 1], [2, 3], 5)

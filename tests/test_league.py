@@ -221,3 +221,32 @@ def test_signal_correlations_are_per_layer_spearman(micro_pair, calibrated):
     want = sum(spearmanr(g.lambda_score, g.frequency).statistic for _, g in merged.groupby("layer")) / 2
     assert corr.loc["lambda_score", "frequency"] == pytest.approx(want)
     assert set(corr.columns) == set(league.SIGNALS)
+
+
+def test_fake_quantizer_never_writes_into_its_fp32_source(micro_pair, tmp_path):
+    """fp32 checkpoints: a cell's reconstruction must not leak into the next cell's source."""
+    from safetensors.torch import load_file, save_file
+
+    _, ft = micro_pair
+    src = tmp_path / "fp32"
+    src.mkdir()
+    for f in ft.iterdir():
+        if f.suffix == ".safetensors":
+            save_file({k: v.float() for k, v in load_file(f).items()}, src / f.name, metadata={"format": "pt"})
+        elif f.is_file():
+            (src / f.name).write_bytes(f.read_bytes())
+    fq = league.FakeQuantizer(src, 32)
+    before = {k: v.clone() for k, v in fq.tensors.items()}
+    experts = {(m.layer, m.expert) for m in fq.matrices}
+    fq.write({k: 2 for k in experts}, tmp_path / "a")
+    fq.write({k: 4 for k in experts}, tmp_path / "b")
+    assert all(torch.equal(before[k], fq.tensors[k]) for k in before)
+
+
+def test_league_grid_heatmap_cell_and_bad_sets():
+    from expertbits.tasks.errors import BudgetError
+
+    g = league.Grid(budgets=(2.0, 2.5), bit_sets=((3, 4), (1, 2, 3)))
+    assert g.heatmap_cell() == ("1,2,3", 2.5)
+    with pytest.raises(BudgetError, match="non-empty"):
+        league.Grid(bit_sets=((),)).configs()
