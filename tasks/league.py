@@ -106,10 +106,15 @@ class FakeQuantizer:
         self.matrices = [m for layer in self.model.layers for m in layer.matrices]
         self._cache: dict[tuple[str, int], torch.Tensor] = {}
 
-    def _source(self, m) -> torch.Tensor:
-        t = self.tensors[m.key]
+    @staticmethod
+    def _slice(tensors: dict[str, torch.Tensor], m) -> torch.Tensor:
+        """The view of matrix `m` in its (possibly fused) tensor."""
+        t = tensors[m.key]
         t = t[m.index] if m.index is not None else t
         return t[m.rows[0] : m.rows[1]] if m.rows else t
+
+    def _source(self, m) -> torch.Tensor:
+        return self._slice(self.tensors, m)
 
     def effective_bits(self, bits_of: dict[tuple[int, int], int]) -> float:
         stored = numel = 0
@@ -128,10 +133,7 @@ class FakeQuantizer:
             if (m.name, b) not in self._cache:
                 w = self._source(m).float()
                 self._cache[m.name, b] = quantize_rtn(w, b, self.group_size).dequantize()
-            target = tensors[m.key]
-            target = target[m.index] if m.index is not None else target
-            target = target[m.rows[0] : m.rows[1]] if m.rows else target
-            target.copy_(self._cache[m.name, b])
+            self._slice(tensors, m).copy_(self._cache[m.name, b])
         out.mkdir(parents=True, exist_ok=True)
         save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
         for p in self.path.iterdir():
@@ -244,6 +246,12 @@ def _grid(g: pd.DataFrame, col: str, fmt: str, spread: bool) -> list[str]:
     return lines
 
 
+def correlation_markdown(corr: pd.DataFrame) -> str:
+    return ("Spearman correlation of per-expert signals within a layer, mean over layers:\n\n"
+            + "| | " + " | ".join(corr.columns) + " |\n|---|" + "---|" * len(corr.columns) + "\n"
+            + "".join(f"| {r} | " + " | ".join(f"{v:+.2f}" for v in corr.loc[r]) + " |\n" for r in corr.index))
+
+
 def markdown(summary: pd.DataFrame) -> str:
     """The league as markdown: KL (and task accuracy, where measured) per allocator × budget, per bit set."""
     lines = []
@@ -254,7 +262,3 @@ def markdown(summary: pd.DataFrame) -> str:
             lines += [f"Task accuracy at bit-widths {{{bit_set}}} (higher is better):", ""]
             lines += _grid(g, "accuracy", ".3f", True) + [""]
     return "\n".join(lines)
-
-
-def save_json(obj, path: Path) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=float) + "\n")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import tempfile
 from pathlib import Path
 
@@ -18,10 +17,10 @@ import pandas as pd
 from prefect import task
 from prefect.logging import get_run_logger
 
-from . import calibrate, league, plots, statistics
+from . import calibrate, league, plots, publish, statistics
 from .records import CheckpointRecord, RunManifest, StageOutput
 from .stages import STAGE_CODE, _ckpt_path, _local, _miss_unless, _progress, _publish_stage, _transient, read_text, stage_key
-from .storage import Store, sha256_file
+from .storage import Store
 
 STAGE_CODE.update({
     "calibration": (calibrate, __name__, "expertbits.tasks.evaluate", "expertbits.tasks.adapters",
@@ -102,11 +101,7 @@ def run_league(checkpoint: CheckpointRecord, stats: StageOutput, calibration: St
         title = checkpoint.uri
         corr = league.diagnostics(table, calib, qerr)
         statistics.export_parquet(corr.reset_index(names="signal"), out / "signal_correlation.parquet")
-        (out / "league.md").write_text(
-            f"# League table: {title}\n\n{league.markdown(summary)}\n"
-            "Spearman correlation of per-expert signals within a layer, mean over layers:\n\n"
-            + "| | " + " | ".join(corr.columns) + " |\n|---|" + "---|" * len(corr.columns) + "\n"
-            + "".join(f"| {r} | " + " | ".join(f"{v:+.2f}" for v in corr.loc[r]) + " |\n" for r in corr.index))
+        (out / "league.md").write_text(f"# League table: {title}\n\n{league.markdown(summary)}\n{league.correlation_markdown(corr)}")
         plots.pareto(summary, out / "pareto.png", title)
         if cell := g.heatmap_cell():
             plots.heatmap(allocs, out / "heatmap.png", *cell, title)
@@ -116,6 +111,22 @@ def run_league(checkpoint: CheckpointRecord, stats: StageOutput, calibration: St
                                                         "task": task_name, "text": text_uri})
 
 
+def league_database(path: Path, store: Store, outputs: dict[str, StageOutput], tmp: Path) -> None:
+    """Every parquet of the league's stages as a table of one DuckDB (schema tables by name)."""
+    con = duckdb.connect(str(path), config={"autoinstall_known_extensions": False})
+    try:
+        con.execute(statistics.schema_sql())
+        schema = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+        for stage, out in outputs.items():
+            for rel in (r for r in out.files if r.endswith(".parquet")):
+                table, local = rel.removesuffix(".parquet"), store.get_file(f"{out.prefix}/{rel}", tmp / stage / rel)
+                con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM read_parquet('{local}')" if table in schema
+                            else f"CREATE TABLE {table} AS SELECT * FROM read_parquet('{local}')")
+        con.execute("CHECKPOINT")
+    finally:
+        con.close()
+
+
 @task(name="publish-league", retries=3, retry_delay_seconds=[1, 4, 10], retry_condition_fn=_transient)
 def publish_league(parameters: dict, stats: StageOutput, calibration: StageOutput | None, result: StageOutput,
                    store: str, storage_options: dict) -> RunManifest:
@@ -123,43 +134,13 @@ def publish_league(parameters: dict, stats: StageOutput, calibration: StageOutpu
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     st = Store(store, storage_options)
-    outputs = {"statistics": stats, "league": result, **({"calibration": calibration} if calibration else {})}
-    slug = re.sub(r"[^a-z0-9]+", "-", parameters["checkpoint"].lower().split("://")[-1])[-40:].strip("-")
-    rid = f"{slug}-{hashlib.sha256(''.join(o.key for o in outputs.values()).encode()).hexdigest()[:10]}"
-    prefix = f"leagues/{rid}"
-    with st.staging(prefix), tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        st.remove(prefix)
-        files = {}
-        for stage, out in outputs.items():
-            for rel, sha in out.files.items():
-                st.copy(f"{out.prefix}/{rel}", f"{prefix}/{stage}/{rel}")
-                files[f"{stage}/{rel}"] = sha
-        db = tmp / "expertbits.duckdb"
-        con = duckdb.connect(str(db), config={"autoinstall_known_extensions": False})
-        try:
-            con.execute(statistics.schema_sql())
-            for stage, out in outputs.items():
-                for rel in out.files:
-                    table = rel.removesuffix(".parquet")
-                    if rel.endswith(".parquet") and table not in ("league_summary", "signal_correlation"):
-                        local = st.get_file(f"{out.prefix}/{rel}", tmp / stage / rel)
-                        con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM read_parquet('{local}')")
-            con.execute("CREATE VIEW league_summary AS SELECT bit_set, budget, allocator, count(*) AS draws, "
-                        "median(kl) AS kl, min(kl) AS kl_min, max(kl) AS kl_max, median(ppl) AS ppl, "
-                        "median(accuracy) AS accuracy, median(effective_bits) AS effective_bits, "
-                        "median(allocation_ms) AS allocation_ms FROM league GROUP BY ALL ORDER BY ALL")
-            con.execute("CHECKPOINT")
-        finally:
-            con.close()
-        st.put_file(db, f"{prefix}/expertbits.duckdb")
-        files["expertbits.duckdb"] = sha256_file(db)
-        manifest = RunManifest(run_id=rid, uri=st.uri(prefix), files=dict(sorted(files.items())),
-                               stages={s: o.key for s, o in outputs.items()},
-                               summary={"parameters": parameters, **{s: o.summary for s, o in outputs.items()}})
-        st.write_bytes(f"{prefix}/manifest.json", manifest.model_dump_json(indent=2).encode())
-        summary = statistics.read_parquet(st.get_file(f"{result.prefix}/league_summary.parquet", tmp / "summary.parquet"))
-        md = st.get_file(f"{result.prefix}/league.md", tmp / "league.md").read_text()
+    outputs = {"statistics": stats, **({"calibration": calibration} if calibration else {}), "league": result}
+    manifest = publish.publish(st, publish.run_id(parameters["checkpoint"], list(outputs.values())), outputs,
+                               parameters, root="leagues", database=league_database)
+    rid = manifest.run_id
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = statistics.read_parquet(st.get_file(f"{result.prefix}/league_summary.parquet", Path(tmp) / "summary.parquet"))
+        md = st.get_file(f"{result.prefix}/league.md", Path(tmp) / "league.md").read_text()
     create_table_artifact(key=f"league-{rid}"[:100].lower(), table=json.loads(summary.to_json(orient="records")),
                           description=f"League table of {parameters['checkpoint']}")
     create_markdown_artifact(key=f"league-md-{rid}"[:100].lower(), description="League table", markdown=(

@@ -21,6 +21,7 @@ import json
 import re
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import duckdb
 import pandas as pd
@@ -30,10 +31,11 @@ from .statistics import schema_sql
 from .storage import Store, sha256_file
 
 
-def run_id(checkpoint_uri: str, avg_bits: float, outputs: list[StageOutput]) -> str:
+def run_id(checkpoint_uri: str, outputs: list[StageOutput], tag: str = "") -> str:
+    """`<checkpoint slug>[-<tag>]-<hash of the stage keys>`: same inputs, same id."""
     slug = re.sub(r"[^a-z0-9]+", "-", checkpoint_uri.lower().rstrip("/").split("://")[-1].replace("@", "-"))[-40:].strip("-")
     digest = hashlib.sha256("".join(o.key for o in outputs).encode()).hexdigest()[:10]
-    return f"{slug}-{avg_bits:g}b-{digest}"
+    return "-".join(part for part in (slug, tag, digest) if part)
 
 
 def build_database(path: Path, store: Store, outputs: dict[str, StageOutput], tmp: Path) -> None:
@@ -61,8 +63,13 @@ def build_database(path: Path, store: Store, outputs: dict[str, StageOutput], tm
         con.close()
 
 
-def publish(store: Store, rid: str, outputs: dict[str, StageOutput], parameters: dict) -> RunManifest:
-    prefix = f"runs/{rid}"
+Database = Callable[[Path, Store, dict[str, StageOutput], Path], None]
+
+
+def publish(store: Store, rid: str, outputs: dict[str, StageOutput], parameters: dict,
+            root: str = "runs", database: Database = build_database) -> RunManifest:
+    """Copy every stage's files under `<root>/<rid>/<stage>/`, add the DuckDB, write the manifest last."""
+    prefix = f"{root}/{rid}"
     with store.staging(prefix), tempfile.TemporaryDirectory() as tmp:
         store.remove(prefix)
         files: dict[str, str] = {}
@@ -71,7 +78,7 @@ def publish(store: Store, rid: str, outputs: dict[str, StageOutput], parameters:
                 store.copy(f"{out.prefix}/{rel}", f"{prefix}/{stage}/{rel}")
                 files[f"{stage}/{rel}"] = sha
         db = Path(tmp) / "expertbits.duckdb"
-        build_database(db, store, outputs, Path(tmp))
+        database(db, store, outputs, Path(tmp))
         store.put_file(db, f"{prefix}/expertbits.duckdb")
         files["expertbits.duckdb"] = sha256_file(db)
         manifest = RunManifest(

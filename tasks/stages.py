@@ -316,7 +316,7 @@ def publish_run(parameters: dict, stats: StageOutput, calibration: StageOutput |
     st = Store(store, storage_options)
     outputs = {"statistics": stats, **({"calibration": calibration} if calibration else {}), "allocation": allocation,
                "quantization": quantized, "validation": validation, "evaluation": evaluation}
-    rid = publish.run_id(parameters["checkpoint"], parameters["avg_bits"], list(outputs.values()))
+    rid = publish.run_id(parameters["checkpoint"], list(outputs.values()), f"{parameters['avg_bits']:g}b")
     manifest = publish.publish(st, rid, outputs, parameters)
     _ui_artifacts(st, manifest, outputs)
     get_run_logger().info(f"run published: {manifest.uri}/manifest.json")

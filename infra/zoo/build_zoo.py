@@ -28,6 +28,7 @@ TOKENIZER = ROOT / "tokenizer"
 VOCAB = 4096
 SPECIAL = ["<|eos|>", "<pad>"] + [f"<extra_id_{i}>" for i in range(32)]  # sentinels for span corruption
 PRETRAIN = (("austen", 1.0), ("web", 1.0))
+SUPERSENSE = (("wordnet-supersense", 3.0), *PRETRAIN)  # fine-tuning mix: 75% task, 40% pretraining replay
 
 
 @dataclass(frozen=True)
@@ -56,10 +57,10 @@ FAMILIES: dict[str, dict] = {
         "variants": {
             "base": Variant(None, PRETRAIN, TrainConfig(steps=2000, lr=3e-3, seed=0),
                             description="pretrained on five Austen novels and the World English Bible"),
-            "wordnet": Variant("base", (("wordnet-supersense", 3.0), *PRETRAIN), FINETUNE, label_weight=5.0,
-                               description="fine-tuned on WordNet noun-supersense glosses (`<gloss> => <label>`), 25% replay"),
+            "wordnet": Variant("base", SUPERSENSE, FINETUNE, label_weight=5.0,
+                               description="fine-tuned on WordNet noun-supersense glosses (`<gloss> => <label>`), 40% pretraining replay"),
             "code": Variant("base", (("python", 3.0), *PRETRAIN), FINETUNE,
-                            description="fine-tuned on CPython standard-library source, 25% replay"),
+                            description="fine-tuned on CPython standard-library source, 40% pretraining replay"),
             "control": Variant("base", PRETRAIN, FINETUNE,
                                description="same-domain control: continued pretraining of equal length"),
         },
@@ -72,10 +73,10 @@ FAMILIES: dict[str, dict] = {
             "base": Variant(None, PRETRAIN, TrainConfig(steps=1500, lr=3e-3, seed=0, batch=32, seq_len=128, balance_coef=0.03,
                                                          importance_coef=0.05),
                             description="Switch Transformer pretrained by span corruption on Austen and the World English Bible"),
-            "wordnet": Variant("base", (("wordnet-supersense", 3.0), *PRETRAIN),
+            "wordnet": Variant("base", SUPERSENSE,
                                TrainConfig(steps=400, lr=1e-3, seed=1, warmup=0.1, batch=32, seq_len=128, balance_coef=0.03,
                                            importance_coef=0.05),
-                               description="fine-tuned to map `supersense: <gloss>` to its WordNet supersense, 25% span-corruption replay"),
+                               description="fine-tuned to map `supersense: <gloss>` to its WordNet supersense, 40% span-corruption replay"),
         },
     },
     "qwen-moe-tiny": {  # shared experts: one always-on FFN beside the routed ones
@@ -83,8 +84,8 @@ FAMILIES: dict[str, dict] = {
         "variants": {
             "base": Variant(None, PRETRAIN, TrainConfig(steps=1500, lr=3e-3, seed=0),
                             description="Qwen2-MoE with a shared expert, pretrained on Austen and the World English Bible"),
-            "wordnet": Variant("base", (("wordnet-supersense", 3.0), *PRETRAIN), FINETUNE, label_weight=5.0,
-                               description="fine-tuned on WordNet noun-supersense glosses, 25% replay"),
+            "wordnet": Variant("base", SUPERSENSE, FINETUNE, label_weight=5.0,
+                               description="fine-tuned on WordNet noun-supersense glosses, 40% pretraining replay"),
         },
     },
 }

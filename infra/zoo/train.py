@@ -14,7 +14,7 @@ balance_l has no gradient towards an expert no token picks (f = 0), so under top
 expert that dies early stays dead; the importance term raises its mean probability until it
 wins tokens again (Switch-tiny lost one encoder expert without it).
 
-Data are token streams mixed by weight (e.g. 75% fine-tuning text, 25% pretraining replay); a
+Data are token streams mixed by weight (e.g. 60% fine-tuning text, 40% pretraining replay); a
 stream may carry per-token loss weights (e.g. ×5 on a task's label tokens).
 """
 
