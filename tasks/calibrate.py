@@ -16,8 +16,9 @@ Then every expert matrix is quantized by round-to-nearest at each bit-width to m
                       token; the down projection reads the expert's hidden activations, which
                       are not observed, so its weight error enters scaled by mean_i h_i.
 
-Softmax top-k is the routing rule of Mixtral, Qwen-MoE, OLMoE and Switch (k = 1); models with
-sigmoid or bias-corrected routers (DeepSeek-V3) are approximated by it.
+Softmax top-k over W·x (+ b where the router has a bias, as Switch's `router_bias`) is the
+routing rule of Mixtral, Qwen-MoE, OLMoE and Switch (k = 1); models with sigmoid or
+bias-corrected routers (DeepSeek-V3) are approximated by it.
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ def top_k(config: dict) -> int:
 class RouterTap:
     """Accumulates routing statistics of one MoE layer from its router's inputs."""
 
-    def __init__(self, weight: torch.Tensor, k: int):
+    def __init__(self, weight: torch.Tensor, k: int, bias: torch.Tensor | None = None):
         self.weight, self.k = weight.float(), k
+        self.bias = bias.float() if bias is not None else torch.zeros(weight.shape[0])
         experts, hidden = weight.shape
         self.count = torch.zeros(experts, dtype=torch.float64)
         self.prob_sum = torch.zeros(experts, dtype=torch.float64)
@@ -57,7 +59,7 @@ class RouterTap:
 
     def __call__(self, module, args):
         x = args[0].detach().reshape(-1, self.weight.shape[1]).float()
-        probs = torch.softmax(x @ self.weight.T, dim=-1)
+        probs = torch.softmax(x @ self.weight.T + self.bias, dim=-1)
         chosen = probs.topk(self.k, dim=-1).indices
         mask = torch.zeros_like(probs).scatter_(1, chosen, 1.0)
         self.count += mask.sum(0).double()
@@ -109,7 +111,9 @@ def _calibrate(ckpt: Checkpoint, ft_path: Path, text: str, *, seq_len: int, wind
     try:
         for layer in model_info.layers:
             weight = ckpt.read(layer.router_key)
-            taps[layer.layer] = RouterTap(weight, top_k(ckpt.config))
+            bias_key = layer.router_key.removesuffix("weight") + "bias"
+            bias = ckpt.read(bias_key) if bias_key in ckpt.tensors else None
+            taps[layer.layer] = RouterTap(weight, top_k(ckpt.config), bias)
             handles.append(router_module(model, layer.router_key, weight, ft_path).register_forward_pre_hook(taps[layer.layer]))
         with torch.no_grad():
             for i, (inputs, _) in enumerate(pairs):

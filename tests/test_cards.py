@@ -43,3 +43,11 @@ def test_usage_shares_and_accuracy(build, layers, tok, monkeypatch):
     assert 100 < ppl < 10 * len(tok)  # an untrained model is near-uniform over the vocabulary
     acc = cards.supersense_accuracy(model, tok, limit=16)
     assert 0.0 <= acc <= 1.0
+
+
+def test_trained_domains_follow_the_parent_chain():
+    assert cards.trained_domains("mixtral-tiny", "base") == ["austen", "web"]
+    assert cards.trained_domains("mixtral-tiny", "code") == ["austen", "web", "python"]
+    assert cards.trained_domains("switch-tiny", "wordnet") == ["austen", "web", "wordnet-supersense"]
+    metrics = {"expert_usage_vs_fair_share": {"austen": [[0.5, 1.5]], "python": [[0.1, 1.9]]}}
+    assert cards.min_usage(metrics, ["austen"]) == 0.5 and cards.min_usage(metrics, ["austen", "python"]) == 0.1

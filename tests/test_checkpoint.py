@@ -148,9 +148,13 @@ def test_switch_transformers_encoder_and_decoder_experts(tmp_path):
 
     cfg = SwitchTransformersConfig(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=4, num_decoder_layers=4,
                                    num_sparse_encoder_layers=2, num_sparse_decoder_layers=2, num_heads=2, num_experts=4,
-                                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+                                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, router_bias=True)
     torch.manual_seed(0)
     model = SwitchTransformersForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # a router bias that decides routing (the zoo's Switch has one) must survive quantization
+        for name, module in model.named_modules():
+            if name.endswith("router.classifier"):
+                module.bias.copy_(torch.randn(4) * 3)
     model.save_pretrained(tmp_path / "sw")
     with Checkpoint.open(tmp_path / "sw") as c:
         m = detect(c)

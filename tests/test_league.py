@@ -151,7 +151,7 @@ def test_league_params_refuse_a_bad_grid():
         LeagueParams(bit_sets=[[2, 3, 4]], budgets=[1.5, 5.0])
 
 
-def _tiny(tmp_path, kind):
+def _tiny(tmp_path, kind, **config):
     from transformers import (AutoTokenizer, Qwen2MoeConfig, Qwen2MoeForCausalLM, SwitchTransformersConfig,
                               SwitchTransformersForConditionalGeneration)
 
@@ -163,8 +163,13 @@ def _tiny(tmp_path, kind):
         cfg = SwitchTransformersConfig(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2,
                                        num_sparse_encoder_layers=1, num_sparse_decoder_layers=1, num_heads=2, num_experts=4,
                                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                                       decoder_start_token_id=tok.pad_token_id)
+                                       decoder_start_token_id=tok.pad_token_id, **config)
         model = SwitchTransformersForConditionalGeneration(cfg)
+        if cfg.router_bias:  # a bias that overrules the weights: every token goes to expert 2
+            with torch.no_grad():
+                for name, module in model.named_modules():
+                    if name.endswith("router.classifier"):
+                        module.bias.zero_()[2] = 50.0
     else:
         cfg = Qwen2MoeConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
                              shared_expert_intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -183,6 +188,13 @@ def test_calibration_on_top1_encoder_decoder_and_shared_expert_models(tmp_path, 
     assert sorted(calib.layer.unique()) == ([1, 3] if kind == "switch" else [0, 1])
     assert calib.groupby("layer").frequency.sum().tolist() == pytest.approx([top_k] * 2)
     assert len(qerr) == len(calib) * 2 and (qerr.weight_error > 0).all()
+
+
+def test_calibration_applies_the_router_bias(tmp_path, texts):
+    path = _tiny(tmp_path, "switch", router_bias=True)
+    calib, _, _ = calibrate.calibrate(path, texts[0], seq_len=64, windows=2, bit_widths=(2,), group_size=16)
+    assert (calib.set_index(["layer", "expert"]).frequency.unstack().idxmax(axis=1) == 2).all()
+    assert calib[calib.expert == 2].frequency.tolist() == pytest.approx([1.0, 1.0])
 
 
 def test_league_cli_help_lists_every_parameter():
@@ -250,3 +262,25 @@ def test_league_grid_heatmap_cell_and_bad_sets():
     assert g.heatmap_cell() == ("1,2,3", 2.5)
     with pytest.raises(BudgetError, match="non-empty"):
         league.Grid(bit_sets=((),)).configs()
+
+
+def test_published_zoo_league_tables_render(tmp_path):
+    """The README's cross-pair tables are rendered from the committed summaries: every pair has
+    every allocator, the bold KL is the column's minimum, and the overall ranks cover each pair."""
+    import re
+
+    from expertbits.zoo import leagues
+
+    docs = Path(leagues.__file__).parent / "results"
+    pairs = sorted(p.parent.name for p in docs.glob("*/league_summary.parquet"))
+    assert pairs == sorted(leagues.PAIRS)
+    table = leagues.budget_table(docs, 2.5)
+    for block in table.split("Bit-widths")[1:]:
+        rows = [r.split(" | ")[1:] for r in block.splitlines() if r.startswith("| ") and "allocator" not in r]
+        assert len(rows) == len(leagues.ORDER)
+        for col in zip(*rows):
+            kls = [float(re.sub(r"[*|]", "", c).split()[0]) for c in col]
+            bold = [float(re.sub(r"[*|]", "", c).split()[0]) for c in col if c.startswith("**")]
+            assert bold and all(b == min(kls) for b in bold)
+    overall = leagues.overall(docs)
+    assert f"Over {len(pairs)} pairs" in overall and "| pmq |" in overall

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from expertbits.zoo.train import TrainConfig, lr_at, per_layer_balance
+from expertbits.zoo.train import TrainConfig, lr_at, per_layer_balance, update_biases
 
 
 def test_balance_is_per_layer_not_pooled():
@@ -17,6 +17,53 @@ def test_balance_is_per_layer_not_pooled():
     pooled, _ = per_layer_balance((torch.cat([balanced, starved]),), top_k=1)
     assert pooled.item() == pytest.approx(1.25, abs=1e-3)
     assert z.item() == pytest.approx((10 + math.log1p(math.exp(-10))) ** 2, rel=1e-6)
+
+
+def test_balance_per_stream_sees_a_starved_domain():
+    # tokens 0-3 (one stream) all pick expert 0, tokens 4-7 (another) all pick expert 1
+    logits = torch.tensor([[10.0, 0]] * 4 + [[0, 10.0]] * 4)
+    pooled, _ = per_layer_balance((logits,), top_k=1)
+    assert pooled.item() == pytest.approx(1.0, abs=1e-3)  # f = P = [.5, .5]: looks balanced
+    split, _ = per_layer_balance(([logits[:4], logits[4:]],), top_k=1)
+    assert split.item() == pytest.approx(2.0, abs=1e-3)  # each stream alone is fully starved
+
+
+def test_bias_update_moves_towards_the_mean_load():
+    bias = torch.zeros(4)
+    logits = torch.tensor([[5.0, 0, 0, 0]] * 3 + [[0, 5.0, 0, 0]])  # loads 3, 1, 0, 0; mean 1
+    update_biases([bias], [logits], top_k=1, step=0.1)
+    assert bias.tolist() == pytest.approx([-0.1, 0.0, 0.1, 0.1])
+    with pytest.raises(ValueError):  # one bias per router, never silently zipped short
+        update_biases([bias], [logits, logits], top_k=1, step=0.1)
+
+
+def test_switch_router_biases_are_stepped_not_optimised():
+    from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+
+    from expertbits.zoo.train import router_biases, train_seq2seq
+
+    torch.manual_seed(0)
+    cfg = SwitchTransformersConfig(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_decoder_layers=2,
+                                   num_sparse_encoder_layers=1, num_sparse_decoder_layers=1, num_heads=2, num_experts=4,
+                                   router_bias=True, pad_token_id=1, eos_token_id=0, decoder_start_token_id=1)
+    model = SwitchTransformersForConditionalGeneration(cfg)
+    biases = router_biases(model)
+    assert len(biases) == 2  # one encoder and one decoder router, in the order the logits come out
+    with torch.no_grad():
+        for b in biases:
+            b.zero_()
+
+    def make_batch(gen):
+        ids = torch.randint(2, 64, (4, 16), generator=gen)
+        return ids, torch.ones_like(ids), torch.randint(2, 64, (4, 8), generator=gen)
+
+    record = train_seq2seq(model, make_batch, TrainConfig(steps=3, lr=1e-2, bias_step=0.25, weight_decay=0.5,
+                                                          balance_per_sequence=True), log=None)
+    assert record["final_balance"] >= 1.0  # per sequence, 16 tokens over 4 experts
+    for b in biases:
+        assert not b.requires_grad and b.abs().sum() > 0
+        # only ±step moves: weight decay and Adam would leave values off the 0.25 grid
+        assert torch.allclose(b / 0.25, (b / 0.25).round())
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():

@@ -21,14 +21,14 @@ from pathlib import Path
 import torch
 
 from . import ROOT, corpora
-from .train import Stream, TrainConfig, train_causal
+from .train import Stream, TrainConfig, router_biases, train_causal
 
 MODELS = ROOT / "models"
 TOKENIZER = ROOT / "tokenizer"
 VOCAB = 4096
 SPECIAL = ["<|eos|>", "<pad>"] + [f"<extra_id_{i}>" for i in range(32)]  # sentinels for span corruption
 PRETRAIN = (("austen", 1.0), ("web", 1.0))
-SUPERSENSE = (("wordnet-supersense", 3.0), *PRETRAIN)  # fine-tuning mix: 75% task, 40% pretraining replay
+SUPERSENSE = (("wordnet-supersense", 3.0), *PRETRAIN)  # fine-tuning mix: 60% task, 40% pretraining replay
 
 
 @dataclass(frozen=True)
@@ -49,8 +49,9 @@ QWEN2_MOE = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, moe_i
                  router_aux_loss_coef=0.0, eos_token_id=0, bos_token_id=0, pad_token_id=1)
 SWITCH = dict(vocab_size=VOCAB, d_model=128, d_kv=32, d_ff=256, num_layers=4, num_decoder_layers=4, num_heads=4,
               num_sparse_encoder_layers=2, num_sparse_decoder_layers=2, num_experts=8, expert_capacity=64,
-              router_aux_loss_coef=0.0, router_z_loss_coef=0.0, pad_token_id=1, eos_token_id=0, decoder_start_token_id=1)
-FINETUNE = TrainConfig(steps=300, lr=5e-4, seed=1, warmup=0.1)
+              router_bias=True, router_aux_loss_coef=0.0, router_z_loss_coef=0.0, pad_token_id=1, eos_token_id=0,
+              decoder_start_token_id=1)
+FINETUNE = TrainConfig(steps=300, lr=5e-4, seed=1, warmup=0.1, balance_coef=0.1, balance_per_stream=True)
 FAMILIES: dict[str, dict] = {
     "mixtral-tiny": {
         "config": ("MixtralConfig", MIXTRAL),
@@ -70,12 +71,12 @@ FAMILIES: dict[str, dict] = {
         "seq2seq": True,
         "router_init_scale": 0.1,  # the default init starts with |logits| ~ 18 (z-loss 324) and collapses routing
         "variants": {
-            "base": Variant(None, PRETRAIN, TrainConfig(steps=1500, lr=3e-3, seed=0, batch=32, seq_len=128, balance_coef=0.03,
-                                                         importance_coef=0.05),
+            "base": Variant(None, PRETRAIN, TrainConfig(steps=1500, lr=3e-3, seed=0, batch=32, seq_len=128, bias_step=0.01,
+                                                         balance_coef=0.1, balance_per_sequence=True),
                             description="Switch Transformer pretrained by span corruption on Austen and the World English Bible"),
             "wordnet": Variant("base", SUPERSENSE,
-                               TrainConfig(steps=400, lr=1e-3, seed=1, warmup=0.1, batch=32, seq_len=128, balance_coef=0.03,
-                                           importance_coef=0.05),
+                               TrainConfig(steps=800, lr=1e-3, seed=1, warmup=0.1, batch=32, seq_len=128, bias_step=0.005,
+                                           balance_coef=0.1, balance_per_sequence=True),
                                description="fine-tuned to map `supersense: <gloss>` to its WordNet supersense, 40% span-corruption replay"),
         },
     },
@@ -182,6 +183,9 @@ def build(family: str, variant: str, log=print) -> Path:
                 for name, param in model.named_parameters():
                     if "router" in name:
                         param.mul_(scale)
+        with torch.no_grad():
+            for bias in router_biases(model):
+                bias.zero_()  # aux-loss-free balancing starts every expert equal
     else:
         model = auto.from_pretrained(MODELS / family / v.parent, dtype=torch.float32)
     model.config._experts_implementation = "eager"  # grouped_mm is ~3x slower for training on CPU

@@ -36,6 +36,21 @@ SEQ2SEQ_LEN = 128
 KL_DOMAIN = {"wordnet": "wordnet-supersense", "code": "python"}  # others: web
 
 
+def trained_domains(family: str, variant: str) -> list[str]:
+    """The held-out domains whose training split this checkpoint (or an ancestor) was trained on."""
+    names, v = set(), FAMILIES[family]["variants"][variant]
+    while True:
+        names |= {name for name, _ in v.data}
+        if v.parent is None:
+            return [d for d in DOMAINS if d in names]
+        v = FAMILIES[family]["variants"][v.parent]
+
+
+def min_usage(metrics: dict, domains) -> float:
+    """The least-used expert's routing share (× fair share) over every layer and the given domains."""
+    return min(min(layer) for d in domains for layer in metrics["expert_usage_vs_fair_share"][d])
+
+
 def heldout(name: str) -> str:
     return corpora.read(name, SPLIT.get(name, "heldout"))
 
@@ -140,6 +155,7 @@ def measure(family: str, variant: str) -> dict:
                                **{str(b): v for b, v in uniform_kl(path, heldout(KL_DOMAIN.get(variant, "web"))).items()}},
             "expert_usage_vs_fair_share": usage,
             "min_expert_usage": min(min(min(layer) for layer in u) for u in usage.values()),
+            "min_expert_usage_trained": min(min(min(layer) for layer in usage[d]) for d in trained_domains(family, variant)),
             "lambda": lambdas(family, variant)}
 
 
@@ -148,15 +164,16 @@ def write_card(family: str, variant: str, metrics: dict) -> None:
     training = json.loads((path / "training.json").read_text())
     (path / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     t = training["train"]
-    lines = [f"# zoo://{family}/{variant}", "", training["description"].capitalize() + ".", "",
+    lines = [f"# zoo://{family}/{variant}", "", training["description"][:1].upper() + training["description"][1:] + ".", "",
              f"- parameters: {metrics['parameters']:,} ({metrics['expert_parameters']:,} in routed experts)",
              f"- data: " + ", ".join(f"{d['corpus']} (share {d['share']:g})" for d in training["data"]),
              f"- training: {t['steps']} steps × {t['batch']} × {t['seq_len']} tokens = {t['tokens']:,} tokens, "
              f"lr {t['lr']}, seed {t['seed']}, {t['wall_s']:.0f} s on {training['machine']}",
              f"- continues: zoo://{family}/{training['parent']}" if training["parent"] else "- trained from scratch",
-             "", "| held-out domain | perplexity | min expert usage (× fair share) |", "|---|---|---|"]
+             "", "| held-out domain | trained on | perplexity | min expert usage (× fair share) |", "|---|---|---|---|"]
+    trained = trained_domains(family, variant)
     for d, v in metrics["perplexity"].items():
-        lines.append(f"| {d} | {v:.2f} | {min(min(layer) for layer in metrics['expert_usage_vs_fair_share'][d]):.2f} |")
+        lines.append(f"| {d} | {'yes' if d in trained else 'no'} | {v:.2f} | {min_usage(metrics, [d]):.2f} |")
     kl = metrics["kl_uniform_rtn"]
     lines += ["", f"Supersense accuracy (8 classes, chance 12.5%): {100 * metrics['supersense_accuracy']:.1f}%", "",
               f"KL(fp ‖ uniform RTN, group {kl['group_size']}) per token on {kl['text']}: "
@@ -182,7 +199,7 @@ def write_card(family: str, variant: str, metrics: dict) -> None:
 def table(family: str) -> str:
     """One markdown row per measured checkpoint of a family: the README's zoo table."""
     rows = ["| checkpoint | parameters | training tokens | ppl austen / web / python / supersense | accuracy | "
-            "KL 4 / 3 / 2 bits | Λ range (std) | min usage |", "|---|---|---|---|---|---|---|---|"]
+            "KL 4 / 3 / 2 bits | Λ range (std) | min usage, trained / all domains |", "|---|---|---|---|---|---|---|---|"]
     for variant in FAMILIES[family]["variants"]:
         path = MODELS / family / variant
         if not (path / "metrics.json").is_file():
@@ -195,7 +212,7 @@ def table(family: str) -> str:
         spread = f"{lam.min():+.3f} … {lam.max():+.3f} ({lam.std():.3f})" if lam is not None else "–"
         rows.append(f"| `zoo://{family}/{variant}` | {m['parameters'] / 1e6:.2f} M | {tokens / 1e6:.2f} M | {ppl} | "
                     f"{100 * m['supersense_accuracy']:.1f}% | {kl['4']:.4f} / {kl['3']:.4f} / {kl['2']:.4f} | {spread} | "
-                    f"{m['min_expert_usage']:.2f} |")
+                    f"{min_usage(m, trained_domains(family, variant)):.2f} / {min_usage(m, DOMAINS):.2f} |")
     return "\n".join(rows)
 
 

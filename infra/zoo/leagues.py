@@ -74,6 +74,35 @@ def overall(docs: Path) -> str:
     return "\n".join(out)
 
 
+ORDER = ("paper", "lambda", "reverse-lambda", "maxvar", "frequency", "routing-weight", "random", "pmq",
+         "weight-error", "routed-error")
+
+
+def budget_table(docs: Path, budget: float = 2.5) -> str:
+    """KL per allocator (columns: pairs) at one budget, for each bit-width set; accuracy in
+    brackets where the pair has a task, the best KL of each column in bold."""
+    import duckdb
+
+    files = sorted(str(p) for p in docs.glob("*/league_summary.parquet"))
+    frame = duckdb.sql(f"""SELECT split_part(filename, '/', -2) AS pair, bit_set, allocator, kl, accuracy
+                           FROM read_parquet({files}, filename = true, union_by_name = true) WHERE budget = {budget}""").df()
+    pairs = sorted(frame.pair.unique())
+    out = []
+    for bit_set in sorted(frame.bit_set.unique(), reverse=True):
+        cells = frame[frame.bit_set == bit_set].set_index(["allocator", "pair"])
+        best = cells.kl.groupby("pair").min()
+        out += [f"Bit-widths {{{bit_set}}}:", "", "| allocator | " + " | ".join(pairs) + " |", "|---" * (len(pairs) + 1) + "|"]
+        for allocator in ORDER:
+            row = []
+            for pair in pairs:
+                kl, acc = cells.loc[(allocator, pair), ["kl", "accuracy"]]
+                text = f"**{kl:.4f}**" if kl == best[pair] else f"{kl:.4f}"
+                row.append(text + (f" ({acc:.2f})" if acc == acc else ""))  # NaN: no task
+            out.append(f"| {allocator} | " + " | ".join(row) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 def rewrite(docs: Path) -> None:
     """Re-render each published league.md from its summary (keeps the correlation section)."""
     import duckdb
@@ -90,7 +119,9 @@ def rewrite(docs: Path) -> None:
 
 def lambda_vs_control(family: str = "mixtral-tiny") -> str:
     """Is Λ the fine-tune's signal or generic norm growth? Spearman correlation, within each layer
-    (mean over layers), of each fine-tune's Λ with the same-length control continuation's Λ."""
+    (mean over layers), of each fine-tune's Λ with the same-length control continuation's Λ; and
+    how far the router rows moved relative to their length (small for the control: the base's
+    router norms have settled)."""
     from scipy.stats import spearmanr
 
     from expertbits.tasks.checkpoint import Checkpoint
@@ -103,13 +134,14 @@ def lambda_vs_control(family: str = "mixtral-tiny") -> str:
             return collect(ft, b)[0]
 
     control = lam("control")
-    rows = ["| fine-tune | Spearman(Λ, Λ_control) per layer | mean | share of experts with Λ > 0 |", "|---|---|---|---|"]
+    rows = ["| fine-tune | Spearman(Λ, Λ_control) per layer | mean | share of experts with Λ > 0 | mean |Λ| / ‖w_base‖ |",
+            "|---|---|---|---|---|"]
     for variant in ("wordnet", "code", "control"):
         st = lam(variant)
         rhos = [spearmanr(g.lambda_score, control[control.layer == layer].lambda_score).statistic
                 for layer, g in st.groupby("layer")]
         rows.append(f"| {variant} | {', '.join(f'{r:+.2f}' for r in rhos)} | {sum(rhos) / len(rhos):+.2f} | "
-                    f"{(st.lambda_score > 0).mean():.0%} |")
+                    f"{(st.lambda_score > 0).mean():.0%} | {(st.lambda_score.abs() / st.reference_router_norm).mean():.2%} |")
     return "\n".join(rows)
 
 
@@ -123,6 +155,7 @@ def main() -> None:
     parser.add_argument("--lambda-vs-control", action="store_true", help="print how Λ of each fine-tune tracks the control's")
     parser.add_argument("--overall", action="store_true", help="print the allocators' ranks over every published pair")
     parser.add_argument("--rewrite", action="store_true", help="re-render the published league.md files")
+    parser.add_argument("--budget-table", type=float, metavar="BITS", help="print KL per allocator and pair at one budget")
     args = parser.parse_args()
     if args.lambda_vs_control:
         print(lambda_vs_control())
@@ -132,6 +165,9 @@ def main() -> None:
         return
     if args.overall:
         print(overall(args.docs))
+        return
+    if args.budget_table:
+        print(budget_table(args.docs, args.budget_table))
         return
     _prefect_defaults()
     for pair in args.pairs or PAIRS:
