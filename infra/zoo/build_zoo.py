@@ -49,7 +49,7 @@ QWEN2_MOE = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, moe_i
                  router_aux_loss_coef=0.0, eos_token_id=0, bos_token_id=0, pad_token_id=1)
 SWITCH = dict(vocab_size=VOCAB, d_model=128, d_kv=32, d_ff=256, num_layers=4, num_decoder_layers=4, num_heads=4,
               num_sparse_encoder_layers=2, num_sparse_decoder_layers=2, num_experts=8, expert_capacity=64,
-              router_bias=True, router_aux_loss_coef=0.0, router_z_loss_coef=0.0, pad_token_id=1, eos_token_id=0,
+              dropout_rate=0.0, router_jitter_noise=0.0, router_bias=True, router_aux_loss_coef=0.0, router_z_loss_coef=0.0, pad_token_id=1, eos_token_id=0,
               decoder_start_token_id=1)
 FINETUNE = TrainConfig(steps=300, lr=5e-4, seed=1, warmup=0.1, balance_coef=0.1, balance_per_stream=True)
 FAMILIES: dict[str, dict] = {

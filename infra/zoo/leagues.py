@@ -134,7 +134,7 @@ def lambda_vs_control(family: str = "mixtral-tiny") -> str:
             return collect(ft, b)[0]
 
     control = lam("control")
-    rows = ["| fine-tune | Spearman(Λ, Λ_control) per layer | mean | share of experts with Λ > 0 | mean |Λ| / ‖w_base‖ |",
+    rows = ["| fine-tune | Spearman(Λ, Λ_control) per layer | mean | share of experts with Λ > 0 | mean abs(Λ) / ‖w_base‖ |",
             "|---|---|---|---|---|"]
     for variant in ("wordnet", "code", "control"):
         st = lam(variant)

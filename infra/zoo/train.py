@@ -12,8 +12,8 @@ With `balance_per_stream`, balance_l is averaged over the batch's data streams i
 over the whole batch: a fine-tune's new domain must use every expert by itself, not only with
 the pretraining replay beside it (pooled, the code fine-tune left one expert at 0.12 of its fair
 share on code). `balance_per_sequence` goes further and balances every sequence, as DeepSeek-V3's
-sequence-wise loss: Switch-tiny, balanced over its batches only, routed most of each sequence
-to one or two experts by document, and held-out Austen alone left experts at 0.03 of their share.
+sequence-wise loss, for Switch-tiny, whose balance over whole batches still let single
+sequences put most of their tokens on one expert.
 
 Top-1 routing needs more: an expert no token picks gets no gradient from balance_l (f = 0),
 and once the router's probabilities are near uniform balance_l is ≈ 1 whatever f is, so a
@@ -23,7 +23,11 @@ every step each bias moves by `bias_step` towards its layer's mean load,
 
     b_{l,e} += bias_step · sign(mean_e' n_{l,e'} − n_{l,e})      n: tokens routed to e this step
 
-and the bias is saved with the model, so inference routes exactly as training did.
+and the bias is saved with the model, so inference routes exactly as training did: provided
+training runs the same network as inference. T5's dropout (0.1, on in training only) made a
+router balanced under dropout starve an expert at inference (on one training batch the least-used
+expert of an encoder layer got 0.87 of its share in train mode, 0.03 with dropout set to 0 and
+in eval mode), so the zoo's Switch trains without dropout.
 
 Data are token streams mixed by weight (e.g. 60% fine-tuning text, 40% pretraining replay); a
 stream may carry per-token loss weights (e.g. ×5 on a task's label tokens).
