@@ -159,6 +159,15 @@ def measure(family: str, variant: str) -> dict:
             "lambda": lambdas(family, variant)}
 
 
+def _balance(t: dict) -> str:
+    """How the run balanced its routers, from its TrainConfig record."""
+    scope = "per sequence" if t.get("balance_per_sequence") else "per data stream" if t.get("balance_per_stream") else "per batch"
+    parts = [f"loss coefficient {t['balance_coef']:g} per layer, {scope}", f"router z-loss {t['z_coef']:g}"]
+    if t.get("bias_step"):
+        parts.append(f"router bias stepped ±{t['bias_step']:g} towards the mean load after every step")
+    return "; ".join(parts)
+
+
 def write_card(family: str, variant: str, metrics: dict) -> None:
     path = MODELS / family / variant
     training = json.loads((path / "training.json").read_text())
@@ -169,6 +178,7 @@ def write_card(family: str, variant: str, metrics: dict) -> None:
              f"- data: " + ", ".join(f"{d['corpus']} (share {d['share']:g})" for d in training["data"]),
              f"- training: {t['steps']} steps × {t['batch']} × {t['seq_len']} tokens = {t['tokens']:,} tokens, "
              f"lr {t['lr']}, seed {t['seed']}, {t['wall_s']:.0f} s on {training['machine']}",
+             "- routing balance: " + _balance(t),
              f"- continues: zoo://{family}/{training['parent']}" if training["parent"] else "- trained from scratch",
              "", "| held-out domain | trained on | perplexity | min expert usage (× fair share) |", "|---|---|---|---|"]
     trained = trained_domains(family, variant)
