@@ -19,13 +19,27 @@ def run(prefect_api, **kw):
     return state
 
 
-def task_states(state) -> dict[str, str]:
+def task_states(state, last: str = "publish-run", timeout: float = 60.0) -> dict[str, str]:
+    """Final state name of each task of a finished flow run, read back from the Prefect API.
+
+    Task-run states reach the API asynchronously (batched events), so on a loaded machine a read
+    right after the flow returns can miss the last tasks or see them without a state: poll until
+    `last` is there and every state is final."""
+    import time
+
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    deadline = time.monotonic() + timeout
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
-    return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
+        while True:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+            states = {r.name.rsplit("-", 1)[0]: r.state for r in runs}
+            if last in states and all(s is not None and s.is_final() for s in states.values()):
+                return {name: s.name for name, s in states.items()}
+            if time.monotonic() > deadline:
+                raise AssertionError(f"task states not final after {timeout:.0f} s: {states}")
+            time.sleep(0.2)
 
 
 def artifacts(state) -> set[tuple[str, str | None]]:
