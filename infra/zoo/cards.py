@@ -126,6 +126,24 @@ def uniform_kl(path: Path, text: str) -> dict[int, float]:
     return out
 
 
+def experts_off_kl(path: Path, text: str) -> float:
+    """KL(fp ‖ the same model with every routed expert's output projection zeroed): how much
+    the routed experts matter at all, the ceiling any quantization of them approaches."""
+    from expertbits.tasks.evaluate import Reference
+
+    with Checkpoint.open(path) as c:
+        seq2seq = bool(c.config.get("is_encoder_decoder"))
+        down = {m.key for m in detect(c).matrices if m.role == "down"}
+    ref = Reference(path, text, seq_len=seq_len(seq2seq), windows=WINDOWS)
+    model = ref.load(path)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            # per-expert keys match by name; fused tensors (experts.down_proj) by their module
+            if name in down or (name.endswith("experts.down_proj") and ".mlp." in name):
+                param.zero_()
+    return ref.compare(model)["kl"]
+
+
 def lambdas(family: str, variant: str) -> list[dict] | None:
     parent = FAMILIES[family]["variants"][variant].parent
     if parent is None:
@@ -159,6 +177,10 @@ def measure(family: str, variant: str) -> dict:
             "lambda": lambdas(family, variant)}
 
 
+def _kl(v: float) -> str:
+    return f"{v:.4f}" if v >= 1e-3 else f"{v:.1e}"  # Switch's KL is 1e-5..1e-4: keep its digits
+
+
 def _balance(t: dict) -> str:
     """How the run balanced its routers, from its TrainConfig record."""
     scope = "per sequence" if t.get("balance_per_sequence") else "per data stream" if t.get("balance_per_stream") else "per batch"
@@ -187,7 +209,7 @@ def write_card(family: str, variant: str, metrics: dict) -> None:
     kl = metrics["kl_uniform_rtn"]
     lines += ["", f"Supersense accuracy (8 classes, chance 12.5%): {100 * metrics['supersense_accuracy']:.1f}%", "",
               f"KL(fp ‖ uniform RTN, group {kl['group_size']}) per token on {kl['text']}: "
-              f"4-bit {kl['4']:.4f}, 3-bit {kl['3']:.4f}, 2-bit {kl['2']:.4f}", ""]
+              f"4-bit {_kl(kl['4'])}, 3-bit {_kl(kl['3'])}, 2-bit {_kl(kl['2'])}", ""]
     domain = "python" if variant == "code" else "wordnet-supersense" if variant == "wordnet" else "web"
     usage = metrics["expert_usage_vs_fair_share"][domain]
     lines += [f"Routing share per expert on held-out {domain} (1.00 = fair share):", "",
@@ -221,7 +243,7 @@ def table(family: str) -> str:
         lam = torch.tensor([r["lambda_score"] for r in m["lambda"]]) if m.get("lambda") else None
         spread = f"{lam.min():+.3f} … {lam.max():+.3f} ({lam.std():.3f})" if lam is not None else "–"
         rows.append(f"| `zoo://{family}/{variant}` | {m['parameters'] / 1e6:.2f} M | {tokens / 1e6:.2f} M | {ppl} | "
-                    f"{100 * m['supersense_accuracy']:.1f}% | {kl['4']:.4f} / {kl['3']:.4f} / {kl['2']:.4f} | {spread} | "
+                    f"{100 * m['supersense_accuracy']:.1f}% | {_kl(kl['4'])} / {_kl(kl['3'])} / {_kl(kl['2'])} | {spread} | "
                     f"{min_usage(m, trained_domains(family, variant)):.2f} / {min_usage(m, DOMAINS):.2f} |")
     return "\n".join(rows)
 
@@ -232,11 +254,19 @@ def main() -> None:
     parser.add_argument("variants", nargs="*")
     parser.add_argument("--rewrite", action="store_true", help="rewrite the cards from metrics.json, measuring nothing")
     parser.add_argument("--table", action="store_true", help="print the family's summary table")
+    parser.add_argument("--experts-off", action="store_true",
+                        help="print KL with every routed expert removed, on each variant's KL text")
     args = parser.parse_args()
     if args.table:
         print(table(args.family))
         return
     for variant in args.variants or list(FAMILIES[args.family]["variants"]):
+        if args.experts_off:
+            torch.set_num_threads(1)
+            domain = KL_DOMAIN.get(variant, "web")
+            print(f"zoo://{args.family}/{variant}: KL with routed experts removed on {domain}: "
+                  f"{experts_off_kl(MODELS / args.family / variant, heldout(domain)):.4f}")
+            continue
         if args.rewrite:
             write_card(args.family, variant, json.loads((MODELS / args.family / variant / "metrics.json").read_text()))
             continue
