@@ -198,7 +198,7 @@ def write_card(family: str, variant: str, metrics: dict) -> None:
     lines = [f"# zoo://{family}/{variant}", "", training["description"][:1].upper() + training["description"][1:] + ".", "",
              f"- parameters: {metrics['parameters']:,} ({metrics['expert_parameters']:,} in routed experts)",
              f"- data: " + ", ".join(f"{d['corpus']} (share {d['share']:g})" for d in training["data"]),
-             f"- training: {t['steps']} steps × {t['batch']} × {t['seq_len']} tokens = {t['tokens']:,} tokens, "
+             f"- training: {t['steps']} steps × {t['batch']} sequences of up to {t['seq_len']} tokens ({t['tokens']:,} tokens), "
              f"lr {t['lr']}, seed {t['seed']}, {t['wall_s']:.0f} s on {training['machine']}",
              "- routing balance: " + _balance(t),
              f"- continues: zoo://{family}/{training['parent']}" if training["parent"] else "- trained from scratch",
