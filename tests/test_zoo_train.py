@@ -98,3 +98,32 @@ def test_span_corruption_hides_spans_behind_sentinels():
     assert len(hidden) == 3 * sum(1 for t in inp if t < 100)  # spans of 3, one sentinel each
     again = span_corrupt(ids, [1, 2, 3, 4], 0, torch.Generator().manual_seed(0))
     assert again == (inp, tgt)
+
+
+def test_causal_training_balances_each_stream_on_its_own(monkeypatch):
+    """train_causal hands per_layer_balance one token group per stream, cut at the stream's rows."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from expertbits.zoo import train
+    from expertbits.zoo.train import Stream, train_causal
+
+    seen = []
+    real = train.per_layer_balance
+
+    def spy(router_logits, top_k):
+        seen.append([[g.shape[0] for g in layer] if isinstance(layer, list) else layer.shape[0] for layer in router_logits])
+        return real(router_logits, top_k)
+
+    monkeypatch.setattr(train, "per_layer_balance", spy)
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                             num_attention_heads=2, num_key_value_heads=2, num_local_experts=4,
+                                             num_experts_per_tok=2))
+    streams = [Stream(torch.randint(0, 50, (400,)), share=3.0), Stream(torch.randint(0, 50, (400,)), share=1.0)]
+    cfg = TrainConfig(steps=1, lr=1e-3, batch=4, seq_len=8, balance_per_stream=True)
+    record = train_causal(model, streams, cfg, log=None)
+    assert seen == [[[3 * 8, 1 * 8], [3 * 8, 1 * 8]]]  # 3 rows of the first stream, 1 of the second, per layer
+    assert record["tokens"] == 4 * 8
+    seen.clear()
+    train_causal(model, streams, TrainConfig(steps=1, lr=1e-3, batch=4, seq_len=8), log=None)
+    assert seen == [[4 * 8, 4 * 8]]  # pooled: one group of all tokens per layer
