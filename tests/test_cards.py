@@ -51,3 +51,32 @@ def test_trained_domains_follow_the_parent_chain():
     assert cards.trained_domains("switch-tiny", "wordnet") == ["austen", "web", "wordnet-supersense"]
     metrics = {"expert_usage_vs_fair_share": {"austen": [[0.5, 1.5]], "python": [[0.1, 1.9]]}}
     assert cards.min_usage(metrics, ["austen"]) == 0.5 and cards.min_usage(metrics, ["austen", "python"]) == 0.1
+
+
+def test_experts_off_removes_the_routed_experts_only(tok, tmp_path, monkeypatch):
+    """KL > 0 when the routed experts go; 0 on a copy whose routed experts are already off,
+    which also shows the shared expert (Qwen2-MoE) is left alone."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    monkeypatch.setattr(cards, "WINDOWS", 2)
+    monkeypatch.setattr(cards, "SEQ_LEN", 32)
+    torch.manual_seed(0)
+    model = Qwen2MoeForCausalLM(Qwen2MoeConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                               moe_intermediate_size=16, shared_expert_intermediate_size=32,
+                                               num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                               num_experts=4, num_experts_per_tok=2))
+    text = corpora.read("austen", "heldout")[:20_000]
+    with torch.no_grad():  # random init leaves the experts' output too small to matter
+        for name, param in model.named_parameters():
+            if ".experts." in name or "shared_expert." in name:
+                param.mul_(20)
+    model.save_pretrained(tmp_path / "on")
+    tok.save_pretrained(tmp_path / "on")
+    assert cards.experts_off_kl(tmp_path / "on", text) > 1e-3
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("mlp.experts.down_proj"):
+                param.zero_()
+    model.save_pretrained(tmp_path / "off")
+    tok.save_pretrained(tmp_path / "off")
+    assert cards.experts_off_kl(tmp_path / "off", text) == pytest.approx(0.0, abs=1e-9)

@@ -37,33 +37,44 @@ def test_bias_update_moves_towards_the_mean_load():
         update_biases([bias], [logits, logits], top_k=1, step=0.1)
 
 
-def test_switch_router_biases_are_stepped_not_optimised():
+def test_switch_router_biases_are_stepped_not_optimised(monkeypatch):
     from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
 
+    from expertbits.zoo import train
     from expertbits.zoo.train import router_biases, train_seq2seq
 
+    groups, real = [], train.per_layer_balance
+    monkeypatch.setattr(train, "per_layer_balance", lambda logits, k: groups.append(
+        [[g.shape[0] for g in layer] for layer in logits]) or real(logits, k))
     torch.manual_seed(0)
-    cfg = SwitchTransformersConfig(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_decoder_layers=2,
-                                   num_sparse_encoder_layers=1, num_sparse_decoder_layers=1, num_heads=2, num_experts=4,
+    cfg = SwitchTransformersConfig(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=4, num_decoder_layers=4,
+                                   num_sparse_encoder_layers=2, num_sparse_decoder_layers=2, num_heads=2, num_experts=4,
                                    router_bias=True, pad_token_id=1, eos_token_id=0, decoder_start_token_id=1)
     model = SwitchTransformersForConditionalGeneration(cfg)
     biases = router_biases(model)
-    assert len(biases) == 2  # one encoder and one decoder router, in the order the logits come out
-    with torch.no_grad():
-        for b in biases:
-            b.zero_()
+    assert len(biases) == 4  # two encoder and two decoder routers
+    with torch.no_grad():  # router r sends every token to expert r, so only bias r may go down
+        for r, b in enumerate(biases):
+            b.zero_()[r] = 100.0
 
-    def make_batch(gen):
+    def make_batch(gen):  # padded rows: pads must not count as load
         ids = torch.randint(2, 64, (4, 16), generator=gen)
-        return ids, torch.ones_like(ids), torch.randint(2, 64, (4, 8), generator=gen)
+        mask = torch.ones_like(ids)
+        ids[:2, 10:], mask[:2, 10:] = 1, 0
+        labels = torch.randint(2, 64, (4, 8), generator=gen)
+        labels[1:, 5:] = -100
+        return ids, mask, labels
 
-    record = train_seq2seq(model, make_batch, TrainConfig(steps=3, lr=1e-2, bias_step=0.25, weight_decay=0.5,
+    step = 0.25
+    record = train_seq2seq(model, make_batch, TrainConfig(steps=1, lr=1e-2, bias_step=step, weight_decay=0.5,
                                                           balance_per_sequence=True), log=None)
-    assert record["final_balance"] >= 1.0  # per sequence, 16 tokens over 4 experts
-    for b in biases:
-        assert not b.requires_grad and b.abs().sum() > 0
-        # only ±step moves: weight decay and Adam would leave values off the 0.25 grid
-        assert torch.allclose(b / 0.25, (b / 0.25).round())
+    for r, b in enumerate(biases):
+        assert not b.requires_grad
+        assert b.tolist() == pytest.approx([100.0 - step if e == r else step for e in range(4)]), r
+    assert record["tokens"] == 4 * 16 - 2 * 6 + 8 + 3 * 5  # pads and ignored labels are not tokens
+    # one group per sequence, without its padding: encoder inputs, then decoder targets
+    assert groups == [[[10, 10, 16, 16]] * 2 + [[8, 5, 5, 5]] * 2]
+    assert record["final_balance"] == pytest.approx(4.0, rel=1e-3)  # every sequence on one expert: E · 1
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():

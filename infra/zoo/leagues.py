@@ -84,8 +84,13 @@ def budget_table(docs: Path, budget: float = 2.5) -> str:
     import duckdb
 
     files = sorted(str(p) for p in docs.glob("*/league_summary.parquet"))
+    from .cards import _kl
+
     frame = duckdb.sql(f"""SELECT split_part(filename, '/', -2) AS pair, bit_set, allocator, kl, accuracy
                            FROM read_parquet({files}, filename = true, union_by_name = true) WHERE budget = {budget}""").df()
+    frame = frame[frame.allocator.isin(ORDER)]  # bold only what is shown
+    if frame.empty:
+        raise ValueError(f"no published league has budget {budget}")
     pairs = sorted(frame.pair.unique())
     out = []
     for bit_set in sorted(frame.bit_set.unique(), reverse=True):
@@ -96,7 +101,7 @@ def budget_table(docs: Path, budget: float = 2.5) -> str:
             row = []
             for pair in pairs:
                 kl, acc = cells.loc[(allocator, pair), ["kl", "accuracy"]]
-                text = f"**{kl:.4f}**" if kl == best[pair] else f"{kl:.4f}"
+                text = f"**{_kl(kl)}**" if kl == best[pair] else _kl(kl)
                 row.append(text + (f" ({acc:.2f})" if acc == acc else ""))  # NaN: no task
             out.append(f"| {allocator} | " + " | ".join(row) + " |")
         out.append("")

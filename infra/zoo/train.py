@@ -191,7 +191,7 @@ def train_seq2seq(model, make_batch, cfg: TrainConfig, log=print) -> dict:
         routers = [(r, mask.bool()) for r in out.encoder_router_logits if r is not None and r.dim() == 3]
         routers += [(r, labels != -100) for r in out.decoder_router_logits if r is not None and r.dim() == 3]
         if cfg.balance_per_sequence:
-            routers = [[r[b][keep[b]] for b in range(len(r))] for r, keep in routers]
+            routers = [[r[b][keep[b]] for b in range(len(r)) if keep[b].any()] for r, keep in routers]
         else:
             routers = [r[keep] for r, keep in routers]
         return lm, routers, 1, int(mask.sum()) + int((labels != -100).sum())
