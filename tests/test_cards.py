@@ -49,8 +49,8 @@ def test_trained_domains_follow_the_parent_chain():
     assert cards.trained_domains("mixtral-tiny", "base") == ["austen", "web"]
     assert cards.trained_domains("mixtral-tiny", "code") == ["austen", "web", "python"]
     assert cards.trained_domains("switch-tiny", "wordnet") == ["austen", "web", "wordnet-supersense"]
-    metrics = {"expert_usage_vs_fair_share": {"austen": [[0.5, 1.5]], "python": [[0.1, 1.9]]}}
-    assert cards.min_usage(metrics, ["austen"]) == 0.5 and cards.min_usage(metrics, ["austen", "python"]) == 0.1
+    usage = {"austen": [[0.5, 1.5]], "python": [[0.1, 1.9]]}
+    assert cards.min_usage(usage, ["austen"]) == 0.5 and cards.min_usage(usage, ["austen", "python"]) == 0.1
 
 
 def test_experts_off_removes_the_routed_experts_only(tok, tmp_path, monkeypatch):

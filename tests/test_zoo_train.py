@@ -138,3 +138,20 @@ def test_causal_training_balances_each_stream_on_its_own(monkeypatch):
     seen.clear()
     train_causal(model, streams, TrainConfig(steps=1, lr=1e-3, batch=4, seq_len=8), log=None)
     assert seen == [[4 * 8, 4 * 8]]  # pooled: one group of all tokens per layer
+
+
+def test_training_options_the_model_cannot_honour_are_refused():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from expertbits.zoo.train import Stream, train_causal, train_seq2seq
+
+    model = MixtralForCausalLM(MixtralConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, num_key_value_heads=2, num_local_experts=4,
+                                             num_experts_per_tok=2))
+    streams = [Stream(torch.randint(0, 50, (200,)))]
+    with pytest.raises(ValueError, match="routers with a bias"):  # Mixtral's router has no bias to step
+        train_causal(model, streams, TrainConfig(steps=1, lr=1e-3, batch=2, seq_len=8, bias_step=0.01), log=None)
+    with pytest.raises(ValueError, match="balance_per_sequence is for seq2seq"):
+        train_causal(model, streams, TrainConfig(steps=1, lr=1e-3, batch=2, seq_len=8, balance_per_sequence=True), log=None)
+    with pytest.raises(ValueError, match="balance_per_stream is for causal"):
+        train_seq2seq(model, None, TrainConfig(steps=1, lr=1e-3, balance_per_stream=True), log=None)

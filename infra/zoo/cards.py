@@ -46,9 +46,9 @@ def trained_domains(family: str, variant: str) -> list[str]:
         v = FAMILIES[family]["variants"][v.parent]
 
 
-def min_usage(metrics: dict, domains) -> float:
+def min_usage(usage: dict[str, list[list[float]]], domains) -> float:
     """The least-used expert's routing share (× fair share) over every layer and the given domains."""
-    return min(min(layer) for d in domains for layer in metrics["expert_usage_vs_fair_share"][d])
+    return min(min(layer) for d in domains for layer in usage[d])
 
 
 def heldout(name: str) -> str:
@@ -172,12 +172,11 @@ def measure(family: str, variant: str) -> dict:
             "kl_uniform_rtn": {"group_size": GROUP, "text": KL_DOMAIN.get(variant, "web"),
                                **{str(b): v for b, v in uniform_kl(path, heldout(KL_DOMAIN.get(variant, "web"))).items()}},
             "expert_usage_vs_fair_share": usage,
-            "min_expert_usage": min(min(min(layer) for layer in u) for u in usage.values()),
-            "min_expert_usage_trained": min(min(min(layer) for layer in usage[d]) for d in trained_domains(family, variant)),
+            "min_expert_usage": min_usage(usage, usage),
             "lambda": lambdas(family, variant)}
 
 
-def _kl(v: float) -> str:
+def fmt_kl(v: float) -> str:
     return f"{v:.4f}" if v >= 1e-3 else f"{v:.1e}"  # Switch's KL is 1e-5..1e-4: keep its digits
 
 
@@ -205,12 +204,12 @@ def write_card(family: str, variant: str, metrics: dict) -> None:
              "", "| held-out domain | trained on | perplexity | min expert usage (× fair share) |", "|---|---|---|---|"]
     trained = trained_domains(family, variant)
     for d, v in metrics["perplexity"].items():
-        lines.append(f"| {d} | {'yes' if d in trained else 'no'} | {v:.2f} | {min_usage(metrics, [d]):.2f} |")
+        lines.append(f"| {d} | {'yes' if d in trained else 'no'} | {v:.2f} | {min_usage(metrics['expert_usage_vs_fair_share'], [d]):.2f} |")
     kl = metrics["kl_uniform_rtn"]
     lines += ["", f"Supersense accuracy (8 classes, chance 12.5%): {100 * metrics['supersense_accuracy']:.1f}%", "",
               f"KL(fp ‖ uniform RTN, group {kl['group_size']}) per token on {kl['text']}: "
-              f"4-bit {_kl(kl['4'])}, 3-bit {_kl(kl['3'])}, 2-bit {_kl(kl['2'])}", ""]
-    domain = "python" if variant == "code" else "wordnet-supersense" if variant == "wordnet" else "web"
+              f"4-bit {fmt_kl(kl['4'])}, 3-bit {fmt_kl(kl['3'])}, 2-bit {fmt_kl(kl['2'])}", ""]
+    domain = KL_DOMAIN.get(variant, "web")
     usage = metrics["expert_usage_vs_fair_share"][domain]
     lines += [f"Routing share per expert on held-out {domain} (1.00 = fair share):", "",
               "| layer | " + " | ".join(f"e{e}" for e in range(len(usage[0]))) + " |", "|---|" + "---|" * len(usage[0])]
@@ -243,8 +242,9 @@ def table(family: str) -> str:
         lam = torch.tensor([r["lambda_score"] for r in m["lambda"]]) if m.get("lambda") else None
         spread = f"{lam.min():+.3f} … {lam.max():+.3f} ({lam.std():.3f})" if lam is not None else "–"
         rows.append(f"| `zoo://{family}/{variant}` | {m['parameters'] / 1e6:.2f} M | {tokens / 1e6:.2f} M | {ppl} | "
-                    f"{100 * m['supersense_accuracy']:.1f}% | {_kl(kl['4'])} / {_kl(kl['3'])} / {_kl(kl['2'])} | {spread} | "
-                    f"{min_usage(m, trained_domains(family, variant)):.2f} / {min_usage(m, DOMAINS):.2f} |")
+                    f"{100 * m['supersense_accuracy']:.1f}% | {fmt_kl(kl['4'])} / {fmt_kl(kl['3'])} / {fmt_kl(kl['2'])} | {spread} | "
+                    f"{min_usage(m['expert_usage_vs_fair_share'], trained_domains(family, variant)):.2f} / "
+                    f"{m['min_expert_usage']:.2f} |")
     return "\n".join(rows)
 
 

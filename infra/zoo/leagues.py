@@ -83,9 +83,9 @@ def budget_table(docs: Path, budget: float = 2.5) -> str:
     brackets where the pair has a task, the best KL of each column in bold."""
     import duckdb
 
-    files = sorted(str(p) for p in docs.glob("*/league_summary.parquet"))
-    from .cards import _kl
+    from .cards import fmt_kl
 
+    files = sorted(str(p) for p in docs.glob("*/league_summary.parquet"))
     frame = duckdb.sql(f"""SELECT split_part(filename, '/', -2) AS pair, bit_set, allocator, kl, accuracy
                            FROM read_parquet({files}, filename = true, union_by_name = true) WHERE budget = {budget}""").df()
     frame = frame[frame.allocator.isin(ORDER)]  # bold only what is shown
@@ -101,7 +101,7 @@ def budget_table(docs: Path, budget: float = 2.5) -> str:
             row = []
             for pair in pairs:
                 kl, acc = cells.loc[(allocator, pair), ["kl", "accuracy"]]
-                text = f"**{_kl(kl)}**" if kl == best[pair] else _kl(kl)
+                text = f"**{fmt_kl(kl)}**" if kl == best[pair] else fmt_kl(kl)
                 row.append(text + (f" ({acc:.2f})" if acc == acc else ""))  # NaN: no task
             out.append(f"| {allocator} | " + " | ".join(row) + " |")
         out.append("")

@@ -130,6 +130,9 @@ def fit(model, cfg: TrainConfig, step_loss, log=print, log_every: int = 50) -> d
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     biases = router_biases(model) if cfg.bias_step else []
+    if cfg.bias_step and not biases:
+        raise ValueError("bias_step needs routers with a bias (e.g. SwitchTransformersConfig(router_bias=True)); "
+                         "this model's routers have none")
     for b in biases:
         b.requires_grad_(False)  # moved by update_biases only, never by the optimizer or weight decay
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.95),
@@ -161,6 +164,8 @@ def fit(model, cfg: TrainConfig, step_loss, log=print, log_every: int = 50) -> d
 
 def train_causal(model, streams: list[Stream], cfg: TrainConfig, log=print) -> dict:
     """Next-token prediction on windows mixed from `streams`, per-token weighted."""
+    if cfg.balance_per_sequence:
+        raise ValueError("balance_per_sequence is for seq2seq training; causal training balances per stream")
     top_k = model.config.num_experts_per_tok
 
     def step_loss(model, gen):
@@ -183,6 +188,9 @@ def train_seq2seq(model, make_batch, cfg: TrainConfig, log=print) -> dict:
 
     Padding positions are left out of the routing statistics: a short task example padded to the
     batch's longest input would otherwise count as load on whichever expert routes `<pad>`."""
+    if cfg.balance_per_stream:
+        raise ValueError("balance_per_stream is for causal training on streams; seq2seq balances per sequence")
+
     def step_loss(model, gen):
         ids, mask, labels = make_batch(gen)
         out = model(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True)
