@@ -85,11 +85,50 @@ def build_parser() -> argparse.ArgumentParser:
                                     "allocator at every budget and bit-width set is quantized and evaluated, and the table, "
                                     "a Pareto plot and a heatmap are published under leagues/<id>/ of the store.")
     _add_options(lg, LeagueParams)
+    gen = sub.add_parser("generate", help="load a quantized model and continue a prompt",
+                         description="Load an expertbits-quantized folder (a run's quantization/ folder) the way a user "
+                                     "does, experts running from their packed weights, and print what it generates. "
+                                     "Encoder-decoder models (Switch) answer the prompt as their encoder input.")
+    gen.add_argument("--model", required=True, help="the quantized folder (config.json + packed safetensors)")
+    gen.add_argument("--prompt", required=True, help="text to continue")
+    gen.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default: 32)")
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--seed", type=int, default=0, help="seed for --sample (default: 0)")
+    gen.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
     return parser
+
+
+def generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from expertbits.tasks.errors import ExpertbitsError
+    from expertbits.tasks.loader import load
+
+    if args.max_new_tokens < 1:
+        print("expertbits: --max-new-tokens must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        model, tokenizer = load(args.model, device=args.device)
+    except ExpertbitsError as e:
+        print(f"expertbits: {e}", file=sys.stderr)
+        return 1
+    inputs = tokenizer(args.prompt, return_tensors="pt").to(model.device)
+    torch.manual_seed(args.seed)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    # an encoder-decoder's output starts with its decoder start token; a decoder-only's with the prompt
+    new = out[0, 1:] if model.config.is_encoder_decoder else out[0, inputs["input_ids"].shape[1]:]
+    # special tokens stay visible: a span-corruption model (Switch) answers in <extra_id_N> sentinels
+    print(tokenizer.decode(new, skip_special_tokens=False))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "generate":
+        _prefect_defaults()  # only the thread setting matters here
+        return generate(args)
     from pydantic import ValidationError
 
     model = {"quantize": QuantizeParams, "league": LeagueParams}[args.command]

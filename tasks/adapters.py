@@ -39,6 +39,7 @@ class MoELayer:
     router_key: str
     num_experts: int
     matrices: tuple[ExpertMatrix, ...]
+    experts_module: str  # the experts module's name in the model transformers builds (loaded naming)
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,14 @@ class _Spec:
     per_expert: str
     roles: dict[str, str]  # projection name in the key -> role
     fused_prefix: str  # the experts module, for fused tensors: f"{prefix}.gate_up_proj" / ".down_proj"
+    router_suffix: str = r"\.gate\.weight$"  # what replaces with ".experts" to name the experts module
+    renames: tuple[tuple[str, str], ...] = ()  # stored -> loaded module names (transformers' load-time renames)
+
+    def experts_module(self, router_key: str) -> str:
+        name = re.sub(self.router_suffix, ".experts", router_key)
+        for old, new in self.renames:
+            name = name.replace(old, new)
+        return name
 
 
 def _layer(m: re.Match, config: dict) -> int:
@@ -76,6 +85,7 @@ _SPECS: dict[str, tuple[_Spec, ...]] = {
             per_expert=r"model\.layers\.(?P<layer>\d+)\.block_sparse_moe\.experts\.(?P<expert>\d+)\.(?P<proj>w1|w2|w3)\.weight",
             roles={"w1": "gate", "w3": "up", "w2": "down"},
             fused_prefix="",
+            renames=((".block_sparse_moe.", ".mlp."),),  # transformers 5 loads Mixtral's MoE block as `mlp`
         ),
         _Spec(
             router=_MLP + r"\.gate\.weight",
@@ -99,7 +109,7 @@ _SWITCH = r"(?P<stack>encoder|decoder)\.block\.(?P<layer>\d+)\.layer\.\d+\.mlp"
 _SPECS["switch_transformers"] = (  # per-expert modules in both stacks; wi is the first (input) layer
     _Spec(router=_SWITCH + r"\.router\.classifier\.weight",
           per_expert=_SWITCH + r"\.experts\.expert_(?P<expert>\d+)\.(?P<proj>wi|wo)\.weight",
-          roles={"wi": "gate", "wo": "down"}, fused_prefix=""),
+          roles={"wi": "gate", "wo": "down"}, fused_prefix="", router_suffix=r"\.router\.classifier\.weight$"),
 )
 
 SUPPORTED_MODEL_TYPES = tuple(sorted(_SPECS))
@@ -150,7 +160,7 @@ def _build(ckpt: Checkpoint, model_type: str, spec: _Spec, routers: dict[int, st
             matrices = _fused_layer(ckpt, layer, num_experts, router_key, spec)
             layouts.add("fused")
         claimed.update(m.key for m in matrices)
-        layers.append(MoELayer(layer, router_key, num_experts, tuple(matrices)))
+        layers.append(MoELayer(layer, router_key, num_experts, tuple(matrices), spec.experts_module(router_key)))
     stray = sorted(k for k in names if k not in claimed and ".experts." in k and "shared_expert" not in k)
     if stray:
         raise CheckpointError(

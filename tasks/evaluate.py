@@ -10,14 +10,12 @@ seeded span corruption, the objective they were trained on.
 from __future__ import annotations
 
 import math
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from .errors import CheckpointError
-from .quantized import dequantize_checkpoint
 
 Progress = Callable[[float, str], None]
 
@@ -91,6 +89,13 @@ class Reference:
     def load(self, path: Path):
         return _load(path, self.seq2seq)
 
+    @staticmethod
+    def load_quantized(path: Path):
+        """The shipped artifact, loaded the way a user loads it (experts run from the packed weights)."""
+        from .loader import load
+
+        return load(path, dtype=torch.float32)[0]
+
     def compare(self, q_model, progress: Progress | None = None) -> dict:
         kl_sum, nll_q = 0.0, 0.0
         with torch.no_grad():
@@ -108,6 +113,4 @@ class Reference:
 def evaluate(fp_path: Path, q_path: Path, text: str, *, seq_len: int = 256, windows: int = 16,
              progress: Progress | None = None) -> dict:
     ref = Reference(fp_path, text, seq_len=seq_len, windows=windows)
-    with tempfile.TemporaryDirectory(prefix="expertbits-deq-") as tmp:
-        q_model = ref.load(dequantize_checkpoint(q_path, fp_path, Path(tmp)))
-    return ref.compare(q_model, progress)
+    return ref.compare(ref.load_quantized(q_path), progress)

@@ -1,16 +1,15 @@
 """The league table: every allocator × budget × bit-width set, quantized and evaluated side by side.
 
-Each cell allocates (timed), fake-quantizes the experts in memory with the same group-wise
-round-to-nearest the quantization stage writes (each (matrix, bits) is quantized once and
-reused across cells), loads the result with transformers and compares it with the cached
-full-precision predictions. Cells differ only in who gets which bits, so their KL, perplexity
+Each cell allocates (timed), writes the quantized checkpoint exactly as the quantization stage
+does (each (matrix, bits) is quantized once and reused across cells), loads it the way a user
+does (`expertbits.tasks.loader`: experts run from the packed weights) and compares it with the
+cached full-precision predictions. Cells differ only in who gets which bits, so their KL, perplexity
 and task accuracy rank the allocators. The random allocator is drawn several times; the summary
 reports its median and range.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import statistics as pystats
 import tempfile
@@ -21,16 +20,14 @@ from typing import Callable
 
 import pandas as pd
 import torch
-from safetensors.torch import save_file
 
-from expertbits.kernels.packing import effective_bits, quantize_rtn
+from expertbits.kernels.packing import QuantizedTensor, quantize_rtn
 
-from .adapters import detect
 from .allocate import AllocationConfig, allocate
 from .allocators import ALLOCATORS
-from .checkpoint import Checkpoint
 from .errors import BudgetError
 from .evaluate import Reference
+from .quantize import quantize_checkpoint
 
 Progress = Callable[[float, str], None]
 DEFAULT_ALLOCATORS = ("uniform", "paper", "lambda", "reverse-lambda", "maxvar", "frequency", "routing-weight",
@@ -95,51 +92,22 @@ class Grid:
         return None
 
 
-class FakeQuantizer:
-    """Writes fp checkpoints whose experts hold their round-to-nearest reconstruction at given bits."""
+class CellWriter:
+    """Writes each cell's quantized checkpoint exactly as the quantization stage writes it, quantizing
+    every (matrix, bits) only once across cells: the league evaluates what a run would ship."""
 
     def __init__(self, path: Path, group_size: int):
         self.path, self.group_size = path, group_size
-        with Checkpoint.open(path) as ckpt:
-            self.model = detect(ckpt)
-            self.tensors = {k: ckpt.read(k) for k in ckpt.tensors}
-        self.matrices = [m for layer in self.model.layers for m in layer.matrices]
-        self._cache: dict[tuple[str, int], torch.Tensor] = {}
+        self._cache: dict[tuple[str, int], QuantizedTensor] = {}
 
-    @staticmethod
-    def _slice(tensors: dict[str, torch.Tensor], m) -> torch.Tensor:
-        """The view of matrix `m` in its (possibly fused) tensor."""
-        t = tensors[m.key]
-        t = t[m.index] if m.index is not None else t
-        return t[m.rows[0] : m.rows[1]] if m.rows else t
+    def _quantize(self, m, w: torch.Tensor, bits: int) -> QuantizedTensor:
+        if (m.name, bits) not in self._cache:
+            self._cache[m.name, bits] = quantize_rtn(w, bits, self.group_size)
+        return self._cache[m.name, bits]
 
-    def _source(self, m) -> torch.Tensor:
-        return self._slice(self.tensors, m)
-
-    def effective_bits(self, bits_of: dict[tuple[int, int], int]) -> float:
-        stored = numel = 0
-        for m in self.matrices:
-            w = self._source(m)
-            stored += effective_bits(bits_of[m.layer, m.expert], self.group_size, w.shape[1]) * w.numel()
-            numel += w.numel()
-        return stored / numel
-
-    def write(self, bits_of: dict[tuple[int, int], int], out: Path) -> Path:
-        # fp32 like dequantize_checkpoint: rounding the reconstruction to fp16 would blur close cells
-        expert_keys = {m.key for m in self.matrices}
-        tensors = {k: v.to(torch.float32, copy=True) if k in expert_keys else v for k, v in self.tensors.items()}
-        for m in self.matrices:
-            b = bits_of[m.layer, m.expert]
-            if (m.name, b) not in self._cache:
-                w = self._source(m).float()
-                self._cache[m.name, b] = quantize_rtn(w, b, self.group_size).dequantize()
-            self._slice(tensors, m).copy_(self._cache[m.name, b])
-        out.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-        for p in self.path.iterdir():
-            if p.suffix in (".json", ".txt", ".model") and not p.name.endswith(".index.json"):
-                shutil.copyfile(p, out / p.name)
-        return out
+    def write(self, alloc: pd.DataFrame, out: Path) -> dict:
+        shutil.rmtree(out, ignore_errors=True)
+        return quantize_checkpoint(self.path, alloc, self.group_size, out, quantizer=self._quantize)
 
 
 TASKS = ("wordnet-supersense",)
@@ -160,7 +128,7 @@ def run(ft_path: Path, stats: pd.DataFrame, calibration: pd.DataFrame | None, qe
         grid: Grid, reference: Reference, task: Callable | None = None,
         progress: Progress | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(league rows, one per cell; allocations, one row per cell × expert)."""
-    fq = FakeQuantizer(ft_path, grid.group_size)
+    writer = CellWriter(ft_path, grid.group_size)
     fp_accuracy = task(reference.model, reference.tokenizer) if task else None
     configs = grid.configs()
     rows, allocations = [], []
@@ -170,11 +138,12 @@ def run(ft_path: Path, stats: pd.DataFrame, calibration: pd.DataFrame | None, qe
             alloc = allocate(stats, cfg, calibration, qerror)
             alloc_ms = 1000 * (time.perf_counter() - start)
             bits_of = {(int(r.layer), int(r.expert)): int(r.bits) for r in alloc.itertuples()}
-            model = reference.load(fq.write(bits_of, Path(tmp) / "cell"))
+            written = writer.write(alloc, Path(tmp) / "cell")
+            model = reference.load_quantized(Path(tmp) / "cell")
             metrics = reference.compare(model)
             cell = {"bit_set": ",".join(map(str, cfg.bit_widths)), "scheme": cfg.scheme, "budget": cfg.avg_bits,
                     "allocator": cfg.allocator, "seed": cfg.seed, "avg_bits": float(alloc.bits.mean()),
-                    "effective_bits": fq.effective_bits(bits_of), "kl": metrics["kl"], "ppl": metrics["ppl_quant"],
+                    "effective_bits": written["effective_bits"], "kl": metrics["kl"], "ppl": metrics["ppl_quant"],
                     "ppl_fp": metrics["ppl_fp"], "accuracy": task(model, reference.tokenizer) if task else None,
                     "accuracy_fp": fp_accuracy, "allocation_ms": alloc_ms}
             rows.append(cell)

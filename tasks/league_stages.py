@@ -27,8 +27,9 @@ STAGE_CODE.update({
                     "expertbits.tasks.checkpoint", "expertbits.tasks.seq2seq", "expertbits.kernels.packing"),
     "league": (league, plots, __name__, "expertbits.tasks.allocate", "expertbits.tasks.allocators",
                "expertbits.tasks.evaluate", "expertbits.tasks.adapters", "expertbits.tasks.checkpoint",
-               "expertbits.tasks.seq2seq", "expertbits.tasks.statistics", "expertbits.kernels.packing",
-               "expertbits.zoo.cards"),
+               "expertbits.tasks.seq2seq", "expertbits.tasks.statistics", "expertbits.tasks.quantize",
+               "expertbits.tasks.loader", "expertbits.kernels.packing", "expertbits.kernels.modules",
+               "expertbits.kernels.dequant_matmul", "expertbits.zoo.cards"),
 })
 
 

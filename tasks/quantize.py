@@ -21,22 +21,35 @@ from pathlib import Path
 from typing import Callable
 
 import pandas as pd
+import torch
 from safetensors.torch import save_file
 
-from expertbits.kernels.packing import effective_bits, quantize_rtn
+from expertbits.kernels.packing import QuantizedTensor, effective_bits, quantize_rtn
 
-from .adapters import detect
+from .adapters import ExpertMatrix, detect
 from .checkpoint import Checkpoint, require_finite
 from .errors import CheckpointError
 
+QUANT_METHOD = "expertbits"
+# config.json's model_type: a marker plain transformers does not know, so it refuses the folder with
+# this text in its error instead of skipping the unknown quant_method and building random experts;
+# `import expertbits.tasks.loader` teaches transformers to read it (base_model_type is the real one)
+MODEL_TYPE = ("expertbits (per-expert packed MoE weights that only expertbits can run; pip install expertbits, then "
+              "`import expertbits.tasks.loader` before from_pretrained, or run `expertbits generate --model <folder>`)")
 FORMAT = "expertbits-int32-packed-groupwise-asymmetric"
 FORMAT_VERSION = 1
 Progress = Callable[[float, str], None]
 
 
+Quantizer = Callable[[ExpertMatrix, torch.Tensor, int], QuantizedTensor]  # (matrix, weight, bits) -> packed
+
+
 def quantize_checkpoint(src: Path, alloc: pd.DataFrame, group_size: int, out: Path,
-                        progress: Progress | None = None) -> dict:
-    """Write the quantized checkpoint of `src` into `out` (which must not exist); return a summary."""
+                        progress: Progress | None = None, quantizer: Quantizer | None = None) -> dict:
+    """Write the quantized checkpoint of `src` into `out` (which must not exist); return a summary.
+
+    `quantizer` defaults to group-wise round-to-nearest; the league passes one that caches."""
+    quantizer = quantizer or (lambda m, w, bits: quantize_rtn(w, bits, group_size))
     bits_of = {(int(r.layer), int(r.expert)): int(r.bits) for r in alloc.itertuples()}
     out.mkdir(parents=True)
     # one key only: safetensors writes metadata in hash-map order, so two keys break byte-reproducibility
@@ -62,7 +75,7 @@ def quantize_checkpoint(src: Path, alloc: pd.DataFrame, group_size: int, out: Pa
                 w = ckpt.read(m.key, m.index, m.rows)
                 require_finite(w, f"{src}: {m.name}")
                 bits = bits_of[(m.layer, m.expert)]
-                q = quantize_rtn(w, bits, group_size)
+                q = quantizer(m, w, bits)
                 tensors[f"{m.name}.qweight"], tensors[f"{m.name}.scales"], tensors[f"{m.name}.offsets"] = q.packed, q.scales, q.offsets
                 modules[m.name] = {"bits": bits, "layer": m.layer, "expert": m.expert, "role": m.role,
                                    "shape": list(q.shape), "source": {"key": m.key, "index": m.index,
@@ -76,21 +89,39 @@ def quantize_checkpoint(src: Path, alloc: pd.DataFrame, group_size: int, out: Pa
         expert_bits = {str(layer.layer): [bits_of[(layer.layer, e)] for e in range(layer.num_experts)] for layer in model.layers}
         nominal = sum(sum(v) for v in expert_bits.values()) / sum(len(v) for v in expert_bits.values())
         qconfig = {
-            "quant_method": "expertbits", "format": FORMAT, "version": FORMAT_VERSION,
+            "quant_method": QUANT_METHOD, "format": FORMAT, "version": FORMAT_VERSION,
             "group_size": group_size, "layout": model.layout,
             "dequantize": "w[n, k] = code[n, k] * scales[n, k // group_size] + offsets[n, k // group_size]",
             "packing": "codes along the input dim, 32 // bits per int32 word, least-significant bits first",
             "not_quantized": "routers, attention, embeddings, norms, shared experts, lm_head (kept as stored)",
             "avg_bits": round(nominal, 6), "effective_bits": round(stored_bits / numel, 6),
             "expert_bits": expert_bits, "modules": modules,
+            "base_model_type": ckpt.config.get("model_type"),
+            "experts_modules": {str(layer.layer): layer.experts_module for layer in model.layers},
         }
-        config = dict(ckpt.config, quantization_config=qconfig)
+        # the marker model type makes a transformers without expertbits refuse the folder (see loader.py)
+        config = dict(ckpt.config, model_type=MODEL_TYPE, quantization_config=qconfig)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     total = sum((out / f).stat().st_size for f in set(weight_map.values()))
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    for p in sorted(src.iterdir()):
-        if p.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "generation_config")):
-            shutil.copyfile(p, out / p.name)
+    copy_side_files(src, out)
     return {"matrices": len(modules), "avg_bits": qconfig["avg_bits"], "effective_bits": qconfig["effective_bits"],
             "group_size": group_size, "bytes": total, "source_bytes": sum(p.stat().st_size for p in src.glob("*.safetensors"))}
+
+
+SIDE_FILES = ("tokenizer", "special_tokens", "vocab", "merges", "generation_config", "chat_template")
+
+
+def copy_side_files(src: Path, out: Path) -> None:
+    """Tokenizer and generation config beside the weights, so the folder needs nothing else.
+
+    A source without generation_config.json gets the one transformers derives from its config,
+    written here so that generation does not depend on the original checkpoint either."""
+    for p in sorted(src.iterdir()):
+        if p.is_file() and p.name.startswith(SIDE_FILES):
+            shutil.copyfile(p, out / p.name)
+    if not (out / "generation_config.json").exists():
+        from transformers import AutoConfig, GenerationConfig
+
+        GenerationConfig.from_model_config(AutoConfig.from_pretrained(src)).save_pretrained(out)

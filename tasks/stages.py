@@ -38,7 +38,8 @@ STAGE_CODE = {
     "quantization": (quantize, adapters, checkpoint_io, "expertbits.kernels.packing"),
     "validation": (validate, quantized, "expertbits.kernels.packing", "expertbits.kernels.dequant_matmul",
                    "expertbits.kernels.dequant_matmul_triton"),
-    "evaluation": (evaluate, quantized, "expertbits.tasks.seq2seq", "expertbits.kernels.packing"),
+    "evaluation": (evaluate, "expertbits.tasks.loader", "expertbits.tasks.quantize", "expertbits.tasks.seq2seq",
+                   "expertbits.kernels.packing", "expertbits.kernels.modules", "expertbits.kernels.dequant_matmul"),
 }
 
 

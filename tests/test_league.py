@@ -11,6 +11,7 @@ import torch
 
 from expertbits.kernels.packing import quantize_rtn
 from expertbits.tasks import calibrate, league, statistics
+from expertbits.tasks.adapters import detect
 from expertbits.tasks.checkpoint import Checkpoint
 from expertbits.tasks.evaluate import Reference, evaluate
 from expertbits.tasks.quantize import quantize_checkpoint
@@ -235,24 +236,21 @@ def test_signal_correlations_are_per_layer_spearman(micro_pair, calibrated):
     assert set(corr.columns) == set(league.SIGNALS)
 
 
-def test_fake_quantizer_never_writes_into_its_fp32_source(micro_pair, tmp_path):
-    """fp32 checkpoints: a cell's reconstruction must not leak into the next cell's source."""
-    from safetensors.torch import load_file, save_file
-
+def test_league_cell_is_the_artifact_the_quantize_stage_ships(micro_pair, tmp_path):
+    """A cell is written byte for byte as the quantization stage writes it, its cached packed
+    matrices never leak from one cell into the next, and what it evaluates is that folder."""
     _, ft = micro_pair
-    src = tmp_path / "fp32"
-    src.mkdir()
-    for f in ft.iterdir():
-        if f.suffix == ".safetensors":
-            save_file({k: v.float() for k, v in load_file(f).items()}, src / f.name, metadata={"format": "pt"})
-        elif f.is_file():
-            (src / f.name).write_bytes(f.read_bytes())
-    fq = league.FakeQuantizer(src, 32)
-    before = {k: v.clone() for k, v in fq.tensors.items()}
-    experts = {(m.layer, m.expert) for m in fq.matrices}
-    fq.write({k: 2 for k in experts}, tmp_path / "a")
-    fq.write({k: 4 for k in experts}, tmp_path / "b")
-    assert all(torch.equal(before[k], fq.tensors[k]) for k in before)
+    with Checkpoint.open(ft) as c:
+        experts = sorted({(m.layer, m.expert) for m in detect(c).matrices})
+    alloc = lambda b: pd.DataFrame([{"layer": layer, "expert": e, "bits": b(e)} for layer, e in experts])  # noqa: E731
+    writer = league.CellWriter(ft, 32)
+    writer.write(alloc(lambda e: 2), tmp_path / "first")
+    writer.write(alloc(lambda e: 2 + e % 3), tmp_path / "cell")
+    quantize_checkpoint(ft, alloc(lambda e: 2 + e % 3), 32, tmp_path / "stage")
+    names = sorted(p.name for p in (tmp_path / "stage").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "cell").iterdir())
+    for name in names:
+        assert (tmp_path / "cell" / name).read_bytes() == (tmp_path / "stage" / name).read_bytes(), name
 
 
 def test_league_grid_heatmap_cell_and_bad_sets():

@@ -1,0 +1,145 @@
+"""The shipped artifact: load, run and generate from the packed output of every architecture.
+
+The independent reference is transformers' own expert implementation on a folder whose experts
+hold our dequantized weights (`dequantize_checkpoint`): the packed runtime must give its logits.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from archs import ARCHS, FUSED_ON_DISK, build
+from expertbits.kernels.modules import PackedExperts, PackedLinear
+from expertbits.tasks.adapters import detect
+from expertbits.tasks.checkpoint import Checkpoint
+from expertbits.tasks.errors import CheckpointError
+from expertbits.tasks.loader import load
+from expertbits.tasks.quantize import quantize_checkpoint
+from expertbits.tasks.quantized import dequantize_checkpoint
+
+CASES = [(a, False) for a in ARCHS] + [(a, True) for a in FUSED_ON_DISK]
+
+
+def quantize_mixed(src: Path, out: Path, group_size: int = 32) -> pd.DataFrame:
+    """Every expert at one of 2/3/4 bits, neighbours differing, so a mix-up of experts shows."""
+    with Checkpoint.open(src) as c:
+        model = detect(c)
+    alloc = pd.DataFrame([{"layer": layer.layer, "expert": e, "bits": 2 + (e + layer.layer) % 3}
+                          for layer in model.layers for e in range(layer.num_experts)])
+    quantize_checkpoint(src, alloc, group_size, out)
+    return alloc
+
+
+def forward(model, ids):
+    extra = {"decoder_input_ids": ids[:, :8]} if model.config.is_encoder_decoder else {}
+    with torch.no_grad():
+        return model(ids, **extra).logits
+
+
+@pytest.mark.parametrize("arch,fused", CASES, ids=[f"{a}-{'fused' if f else 'per-expert'}" for a, f in CASES])
+def test_every_architecture_loads_runs_packed_and_generates(arch, fused, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from expertbits.flows.cli import main
+
+    src = build(arch, tmp_path / "src", fused=fused)
+    with Checkpoint.open(src) as c:
+        assert detect(c).layout == ("fused" if fused else "per-expert")
+    alloc = quantize_mixed(src, tmp_path / "q")
+    auto = AutoModelForSeq2SeqLM if arch == "switch_transformers" else AutoModelForCausalLM
+    reference = auto.from_pretrained(dequantize_checkpoint(tmp_path / "q", src, tmp_path / "deq"), dtype=torch.float32)
+    shutil.rmtree(src)  # the output must not need the original checkpoint
+
+    model, tokenizer = load(tmp_path / "q", dtype=torch.float32)
+    packed = [m for m in model.modules() if isinstance(m, (PackedExperts, PackedLinear))]
+    assert packed, "no expert runs from packed weights"
+    routed = [n for n, _ in model.named_parameters() if ".experts." in n or n.endswith(("gate_up_proj", "down_proj"))
+              and "shared" not in n]
+    assert routed == [], f"fp expert weights were built: {routed[:3]}"
+    bits = sorted(b for m in packed for b in (m.bits if isinstance(m, PackedExperts) else [m.bits]))
+    assert set(bits) == set(alloc.bits)
+
+    ids = torch.arange(2, 42)[None]
+    got, want = forward(model, ids), forward(reference.eval(), ids)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), float((got - want).abs().max())
+
+    assert main(["generate", "--model", str(tmp_path / "q"), "--prompt", "a small dog", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+def test_default_dtype_follows_the_config_like_transformers(micro_pair, tmp_path):
+    _, ft = micro_pair
+    quantize_mixed(ft, tmp_path / "q")
+    model, _ = load(tmp_path / "q")
+    want = json.loads((ft / "config.json").read_text())["dtype"]
+    assert str(model.dtype) == f"torch.{want}"
+
+
+def test_from_pretrained_after_import_is_the_documented_load(micro_pair, tmp_path):
+    """`import expertbits.tasks.loader` then the usual call, in a fresh interpreter."""
+    _, ft = micro_pair
+    quantize_mixed(ft, tmp_path / "q")
+    code = f"""
+import expertbits.tasks.loader, torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'q')!r})
+print(type(m.model.layers[0].mlp.experts).__name__)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["PackedExperts"]
+
+
+def test_plain_transformers_refuses_the_folder_loudly(micro_pair, tmp_path):
+    """Without expertbits, transformers must raise and say what the folder is, never build random experts."""
+    _, ft = micro_pair
+    quantize_mixed(ft, tmp_path / "q")
+    code = f"""
+import sys
+from transformers import AutoModelForCausalLM
+try:
+    AutoModelForCausalLM.from_pretrained({str(tmp_path / 'q')!r})
+except Exception as e:
+    print(type(e).__name__, e)
+    sys.exit(3)
+print("LOADED")
+assert not any(m.startswith("expertbits") for m in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 3, out.stdout + out.stderr[-2000:]
+    assert "LOADED" not in out.stdout
+    assert "expertbits" in out.stdout and "import expertbits.tasks.loader" in out.stdout
+
+
+def test_a_folder_missing_a_packed_shard_is_an_error_not_random_experts(micro_pair, tmp_path):
+    _, ft = micro_pair
+    quantize_mixed(ft, tmp_path / "q")
+    weight_map = json.loads((tmp_path / "q" / "model.safetensors.index.json").read_text())["weight_map"]
+    victim = next(k for k in weight_map if k.endswith(".qweight"))
+    index = tmp_path / "q" / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": {k: v for k, v in weight_map.items() if k != victim}}))
+    with pytest.raises(CheckpointError, match=f"no shard holds {victim}"):
+        load(tmp_path / "q")
+
+
+def test_load_refuses_an_unquantized_folder(micro_pair):
+    with pytest.raises(CheckpointError, match="not an expertbits-quantized config"):
+        load(micro_pair[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_gpu_experts_run_through_the_triton_kernel(micro_pair, tmp_path):
+    _, ft = micro_pair
+    quantize_mixed(ft, tmp_path / "q")
+    cpu, _ = load(tmp_path / "q", dtype=torch.float32)
+    gpu, _ = load(tmp_path / "q", dtype=torch.float32, device="cuda")
+    ids = torch.arange(2, 42)[None]
+    got = forward(gpu, ids.cuda()).cpu()
+    assert torch.allclose(got, forward(cpu, ids), atol=1e-3, rtol=1e-3)
