@@ -17,7 +17,8 @@ integer program whose only budget constraint is the same total of nominal bits p
     pmq             min Σ f·w·‖W − Q_b(W)‖²  (MC-MoE's PMQ, MILP)       calibration + error
     weight-error    min Σ ‖W − Q_b(W)‖²  (data-free)                   error
     routed-error    min Σ f·Σ_i h_i ‖W[:, i] − Q_b(W)[:, i]‖²          calibration + error
-                    h = mean x_i² of the expert's routed inputs, i.e. the expected output error
+                    h = E[u_i² | routed] of each matrix's own input u (tokens for gate/up,
+                    hidden activations for down): f × the expected output error per routed token
 """
 
 from __future__ import annotations

@@ -1,24 +1,30 @@
 """Calibration statistics: what the router does on real text, and what quantization costs each expert.
 
-Held-out text is run through the full-precision model once. A forward pre-hook on every router
-sees the router's input x (one row per token) and applies the router in fp32:
+Calibration text is run through the full-precision model once. A forward pre-hook on every MoE
+layer's experts module sees what the model itself hands its experts: the hidden states x (one row
+per token) and the router's decision (which experts, with which combine weights). So every
+architecture is calibrated with its own routing rule: softmax top-k (Mixtral, Qwen, OLMoE),
+sigmoid scores with `e_score_correction_bias` and group-limited top-k (DeepSeek-V3), top-1 with
+a router bias and expert capacity (Switch). Per expert e, over the tokens routed to it:
 
-  frequency_e       share of tokens with e among their top-k experts
-  routing_weight_e  mean softmax probability of e over the tokens routed to it
-  hessian_trace_e   Σ_{routed tokens} ‖x‖² / tokens   (trace of the expert's input Gram matrix per
-                    token: the GPTQ Hessian of its first layer, up to a factor 2)
+  routed_tokens_e    how many calibration tokens e received
+  frequency_e        routed_tokens_e / tokens (share of tokens that chose e)
+  routing_weight_e   mean combine weight the model gave e's output when it was routed
+  hessian_trace_e    E[‖x‖² | routed to e]: the trace of the expert's input Gram matrix per routed
+                     token (GPTQ's Hessian of its first layer, up to a factor 2); no frequency inside
 
 Then every expert matrix is quantized by round-to-nearest at each bit-width to measure
 
   weight_error        ‖W − Q_b(W)‖²_F summed over the expert's matrices (data-free; PMQ's loss)
-  routed_input_error  Σ_i h_i ‖W[:, i] − Q_b(W)[:, i]‖² for the matrices that read x (gate, up),
-                      h_i = Σ_{routed} x_i² / tokens, i.e. the expected squared output error per
-                      token; the down projection reads the expert's hidden activations, which
-                      are not observed, so its weight error enters scaled by mean_i h_i.
+  routed_input_error  Σ_i h_i ‖W[:, i] − Q_b(W)[:, i]‖² summed over the expert's matrices, with
+                      h_i = E[u_i² | routed to e] for that matrix's own input u: the token x for
+                      gate/up (and Switch's wi), the expert's hidden activation act(x Gᵀ) ⊙ (x Uᵀ)
+                      for down (act(x Wiᵀ) for Switch's wo). It is the expected squared output
+                      error per routed token (diagonal of the input Gram matrix); how often the
+                      expert is routed is the allocator's business (`routed-error` multiplies by
+                      frequency once).
 
-Softmax top-k over W·x (+ b where the router has a bias, as Switch's `router_bias`) is the
-routing rule of Mixtral, Qwen-MoE, OLMoE and Switch (k = 1); models with sigmoid or
-bias-corrected routers (DeepSeek-V3) are approximated by it.
+An expert that received no calibration token has routed_tokens 0, and is reported.
 """
 
 from __future__ import annotations
@@ -45,47 +51,61 @@ def top_k(config: dict) -> int:
     return 1  # Switch routes every token to one expert
 
 
-class RouterTap:
-    """Accumulates routing statistics of one MoE layer from its router's inputs."""
+def _hidden_fn(experts: torch.nn.Module) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    """x [T, H] routed to expert e -> the expert's hidden activation [T, F] (its down projection's input)."""
+    if isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor):  # transformers 5 fused experts
+        def fused(e: int, x: torch.Tensor) -> torch.Tensor:
+            gate, up = torch.nn.functional.linear(x, experts.gate_up_proj[e].float()).chunk(2, dim=-1)
+            return experts.act_fn(gate) * up
+        return fused
 
-    def __init__(self, weight: torch.Tensor, k: int, bias: torch.Tensor | None = None):
-        self.weight, self.k = weight.float(), k
-        self.bias = bias.float() if bias is not None else torch.zeros(weight.shape[0])
-        experts, hidden = weight.shape
-        self.count = torch.zeros(experts, dtype=torch.float64)
-        self.prob_sum = torch.zeros(experts, dtype=torch.float64)
-        self.x2 = torch.zeros(experts, hidden, dtype=torch.float64)
+    def per_expert(e: int, x: torch.Tensor) -> torch.Tensor:  # Switch: DenseActDense(wi, act, wo)
+        expert = experts[f"expert_{e}"]
+        return expert.act(torch.nn.functional.linear(x, expert.wi.weight.float()))
+    return per_expert
+
+
+class ExpertsTap:
+    """Accumulates routing statistics of one MoE layer from its experts module's inputs."""
+
+    def __init__(self, experts: torch.nn.Module, num_experts: int):
+        self.num_experts, self.hidden = num_experts, _hidden_fn(experts)
+        self.count = torch.zeros(num_experts, dtype=torch.float64)
+        self.weight_sum = torch.zeros(num_experts, dtype=torch.float64)
+        self.x2: dict[int, torch.Tensor] = {}  # Σ x² over routed tokens, [H]
+        self.a2: dict[int, torch.Tensor] = {}  # Σ a² of the hidden activation, [F]
         self.tokens = 0
 
+    def routing(self, index: torch.Tensor, weights: torch.Tensor, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(routed mask, combine weight), both [T, E]."""
+        if index.dim() == 3:  # Switch: a one-hot mask [T, 1, E] (all zero for a token over capacity), weights [T, 1]
+            mask = index.reshape(tokens, self.num_experts).float()
+            return mask, mask * weights.reshape(tokens, 1).float()
+        index = index.reshape(tokens, -1)
+        valid = (index >= 0) & (index < self.num_experts)  # some routers mark dropped slots out of range
+        safe = torch.where(valid, index, 0)
+        mask = torch.zeros(tokens, self.num_experts).scatter_add_(1, safe, valid.float())
+        combine = torch.zeros(tokens, self.num_experts).scatter_add_(1, safe, weights.reshape(tokens, -1).float() * valid)
+        return mask, combine
+
     def __call__(self, module, args):
-        x = args[0].detach().reshape(-1, self.weight.shape[1]).float()
-        probs = torch.softmax(x @ self.weight.T + self.bias, dim=-1)
-        chosen = probs.topk(self.k, dim=-1).indices
-        mask = torch.zeros_like(probs).scatter_(1, chosen, 1.0)
+        x, index, weights = args[:3]
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        mask, combine = self.routing(index.detach(), weights.detach(), x.shape[0])
         self.count += mask.sum(0).double()
-        self.prob_sum += (mask * probs).sum(0).double()
-        self.x2 += (mask.T @ x.square()).double()
+        self.weight_sum += combine.sum(0).double()
+        with torch.no_grad():
+            for e in mask.sum(0).nonzero().flatten().tolist():
+                xe = x[mask[:, e] > 0]
+                self.x2[e] = self.x2.get(e, 0) + xe.square().sum(0).double()
+                self.a2[e] = self.a2.get(e, 0) + self.hidden(e, xe).float().square().sum(0).double()
         self.tokens += x.shape[0]
 
-    def h(self) -> torch.Tensor:
-        """[E, H] per-token second moment of each expert's routed inputs."""
-        return (self.x2 / max(self.tokens, 1)).float()
-
-
-def router_module(model, key: str, weight: torch.Tensor, path: Path) -> torch.nn.Module:
-    """The loaded module holding router `key`: by name, else by its exact weights, because
-    transformers renames some layouts on load (e.g. Mixtral's block_sparse_moe → mlp)."""
-    modules = dict(model.named_modules())
-    by_name = modules.get(key.removesuffix(".weight"))
-    if by_name is not None:
-        return by_name
-    target = weight.float()
-    for module in modules.values():
-        w = getattr(module, "weight", None)
-        if isinstance(w, torch.Tensor) and w.shape == target.shape and torch.equal(w.detach().float(), target):
-            return module
-    raise CheckpointError(f"{path}: no module of the loaded model holds router {key}",
-                          "calibration hooks the router module; this layout is not supported yet")
+    def moments(self, e: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(E[x² | routed], E[a² | routed]) for expert e, or None if it saw no token."""
+        if self.count[e] == 0:
+            return None
+        return (self.x2[e] / self.count[e]).float(), (self.a2[e] / self.count[e]).float()
 
 
 def calibrate(ft_path: Path, text: str, *, seq_len: int, windows: int, bit_widths: tuple[int, ...],
@@ -110,11 +130,14 @@ def _calibrate(ckpt: Checkpoint, ft_path: Path, text: str, *, seq_len: int, wind
     taps, handles = {}, []
     try:
         for layer in model_info.layers:
-            weight = ckpt.read(layer.router_key)
-            bias_key = layer.router_key.removesuffix("weight") + "bias"
-            bias = ckpt.read(bias_key) if bias_key in ckpt.tensors else None
-            taps[layer.layer] = RouterTap(weight, top_k(ckpt.config), bias)
-            handles.append(router_module(model, layer.router_key, weight, ft_path).register_forward_pre_hook(taps[layer.layer]))
+            try:
+                experts = model.get_submodule(layer.experts_module)
+            except AttributeError as e:
+                raise CheckpointError(f"{ft_path}: layer {layer.layer}'s experts module {layer.experts_module} is not in "
+                                      f"the {type(model).__name__} transformers built",
+                                      "this layout is not supported yet; extend tasks/adapters.py") from e
+            taps[layer.layer] = ExpertsTap(experts, layer.num_experts)
+            handles.append(experts.register_forward_pre_hook(taps[layer.layer]))
         with torch.no_grad():
             for i, (inputs, _) in enumerate(pairs):
                 model(**inputs)
@@ -125,32 +148,35 @@ def _calibrate(ckpt: Checkpoint, ft_path: Path, text: str, *, seq_len: int, wind
             h.remove()
     del model
 
-    calib, qerr = [], []
+    calib, qerr, starved = [], [], []
     for n, layer in enumerate(model_info.layers):
         tap = taps[layer.layer]
         if tap.tokens == 0:
-            raise CheckpointError(f"{ft_path}: router of layer {layer.layer} saw no tokens during calibration",
-                                  "this architecture's routers are not reached by a forward pass; please report it")
-        h = tap.h()
+            raise CheckpointError(f"{ft_path}: the experts of layer {layer.layer} saw no tokens during calibration",
+                                  "this architecture's experts are not reached by a forward pass; please report it")
+        moments = {e: tap.moments(e) for e in range(layer.num_experts)}
         for e in range(layer.num_experts):
             routed = float(tap.count[e])
+            if moments[e] is None:
+                starved.append((layer.layer, e))
             calib.append({"layer": layer.layer, "expert": e, "frequency": routed / tap.tokens,
-                          "routing_weight": float(tap.prob_sum[e]) / routed if routed else 0.0,
-                          "hessian_trace": float(h[e].sum()), "tokens": tap.tokens})
+                          "routing_weight": float(tap.weight_sum[e]) / routed if routed else 0.0,
+                          "hessian_trace": float(moments[e][0].sum()) if moments[e] else 0.0,
+                          "routed_tokens": int(routed), "tokens": tap.tokens})
         errors: dict[tuple[int, int], list[float]] = {}
         for m in layer.matrices:
             w = ckpt.read(m.key, m.index, m.rows).float()
+            h = None if moments[m.expert] is None else moments[m.expert][1 if m.role == "down" else 0]
             for b in bit_widths:
                 d = (w - quantize_rtn(w, b, group_size).dequantize()).square()
-                he = h[m.expert]
-                routed_err = float(d.sum(0) @ he) if m.role in ("gate", "up") else float(d.sum()) * float(he.mean())
                 acc = errors.setdefault((m.expert, b), [0.0, 0.0])
                 acc[0] += float(d.sum())
-                acc[1] += routed_err
+                acc[1] += float(d.sum(0) @ h) if h is not None else 0.0
         qerr += [{"layer": layer.layer, "expert": e, "bits": b, "weight_error": we, "routed_input_error": re}
                  for (e, b), (we, re) in sorted(errors.items())]
         if progress:
             progress(0.5 + 0.5 * (n + 1) / len(model_info.layers), f"quantization error: layer {layer.layer} done")
     info = {"calibration_tokens": int(sum(t.tokens for t in taps.values()) // max(len(taps), 1)),
-            "windows": len(pairs), "seq_len": seq_len, "top_k": top_k(ckpt.config)}
+            "windows": len(pairs), "seq_len": seq_len, "top_k": top_k(ckpt.config),
+            "uncalibrated_experts": [f"{layer}/{e}" for layer, e in starved]}
     return pd.DataFrame(calib), pd.DataFrame(qerr), info

@@ -56,6 +56,11 @@ def calibrate_experts(checkpoint: CheckpointRecord, text_uri: str, seq_len: int,
         calib, qerr, info = calibrate.calibrate(_ckpt_path(checkpoint, cache_dir, storage_options), text, seq_len=seq_len,
                                                 windows=windows, bit_widths=tuple(sorted(bit_widths)),
                                                 group_size=group_size, progress=_progress("calibration"))
+        if info["uncalibrated_experts"]:
+            get_run_logger().warning(
+                f"{len(info['uncalibrated_experts'])} experts received no calibration token (layer/expert: "
+                f"{', '.join(info['uncalibrated_experts'][:8])}); routing-based allocators treat them as never "
+                "routed: give more --calibration-windows or text closer to what the model will serve")
         statistics.export_parquet(calib, tmp / "expert_calibration.parquet")
         statistics.export_parquet(qerr, tmp / "expert_qerror.parquet")
         return _publish_stage(st, "calibration", key, tmp, dict(info, text=text_uri))

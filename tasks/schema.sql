@@ -57,9 +57,10 @@ CREATE TABLE IF NOT EXISTS expert_calibration (
     layer          INTEGER NOT NULL,
     expert         INTEGER NOT NULL,
     frequency      DOUBLE  NOT NULL,  -- share of tokens with this expert among their top-k
-    routing_weight DOUBLE  NOT NULL,  -- mean router softmax probability over the tokens routed to it
-    hessian_trace  DOUBLE  NOT NULL,  -- sum over routed tokens of ||x||^2, per calibration token
-    tokens         BIGINT  NOT NULL   -- calibration tokens seen by this layer's router
+    routing_weight DOUBLE  NOT NULL,  -- mean combine weight the model gave the expert when routed to it
+    hessian_trace  DOUBLE  NOT NULL,  -- mean ||x||^2 over the tokens routed to it (0 if none)
+    routed_tokens  BIGINT  NOT NULL,  -- calibration tokens routed to this expert
+    tokens         BIGINT  NOT NULL   -- calibration tokens seen by this layer
 );
 
 -- One row per (layer, expert, bits): what round-to-nearest at those bits costs the expert.

@@ -41,24 +41,18 @@ def test_three_tier_reproduces_the_spec_table(avg, expected):
 
 
 def _three_tier_by_hand(e: int, avg: float, bl: int, bm: int, bh: int) -> tuple[int, int, int]:
-    """The region rules written out independently: enumerate how many pairs to convert."""
+    """The region rules in closed form (no loop): c conversions of two b_m experts into one b_h
+    and one b_l, c = ⌊n_m/2⌋ at the top region (convert while two remain), ⌊n_m/3⌋ in the middle
+    (the remaining n_m − 2c must be at least c), 0 at the bottom."""
     if avg >= bm:
         n_h = round(max(0, min(1, (avg - bm) / (bh - bm))) * e)
-        base = (0, e - n_h, n_h)
+        n_l, n_m = 0, e - n_h
     else:
         n_m = round(max(0, min(1, (avg - bl) / (bm - bl))) * e)
-        base = (e - n_m, n_m, 0)
+        n_l, n_h = e - n_m, 0
     d = bh - bl
-    if avg < bh - 2 * d / 3:
-        return base
-    best = base
-    for c in range(1, base[1] // 2 + 1):
-        cand = (base[0] + c, base[1] - 2 * c, base[2] + c)
-        if avg > bh - d / 3 or cand[1] >= c:
-            best = cand
-        else:
-            break
-    return best
+    c = n_m // 2 if avg > bh - d / 3 else n_m // 3 if avg >= bh - 2 * d / 3 else 0
+    return n_l + c, n_m - 2 * c, n_h + c
 
 
 @pytest.mark.parametrize("widths", [(1, 2, 3), (2, 3, 4), (2, 4, 6)])

@@ -285,3 +285,76 @@ def test_published_zoo_league_tables_render(tmp_path):
         leagues.budget_table(docs, 9.0)
     overall = leagues.overall(docs)
     assert f"Over {len(pairs)} pairs" in overall and "| pmq |" in overall
+
+
+def test_deepseek_v3_is_calibrated_with_its_own_router(tmp_path, texts):
+    """Sigmoid scores + e_score_correction_bias + group-limited top-k, worked out here from the
+    router's weights, must be what calibration counts (softmax top-k over W·x would not be)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from archs import build
+
+    path = build("deepseek_v3", tmp_path / "ds")
+    cfg = AutoConfig.from_pretrained(path)
+    calib, qerr, info = calibrate.calibrate(path, texts[0], seq_len=64, windows=2, bit_widths=(2, 4), group_size=16)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    router = model.model.layers[1].mlp.gate
+    inputs = []
+    handle = router.register_forward_pre_hook(lambda m, a: inputs.append(a[0].reshape(-1, cfg.hidden_size)))
+    from expertbits.tasks.evaluate import token_windows
+    from transformers import AutoTokenizer
+
+    with torch.no_grad():
+        for w in token_windows(texts[0], AutoTokenizer.from_pretrained(path), 64, 2):
+            model(w[None])
+    handle.remove()
+    x = torch.cat(inputs)
+    scores = torch.sigmoid(x @ router.weight.T)
+    choice = scores + router.e_score_correction_bias
+    e, g = cfg.n_routed_experts, cfg.n_group
+    group_score = choice.view(-1, g, e // g).topk(2, -1).values.sum(-1)
+    allowed = torch.zeros_like(group_score).scatter_(1, group_score.topk(cfg.topk_group, -1).indices, 1.0)
+    allowed = allowed.repeat_interleave(e // g, dim=1).bool()
+    chosen = choice.masked_fill(~allowed, float("-inf")).topk(cfg.num_experts_per_tok, -1).indices
+    want = chosen.flatten().bincount(minlength=e).double() / len(x)
+    got = torch.tensor(calib[calib.layer == 1].sort_values("expert").frequency.tolist(), dtype=torch.float64)
+    assert torch.allclose(got, want), (got, want)
+    softmax_topk = (x @ router.weight.T).topk(cfg.num_experts_per_tok, -1).indices.flatten().bincount(minlength=e)
+    assert not torch.allclose(got, softmax_topk.double() / len(x)), "the test cannot tell the two routers apart"
+    assert sorted(calib.layer.unique()) == [1]  # layer 0 is dense (first_k_dense_replace)
+
+
+def test_routed_input_error_is_the_expected_output_error_per_routed_token(micro_pair, texts, calibrated):
+    """Σ_i h_i ‖ΔW[:, i]‖² with h from the tokens routed to the expert (not divided by all tokens),
+    the down projection weighted by its own input (the hidden activation), checked from scratch."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from expertbits.tasks.evaluate import token_windows
+
+    _, ft = micro_pair
+    calib, qerr, _ = calibrated
+    model = AutoModelForCausalLM.from_pretrained(ft, dtype=torch.float32).eval()
+    layer, expert = 1, 2
+    routed = []
+
+    def grab(module, args):
+        x, index = args[0], args[1]
+        routed.append(x.reshape(-1, x.shape[-1])[(index == expert).any(-1)])
+    handle = model.model.layers[layer].mlp.experts.register_forward_pre_hook(grab)
+    with torch.no_grad():
+        for w in token_windows(texts[0], AutoTokenizer.from_pretrained(ft), 64, 4):
+            model(w[None])
+    handle.remove()
+    x = torch.cat(routed)
+    with Checkpoint.open(ft) as c:
+        mats = {m.role: c.read(m.key, m.index, m.rows).float() for m in detect(c).layers[layer].matrices if m.expert == expert}
+    hidden = torch.nn.functional.silu(x @ mats["gate"].T) * (x @ mats["up"].T)
+    want = 0.0
+    for role, inp in (("gate", x), ("up", x), ("down", hidden)):
+        d = (mats[role] - quantize_rtn(mats[role], 3, 32).dequantize()).square()
+        want += float(d.sum(0) @ inp.square().mean(0))
+    row = qerr[(qerr.layer == layer) & (qerr.expert == expert) & (qerr.bits == 3)].iloc[0]
+    assert row.routed_input_error == pytest.approx(want, rel=1e-4)
+    c = calib[(calib.layer == layer) & (calib.expert == expert)].iloc[0]
+    assert c.routed_tokens == len(x)
+    assert c.hessian_trace == pytest.approx(float(x.square().sum(1).mean()), rel=1e-5)

@@ -87,6 +87,25 @@ def test_layout_4bit_sign_bit_by_hand():
     assert torch.equal(unpack(expected, 4, 9), codes.to(torch.uint8))
 
 
+# Hand-worked words for the widths the two tests above do not cover; codes fill each word from bit 0.
+HAND_LAYOUTS = [
+    # 1 bit, 32 per word: codes 0, 2, 3 and 31 set -> 0b1101 + 2^31, read as int32; word 1 holds code 32
+    (1, [1, 0, 1, 1] + [0] * 27 + [1, 1], [13 - 2**31, 1]),
+    (2, [3, 0, 1, 2], [3 + (1 << 4) + (2 << 6)]),                           # 147
+    (5, [31, 1, 0, 0, 0, 2, 7], [31 + (1 << 5) + (2 << 25), 7]),            # 6 per word, bits 30-31 unused
+    (6, [63, 0, 0, 0, 1, 5], [63 + (1 << 24), 5]),                          # 5 per word
+    (7, [127, 1, 0, 2], [127 + (1 << 7) + (2 << 21)]),                      # 4 per word, bits 28-31 unused
+    (8, [0x10, 0x20, 0x30, 0xFF], [0xFF302010 - 2**32]),                    # top byte sets the sign bit
+]
+
+
+@pytest.mark.parametrize("bits,codes,words", HAND_LAYOUTS, ids=[f"{b}bit" for b, _, _ in HAND_LAYOUTS])
+def test_layout_by_hand_at_every_other_width(bits, codes, words):
+    expected = torch.tensor([words], dtype=torch.int32)
+    assert torch.equal(pack(torch.tensor([codes]), bits), expected)
+    assert torch.equal(unpack(expected, bits, len(codes)), torch.tensor([codes], dtype=torch.uint8))
+
+
 def test_pack_rejects_bad_codes():
     with pytest.raises(ValueError, match="must lie in"):
         pack(torch.tensor([[0, 8]]), 3)
