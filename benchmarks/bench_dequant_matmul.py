@@ -6,7 +6,7 @@ Compares, per (N, K, M, bits):
 * ``dense``   x @ W^T in fp16 with the unquantized weight (what quantization must beat)
 * ``torch``   dequantize to fp16 in torch, then the fp16 matmul (the naive route)
 
-GB/s is the weight bytes each route reads from its stored form (packed + scales + offsets
+GB/s is the weight bytes each route reads from its stored form (packed + scales + zeros
 for kernel and torch, N*K*2 for dense) divided by its time.  Speedups are the other
 route's time over the kernel's.  Timings need a CUDA GPU; without one the script only runs
 a tiny shape through the interpreter as a smoke check and prints no figures.

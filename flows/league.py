@@ -32,7 +32,7 @@ def league_table(params: LeagueParams = LeagueParams()) -> RunManifest:
     reference = fetch_checkpoint(p.reference, p.cache_dir, p.storage_options) if p.reference else None
     stats = extract_statistics(finetuned, reference, cache_dir=p.cache_dir, **io)
     calibration = calibrate_experts(finetuned, p.calibration_text, p.eval_seq_len, p.calibration_windows,
-                                    sorted({b for s in p.bit_sets for b in s}), p.group_size, cache_dir=p.cache_dir, **io)
+                                    sorted({b for s in p.bit_sets for b in s}), p.group_size, False, cache_dir=p.cache_dir, **io)
     result = run_league(finetuned, stats, calibration, asdict(p.grid()), p.eval_text, p.eval_seq_len, p.eval_windows,
                         p.task, p.task_examples, cache_dir=p.cache_dir, **io)
 

@@ -57,6 +57,12 @@ class QuantizeParams(CommonParams):
         "Tier counts for ranking allocators: 'two-tier' (the two widths around the budget) or 'three-tier' "
         "(three equally spaced widths, the paper's region rules)"))
     seed: int = Field(0, ge=0, description="Seed of the random allocator")
+    granularity: str = Field("expert", description=(
+        "'expert': every routed expert its own width; 'layer': one width per MoE layer (widths vary across layers), "
+        "what vLLM can serve; needs a cost-based allocator (pmq, weight-error, routed-error) or uniform"))
+    symmetric: bool = Field(False, description=(
+        "Symmetric quantization (every zero point at the middle code): exports without zero points, which plain "
+        "transformers loads; asymmetric (default) is more accurate"))
     validation_rtol: float = Field(1e-4, gt=0, description="Largest kernel-vs-reference relative error accepted")
 
     @model_validator(mode="after")
@@ -67,7 +73,7 @@ class QuantizeParams(CommonParams):
     def allocation_config(self) -> AllocationConfig:
         return AllocationConfig(avg_bits=self.avg_bits, bit_widths=tuple(self.bit_widths), zeta=self.zeta,
                                 allocator=self.allocator, scheme=self.scheme,
-                                maxvar_definition=self.maxvar_definition, seed=self.seed)
+                                maxvar_definition=self.maxvar_definition, seed=self.seed, granularity=self.granularity)
 
 
 class LeagueParams(CommonParams):

@@ -44,9 +44,9 @@ def quantize_moe(params: QuantizeParams = QuantizeParams()) -> RunManifest:
     calibration = None
     if p.allocator in NEEDS_CALIBRATION | NEEDS_ERROR:
         calibration = calibrate_experts(finetuned, p.calibration_text, p.eval_seq_len, p.calibration_windows,
-                                        p.bit_widths, p.group_size, cache_dir=p.cache_dir, **io)
+                                        p.bit_widths, p.group_size, p.symmetric, cache_dir=p.cache_dir, **io)
     allocation = allocate_bits(stats, calibration, asdict(p.allocation_config()), **io)
-    quantized = quantize_experts(finetuned, allocation, p.group_size, cache_dir=p.cache_dir, **io)
+    quantized = quantize_experts(finetuned, allocation, p.group_size, p.symmetric, cache_dir=p.cache_dir, **io)
     validation = validate_kernels(quantized, finetuned, p.validation_rtol, cache_dir=p.cache_dir, **io)
     evaluation = evaluate_model(finetuned, quantized, p.eval_text, p.eval_seq_len, p.eval_windows, cache_dir=p.cache_dir, **io)
 

@@ -60,13 +60,13 @@ def _check(x: torch.Tensor, q: QuantizedTensor) -> None:
     if q.packed.dtype != torch.int32:
         raise ValueError(f"q.packed must be int32, got {q.packed.dtype}")
     groups = -(-k // q.group_size)
-    for name, t in (("scales", q.scales), ("offsets", q.offsets)):
-        if t.dtype != torch.float16 or tuple(t.shape) != (n, groups):
-            raise ValueError(f"q.{name} must be fp16 of shape ({n}, {groups}), got {t.dtype} {tuple(t.shape)}")
+    for name, t, dtype in (("scales", q.scales, torch.float16), ("zeros", q.zeros, torch.uint8)):
+        if t.dtype != dtype or tuple(t.shape) != (n, groups):
+            raise ValueError(f"q.{name} must be {dtype} of shape ({n}, {groups}), got {t.dtype} {tuple(t.shape)}")
     width = -(-k // values_per_word(q.bits))
     if tuple(q.packed.shape) != (n, width):
         raise ValueError(f"q.packed must have shape ({n}, {width}), got {tuple(q.packed.shape)}")
-    devices = {t.device for t in (x, q.packed, q.scales, q.offsets)}
+    devices = {t.device for t in (x, q.packed, q.scales, q.zeros)}
     if len(devices) != 1:
         raise ValueError(f"x and q must be on one device, got {sorted(map(str, devices))}")
     if x.device.type != "cuda" and not interpreted():
@@ -89,8 +89,8 @@ def dequant_matmul(x: torch.Tensor, q: QuantizedTensor, *,
     y = torch.empty((m, n), dtype=torch.float32, device=x.device)
     if m == 0 or n == 0:
         return y
-    # The scales/offsets share one stride pair in the kernel.
-    scales, offsets = q.scales.contiguous(), q.offsets.contiguous()
+    # The scales/zeros share one stride pair in the kernel.
+    scales, zeros = q.scales.contiguous(), q.zeros.contiguous()
 
     num_warps, num_stages = 4, 3
     if interpreted():
@@ -108,7 +108,7 @@ def dequant_matmul(x: torch.Tensor, q: QuantizedTensor, *,
         return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"])
 
     dequant_matmul_kernel[grid](
-        x, q.packed, scales, offsets, y,
+        x, q.packed, scales, zeros, y,
         m, n, k,
         x.stride(0), x.stride(1),
         q.packed.stride(0), q.packed.stride(1),

@@ -23,9 +23,9 @@ MIN_BLOCK = 16
 
 @triton.jit
 def dequant_matmul_kernel(
-    # Pointers.  x is [M, K] activations; packed/scales/offsets are the quantized W[N, K]
+    # Pointers.  x is [M, K] activations; packed/scales/zeros are the quantized W[N, K]
     # (see packing.py); y is the fp32 [M, N] output.
-    x_ptr, packed_ptr, scales_ptr, offsets_ptr, y_ptr,
+    x_ptr, packed_ptr, scales_ptr, zeros_ptr, y_ptr,
     # Logical sizes.  Nothing is assumed to be a multiple of a block, a word or a group,
     # so every load and the store are masked against these.
     M, N, K,
@@ -33,13 +33,13 @@ def dequant_matmul_kernel(
     # lets the wrapper hand over views (e.g. a transposed x) without copying.
     stride_xm, stride_xk,
     stride_pn, stride_pw,  # packed: next output row / next int32 word
-    stride_sn, stride_sg,  # scales AND offsets: they always share one [N, G] layout
+    stride_sn, stride_sg,  # scales AND zeros: they always share one [N, G] layout
     stride_ym, stride_yn,
     # Format parameters.  constexpr so that the divisions by VPW and GROUP_SIZE and the
     # shift amounts fold into cheap integer ops specialised per bit width.
     BITS: tl.constexpr,        # bits per code, 1..8
     VPW: tl.constexpr,         # codes per int32 word, 32 // BITS
-    GROUP_SIZE: tl.constexpr,  # columns sharing one (scale, offset); any positive integer
+    GROUP_SIZE: tl.constexpr,  # columns sharing one (scale, zero); any positive integer
     # Tile sizes.  constexpr because tl.arange and tl.dot need compile-time shapes.
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -73,13 +73,13 @@ def dequant_matmul_kernel(
         # >> on int32 is arithmetic (bit 31 may be set), so the mask must follow the shift.
         codes = (words >> ((offs_k % VPW) * BITS)[:, None]) & CODE_MASK
 
-        # Groups need not align with BLOCK_K, so scale/offset are gathered per element.
+        # Groups need not align with BLOCK_K, so scale/zero are gathered per element.
         group = (offs_k // GROUP_SIZE)[:, None]
         sg_offs = offs_n[None, :] * stride_sn + group * stride_sg
         scale = tl.load(scales_ptr + sg_offs, mask=w_mask, other=0.0).to(tl.float32)
-        offset = tl.load(offsets_ptr + sg_offs, mask=w_mask, other=0.0).to(tl.float32)
-        # Masked lanes give 0 * 0 + 0 = 0, so padding adds nothing to acc.
-        w = codes.to(tl.float32) * scale + offset
+        zero = tl.load(zeros_ptr + sg_offs, mask=w_mask, other=0).to(tl.float32)
+        # Masked lanes give (0 - 0) * 0 = 0, so padding adds nothing to acc.
+        w = (codes.to(tl.float32) - zero) * scale
 
         acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
 

@@ -42,13 +42,13 @@ class _Packed(nn.Module):
     `state_dict()` never pretends they are floating-point weights."""
 
     def _store(self, prefix: str, q: QuantizedTensor) -> None:
-        for part in ("packed", "scales", "offsets"):
+        for part in ("packed", "scales", "zeros"):
             self.register_buffer(f"{prefix}_{part}", getattr(q, part), persistent=False)
         self._meta[prefix] = (q.bits, q.group_size, q.shape)
 
     def _load(self, prefix: str) -> QuantizedTensor:
         bits, group_size, shape = self._meta[prefix]
-        return QuantizedTensor(*(getattr(self, f"{prefix}_{p}") for p in ("packed", "scales", "offsets")),
+        return QuantizedTensor(*(getattr(self, f"{prefix}_{p}") for p in ("packed", "scales", "zeros")),
                                bits, group_size, shape)
 
 

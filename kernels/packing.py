@@ -4,9 +4,13 @@ A quantized weight W[N, K] (N output features, K input features) is stored as
 
 * ``packed``  int32 [N, W]  W = ceil(K / vpw) words per row, vpw = 32 // bits codes per word
 * ``scales``  fp16  [N, G]  G = ceil(K / group_size), one per ``group_size`` consecutive columns
-* ``offsets`` fp16  [N, G]
+* ``zeros``   uint8 [N, G]  the integer zero point of each group, in [0, 2**bits)
 
-and dequantizes as ``w = code * scale + offset`` (scale and offset cast to fp32).
+and dequantizes as ``w = (code - zero) * scale`` in fp32, which is exact (a product of an
+integer of at most 9 bits and an fp16 value).  Integer zero points make the format the same
+arithmetic as compressed-tensors' pack-quantized (``(q - zp) * scale`` with q = code - 2**(bits-1),
+zp = zero - 2**(bits-1)), so an export is lossless both ways.  A symmetric tensor has every
+zero at 2**(bits-1) (GPTQ's convention), so it exports without zero points.
 
 Codes fill each 32-bit word least-significant first; column j of a row is in word
 ``j // vpw`` at bit ``(j % vpw) * bits``.  When ``bits`` does not divide 32 the top
@@ -97,34 +101,38 @@ def _expand_groups(per_group: torch.Tensor, group_size: int, k: int) -> torch.Te
     return per_group.repeat_interleave(group_size, dim=1)[:, :k]
 
 
-def dequantize(packed: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+def dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                bits: int, group_size: int, k: int) -> torch.Tensor:
-    """The reference definition of the format: ``w = code * scale + offset`` in fp32, [N, k]."""
+    """The reference definition of the format: ``w = (code - zero) * scale`` in fp32, [N, k]."""
     codes = unpack(packed, bits, k).to(torch.float32)
     s = _expand_groups(scales.to(torch.float32), group_size, k)
-    o = _expand_groups(offsets.to(torch.float32), group_size, k)
-    return codes * s + o
+    z = _expand_groups(zeros.to(torch.float32), group_size, k)
+    return (codes - z) * s
 
 
 @dataclass(frozen=True)
 class QuantizedTensor:
     """A packed weight matrix and what is needed to dequantize it."""
 
-    packed: torch.Tensor   # int32 [N, packed_width(K, bits)]
-    scales: torch.Tensor   # fp16 [N, ceil(K / group_size)]
-    offsets: torch.Tensor  # fp16 [N, ceil(K / group_size)]
+    packed: torch.Tensor  # int32 [N, packed_width(K, bits)]
+    scales: torch.Tensor  # fp16 [N, ceil(K / group_size)]
+    zeros: torch.Tensor   # uint8 [N, ceil(K / group_size)]
     bits: int
     group_size: int
     shape: tuple[int, int]  # (N, K) of the original matrix
 
     def dequantize(self) -> torch.Tensor:
         """fp32 [N, K] reconstruction."""
-        return dequantize(self.packed, self.scales, self.offsets, self.bits, self.group_size, self.shape[1])
+        return dequantize(self.packed, self.scales, self.zeros, self.bits, self.group_size, self.shape[1])
+
+    @property
+    def symmetric(self) -> bool:
+        return bool((self.zeros == 1 << (self.bits - 1)).all())
 
     @property
     def nbytes(self) -> int:
-        """Stored bytes: packed words plus scales plus offsets."""
-        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales, self.offsets))
+        """Stored bytes: packed words plus scales plus zero points."""
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales, self.zeros))
 
     @property
     def device(self) -> torch.device:
@@ -132,18 +140,20 @@ class QuantizedTensor:
 
     def to(self, device: torch.device | str) -> QuantizedTensor:
         """The same tensor with its three buffers on ``device``."""
-        return QuantizedTensor(self.packed.to(device), self.scales.to(device), self.offsets.to(device),
+        return QuantizedTensor(self.packed.to(device), self.scales.to(device), self.zeros.to(device),
                                self.bits, self.group_size, self.shape)
 
 
-def quantize_rtn(w: torch.Tensor, bits: int, group_size: int) -> QuantizedTensor:
-    """Group-wise asymmetric min-max round-to-nearest quantization along K.
+def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = False) -> QuantizedTensor:
+    """Group-wise round-to-nearest along K with integer zero points.
 
-    Each run of ``group_size`` consecutive columns (the last may be shorter) gets
-    ``offset = min`` and ``scale = (max - min) / (2**bits - 1)``, both rounded to fp16.
-    Codes are computed from the rounded values, so that dequantization reproduces what
-    was optimised rather than what was hoped for.  A group whose fp16 scale is zero
-    (constant, or a range below fp16 resolution) gets scale 1 and codes 0.
+    Asymmetric (default): each run of ``group_size`` consecutive columns (the last may be
+    shorter) spans ``[min(lo, 0), max(hi, 0)]`` (the range always holds 0, as in GPTQ, so the zero
+    point is a code), ``scale = span / (2**bits - 1)`` rounded to fp16 and
+    ``zero = round(-min / scale)``.  Symmetric: ``scale = 2 * max|w| / (2**bits - 1)`` and
+    ``zero = 2**(bits - 1)`` (GPTQ's convention), so one code above the middle is the top.
+    Codes are computed from the rounded scale, so dequantization reproduces what was optimised.
+    An all-zero group gets scale 1 and codes at the zero point.
     """
     _check_bits(bits)
     if not isinstance(group_size, int) or group_size < 1:
@@ -161,24 +171,71 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int) -> QuantizedTensor
 
     groups = -(-k // group_size)
     pad = groups * group_size - k
-    # Pad the partial last group with +inf / -inf so that it does not move min / max.
-    lo = torch.nn.functional.pad(wf, (0, pad), value=math.inf).view(n, groups, group_size).amin(-1)
-    hi = torch.nn.functional.pad(wf, (0, pad), value=-math.inf).view(n, groups, group_size).amax(-1)
+    # Pad the partial last group with zeros: the range holds 0 anyway.
+    grouped = torch.nn.functional.pad(wf, (0, pad)).view(n, groups, group_size)
+    lo, hi = grouped.amin(-1).clamp(max=0), grouped.amax(-1).clamp(min=0)
     qmax = (1 << bits) - 1
-    scale = (hi - lo) / qmax
-    if n and (lo.abs().max() > FP16_MAX or scale.max() > FP16_MAX):
-        raise ValueError(f"weight magnitude exceeds fp16 range: offsets up to {lo.abs().max().item():.4g}, "
-                         f"scales up to {scale.max().item():.4g}, fp16 stores at most {FP16_MAX}")
-    offsets = lo.to(torch.float16)
+    scale = (torch.maximum(-lo, hi) * 2 if symmetric else hi - lo) / qmax
+    if n and scale.max() > FP16_MAX:
+        raise ValueError(f"weight magnitude exceeds fp16 range: scales up to {scale.max().item():.4g}, "
+                         f"fp16 stores at most {FP16_MAX}")
     scales = scale.to(torch.float16)
     scales = torch.where(scales == 0, torch.ones_like(scales), scales)
+    s32 = scales.to(torch.float32)
+    if symmetric:
+        zeros = torch.full_like(s32, float(1 << (bits - 1)))
+    else:
+        zeros = torch.clamp(torch.round(-lo / s32), 0, qmax)
 
-    s = _expand_groups(scales.to(torch.float32), group_size, k)
-    o = _expand_groups(offsets.to(torch.float32), group_size, k)
-    codes = torch.clamp(torch.round((wf - o) / s), 0, qmax).to(torch.uint8)
-    return QuantizedTensor(pack(codes, bits), scales, offsets, bits, group_size, (n, k))
+    s = _expand_groups(s32, group_size, k)
+    z = _expand_groups(zeros, group_size, k)
+    codes = torch.clamp(torch.round(wf / s) + z, 0, qmax).to(torch.uint8)
+    return QuantizedTensor(pack(codes, bits), scales, zeros.to(torch.uint8), bits, group_size, (n, k))
 
 
 def effective_bits(bits: int, group_size: int, k: int) -> float:
-    """Stored bits per weight of one row: packed words (with their slack) and 2 fp16 values per group."""
-    return (packed_width(k, bits) * 32 + -(-k // group_size) * 32) / k
+    """Stored bits per weight of one row: packed words (with their slack), an fp16 scale and a
+    uint8 zero point per group."""
+    return (packed_width(k, bits) * 32 + -(-k // group_size) * 24) / k
+
+
+# ---- dense packing (compressed-tensors' pack-quantized layout, for exports) -------------------------
+#
+# Codes are laid end to end as one bit stream per row, code j at bits [j·b, j·b + b), least
+# significant first, with no slack: a code may straddle two words.  For 3 bits:
+#
+#     word 0: bits 0-29 hold codes 0-9, bits 30-31 the low 2 bits of code 10
+#     word 1: bit 0 the high bit of code 10, bits 1-30 codes 11-20, bit 31 the low bit of code 21
+#     ...     32 codes fill exactly 3 words; a row of K codes takes ceil(K·b / 32) words.
+#
+# compressed-tensors stores signed values q = code − 2**(b−1) and adds the same offset back
+# before packing, so the packed words are these unsigned codes' bits.
+
+
+def pack_dense(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes [N, K] -> int32 words [N, ceil(K·bits/32)], no slack between codes."""
+    _check_bits(bits)
+    n, k = codes.shape
+    c = codes.to(torch.int64) & ((1 << bits) - 1)
+    start = torch.arange(k, dtype=torch.int64) * bits
+    word, shift = start // 32, start % 32
+    width = -(-k * bits // 32)
+    out = torch.zeros(n, width + 1, dtype=torch.int64)  # one spare word for the last straddle
+    out.scatter_add_(1, word.expand(n, k), (c << shift) & 0xFFFFFFFF)
+    out.scatter_add_(1, (word + 1).expand(n, k), c >> (32 - shift))  # the high part of a straddling code
+    out = out[:, :width]
+    return torch.where(out >= 1 << 31, out - (1 << 32), out).to(torch.int32)
+
+
+def unpack_dense(words: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """Exact inverse of :func:`pack_dense`: int32 words -> uint8 codes [N, k]."""
+    _check_bits(bits)
+    n = words.shape[0]
+    if words.shape[1] != -(-k * bits // 32):
+        raise ValueError(f"{words.shape[1]} words per row cannot hold exactly {k} dense {bits}-bit codes")
+    w = torch.nn.functional.pad(words.to(torch.int64) & 0xFFFFFFFF, (0, 1))
+    start = torch.arange(k, dtype=torch.int64) * bits
+    word, shift = start // 32, start % 32
+    lo = w[:, word] >> shift
+    hi = w[:, word + 1] << (32 - shift)
+    return ((lo | hi) & ((1 << bits) - 1)).to(torch.uint8)

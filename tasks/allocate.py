@@ -28,6 +28,7 @@ import pandas as pd
 from .errors import BudgetError
 
 SCHEMES = ("two-tier", "three-tier")
+GRANULARITIES = ("expert", "layer")  # one width per expert, or per MoE layer (what vLLM serves)
 MAXVAR_DEFINITIONS = {"max-row": "maxvar", "max-norm-row": "maxvar_max_norm_row"}  # paper | reference code
 
 
@@ -40,7 +41,8 @@ class AllocationConfig:
     scheme: str = "two-tier"
     maxvar_definition: str = "max-row"
     seed: int = 0  # for the random allocator
-    version: int = 2
+    granularity: str = "expert"
+    version: int = 3
 
     def __post_init__(self):
         from .allocators import ALLOCATORS
@@ -62,6 +64,12 @@ class AllocationConfig:
                               "e.g. --bit-widths 1,2,3 or 2,3,4, or --scheme two-tier")
         if self.allocator not in ALLOCATORS:
             raise BudgetError(f"unknown allocator {self.allocator!r}", f"choose one of {', '.join(ALLOCATORS)}")
+        if self.granularity not in GRANULARITIES:
+            raise BudgetError(f"unknown granularity {self.granularity!r}", f"choose one of {', '.join(GRANULARITIES)}")
+        if self.granularity == "layer" and self.allocator != "uniform" and not hasattr(ALLOCATORS[self.allocator], "costs"):
+            solvers = [n for n, a in ALLOCATORS.items() if hasattr(a, "costs")]
+            raise BudgetError(f"allocator {self.allocator!r} ranks experts within a layer and cannot choose one width "
+                              "per layer", f"with --granularity layer use {', '.join(solvers)} or uniform")
         if self.maxvar_definition not in MAXVAR_DEFINITIONS:
             raise BudgetError(f"unknown MaxVar definition {self.maxvar_definition!r}",
                               f"choose one of {', '.join(MAXVAR_DEFINITIONS)}")
@@ -134,6 +142,8 @@ def allocate(stats: pd.DataFrame, cfg: AllocationConfig, calibration: pd.DataFra
     from .allocators import ALLOCATORS, Inputs
 
     inputs = Inputs.build(stats, cfg, calibration, qerror)
+    if cfg.granularity == "layer" and cfg.allocator != "uniform":
+        return _allocate_layers(stats, cfg, inputs)
     rows = []
     for layer in sorted(stats.layer.unique()):
         experts = sorted(int(e) for e in stats.expert[stats.layer == layer])
@@ -142,6 +152,32 @@ def allocate(stats: pd.DataFrame, cfg: AllocationConfig, calibration: pd.DataFra
         for pos, e in enumerate(decision.order):
             rows.append({"layer": int(layer), "expert": e, "bits": decision.bits[e], "position": pos,
                          "reason": decision.reasons.get(e, "")})
+    return pd.DataFrame(rows).sort_values(["layer", "expert"]).reset_index(drop=True)
+
+
+def _allocate_layers(stats: pd.DataFrame, cfg: AllocationConfig, inputs) -> pd.DataFrame:
+    """One width per MoE layer: minimise the allocator's cost summed over each layer's experts,
+    with Σ experts_l · b_l equal to the budget over all routed experts (rounded half to even to a
+    reachable total)."""
+    from .allocators import ALLOCATORS, solve
+
+    costs_of = ALLOCATORS[cfg.allocator].costs
+    layers = sorted(int(v) for v in stats.layer.unique())
+    sizes, cost, importance, errors = {}, {}, {}, {}
+    for layer in layers:
+        w, err = costs_of(inputs.layer(layer), cfg)
+        sizes[layer], importance[layer], errors[layer] = len(w), w, err
+        for b in cfg.bit_widths:
+            cost[layer, b] = sum(w[e] * err[e, b] for e in w)
+    total = round(cfg.avg_bits * sum(sizes.values()) / max(sizes.values())) * max(sizes.values())
+    bits = solve(cost, layers, list(cfg.bit_widths), total, sizes)
+    rows = []
+    for layer in layers:
+        b = bits[layer]
+        order = sorted(importance[layer], key=lambda e: (-importance[layer][e], e))
+        for pos, e in enumerate(order):
+            rows.append({"layer": layer, "expert": e, "bits": b, "position": pos,
+                         "reason": f"{cfg.allocator}, layer granularity: layer cost at {b} bits {cost[layer, b]:.4g}"})
     return pd.DataFrame(rows).sort_values(["layer", "expert"]).reset_index(drop=True)
 
 
@@ -156,4 +192,5 @@ def summarize(alloc: pd.DataFrame, cfg: AllocationConfig) -> dict:
         "moved_by_maxvar": int(alloc.reason.str.contains("promoted").sum()),
         "bit_widths": list(cfg.bit_widths),
         "zeta": cfg.zeta,
+        "granularity": cfg.granularity,
     }

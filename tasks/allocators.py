@@ -117,8 +117,11 @@ def random_order(x: LayerInputs, counts, cfg) -> Decision:
     return _ranked(order, counts, lambda e: f"random draw (seed {cfg.seed})")
 
 
-def solve(costs: dict[tuple[int, int], float], experts: list[int], widths: list[int], total_bits: int) -> dict[int, int]:
-    """Minimise Σ cost[e, b]·x[e, b] with one width per expert and Σ b·x = total_bits (scipy MILP)."""
+def solve(costs: dict[tuple[int, int], float], experts: list[int], widths: list[int], total_bits: int,
+          sizes: dict[int, int] | None = None) -> dict[int, int]:
+    """Minimise Σ cost[e, b]·x[e, b] with one width per item and Σ size_e·b·x = total_bits (scipy MILP).
+
+    Items are experts (size 1) or, for layer granularity, whole layers (size = their experts)."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     pairs = [(e, b) for e in experts for b in widths]
@@ -129,7 +132,7 @@ def solve(costs: dict[tuple[int, int], float], experts: list[int], widths: list[
                               "the calibration or error statistics are damaged; recompute them")
     scale = max(float(np.abs(c).max()), 1e-300)  # HiGHS tolerances are absolute; keep costs O(1)
     one_each = np.array([[1.0 if pe == e else 0.0 for pe, _ in pairs] for e in experts])
-    budget = np.array([[float(b) for _, b in pairs]])
+    budget = np.array([[float(b * (sizes[e] if sizes else 1)) for e, b in pairs]])
     res = milp(c / scale, integrality=np.ones(len(pairs)), bounds=Bounds(0, 1),
                constraints=[LinearConstraint(one_each, 1, 1), LinearConstraint(budget, total_bits, total_bits)])
     if not res.success:
@@ -139,23 +142,29 @@ def solve(costs: dict[tuple[int, int], float], experts: list[int], widths: list[
 
 
 def _solver(weight: Callable[[LayerInputs, str], dict[int, float]], error_column: str, label: str) -> Allocator:
-    def allocator(x: LayerInputs, counts, cfg) -> Decision:
+    def costs(x: LayerInputs, cfg) -> tuple[dict[int, float], dict[tuple[int, int], float]]:
+        """(importance per expert, error per (expert, bits)) of one layer."""
         if x.error is None or x.error.empty:
             raise ExpertbitsError(f"allocator {label!r} needs per-expert quantization errors, which this run does not have",
                                   "run the statistics stage with error measurement enabled")
         w = weight(x, label)
         err = {(int(r.expert), int(r.bits)): float(getattr(r, error_column)) for r in x.error.itertuples()}
-        experts, widths = sorted(w), list(cfg.bit_widths)
-        missing = [(e, b) for e in experts for b in widths if (e, b) not in err]
+        missing = [(e, b) for e in sorted(w) for b in cfg.bit_widths if (e, b) not in err]
         if missing:
             raise ExpertbitsError(f"no quantization error measured for (expert, bits) {missing[:4]} in layer {x.layer}",
                                   "recompute statistics with these bit-widths")
+        return w, err
+
+    def allocator(x: LayerInputs, counts, cfg) -> Decision:
+        w, err = costs(x, cfg)
+        experts, widths = sorted(w), list(cfg.bit_widths)
         total = sum(b * n for b, n in counts.items())
         bits = solve({(e, b): w[e] * err[e, b] for e in experts for b in widths}, experts, widths, total)
         order = sorted(experts, key=lambda e: (-bits[e], -w[e], e))
         return Decision(order, bits, {e: f"{label}: importance {w[e]:.4g}, error at {bits[e]} bits "
                                          f"{err[e, bits[e]]:.4g}" for e in experts})
     allocator.__name__ = label
+    allocator.costs = costs  # layer granularity sums them per layer (allocate.allocate)
     return allocator
 
 

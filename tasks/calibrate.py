@@ -109,15 +109,17 @@ class ExpertsTap:
 
 
 def calibrate(ft_path: Path, text: str, *, seq_len: int, windows: int, bit_widths: tuple[int, ...],
-              group_size: int, progress: Progress | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """(expert_calibration, expert_qerror, info) for the checkpoint at `ft_path`."""
+              group_size: int, symmetric: bool = False,
+              progress: Progress | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """(expert_calibration, expert_qerror, info) for the checkpoint at `ft_path`; errors are those of
+    the quantizer the run will use (symmetric or not)."""
     with Checkpoint.open(ft_path) as ckpt:
         return _calibrate(ckpt, ft_path, text, seq_len=seq_len, windows=windows, bit_widths=bit_widths,
-                          group_size=group_size, progress=progress)
+                          group_size=group_size, symmetric=symmetric, progress=progress)
 
 
 def _calibrate(ckpt: Checkpoint, ft_path: Path, text: str, *, seq_len: int, windows: int, bit_widths: tuple[int, ...],
-               group_size: int, progress: Progress | None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+               group_size: int, symmetric: bool, progress: Progress | None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     from transformers import AutoConfig, AutoTokenizer
 
     from .evaluate import _load, examples, token_windows
@@ -168,7 +170,7 @@ def _calibrate(ckpt: Checkpoint, ft_path: Path, text: str, *, seq_len: int, wind
             w = ckpt.read(m.key, m.index, m.rows).float()
             h = None if moments[m.expert] is None else moments[m.expert][1 if m.role == "down" else 0]
             for b in bit_widths:
-                d = (w - quantize_rtn(w, b, group_size).dequantize()).square()
+                d = (w - quantize_rtn(w, b, group_size, symmetric).dequantize()).square()
                 acc = errors.setdefault((m.expert, b), [0.0, 0.0])
                 acc[0] += float(d.sum())
                 acc[1] += float(d.sum(0) @ h) if h is not None else 0.0

@@ -40,22 +40,24 @@ def _text_digest(uri: str, storage_options: dict) -> str:
 def _calib_key(ctx, p) -> str:
     return _miss_unless(ctx, Store(p["store"], p["storage_options"]), "calibration", stage_key(
         "calibration", p["checkpoint"].digest, _text_digest(p["text_uri"], p["storage_options"]), p["seq_len"],
-        p["windows"], sorted(p["bit_widths"]), p["group_size"]))
+        p["windows"], sorted(p["bit_widths"]), p["group_size"], p["symmetric"]))
 
 
 @task(name="calibration", cache_key_fn=_calib_key, persist_result=True, result_serializer="json")
 def calibrate_experts(checkpoint: CheckpointRecord, text_uri: str, seq_len: int, windows: int, bit_widths: list[int],
-                      group_size: int, store: str, storage_options: dict, cache_dir: str | None) -> StageOutput:
+                      group_size: int, symmetric: bool, store: str, storage_options: dict,
+                      cache_dir: str | None) -> StageOutput:
     """Activation frequency, routing weight, Hessian trace and quantization error of every expert."""
     st = Store(store, storage_options)
     text = read_text(text_uri, storage_options)
     key = stage_key("calibration", checkpoint.digest, hashlib.sha256(text.encode()).hexdigest(), seq_len, windows,
-                    sorted(bit_widths), group_size)
+                    sorted(bit_widths), group_size, symmetric)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         calib, qerr, info = calibrate.calibrate(_ckpt_path(checkpoint, cache_dir, storage_options), text, seq_len=seq_len,
                                                 windows=windows, bit_widths=tuple(sorted(bit_widths)),
-                                                group_size=group_size, progress=_progress("calibration"))
+                                                group_size=group_size, symmetric=symmetric,
+                                                progress=_progress("calibration"))
         if info["uncalibrated_experts"]:
             get_run_logger().warning(
                 f"{len(info['uncalibrated_experts'])} experts received no calibration token (layer/expert: "

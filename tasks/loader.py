@@ -34,7 +34,7 @@ from expertbits.kernels.packing import QuantizedTensor, packed_width
 from .errors import CheckpointError
 from .quantize import MODEL_TYPE, QUANT_METHOD
 
-PACKED_SUFFIXES = ("qweight", "scales", "offsets")
+PACKED_SUFFIXES = ("qweight", "scales", "zeros")
 
 
 def base_config_dict(config: dict) -> dict:
@@ -54,7 +54,8 @@ def read_packed(folder: Path, qc: dict, device: str | torch.device = "cpu") -> d
             n, k = info["shape"]
             groups = -(-k // qc["group_size"])
             out[name] = QuantizedTensor(torch.empty(n, packed_width(k, info["bits"]), dtype=torch.int32, device="meta"),
-                                        *(torch.empty(n, groups, dtype=torch.float16, device="meta") for _ in range(2)),
+                                        torch.empty(n, groups, dtype=torch.float16, device="meta"),
+                                        torch.empty(n, groups, dtype=torch.uint8, device="meta"),
                                         bits=info["bits"], group_size=qc["group_size"], shape=(n, k))
         return out
     index_file = folder / "model.safetensors.index.json"

@@ -35,7 +35,7 @@ def pareto(summary: pd.DataFrame, out: Path, title: str) -> Path:
             else:
                 ax.plot(a.effective_bits, a.kl, **style)
         ax.set_yscale("log")
-        ax.set_xlabel("effective bits per expert weight (incl. scales and offsets)")
+        ax.set_xlabel("effective bits per expert weight (incl. scales and zero points)")
         ax.set_ylabel("KL(fp ‖ quant) per token")
         ax.set_title(f"bit-widths {{{bit_set}}}")
         ax.grid(True, which="both", alpha=0.3)

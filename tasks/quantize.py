@@ -6,10 +6,10 @@ safetensors shards written layer by layer (memory is bounded by one MoE layer):
 
   model-00001-of-0000N.safetensors   everything not quantized, byte-for-byte as stored
   model-0000k-of-0000N.safetensors   MoE layer k-2: per matrix `<name>.qweight` int32 [N, ⌈K/(32//b)⌉],
-                                     `<name>.scales` fp16 [N, ⌈K/G⌉], `<name>.offsets` fp16 [N, ⌈K/G⌉]
+                                     `<name>.scales` fp16 [N, ⌈K/G⌉], `<name>.zeros` uint8 [N, ⌈K/G⌉]
   model.safetensors.index.json       weight_map, as transformers writes it
 
-Packing and dequantization (w = code·scale + offset) are defined in `expertbits.kernels.packing`.
+Packing and dequantization (w = (code − zero)·scale) are defined in `expertbits.kernels.packing`.
 Routers, attention, embeddings, norms and shared experts stay as stored.
 """
 
@@ -36,8 +36,8 @@ QUANT_METHOD = "expertbits"
 # `import expertbits.tasks.loader` teaches transformers to read it (base_model_type is the real one)
 MODEL_TYPE = ("expertbits (per-expert packed MoE weights that only expertbits can run; pip install expertbits, then "
               "`import expertbits.tasks.loader` before from_pretrained, or run `expertbits generate --model <folder>`)")
-FORMAT = "expertbits-int32-packed-groupwise-asymmetric"
-FORMAT_VERSION = 1
+FORMAT = "expertbits-int32-packed-groupwise"
+FORMAT_VERSION = 2  # 1 stored fp16 offsets; 2 stores integer zero points
 Progress = Callable[[float, str], None]
 
 
@@ -45,11 +45,13 @@ Quantizer = Callable[[ExpertMatrix, torch.Tensor, int], QuantizedTensor]  # (mat
 
 
 def quantize_checkpoint(src: Path, alloc: pd.DataFrame, group_size: int, out: Path,
-                        progress: Progress | None = None, quantizer: Quantizer | None = None) -> dict:
+                        progress: Progress | None = None, quantizer: Quantizer | None = None,
+                        symmetric: bool = False) -> dict:
     """Write the quantized checkpoint of `src` into `out` (which must not exist); return a summary.
 
-    `quantizer` defaults to group-wise round-to-nearest; the league passes one that caches."""
-    quantizer = quantizer or (lambda m, w, bits: quantize_rtn(w, bits, group_size))
+    `quantizer` defaults to group-wise round-to-nearest (`symmetric`: no zero points); the league
+    passes one that caches."""
+    quantizer = quantizer or (lambda m, w, bits: quantize_rtn(w, bits, group_size, symmetric))
     bits_of = {(int(r.layer), int(r.expert)): int(r.bits) for r in alloc.itertuples()}
     out.mkdir(parents=True)
     # one key only: safetensors writes metadata in hash-map order, so two keys break byte-reproducibility
@@ -76,7 +78,10 @@ def quantize_checkpoint(src: Path, alloc: pd.DataFrame, group_size: int, out: Pa
                 require_finite(w, f"{src}: {m.name}")
                 bits = bits_of[(m.layer, m.expert)]
                 q = quantizer(m, w, bits)
-                tensors[f"{m.name}.qweight"], tensors[f"{m.name}.scales"], tensors[f"{m.name}.offsets"] = q.packed, q.scales, q.offsets
+                if symmetric and not q.symmetric:
+                    raise CheckpointError(f"{m.name}: the quantizer returned zero points for a symmetric run",
+                                          "this is a bug; please report it")
+                tensors[f"{m.name}.qweight"], tensors[f"{m.name}.scales"], tensors[f"{m.name}.zeros"] = q.packed, q.scales, q.zeros
                 modules[m.name] = {"bits": bits, "layer": m.layer, "expert": m.expert, "role": m.role,
                                    "shape": list(q.shape), "source": {"key": m.key, "index": m.index,
                                                                       "rows": list(m.rows) if m.rows else None}}
@@ -91,7 +96,10 @@ def quantize_checkpoint(src: Path, alloc: pd.DataFrame, group_size: int, out: Pa
         qconfig = {
             "quant_method": QUANT_METHOD, "format": FORMAT, "version": FORMAT_VERSION,
             "group_size": group_size, "layout": model.layout,
-            "dequantize": "w[n, k] = code[n, k] * scales[n, k // group_size] + offsets[n, k // group_size]",
+            "dequantize": "w[n, k] = (code[n, k] - zeros[n, k // group_size]) * scales[n, k // group_size]",
+            "symmetric": symmetric,  # every zero point at 2**(bits-1): exports without zero points
+            # one width for all routed experts of each layer: what vLLM can serve (see export.py)
+            "layer_uniform": all(len(set(v)) == 1 for v in expert_bits.values()),
             "packing": "codes along the input dim, 32 // bits per int32 word, least-significant bits first",
             "not_quantized": "routers, attention, embeddings, norms, shared experts, lm_head (kept as stored)",
             "avg_bits": round(nominal, 6), "effective_bits": round(stored_bits / numel, 6),

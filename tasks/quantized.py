@@ -38,7 +38,7 @@ def iter_quantized(path: Path) -> Iterator[tuple[str, dict, QuantizedTensor]]:
                 info = qc["modules"][name]
                 yield name, info, QuantizedTensor(
                     packed=f.get_tensor(f"{name}.qweight"), scales=f.get_tensor(f"{name}.scales"),
-                    offsets=f.get_tensor(f"{name}.offsets"), bits=info["bits"], group_size=qc["group_size"],
+                    zeros=f.get_tensor(f"{name}.zeros"), bits=info["bits"], group_size=qc["group_size"],
                     shape=tuple(info["shape"]))
 
 

@@ -224,21 +224,21 @@ def allocate_bits(stats: StageOutput, calibration: StageOutput | None, config: d
 
 def _quant_key(ctx, p) -> str:
     return _miss_unless(ctx, Store(p["store"], p["storage_options"]), "quantization",
-                        stage_key("quantization", p["checkpoint"].digest, p["allocation"].key, p["group_size"]))
+                        stage_key("quantization", p["checkpoint"].digest, p["allocation"].key, p["group_size"], p["symmetric"]))
 
 
 @task(name="quantization", cache_key_fn=_quant_key, persist_result=True, result_serializer="json")
-def quantize_experts(checkpoint: CheckpointRecord, allocation: StageOutput, group_size: int, store: str,
+def quantize_experts(checkpoint: CheckpointRecord, allocation: StageOutput, group_size: int, symmetric: bool, store: str,
                      storage_options: dict, cache_dir: str | None) -> StageOutput:
     """Group-wise round-to-nearest of every expert at its bits, written as packed safetensors."""
     st = Store(store, storage_options)
-    key = stage_key("quantization", checkpoint.digest, allocation.key, group_size)
+    key = stage_key("quantization", checkpoint.digest, allocation.key, group_size, symmetric)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         alloc = statistics.read_stats(_local(st, allocation, tmp) / "bit_allocation.parquet")
         summary = quantize.quantize_checkpoint(
             _ckpt_path(checkpoint, cache_dir, storage_options), alloc, group_size, tmp / "checkpoint",
-            progress=_progress("quantization"))
+            progress=_progress("quantization"), symmetric=symmetric)
         return _publish_stage(st, "quantization", key, tmp / "checkpoint", summary)
 
 

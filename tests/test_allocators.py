@@ -128,3 +128,24 @@ def test_unknown_allocator_is_refused_up_front():
 def test_non_finite_costs_are_a_clear_error():
     with pytest.raises(ExpertbitsError, match="non-finite"):
         solve({(0, 2): float("nan"), (0, 3): 1.0, (1, 2): 1.0, (1, 3): 0.5}, [0, 1], [2, 3], 5)
+
+
+def test_layer_granularity_gives_each_layer_one_width_where_it_pays():
+    # two layers of four experts, weight-error; layer 1's errors are ten times layer 0's. At 2.5
+    # bits over {2, 3} the two layers' widths must sum to 5: one layer at 3 bits, and it is layer 1
+    # (cost 10·Σ(1+e)·(1/4 − 1/8) saved there against Σ(1+e)/8 in layer 0)
+    stats, calib, qerr = _tables()
+    stats = pd.concat([stats, stats.assign(layer=1)])
+    qerr = pd.concat([qerr, qerr.assign(layer=1, weight_error=qerr.weight_error * 10)])
+    cfg = AllocationConfig(avg_bits=2.5, bit_widths=(2, 3), allocator="weight-error", granularity="layer")
+    alloc = allocate(stats, cfg, None, qerr)
+    assert alloc.groupby("layer").bits.unique().map(list).to_dict() == {0: [2], 1: [3]}
+    assert alloc.bits.mean() == 2.5
+    flipped = allocate(stats, cfg, None, qerr.assign(weight_error=lambda d: d.weight_error.where(d.layer == 0, d.weight_error / 100)))
+    assert flipped.groupby("layer").bits.unique().map(list).to_dict() == {0: [3], 1: [2]}
+
+
+def test_layer_granularity_refuses_ranking_allocators():
+    with pytest.raises(BudgetError, match="cannot choose one width per layer"):
+        AllocationConfig(avg_bits=2.5, bit_widths=(2, 3), allocator="paper", granularity="layer")
+    AllocationConfig(avg_bits=3, bit_widths=(2, 3), allocator="uniform", granularity="layer")

@@ -134,30 +134,58 @@ def test_quantize_error_within_half_step(bits, n, k, group_size):
     q = quantize_rtn(w, bits, group_size)
     groups = -(-k // group_size)
     assert q.packed.shape == (n, packed_width(k, bits)) and q.packed.dtype == torch.int32
-    assert q.scales.shape == q.offsets.shape == (n, groups)
-    assert q.scales.dtype == q.offsets.dtype == torch.float16
+    assert q.scales.shape == q.zeros.shape == (n, groups)
+    assert q.scales.dtype == torch.float16 and q.zeros.dtype == torch.uint8
     assert q.shape == (n, k) and q.bits == bits and q.group_size == group_size
     codes = unpack(q.packed, bits, k)
     assert int(codes.max()) <= (1 << bits) - 1
-    # Round to nearest leaves at most half a step.  The fp16-rounded offset and scale can push
-    # a group's extremes past the grid, but for N(0, 1) data that excess (half an fp16 ulp of
-    # the min, plus (2**bits - 1) half-ulps of the scale) stays below half a step; 1e-5 covers
-    # fp32 rounding of code * scale + offset.
-    err = (q.dequantize() - w).abs()
-    assert torch.all(err <= _group_expand(q.scales, group_size, k) / 2 + 1e-5)
+    assert _within_a_half_step(q, w)
 
 
-def test_quantize_constant_groups_are_exact():
-    # fp16-representable constants, so m16 == m and the reconstruction must be exact.
-    w = torch.tensor([[0.75] * 4 + [-3.5] * 4 + [0.0] * 3,
-                      [2.0] * 4 + [1.0, 2.0, 3.0, 4.0] + [-1.0] * 3])
-    q = quantize_rtn(w, 3, 4)
-    assert torch.equal(q.scales[0], torch.ones(3, dtype=torch.float16))
-    assert q.scales[1, 0] == 1 and q.scales[1, 2] == 1
-    assert torch.equal(unpack(q.packed, 3, 11)[0], torch.zeros(11, dtype=torch.uint8))
-    assert torch.equal(q.dequantize()[0], w[0])
-    assert torch.equal(q.dequantize()[1, :4], w[1, :4])
-    assert torch.equal(q.dequantize()[1, 8:], w[1, 8:])
+def _within_a_half_step(q, w) -> bool:
+    """Round to nearest leaves at most half a step. The fp16-rounded scale can shrink the grid's
+    span by up to (2**bits - 1) half-ulps (2^-12 relative each), which the extremes may exceed."""
+    s = _group_expand(q.scales, q.group_size, w.shape[1])
+    return bool(torch.all((q.dequantize() - w.float()).abs() <= s * (0.5 + ((1 << q.bits) - 1) * 2**-12) + 1e-6))
+
+
+@pytest.mark.parametrize("bits", BITS, ids=lambda b: f"{b}bit")
+def test_symmetric_has_every_zero_at_the_middle_and_stays_within_half_a_step(bits):
+    w = torch.randn(6, 96, generator=_gen(bits))
+    q = quantize_rtn(w, bits, 32, symmetric=True)
+    assert q.symmetric and torch.all(q.zeros == 1 << (bits - 1))
+    assert not quantize_rtn(w, bits, 32).symmetric or bits == 1
+    assert _within_a_half_step(q, w)
+
+
+def test_rtn_by_hand():
+    w = torch.tensor([[-1.0, 0.0, 0.5, 2.0]])
+    # asymmetric 2-bit: range [-1, 2], scale 3/3 = 1, zero round(1/1) = 1, codes round(w) + 1
+    # = [0, 1, 1 (0.5 rounds half to even, to 0), 3] -> (code - 1) * 1 = [-1, 0, 0, 2]
+    q = quantize_rtn(w, 2, 4)
+    assert q.scales.item() == 1.0 and q.zeros.item() == 1
+    assert unpack(q.packed, 2, 4).tolist() == [[0, 1, 1, 3]]
+    assert q.dequantize().tolist() == [[-1.0, 0.0, 0.0, 2.0]]
+    # symmetric 2-bit: scale 2·2/3 = 1.3330078125 in fp16, zero 2; w/scale = [-0.75, 0, 0.375, 1.5004]
+    # rounds to [-1, 0, 0, 2], + 2 = [1, 2, 2, 4 -> clamped to 3]
+    q = quantize_rtn(w, 2, 4, symmetric=True)
+    s = 1.3330078125
+    assert q.scales.item() == s and q.zeros.item() == 2
+    assert unpack(q.packed, 2, 4).tolist() == [[1, 2, 2, 3]]
+    assert q.dequantize().tolist() == [[-s, 0.0, 0.0, s]]
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_zero_is_always_exact(symmetric):
+    # the range always holds 0 and the zero point is a code, so exact zeros (pruned weights,
+    # padding) come back exactly, in mixed groups and in all-zero groups (scale 1)
+    w = torch.randn(5, 40, generator=_gen(4))
+    w[:, ::3] = 0.0
+    w[2, 8:16] = 0.0
+    for bits in BITS:
+        q = quantize_rtn(w, bits, 8, symmetric=symmetric)
+        assert torch.all(q.dequantize()[w == 0] == 0)
+        assert q.scales[2, 1] == 1
     assert torch.equal(quantize_rtn(torch.zeros(3, 9), 2, 4).dequantize(), torch.zeros(3, 9))
 
 
@@ -173,19 +201,18 @@ def test_quantize_partial_last_group():
     w[:, 64:] = 10 + torch.rand(4, 6, generator=gen)  # last group: 6 columns in [10, 11)
     q = quantize_rtn(w, 4, 32)
     assert q.scales.shape == (4, 3)
-    # Min and max come from the 6 real columns only, not from padding.
-    lo, hi = w[:, 64:].amin(1), w[:, 64:].amax(1)
-    assert torch.equal(q.offsets[:, 2], lo.to(torch.float16))
-    assert torch.equal(q.scales[:, 2], ((hi - lo) / 15).to(torch.float16))
-    assert (q.dequantize()[:, 64:] - w[:, 64:]).abs().max() < 0.05
+    # The range comes from the 6 real columns (all positive, so it starts at 0), not from padding.
+    hi = w[:, 64:].amax(1)
+    assert torch.equal(q.zeros[:, 2], torch.zeros(4, dtype=torch.uint8))
+    assert torch.equal(q.scales[:, 2], (hi / 15).to(torch.float16))
+    assert _within_a_half_step(q, w)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 def test_quantize_accepts_float_dtypes(dtype):
     w = torch.randn(4, 40, generator=_gen(1)).to(dtype)
     q = quantize_rtn(w, 4, 16)
-    err = (q.dequantize() - w.float()).abs()
-    assert torch.all(err <= _group_expand(q.scales, 16, 40) / 2 + 1e-5)
+    assert _within_a_half_step(q, w)
 
 
 def test_quantize_rejects_bad_input():
@@ -211,7 +238,7 @@ def test_quantize_rejects_bad_input():
 
 def test_quantize_rejects_fp16_overflow():
     with pytest.raises(ValueError, match="exceeds fp16 range"):
-        quantize_rtn(torch.full((2, 4), 1e5), 4, 4)  # the offset overflows
+        quantize_rtn(torch.full((2, 4), 1e6), 4, 4)  # scale 1e6 / 15 overflows
     with pytest.raises(ValueError, match="exceeds fp16 range"):
         quantize_rtn(torch.tensor([[-60000.0, 60000.0]]), 1, 2)  # scale 120000 overflows
     quantize_rtn(torch.tensor([[-60000.0, 60000.0]]), 2, 2)  # scale 40000 fits
@@ -222,24 +249,25 @@ def test_quantize_rejects_fp16_overflow():
 
 def test_dequantize_function_matches_method():
     q = quantize_rtn(torch.randn(3, 50, generator=_gen(2)), 5, 20)
-    direct = dequantize(q.packed, q.scales, q.offsets, q.bits, q.group_size, 50)
+    direct = dequantize(q.packed, q.scales, q.zeros, q.bits, q.group_size, 50)
     assert direct.dtype == torch.float32 and direct.shape == (3, 50)
     assert torch.equal(direct, q.dequantize())
 
 
 def test_nbytes():
     q = quantize_rtn(torch.randn(4, 256), 3, 128)
-    # 26 words * 4 B per row, plus 2 groups * 2 fp16 * 2 B per row.
-    assert q.nbytes == 4 * (26 * 4 + 2 * 2 * 2)
+    # 26 words * 4 B per row, plus 2 groups * (an fp16 scale + a uint8 zero) per row.
+    assert q.nbytes == 4 * (26 * 4 + 2 * (2 + 1))
     assert isinstance(q, QuantizedTensor)
 
 
 def test_effective_bits():
-    # 4 bits, K 256: 32 words * 32 + 2 groups * 32 = 1088 bits over 256 weights.
-    assert effective_bits(4, 128, 256) == pytest.approx(4.25)
-    # 3 bits, K 640: 64 words * 32 + 10 groups * 32 = 2368 bits over 640 weights.
-    assert effective_bits(3, 64, 640) == pytest.approx(3.7)
+    # a group costs 24 bits: an fp16 scale and a uint8 zero point
+    # 4 bits, K 256: 32 words * 32 + 2 groups * 24 = 1072 bits over 256 weights.
+    assert effective_bits(4, 128, 256) == pytest.approx(4.1875)
+    # 3 bits, K 640: 64 words * 32 + 10 groups * 24 = 2288 bits over 640 weights.
+    assert effective_bits(3, 64, 640) == pytest.approx(3.575)
     # 3 bits waste 2 of 32 bits: 3.2 bits per code before group overhead.
-    assert effective_bits(3, 4096, 4096) == pytest.approx((410 * 32 + 32) / 4096)
+    assert effective_bits(3, 4096, 4096) == pytest.approx((410 * 32 + 24) / 4096)
     # Partial group and partial word: K 100, 8 bits: 25 words, 1 group.
-    assert effective_bits(8, 128, 100) == pytest.approx((25 * 32 + 32) / 100)
+    assert effective_bits(8, 128, 100) == pytest.approx((25 * 32 + 24) / 100)

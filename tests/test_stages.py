@@ -32,7 +32,7 @@ def test_quantized_checkpoint_records_every_expert_and_reconstructs_within_half_
     assert qc["expert_bits"] == {"0": [2, 3, 4, 2], "1": [3, 4, 2, 3]}
     assert summary["matrices"] == len(qc["modules"]) == 2 * 4 * 3
     assert summary["avg_bits"] == pytest.approx(2.875)
-    assert summary["effective_bits"] > summary["avg_bits"]  # scales and offsets cost bits
+    assert summary["effective_bits"] > summary["avg_bits"]  # scales and zero points cost bits
     with Checkpoint.open(ft) as src:
         for name, info, q in iter_quantized(tmp_path / "q"):
             w = src.read(info["source"]["key"]).float()
