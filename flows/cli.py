@@ -95,7 +95,34 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     gen.add_argument("--seed", type=int, default=0, help="seed for --sample (default: 0)")
     gen.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
+    exp = sub.add_parser("export", help="write a run's quantized model in a format other tools load",
+                         description="Re-encode a run's quantized experts losslessly as compressed-tensors "
+                                     "(pack-quantized, group-wise) and say which consumers load that export "
+                                     "correctly. Experts of one layer at different widths are refused (no consumer "
+                                     "loads them correctly): quantize with --granularity layer for a servable export.")
+    exp.add_argument("run", help="a run folder of the store (runs/<id>) or its quantization/ folder")
+    exp.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors"], help="export format")
+    exp.add_argument("--out", required=True, help="folder to create (must not exist)")
     return parser
+
+
+def export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from expertbits.tasks.errors import ExpertbitsError
+    from expertbits.tasks.export import export as export_run
+
+    try:
+        result = export_run(Path(args.run), Path(args.out), args.format)
+    except ExpertbitsError as e:
+        print(f"expertbits: {e}", file=sys.stderr)
+        return 1
+    print(f"exported {result['modules']} expert matrices as {result['format']} to {args.out}")
+    for tool, verdict in result["consumers"].items():
+        print(f"  {tool}: {verdict}")
+        if "WRONG" in verdict or "fails" in verdict:
+            print(f"expertbits: warning: {tool} {verdict}", file=sys.stderr)
+    return 0
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -126,9 +153,9 @@ def generate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "generate":
+    if args.command in ("generate", "export"):
         _prefect_defaults()  # only the thread setting matters here
-        return generate(args)
+        return generate(args) if args.command == "generate" else export(args)
     from pydantic import ValidationError
 
     model = {"quantize": QuantizeParams, "league": LeagueParams}[args.command]
