@@ -46,6 +46,9 @@ def _add_options(parser: argparse.ArgumentParser, model: type[BaseModel]) -> Non
                                 help=help_text + "; each set comma-separated, sets separated by spaces")
         elif getattr(ann, "__origin__", None) is list:
             parser.add_argument(_option(name), dest=name, metavar="X,X,...", help=help_text + "; comma-separated")
+        elif ann is bool:
+            parser.add_argument(_option(name), dest=name, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
         else:
             kind = next((t for t in (float, int) if ann is t or t in get_args(ann)), str)
             parser.add_argument(_option(name), dest=name, type=kind, metavar=name.upper(), help=help_text)
@@ -58,8 +61,8 @@ def _params(args: argparse.Namespace, model: type[BaseModel]) -> BaseModel:
         if ann == list[list[int]]:
             given[name] = [[int(b) for b in s.split(",") if b.strip()] for s in value]
         elif getattr(ann, "__origin__", None) is list:
-            kind = get_args(ann)[0]
-            given[name] = [kind(x.strip()) for x in value.split(",") if x.strip()]
+            # pydantic parses each item ("false" to a bool too), with its own error for a bad one
+            given[name] = [x.strip() for x in value.split(",") if x.strip()]
     if "storage_options" in given:
         opts = {}
         for item in given["storage_options"]:

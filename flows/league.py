@@ -31,9 +31,10 @@ def league_table(params: LeagueParams = LeagueParams()) -> RunManifest:
     finetuned = fetch_checkpoint(p.checkpoint, p.cache_dir, p.storage_options)
     reference = fetch_checkpoint(p.reference, p.cache_dir, p.storage_options) if p.reference else None
     stats = extract_statistics(finetuned, reference, cache_dir=p.cache_dir, **io)
-    calibration = calibrate_experts(finetuned, p.calibration_text, p.eval_seq_len, p.calibration_windows,
-                                    sorted({b for s in p.bit_sets for b in s}), p.group_size, False, cache_dir=p.cache_dir, **io)
-    result = run_league(finetuned, stats, calibration, asdict(p.grid()), p.eval_text, p.eval_seq_len, p.eval_windows,
+    calibrations = [calibrate_experts(finetuned, p.calibration_text, p.eval_seq_len, p.calibration_windows,
+                                      p.widths(), p.group_size, symmetric, cache_dir=p.cache_dir, **io)
+                    for symmetric in p.symmetric]  # errors of each quantizer the grid measures
+    result = run_league(finetuned, stats, calibrations, asdict(p.grid()), p.eval_text, p.eval_seq_len, p.eval_windows,
                         p.task, p.task_examples, cache_dir=p.cache_dir, **io)
 
-    return publish_league(p.model_dump(mode="json"), stats, calibration, result, **io)
+    return publish_league(p.model_dump(mode="json"), stats, calibrations, result, **io)

@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from expertbits.tasks.allocate import AllocationConfig
+from expertbits.tasks.allocate import GRANULARITIES, AllocationConfig
 from expertbits.tasks.allocators import ALLOCATORS
 from expertbits.tasks.league import DEFAULT_ALLOCATORS, TASKS, Grid
 
@@ -84,6 +84,12 @@ class LeagueParams(CommonParams):
     bit_sets: list[list[int]] = Field([[2, 3, 4], [1, 2, 3]], min_length=1, description="Bit-width sets to try")
     scheme: str = Field("three-tier", description="Tier counts for three equally spaced widths (others use two-tier)")
     random_draws: int = Field(5, ge=1, description="Draws of the random allocator (reported as median and range)")
+    granularities: list[str] = Field(["expert", "layer"], min_length=1, description=(
+        "Allocation granularities to compare: 'expert' (per-expert widths) and 'layer' (one width per MoE layer, "
+        "what vLLM serves; cost-based allocators and uniform only)"))
+    symmetric: list[bool] = Field([False, True], min_length=1, description=(
+        "Quantizers to compare: asymmetric (false, zero points) and symmetric (true, what plain transformers loads; "
+        "cost-based allocators and uniform only)"))
     task: str | None = Field(None, description=f"Task accuracy to measure per cell: {', '.join(TASKS)}, or empty")
     task_examples: int = Field(300, ge=1, description="Task examples per cell")
 
@@ -94,7 +100,10 @@ class LeagueParams(CommonParams):
 
     @model_validator(mode="after")
     def _grid_is_valid(self):
-        self.grid().configs()  # every cell's allocation config is validated before any work
+        for g in self.granularities:
+            if g not in GRANULARITIES:
+                raise ValueError(f"unknown granularity {g!r}; choose from {', '.join(GRANULARITIES)}")
+        self.grid().cells()  # every cell's allocation config is validated before any work
         if self.task is not None and self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
         return self
@@ -103,4 +112,8 @@ class LeagueParams(CommonParams):
         return Grid(allocators=tuple(self.allocators), budgets=tuple(self.budgets),
                     bit_sets=tuple(tuple(s) for s in self.bit_sets), scheme=self.scheme,
                     random_draws=self.random_draws, zeta=self.zeta, maxvar_definition=self.maxvar_definition,
-                    group_size=self.group_size)
+                    group_size=self.group_size, granularities=tuple(dict.fromkeys(self.granularities)),
+                    symmetric=tuple(dict.fromkeys(self.symmetric)))
+
+    def widths(self) -> list[int]:
+        return sorted({b for s in self.bit_sets for b in s})

@@ -174,8 +174,8 @@ def _calibrate(ckpt: Checkpoint, ft_path: Path, text: str, *, seq_len: int, wind
                 acc = errors.setdefault((m.expert, b), [0.0, 0.0])
                 acc[0] += float(d.sum())
                 acc[1] += float(d.sum(0) @ h) if h is not None else 0.0
-        qerr += [{"layer": layer.layer, "expert": e, "bits": b, "weight_error": we, "routed_input_error": re}
-                 for (e, b), (we, re) in sorted(errors.items())]
+        qerr += [{"layer": layer.layer, "expert": e, "bits": b, "symmetric_quant": symmetric, "weight_error": we,
+                  "routed_input_error": re} for (e, b), (we, re) in sorted(errors.items())]
         if progress:
             progress(0.5 + 0.5 * (n + 1) / len(model_info.layers), f"quantization error: layer {layer.layer} done")
     info = {"calibration_tokens": int(sum(t.tokens for t in taps.values()) // max(len(taps), 1)),

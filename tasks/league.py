@@ -14,7 +14,7 @@ import shutil
 import statistics as pystats
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -35,6 +35,20 @@ DEFAULT_ALLOCATORS = ("uniform", "paper", "lambda", "reverse-lambda", "maxvar", 
 
 
 @dataclass(frozen=True)
+class Cell:
+    """One league cell: an allocation and the quantizer it is measured with."""
+
+    config: AllocationConfig
+    symmetric: bool = False
+
+    @property
+    def variant(self) -> str:
+        """The allocator, marked when the cell is layer-granular (`@layer`) or symmetric (`+sym`)."""
+        return (self.config.allocator + ("@layer" if self.config.granularity == "layer" else "")
+                + ("+sym" if self.symmetric else ""))
+
+
+@dataclass(frozen=True)
 class Grid:
     allocators: tuple[str, ...] = DEFAULT_ALLOCATORS
     budgets: tuple[float, ...] = (2.0, 2.25, 2.5, 2.75, 3.0)
@@ -44,11 +58,17 @@ class Grid:
     zeta: float = 3.0
     maxvar_definition: str = "max-row"
     group_size: int = 64
+    # what servability costs: one width per layer (vLLM), no zero points (transformers); cells off
+    # the default (expert, asymmetric) are run for the cost-based allocators and uniform only
+    granularities: tuple[str, ...] = ("expert", "layer")
+    symmetric: tuple[bool, ...] = (False, True)
 
     def __post_init__(self):
         unknown = [a for a in self.allocators if a not in ALLOCATORS]
         if unknown:
             raise BudgetError(f"unknown allocators {unknown}", f"choose from {', '.join(ALLOCATORS)}")
+        if not self.granularities or not self.symmetric:
+            raise BudgetError("the league needs at least one granularity and one symmetry", "e.g. expert and false")
 
     @classmethod
     def from_dict(cls, d: dict) -> "Grid":
@@ -56,8 +76,22 @@ class Grid:
         return cls(**{k: tuple(tuple(x) for x in v) if k == "bit_sets" else tuple(v) if isinstance(v, list) else v
                       for k, v in d.items()})
 
+    def cells(self) -> list[Cell]:
+        """Every cell: each allocation config under each variant that applies to it."""
+        out = []
+        for cfg in self.configs():
+            for granularity in self.granularities:
+                for symmetric in self.symmetric:
+                    default = granularity == "expert" and not symmetric
+                    if not default and cfg.allocator != "uniform" and not hasattr(ALLOCATORS[cfg.allocator], "costs"):
+                        continue
+                    if granularity == "layer" and cfg.allocator == "uniform":
+                        continue  # uniform is already one width per layer
+                    out.append(Cell(replace(cfg, granularity=granularity), symmetric))
+        return out
+
     def configs(self) -> list[AllocationConfig]:
-        """Every cell's allocation config; budgets a bit set cannot reach are skipped."""
+        """Every allocation config of the default variant; budgets a bit set cannot reach are skipped."""
         out = []
         for widths in self.bit_sets:
             w = tuple(sorted(widths))
@@ -98,16 +132,16 @@ class CellWriter:
 
     def __init__(self, path: Path, group_size: int):
         self.path, self.group_size = path, group_size
-        self._cache: dict[tuple[str, int], QuantizedTensor] = {}
+        self._cache: dict[tuple[str, int, bool], QuantizedTensor] = {}
 
-    def _quantize(self, m, w: torch.Tensor, bits: int) -> QuantizedTensor:
-        if (m.name, bits) not in self._cache:
-            self._cache[m.name, bits] = quantize_rtn(w, bits, self.group_size)
-        return self._cache[m.name, bits]
+    def write(self, alloc: pd.DataFrame, out: Path, symmetric: bool = False) -> dict:
+        def quantize(m, w: torch.Tensor, bits: int) -> QuantizedTensor:
+            if (m.name, bits, symmetric) not in self._cache:
+                self._cache[m.name, bits, symmetric] = quantize_rtn(w, bits, self.group_size, symmetric)
+            return self._cache[m.name, bits, symmetric]
 
-    def write(self, alloc: pd.DataFrame, out: Path) -> dict:
         shutil.rmtree(out, ignore_errors=True)
-        return quantize_checkpoint(self.path, alloc, self.group_size, out, quantizer=self._quantize)
+        return quantize_checkpoint(self.path, alloc, self.group_size, out, quantizer=quantize, symmetric=symmetric)
 
 
 TASKS = ("wordnet-supersense",)
@@ -124,44 +158,49 @@ def task(name: str | None, examples: int) -> Callable | None:
     raise BudgetError(f"unknown task {name!r}", f"choose one of {', '.join(TASKS)}, or none")
 
 
-def run(ft_path: Path, stats: pd.DataFrame, calibration: pd.DataFrame | None, qerror: pd.DataFrame | None,
+def run(ft_path: Path, stats: pd.DataFrame, calibration: pd.DataFrame | None, qerrors: dict[bool, pd.DataFrame] | None,
         grid: Grid, reference: Reference, task: Callable | None = None,
         progress: Progress | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(league rows, one per cell; allocations, one row per cell × expert)."""
+    """(league rows, one per cell; allocations, one row per cell × expert). `qerrors` holds the
+    quantization errors measured with each quantizer (asymmetric: False, symmetric: True)."""
     writer = CellWriter(ft_path, grid.group_size)
     fp_accuracy = task(reference.model, reference.tokenizer) if task else None
-    configs = grid.configs()
+    cells = grid.cells()
     rows, allocations = [], []
     with tempfile.TemporaryDirectory(prefix="expertbits-league-") as tmp:
-        for i, cfg in enumerate(configs):
+        for i, c in enumerate(cells):
+            cfg = c.config
             start = time.perf_counter()
-            alloc = allocate(stats, cfg, calibration, qerror)
+            alloc = allocate(stats, cfg, calibration, (qerrors or {}).get(c.symmetric))
             alloc_ms = 1000 * (time.perf_counter() - start)
             bits_of = {(int(r.layer), int(r.expert)): int(r.bits) for r in alloc.itertuples()}
-            written = writer.write(alloc, Path(tmp) / "cell")
+            written = writer.write(alloc, Path(tmp) / "cell", c.symmetric)
             model = reference.load_quantized(Path(tmp) / "cell")
             metrics = reference.compare(model)
             cell = {"bit_set": ",".join(map(str, cfg.bit_widths)), "scheme": cfg.scheme, "budget": cfg.avg_bits,
-                    "allocator": cfg.allocator, "seed": cfg.seed, "avg_bits": float(alloc.bits.mean()),
+                    "allocator": cfg.allocator, "granularity": cfg.granularity, "symmetric_quant": c.symmetric,
+                    "variant": c.variant, "seed": cfg.seed, "avg_bits": float(alloc.bits.mean()),
                     "effective_bits": written["effective_bits"], "kl": metrics["kl"], "ppl": metrics["ppl_quant"],
                     "ppl_fp": metrics["ppl_fp"], "accuracy": task(model, reference.tokenizer) if task else None,
                     "accuracy_fp": fp_accuracy, "allocation_ms": alloc_ms}
             rows.append(cell)
-            allocations += [{k: cell[k] for k in ("bit_set", "scheme", "budget", "allocator", "seed")} |
+            allocations += [{k: cell[k] for k in ("bit_set", "scheme", "budget", "allocator", "variant", "seed")} |
                             {"layer": layer, "expert": e, "bits": b} for (layer, e), b in sorted(bits_of.items())]
             if progress:
-                progress((i + 1) / len(configs), f"league: {i + 1}/{len(configs)} cells "
-                                                  f"({cfg.allocator} at {cfg.avg_bits} bits of {cfg.bit_widths})")
+                progress((i + 1) / len(cells), f"league: {i + 1}/{len(cells)} cells "
+                                                f"({c.variant} at {cfg.avg_bits} bits of {cfg.bit_widths})")
     league = pd.DataFrame(rows).astype({"accuracy": "float64", "accuracy_fp": "float64"})
     return league, pd.DataFrame(allocations)
 
 
 def summarize(league: pd.DataFrame) -> pd.DataFrame:
-    """One row per (bit set, budget, allocator): the median over random draws, with its range,
-    and each cell's rank by KL among the allocators at that budget (1 = best)."""
+    """One row per (bit set, budget, variant): the median over random draws, with its range, and
+    each cell's rank by KL among the default variants (per-expert widths, asymmetric) at that
+    budget (1 = best); the servability variants are compared in `servability`."""
     rows = []
-    for (bit_set, budget, name), g in league.groupby(["bit_set", "budget", "allocator"], sort=True):
-        row = {"bit_set": bit_set, "budget": budget, "allocator": name, "draws": len(g)}
+    for (bit_set, budget, name), g in league.groupby(["bit_set", "budget", "variant"], sort=True):
+        row = {"bit_set": bit_set, "budget": budget, "variant": name, "draws": len(g),
+               **{k: g[k].iloc[0] for k in ("allocator", "granularity", "symmetric_quant")}}
         for col in ("avg_bits", "effective_bits", "kl", "ppl", "accuracy", "allocation_ms"):
             values = [v for v in g[col] if pd.notna(v)]
             row[col] = pystats.median(values) if values else None
@@ -169,8 +208,35 @@ def summarize(league: pd.DataFrame) -> pd.DataFrame:
                 row[f"{col}_min"], row[f"{col}_max"] = (min(values), max(values)) if values else (None, None)
         rows.append(row)
     out = pd.DataFrame(rows)
-    out["rank"] = out.groupby(["bit_set", "budget"]).kl.rank(method="min").astype("Int64")
+    default = (out.granularity == "expert") & ~out.symmetric_quant.astype(bool)
+    out["rank"] = out[default].groupby(["bit_set", "budget"]).kl.rank(method="min").astype("Int64")
     return out
+
+
+SERVABLE = {"per-expert widths, zero points (expertbits)": ("expert", False),
+            "per-expert widths, symmetric": ("expert", True),
+            "one width per layer, zero points (vLLM)": ("layer", False),
+            "one width per layer, symmetric (vLLM)": ("layer", True)}
+
+
+def servability(summary: pd.DataFrame, allocator: str = "pmq") -> str:
+    """What servability costs, as markdown: KL of one allocator at each budget under each variant,
+    beside uniform where the budget is a width."""
+    lines = []
+    for bit_set, g in summary.groupby("bit_set", sort=False):
+        budgets = sorted(g.budget.unique())
+        lines += [f"**{allocator}, bit-widths {{{bit_set}}}**: KL(fp ‖ quant) per token", "",
+                  "| variant | " + " | ".join(f"{b:g} bits" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
+        for label, (gran, sym) in [*SERVABLE.items(), ("uniform, zero points", ("expert", False)),
+                                   ("uniform, symmetric (transformers)", ("expert", True))]:
+            name = "uniform" if label.startswith("uniform") else allocator
+            rows = g[(g.allocator == name) & (g.granularity == gran) & (g.symmetric_quant.astype(bool) == sym)]
+            if rows.empty:
+                continue
+            cells = [f"{rows[rows.budget == b].kl.iloc[0]:.4f}" if (rows.budget == b).any() else "" for b in budgets]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 SIGNALS = ("lambda_score", "maxvar", "frequency", "routing_weight", "hessian_trace", "weight_error", "routed_input_error")
@@ -200,7 +266,7 @@ def _grid(g: pd.DataFrame, col: str, fmt: str, spread: bool) -> list[str]:
     budgets = sorted(g.budget.unique())
     lines = ["| allocator | " + " | ".join(f"{b:g} bits" for b in budgets) + " | alloc ms |",
              "|---|" + "---|" * (len(budgets) + 1)]
-    for name, a in g.groupby("allocator", sort=False):
+    for name, a in g.groupby("variant", sort=False):
         cells = []
         for b in budgets:
             r = a[a.budget == b]
@@ -210,7 +276,8 @@ def _grid(g: pd.DataFrame, col: str, fmt: str, spread: bool) -> list[str]:
             r = r.iloc[0]
             lo, hi = r.get(f"{col}_min"), r.get(f"{col}_max")
             rng = f" [{lo:{fmt}}–{hi:{fmt}}]" if spread and lo is not None and pd.notna(lo) else ""
-            cells.append(f"{r[col]:{fmt}}{rng}" + (f" ({r['rank']})" if col == "kl" else ""))
+            ranked = col == "kl" and pd.notna(r["rank"])
+            cells.append(f"{r[col]:{fmt}}{rng}" + (f" ({r['rank']})" if ranked else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {a.allocation_ms.median():.2f} |")
     return lines
 
@@ -222,7 +289,8 @@ def correlation_markdown(corr: pd.DataFrame) -> str:
 
 
 def markdown(summary: pd.DataFrame) -> str:
-    """The league as markdown: KL (and task accuracy, where measured) per allocator × budget, per bit set."""
+    """The league as markdown: KL (and task accuracy, where measured) per allocator × budget, per bit set;
+    then what servability costs (pmq and uniform under each variant)."""
     lines = []
     for bit_set, g in summary.groupby("bit_set", sort=False):
         lines += [f"**bit-widths {{{bit_set}}}**: KL(fp ‖ quant) per token, lower is better (rank at that budget)", ""]
@@ -230,4 +298,7 @@ def markdown(summary: pd.DataFrame) -> str:
         if "accuracy" in g and g.accuracy.notna().any():
             lines += [f"Task accuracy at bit-widths {{{bit_set}}} (higher is better):", ""]
             lines += _grid(g, "accuracy", ".3f", True) + [""]
+    if summary.granularity.nunique() > 1 or summary.symmetric_quant.nunique() > 1:
+        lines += ["What servability costs (variants: `@layer` one width per MoE layer, `+sym` no zero points):", "",
+                  servability(summary)]
     return "\n".join(lines)

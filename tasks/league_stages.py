@@ -78,28 +78,32 @@ def read_calibration(st: Store, out: StageOutput | None, tmp: Path) -> tuple[pd.
 
 def _league_key(ctx, p) -> str:
     return _miss_unless(ctx, Store(p["store"], p["storage_options"]), "league", stage_key(
-        "league", p["checkpoint"].digest, p["stats"].key, p["calibration"].key if p["calibration"] else None,
+        "league", p["checkpoint"].digest, p["stats"].key, [c.key for c in p["calibrations"]],
         p["grid"], _text_digest(p["text_uri"], p["storage_options"]), p["seq_len"], p["windows"], p["task_name"],
         p["task_examples"]))
 
 
 @task(name="league", cache_key_fn=_league_key, persist_result=True, result_serializer="json")
-def run_league(checkpoint: CheckpointRecord, stats: StageOutput, calibration: StageOutput | None, grid: dict,
+def run_league(checkpoint: CheckpointRecord, stats: StageOutput, calibrations: list[StageOutput], grid: dict,
                text_uri: str, seq_len: int, windows: int, task_name: str | None, task_examples: int,
                store: str, storage_options: dict, cache_dir: str | None) -> StageOutput:
-    """Quantize and evaluate every cell of the grid; write the tables and the figures."""
+    """Quantize and evaluate every cell of the grid; write the tables and the figures.
+
+    `calibrations` holds one calibration per quantizer of the grid, in `grid["symmetric"]` order."""
     st = Store(store, storage_options)
     text = read_text(text_uri, storage_options)
-    key = stage_key("league", checkpoint.digest, stats.key, calibration.key if calibration else None, grid,
+    key = stage_key("league", checkpoint.digest, stats.key, [c.key for c in calibrations], grid,
                     hashlib.sha256(text.encode()).hexdigest(), seq_len, windows, task_name, task_examples)
     g = league.Grid.from_dict(grid)
     path = _ckpt_path(checkpoint, cache_dir, storage_options)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         table = statistics.read_stats(_local(st, stats, tmp) / "expert_stats.parquet")
-        calib, qerr = read_calibration(st, calibration, tmp)
+        read = [read_calibration(st, c, tmp / f"calibration-{i}") for i, c in enumerate(calibrations)]
+        calib, qerr = read[0]
+        qerrors = {sym: q for sym, (_, q) in zip(g.symmetric, read)}
         reference = league.Reference(path, text, seq_len=seq_len, windows=windows)
-        rows, allocs = league.run(path, table, calib, qerr, g, reference, league.task(task_name, task_examples),
+        rows, allocs = league.run(path, table, calib, qerrors, g, reference, league.task(task_name, task_examples),
                                   _progress("league"))
         summary = league.summarize(rows)
         out = tmp / "out"
@@ -113,7 +117,7 @@ def run_league(checkpoint: CheckpointRecord, stats: StageOutput, calibration: St
         plots.pareto(summary, out / "pareto.png", title)
         if cell := g.heatmap_cell():
             plots.heatmap(allocs, out / "heatmap.png", *cell, title)
-        best = summary[summary["rank"] == 1].groupby("allocator").size().sort_values(ascending=False)
+        best = summary[summary["rank"] == 1].groupby("variant").size().sort_values(ascending=False)
         get_run_logger().info(f"league: {len(rows)} cells; allocators ranked first: {best.to_dict()}")
         return _publish_stage(st, "league", key, out, {"cells": len(rows), "ranked_first": best.to_dict(),
                                                         "task": task_name, "text": text_uri})
@@ -127,6 +131,8 @@ def league_database(path: Path, store: Store, outputs: dict[str, StageOutput], t
         schema = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
         for stage, out in outputs.items():
             for rel in (r for r in out.files if r.endswith(".parquet")):
+                if stage.startswith("calibration-") and rel == "expert_calibration.parquet":
+                    continue  # routing statistics do not depend on the quantizer: one copy is enough
                 table, local = rel.removesuffix(".parquet"), store.get_file(f"{out.prefix}/{rel}", tmp / stage / rel)
                 con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM read_parquet('{local}')" if table in schema
                             else f"CREATE TABLE {table} AS SELECT * FROM read_parquet('{local}')")
@@ -136,13 +142,14 @@ def league_database(path: Path, store: Store, outputs: dict[str, StageOutput], t
 
 
 @task(name="publish-league", retries=3, retry_delay_seconds=[1, 4, 10], retry_condition_fn=_transient)
-def publish_league(parameters: dict, stats: StageOutput, calibration: StageOutput | None, result: StageOutput,
+def publish_league(parameters: dict, stats: StageOutput, calibrations: list[StageOutput], result: StageOutput,
                    store: str, storage_options: dict) -> RunManifest:
     """leagues/<id>/ with every table, both figures, one DuckDB, and manifest.json written last."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     st = Store(store, storage_options)
-    outputs = {"statistics": stats, **({"calibration": calibration} if calibration else {}), "league": result}
+    outputs = {"statistics": stats, **{("calibration" if i == 0 else f"calibration-{i}"): c for i, c in enumerate(calibrations)},
+               "league": result}
     manifest = publish.publish(st, publish.run_id(parameters["checkpoint"], list(outputs.values())), outputs,
                                parameters, root="leagues", database=league_database)
     rid = manifest.run_id

@@ -22,13 +22,14 @@ def pareto(summary: pd.DataFrame, out: Path, title: str) -> Path:
     plt = _pyplot()
     sets = list(dict.fromkeys(summary.bit_set))
     fig, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 4.5), squeeze=False, layout="constrained")
-    names = sorted(summary.allocator.unique())
-    colors = {n: plt.get_cmap("tab20")(i % 20) for i, n in enumerate(names)}  # stable colour per allocator
+    names = sorted(summary.variant.unique())
+    colors = {n: plt.get_cmap("tab20")(i % 20) for i, n in enumerate(names)}  # stable colour per variant
     for ax, bit_set in zip(axes[0], sets):
         g = summary[summary.bit_set == bit_set]
-        for name, a in g.groupby("allocator", sort=True):
+        for name, a in g.groupby("variant", sort=True):
             a = a.sort_values("effective_bits")
-            style = dict(marker="o", ms=4, lw=2.2 if name == "paper" else 1.2, label=name, color=colors[name])
+            style = dict(marker="o", ms=4, lw=2.2 if name == "paper" else 1.2, label=name, color=colors[name],
+                         ls="--" if "@" in name or "+" in name else "-")
             if "kl_min" in a and a.kl_min.notna().any():
                 err = [(a.kl - a.kl_min).fillna(0), (a.kl_max - a.kl).fillna(0)]
                 ax.errorbar(a.effective_bits, a.kl, yerr=err, capsize=2, **style)
@@ -47,10 +48,12 @@ def pareto(summary: pd.DataFrame, out: Path, title: str) -> Path:
 
 
 def heatmap(allocations: pd.DataFrame, out: Path, bit_set: str, budget: float, title: str) -> Path:
-    """Bits of every (layer, expert), one panel per allocator, at one budget (random: draw 0)."""
+    """Bits of every (layer, expert), one panel per allocator (and layer-granular variant), at one
+    budget (random: draw 0)."""
     plt = _pyplot()
-    cell = allocations[(allocations.bit_set == bit_set) & (allocations.budget == budget) & (allocations.seed == 0)]
-    names = sorted(cell.allocator.unique())
+    cell = allocations[(allocations.bit_set == bit_set) & (allocations.budget == budget) & (allocations.seed == 0)
+                       & ~allocations.variant.str.endswith("+sym")]
+    names = sorted(cell.variant.unique())
     if not names:
         return out
     cols = min(4, len(names))
@@ -60,7 +63,7 @@ def heatmap(allocations: pd.DataFrame, out: Path, bit_set: str, budget: float, t
     widths = [int(b) for b in bit_set.split(",")]
     image = None
     for ax, name in zip(axes.flat, names):
-        grid = cell[cell.allocator == name].pivot(index="layer", columns="expert", values="bits")
+        grid = cell[cell.variant == name].pivot(index="layer", columns="expert", values="bits")
         image = ax.imshow(grid.values, cmap="viridis", vmin=min(widths), vmax=max(widths), aspect="auto")
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("expert", fontsize=8)

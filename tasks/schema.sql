@@ -68,19 +68,23 @@ CREATE TABLE IF NOT EXISTS expert_qerror (
     layer              INTEGER NOT NULL,
     expert             INTEGER NOT NULL,
     bits               INTEGER NOT NULL,
+    symmetric_quant    BOOLEAN NOT NULL,  -- measured with the symmetric quantizer (no zero points)
     weight_error       DOUBLE  NOT NULL,  -- ||W - Q(W)||_F^2 over the expert's matrices
     routed_input_error DOUBLE  NOT NULL   -- input-weighted: sum_i h_i ||dW[:, i]||^2 (see calibrate.py)
 );
 
 -- One row per league cell: an allocator at a budget over a bit-width set (random: one per draw).
 CREATE TABLE IF NOT EXISTS league (
-    bit_set        VARCHAR NOT NULL,  -- e.g. '2,3,4'
-    scheme         VARCHAR NOT NULL,  -- 'two-tier' | 'three-tier' tier counts for rank allocators
-    budget         DOUBLE  NOT NULL,  -- requested average bits per expert
-    allocator      VARCHAR NOT NULL,
-    seed           INTEGER NOT NULL,
-    avg_bits       DOUBLE  NOT NULL,  -- achieved nominal average
-    effective_bits DOUBLE  NOT NULL,  -- including fp16 scales and offsets and packing slack
+    bit_set         VARCHAR NOT NULL,  -- e.g. '2,3,4'
+    scheme          VARCHAR NOT NULL,  -- 'two-tier' | 'three-tier' tier counts for rank allocators
+    budget          DOUBLE  NOT NULL,  -- requested average bits per expert
+    allocator       VARCHAR NOT NULL,
+    granularity     VARCHAR NOT NULL,  -- 'expert' | 'layer' (one width per MoE layer)
+    symmetric_quant BOOLEAN NOT NULL,  -- quantized without zero points
+    variant         VARCHAR NOT NULL,  -- allocator + '@layer' / '+sym' marks
+    seed            INTEGER NOT NULL,
+    avg_bits        DOUBLE  NOT NULL,  -- achieved nominal average
+    effective_bits  DOUBLE  NOT NULL,  -- including fp16 scales, uint8 zero points and packing slack
     kl             DOUBLE  NOT NULL,  -- KL(fp || quant) per token on the evaluation text
     ppl            DOUBLE  NOT NULL,
     ppl_fp         DOUBLE  NOT NULL,
@@ -95,6 +99,7 @@ CREATE TABLE IF NOT EXISTS league_allocation (
     scheme    VARCHAR NOT NULL,
     budget    DOUBLE  NOT NULL,
     allocator VARCHAR NOT NULL,
+    variant   VARCHAR NOT NULL,
     seed      INTEGER NOT NULL,
     layer     INTEGER NOT NULL,
     expert    INTEGER NOT NULL,

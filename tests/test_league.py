@@ -76,38 +76,47 @@ def small_league(micro_pair, texts, calibrated):
     with Checkpoint.open(ft) as a, Checkpoint.open(base) as b:
         stats, _ = statistics.collect(a, b)
     calib, qerr, _ = calibrated
+    _, qerr_sym, _ = calibrate.calibrate(ft, texts[0], seq_len=64, windows=4, bit_widths=(2, 3, 4), group_size=32,
+                                         symmetric=True)
     grid = league.Grid(allocators=("uniform", "paper", "random", "pmq"), budgets=(2.5, 3.0), bit_sets=((2, 3, 4),),
                        random_draws=3, group_size=32)
     ref = Reference(ft, texts[1], seq_len=64, windows=4)
-    rows, allocs = league.run(ft, stats, calib, qerr, grid, ref)
+    rows, allocs = league.run(ft, stats, calib, {False: qerr, True: qerr_sym}, grid, ref)
     return grid, rows, allocs
 
 
 def test_league_cells_cover_the_grid(small_league):
     grid, rows, allocs = small_league
-    # 2.5 bits: paper, 3 random draws, pmq (no uniform); 3.0 bits: all four, random drawn 3 times
-    assert len(rows) == len(grid.configs()) == 5 + 6
-    assert set(rows[rows.budget == 2.5].allocator) == {"paper", "random", "pmq"}
+    # default variant: 2.5 bits: paper, 3 random draws, pmq (no uniform); 3.0 bits: all four, random drawn 3 times;
+    # servability variants for pmq at both budgets (@layer, +sym, @layer+sym) and uniform+sym at 3.0
+    assert len(grid.configs()) == 5 + 6 and len(rows) == len(grid.cells()) == 11 + 6 + 1
+    assert set(rows[rows.budget == 2.5].variant) == {"paper", "random", "pmq", "pmq@layer", "pmq+sym", "pmq@layer+sym"}
+    layerwise = allocs[allocs.variant.str.contains("@layer")]
+    assert (layerwise.groupby(["variant", "budget", "layer"]).bits.nunique() == 1).all()
+    assert not (allocs[allocs.variant == "pmq"].groupby(["budget", "layer"]).bits.nunique() == 1).all()
     assert (allocs.groupby(["budget", "allocator", "seed"]).bits.mean().round(6) == 
             allocs.groupby(["budget", "allocator", "seed"]).budget.first()).all()
-    assert (rows.effective_bits > rows.avg_bits).all()  # scales and offsets cost bits
+    assert (rows.effective_bits > rows.avg_bits).all()  # scales and zero points cost bits
     s = league.summarize(rows)
     rnd = s[(s.allocator == "random") & (s.budget == 2.5)].iloc[0]
     assert rnd.draws == 3 and rnd.kl_min <= rnd.kl <= rnd.kl_max
-    assert "| paper |" in league.markdown(s)
+    assert s[s.variant.str.contains("[@+]")]["rank"].isna().all() and s[s.variant == "pmq"]["rank"].notna().all()
+    md = league.markdown(s)
+    assert "| paper |" in md and "| one width per layer, symmetric (vLLM) |" in md
 
 
 def test_league_cell_equals_the_quantize_stage_path(micro_pair, texts, small_league):
     """The in-memory fake quantization must give exactly what quantize → dequantize → evaluate gives."""
     _, ft = micro_pair
     _, rows, allocs = small_league
-    cell = allocs[(allocs.allocator == "paper") & (allocs.budget == 2.5)][["layer", "expert", "bits"]]
-    with tempfile.TemporaryDirectory() as tmp:
-        quantize_checkpoint(ft, cell.reset_index(drop=True), 32, Path(tmp) / "q")
-        want = evaluate(ft, Path(tmp) / "q", texts[1], seq_len=64, windows=4)
-    got = rows[(rows.allocator == "paper") & (rows.budget == 2.5)].iloc[0]
-    assert got.kl == pytest.approx(want["kl"], rel=1e-5)
-    assert got.ppl == pytest.approx(want["ppl_quant"], rel=1e-5)
+    for variant, symmetric in (("paper", False), ("pmq@layer+sym", True)):
+        cell = allocs[(allocs.variant == variant) & (allocs.budget == 2.5)][["layer", "expert", "bits"]]
+        with tempfile.TemporaryDirectory() as tmp:
+            quantize_checkpoint(ft, cell.reset_index(drop=True), 32, Path(tmp) / "q", symmetric=symmetric)
+            want = evaluate(ft, Path(tmp) / "q", texts[1], seq_len=64, windows=4)
+        got = rows[(rows.variant == variant) & (rows.budget == 2.5)].iloc[0]
+        assert got.kl == pytest.approx(want["kl"], rel=1e-5)
+        assert got.ppl == pytest.approx(want["ppl_quant"], rel=1e-5)
 
 
 @pytest.mark.integration
