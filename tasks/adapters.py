@@ -141,8 +141,24 @@ def _dense(ckpt: Checkpoint, model_type: str) -> CheckpointError:
     )
 
 
+def _refuse_fp8(ckpt: Checkpoint, keys: list[str]) -> None:
+    """FP8 expert weights (DeepSeek-V3's release: float8_e4m3fn + 128×128 `weight_scale_inv`) are
+    refused rather than half-handled: their non-expert tensors are FP8 too, and writing those
+    back without transformers' FP8 config would load wrong."""
+    fp8 = [k for k in keys if ckpt.tensors[k].dtype.startswith("F8")]
+    if fp8:
+        info = ckpt.tensors[fp8[0]]
+        raise CheckpointError(
+            f"{ckpt.path / info.file}: {len(fp8)} expert tensors are stored in FP8 ({info.dtype}, e.g. {fp8[0]}"
+            f"{' with block scales' if any(k.endswith('_scale_inv') for k in ckpt.tensors) else ''}); expertbits "
+            "quantizes from 16- or 32-bit weights",
+            "dequantize the checkpoint to bf16 first (DeepSeek-V3's inference/fp8_cast_bf16.py does exactly that) "
+            "and point expertbits at that copy")
+
+
 def _build(ckpt: Checkpoint, model_type: str, spec: _Spec, routers: dict[int, str]) -> MoEModel:
     names = ckpt.tensors
+    _refuse_fp8(ckpt, [k for k in names if re.fullmatch(spec.per_expert, k) or ".experts." in k])
     per_expert: dict[int, dict[tuple[int, str], str]] = defaultdict(dict)
     for k in names:
         if m := re.fullmatch(spec.per_expert, k):

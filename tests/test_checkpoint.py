@@ -187,3 +187,23 @@ def test_row_variances_blockwise_match_the_definitions(block):
     w[123, 7] = float("inf")
     with pytest.raises(CheckpointError, match="NaN/Inf"):
         row_variances(w, "expert 3 w1", block=block)
+
+
+def test_fp8_experts_are_refused_naming_the_file_and_the_fix(tmp_path):
+    """DeepSeek-V3 ships experts as float8_e4m3fn with 128×128 weight_scale_inv blocks."""
+    import sys
+
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from archs import build
+
+    path = build("deepseek_v3", tmp_path / "ds")
+    tensors = load_file(path / "model.safetensors")
+    for key in [k for k in tensors if ".experts." in k]:
+        tensors[key] = tensors[key].to(torch.float8_e4m3fn)
+        tensors[key.removesuffix("weight") + "weight_scale_inv"] = torch.ones(1, 1)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with Checkpoint.open(path) as c, pytest.raises(CheckpointError, match=r"(?s)model\.safetensors: 24 expert tensors are "
+                                                                          r"stored in FP8.*fp8_cast_bf16"):
+        detect(c)
