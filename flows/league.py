@@ -32,8 +32,8 @@ def league_table(params: LeagueParams = LeagueParams()) -> RunManifest:
     reference = fetch_checkpoint(p.reference, p.cache_dir, p.storage_options) if p.reference else None
     stats = extract_statistics(finetuned, reference, cache_dir=p.cache_dir, **io)
     calibrations = [calibrate_experts(finetuned, p.calibration_text, p.eval_seq_len, p.calibration_windows,
-                                      p.widths(), p.group_size, symmetric, cache_dir=p.cache_dir, **io)
-                    for symmetric in p.symmetric]  # errors of each quantizer the grid measures
+                                      p.widths(symmetric), p.group_size, symmetric, cache_dir=p.cache_dir, **io)
+                    for symmetric in p.grid().symmetric]  # errors of each quantizer the grid measures
     result = run_league(finetuned, stats, calibrations, asdict(p.grid()), p.eval_text, p.eval_seq_len, p.eval_windows,
                         p.task, p.task_examples, cache_dir=p.cache_dir, **io)
 

@@ -68,6 +68,9 @@ class QuantizeParams(CommonParams):
     @model_validator(mode="after")
     def _budget_fits(self):
         self.allocation_config()  # fail before any work: unknown allocator, unreachable budget, bad scheme
+        if self.symmetric and 1 in self.bit_widths:
+            raise ValueError("symmetric quantization cannot use 1 bit (its codes are -scale and 0, every weight "
+                             "rounds to 0); drop 1 from --bit-widths or quantize asymmetrically")
         return self
 
     def allocation_config(self) -> AllocationConfig:
@@ -115,5 +118,6 @@ class LeagueParams(CommonParams):
                     group_size=self.group_size, granularities=tuple(dict.fromkeys(self.granularities)),
                     symmetric=tuple(dict.fromkeys(self.symmetric)))
 
-    def widths(self) -> list[int]:
-        return sorted({b for s in self.bit_sets for b in s})
+    def widths(self, symmetric: bool = False) -> list[int]:
+        """Every width of the grid's bit sets (symmetric: without 1 bit, which it cannot quantize)."""
+        return sorted({b for s in self.bit_sets for b in s if b > 1 or not symmetric})

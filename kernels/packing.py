@@ -149,15 +149,19 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = 
 
     Asymmetric (default): each run of ``group_size`` consecutive columns (the last may be
     shorter) spans ``[min(lo, 0), max(hi, 0)]`` (the range always holds 0, as in GPTQ, so the zero
-    point is a code), ``scale = span / (2**bits - 1)`` rounded to fp16 and
-    ``zero = round(-min / scale)``.  Symmetric: ``scale = 2 * max|w| / (2**bits - 1)`` and
-    ``zero = 2**(bits - 1)`` (GPTQ's convention), so one code above the middle is the top.
-    Codes are computed from the rounded scale, so dequantization reproduces what was optimised.
-    An all-zero group gets scale 1 and codes at the zero point.
+    point is a code), ``scale = span / (2**bits - 1)`` and ``zero = round(-min / scale)``.
+    Symmetric: ``scale = 2 * max|w| / (2**bits - 1)`` and ``zero = 2**(bits - 1)`` (GPTQ's
+    convention), so one code above the middle is the top; 1 bit is refused (its two codes are
+    -scale and 0, and every weight would round to 0).  The scale is rounded *up* to fp16, so the
+    grid still spans the group and no weight is more than half a step from its code.  Codes are
+    computed from the stored scale, so dequantization reproduces what was optimised.  An
+    all-zero group gets scale 1 and codes at the zero point.
     """
     _check_bits(bits)
     if not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+    if symmetric and bits == 1:
+        raise ValueError("symmetric 1-bit quantization rounds every weight to 0; use 1 bit asymmetric")
     if w.dim() != 2:
         raise ValueError(f"w must be 2-D [N, K], got shape {tuple(w.shape)}")
     if not w.dtype.is_floating_point:
@@ -180,6 +184,10 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = 
         raise ValueError(f"weight magnitude exceeds fp16 range: scales up to {scale.max().item():.4g}, "
                          f"fp16 stores at most {FP16_MAX}")
     scales = scale.to(torch.float16)
+    # round up, not to nearest: a scale rounded down shrinks the grid below the group's span and
+    # leaves its extremes up to (2**bits - 1) * 2^-11 steps past the last code
+    short = scales.to(torch.float32) < scale
+    scales = torch.where(short, torch.nextafter(scales, torch.full_like(scales, math.inf)), scales)
     scales = torch.where(scales == 0, torch.ones_like(scales), scales)
     s32 = scales.to(torch.float32)
     if symmetric:
@@ -216,11 +224,13 @@ def pack_dense(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Unsigned codes [N, K] -> int32 words [N, ceil(K·bits/32)], no slack between codes."""
     _check_bits(bits)
     n, k = codes.shape
-    c = codes.to(torch.int64) & ((1 << bits) - 1)
-    start = torch.arange(k, dtype=torch.int64) * bits
+    c = codes.to(torch.int64)
+    if c.numel() and (int(c.min()) < 0 or int(c.max()) >= 1 << bits):
+        raise ValueError(f"codes must lie in [0, {1 << bits}) for {bits}-bit packing")
+    start = torch.arange(k, dtype=torch.int64, device=codes.device) * bits
     word, shift = start // 32, start % 32
     width = -(-k * bits // 32)
-    out = torch.zeros(n, width + 1, dtype=torch.int64)  # one spare word for the last straddle
+    out = torch.zeros(n, width + 1, dtype=torch.int64, device=codes.device)  # a spare word for the last straddle
     out.scatter_add_(1, word.expand(n, k), (c << shift) & 0xFFFFFFFF)
     out.scatter_add_(1, (word + 1).expand(n, k), c >> (32 - shift))  # the high part of a straddling code
     out = out[:, :width]
@@ -234,7 +244,7 @@ def unpack_dense(words: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     if words.shape[1] != -(-k * bits // 32):
         raise ValueError(f"{words.shape[1]} words per row cannot hold exactly {k} dense {bits}-bit codes")
     w = torch.nn.functional.pad(words.to(torch.int64) & 0xFFFFFFFF, (0, 1))
-    start = torch.arange(k, dtype=torch.int64) * bits
+    start = torch.arange(k, dtype=torch.int64, device=words.device) * bits
     word, shift = start // 32, start % 32
     lo = w[:, word] >> shift
     hi = w[:, word + 1] << (32 - shift)

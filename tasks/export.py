@@ -118,7 +118,8 @@ def export(qdir: Path, out: Path, fmt: str = "compressed-tensors") -> dict:
     model_type = config["model_type"]
     report = consumers(qc)
     packed = read_packed(qdir, qc)
-    tmp = Path(tempfile.mkdtemp(prefix=".expertbits-export-", dir=out.parent if out.parent.exists() else None))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".expertbits-export-", dir=out.parent))  # same filesystem: the rename is atomic
     try:
         index = json.loads((qdir / "model.safetensors.index.json").read_text())
         shards = sorted(set(index["weight_map"].values()))

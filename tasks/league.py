@@ -59,7 +59,8 @@ class Grid:
     maxvar_definition: str = "max-row"
     group_size: int = 64
     # what servability costs: one width per layer (vLLM), no zero points (transformers); cells off
-    # the default (expert, asymmetric) are run for the cost-based allocators and uniform only
+    # the default (expert, asymmetric) are run for the cost-based allocators and uniform only, and
+    # symmetric ones only for bit sets without 1 bit
     granularities: tuple[str, ...] = ("expert", "layer")
     symmetric: tuple[bool, ...] = (False, True)
 
@@ -87,6 +88,8 @@ class Grid:
                         continue
                     if granularity == "layer" and cfg.allocator == "uniform":
                         continue  # uniform is already one width per layer
+                    if symmetric and 1 in cfg.bit_widths:
+                        continue  # symmetric 1-bit rounds every weight to 0 (quantize_rtn refuses it)
                     out.append(Cell(replace(cfg, granularity=granularity), symmetric))
         return out
 

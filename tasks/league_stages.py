@@ -29,7 +29,7 @@ STAGE_CODE.update({
                "expertbits.tasks.evaluate", "expertbits.tasks.adapters", "expertbits.tasks.checkpoint",
                "expertbits.tasks.seq2seq", "expertbits.tasks.statistics", "expertbits.tasks.quantize",
                "expertbits.tasks.loader", "expertbits.kernels.packing", "expertbits.kernels.modules",
-               "expertbits.kernels.dequant_matmul", "expertbits.zoo.cards"),
+               "expertbits.kernels.dequant_matmul", "expertbits.kernels.dequant_matmul_triton", "expertbits.zoo.cards"),
 })
 
 

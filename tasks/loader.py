@@ -32,7 +32,7 @@ from expertbits.kernels.modules import PackedExperts, PackedLinear
 from expertbits.kernels.packing import QuantizedTensor, packed_width
 
 from .errors import CheckpointError
-from .quantize import MODEL_TYPE, QUANT_METHOD
+from .quantize import FORMAT_VERSION, MODEL_TYPE, QUANT_METHOD
 
 PACKED_SUFFIXES = ("qweight", "scales", "zeros")
 
@@ -40,8 +40,12 @@ PACKED_SUFFIXES = ("qweight", "scales", "zeros")
 def base_config_dict(config: dict) -> dict:
     """The original model's config.json from an expertbits config.json."""
     qc = config.get("quantization_config") or {}
-    if config.get("model_type") != MODEL_TYPE or qc.get("quant_method") != QUANT_METHOD:
-        raise CheckpointError("config.json is not an expertbits-quantized config", "quantize the model with expertbits first")
+    if qc.get("quant_method") != QUANT_METHOD or "base_model_type" not in qc:
+        raise CheckpointError("config.json is not an expertbits-quantized config (or one from before format version "
+                              f"{FORMAT_VERSION})", "quantize the model with this expertbits")
+    if qc.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"config.json is expertbits format version {qc.get('version')}, this expertbits reads "
+                              f"version {FORMAT_VERSION}", "quantize the checkpoint again with this version")
     return dict(config, model_type=qc["base_model_type"])
 
 
@@ -94,8 +98,14 @@ def install_packed_experts(model: torch.nn.Module, qc: dict, packed: dict[str, Q
                                   f"{type(model).__name__} transformers built", "this transformers version lays the "
                                   "model out differently; use the version recorded in config.json") from e
         names = by_layer[layer]
-        count = 1 + max(e for e, _ in names)
-        if isinstance(experts, PackedExperts) or isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor):
+        fused = isinstance(experts, PackedExperts) or isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor)
+        count = _expert_count(experts, fused, module_name, folder)
+        roles = ("gate", "up", "down") if fused else sorted({r for _, r in names} | {"gate", "down"})
+        missing = [(e, r) for e in range(count) for r in roles if (e, r) not in names]
+        if missing or len(qc["expert_bits"].get(layer, ())) != count:
+            raise CheckpointError(f"{folder}: layer {layer} has {count} experts in the model but the quantization config "
+                                  f"lacks (expert, matrix) {missing[:4]}", "the folder is incomplete or was edited; quantize again")
+        if fused:
             act = getattr(experts, "act_fn", None)
             if act is None or getattr(experts, "gate_up_proj_bias", None) is not None:
                 raise CheckpointError(f"{folder}: {type(experts).__name__} at {module_name} is not a bias-free gated MLP",
@@ -106,12 +116,20 @@ def install_packed_experts(model: torch.nn.Module, qc: dict, packed: dict[str, Q
         else:  # per-expert nn.Linear modules (Switch Transformers)
             for (e, role), name in sorted(names.items()):
                 target = f"{module_name}.{name.split('.experts.', 1)[1]}"
-                linear = model.get_submodule(target)
+                try:
+                    linear = model.get_submodule(target)
+                except AttributeError as err:
+                    raise CheckpointError(f"{folder}: {target} is not in the model transformers built",
+                                          "the quantization config does not match the model; quantize again") from err
                 if not isinstance(linear, PackedLinear) and (not isinstance(linear, torch.nn.Linear) or linear.bias is not None):
                     raise CheckpointError(f"{folder}: {target} is {type(linear).__name__}, expected a bias-free Linear",
                                           "this architecture's experts are not supported by the packed runtime yet")
                 model.set_submodule(target, PackedLinear(packed[name]))
                 installed += 1
+            left = [n for n, m in experts.named_modules(prefix=module_name) if type(m) is torch.nn.Linear]
+            if left:
+                raise CheckpointError(f"{folder}: expert matrices {left[:3]} have no packed weights",
+                                      "the folder is incomplete or was edited; quantize again")
         # transformers (re)initialises every module it has not loaded; the MoE block and everything
         # between it and the packed modules hold nothing it could initialise any more
         parent = module_name.rpartition(".")[0]
@@ -122,6 +140,19 @@ def install_packed_experts(model: torch.nn.Module, qc: dict, packed: dict[str, Q
         raise CheckpointError(f"{folder}: installed {installed} of {len(packed)} packed matrices",
                               "the quantization config does not match the model; quantize again")
     return installed
+
+
+def _expert_count(experts: torch.nn.Module, fused: bool, module_name: str, folder: Path) -> int:
+    """How many routed experts the model's experts module has (the config must cover them all)."""
+    if isinstance(experts, PackedExperts):
+        return experts.num_experts
+    if fused:
+        return experts.gate_up_proj.shape[0]
+    count = getattr(experts, "num_experts", None)
+    if not isinstance(count, int):
+        raise CheckpointError(f"{folder}: cannot tell how many experts {module_name} ({type(experts).__name__}) holds",
+                              "this architecture's experts are not supported by the packed runtime yet")
+    return count
 
 
 def _register() -> None:

@@ -18,10 +18,15 @@ from .errors import CheckpointError
 
 
 def quantization_config(path: Path) -> dict:
+    from .quantize import FORMAT_VERSION
+
     config = json.loads((path / "config.json").read_text())
     qc = config.get("quantization_config")
     if not qc or qc.get("quant_method") != "expertbits":
         raise CheckpointError(f"{path}: not an expertbits-quantized checkpoint", "run the quantization stage first")
+    if qc.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: written in expertbits format version {qc.get('version')}, this expertbits reads "
+                              f"version {FORMAT_VERSION}", "quantize the checkpoint again with this version")
     return qc
 
 

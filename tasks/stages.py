@@ -39,7 +39,8 @@ STAGE_CODE = {
     "validation": (validate, quantized, "expertbits.kernels.packing", "expertbits.kernels.dequant_matmul",
                    "expertbits.kernels.dequant_matmul_triton"),
     "evaluation": (evaluate, "expertbits.tasks.loader", "expertbits.tasks.quantize", "expertbits.tasks.seq2seq",
-                   "expertbits.kernels.packing", "expertbits.kernels.modules", "expertbits.kernels.dequant_matmul"),
+                   "expertbits.kernels.packing", "expertbits.kernels.modules", "expertbits.kernels.dequant_matmul",
+                   "expertbits.kernels.dequant_matmul_triton"),
 }
 
 

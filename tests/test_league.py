@@ -106,7 +106,8 @@ def test_league_cells_cover_the_grid(small_league):
 
 
 def test_league_cell_equals_the_quantize_stage_path(micro_pair, texts, small_league):
-    """The in-memory fake quantization must give exactly what quantize → dequantize → evaluate gives."""
+    """A cell's numbers are those of the evaluation stage on the quantization stage's output for the
+    same allocation (the loader itself is checked against an independent reference in test_loader)."""
     _, ft = micro_pair
     _, rows, allocs = small_league
     for variant, symmetric in (("paper", False), ("pmq@layer+sym", True)):

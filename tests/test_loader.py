@@ -143,3 +143,43 @@ def test_on_gpu_experts_run_through_the_triton_kernel(micro_pair, tmp_path):
     ids = torch.arange(2, 42)[None]
     got = forward(gpu, ids.cuda()).cpu()
     assert torch.allclose(got, forward(cpu, ids), atol=1e-3, rtol=1e-3)
+
+
+def test_evaluation_numbers_are_those_of_from_pretrained_and_a_forward_pass(micro_pair, tmp_path):
+    """The evaluation stage measures the shipped folder as a user runs it: KL and perplexity
+    recomputed here from `from_pretrained` + forward on the same windows must match."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from expertbits.tasks.evaluate import evaluate, token_windows
+    from expertbits.zoo import text_path
+
+    _, ft = micro_pair
+    quantize_mixed(ft, tmp_path / "q")
+    text = text_path("code-heldout").read_text()[:30_000]
+    got = evaluate(ft, tmp_path / "q", text, seq_len=64, windows=3)
+    fp = AutoModelForCausalLM.from_pretrained(ft, dtype=torch.float32).eval()
+    quant = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32).eval()
+    ids = token_windows(text, AutoTokenizer.from_pretrained(ft), 64, 3)
+    with torch.no_grad():
+        p = torch.log_softmax(fp(ids).logits[:, :-1].float(), -1)
+        q = torch.log_softmax(quant(ids).logits[:, :-1].float(), -1)
+    kl = torch.nn.functional.kl_div(q, p, log_target=True, reduction="sum") / (ids.shape[0] * (ids.shape[1] - 1))
+    nll = -q.gather(-1, ids[:, 1:, None]).mean()
+    assert got["kl"] == pytest.approx(float(kl), rel=1e-4)
+    assert got["ppl_quant"] == pytest.approx(float(nll.exp()), rel=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "switch_transformers"])
+def test_an_expert_missing_from_the_config_is_an_error_not_a_silent_zero(arch, tmp_path):
+    """Dropping one expert's entries must not load a model whose expert 3 outputs zeros (fused)
+    or keeps uninitialised memory (per-expert Linear)."""
+    quantize_mixed(build(arch, tmp_path / "src"), tmp_path / "q")
+    config_file = tmp_path / "q" / "config.json"
+    config = json.loads(config_file.read_text())
+    modules = config["quantization_config"]["modules"]
+    for name in [n for n, info in modules.items() if info["expert"] == 3 and info["layer"] == min(
+            v["layer"] for v in modules.values())]:
+        del modules[name]
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="(?s)lacks \\(expert, matrix\\).*quantize again"):
+        load(tmp_path / "q")
