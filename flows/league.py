@@ -14,9 +14,9 @@ from dataclasses import asdict
 
 from prefect import flow
 
-from expertbits.tasks.league_stages import calibrate_experts, publish_league, run_league
+from expertbits.tasks.league_stages import publish_league, run_league
 from expertbits.tasks.records import RunManifest
-from expertbits.tasks.stages import check_store, extract_statistics, fetch_checkpoint
+from expertbits.tasks.stages import calibrate_experts, check_store, extract_statistics, fetch_checkpoint
 
 from .params import LeagueParams
 

@@ -6,8 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from expertbits.tasks.allocate import GRANULARITIES, AllocationConfig
-from expertbits.tasks.allocators import ALLOCATORS
+from expertbits.tasks.allocators import ALLOCATORS, check
+from expertbits.tasks.budget import GRANULARITIES, AllocationConfig
 from expertbits.tasks.league import DEFAULT_ALLOCATORS, TASKS, Grid
 
 # The bundled default: the zoo's Mixtral fine-tuned on WordNet supersenses and its base.
@@ -74,9 +74,9 @@ class QuantizeParams(CommonParams):
         return self
 
     def allocation_config(self) -> AllocationConfig:
-        return AllocationConfig(avg_bits=self.avg_bits, bit_widths=tuple(self.bit_widths), zeta=self.zeta,
+        return check(AllocationConfig(avg_bits=self.avg_bits, bit_widths=tuple(self.bit_widths), zeta=self.zeta,
                                 allocator=self.allocator, scheme=self.scheme,
-                                maxvar_definition=self.maxvar_definition, seed=self.seed, granularity=self.granularity)
+                                maxvar_definition=self.maxvar_definition, seed=self.seed, granularity=self.granularity))
 
 
 class LeagueParams(CommonParams):

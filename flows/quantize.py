@@ -15,10 +15,10 @@ from dataclasses import asdict
 from prefect import flow
 
 from expertbits.tasks.allocators import NEEDS_CALIBRATION, NEEDS_ERROR
-from expertbits.tasks.league_stages import calibrate_experts
 from expertbits.tasks.records import RunManifest
 from expertbits.tasks.stages import (
     allocate_bits,
+    calibrate_experts,
     check_store,
     evaluate_model,
     extract_statistics,

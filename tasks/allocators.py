@@ -1,6 +1,6 @@
 """Allocators by name: who gets the bits, per MoE layer.
 
-Rank allocators return a priority order and take the layer's tier counts (`allocate.tier_counts`)
+Rank allocators return a priority order and take the layer's tier counts (`budget.tier_counts`)
 from the top: the paper's method and every ranking baseline spend exactly the same bits.
 Solver allocators (PMQ and the error-based ones) choose any available width per expert with an
 integer program whose only budget constraint is the same total of nominal bits per layer.
@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from .allocate import MAXVAR_DEFINITIONS, AllocationConfig, assign, maxvar_rearrange
+from .budget import MAXVAR_DEFINITIONS, AllocationConfig, assign, maxvar_rearrange
 from .errors import BudgetError, ExpertbitsError
 
 
@@ -192,3 +192,14 @@ ALLOCATORS: dict[str, Allocator] = {
 }
 NEEDS_CALIBRATION = {"frequency", "routing-weight", "pmq", "routed-error"}
 NEEDS_ERROR = {"pmq", "weight-error", "routed-error"}
+
+
+def check(cfg: AllocationConfig) -> AllocationConfig:
+    """The allocator exists and can honour the configuration; raises BudgetError before any work."""
+    if cfg.allocator not in ALLOCATORS:
+        raise BudgetError(f"unknown allocator {cfg.allocator!r}", f"choose one of {', '.join(ALLOCATORS)}")
+    if cfg.granularity == "layer" and cfg.allocator != "uniform" and not hasattr(ALLOCATORS[cfg.allocator], "costs"):
+        solvers = [n for n, x in ALLOCATORS.items() if hasattr(x, "costs")]
+        raise BudgetError(f"allocator {cfg.allocator!r} ranks experts within a layer and cannot choose one width "
+                          "per layer", f"with --granularity layer use {', '.join(solvers)} or uniform")
+    return cfg

@@ -23,8 +23,9 @@ import torch
 
 from expertbits.kernels.packing import QuantizedTensor, quantize_rtn
 
-from .allocate import AllocationConfig, allocate
-from .allocators import ALLOCATORS
+from .allocate import allocate
+from .allocators import ALLOCATORS, check
+from .budget import AllocationConfig
 from .errors import BudgetError
 from .evaluate import Reference
 from .quantize import quantize_checkpoint
@@ -109,8 +110,8 @@ class Grid:
                     if name == "uniform" and budget not in w:
                         continue
                     seeds = range(self.random_draws) if name == "random" else (0,)
-                    out += [AllocationConfig(avg_bits=budget, bit_widths=w, zeta=self.zeta, allocator=name,
-                                             scheme=scheme, maxvar_definition=self.maxvar_definition, seed=s)
+                    out += [check(AllocationConfig(avg_bits=budget, bit_widths=w, zeta=self.zeta, allocator=name,
+                                                   scheme=scheme, maxvar_definition=self.maxvar_definition, seed=s))
                             for s in seeds]
         if not out:
             raise BudgetError(f"no budget of {list(self.budgets)} lies within any bit-width set {list(self.bit_sets)}",

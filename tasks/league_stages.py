@@ -1,7 +1,6 @@
-"""Prefect tasks for calibration and the league table (same caching rules as `stages.py`).
+"""Prefect tasks of the league flow (caching rules in `stage_io.py`; its first stages are `stages.py`'s).
 
-    calibration   routing statistics and per-(expert, bits) quantization error on calibration text
-    league        allocators × budgets × bit-width sets, each quantized and evaluated
+    league        allocators × budgets × bit-width sets (and servable variants), each quantized and evaluated
     publish       leagues/<id>/: tables, figures, one DuckDB, manifest.json last
 """
 
@@ -13,73 +12,22 @@ import tempfile
 from pathlib import Path
 
 import duckdb
-import pandas as pd
 from prefect import task
 from prefect.logging import get_run_logger
 
-from . import calibrate, league, plots, publish, statistics
+from . import league, plots, publish, statistics
 from .records import CheckpointRecord, RunManifest, StageOutput
-from .stages import STAGE_CODE, _ckpt_path, _local, _miss_unless, _progress, _publish_stage, _transient, read_text, stage_key
+from .stage_io import (ckpt_path, local_copy, miss_unless, progress_reporter, publish_stage, read_text, stage_key,
+                       text_digest, transient)
+from .stages import read_calibration
 from .storage import Store
 
-STAGE_CODE.update({
-    "calibration": (calibrate, __name__, "expertbits.tasks.evaluate", "expertbits.tasks.adapters",
-                    "expertbits.tasks.checkpoint", "expertbits.tasks.seq2seq", "expertbits.kernels.packing"),
-    "league": (league, plots, __name__, "expertbits.tasks.allocate", "expertbits.tasks.allocators",
-               "expertbits.tasks.evaluate", "expertbits.tasks.adapters", "expertbits.tasks.checkpoint",
-               "expertbits.tasks.seq2seq", "expertbits.tasks.statistics", "expertbits.tasks.quantize",
-               "expertbits.tasks.loader", "expertbits.kernels.packing", "expertbits.kernels.modules",
-               "expertbits.kernels.dequant_matmul", "expertbits.kernels.dequant_matmul_triton", "expertbits.zoo.cards"),
-})
-
-
-def _text_digest(uri: str, storage_options: dict) -> str:
-    return hashlib.sha256(read_text(uri, storage_options).encode()).hexdigest()
-
-
-def _calib_key(ctx, p) -> str:
-    return _miss_unless(ctx, Store(p["store"], p["storage_options"]), "calibration", stage_key(
-        "calibration", p["checkpoint"].digest, _text_digest(p["text_uri"], p["storage_options"]), p["seq_len"],
-        p["windows"], sorted(p["bit_widths"]), p["group_size"], p["symmetric"]))
-
-
-@task(name="calibration", cache_key_fn=_calib_key, persist_result=True, result_serializer="json")
-def calibrate_experts(checkpoint: CheckpointRecord, text_uri: str, seq_len: int, windows: int, bit_widths: list[int],
-                      group_size: int, symmetric: bool, store: str, storage_options: dict,
-                      cache_dir: str | None) -> StageOutput:
-    """Activation frequency, routing weight, Hessian trace and quantization error of every expert."""
-    st = Store(store, storage_options)
-    text = read_text(text_uri, storage_options)
-    key = stage_key("calibration", checkpoint.digest, hashlib.sha256(text.encode()).hexdigest(), seq_len, windows,
-                    sorted(bit_widths), group_size, symmetric)
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        calib, qerr, info = calibrate.calibrate(_ckpt_path(checkpoint, cache_dir, storage_options), text, seq_len=seq_len,
-                                                windows=windows, bit_widths=tuple(sorted(bit_widths)),
-                                                group_size=group_size, symmetric=symmetric,
-                                                progress=_progress("calibration"))
-        if info["uncalibrated_experts"]:
-            get_run_logger().warning(
-                f"{len(info['uncalibrated_experts'])} experts received no calibration token (layer/expert: "
-                f"{', '.join(info['uncalibrated_experts'][:8])}); routing-based allocators treat them as never "
-                "routed: give more --calibration-windows or text closer to what the model will serve")
-        statistics.export_parquet(calib, tmp / "expert_calibration.parquet")
-        statistics.export_parquet(qerr, tmp / "expert_qerror.parquet")
-        return _publish_stage(st, "calibration", key, tmp, dict(info, text=text_uri))
-
-
-def read_calibration(st: Store, out: StageOutput | None, tmp: Path) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
-    if out is None:
-        return None, None
-    folder = _local(st, out, tmp)
-    return (statistics.read_stats(folder / "expert_calibration.parquet"),
-            statistics.read_parquet(folder / "expert_qerror.parquet", "layer, expert, bits"))
 
 
 def _league_key(ctx, p) -> str:
-    return _miss_unless(ctx, Store(p["store"], p["storage_options"]), "league", stage_key(
+    return miss_unless(ctx, Store(p["store"], p["storage_options"]), "league", stage_key(
         "league", p["checkpoint"].digest, p["stats"].key, [c.key for c in p["calibrations"]],
-        p["grid"], _text_digest(p["text_uri"], p["storage_options"]), p["seq_len"], p["windows"], p["task_name"],
+        p["grid"], text_digest(p["text_uri"], p["storage_options"]), p["seq_len"], p["windows"], p["task_name"],
         p["task_examples"]))
 
 
@@ -95,16 +43,16 @@ def run_league(checkpoint: CheckpointRecord, stats: StageOutput, calibrations: l
     key = stage_key("league", checkpoint.digest, stats.key, [c.key for c in calibrations], grid,
                     hashlib.sha256(text.encode()).hexdigest(), seq_len, windows, task_name, task_examples)
     g = league.Grid.from_dict(grid)
-    path = _ckpt_path(checkpoint, cache_dir, storage_options)
+    path = ckpt_path(checkpoint, cache_dir, storage_options)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        table = statistics.read_stats(_local(st, stats, tmp) / "expert_stats.parquet")
+        table = statistics.read_stats(local_copy(st, stats, tmp) / "expert_stats.parquet")
         read = [read_calibration(st, c, tmp / f"calibration-{i}") for i, c in enumerate(calibrations)]
         calib, qerr = read[0]
         qerrors = {sym: q for sym, (_, q) in zip(g.symmetric, read)}
         reference = league.Reference(path, text, seq_len=seq_len, windows=windows)
         rows, allocs = league.run(path, table, calib, qerrors, g, reference, league.task(task_name, task_examples),
-                                  _progress("league"))
+                                  progress_reporter("league"))
         summary = league.summarize(rows)
         out = tmp / "out"
         out.mkdir()
@@ -119,7 +67,7 @@ def run_league(checkpoint: CheckpointRecord, stats: StageOutput, calibrations: l
             plots.heatmap(allocs, out / "heatmap.png", *cell, title)
         best = summary[summary["rank"] == 1].groupby("variant").size().sort_values(ascending=False)
         get_run_logger().info(f"league: {len(rows)} cells; allocators ranked first: {best.to_dict()}")
-        return _publish_stage(st, "league", key, out, {"cells": len(rows), "ranked_first": best.to_dict(),
+        return publish_stage(st, "league", key, out, {"cells": len(rows), "ranked_first": best.to_dict(),
                                                         "task": task_name, "text": text_uri})
 
 
@@ -141,7 +89,7 @@ def league_database(path: Path, store: Store, outputs: dict[str, StageOutput], t
         con.close()
 
 
-@task(name="publish-league", retries=3, retry_delay_seconds=[1, 4, 10], retry_condition_fn=_transient)
+@task(name="publish-league", retries=3, retry_delay_seconds=[1, 4, 10], retry_condition_fn=transient)
 def publish_league(parameters: dict, stats: StageOutput, calibrations: list[StageOutput], result: StageOutput,
                    store: str, storage_options: dict) -> RunManifest:
     """leagues/<id>/ with every table, both figures, one DuckDB, and manifest.json written last."""

@@ -5,8 +5,9 @@ import itertools
 import pandas as pd
 import pytest
 
-from expertbits.tasks.allocate import AllocationConfig, allocate, tier_counts
-from expertbits.tasks.allocators import ALLOCATORS, NEEDS_CALIBRATION, NEEDS_ERROR, solve
+from expertbits.tasks.allocate import allocate
+from expertbits.tasks.allocators import ALLOCATORS, NEEDS_CALIBRATION, NEEDS_ERROR, check, solve
+from expertbits.tasks.budget import AllocationConfig, tier_counts
 from expertbits.tasks.errors import BudgetError, ExpertbitsError
 
 # one layer, four experts: (Λ, MaxVar, MaxVar of the max-norm row, frequency, routing weight)
@@ -122,7 +123,7 @@ def test_every_allocator_is_covered():
 
 def test_unknown_allocator_is_refused_up_front():
     with pytest.raises(BudgetError, match="unknown allocator"):
-        AllocationConfig(avg_bits=2.5, allocator="magic")
+        check(AllocationConfig(avg_bits=2.5, allocator="magic"))
 
 
 def test_non_finite_costs_are_a_clear_error():
@@ -147,5 +148,5 @@ def test_layer_granularity_gives_each_layer_one_width_where_it_pays():
 
 def test_layer_granularity_refuses_ranking_allocators():
     with pytest.raises(BudgetError, match="cannot choose one width per layer"):
-        AllocationConfig(avg_bits=2.5, bit_widths=(2, 3), allocator="paper", granularity="layer")
-    AllocationConfig(avg_bits=3, bit_widths=(2, 3), allocator="uniform", granularity="layer")
+        check(AllocationConfig(avg_bits=2.5, bit_widths=(2, 3), allocator="paper", granularity="layer"))
+    check(AllocationConfig(avg_bits=3, bit_widths=(2, 3), allocator="uniform", granularity="layer"))

@@ -185,7 +185,7 @@ def test_only_io_errors_are_retried():
     from prefect.states import Failed
 
     from expertbits.tasks.errors import CheckpointError
-    from expertbits.tasks.stages import _transient
+    from expertbits.tasks.stage_io import transient as _transient
 
     assert _transient(None, None, Failed(data=ConnectionResetError("peer reset")))
     assert _transient(None, None, Failed(data=TimeoutError("slow")))

@@ -1,0 +1,135 @@
+"""What every Prefect stage shares: cache keys, retry rule, progress, and the store layout of outputs.
+
+Each stage's cache key is the sha256 of its input digests, its configuration and the source of
+the code it runs, never a run id, so a rerun with the same inputs is all cache hits and changing
+only the budget recomputes only allocation onward. A key whose objects are missing from the store
+(or whose checkpoint left the local cache) is treated as a miss, so a cache never points at
+nothing. Stage outputs are written to `objects/<stage>/<key>/` and `_stage.json` last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import json
+import uuid
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.logging import get_run_logger
+
+from . import download
+from .errors import ExpertbitsError
+from .records import CheckpointRecord, StageOutput
+from .storage import Store, open_fs, sha256_file
+
+_T, _K = "expertbits.tasks.", "expertbits.kernels."
+# The modules whose code each stage runs (its Prefect wrapper included): their source is in the key.
+STAGE_CODE: dict[str, tuple[str, ...]] = {
+    "download": (_T + "stages", _T + "download", _T + "checkpoint"),
+    "statistics": (_T + "stages", _T + "statistics", _T + "adapters", _T + "checkpoint"),
+    "calibration": (_T + "stages", _T + "calibrate", _T + "evaluate", _T + "adapters", _T + "checkpoint",
+                    _T + "seq2seq", _K + "packing"),
+    "allocation": (_T + "stages", _T + "allocate", _T + "allocators", _T + "budget"),
+    "quantization": (_T + "stages", _T + "quantize", _T + "adapters", _T + "checkpoint", _K + "packing"),
+    "validation": (_T + "stages", _T + "validate", _T + "quantized", _K + "packing", _K + "dequant_matmul",
+                   _K + "dequant_matmul_triton"),
+    "evaluation": (_T + "stages", _T + "evaluate", _T + "loader", _T + "quantize", _T + "seq2seq", _K + "packing",
+                   _K + "modules", _K + "dequant_matmul", _K + "dequant_matmul_triton"),
+    "league": (_T + "league_stages", _T + "league", _T + "plots", _T + "allocate", _T + "allocators", _T + "budget",
+               _T + "evaluate", _T + "adapters", _T + "checkpoint", _T + "seq2seq", _T + "statistics",
+               _T + "quantize", _T + "loader", _K + "packing", _K + "modules", _K + "dequant_matmul",
+               _K + "dequant_matmul_triton", "expertbits.zoo.cards"),
+}
+
+
+@lru_cache
+def code_version(stage: str) -> str:
+    h = hashlib.sha256()
+    for name in (*STAGE_CODE[stage], __name__):
+        h.update(inspect.getsource(importlib.import_module(name)).encode())
+    return h.hexdigest()[:16]
+
+
+def stage_key(stage: str, *parts: Any) -> str:
+    blob = json.dumps([stage, code_version(stage), parts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def transient(task, task_run, state) -> bool:
+    """Retry I/O errors only; bad input and numerics fail at once."""
+    try:
+        state.result()
+    except ExpertbitsError:
+        return False
+    except (OSError, TimeoutError, ConnectionError):
+        return True
+    except Exception:
+        return False
+    return False
+
+
+def progress_reporter(stage: str):
+    """A callback that moves a progress artifact on the flow run and logs at each quarter."""
+    logger = get_run_logger()
+    artifact = create_progress_artifact(progress=0.0, description=f"{stage} progress")
+    logged = [0.0]
+
+    def report(fraction: float, message: str) -> None:
+        update_progress_artifact(artifact_id=artifact, progress=round(100 * fraction, 1))
+        if fraction >= min(1.0, logged[0] + 0.25):
+            logged[0] = fraction
+            logger.info(message)
+
+    return report
+
+
+def miss_unless(ctx, store: Store, stage: str, key: str) -> str:
+    """The key, unless Prefect holds a record for it whose objects left the store: then a one-off miss."""
+    record = ctx.result_store is not None and ctx.result_store.exists(key)
+    if record and not store.exists(f"objects/{stage}/{key}/_stage.json"):
+        return f"{key}-rebuild-{uuid.uuid4().hex}"
+    return key
+
+
+def publish_stage(store: Store, stage: str, key: str, local: Path, summary: dict) -> StageOutput:
+    """Upload a local folder as the stage's objects, `_stage.json` last."""
+    prefix = f"objects/{stage}/{key}"
+    files = {p.relative_to(local).as_posix(): sha256_file(p) for p in sorted(local.rglob("*")) if p.is_file()}
+    with store.staging(prefix):
+        store.remove(prefix)
+        for rel in files:
+            store.put_file(local / rel, f"{prefix}/{rel}")
+        out = StageOutput(stage=stage, key=key, prefix=prefix, files=files, summary=summary)
+        store.write_bytes(f"{prefix}/_stage.json", out.model_dump_json(indent=2).encode())
+    return out
+
+
+def local_copy(store: Store, out: StageOutput, tmp: Path) -> Path:
+    """A local folder with the stage's files: the store folder itself when the store is local."""
+    if store.is_local:
+        return Path(store.uri(out.prefix))
+    for rel in out.files:
+        store.get_file(f"{out.prefix}/{rel}", tmp / out.stage / rel)
+    return tmp / out.stage
+
+
+def ckpt_path(rec: CheckpointRecord, cache_dir: str | None, storage_options: dict) -> Path:
+    return download.ensure_local(rec.uri, rec.digest, cache_dir, storage_options)
+
+
+def read_text(uri: str, storage_options: dict) -> str:
+    if uri.startswith("zoo://"):
+        from expertbits.zoo import read_text as read_zoo_text
+
+        return read_zoo_text(uri)
+    fs, path = open_fs(uri.removeprefix("file://") if uri.startswith("file://") else uri, storage_options)
+    with fs.open(path, "rb") as f:
+        return f.read().decode()
+
+
+def text_digest(uri: str, storage_options: dict) -> str:
+    return hashlib.sha256(read_text(uri, storage_options).encode()).hexdigest()
