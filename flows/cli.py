@@ -106,7 +106,37 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("run", help="a run folder of the store (runs/<id>) or its quantization/ folder")
     exp.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors"], help="export format")
     exp.add_argument("--out", required=True, help="folder to create (must not exist)")
+    runs = sub.add_parser("runs", help="list the published runs of a store",
+                          description="Every published run of a store (a prefix with its manifest), newest first: "
+                                      "checkpoint, content digest, budget, allocator, KL and when. Read from the runs "
+                                      "themselves; see README for DuckDB SQL over all runs.")
+    runs.add_argument("--store", default="expertbits-store", help="a local folder or s3://bucket/prefix")
+    runs.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                      help="fsspec/s3fs option, e.g. endpoint_url=http://127.0.0.1:9000; repeatable")
+    runs.add_argument("--json", action="store_true", help="one JSON object per run instead of a table")
     return parser
+
+
+def list_runs(args: argparse.Namespace) -> int:
+    from expertbits.tasks import catalog
+    from expertbits.tasks.errors import ExpertbitsError
+    from expertbits.tasks.storage import Store
+
+    options = {}
+    for item in args.storage_option:
+        key, _, value = item.partition("=")
+        options[key] = value
+    try:
+        frame = catalog.list_runs(Store(args.store, options))
+    except (ExpertbitsError, OSError) as e:
+        print(f"expertbits: cannot read the store {args.store}: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        for row in frame.to_dict(orient="records"):
+            print(json.dumps(row, default=str))
+    else:
+        print(catalog.table(frame))
+    return 0
 
 
 def export(args: argparse.Namespace) -> int:
@@ -156,9 +186,9 @@ def generate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("generate", "export"):
+    if args.command in ("generate", "export", "runs"):
         _prefect_defaults()  # only the thread setting matters here
-        return generate(args) if args.command == "generate" else export(args)
+        return {"generate": generate, "export": export, "runs": list_runs}[args.command](args)
     from pydantic import ValidationError
 
     model = {"quantize": QuantizeParams, "league": LeagueParams}[args.command]

@@ -8,6 +8,8 @@ import duckdb
 import pytest
 import torch
 
+from expertbits.tasks.storage import Store
+
 pytestmark = pytest.mark.integration
 
 
@@ -102,6 +104,7 @@ def test_flow_runs_then_caches_then_recomputes_only_what_changed(prefect_api, pa
     states = task_states(third)
     assert {k for k, v in states.items() if v == "Cached"} == {"download", "statistics", "calibration"}, states
     assert third.result().run_id != manifest.run_id
+    assert_catalog(Store(params["store"]), {manifest.run_id: 2.5, third.result().run_id: 2.75}, params["checkpoint"])
 
     # a cache whose objects left the store is a miss, not a pointer at nothing
     import shutil
@@ -127,6 +130,25 @@ def test_flow_on_s3_store(prefect_api, params, s3):
     keys = {k.split(f"runs/{manifest.run_id}/", 1)[1] for k in fs.find(f"{fs.bucket}/store/runs/{manifest.run_id}")}
     assert keys == set(manifest.files) | {"manifest.json"}
     assert not any(k.startswith("calibration/") for k in keys) and manifest.summary["allocation"]["allocator"] == "paper"
+    fs.copy(f"{fs.bucket}/store/runs/{manifest.run_id}/allocation/bit_allocation.parquet",
+            f"{fs.bucket}/store/runs/half-written/allocation/bit_allocation.parquet")
+    assert_catalog(Store(f"s3://{fs.bucket}/store", options), {manifest.run_id: 2.5}, f"s3://{fs.bucket}/in/ft")
+
+
+def assert_catalog(store, runs: dict[str, float], checkpoint: str) -> None:
+    """`expertbits runs` and the README's SQL list exactly the published runs (a prefix without a
+    manifest is not one) with what they were asked for and what they measured."""
+    from expertbits.tasks import catalog
+
+    listed = catalog.list_runs(store)
+    assert dict(zip(listed.run_id, listed.avg_bits)) == runs
+    assert (listed.checkpoint == checkpoint).all() and listed.digest.str.len().eq(64).all()
+    assert listed.created.notna().all() and listed.kl.between(0, 1).all()
+    kl = catalog.query(store, "KL against bits across runs")
+    assert dict(zip(kl.run_id, kl.kl)) == pytest.approx(dict(zip(listed.run_id, listed.kl)))
+    allocs = catalog.query(store, "every allocation of a checkpoint", checkpoint=checkpoint)
+    assert allocs.groupby("run_id").bits.mean().to_dict() == pytest.approx(runs)
+    assert allocs.groupby("run_id").size().eq(8).all()  # 2 layers × 4 experts, no rows of other runs
 
 
 def test_bad_input_fails_clearly_and_leaves_no_run(prefect_api, params, copy_ckpt, tmp_path):
