@@ -114,7 +114,69 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                       help="fsspec/s3fs option, e.g. endpoint_url=http://127.0.0.1:9000; repeatable")
     runs.add_argument("--json", action="store_true", help="one JSON object per run instead of a table")
+    for name, text in (("deploy", "register the deployments on the current Prefect API (PREFECT_API_URL) for a work pool"),
+                       ("serve", "serve the deployments from this process (no work pool needed); blocks")):
+        d = sub.add_parser(name, help=text, description=f"{text[0].upper()}{text[1:]}: quantize and league (UI forms), "
+                           "quantize-nightly (cron), watch (interval) and requantize (triggered by the watcher's events).")
+        if name == "deploy":
+            d.add_argument("--work-pool", required=True, help="a process work pool (prefect work-pool create NAME --type process)")
+        d.add_argument("--store", default="expertbits-store", help="artifact store of every deployment's runs")
+        d.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                       help="non-secret fsspec/s3fs option, e.g. endpoint_url=…; credentials stay in the worker's env")
+        d.add_argument("--watch", action="append", default=[], metavar="PREFIX",
+                       help="a prefix to watch for new checkpoints (file://, s3://, hf://org/name); repeatable")
+        d.add_argument("--watch-interval", type=int, default=300, help="seconds between watcher runs (default: 300)")
+        d.add_argument("--watch-quantize", default="{}", metavar="JSON",
+                       help='QuantizeParams for triggered runs, e.g. \'{"reference": "s3://m/base", "avg_bits": 2.5}\'')
+        d.add_argument("--nightly-cron", default="0 3 * * *", help="cron of quantize-nightly (default: 0 3 * * *, UTC)")
+        d.add_argument("--nightly-checkpoint", default=QuantizeParams.model_fields["checkpoint"].default,
+                       help="what quantize-nightly quantizes")
+    dev = sub.add_parser("dev", help="start or stop the local set: prefect server, worker, S3 server, deployments",
+                         description="`up` starts a Prefect server, a process work pool with a worker and an S3-compatible "
+                                     "server (moto) on loopback and registers every deployment; `down` stops exactly those "
+                                     "processes, by the ids `up` recorded.")
+    dev.add_argument("action", choices=["up", "down"])
+    dev.add_argument("--dir", default=".expertbits-dev", help="state folder (default: .expertbits-dev)")
+    dev.add_argument("--port", type=int, default=4200, help="Prefect server port (default: 4200)")
+    dev.add_argument("--s3-port", type=int, default=9100, help="S3 server port (default: 9100)")
     return parser
+
+
+def _settings(args: argparse.Namespace):
+    from .deployments import Settings
+
+    options = dict(item.partition("=")[::2] for item in args.storage_option)
+    return Settings(store=args.store, storage_options=options, watch_prefixes=tuple(args.watch),
+                    watch_interval_s=args.watch_interval, watch_quantize=json.loads(args.watch_quantize),
+                    nightly_cron=args.nightly_cron, nightly_checkpoint=args.nightly_checkpoint)
+
+
+def operate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import deployments, dev
+
+    if args.command == "dev":
+        try:
+            if args.action == "up":
+                state = dev.up(Path(args.dir), args.port, args.s3_port)
+                print(f"Prefect UI: {state['ui']}\nS3 endpoint: {state['s3']} (bucket {dev.BUCKET}; drop checkpoints "
+                      f"under s3://{dev.BUCKET}/incoming/<name>/)\nexport PREFECT_API_URL={state['api']}\n"
+                      f"stop everything with: expertbits dev down --dir {args.dir}")
+            else:
+                stopped = dev.down(Path(args.dir))
+                print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+        except dev.DevError as e:
+            print(f"expertbits: {e}", file=sys.stderr)
+            return 1
+        return 0
+    settings = _settings(args)
+    if args.command == "deploy":
+        ids = deployments.deploy(settings, args.work_pool)
+        print(f"registered {len(ids)} deployments for work pool {args.work_pool!r}")
+    else:
+        deployments.serve(settings)
+    return 0
 
 
 def list_runs(args: argparse.Namespace) -> int:
@@ -186,9 +248,9 @@ def generate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("generate", "export", "runs"):
-        _prefect_defaults()  # only the thread setting matters here
-        return {"generate": generate, "export": export, "runs": list_runs}[args.command](args)
+    if args.command in ("generate", "export", "runs", "deploy", "serve", "dev"):
+        _prefect_defaults()
+        return {"generate": generate, "export": export, "runs": list_runs}.get(args.command, operate)(args)
     from pydantic import ValidationError
 
     model = {"quantize": QuantizeParams, "league": LeagueParams}[args.command]

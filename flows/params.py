@@ -64,6 +64,8 @@ class QuantizeParams(CommonParams):
         "Symmetric quantization (every zero point at the middle code): exports without zero points, which plain "
         "transformers loads; asymmetric (default) is more accurate"))
     validation_rtol: float = Field(1e-4, gt=0, description="Largest kernel-vs-reference relative error accepted")
+    event_id: str | None = Field(None, description=(
+        "The Prefect event that started this run (set by the requantize trigger; recorded in the manifest)"))
 
     @model_validator(mode="after")
     def _budget_fits(self):
@@ -121,3 +123,33 @@ class LeagueParams(CommonParams):
     def widths(self, symmetric: bool = False) -> list[int]:
         """Every width of the grid's bit sets (symmetric: without 1 bit, which it cannot quantize)."""
         return sorted({b for s in self.bit_sets for b in s if b > 1 or not symmetric})
+
+
+class WatchParams(BaseModel):
+    """Watch prefixes for new or changed checkpoints and requantize each one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("default", pattern=r"^[a-z0-9][a-z0-9-]{0,40}$", description="Name of this watch (in events)")
+    prefixes: list[str] = Field(min_length=1, description=(
+        "Where checkpoints land: folders, file:// or s3:// prefixes (each folder holding a config.json is a "
+        "checkpoint) or hf://org/name (its current revision)"))
+    store: str = Field("expertbits-store", description="Artifact store of the triggered runs")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description=(
+        "Non-secret fsspec/s3fs options (e.g. endpoint_url) for the prefixes and the store; credentials come from "
+        "the worker's environment"))
+    quantize: dict[str, Any] = Field(default_factory=dict, description=(
+        "QuantizeParams for each triggered run (reference, avg_bits, allocator, ...); checkpoint, store and "
+        "storage_options come from the event and this watch"))
+
+    @model_validator(mode="after")
+    def _quantize_fits(self):
+        reserved = {"checkpoint", "store", "storage_options", "event_id"} & set(self.quantize)
+        if reserved:
+            raise ValueError(f"quantize must not set {sorted(reserved)}: they come from the event and the watch")
+        self.quantize_params("zoo://mixtral-tiny/wordnet")  # every field valid before any run
+        return self
+
+    def quantize_params(self, checkpoint: str, event_id: str | None = None) -> QuantizeParams:
+        return QuantizeParams(**self.quantize, checkpoint=checkpoint, store=self.store,
+                              storage_options=self.storage_options, event_id=event_id)

@@ -46,6 +46,7 @@ def query(store: Store, name: str, **params) -> pd.DataFrame:
     con = duckdb.connect(config={"autoinstall_known_extensions": False})
     try:
         if not store.is_local:
+            store.fs.invalidate_cache()
             con.register_filesystem(store.fs)
         sql = QUERIES[name].format(store=store.root)
         return con.execute(sql, params).df() if params else con.execute(sql).df()
@@ -56,6 +57,7 @@ def query(store: Store, name: str, **params) -> pd.DataFrame:
 def list_runs(store: Store) -> pd.DataFrame:
     """One row per published run (newest first): what it quantized, how, how well, and when."""
     rows = []
+    store.fs.invalidate_cache()  # s3fs caches listings per process; other processes publish runs
     for manifest_path in sorted(store.fs.glob(posixpath.join(store._path("runs"), "*", "manifest.json"))):
         manifest = json.loads(store.fs.cat_file(manifest_path))
         summary, rel = manifest["summary"], posixpath.dirname(manifest_path)
@@ -73,7 +75,7 @@ def list_runs(store: Store) -> pd.DataFrame:
             "ppl_fp": summary.get("evaluation", {}).get("ppl_fp"), "ppl_quant": summary.get("evaluation", {}).get("ppl_quant"),
             "effective_bits": summary.get("quantization", {}).get("effective_bits"),
             "created": pd.Timestamp(created).tz_convert("UTC") if created is not None else None,
-            "uri": manifest["uri"], "event_id": manifest.get("event_id"),
+            "uri": manifest["uri"], "event_id": p.get("event_id"),
         })
     frame = pd.DataFrame(rows, columns=list(COLUMNS))
     return frame.sort_values(["created", "run_id"], ascending=[False, True], na_position="last").reset_index(drop=True)

@@ -38,7 +38,7 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("EXPERTBITS_CACHE", Path.home() / ".cache" / "expertbits")).expanduser()
 
 
-def _wanted(name: str) -> bool:
+def wanted(name: str) -> bool:
     return any(fnmatch.fnmatch(name, p) for p in PATTERNS)
 
 
@@ -56,7 +56,7 @@ def fingerprint(uri: str, storage_options: dict[str, Any] | None = None) -> str:
         infos = {}
     parts = sorted(
         (k[len(root):], v.get("size"), v.get("ETag") or v.get("mtime") or v.get("LastModified"))
-        for k, v in infos.items() if _wanted(k.rsplit("/", 1)[-1])
+        for k, v in infos.items() if wanted(k.rsplit("/", 1)[-1])
     )
     return hashlib.sha256(json.dumps([uri, parts], default=str).encode()).hexdigest()
 
@@ -142,14 +142,14 @@ def _fetch_local(src: Path, dst: Path, uri: str) -> None:
     if not src.is_dir():
         raise CheckpointError(f"{uri}: {src} is not a folder", "point at a checkpoint folder holding config.json and *.safetensors")
     for p in sorted(src.iterdir()):
-        if p.is_file() and _wanted(p.name):
+        if p.is_file() and wanted(p.name):
             shutil.copyfile(p, dst / p.name)
 
 
 def _fetch_s3(location: str, dst: Path, storage_options: dict[str, Any], uri: str) -> None:
     fs, root = open_fs(location, storage_options)
     fs.invalidate_cache(root)
-    names = [k for k in fs.find(root) if _wanted(k.rsplit("/", 1)[-1]) and k[len(root):].count("/") == 1]
+    names = [k for k in fs.find(root) if wanted(k.rsplit("/", 1)[-1]) and k[len(root):].count("/") == 1]
     if not names:
         raise CheckpointError(f"{uri}: no checkpoint files under this prefix", "check the bucket and prefix")
     for key in names:
@@ -164,5 +164,5 @@ def _fetch_hf(location: str, dst: Path, uri: str) -> None:
         raise CheckpointError(f"{uri}: expected hf://org/name@revision", "e.g. hf://mistralai/Mixtral-8x7B-v0.1@<commit sha>")
     snapshot = Path(snapshot_download(repo, revision=revision or None, allow_patterns=list(PATTERNS)))
     for p in sorted(snapshot.iterdir()):
-        if p.is_file() and _wanted(p.name):
+        if p.is_file() and wanted(p.name):
             shutil.copyfile(p, dst / p.name)

@@ -1,0 +1,190 @@
+"""Operating expertbits: deployments on a real `prefect server`, a real process worker and an S3
+server (moto) on loopback. The UI's Run button, the watcher and its trigger, deduplication by
+content, and the server's own schema enforcement, end to end."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+SMALL = {"reference": None, "avg_bits": 2.5, "bit_widths": [2, 3], "group_size": 32, "eval_windows": 2,
+         "calibration_windows": 2, "eval_seq_len": 64}
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _until(what: str, check, timeout: float, every: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (value := check()):
+            return value
+        time.sleep(every)
+    raise AssertionError(f"{what}: not within {timeout:.0f} s")
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory, s3_endpoint):
+    """`prefect server start`, a process work pool with `prefect worker start`, the deployments."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    home = tmp_path_factory.mktemp("platform")
+    url = f"http://127.0.0.1:{_port()}/api"
+    env = dict(os.environ, PREFECT_HOME=str(home / "prefect"), PREFECT_API_URL=url, OMP_NUM_THREADS="1",
+               EXPERTBITS_CACHE=str(home / "cache"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.pop("PREFECT_LOCAL_STORAGE_PATH", None)
+    prefect = [sys.executable, "-m", "prefect"]
+    procs = [subprocess.Popen([*prefect, "server", "start", "--host", "127.0.0.1", "--port", url.split(":")[-1][:-4]],
+                              env=env, stdout=open(home / "server.log", "w"), stderr=subprocess.STDOUT)]
+    try:
+        _until("prefect server health", lambda: _healthy(httpx, url), 120)
+        subprocess.run([*prefect, "work-pool", "create", "expertbits-test", "--type", "process"], env=env, check=True,
+                       capture_output=True)
+        procs.append(subprocess.Popen([*prefect, "worker", "start", "--pool", "expertbits-test", "--limit", "2"],
+                                      env=env, stdout=open(home / "worker.log", "w"), stderr=subprocess.STDOUT))
+        with temporary_settings({PREFECT_API_URL: url}):
+            yield {"url": url, "home": home, "env": env}
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def _healthy(httpx, url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _runs(client, flow_name: str) -> list:
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    return client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])))
+
+
+def _finished(client, run_id):
+    run = client.read_flow_run(run_id)
+    return run if run.state and run.state.is_final() else None
+
+
+def test_deployments_ui_run_watcher_trigger_dedup_and_schema(platform, s3, micro_pair):
+    from prefect.client.orchestration import get_client
+
+    from expertbits.flows import deployments
+    from expertbits.tasks import catalog
+    from expertbits.tasks.storage import Store
+
+    fs, options = s3
+    store, watched = f"s3://{fs.bucket}/store", f"s3://{fs.bucket}/incoming"
+    started = time.monotonic()
+
+    # 1. the deployments, from the project's own definition
+    settings = deployments.Settings(store=store, storage_options=options, watch_prefixes=(watched,),
+                                    watch_quantize=SMALL)
+    deployments.deploy(settings, "expertbits-test")
+    with get_client(sync_client=True) as client:
+        found = {d.name: d for d in client.read_deployments()}
+        assert set(found) == set(deployments.NAMES)
+        assert found["quantize"].enforce_parameter_schema
+        schema = json.dumps(found["quantize"].parameter_openapi_schema)
+        assert "Average bits per routed expert" in schema and "granularity" in schema
+
+        # 2. a run created as the UI's Run button creates it, with form parameters
+        base, ft = micro_pair
+        fs.put(str(ft) + "/", f"{fs.bucket}/models/ft/", recursive=True)
+        form = dict(SMALL, checkpoint=f"s3://{fs.bucket}/models/ft", store=store, storage_options=options)
+        run = client.create_flow_run_from_deployment(found["quantize"].id, parameters={"params": form})
+        done = _until("the UI-started run", lambda: _finished(client, run.id), 240)
+        assert done.state.is_completed(), done.state
+        listed = catalog.list_runs(Store(store, options))
+        assert list(listed.checkpoint) == [form["checkpoint"]]
+
+        # 3. a checkpoint uploaded into the watched prefix is announced, and its run completes
+        fs.put(str(ft) + "/", f"{watched}/m1/", recursive=True)
+        watch = client.create_flow_run_from_deployment(found["watch"].id)
+        assert _until("the watcher", lambda: _finished(client, watch.id), 120).state.is_completed()
+        triggered = _until("the triggered run", lambda: _runs(client, "expertbits-requantize"), 90)
+        first = _until("the triggered run's end", lambda: _finished(client, triggered[0].id), 240)
+        assert first.state.is_completed(), first.state
+        assert first.parameters["uri"] == f"{watched}/m1" and len(first.parameters["digest"]) == 64
+        runs = catalog.list_runs(Store(store, options))
+        mine = runs[runs.checkpoint == f"{watched}/m1"]
+        assert len(mine) == 1 and mine.event_id.iloc[0] == first.parameters["event_id"], runs[["run_id", "checkpoint", "event_id"]].to_dict("records")
+        child = [r for r in client.read_flow_runs() if r.parent_task_run_id and f"event:{mine.event_id.iloc[0]}" in r.tags]
+        assert child, "the quantize run does not carry its event as a tag"
+
+        # 4. the same bytes uploaded again start nothing; a new revision starts one run
+        fs.put(str(ft) + "/", f"{watched}/m1/", recursive=True)
+        again = client.create_flow_run_from_deployment(found["watch"].id)
+        assert _until("the second watcher", lambda: _finished(client, again.id), 120).state.is_completed()
+        shutil.copyfile(base / "model.safetensors", platform["home"] / "model.safetensors")
+        fs.put(str(platform["home"] / "model.safetensors"), f"{watched}/m1/model.safetensors")
+        third = client.create_flow_run_from_deployment(found["watch"].id)
+        assert _until("the third watcher", lambda: _finished(client, third.id), 120).state.is_completed()
+        both = _until("the new revision's run", lambda: (r := _runs(client, "expertbits-requantize")) and len(r) >= 2 and r,
+                      90)
+        assert len(both) == 2, "the same bytes were announced twice"
+        newest = next(r for r in both if r.id != first.id)
+        assert _until("the new revision's end", lambda: _finished(client, newest.id), 240).state.is_completed()
+        assert newest.parameters["digest"] != first.parameters["digest"]
+
+        # 5. invalid form values are refused by the server, and nothing is written
+        before = sorted(fs.find(f"{fs.bucket}/store/runs"))
+        from prefect.exceptions import PrefectHTTPStatusError
+
+        for bad in ({"avg_bits": 99}, {"group_size": 2}, {"no_such_field": 1}):
+            with pytest.raises((PrefectHTTPStatusError, ValueError)):
+                client.create_flow_run_from_deployment(found["quantize"].id, parameters={"params": dict(form, **bad)})
+        assert sorted(fs.find(f"{fs.bucket}/store/runs")) == before
+    elapsed = time.monotonic() - started
+    print(f"\noperate end to end: {elapsed:.0f} s")
+
+
+def test_dev_up_and_down_start_and_stop_exactly_their_processes(tmp_path):
+    """`expertbits dev up` brings the whole local set up (UI answering, deployments registered);
+    `dev down` stops the processes it recorded and nothing else."""
+    import httpx
+
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    cli = [sys.executable, "-m", "expertbits.flows.cli", "dev"]
+    ports = ["--port", str(_port()), "--s3-port", str(_port())]
+    env = dict(os.environ)
+    env.pop("PREFECT_API_URL", None)
+    try:
+        up = subprocess.run([*cli, "up", "--dir", str(tmp_path / "dev"), *ports], env=env, capture_output=True, text=True,
+                            timeout=240)
+        assert up.returncode == 0, up.stderr[-3000:]
+        state = json.loads((tmp_path / "dev" / "dev.json").read_text())
+        assert f"Prefect UI: {state['ui']}" in up.stdout
+        assert httpx.get(state["ui"], timeout=5).status_code == 200
+        found = httpx.post(f"{state['api']}/deployments/filter", json={}, timeout=5).json()
+        assert {d["name"] for d in found} == {"quantize", "league", "quantize-nightly", "watch", "requantize"}
+        again = subprocess.run([*cli, "up", "--dir", str(tmp_path / "dev"), *ports], env=env, capture_output=True,
+                               text=True, timeout=60)
+        assert again.returncode == 1 and "already recorded" in again.stderr
+    finally:
+        down = subprocess.run([*cli, "down", "--dir", str(tmp_path / "dev")], env=env, capture_output=True, text=True,
+                              timeout=120)
+    assert down.returncode == 0 and "server" in down.stdout and "worker" in down.stdout
+    for pid in state["pids"].values():
+        _until(f"process {pid} to stop", lambda pid=pid: not Path(f"/proc/{pid}").exists()
+               or "zombie" in Path(f"/proc/{pid}/status").read_text().lower(), 30)
+    assert bystander.poll() is None
+    bystander.kill()
+    assert not (tmp_path / "dev" / "dev.json").exists()
