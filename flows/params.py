@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -13,6 +14,21 @@ from expertbits.tasks.league import DEFAULT_ALLOCATORS, TASKS, Grid
 # The bundled default: the zoo's Mixtral fine-tuned on WordNet supersenses and its base.
 DEFAULT_CHECKPOINT = "zoo://mixtral-tiny/wordnet"
 DEFAULT_REFERENCE = "zoo://mixtral-tiny/base"
+
+
+SECRET_OPTION = re.compile(r"(^|_)(key|secret|token|password|passwd|credentials?|session)(_|$)", re.IGNORECASE)
+
+
+def refuse_secrets(options: dict[str, Any], where: str = "storage_options") -> dict[str, Any]:
+    """Storage options travel in parameters, events and manifests, so they must hold no secret."""
+    for name, value in options.items():
+        if SECRET_OPTION.search(name):
+            raise ValueError(f"{where} must not carry credentials ({name!r}): parameters, events and manifests are "
+                             "stored and shown in the UI. Put them in the worker's environment (AWS_ACCESS_KEY_ID, "
+                             "AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) or a Prefect secret block")
+        if isinstance(value, dict):
+            refuse_secrets(value, f"{where}.{name}")
+    return options
 
 
 class CommonParams(BaseModel):
@@ -44,6 +60,11 @@ class CommonParams(BaseModel):
     @classmethod
     def _empty_is_none(cls, v):
         return v or None
+
+    @field_validator("storage_options")
+    @classmethod
+    def _no_secrets(cls, v):
+        return refuse_secrets(v)
 
 
 class QuantizeParams(CommonParams):
@@ -141,6 +162,11 @@ class WatchParams(BaseModel):
     quantize: dict[str, Any] = Field(default_factory=dict, description=(
         "QuantizeParams for each triggered run (reference, avg_bits, allocator, ...); checkpoint, store and "
         "storage_options come from the event and this watch"))
+
+    @field_validator("storage_options")
+    @classmethod
+    def _no_secrets(cls, v):
+        return refuse_secrets(v)
 
     @model_validator(mode="after")
     def _quantize_fits(self):

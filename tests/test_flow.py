@@ -232,3 +232,15 @@ def test_readme_command_quantizes_the_bundled_model(tmp_path):
     assert manifest["summary"]["parameters"]["checkpoint"] == "zoo://mixtral-tiny/wordnet"
     assert manifest["summary"]["allocation"]["achieved_avg_bits"] == 2.5
     assert f"artifacts: {tmp_path / 'expertbits-store' / 'runs' / runs[0].name}" in out.stdout
+
+
+def test_credentials_in_storage_options_are_refused_with_the_fix():
+    from pydantic import ValidationError
+
+    from expertbits.flows.params import LeagueParams, QuantizeParams, WatchParams
+
+    for options in ({"key": "AKIA"}, {"secret": "s"}, {"client_kwargs": {"aws_secret_access_key": "s"}}, {"token": "t"}):
+        for model, extra in ((QuantizeParams, {}), (LeagueParams, {}), (WatchParams, {"prefixes": ["s3://b/in"]})):
+            with pytest.raises(ValidationError, match="worker's environment"):
+                model(storage_options=options, **extra)
+    assert QuantizeParams(storage_options={"endpoint_url": "http://127.0.0.1:9000"}).storage_options

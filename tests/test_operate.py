@@ -178,6 +178,14 @@ def test_dev_up_and_down_start_and_stop_exactly_their_processes(tmp_path):
         again = subprocess.run([*cli, "up", "--dir", str(tmp_path / "dev"), *ports], env=env, capture_output=True,
                                text=True, timeout=60)
         assert again.returncode == 1 and "already recorded" in again.stderr
+        # the same deployments from infra/prefect.yaml, with Prefect's own command
+        repo = Path(__file__).resolve().parents[1]
+        yaml_deploy = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all", "--prefect-file",
+                                      str(repo / "infra" / "prefect.yaml")], cwd=repo, capture_output=True, text=True,
+                                     env=dict(env, PREFECT_API_URL=state["api"]), timeout=180)
+        assert yaml_deploy.returncode == 0, yaml_deploy.stdout[-2000:] + yaml_deploy.stderr[-2000:]
+        redeployed = httpx.post(f"{state['api']}/deployments/filter", json={}, timeout=5).json()
+        assert sorted(d["name"] for d in redeployed) == sorted(d["name"] for d in found)
     finally:
         down = subprocess.run([*cli, "down", "--dir", str(tmp_path / "dev")], env=env, capture_output=True, text=True,
                               timeout=120)

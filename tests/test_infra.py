@@ -1,0 +1,49 @@
+"""infra/: prefect.yaml declares the deployments expertbits registers, and compose.yaml only names
+commands our CLI has and credentials the example environment lists. (Docker does not run here.)"""
+
+import re
+import shlex
+from pathlib import Path
+
+import yaml
+
+from expertbits.flows import deployments
+from expertbits.flows.cli import build_parser
+
+INFRA = Path(__file__).resolve().parents[1] / "infra"
+
+
+def test_prefect_yaml_matches_the_deployments_expertbits_registers():
+    from prefect.flows import load_flow_from_entrypoint
+
+    declared = {d["name"]: d for d in yaml.safe_load((INFRA / "prefect.yaml").read_text())["deployments"]}
+    built = {d.name: d for d in deployments.build(deployments.Settings(watch_prefixes=("s3://expertbits/incoming",)))}
+    assert set(declared) == set(built) == set(deployments.NAMES)
+    for name, d in declared.items():
+        assert d["entrypoint"] == built[name].entrypoint
+        assert load_flow_from_entrypoint(d["entrypoint"]).name == built[name].flow_name
+        assert d["work_pool"]["name"] == "expertbits"
+    (trigger,) = declared["requantize"]["triggers"]
+    assert trigger["expect"] == ["expertbits.checkpoint.published"]
+    assert trigger["parameters"] == deployments.TRIGGER_PARAMETERS
+    assert declared["quantize-nightly"]["schedules"][0]["cron"] == deployments.Settings().nightly_cron
+
+
+def test_compose_names_only_our_commands_and_listed_credentials():
+    text = (INFRA / "compose.yaml").read_text()
+    compose = yaml.safe_load(text)
+    services = compose["services"]
+    assert {"postgres", "prefect-server", "minio", "worker", "gpu-worker", "dask-scheduler", "dask-worker",
+            "deploy"} <= set(services)
+    commands = [s["command"] for s in services.values() if isinstance(s.get("command"), str)]
+    ours = [m for c in commands for m in re.findall(r'(?:^|&&|")\s*expertbits\s+([^"&]+)', " ".join(c.split()))]
+    assert ours
+    for command in ours:
+        build_parser().parse_args(shlex.split(command))  # exits (fails the test) on an unknown command or option
+    example = (INFRA / "compose.env.example").read_text()
+    for var in set(re.findall(r"(?<!\$)\$\{(\w+)\}", text)):
+        assert re.search(rf"^{var}=", example, re.M), f"{var} is not in infra/compose.env.example"
+    worker_images = {s.get("image") for n, s in services.items() if n in ("worker", "gpu-worker", "dask-worker", "deploy")}
+    assert len(worker_images) == 1 and (INFRA / "Dockerfile").is_file()
+    assert services["gpu-worker"]["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+    assert not re.search(r"(?i)(secret|password|key)\s*[:=]\s*[^$\s{]", text), "a literal credential in compose.yaml"
