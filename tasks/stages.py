@@ -270,7 +270,7 @@ def _ui_artifacts(st: Store, manifest: RunManifest, outputs: dict[str, StageOutp
         f"| perplexity fp / quant | {ev['ppl_fp']:.3f} / {ev['ppl_quant']:.3f} |\n"
         f"| tokens evaluated | {ev['tokens']} |\n"
         f"| avg bits requested / achieved | {al['requested_avg_bits']} / {al['achieved_avg_bits']} |\n"
-        f"| effective bits (with scales) | {q['effective_bits']} |\n"
+        f"| effective bits (with scales and zero points) | {q['effective_bits']} |\n"
         f"| experts moved by MaxVar | {al['moved_by_maxvar']} |\n"
         f"| kernel check | {v['matrices']} matrices, max rel error {v['max_rel_error']:.2e} on {v['device']} |\n\n"
         f"Artifacts: `{manifest.uri}`\n"))
