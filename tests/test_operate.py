@@ -2,6 +2,7 @@
 server (moto) on loopback. The UI's Run button, the watcher and its trigger, deduplication by
 content, and the server's own schema enforcement, end to end."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -33,36 +34,50 @@ def _until(what: str, check, timeout: float, every: float = 0.5):
     raise AssertionError(f"{what}: not within {timeout:.0f} s")
 
 
-@pytest.fixture(scope="module")
-def platform(tmp_path_factory, s3_endpoint):
-    """`prefect server start`, a process work pool with `prefect worker start`, the deployments."""
+@contextlib.contextmanager
+def prefect_server(home: Path):
+    """A real `prefect server start` on a free loopback port, and the environment to reach it."""
     import httpx
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    home = tmp_path_factory.mktemp("platform")
     url = f"http://127.0.0.1:{_port()}/api"
     env = dict(os.environ, PREFECT_HOME=str(home / "prefect"), PREFECT_API_URL=url, OMP_NUM_THREADS="1",
                EXPERTBITS_CACHE=str(home / "cache"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
     env.pop("PREFECT_LOCAL_STORAGE_PATH", None)
-    prefect = [sys.executable, "-m", "prefect"]
-    procs = [subprocess.Popen([*prefect, "server", "start", "--host", "127.0.0.1", "--port", url.split(":")[-1][:-4]],
-                              env=env, stdout=open(home / "server.log", "w"), stderr=subprocess.STDOUT)]
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+                               url.split(":")[-1][:-4]], env=env, stdout=open(home / "server.log", "w"),
+                              stderr=subprocess.STDOUT)
     try:
         _until("prefect server health", lambda: _healthy(httpx, url), 120)
+        yield url, env
+    finally:
+        _stop(server)
+
+
+def _stop(proc) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory, s3_endpoint):
+    """`prefect server start`, a process work pool with `prefect worker start`, the deployments."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    home = tmp_path_factory.mktemp("platform")
+    prefect = [sys.executable, "-m", "prefect"]
+    with prefect_server(home) as (url, env):
         subprocess.run([*prefect, "work-pool", "create", "expertbits-test", "--type", "process"], env=env, check=True,
                        capture_output=True)
-        procs.append(subprocess.Popen([*prefect, "worker", "start", "--pool", "expertbits-test", "--limit", "2"],
-                                      env=env, stdout=open(home / "worker.log", "w"), stderr=subprocess.STDOUT))
-        with temporary_settings({PREFECT_API_URL: url}):
-            yield {"url": url, "home": home, "env": env}
-    finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        worker = subprocess.Popen([*prefect, "worker", "start", "--pool", "expertbits-test", "--limit", "2"],
+                                  env=env, stdout=open(home / "worker.log", "w"), stderr=subprocess.STDOUT)
+        try:
+            with temporary_settings({PREFECT_API_URL: url}):
+                yield {"url": url, "home": home, "env": env}
+        finally:
+            _stop(worker)
 
 
 def _healthy(httpx, url: str) -> bool:
@@ -196,3 +211,32 @@ def test_dev_up_and_down_start_and_stop_exactly_their_processes(tmp_path):
     assert bystander.poll() is None
     bystander.kill()
     assert not (tmp_path / "dev" / "dev.json").exists()
+
+
+def test_serve_runs_the_deployments_from_one_process_without_a_work_pool(micro_pair, tmp_path):
+    """`expertbits serve` registers the deployments on a server with no work pool and runs them itself."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    def served(client):
+        try:
+            return client.read_deployment_by_name("expertbits-quantize/quantize")
+        except ObjectNotFound:
+            return None
+
+    with prefect_server(tmp_path) as (url, env), temporary_settings({PREFECT_API_URL: url}):
+        serve = subprocess.Popen([sys.executable, "-m", "expertbits.flows.cli", "serve", "--store", str(tmp_path / "store")],
+                                 env=env, stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT)
+        try:
+            with get_client(sync_client=True) as client:
+                deployment = _until("the served deployments", lambda: served(client), 120)
+                assert deployment.work_pool_name is None
+                _, ft = micro_pair
+                run = client.create_flow_run_from_deployment(deployment.id, parameters={"params": dict(
+                    SMALL, checkpoint=str(ft), store=str(tmp_path / "store"))})
+                done = _until("the served run", lambda: _finished(client, run.id), 240)
+                assert done.state.is_completed(), (tmp_path / "serve.log").read_text()[-3000:]
+            assert list((tmp_path / "store" / "runs").glob("*/manifest.json"))
+        finally:
+            _stop(serve)
