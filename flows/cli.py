@@ -145,7 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _settings(args: argparse.Namespace):
     from .deployments import Settings
 
-    options = dict(item.partition("=")[::2] for item in args.storage_option)
+    from .params import WatchParams, refuse_secrets
+
+    options = refuse_secrets(dict(item.partition("=")[::2] for item in args.storage_option))
+    if args.watch:  # every watch setting checked before anything is registered
+        WatchParams(prefixes=args.watch, store=args.store, storage_options=options,
+                    quantize=json.loads(args.watch_quantize))
     return Settings(store=args.store, storage_options=options, watch_prefixes=tuple(args.watch),
                     watch_interval_s=args.watch_interval, watch_quantize=json.loads(args.watch_quantize),
                     nightly_cron=args.nightly_cron, nightly_checkpoint=args.nightly_checkpoint)
@@ -170,7 +175,11 @@ def operate(args: argparse.Namespace) -> int:
             print(f"expertbits: {e}", file=sys.stderr)
             return 1
         return 0
-    settings = _settings(args)
+    try:
+        settings = _settings(args)
+    except (json.JSONDecodeError, ValueError) as e:
+        print(f"expertbits: invalid deployment options: {e}", file=sys.stderr)
+        return 2
     if args.command == "deploy":
         ids = deployments.deploy(settings, args.work_pool)
         print(f"registered {len(ids)} deployments for work pool {args.work_pool!r}")

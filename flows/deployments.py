@@ -24,12 +24,13 @@ from .params import LeagueParams, QuantizeParams, WatchParams
 from .quantize import quantize_moe
 from .watch import EVENT, requantize, watch_checkpoints
 
-NAMES = ("quantize", "league", "quantize-nightly", "watch", "requantize")
+NAMES = ("quantize", "league", "quantize-nightly", "watch", "requantize")  # the last two only with watch prefixes
 # The trigger's parameters, rendered by the server from each event: a single {{ }} keeps its JSON
-# type; the event id goes through `string` because the server's tojson cannot encode a UUID.
+# type; the event id goes through `string` because the server's tojson cannot encode a UUID. Only
+# what identifies the checkpoint comes from the event: the watch (prefixes, store, quantize
+# settings) is fixed at deploy time, so an event cannot widen what is watched or where runs go.
 TRIGGER_PARAMETERS = {"uri": "{{ event.payload.uri }}", "digest": "{{ event.payload.digest }}",
-                      "revision": "{{ event.payload.revision }}", "event_id": "{{ event.id | string }}",
-                      "watch": "{{ event.payload.watch }}"}
+                      "revision": "{{ event.payload.revision }}", "event_id": "{{ event.id | string }}"}
 
 
 @dataclass(frozen=True)
@@ -70,10 +71,12 @@ def build(settings: Settings = Settings()) -> list:
             name="watch", interval=timedelta(seconds=settings.watch_interval_s),
             parameters={"params": watch.model_dump(mode="json")},
             description=f"Announce new checkpoints under {', '.join(settings.watch_prefixes)}", **common))
-    out.append(requantize.to_deployment(
-        name="requantize", description=f"Quantize each checkpoint announced by {EVENT}",
-        triggers=[DeploymentEventTrigger(name="on-checkpoint-published", expect={EVENT}, parameters=TRIGGER_PARAMETERS)],
-        **common))
+        out.append(requantize.to_deployment(
+            name="requantize", description=f"Quantize each checkpoint announced by {EVENT}",
+            parameters={"watch": watch.model_dump(mode="json")},
+            triggers=[DeploymentEventTrigger(name="on-checkpoint-published", expect={EVENT},
+                                             match={"expertbits.watch": watch.name}, parameters=TRIGGER_PARAMETERS)],
+            **common))
     return out
 
 

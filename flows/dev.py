@@ -76,6 +76,7 @@ def up(folder: Path, port: int = 4200, s3_port: int = 9100) -> dict:
         log = open(folder / f"{name}.log", "w")
         proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         state["pids"][name] = proc.pid
+        state.setdefault("started", {})[name] = _start_time(proc.pid)
         (folder / STATE).write_text(json.dumps(state, indent=2))  # recorded at once: `down` can stop a half-up set
 
     try:
@@ -110,6 +111,8 @@ def down(folder: Path, timeout: float = 20.0) -> list[str]:
         return []
     stopped = []
     for name, pid in reversed(list(state["pids"].items())):
+        if _start_time(pid) != state.get("started", {}).get(name):
+            continue  # gone, or the id now belongs to another process (after a reboot): not ours to stop
         try:
             os.killpg(pid, signal.SIGTERM)  # its own session: the server's uvicorn child goes with it
         except ProcessLookupError:
@@ -122,6 +125,15 @@ def down(folder: Path, timeout: float = 20.0) -> list[str]:
         stopped.append(f"{name} ({pid})")
     (folder / STATE).unlink()
     return stopped
+
+
+def _start_time(pid: int) -> str | None:
+    """When the process started (clock ticks since boot, from /proc), to tell it from a later one with its id."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
 
 
 def _alive(pid: int) -> bool:

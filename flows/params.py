@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -16,18 +17,36 @@ DEFAULT_CHECKPOINT = "zoo://mixtral-tiny/wordnet"
 DEFAULT_REFERENCE = "zoo://mixtral-tiny/base"
 
 
-SECRET_OPTION = re.compile(r"(^|_)(key|secret|token|password|passwd|credentials?|session)(_|$)", re.IGNORECASE)
+# option names that hold credentials (after camelCase and hyphens become snake_case); `*_key_id`
+# (a KMS key id) and `key_prefix` name no secret, but an access key id is a credential
+SECRET_WORDS = {"secret", "token", "password", "passwd", "credential", "credentials", "session", "auth",
+                "authorization", "apikey", "signature"}
+SECRET_NAMES = {"key", "access_key", "aws_access_key_id", "connection_string", "sse_customer_key", "customer_key",
+                "private_key"}
+USERINFO = re.compile(r"://[^/@\s]+@")
 
 
-def refuse_secrets(options: dict[str, Any], where: str = "storage_options") -> dict[str, Any]:
+def _snake(name: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", str(name)).replace("-", "_").lower()
+
+
+def refuse_secrets(options: Any, where: str = "storage_options") -> Any:
     """Storage options travel in parameters, events and manifests, so they must hold no secret."""
-    for name, value in options.items():
-        if SECRET_OPTION.search(name):
-            raise ValueError(f"{where} must not carry credentials ({name!r}): parameters, events and manifests are "
-                             "stored and shown in the UI. Put them in the worker's environment (AWS_ACCESS_KEY_ID, "
-                             "AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) or a Prefect secret block")
-        if isinstance(value, dict):
+    fix = ("parameters, events and manifests are stored and shown in the UI. Put credentials in the worker's "
+           "environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) or a Prefect secret block")
+    if isinstance(options, dict):
+        for name, value in options.items():
+            snake = _snake(name)
+            words = set(snake.split("_"))
+            allowed = snake.endswith("_key_id") and snake != "aws_access_key_id" or snake == "key_prefix"
+            if snake in SECRET_NAMES or words & SECRET_WORDS or ("key" in words and not allowed):
+                raise ValueError(f"{where} must not carry credentials ({name!r}): {fix}")
             refuse_secrets(value, f"{where}.{name}")
+    elif isinstance(options, (list, tuple)):
+        for i, value in enumerate(options):
+            refuse_secrets(value, f"{where}[{i}]")
+    elif isinstance(options, str) and USERINFO.search(options):
+        raise ValueError(f"{where} holds a URL with a user or password: {fix}")
     return options
 
 
@@ -168,8 +187,21 @@ class WatchParams(BaseModel):
     def _no_secrets(cls, v):
         return refuse_secrets(v)
 
+    @field_validator("prefixes")
+    @classmethod
+    def _absolute(cls, v):
+        """Local prefixes as absolute paths: the URIs the watcher finds are absolute."""
+        return [p if "://" in p and not p.startswith("file://") else
+                ("file://" if p.startswith("file://") else "") + str(Path(p.removeprefix("file://")).expanduser().resolve())
+                for p in v]
+
     @model_validator(mode="after")
     def _quantize_fits(self):
+        from expertbits.tasks.watch import under
+
+        if under(self.store if "://" in self.store else str(Path(self.store).expanduser().resolve()), self.prefixes):
+            raise ValueError(f"the store {self.store} lies inside a watched prefix: every run would be announced as a "
+                             "new checkpoint and requantized again; put the store outside the prefixes")
         reserved = {"checkpoint", "store", "storage_options", "event_id"} & set(self.quantize)
         if reserved:
             raise ValueError(f"quantize must not set {sorted(reserved)}: they come from the event and the watch")

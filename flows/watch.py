@@ -83,14 +83,15 @@ def announce(found: list[dict], params: WatchParams) -> list[dict]:
             event = emit_event(
                 event=EVENT,
                 resource={"prefect.resource.id": f"expertbits.checkpoint.{hashlib.sha256(f.uri.encode()).hexdigest()[:16]}",
-                          "prefect.resource.name": f.uri},
-                payload={"uri": f.uri, "revision": f.revision, "digest": f.digest,
-                         "watch": params.model_dump(mode="json")})
+                          "prefect.resource.name": f.uri, "expertbits.watch": params.name},
+                payload={"uri": f.uri, "revision": f.revision, "digest": f.digest})
+            if event is None:
+                raise RuntimeError("Prefect events are disabled in this process (emit_event returned nothing)")
         except BaseException:
             unclaim(f.uri, f.digest)  # never leave a claim without its event
             raise
-        logger.info(f"announced {f.uri} (digest {f.digest[:12]}): event {event.id if event else '?'}")
-        announced.append({"uri": f.uri, "digest": f.digest, "revision": f.revision, "event_id": str(event.id) if event else None})
+        logger.info(f"announced {f.uri} (digest {f.digest[:12]}): event {event.id}")
+        announced.append({"uri": f.uri, "digest": f.digest, "revision": f.revision, "event_id": str(event.id)})
     return announced
 
 
@@ -104,7 +105,8 @@ def watch_checkpoints(params: WatchParams) -> list[dict]:
 @flow(name="expertbits-requantize", log_prints=True)
 def requantize(uri: str, digest: str, watch: WatchParams, revision: str | None = None,
                event_id: str | None = None) -> RunManifest | None:
-    """Quantize a checkpoint a watcher announced, with the watch's configuration."""
+    """Quantize a checkpoint a watcher announced, with the watch's configuration (fixed when the
+    deployment was made, never taken from the event)."""
     logger = get_run_logger()
     if not under(uri, watch.prefixes):
         logger.warning(f"ignored event {event_id}: {uri} is outside the watched prefixes {watch.prefixes}")

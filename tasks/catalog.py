@@ -18,6 +18,7 @@ import pandas as pd
 
 from .storage import Store
 
+# digest: the content digest of the checkpoint as the download stage computed it (sha256 of its files)
 COLUMNS = ("run_id", "checkpoint", "digest", "avg_bits", "allocator", "granularity", "symmetric", "kl",
            "ppl_fp", "ppl_quant", "effective_bits", "created", "uri", "event_id")
 
@@ -86,7 +87,7 @@ def table(frame: pd.DataFrame) -> str:
     if frame.empty:
         return "no published runs"
     shown = frame.assign(
-        digest=frame.digest.str[:12], kl=frame.kl.map(lambda v: f"{v:.5f}"),
+        digest=frame.digest.str[:12], kl=frame.kl.map(lambda v: f"{v:.5f}" if pd.notna(v) else "–"),
         created=frame.created.map(lambda t: t.strftime("%Y-%m-%d %H:%M") if pd.notna(t) else ""))
     cols = ["created", "run_id", "checkpoint", "digest", "avg_bits", "allocator", "granularity", "symmetric", "kl"]
     return shown[cols].to_string(index=False)

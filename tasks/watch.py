@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+import re
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -83,16 +84,35 @@ def scan(prefix: str, storage_options: dict[str, Any] | None = None) -> list[Fou
     return out
 
 
+SHARD = re.compile(r"-\d{5}-of-(\d{5})\.safetensors$")
+
+
 def _incomplete(fs, folder: str, files: dict[str, dict]) -> str | None:
+    """Why the checkpoint is not complete yet, or None. Anything unreadable is a reason, never an
+    exception: one bad upload must not stop the watcher announcing the others."""
+    try:
+        return _check(fs, folder, files)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, struct.error) as e:
+        return f"unreadable ({type(e).__name__}: {e})"
+
+
+def _check(fs, folder: str, files: dict[str, dict]) -> str | None:
     shards = sorted(n for n in files if n.endswith(".safetensors"))
     if not shards:
         return "no *.safetensors yet"
+    numbered = [m for n in shards if (m := SHARD.search(n))]
+    if numbered and "model.safetensors.index.json" not in files:
+        return f"sharded ({len(shards)} of {int(numbered[0][1])} shards so far) but no model.safetensors.index.json yet"
+    if numbered and len(shards) < int(numbered[0][1]):
+        return f"{len(shards)} of {int(numbered[0][1])} shards so far"
     if "model.safetensors.index.json" in files:
         try:
             index = json.loads(fs.cat_file(f"{folder}/model.safetensors.index.json"))
             named = set(index["weight_map"].values())
         except (ValueError, KeyError) as e:
             return f"model.safetensors.index.json unreadable ({e})"
+        if not isinstance(named, set) or not named:
+            return "model.safetensors.index.json names no shards"
         if missing := sorted(named - set(shards)):
             return f"shards named by the index are missing: {missing[:3]}"
     for name in shards:
@@ -107,7 +127,9 @@ def _incomplete(fs, folder: str, files: dict[str, dict]) -> str | None:
                 header = json.loads(f.read(length))
             except ValueError:
                 return f"{name}: header not yet readable"
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if not isinstance(header, dict):
+            return f"{name}: header is not a JSON object"
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
         if 8 + length + end > size:
             return f"{name} is {size} bytes of {8 + length + end}: still being written"
     return None

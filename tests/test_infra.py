@@ -25,7 +25,9 @@ def test_prefect_yaml_matches_the_deployments_expertbits_registers():
         assert d["work_pool"]["name"] == "expertbits"
     (trigger,) = declared["requantize"]["triggers"]
     assert trigger["expect"] == ["expertbits.checkpoint.published"]
-    assert trigger["parameters"] == deployments.TRIGGER_PARAMETERS
+    assert trigger["parameters"] == deployments.TRIGGER_PARAMETERS and "watch" not in trigger["parameters"]
+    assert declared["requantize"]["parameters"]["watch"] == declared["watch"]["parameters"]["params"]
+    assert trigger["match"] == {"expertbits.watch": declared["watch"]["parameters"]["params"]["name"]}
     assert declared["quantize-nightly"]["schedules"][0]["cron"] == deployments.Settings().nightly_cron
 
 

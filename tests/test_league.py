@@ -295,6 +295,14 @@ def test_published_zoo_league_tables_render(tmp_path):
         leagues.budget_table(docs, 9.0)
     overall = leagues.overall(docs)
     assert f"Over {len(pairs)} pairs" in overall and "| pmq |" in overall
+    assert "@" not in overall and "+sym" not in overall  # ranks compare the default variant only
+    rows = {r.split("`")[1]: r.split(" | ")[1:] for r in leagues.servability_table(docs).splitlines() if r.startswith("| `")}
+    assert set(rows) == {v for v, _ in leagues.SERVABILITY}
+    for variant, cells in rows.items():
+        measured = [c.strip(" |") != "–" for c in cells]
+        # 2.5 bits is no width: uniform has no cell there; every other variant is measured on every pair
+        assert measured == ([False] * len(pairs) + [True] * len(pairs) if variant.startswith("uniform")
+                            else [True] * 2 * len(pairs)), (variant, cells)
 
 
 def test_deepseek_v3_is_calibrated_with_its_own_router(tmp_path, texts):

@@ -84,3 +84,29 @@ def test_watch_flow_claims_once_and_emits_nothing_when_a_store_fails(prefect_api
 
     assert requantize(str(tmp_path / "elsewhere"), "0" * 64, params, event_id="e1") is None
     assert not (tmp_path / "store").exists()
+
+
+def test_sharded_uploads_bad_headers_and_watch_settings(micro_pair, tmp_path, monkeypatch):
+    from pydantic import ValidationError
+
+    from expertbits.flows.params import WatchParams
+
+    _, ft = micro_pair
+    root = tmp_path / "in"
+    (root / "s").mkdir(parents=True)
+    shutil.copyfile(ft / "config.json", root / "s" / "config.json")
+    shutil.copyfile(ft / "model.safetensors", root / "s" / "model-00001-of-00002.safetensors")
+    assert "no model.safetensors.index.json yet" in scan(str(root))[0].incomplete  # shard 1 of 2, index not yet there
+    (root / "s" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors"}}))
+    assert "1 of 2 shards" in scan(str(root))[0].incomplete
+    shutil.copytree(ft, root / "bad")
+    for header in (b"[]", b'{"a": {}}', b'{"a": {"data_offsets": null}}'):
+        (root / "bad" / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+        found = {f.uri: f for f in scan(str(root))}
+        assert found[str(root / "bad")].incomplete and found[str(root / "bad")].digest is None
+
+    monkeypatch.chdir(tmp_path)  # ./in must match the absolute URIs the watcher finds
+    relative = WatchParams(prefixes=["./in"], store=str(tmp_path / "store"))
+    assert relative.prefixes == [str(root)] and under(scan("./in")[0].uri, relative.prefixes)
+    with pytest.raises(ValidationError, match="inside a watched prefix"):
+        WatchParams(prefixes=[str(root)], store=str(root / "store"))
