@@ -91,8 +91,9 @@ class QuantizeParams(CommonParams):
 
     avg_bits: float = Field(2.5, gt=0, le=8, description="Average bits per routed expert, between the smallest and largest bit-width")
     bit_widths: list[int] = Field([2, 3, 4], min_length=1, description="Available expert bit-widths")
-    # pmq ranks first across the zoo's league tables (README, "League table"); "paper" is the paper's method
-    allocator: str = Field("pmq", description=f"Who gets the bits: {', '.join(ALLOCATORS)} (see tasks/allocators.py)")
+    # routed-error ranks first across the zoo's league tables (README, "League table"), pmq a close
+    # second; "paper" is the paper's method
+    allocator: str = Field("routed-error", description=f"Who gets the bits: {', '.join(ALLOCATORS)} (see tasks/allocators.py)")
     scheme: str = Field("two-tier", description=(
         "Tier counts for ranking allocators: 'two-tier' (the two widths around the budget) or 'three-tier' "
         "(three equally spaced widths, the paper's region rules)"))

@@ -223,7 +223,7 @@ SERVABLE = {"per-expert widths, zero points (expertbits)": ("expert", False),
             "one width per layer, symmetric (vLLM)": ("layer", True)}
 
 
-def servability(summary: pd.DataFrame, allocator: str = "pmq") -> str:
+def servability(summary: pd.DataFrame, allocator: str = "routed-error") -> str:
     """What servability costs, as markdown: KL of one allocator at each budget under each variant,
     beside uniform where the budget is a width."""
     lines = []
@@ -294,7 +294,8 @@ def correlation_markdown(corr: pd.DataFrame) -> str:
 
 def markdown(summary: pd.DataFrame) -> str:
     """The league as markdown: KL (and task accuracy, where measured) per allocator × budget, per bit set;
-    then what servability costs (pmq and uniform under each variant)."""
+    then what servability costs (the default allocator, or the first cost-based one the grid has,
+    and uniform under each variant)."""
     lines = []
     for bit_set, g in summary.groupby("bit_set", sort=False):
         lines += [f"**bit-widths {{{bit_set}}}**: KL(fp ‖ quant) per token, lower is better (rank at that budget)", ""]
@@ -302,7 +303,8 @@ def markdown(summary: pd.DataFrame) -> str:
         if "accuracy" in g and g.accuracy.notna().any():
             lines += [f"Task accuracy at bit-widths {{{bit_set}}} (higher is better):", ""]
             lines += _grid(g, "accuracy", ".3f", True) + [""]
-    if summary.granularity.nunique() > 1 or summary.symmetric_quant.nunique() > 1:
+    solver = next((a for a in ("routed-error", "pmq", "weight-error") if a in set(summary.allocator)), None)
+    if solver and (summary.granularity.nunique() > 1 or summary.symmetric_quant.nunique() > 1):
         lines += ["What servability costs (variants: `@layer` one width per MoE layer, `+sym` no zero points):", "",
-                  servability(summary)]
+                  servability(summary, solver)]
     return "\n".join(lines)

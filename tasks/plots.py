@@ -21,7 +21,7 @@ def pareto(summary: pd.DataFrame, out: Path, title: str) -> Path:
     with its range as error bars). Down and left is better."""
     plt = _pyplot()
     sets = list(dict.fromkeys(summary.bit_set))
-    fig, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 4.5), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets) + 2.5, 4.5), squeeze=False, layout="constrained")
     names = sorted(summary.variant.unique())
     colors = {n: plt.get_cmap("tab20")(i % 20) for i, n in enumerate(names)}  # stable colour per variant
     for ax, bit_set in zip(axes[0], sets):
@@ -40,7 +40,11 @@ def pareto(summary: pd.DataFrame, out: Path, title: str) -> Path:
         ax.set_ylabel("KL(fp ‖ quant) per token")
         ax.set_title(f"bit-widths {{{bit_set}}}")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][-1].legend(fontsize=7, ncol=2)
+    handles = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=7)  # off the curves
     fig.suptitle(title)
     fig.savefig(out, dpi=110)
     plt.close(fig)

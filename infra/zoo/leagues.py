@@ -59,7 +59,9 @@ def overall(docs: Path) -> str:
     con = duckdb.connect()
     try:
         rows = con.execute(f"""
-            WITH s AS (SELECT *, split_part(filename, '/', -2) AS pair FROM read_parquet({files}, filename = true)),
+            WITH s AS (SELECT *, split_part(filename, '/', -2) AS pair
+                       FROM read_parquet({files}, filename = true, union_by_name = true)
+                       WHERE coalesce(variant, allocator) = allocator),  -- the default: per-expert widths, zero points
                  r AS (SELECT pair, bit_set, budget, kl AS random_kl FROM s WHERE allocator = 'random')
             SELECT allocator, count(*) AS cells, round(avg(rank), 2) AS mean_rank, sum((rank = 1)::INT) AS best,
                    sum((kl < random_kl)::INT) AS beats_random, round(median(allocation_ms), 1) AS alloc_ms
@@ -87,7 +89,8 @@ def budget_table(docs: Path, budget: float = 2.5) -> str:
 
     files = sorted(str(p) for p in docs.glob("*/league_summary.parquet"))
     frame = duckdb.sql(f"""SELECT split_part(filename, '/', -2) AS pair, bit_set, allocator, kl, accuracy
-                           FROM read_parquet({files}, filename = true, union_by_name = true) WHERE budget = {budget}""").df()
+                           FROM read_parquet({files}, filename = true, union_by_name = true)
+                           WHERE budget = {budget} AND coalesce(variant, allocator) = allocator""").df()
     frame = frame[frame.allocator.isin(ORDER)]  # bold only what is shown
     if frame.empty:
         raise ValueError(f"no published league has budget {budget}")
@@ -105,6 +108,34 @@ def budget_table(docs: Path, budget: float = 2.5) -> str:
                 row.append(text + (f" ({acc:.2f})" if acc == acc else ""))  # NaN: no task
             out.append(f"| {allocator} | " + " | ".join(row) + " |")
         out.append("")
+    return "\n".join(out)
+
+
+SERVABILITY = (("routed-error", "per-expert widths, zero points (expertbits native)"),
+               ("routed-error+sym", "per-expert widths, symmetric"),
+               ("routed-error@layer", "one width per layer, zero points (vLLM)"),
+               ("routed-error@layer+sym", "one width per layer, symmetric (vLLM)"),
+               ("uniform", "uniform, zero points (vLLM)"),
+               ("uniform+sym", "uniform, symmetric (transformers, vLLM)"))
+
+
+def servability_table(docs: Path, bit_set: str = "2,3,4", budgets: tuple[float, ...] = (2.5, 3.0)) -> str:
+    """What servability costs on every pair: KL of the default allocator (routed-error) per variant
+    (and uniform where the budget is a width) at the given budgets of one bit-width set."""
+    import duckdb
+
+    from .cards import fmt_kl
+
+    files = sorted(str(p) for p in docs.glob("*/league_summary.parquet"))
+    frame = duckdb.sql(f"""SELECT split_part(filename, '/', -2) AS pair, budget, variant, kl
+                           FROM read_parquet({files}, filename = true, union_by_name = true)
+                           WHERE bit_set = '{bit_set}'""").df().set_index(["variant", "pair", "budget"]).kl
+    pairs = sorted(frame.index.get_level_values("pair").unique())
+    head = "| variant (consumers) | " + " | ".join(f"{p} {b:g}b" for b in budgets for p in pairs) + " |"
+    out = [f"Bit-widths {{{bit_set}}}, KL(fp ‖ quant) per token:", "", head, "|---" * (1 + len(pairs) * len(budgets)) + "|"]
+    for variant, label in SERVABILITY:
+        cells = [fmt_kl(frame[variant, p, b]) if (variant, p, b) in frame.index else "–" for b in budgets for p in pairs]
+        out.append(f"| `{variant}`: {label} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
@@ -161,6 +192,7 @@ def main() -> None:
     parser.add_argument("--overall", action="store_true", help="print the allocators' ranks over every published pair")
     parser.add_argument("--rewrite", action="store_true", help="re-render the published league.md files")
     parser.add_argument("--budget-table", type=float, metavar="BITS", help="print KL per allocator and pair at one budget")
+    parser.add_argument("--servability", action="store_true", help="print what one width per layer and symmetric cost")
     args = parser.parse_args()
     if args.lambda_vs_control:
         print(lambda_vs_control())
@@ -173,6 +205,9 @@ def main() -> None:
         return
     if args.budget_table:
         print(budget_table(args.docs, args.budget_table))
+        return
+    if args.servability:
+        print(servability_table(args.docs))
         return
     _prefect_defaults()
     for pair in args.pairs or PAIRS:
