@@ -40,13 +40,19 @@ def maxvar(w: torch.Tensor) -> float:
 def row_variances(w: torch.Tensor, what: str = "tensor", block: int = 1024) -> tuple[float, float]:
     """(max over rows of the row variance, variance of the largest-norm row) in fp32.
 
-    Blocks of rows keep the fp32 temporaries small (a Mixtral w1 is 14336 rows); a NaN or Inf in
-    a row makes its variance non-finite, so the full finiteness scan runs only when one is.
+    Blocks of rows keep the fp32 temporaries small (a Mixtral w1 is 14336 rows) and in cache.
+    Two passes per block, mean then the norm of the centred rows, in place: exact like
+    `torch.var_mean` and 8× faster on CPU (its Welford kernel is compute-bound at ~0.3 GB/s of
+    bf16 here, this runs at ~2.6 GB/s, faster than the file is read). A NaN or Inf in a row makes
+    its variance non-finite, so the full finiteness scan runs only when one is.
     ‖row‖² = K·(var + mean²), so the norms come from the same pass.
     """
     best_var, best_sq, var_at_best = -1.0, -1.0, 0.0
+    k = w.shape[1]
     for start in range(0, w.shape[0], block):
-        var, mean = torch.var_mean(w[start : start + block].float(), dim=1, unbiased=False)
+        rows = w[start : start + block].to(torch.float32, copy=True)  # centred in place: never the caller's tensor
+        mean = rows.sum(dim=1) / k
+        var = torch.linalg.vector_norm(rows.sub_(mean[:, None]), dim=1).square_() / k
         if not (torch.isfinite(var).all() and torch.isfinite(mean).all()):
             require_finite(w, what)
         sq = var + mean.square()

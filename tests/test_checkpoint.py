@@ -207,3 +207,16 @@ def test_fp8_experts_are_refused_naming_the_file_and_the_fix(tmp_path):
     with Checkpoint.open(path) as c, pytest.raises(CheckpointError, match=r"(?s)model\.safetensors: 24 expert tensors are "
                                                                           r"stored in FP8.*fp8_cast_bf16"):
         detect(c)
+
+
+def test_row_variances_match_an_independent_reference_and_leave_the_input_alone():
+    from expertbits.tasks.statistics import row_variances
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(3000, 257, generator=gen) * 0.02 + torch.linspace(-1, 1, 3000)[:, None]  # large row means
+    before = w.clone()
+    best, at_norm = row_variances(w, block=1024)
+    var = w.double().var(dim=1, unbiased=False)
+    assert best == pytest.approx(float(var.max()), rel=1e-5)
+    assert at_norm == pytest.approx(float(var[w.double().norm(dim=1).argmax()]), rel=1e-5)
+    assert torch.equal(w, before)
