@@ -22,18 +22,18 @@ from .storage import Store
 COLUMNS = ("run_id", "checkpoint", "digest", "avg_bits", "allocator", "granularity", "symmetric", "kl",
            "ppl_fp", "ppl_quant", "effective_bits", "created", "uri", "event_id")
 
-# DuckDB SQL over every published run of a store; {store} is the store root (a folder or s3://…).
-# `runs` keeps only prefixes with a manifest, so a half-written run is never joined in.
+# DuckDB SQL over every published run of a store; $manifests and $allocations are the globs under
+# the store root (parameters, so a quote in a path cannot break or change the query). `runs`
+# keeps only prefixes with a manifest, so a half-written run is never joined in.
 RUNS = """runs AS (
     SELECT run_id, split_part(filename, '/', -2) AS dir, summary.parameters.checkpoint AS checkpoint,
            summary.parameters.avg_bits AS avg_bits, summary.evaluation.kl AS kl,
            summary.quantization.effective_bits AS effective_bits
-    FROM read_json('{store}/runs/*/manifest.json', filename = true, union_by_name = true,
-                   maximum_object_size = 67108864))"""
+    FROM read_json($manifests, filename = true, union_by_name = true, maximum_object_size = 67108864))"""
 QUERIES = {
     "every allocation of a checkpoint": f"""WITH {RUNS}
 SELECT runs.run_id, a.layer, a.expert, a.bits, a.reason
-FROM read_parquet('{{store}}/runs/*/allocation/bit_allocation.parquet', filename = true) AS a
+FROM read_parquet($allocations, filename = true) AS a
 JOIN runs ON split_part(a.filename, '/', -3) = runs.dir
 WHERE runs.checkpoint = $checkpoint
 ORDER BY runs.run_id, a.layer, a.expert""",
@@ -49,8 +49,11 @@ def query(store: Store, name: str, **params) -> pd.DataFrame:
         if not store.is_local:
             store.fs.invalidate_cache()
             con.register_filesystem(store.fs)
-        sql = QUERIES[name].format(store=store.root)
-        return con.execute(sql, params).df() if params else con.execute(sql).df()
+        sql = QUERIES[name]
+        globs = {"manifests": f"{store.root}/runs/*/manifest.json",
+                 "allocations": f"{store.root}/runs/*/allocation/bit_allocation.parquet"}
+        used = {k: v for k, v in {**globs, **params}.items() if f"${k}" in sql}
+        return con.execute(sql, used).df()
     finally:
         con.close()
 

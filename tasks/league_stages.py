@@ -82,8 +82,9 @@ def league_database(path: Path, store: Store, outputs: dict[str, StageOutput], t
                 if stage.startswith("calibration-") and rel == "expert_calibration.parquet":
                     continue  # routing statistics do not depend on the quantizer: one copy is enough
                 table, local = rel.removesuffix(".parquet"), store.get_file(f"{out.prefix}/{rel}", tmp / stage / rel)
-                con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM read_parquet('{local}')" if table in schema
-                            else f"CREATE TABLE {table} AS SELECT * FROM read_parquet('{local}')")
+                # paths are parameters, never SQL text (a quote in a store path must not break or inject)
+                con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM read_parquet(?)" if table in schema
+                            else f"CREATE TABLE {table} AS SELECT * FROM read_parquet(?)", [str(local)])
         con.execute("CHECKPOINT")
     finally:
         con.close()

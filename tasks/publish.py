@@ -51,10 +51,11 @@ def build_database(path: Path, store: Store, outputs: dict[str, StageOutput], tm
         for table, stage, rel in (("expert_stats", "statistics", "expert_stats.parquet"),
                                   ("bit_allocation", "allocation", "bit_allocation.parquet"),
                                   ("kernel_validation", "validation", "kernel_validation.parquet")):
-            con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM read_parquet('{local(stage, rel)}')")
+            con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM read_parquet(?)", [local(stage, rel)])
         if "calibration" in outputs:
             for table in ("expert_calibration", "expert_qerror"):
-                con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM read_parquet('{local('calibration', table + '.parquet')}')")
+                con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM read_parquet(?)",
+                            [local("calibration", table + ".parquet")])
         metrics = json.loads(Path(local("evaluation", "evaluation.json")).read_text())
         rows = pd.DataFrame([{"metric": k, "value": float(v)} for k, v in sorted(metrics.items()) if isinstance(v, (int, float))])
         con.execute("INSERT INTO evaluation SELECT * FROM rows")

@@ -112,7 +112,8 @@ def read_parquet(path: Path, order_by: str | None = None) -> pd.DataFrame:
     """A parquet export as a DataFrame, through DuckDB (no pyarrow needed)."""
     con = duckdb.connect(config={"autoinstall_known_extensions": False})
     try:
-        return con.sql(f"SELECT * FROM read_parquet('{path}')" + (f" ORDER BY {order_by}" if order_by else "")).df()
+        sql = "SELECT * FROM read_parquet(?)" + (f" ORDER BY {order_by}" if order_by else "")
+        return con.execute(sql, [str(path)]).df()  # the path is a parameter, never SQL text
     finally:
         con.close()
 
@@ -127,6 +128,6 @@ def export_parquet(frame: pd.DataFrame, path: Path) -> None:
     con = duckdb.connect(config={"autoinstall_known_extensions": False})
     try:
         con.register("frame", frame)
-        con.execute(f"COPY (SELECT * FROM frame) TO '{path}' (FORMAT parquet, PRESERVE_ORDER true)")
+        con.execute("COPY (SELECT * FROM frame) TO ? (FORMAT parquet, PRESERVE_ORDER true)", [str(path)])
     finally:
         con.close()

@@ -244,3 +244,16 @@ def test_credentials_in_storage_options_are_refused_with_the_fix():
             with pytest.raises(ValidationError, match="worker's environment"):
                 model(storage_options=options, **extra)
     assert QuantizeParams(storage_options={"endpoint_url": "http://127.0.0.1:9000"}).storage_options
+
+
+def test_a_store_path_with_a_quote_works_end_to_end(prefect_api, params, tmp_path):
+    """Paths reach DuckDB as parameters, never as SQL text: a quote in the store path neither
+    breaks the run's database nor the catalog's queries."""
+    store = tmp_path / "it's a store"
+    manifest = run(prefect_api, **dict(params, store=str(store), allocator="paper")).result()
+    con = duckdb.connect(str(store / "runs" / manifest.run_id / "expertbits.duckdb"), read_only=True)
+    try:
+        assert con.execute("SELECT count(*) FROM bit_allocation").fetchone()[0] == 8
+    finally:
+        con.close()
+    assert_catalog(Store(str(store)), {manifest.run_id: 2.5}, params["checkpoint"])
