@@ -26,12 +26,12 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from expertbits.kernels.modules import PackedExperts, PackedLinear
 from expertbits.kernels.packing import QuantizedTensor, packed_width
 
 from .errors import CheckpointError
+from .quantized import iter_quantized
 from .quantize import FORMAT_VERSION, MODEL_TYPE, QUANT_METHOD
 
 PACKED_SUFFIXES = ("qweight", "scales", "zeros")
@@ -62,25 +62,7 @@ def read_packed(folder: Path, qc: dict, device: str | torch.device = "cpu") -> d
                                         torch.empty(n, groups, dtype=torch.uint8, device="meta"),
                                         bits=info["bits"], group_size=qc["group_size"], shape=(n, k))
         return out
-    index_file = folder / "model.safetensors.index.json"
-    if not index_file.is_file():
-        raise CheckpointError(f"{folder}: no model.safetensors.index.json", "the quantized checkpoint is incomplete; quantize again")
-    weight_map = json.loads(index_file.read_text())["weight_map"]
-    by_shard: dict[str, list[str]] = defaultdict(list)
-    for name in qc["modules"]:
-        key = f"{name}.qweight"
-        if key not in weight_map:
-            raise CheckpointError(f"{folder}: quantization_config lists {name} but no shard holds {key}",
-                                  "the quantized checkpoint is incomplete or was edited; quantize again")
-        by_shard[weight_map[key]].append(name)
-    out = {}
-    for shard, names in sorted(by_shard.items()):
-        with safe_open(folder / shard, framework="pt", device=str(device)) as f:
-            for name in names:
-                info = qc["modules"][name]
-                out[name] = QuantizedTensor(*(f.get_tensor(f"{name}.{s}") for s in PACKED_SUFFIXES),
-                                            bits=info["bits"], group_size=qc["group_size"], shape=tuple(info["shape"]))
-    return out
+    return {name: q for name, _, q in iter_quantized(folder, device)}
 
 
 def install_packed_experts(model: torch.nn.Module, qc: dict, packed: dict[str, QuantizedTensor], folder: Path) -> int:

@@ -144,7 +144,7 @@ def test_switch_transformers_encoder_and_decoder_experts(tmp_path):
     from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
 
     from expertbits.tasks.quantize import quantize_checkpoint
-    from expertbits.tasks.quantized import dequantize_checkpoint
+    from reference import dequantize_checkpoint
 
     cfg = SwitchTransformersConfig(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=4, num_decoder_layers=4,
                                    num_sparse_encoder_layers=2, num_sparse_decoder_layers=2, num_heads=2, num_experts=4,

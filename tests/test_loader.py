@@ -21,7 +21,7 @@ from expertbits.tasks.checkpoint import Checkpoint
 from expertbits.tasks.errors import CheckpointError
 from expertbits.tasks.loader import load
 from expertbits.tasks.quantize import quantize_checkpoint
-from expertbits.tasks.quantized import dequantize_checkpoint
+from reference import dequantize_checkpoint
 
 CASES = [(a, False) for a in ARCHS] + [(a, True) for a in FUSED_ON_DISK]
 

@@ -10,7 +10,8 @@ from safetensors.torch import load_file, save_file
 from expertbits.tasks.checkpoint import Checkpoint
 from expertbits.tasks.evaluate import evaluate
 from expertbits.tasks.quantize import quantize_checkpoint
-from expertbits.tasks.quantized import dequantize_checkpoint, iter_quantized
+from expertbits.tasks.quantized import iter_quantized
+from reference import dequantize_checkpoint
 from expertbits.tasks.validate import validate
 from expertbits.zoo import text_path
 
