@@ -9,7 +9,10 @@ never materialises the experts of a layer in floating point at once:
   `forward(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])` and the same arithmetic:
   for each expert that received tokens, act(x Gᵀ) ⊙ (x Uᵀ), then Dᵀ, times the routing weight.
 
-Each product x Wᵀ goes through `packed_linear`: on a CUDA tensor the Triton dequantize-matmul
+`LazyExperts` and `LazyLinear` are the same computations with weights (floating-point or packed)
+read only when used: how a model larger than memory is run one layer at a time (tasks/stream.py).
+
+Each packed product x Wᵀ goes through `packed_linear`: on a CUDA tensor the Triton dequantize-matmul
 kernel (dequantizes in registers), elsewhere the pure-torch reference, which dequantizes only
 that one matrix, uses it and drops it.
 """
@@ -22,6 +25,13 @@ import torch
 from torch import nn
 
 from .packing import QuantizedTensor
+
+
+def linear(x: torch.Tensor, w: torch.Tensor | QuantizedTensor) -> torch.Tensor:
+    """``x @ wᵀ`` for a floating-point weight or a packed one, in x's dtype."""
+    if isinstance(w, QuantizedTensor):
+        return packed_linear(x, w)
+    return nn.functional.linear(x, w.to(x.dtype))
 
 
 def packed_linear(x: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
@@ -72,28 +82,23 @@ class PackedLinear(_Packed):
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
 
 
-class PackedExperts(_Packed):
-    """The routed experts of one MoE layer, each gate/up/down at its own bit-width.
+class GatedExperts(nn.Module):
+    """The routed experts of one MoE layer as transformers 5's fused experts module computes them:
+    `forward(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])`, and for each expert that
+    received tokens act(x Gᵀ) ⊙ (x Uᵀ), then Dᵀ, times the routing weight.
 
-    `experts[e]` is (gate [F, H], up [F, H], down [H, F]) as QuantizedTensors.
+    Subclasses say where expert e's (gate [F, H], up [F, H], down [H, F]) come from; each may be a
+    tensor or a QuantizedTensor, and only one expert's weights are in hand at a time.
+    `on_hidden(e, token, hidden)`, when set, sees each expert's hidden activation (calibration).
     """
 
-    def __init__(self, experts: list[tuple[QuantizedTensor, QuantizedTensor, QuantizedTensor]],
-                 act_fn: Callable[[torch.Tensor], torch.Tensor]):
+    def __init__(self, num_experts: int, act_fn: Callable[[torch.Tensor], torch.Tensor]):
         super().__init__()
-        self._meta: dict[str, tuple] = {}
-        self.num_experts = len(experts)
-        self.bits = [g.bits for g, _, _ in experts]
-        for e, (gate, up, down) in enumerate(experts):
-            if gate.shape != up.shape or down.shape != (gate.shape[1], gate.shape[0]):
-                raise ValueError(f"expert {e}: gate {gate.shape}, up {up.shape}, down {down.shape} do not form "
-                                 "an [F, H], [F, H], [H, F] gated MLP")
-            for role, q in (("gate", gate), ("up", up), ("down", down)):
-                self._store(f"e{e}_{role}", q)
-        self.act_fn = act_fn
+        self.num_experts, self.act_fn = num_experts, act_fn
+        self.on_hidden: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
 
-    def expert(self, e: int) -> tuple[QuantizedTensor, QuantizedTensor, QuantizedTensor]:
-        return tuple(self._load(f"e{e}_{role}") for role in ("gate", "up", "down"))
+    def expert(self, e: int) -> tuple:
+        raise NotImplementedError
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(hidden_states)
@@ -103,10 +108,70 @@ class PackedExperts(_Packed):
             token, slot = torch.where(top_k_index == e)
             gate, up, down = self.expert(e)
             x = hidden_states[token]
-            h = self.act_fn(packed_linear(x, gate)) * packed_linear(x, up)
-            y = packed_linear(h, down) * top_k_weights[token, slot, None]
+            h = self.act_fn(linear(x, gate)) * linear(x, up)
+            if self.on_hidden is not None:
+                self.on_hidden(e, token, h)
+            y = linear(h, down) * top_k_weights[token, slot, None]
             out.index_add_(0, token, y.to(out.dtype))
         return out
 
+
+class LazyExperts(GatedExperts):
+    """Experts read when used: `load(e)` returns expert e's (gate, up, down) and they are dropped
+    after its tokens are done, so a layer never holds more than one expert's weights."""
+
+    def __init__(self, num_experts: int, act_fn: Callable[[torch.Tensor], torch.Tensor], load: Callable[[int], tuple]):
+        super().__init__(num_experts, act_fn)
+        self._read = load
+
+    def expert(self, e: int) -> tuple:
+        return self._read(e)
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, weights read when used"
+
+
+class LazyLinear(nn.Module):
+    """A bias-free `nn.Linear` whose weight (a tensor or a QuantizedTensor) is read when used."""
+
+    weight = None  # see PackedLinear
+
+    def __init__(self, load: Callable[[], torch.Tensor | QuantizedTensor], shape: tuple[int, int]):
+        super().__init__()
+        self._read = load
+        self.out_features, self.in_features = shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self._read())
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weight read when used"
+
+
+class PackedExperts(GatedExperts, _Packed):
+    """The routed experts of one MoE layer, each gate/up/down at its own bit-width, held packed.
+
+    `experts[e]` is (gate [F, H], up [F, H], down [H, F]) as QuantizedTensors.
+    """
+
+    def __init__(self, experts: list[tuple[QuantizedTensor, QuantizedTensor, QuantizedTensor]],
+                 act_fn: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__(len(experts), act_fn)
+        self._meta: dict[str, tuple] = {}
+        self.bits = [g.bits for g, _, _ in experts]
+        for e, (gate, up, down) in enumerate(experts):
+            check_gated(e, gate.shape, up.shape, down.shape)
+            for role, q in (("gate", gate), ("up", up), ("down", down)):
+                self._store(f"e{e}_{role}", q)
+
+    def expert(self, e: int) -> tuple[QuantizedTensor, QuantizedTensor, QuantizedTensor]:
+        return tuple(self._load(f"e{e}_{role}") for role in ("gate", "up", "down"))
+
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, bits={self.bits}"
+
+
+def check_gated(e: int, gate: tuple, up: tuple, down: tuple) -> None:
+    if tuple(gate) != tuple(up) or tuple(down) != (gate[1], gate[0]):
+        raise ValueError(f"expert {e}: gate {tuple(gate)}, up {tuple(up)}, down {tuple(down)} do not form "
+                         "an [F, H], [F, H], [H, F] gated MLP")

@@ -33,6 +33,17 @@ class ExpertMatrix:
     rows: tuple[int, int] | None = None  # row range inside the matrix (gate/up halves of gate_up_proj)
 
 
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I8": 1, "U8": 1}
+
+
+def matrix_bytes(ckpt: Checkpoint, m: ExpertMatrix) -> int:
+    """Stored bytes of one expert matrix (its slice of a fused tensor)."""
+    info = ckpt.tensors[m.key]
+    shape = info.shape[1:] if m.index is not None else info.shape
+    rows = m.rows[1] - m.rows[0] if m.rows else shape[0]
+    return rows * shape[-1] * _DTYPE_BYTES.get(info.dtype, 4)
+
+
 @dataclass(frozen=True)
 class MoELayer:
     layer: int
@@ -113,6 +124,11 @@ _SPECS["switch_transformers"] = (  # per-expert modules in both stacks; wi is th
 )
 
 SUPPORTED_MODEL_TYPES = tuple(sorted(_SPECS))
+
+
+def load_renames(model_type: str) -> tuple[tuple[str, str], ...]:
+    """(stored, loaded) name fragments transformers renames at load time for this model type."""
+    return tuple(r for spec in _SPECS.get(model_type, ()) for r in spec.renames)
 _EXPERTISH = re.compile(r"\.experts?\.|\.experts$|block_sparse_moe|\.router\.")
 
 

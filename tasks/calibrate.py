@@ -1,6 +1,7 @@
 """Calibration statistics: what the router does on real text, and what quantization costs each expert.
 
-Calibration text is run through the full-precision model once. A forward pre-hook on every MoE
+Calibration text is run through the full-precision model once, streamed (tasks/stream.py: one
+decoder layer's weights and one expert in memory at a time, all windows in one batch). A forward pre-hook on every MoE
 layer's experts module sees what the model itself hands its experts: the hidden states x (one row
 per token) and the router's decision (which experts, with which combine weights). So every
 architecture is calibrated with its own routing rule: softmax top-k (Mixtral, Qwen, OLMoE),
@@ -35,6 +36,7 @@ from typing import Callable
 import pandas as pd
 import torch
 
+from expertbits.kernels.modules import GatedExperts
 from expertbits.kernels.packing import quantize_rtn
 
 from .adapters import detect
@@ -51,30 +53,23 @@ def top_k(config: dict) -> int:
     return 1  # Switch routes every token to one expert
 
 
-def _hidden_fn(experts: torch.nn.Module) -> Callable[[int, torch.Tensor], torch.Tensor]:
-    """x [T, H] routed to expert e -> the expert's hidden activation [T, F] (its down projection's input)."""
-    if isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor):  # transformers 5 fused experts
-        def fused(e: int, x: torch.Tensor) -> torch.Tensor:
-            gate, up = torch.nn.functional.linear(x, experts.gate_up_proj[e].float()).chunk(2, dim=-1)
-            return experts.act_fn(gate) * up
-        return fused
-
-    def per_expert(e: int, x: torch.Tensor) -> torch.Tensor:  # Switch: DenseActDense(wi, act, wo)
-        expert = experts[f"expert_{e}"]
-        return expert.act(torch.nn.functional.linear(x, expert.wi.weight.float()))
-    return per_expert
-
-
 class ExpertsTap:
-    """Accumulates routing statistics of one MoE layer from its experts module's inputs."""
+    """Accumulates routing statistics of one MoE layer from its experts module's inputs.
+
+    `valid` ([tokens] of 0/1, set before each forward) marks the real tokens of a padded batch;
+    padding is neither counted nor averaged."""
 
     def __init__(self, experts: torch.nn.Module, num_experts: int):
-        self.num_experts, self.hidden = num_experts, _hidden_fn(experts)
+        self.num_experts, self.experts = num_experts, experts
+        self.gated = isinstance(experts, GatedExperts)
+        if self.gated:  # the hidden activation comes from the experts' own forward, not a recomputation
+            experts.on_hidden = self.add_hidden
         self.count = torch.zeros(num_experts, dtype=torch.float64)
         self.weight_sum = torch.zeros(num_experts, dtype=torch.float64)
         self.x2: dict[int, torch.Tensor] = {}  # Σ x² over routed tokens, [H]
         self.a2: dict[int, torch.Tensor] = {}  # Σ a² of the hidden activation, [F]
         self.tokens = 0
+        self.valid: torch.Tensor | None = None
 
     def routing(self, index: torch.Tensor, weights: torch.Tensor, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(routed mask, combine weight), both [T, E]."""
@@ -92,14 +87,23 @@ class ExpertsTap:
         x, index, weights = args[:3]
         x = x.detach().reshape(-1, x.shape[-1]).float()
         mask, combine = self.routing(index.detach(), weights.detach(), x.shape[0])
+        real = torch.ones(x.shape[0]) if self.valid is None else self.valid.reshape(-1).float()
+        mask, combine = mask * real[:, None], combine * real[:, None]
         self.count += mask.sum(0).double()
         self.weight_sum += combine.sum(0).double()
         with torch.no_grad():
             for e in mask.sum(0).nonzero().flatten().tolist():
                 xe = x[mask[:, e] > 0]
                 self.x2[e] = self.x2.get(e, 0) + xe.square().sum(0).double()
-                self.a2[e] = self.a2.get(e, 0) + self.hidden(e, xe).float().square().sum(0).double()
-        self.tokens += x.shape[0]
+                if not self.gated:  # Switch: DenseActDense(wi, act, wo), the expert's own modules
+                    expert = self.experts[f"expert_{e}"]
+                    self.a2[e] = self.a2.get(e, 0) + expert.act(expert.wi(xe)).float().square().sum(0).double()
+        self.tokens += int(real.sum())
+
+    def add_hidden(self, e: int, token: torch.Tensor, hidden: torch.Tensor) -> None:
+        if self.valid is not None:
+            hidden = hidden[self.valid.reshape(-1)[token] > 0]
+        self.a2[e] = self.a2.get(e, 0) + hidden.detach().float().square().sum(0).double()
 
     def moments(self, e: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(E[x² | routed], E[a² | routed]) for expert e, or None if it saw no token."""
@@ -120,35 +124,30 @@ def calibrate(ft_path: Path, text: str, *, seq_len: int, windows: int, bit_width
 
 def _calibrate(ckpt: Checkpoint, ft_path: Path, text: str, *, seq_len: int, windows: int, bit_widths: tuple[int, ...],
                group_size: int, symmetric: bool, progress: Progress | None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from .evaluate import _load, examples, token_windows
+    from .evaluate import examples, token_windows
+    from .stream import batches, is_seq2seq, streamed
 
     model_info = detect(ckpt)
-    seq2seq = bool(getattr(AutoConfig.from_pretrained(ft_path), "is_encoder_decoder", False))
+    seq2seq = is_seq2seq(ft_path)
     tokenizer = AutoTokenizer.from_pretrained(ft_path)
     pairs = examples(token_windows(text, tokenizer, seq_len, windows), tokenizer, seq2seq)
-    model = _load(ft_path, seq2seq)
-    taps, handles = {}, []
-    try:
+    with streamed(ft_path) as model:
+        taps = {}
         for layer in model_info.layers:
-            try:
-                experts = model.get_submodule(layer.experts_module)
-            except AttributeError as e:
-                raise CheckpointError(f"{ft_path}: layer {layer.layer}'s experts module {layer.experts_module} is not in "
-                                      f"the {type(model).__name__} transformers built",
-                                      "this layout is not supported yet; extend tasks/adapters.py") from e
-            taps[layer.layer] = ExpertsTap(experts, layer.num_experts)
-            handles.append(experts.register_forward_pre_hook(taps[layer.layer]))
+            experts = model.get_submodule(layer.experts_module)  # the streaming runner checked it exists
+            taps[layer.layer] = tap = ExpertsTap(experts, layer.num_experts)
+            tap.decoder = seq2seq and layer.experts_module.startswith("decoder.")
+            experts.register_forward_pre_hook(tap)
         with torch.no_grad():
-            for i, (inputs, _) in enumerate(pairs):
+            for inputs, idx in batches(pairs, tokenizer.pad_token_id or 0, model.config.vocab_size):
+                for tap in taps.values():  # padding of encoder-decoder batches is not calibration text
+                    tap.valid = ((inputs["labels"] != -100) if tap.decoder else inputs["attention_mask"]) \
+                        if "labels" in inputs else None
                 model(**inputs)
                 if progress:
-                    progress(0.5 * (i + 1) / len(pairs), f"calibration: window {i + 1}/{len(pairs)}")
-    finally:
-        for h in handles:
-            h.remove()
-    del model
+                    progress(0.5 * (idx[-1] + 1) / len(pairs), f"calibration: window {idx[-1] + 1}/{len(pairs)}")
 
     calib, qerr, starved = [], [], []
     for n, layer in enumerate(model_info.layers):

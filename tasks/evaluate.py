@@ -10,6 +10,7 @@ seeded span corruption, the objective they were trained on.
 from __future__ import annotations
 
 import math
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable
 
@@ -31,20 +32,6 @@ def token_windows(text: str, tokenizer, seq_len: int, windows: int) -> torch.Ten
     return torch.tensor([ids[s : s + seq_len] for s in starts])
 
 
-def _load(path: Path, seq2seq: bool):
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # the flow reports its own progress
-    auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
-    try:
-        model = auto.from_pretrained(path, dtype=torch.float32)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: transformers cannot load it as a {'seq2seq' if seq2seq else 'causal'} LM ({e})",
-                              "evaluation supports decoder-only and encoder-decoder language models") from e
-    return model.eval()
-
-
 def examples(ids: torch.Tensor, tokenizer, seq2seq: bool) -> list[tuple[dict, torch.Tensor]]:
     """(model inputs, target tokens) per window: next tokens, or span-corruption targets."""
     if not seq2seq:
@@ -60,51 +47,79 @@ def examples(ids: torch.Tensor, tokenizer, seq2seq: bool) -> list[tuple[dict, to
 
 
 def log_probs(model, inputs: dict) -> torch.Tensor:
-    """Log-probabilities of the predictions aligned with the targets of `examples`."""
+    """Log-probabilities of the predictions aligned with the targets of `examples` (one example)."""
     logits = model(**inputs).logits[0].float()
     return torch.log_softmax(logits if "labels" in inputs else logits[:-1], -1)
 
 
+def all_log_probs(model, pairs: list[tuple[dict, torch.Tensor]], pad_id: int | None) -> list[torch.Tensor]:
+    """`log_probs` of every example, from as few forwards as memory allows (see stream.batches):
+    a streamed model reads each layer's weights once per forward."""
+    from .stream import batches
+
+    out: list[torch.Tensor | None] = [None] * len(pairs)
+    with torch.no_grad():
+        for inputs, idx in batches(pairs, pad_id if pad_id is not None else 0, model.config.vocab_size):
+            logits = model(**inputs).logits
+            for b, i in enumerate(idx):
+                n = len(pairs[i][1])
+                out[i] = torch.log_softmax(logits[b, :n].float() if "labels" in inputs else logits[b, :-1].float(), -1)
+    return out
+
+
 class Reference:
     """The full-precision model's predictions on the evaluation text, computed once and compared
-    against any number of quantized variants (the league table evaluates dozens)."""
+    against any number of quantized variants (the league table evaluates dozens).
+
+    Both models run streamed (tasks/stream.py): one decoder layer's weights in memory at a time.
+    Use as a context manager, or call `close()`, to release the checkpoint's files."""
 
     def __init__(self, fp_path: Path, text: str, *, seq_len: int = 256, windows: int = 16):
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoTokenizer
+
+        from .stream import is_seq2seq, streamed
 
         torch.manual_seed(0)
         self.seq_len = seq_len
-        self.seq2seq = bool(getattr(AutoConfig.from_pretrained(fp_path), "is_encoder_decoder", False))
+        self.seq2seq = is_seq2seq(fp_path)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(fp_path)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{fp_path}: no usable tokenizer ({e})", "save the tokenizer with the checkpoint") from e
         self.pairs = examples(token_windows(text, self.tokenizer, seq_len, windows), self.tokenizer, self.seq2seq)
-        self.model = _load(fp_path, self.seq2seq)
-        with torch.no_grad():
-            self.log_probs = [log_probs(self.model, inputs) for inputs, _ in self.pairs]
+        self._files = ExitStack()
+        self.model = self._files.enter_context(streamed(fp_path))
+        self.log_probs = all_log_probs(self.model, self.pairs, self.tokenizer.pad_token_id)
         self.nll = -sum(float(lp.gather(1, t[:, None]).sum()) for lp, (_, t) in zip(self.log_probs, self.pairs))
         self.count = sum(len(t) for _, t in self.pairs)
 
-    def load(self, path: Path):
-        return _load(path, self.seq2seq)
+    def close(self) -> None:
+        self._files.close()
+
+    def __enter__(self) -> "Reference":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @staticmethod
-    def load_quantized(path: Path):
-        """The shipped artifact, loaded the way a user loads it (experts run from the packed weights)."""
-        from .loader import load
+    def quantized(path: Path):
+        """The shipped artifact, streamed: a context manager giving the model whose experts run
+        from the packed bytes of `path` (the same modules `from_pretrained` builds; tested equal)."""
+        from .stream import streamed
 
-        return load(path, dtype=torch.float32)[0]
+        return streamed(path)
 
     def compare(self, q_model, progress: Progress | None = None) -> dict:
+        if progress:
+            progress(0.0, f"evaluating {len(self.pairs)} windows")
         kl_sum, nll_q = 0.0, 0.0
-        with torch.no_grad():
-            for i, ((inputs, target), logp) in enumerate(zip(self.pairs, self.log_probs)):
-                logq = log_probs(q_model, inputs)
-                kl_sum += float((logp.exp() * (logp - logq)).sum())
-                nll_q -= float(logq.gather(1, target[:, None]).sum())
-                if progress:
-                    progress((i + 1) / len(self.pairs), f"evaluated window {i + 1}/{len(self.pairs)}")
+        for (_, target), logp, logq in zip(self.pairs, self.log_probs, all_log_probs(q_model, self.pairs,
+                                                                                      self.tokenizer.pad_token_id)):
+            kl_sum += float((logp.exp() * (logp - logq)).sum())
+            nll_q -= float(logq.gather(1, target[:, None]).sum())
+        if progress:
+            progress(1.0, f"evaluated {len(self.pairs)} windows")
         return {"kl": kl_sum / self.count, "ppl_fp": math.exp(self.nll / self.count),
                 "ppl_quant": math.exp(nll_q / self.count), "tokens": self.count, "windows": len(self.pairs),
                 "seq_len": self.seq_len, "objective": "span-corruption" if self.seq2seq else "next-token"}
@@ -112,5 +127,5 @@ class Reference:
 
 def evaluate(fp_path: Path, q_path: Path, text: str, *, seq_len: int = 256, windows: int = 16,
              progress: Progress | None = None) -> dict:
-    ref = Reference(fp_path, text, seq_len=seq_len, windows=windows)
-    return ref.compare(ref.load_quantized(q_path), progress)
+    with Reference(fp_path, text, seq_len=seq_len, windows=windows) as ref, ref.quantized(q_path) as q_model:
+        return ref.compare(q_model, progress)

@@ -179,13 +179,14 @@ def run(ft_path: Path, stats: pd.DataFrame, calibration: pd.DataFrame | None, qe
             alloc_ms = 1000 * (time.perf_counter() - start)
             bits_of = {(int(r.layer), int(r.expert)): int(r.bits) for r in alloc.itertuples()}
             written = writer.write(alloc, Path(tmp) / "cell", c.symmetric)
-            model = reference.load_quantized(Path(tmp) / "cell")
-            metrics = reference.compare(model)
+            with reference.quantized(Path(tmp) / "cell") as model:
+                metrics = reference.compare(model)
+                accuracy = task(model, reference.tokenizer) if task else None
             cell = {"bit_set": ",".join(map(str, cfg.bit_widths)), "scheme": cfg.scheme, "budget": cfg.avg_bits,
                     "allocator": cfg.allocator, "granularity": cfg.granularity, "symmetric_quant": c.symmetric,
                     "variant": c.variant, "seed": cfg.seed, "avg_bits": float(alloc.bits.mean()),
                     "effective_bits": written["effective_bits"], "kl": metrics["kl"], "ppl": metrics["ppl_quant"],
-                    "ppl_fp": metrics["ppl_fp"], "accuracy": task(model, reference.tokenizer) if task else None,
+                    "ppl_fp": metrics["ppl_fp"], "accuracy": accuracy,
                     "accuracy_fp": fp_accuracy, "allocation_ms": alloc_ms}
             rows.append(cell)
             allocations += [{k: cell[k] for k in ("bit_set", "scheme", "budget", "allocator", "variant", "seed")} |

@@ -50,9 +50,9 @@ def run_league(checkpoint: CheckpointRecord, stats: StageOutput, calibrations: l
         read = [read_calibration(st, c, tmp / f"calibration-{i}") for i, c in enumerate(calibrations)]
         calib, qerr = read[0]
         qerrors = {sym: q for sym, (_, q) in zip(g.symmetric, read)}
-        reference = league.Reference(path, text, seq_len=seq_len, windows=windows)
-        rows, allocs = league.run(path, table, calib, qerrors, g, reference, league.task(task_name, task_examples),
-                                  progress_reporter("league"))
+        with league.Reference(path, text, seq_len=seq_len, windows=windows) as reference:
+            rows, allocs = league.run(path, table, calib, qerrors, g, reference, league.task(task_name, task_examples),
+                                      progress_reporter("league"))
         summary = league.summarize(rows)
         out = tmp / "out"
         out.mkdir()

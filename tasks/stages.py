@@ -16,8 +16,10 @@ from prefect import task
 from prefect.logging import get_run_logger
 
 from . import allocate, budget, calibrate, download, evaluate, publish, quantize, statistics, validate
+from .adapters import detect, matrix_bytes
 from .checkpoint import Checkpoint
 from .errors import ValidationFailed
+from .meter import Meter, report
 from .records import CheckpointRecord, RunManifest, StageOutput
 from .stage_io import (ckpt_path, local_copy, miss_unless, progress_reporter, publish_stage, read_text, stage_key,
                        text_digest, transient)
@@ -44,9 +46,10 @@ def _download_key(ctx, p) -> str:
 def fetch_checkpoint(uri: str, cache_dir: str | None, storage_options: dict) -> CheckpointRecord:
     """Fetch a checkpoint into the content-addressed local cache and verify its sha256."""
     logger = get_run_logger()
-    ckpt = download.download(uri, cache_dir, storage_options)
+    with Meter() as meter:
+        ckpt = download.download(uri, cache_dir, storage_options)
     with Checkpoint.open(ckpt.path):  # header check: a truncated file fails here, by name
-        pass
+        report("download", meter, sum(p.stat().st_size for p in Path(ckpt.path).glob("*.safetensors")), logger)
     cache = Path(cache_dir or download.default_cache_dir())
     fp = download.fingerprint(uri, storage_options)
     (cache / "index").mkdir(parents=True, exist_ok=True)
@@ -74,7 +77,9 @@ def extract_statistics(checkpoint: CheckpointRecord, reference: CheckpointRecord
         ft = Checkpoint.open(ckpt_path(checkpoint, cache_dir, storage_options))
         ref = Checkpoint.open(ckpt_path(reference, cache_dir, storage_options)) if reference else None
         try:
-            stats, info = statistics.collect(ft, ref, progress_reporter("statistics"))
+            with Meter() as meter:
+                stats, info = statistics.collect(ft, ref, progress_reporter("statistics"))
+            report("statistics", meter, _expert_bytes(ft, roles=("gate",)), get_run_logger())
         finally:
             ft.close()
             if ref:
@@ -87,6 +92,14 @@ def extract_statistics(checkpoint: CheckpointRecord, reference: CheckpointRecord
         summary = dict(info, lambda_source=str(stats.lambda_source.iloc[0]),
                        lambda_min=float(stats["lambda_score"].min()), lambda_max=float(stats["lambda_score"].max()))
         return publish_stage(st, "statistics", key, tmp, summary)
+
+
+def _expert_bytes(ckpt: Checkpoint | Path, roles: tuple[str, ...] = ("gate", "up", "down")) -> int:
+    """Bytes of the stored expert matrices of these roles: what a stage's GB/s is counted in."""
+    if not isinstance(ckpt, Checkpoint):
+        with Checkpoint.open(ckpt) as c:
+            return _expert_bytes(c, roles)
+    return sum(matrix_bytes(ckpt, m) for m in detect(ckpt).matrices if m.role in roles)
 
 
 # ---- 2b. calibration (allocators that use routing or quantization error) ----------------------
@@ -108,10 +121,12 @@ def calibrate_experts(checkpoint: CheckpointRecord, text_uri: str, seq_len: int,
                     sorted(bit_widths), group_size, symmetric)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        calib, qerr, info = calibrate.calibrate(ckpt_path(checkpoint, cache_dir, storage_options), text, seq_len=seq_len,
-                                                windows=windows, bit_widths=tuple(sorted(bit_widths)),
-                                                group_size=group_size, symmetric=symmetric,
-                                                progress=progress_reporter("calibration"))
+        path = ckpt_path(checkpoint, cache_dir, storage_options)
+        with Meter() as meter:
+            calib, qerr, info = calibrate.calibrate(path, text, seq_len=seq_len, windows=windows,
+                                                    bit_widths=tuple(sorted(bit_widths)), group_size=group_size,
+                                                    symmetric=symmetric, progress=progress_reporter("calibration"))
+        report("calibration", meter, _expert_bytes(path), get_run_logger())
         if info["uncalibrated_experts"]:
             get_run_logger().warning(
                 f"{len(info['uncalibrated_experts'])} experts received no calibration token (layer/expert: "
@@ -176,9 +191,11 @@ def quantize_experts(checkpoint: CheckpointRecord, allocation: StageOutput, grou
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         alloc = statistics.read_stats(local_copy(st, allocation, tmp) / "bit_allocation.parquet")
-        summary = quantize.quantize_checkpoint(
-            ckpt_path(checkpoint, cache_dir, storage_options), alloc, group_size, tmp / "checkpoint",
-            progress=progress_reporter("quantization"), symmetric=symmetric)
+        path = ckpt_path(checkpoint, cache_dir, storage_options)
+        with Meter() as meter:
+            summary = quantize.quantize_checkpoint(path, alloc, group_size, tmp / "checkpoint",
+                                                   progress=progress_reporter("quantization"), symmetric=symmetric)
+        report("quantization", meter, _expert_bytes(path), get_run_logger())
         return publish_stage(st, "quantization", key, tmp / "checkpoint", summary)
 
 
@@ -197,10 +214,13 @@ def validate_kernels(quantized: StageOutput, checkpoint: CheckpointRecord, rtol:
     key = stage_key("validation", quantized.key, rtol)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        report, summary = validate.validate(local_copy(st, quantized, tmp), ckpt_path(checkpoint, cache_dir, storage_options),
-                                            rtol=rtol, progress=progress_reporter("kernel validation"))
+        path = ckpt_path(checkpoint, cache_dir, storage_options)
+        with Meter() as meter:
+            table, summary = validate.validate(local_copy(st, quantized, tmp), path, rtol=rtol,
+                                               progress=progress_reporter("kernel validation"))
+        report("validation", meter, _expert_bytes(path), get_run_logger())
         if summary["failed"]:
-            worst = report[~report.passed].iloc[0]
+            worst = table[~table.passed].iloc[0]
             raise ValidationFailed(
                 f"{summary['failed']} of {summary['matrices']} quantized matrices failed validation, e.g. {worst['name']} "
                 f"(kernel rel error {worst.rel_error:.2e}, weights within half a step: {bool(worst.quant_error_ok)})",
@@ -208,7 +228,7 @@ def validate_kernels(quantized: StageOutput, checkpoint: CheckpointRecord, rtol:
             )
         out = tmp / "out"
         out.mkdir()
-        statistics.export_parquet(report, out / "kernel_validation.parquet")
+        statistics.export_parquet(table, out / "kernel_validation.parquet")
         return publish_stage(st, "validation", key, out, summary)
 
 
@@ -229,8 +249,11 @@ def evaluate_model(checkpoint: CheckpointRecord, quantized: StageOutput, text_ur
     key = stage_key("evaluation", checkpoint.digest, quantized.key, hashlib.sha256(text.encode()).hexdigest(), seq_len, windows)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        metrics = evaluate.evaluate(ckpt_path(checkpoint, cache_dir, storage_options), local_copy(st, quantized, tmp), text,
-                                    seq_len=seq_len, windows=windows, progress=progress_reporter("evaluation"))
+        path = ckpt_path(checkpoint, cache_dir, storage_options)
+        with Meter() as meter:
+            metrics = evaluate.evaluate(path, local_copy(st, quantized, tmp), text, seq_len=seq_len, windows=windows,
+                                        progress=progress_reporter("evaluation"))
+        report("evaluation", meter, _expert_bytes(path), get_run_logger())
         metrics["text"] = text_uri
         out = tmp / "out"
         out.mkdir()

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from .checkpoint import Checkpoint
-from .quantized import iter_quantized
+from .quantized import iter_quantized, quantization_config
 
 Progress = Callable[[float, str], None]
 
@@ -32,9 +32,9 @@ def validate(qpath: Path, source: Path, *, batch: int = 8, rtol: float = 1e-4, s
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(seed)
     rows, kernel_s = [], 0.0
-    entries = list(iter_quantized(qpath))
+    total = len(quantization_config(qpath)["modules"])
     with Checkpoint.open(source) as src:
-        for i, (name, info, q) in enumerate(entries):
+        for i, (name, info, q) in enumerate(iter_quantized(qpath)):  # one packed matrix in memory at a time
             n, k = q.shape
             x = torch.randn(batch, k, generator=gen)
             ref = dequant_matmul_reference(x, q)
@@ -49,8 +49,8 @@ def validate(qpath: Path, source: Path, *, batch: int = 8, rtol: float = 1e-4, s
             quant_ok = _within_half_step(original, q)
             rows.append({"name": name, "bits": q.bits, "rows": n, "cols": k, "max_abs_error": err,
                          "rel_error": rel, "quant_error_ok": quant_ok, "passed": rel <= rtol and quant_ok})
-            if progress and (i % 16 == 15 or i == len(entries) - 1):
-                progress((i + 1) / len(entries), f"validated {i + 1}/{len(entries)} matrices")
+            if progress and (i % 16 == 15 or i == total - 1):
+                progress((i + 1) / total, f"validated {i + 1}/{total} matrices")
     report = pd.DataFrame(rows)
     summary = {
         "matrices": len(report), "failed": int((~report.passed).sum()), "rtol": rtol,

@@ -134,14 +134,16 @@ def experts_off_kl(path: Path, text: str) -> float:
     with Checkpoint.open(path) as c:
         seq2seq = bool(c.config.get("is_encoder_decoder"))
         down = {m.key for m in detect(c).matrices if m.role == "down"}
-    ref = Reference(path, text, seq_len=seq_len(seq2seq), windows=WINDOWS)
-    model = ref.load(path)
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             # per-expert keys match by name; fused tensors (experts.down_proj) by their module
             if name in down or (name.endswith("experts.down_proj") and ".mlp." in name):
                 param.zero_()
-    return ref.compare(model)["kl"]
+    with Reference(path, text, seq_len=seq_len(seq2seq), windows=WINDOWS) as ref:
+        return ref.compare(model)["kl"]
 
 
 def lambdas(family: str, variant: str) -> list[dict] | None:

@@ -1,0 +1,152 @@
+"""The layer-by-layer runner: the same numbers as transformers' own model, with one layer in memory."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from archs import ARCHS, FUSED_ON_DISK, build
+from safetensors.torch import load_file, save_file
+
+from expertbits.kernels.modules import LazyExperts, LazyLinear
+from expertbits.tasks.errors import CheckpointError
+from expertbits.tasks.evaluate import all_log_probs, examples, log_probs
+from expertbits.tasks.quantize import quantize_checkpoint
+from expertbits.tasks.stream import batches, streamed
+
+CASES = [(a, False) for a in ARCHS] + [(a, True) for a in FUSED_ON_DISK]
+
+
+def _inputs(arch: str) -> dict:
+    gen = torch.Generator().manual_seed(1)
+    inputs = {"input_ids": torch.randint(2, 4096, (3, 24), generator=gen)}
+    if arch == "switch_transformers":
+        inputs["labels"] = torch.randint(2, 4096, (3, 9), generator=gen)
+    return inputs
+
+
+def _auto(arch: str):
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    return AutoModelForSeq2SeqLM if arch == "switch_transformers" else AutoModelForCausalLM
+
+
+@pytest.mark.parametrize("arch,fused", CASES)
+def test_streamed_model_equals_the_model_transformers_loads(arch, fused, tmp_path):
+    path = build(arch, tmp_path / "m", fused=fused)
+    inputs = _inputs(arch)
+    with torch.no_grad():
+        want = _auto(arch).from_pretrained(path, dtype=torch.float32).eval()(**inputs).logits
+        with streamed(path) as model:
+            assert any(isinstance(m, (LazyExperts, LazyLinear)) for m in model.modules())
+            assert all(p.is_meta for p in model.parameters())  # nothing is held between forwards
+            got = model(**inputs).logits
+            assert all(p.is_meta for p in model.parameters())
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3", "switch_transformers"])
+def test_streamed_packed_model_equals_from_pretrained(arch, tmp_path):
+    import expertbits.tasks.loader as loader
+
+    path = build(arch, tmp_path / "m", fused=arch != "switch_transformers")
+    from expertbits.tasks.adapters import detect
+    from expertbits.tasks.checkpoint import Checkpoint
+
+    with Checkpoint.open(path) as ckpt:
+        keys = sorted({(m.layer, m.expert) for m in detect(ckpt).matrices})
+    alloc = pd.DataFrame([{"layer": layer, "expert": e, "bits": (2, 3, 4, 8)[i % 4]} for i, (layer, e) in enumerate(keys)])
+    quantize_checkpoint(path, alloc, 16, tmp_path / "q")
+    inputs = _inputs(arch)
+    with torch.no_grad():
+        want = loader.load(tmp_path / "q", dtype=torch.float32)[0](**inputs).logits
+        with streamed(tmp_path / "q") as model:
+            got = model(**inputs).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_only_the_running_layer_is_in_memory(tmp_path):
+    """While decoder layer i runs, the model holds exactly layer i's non-expert weights."""
+    path = build("qwen2_moe", tmp_path / "m", fused=True)
+    seen = []
+    with streamed(path) as model:
+        layers = model.model.layers
+
+        def probe(module, args, kwargs):
+            loaded = {n for n, p in model.named_parameters() if not p.is_meta}
+            seen.append((module, loaded))
+
+        for layer in layers:
+            layer.register_forward_pre_hook(probe, with_kwargs=True)  # runs after the onloading hook
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[5, 6, 7]]))
+    assert len(seen) == len(layers)
+    for i, (module, loaded) in enumerate(seen):
+        assert module is layers[i]
+        assert loaded and all(n.startswith(f"model.layers.{i}.") for n in loaded)
+        assert loaded == {n for n, _ in model.named_parameters() if n.startswith(f"model.layers.{i}.")}
+
+
+def test_experts_are_read_one_at_a_time(tmp_path):
+    path = build("mixtral", tmp_path / "m", fused=True)
+    with streamed(path) as model:
+        experts = model.model.layers[0].mlp.experts
+        held = []
+        read = experts._read
+        experts._read = lambda e: held.append(e) or read(e)
+        with torch.no_grad():
+            model(input_ids=torch.randint(2, 4096, (2, 16)))
+    assert sorted(held) == sorted(set(held))  # each routed expert read once per forward
+
+
+def test_batched_log_probs_equal_one_example_at_a_time(tmp_path):
+    """Encoder-decoder examples of different lengths are padded into one forward."""
+    from transformers import AutoTokenizer
+
+    path = build("switch_transformers", tmp_path / "m")
+    tok = AutoTokenizer.from_pretrained(path)
+    gen = torch.Generator().manual_seed(0)
+    pairs = [p for n in (24, 40, 57) for p in examples(torch.randint(5, 4000, (1, n), generator=gen), tok, seq2seq=True)]
+    assert len({len(t) for _, t in pairs}) == 3 and len({p["input_ids"].shape[1] for p, _ in pairs}) == 3  # the lengths differ, so padding is exercised
+    assert len(list(batches(pairs, tok.pad_token_id, 4096))) == 1
+    with streamed(path) as model, torch.no_grad():
+        one = [log_probs(model, inputs) for inputs, _ in pairs]
+        together = all_log_probs(model, pairs, tok.pad_token_id)
+    for a, b in zip(one, together):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+
+
+def test_batches_split_to_bound_the_logits():
+    pairs = [({"input_ids": torch.zeros(1, 100, dtype=torch.long)}, torch.zeros(99)) for _ in range(10)]
+    chunks = list(batches(pairs, 0, vocab=1000, logits_bytes=4 * 1000 * 100 * 3))
+    assert [idx for _, idx in chunks] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+    assert chunks[0][0]["input_ids"].shape == (3, 100)
+
+
+def test_a_stored_tensor_no_module_uses_is_an_error(tmp_path):
+    path = build("olmoe", tmp_path / "m", fused=True)
+    shard = next(path.glob("*.safetensors"))
+    tensors = load_file(shard)
+    tensors["model.layers.0.mlp.mystery.weight"] = torch.zeros(2, 2)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"belong to no module.*mystery"):
+        with streamed(path):
+            pass
+
+
+def test_a_weight_with_no_stored_tensor_is_an_error(tmp_path):
+    path = build("olmoe", tmp_path / "m", fused=True)
+    shard = next(path.glob("*.safetensors"))
+    tensors = load_file(shard)
+    del tensors["model.layers.1.self_attn.q_proj.weight"]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"].pop("model.layers.1.self_attn.q_proj.weight", None)
+        index.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=r"no stored tensor.*layers\.1\.self_attn\.q_proj"):
+        with streamed(path):
+            pass
