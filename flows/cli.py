@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from contextlib import nullcontext
 import sys
 from typing import Any, get_args
 
@@ -83,11 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "evaluation as a Prefect flow and publish every artifact under one run prefix of the store. "
                                    "With no options it quantizes the bundled mixtral-tiny WordNet fine-tune (against its base) into ./expertbits-store.")
     _add_options(q, QuantizeParams)
+    q.add_argument("--dask", metavar="ADDRESS", default=None,
+                   help="run the per-layer work on a Dask cluster: a scheduler address (tcp://host:8786) or "
+                        "local[:N] for N local worker processes (default: $EXPERTBITS_DASK, else one process)")
     lg = sub.add_parser("league", help="compare allocators × budgets on one checkpoint pair",
                         description="Run download → statistics → calibration → league as a Prefect flow: every "
                                     "allocator at every budget and bit-width set is quantized and evaluated, and the table, "
                                     "a Pareto plot and a heatmap are published under leagues/<id>/ of the store.")
     _add_options(lg, LeagueParams)
+    lg.add_argument("--dask", metavar="ADDRESS", default=None,
+                    help="run the per-layer work and the league's cells on a Dask cluster: a scheduler address "
+                         "or local[:N] (default: $EXPERTBITS_DASK, else one process)")
     gen = sub.add_parser("generate", help="load a quantized model and continue a prompt",
                          description="Load an expertbits-quantized folder (a run's quantization/ folder) the way a user "
                                      "does, experts running from their packed weights, and print what it generates. "
@@ -273,9 +280,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from .league import league_table
     from .quantize import quantize_moe
+    from .scale import shared_api, task_runner
 
+    flow = quantize_moe if args.command == "quantize" else league_table
+    api = nullcontext()
+    if args.dask is not None or os.environ.get("EXPERTBITS_DASK"):
+        flow, api = flow.with_options(task_runner=task_runner(args.dask)), shared_api()
     try:
-        manifest = (quantize_moe if args.command == "quantize" else league_table)(params)
+        with api:
+            manifest = flow(params)
     except ExpertbitsError as e:
         print(f"expertbits: {e}", file=sys.stderr)
         return 1

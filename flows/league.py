@@ -1,7 +1,8 @@
 """The league flow: which allocator is best at each budget, measured on your checkpoint.
 
-    download → statistics → calibration → league (allocators × budgets × bit-width sets,
-    each quantized and evaluated) → publish (tables, Pareto plot, heatmap, DuckDB)
+    download → statistics → routing → calibration → league cells (allocators × budgets ×
+    bit-width sets, each quantized and evaluated; mapped like the per-layer work, see scale.py)
+    → league tables → publish (tables, Pareto plot, heatmap, DuckDB)
 
 Run it with `expertbits league` (see `expertbits league --help`) or call `league_table` with a
 `LeagueParams`. Stages are cached like the quantize flow's; statistics and calibration are
@@ -12,29 +13,40 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from prefect import flow
+from prefect import flow, unmapped
 
 from expertbits.tasks.league_stages import publish_league, run_league
 from expertbits.tasks.records import RunManifest
-from expertbits.tasks.stages import calibrate_experts, check_store, extract_statistics, fetch_checkpoint
+from expertbits.tasks.parts import league_cells
+from expertbits.tasks.stages import calibrate_experts, check_store, extract_statistics, fetch_checkpoint, route_experts
 
 from .params import LeagueParams
+from .scale import cell_chunks, gather, layer_chunks, per_layer, task_runner
 
 
-@flow(name="expertbits-league", log_prints=True)
+@flow(name="expertbits-league", log_prints=True, task_runner=task_runner())
 def league_table(params: LeagueParams = LeagueParams()) -> RunManifest:
     """Evaluate every allocator at every budget on one checkpoint pair and publish the league table."""
     p = params
     io = dict(store=p.store, storage_options=p.storage_options)
+    local = dict(cache_dir=p.cache_dir, storage_options=p.storage_options)
     check_store(p.store, p.storage_options)
 
     finetuned = fetch_checkpoint(p.checkpoint, p.cache_dir, p.storage_options)
     reference = fetch_checkpoint(p.reference, p.cache_dir, p.storage_options) if p.reference else None
-    stats = extract_statistics(finetuned, reference, cache_dir=p.cache_dir, **io)
-    calibrations = [calibrate_experts(finetuned, p.calibration_text, p.eval_seq_len, p.calibration_windows,
-                                      p.widths(symmetric), p.group_size, symmetric, cache_dir=p.cache_dir, **io)
+    layers = layer_chunks(finetuned, **local)
+    stats = extract_statistics(finetuned, reference, per_layer("statistics", layers, checkpoint=finetuned,
+                                                               reference=reference, **local), cache_dir=p.cache_dir, **io)
+    routing = route_experts(finetuned, p.calibration_text, p.eval_seq_len, p.calibration_windows, cache_dir=p.cache_dir, **io)
+    calibrations = [calibrate_experts(routing, p.widths(symmetric), p.group_size, symmetric, per_layer(
+        "calibration", layers, checkpoint=finetuned, routing=routing, bit_widths=p.widths(symmetric),
+        group_size=p.group_size, symmetric=symmetric, store=p.store, **local), **io)
                     for symmetric in p.grid().symmetric]  # errors of each quantizer the grid measures
-    result = run_league(finetuned, stats, calibrations, asdict(p.grid()), p.eval_text, p.eval_seq_len, p.eval_windows,
-                        p.task, p.task_examples, cache_dir=p.cache_dir, **io)
+    league = dict(checkpoint=finetuned, stats=stats, calibrations=calibrations, grid=asdict(p.grid()),
+                  text_uri=p.eval_text, seq_len=p.eval_seq_len, windows=p.eval_windows, task_name=p.task,
+                  task_examples=p.task_examples)
+    cells = gather(league_cells.map(cell_chunks(len(p.grid().cells())), **{k: unmapped(v) for k, v in league.items()},
+                                    store=unmapped(p.store), **{k: unmapped(v) for k, v in local.items()}))
+    result = run_league(**league, cells=cells, cache_dir=p.cache_dir, **io)
 
     return publish_league(p.model_dump(mode="json"), stats, calibrations, result, **io)

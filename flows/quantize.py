@@ -1,7 +1,11 @@
 """The expertbits flow: six stages, each a cached, retryable Prefect task passing URIs and digests.
 
-    download → statistics (+ calibration, for allocators that use routing or error) → allocation
-    → quantization → kernel validation → evaluation → publish
+    download → statistics (+ routing and calibration, for allocators that use routing or error)
+    → allocation → quantization → kernel validation → evaluation → publish
+
+Statistics, calibration error, quantization and validation work layer by layer: `per_layer`
+maps their per-layer task over the MoE layers, in order in one process or on a Dask cluster
+(`--dask`, see scale.py), and the stage's own task gathers the parts.
 
 Run it with `expertbits quantize` (see `expertbits quantize --help`) or call `quantize_moe`
 with a `QuantizeParams`. Every stage is keyed on content digests, so a rerun with the same
@@ -25,29 +29,41 @@ from expertbits.tasks.stages import (
     fetch_checkpoint,
     publish_run,
     quantize_experts,
+    route_experts,
     validate_kernels,
 )
 
 from .params import QuantizeParams
+from .scale import layer_chunks, per_layer, task_runner
 
 
-@flow(name="expertbits-quantize", log_prints=True)
+@flow(name="expertbits-quantize", log_prints=True, task_runner=task_runner())
 def quantize_moe(params: QuantizeParams = QuantizeParams()) -> RunManifest:
     """Quantize a fine-tuned MoE checkpoint with per-expert bit-widths and publish every artifact."""
     p = params
     io = dict(store=p.store, storage_options=p.storage_options)
+    local = dict(cache_dir=p.cache_dir, storage_options=p.storage_options)
     check_store(p.store, p.storage_options)
 
     finetuned = fetch_checkpoint(p.checkpoint, p.cache_dir, p.storage_options)
     reference = fetch_checkpoint(p.reference, p.cache_dir, p.storage_options) if p.reference else None
-    stats = extract_statistics(finetuned, reference, cache_dir=p.cache_dir, **io)
+    layers = layer_chunks(finetuned, **local)
+    stats = extract_statistics(finetuned, reference, per_layer("statistics", layers, checkpoint=finetuned,
+                                                               reference=reference, **local), cache_dir=p.cache_dir, **io)
     calibration = None
     if p.allocator in NEEDS_CALIBRATION | NEEDS_ERROR:
-        calibration = calibrate_experts(finetuned, p.calibration_text, p.eval_seq_len, p.calibration_windows,
-                                        p.bit_widths, p.group_size, p.symmetric, cache_dir=p.cache_dir, **io)
+        routing = route_experts(finetuned, p.calibration_text, p.eval_seq_len, p.calibration_windows,
+                                cache_dir=p.cache_dir, **io)
+        calibration = calibrate_experts(routing, p.bit_widths, p.group_size, p.symmetric, per_layer(
+            "calibration", layers, checkpoint=finetuned, routing=routing, bit_widths=p.bit_widths,
+            group_size=p.group_size, symmetric=p.symmetric, store=p.store, **local), **io)
     allocation = allocate_bits(stats, calibration, asdict(p.allocation_config()), **io)
-    quantized = quantize_experts(finetuned, allocation, p.group_size, p.symmetric, cache_dir=p.cache_dir, **io)
-    validation = validate_kernels(quantized, finetuned, p.validation_rtol, cache_dir=p.cache_dir, **io)
+    quantized = quantize_experts(finetuned, allocation, p.group_size, p.symmetric, per_layer(
+        "quantization", layers, checkpoint=finetuned, allocation=allocation, group_size=p.group_size,
+        symmetric=p.symmetric, store=p.store, **local), cache_dir=p.cache_dir, **io)
+    validation = validate_kernels(quantized, p.validation_rtol, per_layer(
+        "validation", layers, quantized=quantized, checkpoint=finetuned, rtol=p.validation_rtol, store=p.store,
+        **local), **io)
     evaluation = evaluate_model(finetuned, quantized, p.eval_text, p.eval_seq_len, p.eval_windows, cache_dir=p.cache_dir, **io)
 
     return publish_run(p.model_dump(mode="json"), stats, calibration, allocation, quantized, validation, evaluation, **io)

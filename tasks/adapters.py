@@ -133,7 +133,14 @@ _EXPERTISH = re.compile(r"\.experts?\.|\.experts$|block_sparse_moe|\.router\.")
 
 
 def detect(ckpt: Checkpoint) -> MoEModel:
-    """Map every router and expert tensor of a checkpoint, or raise CheckpointError."""
+    """Map every router and expert tensor of a checkpoint, or raise CheckpointError (memoised on
+    the open checkpoint: per-layer work asks again for every layer)."""
+    if "_moe_model" not in ckpt.__dict__:
+        ckpt.__dict__["_moe_model"] = _detect(ckpt)
+    return ckpt.__dict__["_moe_model"]
+
+
+def _detect(ckpt: Checkpoint) -> MoEModel:
     model_type = ckpt.config.get("model_type", "?")
     names = ckpt.tensors
     if model_type not in _SPECS:

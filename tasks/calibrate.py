@@ -112,24 +112,38 @@ class ExpertsTap:
         return (self.x2[e] / self.count[e]).float(), (self.a2[e] / self.count[e]).float()
 
 
+Moments = dict[int, tuple[torch.Tensor, torch.Tensor] | None]  # expert -> (E[x² | routed], E[a² | routed]) or None
+
+
 def calibrate(ft_path: Path, text: str, *, seq_len: int, windows: int, bit_widths: tuple[int, ...],
               group_size: int, symmetric: bool = False,
               progress: Progress | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """(expert_calibration, expert_qerror, info) for the checkpoint at `ft_path`; errors are those of
-    the quantizer the run will use (symmetric or not)."""
+    the quantizer the run will use (symmetric or not). `route`, then `layer_errors` per layer."""
+    calib, moments, info = route(ft_path, text, seq_len=seq_len, windows=windows,
+                                 progress=(lambda f, m: progress(0.5 * f, m)) if progress else None)
+    qerr = []
     with Checkpoint.open(ft_path) as ckpt:
-        return _calibrate(ckpt, ft_path, text, seq_len=seq_len, windows=windows, bit_widths=bit_widths,
-                          group_size=group_size, symmetric=symmetric, progress=progress)
+        layers = detect(ckpt).layers
+        for n, layer in enumerate(layers):
+            qerr += layer_errors(ckpt, n, moments[layer.layer], bit_widths, group_size, symmetric)
+            if progress:
+                progress(0.5 + 0.5 * (n + 1) / len(layers), f"quantization error: layer {layer.layer} done")
+    return calib, pd.DataFrame(qerr), info
 
 
-def _calibrate(ckpt: Checkpoint, ft_path: Path, text: str, *, seq_len: int, windows: int, bit_widths: tuple[int, ...],
-               group_size: int, symmetric: bool, progress: Progress | None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+def route(ft_path: Path, text: str, *, seq_len: int, windows: int,
+          progress: Progress | None = None) -> tuple[pd.DataFrame, dict[int, Moments], dict]:
+    """What the router does on the calibration text: (expert_calibration, per-layer moments, info),
+    from one streamed forward of the full-precision model over all windows."""
     from transformers import AutoTokenizer
 
     from .evaluate import examples, token_windows
     from .stream import batches, is_seq2seq, streamed
 
-    model_info = detect(ckpt)
+    with Checkpoint.open(ft_path) as ckpt:
+        model_info = detect(ckpt)
+        k = top_k(ckpt.config)
     seq2seq = is_seq2seq(ft_path)
     tokenizer = AutoTokenizer.from_pretrained(ft_path)
     pairs = examples(token_windows(text, tokenizer, seq_len, windows), tokenizer, seq2seq)
@@ -147,37 +161,62 @@ def _calibrate(ckpt: Checkpoint, ft_path: Path, text: str, *, seq_len: int, wind
                         if "labels" in inputs else None
                 model(**inputs)
                 if progress:
-                    progress(0.5 * (idx[-1] + 1) / len(pairs), f"calibration: window {idx[-1] + 1}/{len(pairs)}")
+                    progress((idx[-1] + 1) / len(pairs), f"calibration: window {idx[-1] + 1}/{len(pairs)}")
 
-    calib, qerr, starved = [], [], []
-    for n, layer in enumerate(model_info.layers):
+    calib, starved, moments = [], [], {}
+    for layer in model_info.layers:
         tap = taps[layer.layer]
         if tap.tokens == 0:
             raise CheckpointError(f"{ft_path}: the experts of layer {layer.layer} saw no tokens during calibration",
                                   "this architecture's experts are not reached by a forward pass; please report it")
-        moments = {e: tap.moments(e) for e in range(layer.num_experts)}
+        moments[layer.layer] = {e: tap.moments(e) for e in range(layer.num_experts)}
         for e in range(layer.num_experts):
             routed = float(tap.count[e])
-            if moments[e] is None:
+            if moments[layer.layer][e] is None:
                 starved.append((layer.layer, e))
             calib.append({"layer": layer.layer, "expert": e, "frequency": routed / tap.tokens,
                           "routing_weight": float(tap.weight_sum[e]) / routed if routed else 0.0,
-                          "hessian_trace": float(moments[e][0].sum()) if moments[e] else 0.0,
+                          "hessian_trace": float(moments[layer.layer][e][0].sum()) if moments[layer.layer][e] else 0.0,
                           "routed_tokens": int(routed), "tokens": tap.tokens})
-        errors: dict[tuple[int, int], list[float]] = {}
-        for m in layer.matrices:
-            w = ckpt.read(m.key, m.index, m.rows).float()
-            h = None if moments[m.expert] is None else moments[m.expert][1 if m.role == "down" else 0]
-            for b in bit_widths:
-                d = (w - quantize_rtn(w, b, group_size, symmetric).dequantize()).square()
-                acc = errors.setdefault((m.expert, b), [0.0, 0.0])
-                acc[0] += float(d.sum())
-                acc[1] += float(d.sum(0) @ h) if h is not None else 0.0
-        qerr += [{"layer": layer.layer, "expert": e, "bits": b, "symmetric_quant": symmetric, "weight_error": we,
-                  "routed_input_error": re} for (e, b), (we, re) in sorted(errors.items())]
-        if progress:
-            progress(0.5 + 0.5 * (n + 1) / len(model_info.layers), f"quantization error: layer {layer.layer} done")
     info = {"calibration_tokens": int(sum(t.tokens for t in taps.values()) // max(len(taps), 1)),
-            "windows": len(pairs), "seq_len": seq_len, "top_k": top_k(ckpt.config),
+            "windows": len(pairs), "seq_len": seq_len, "top_k": k,
             "uncalibrated_experts": [f"{layer}/{e}" for layer, e in starved]}
-    return pd.DataFrame(calib), pd.DataFrame(qerr), info
+    return pd.DataFrame(calib), moments, info
+
+
+def layer_errors(ckpt: Checkpoint, position: int, moments: Moments, bit_widths: tuple[int, ...], group_size: int,
+                 symmetric: bool) -> list[dict]:
+    """expert_qerror rows of the `position`-th MoE layer: every expert matrix quantized at every
+    width, its weight error and its routed-input error (one unit of work: a Dask task)."""
+    layer = detect(ckpt).layers[position]
+    errors: dict[tuple[int, int], list[float]] = {}
+    for m in layer.matrices:
+        w = ckpt.read(m.key, m.index, m.rows).float()
+        h = None if moments[m.expert] is None else moments[m.expert][1 if m.role == "down" else 0]
+        for b in bit_widths:
+            d = (w - quantize_rtn(w, b, group_size, symmetric).dequantize()).square()
+            acc = errors.setdefault((m.expert, b), [0.0, 0.0])
+            acc[0] += float(d.sum())
+            acc[1] += float(d.sum(0) @ h) if h is not None else 0.0
+    return [{"layer": layer.layer, "expert": e, "bits": b, "symmetric_quant": symmetric, "weight_error": we,
+             "routed_input_error": re} for (e, b), (we, re) in sorted(errors.items())]
+
+
+def save_moments(moments: dict[int, Moments], path: Path) -> None:
+    """Per-expert input moments as safetensors (`{layer}.{expert}.x2` [H], `.a2` [F]); an expert
+    that saw no token has no entry."""
+    from safetensors.torch import save_file
+
+    tensors = {f"{layer}.{e}.{n}": t.contiguous() for layer, per in moments.items() for e, m in per.items()
+               if m is not None for n, t in zip(("x2", "a2"), m)}
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def load_moments(path: Path, layer: int, num_experts: int) -> Moments:
+    """One layer's moments from `save_moments`' file (only that layer's bytes are read)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        keys = set(f.keys())
+        return {e: (f.get_tensor(f"{layer}.{e}.x2"), f.get_tensor(f"{layer}.{e}.a2")) if f"{layer}.{e}.x2" in keys else None
+                for e in range(num_experts)}

@@ -93,6 +93,12 @@ class Reference:
         self.nll = -sum(float(lp.gather(1, t[:, None]).sum()) for lp, (_, t) in zip(self.log_probs, self.pairs))
         self.count = sum(len(t) for _, t in self.pairs)
 
+    def task_accuracy(self, task) -> float:
+        """The full-precision model's score on a task (see league.task), computed once."""
+        if getattr(self, "_task", (None,))[0] is not task:
+            self._task = (task, task(self.model, self.tokenizer))
+        return self._task[1]
+
     def close(self) -> None:
         self._files.close()
 

@@ -11,6 +11,7 @@ reports its median and range.
 from __future__ import annotations
 
 import shutil
+from collections import OrderedDict
 import statistics as pystats
 import tempfile
 import time
@@ -131,21 +132,35 @@ class Grid:
 
 
 class CellWriter:
-    """Writes each cell's quantized checkpoint exactly as the quantization stage writes it, quantizing
-    every (matrix, bits) only once across cells: the league evaluates what a run would ship."""
+    """Writes each cell's quantized checkpoint exactly as the quantization stage writes it: the league
+    evaluates what a run would ship. Packed matrices are reused across cells from a cache bounded
+    to `cache_bytes` (least recently used out first), so a real-size model's league never holds
+    every matrix at every width."""
 
-    def __init__(self, path: Path, group_size: int):
-        self.path, self.group_size = path, group_size
-        self._cache: dict[tuple[str, int, bool], QuantizedTensor] = {}
+    def __init__(self, path: Path, group_size: int, cache_bytes: int = 1 << 30):
+        self.path, self.group_size, self.cache_bytes = path, group_size, cache_bytes
+        self._cache: OrderedDict[tuple[str, int, bool], QuantizedTensor] = OrderedDict()
+        self._bytes = 0
 
     def write(self, alloc: pd.DataFrame, out: Path, symmetric: bool = False) -> dict:
         def quantize(m, w: torch.Tensor, bits: int) -> QuantizedTensor:
-            if (m.name, bits, symmetric) not in self._cache:
-                self._cache[m.name, bits, symmetric] = quantize_rtn(w, bits, self.group_size, symmetric)
-            return self._cache[m.name, bits, symmetric]
+            key = (m.name, bits, symmetric)
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+            q = quantize_rtn(w, bits, self.group_size, symmetric)
+            self._cache[key] = q
+            self._bytes += _nbytes(q)
+            while self._bytes > self.cache_bytes and len(self._cache) > 1:
+                self._bytes -= _nbytes(self._cache.popitem(last=False)[1])
+            return q
 
         shutil.rmtree(out, ignore_errors=True)
         return quantize_checkpoint(self.path, alloc, self.group_size, out, quantizer=quantize, symmetric=symmetric)
+
+
+def _nbytes(q: QuantizedTensor) -> int:
+    return sum(t.numel() * t.element_size() for t in (q.packed, q.scales, q.zeros))
 
 
 TASKS = ("wordnet-supersense",)
@@ -168,34 +183,47 @@ def run(ft_path: Path, stats: pd.DataFrame, calibration: pd.DataFrame | None, qe
     """(league rows, one per cell; allocations, one row per cell × expert). `qerrors` holds the
     quantization errors measured with each quantizer (asymmetric: False, symmetric: True)."""
     writer = CellWriter(ft_path, grid.group_size)
-    fp_accuracy = task(reference.model, reference.tokenizer) if task else None
     cells = grid.cells()
-    rows, allocations = [], []
+    parts = []
+    for i in range(len(cells)):
+        parts.append(run_cell(i, stats, calibration, qerrors, grid, reference, writer, task))
+        if progress:
+            c = cells[i]
+            progress((i + 1) / len(cells), f"league: {i + 1}/{len(cells)} cells "
+                                            f"({c.variant} at {c.config.avg_bits} bits of {c.config.bit_widths})")
+    return gather(parts)
+
+
+def gather(parts: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The league and allocation tables from `run_cell` results, in cell order."""
+    league = pd.DataFrame([p["row"] for p in parts]).astype({"accuracy": "float64", "accuracy_fp": "float64"})
+    return league, pd.DataFrame([a for p in parts for a in p["allocation"]])
+
+
+def run_cell(index: int, stats: pd.DataFrame, calibration: pd.DataFrame | None, qerrors: dict[bool, pd.DataFrame] | None,
+             grid: Grid, reference: Reference, writer: "CellWriter", task: Callable | None = None) -> dict:
+    """Allocate, write (as the quantization stage would) and evaluate the `index`-th cell of the
+    grid: one unit of work (a Dask task); only that cell's checkpoint exists, in a temp folder."""
+    c = grid.cells()[index]
+    cfg = c.config
+    start = time.perf_counter()
+    alloc = allocate(stats, cfg, calibration, (qerrors or {}).get(c.symmetric))
+    alloc_ms = 1000 * (time.perf_counter() - start)
+    bits_of = {(int(r.layer), int(r.expert)): int(r.bits) for r in alloc.itertuples()}
     with tempfile.TemporaryDirectory(prefix="expertbits-league-") as tmp:
-        for i, c in enumerate(cells):
-            cfg = c.config
-            start = time.perf_counter()
-            alloc = allocate(stats, cfg, calibration, (qerrors or {}).get(c.symmetric))
-            alloc_ms = 1000 * (time.perf_counter() - start)
-            bits_of = {(int(r.layer), int(r.expert)): int(r.bits) for r in alloc.itertuples()}
-            written = writer.write(alloc, Path(tmp) / "cell", c.symmetric)
-            with reference.quantized(Path(tmp) / "cell") as model:
-                metrics = reference.compare(model)
-                accuracy = task(model, reference.tokenizer) if task else None
-            cell = {"bit_set": ",".join(map(str, cfg.bit_widths)), "scheme": cfg.scheme, "budget": cfg.avg_bits,
-                    "allocator": cfg.allocator, "granularity": cfg.granularity, "symmetric_quant": c.symmetric,
-                    "variant": c.variant, "seed": cfg.seed, "avg_bits": float(alloc.bits.mean()),
-                    "effective_bits": written["effective_bits"], "kl": metrics["kl"], "ppl": metrics["ppl_quant"],
-                    "ppl_fp": metrics["ppl_fp"], "accuracy": accuracy,
-                    "accuracy_fp": fp_accuracy, "allocation_ms": alloc_ms}
-            rows.append(cell)
-            allocations += [{k: cell[k] for k in ("bit_set", "scheme", "budget", "allocator", "variant", "seed")} |
-                            {"layer": layer, "expert": e, "bits": b} for (layer, e), b in sorted(bits_of.items())]
-            if progress:
-                progress((i + 1) / len(cells), f"league: {i + 1}/{len(cells)} cells "
-                                                f"({c.variant} at {cfg.avg_bits} bits of {cfg.bit_widths})")
-    league = pd.DataFrame(rows).astype({"accuracy": "float64", "accuracy_fp": "float64"})
-    return league, pd.DataFrame(allocations)
+        written = writer.write(alloc, Path(tmp) / "cell", c.symmetric)
+        with reference.quantized(Path(tmp) / "cell") as model:
+            metrics = reference.compare(model)
+            accuracy = task(model, reference.tokenizer) if task else None
+    cell = {"bit_set": ",".join(map(str, cfg.bit_widths)), "scheme": cfg.scheme, "budget": cfg.avg_bits,
+            "allocator": cfg.allocator, "granularity": cfg.granularity, "symmetric_quant": c.symmetric,
+            "variant": c.variant, "seed": cfg.seed, "avg_bits": float(alloc.bits.mean()),
+            "effective_bits": written["effective_bits"], "kl": metrics["kl"], "ppl": metrics["ppl_quant"],
+            "ppl_fp": metrics["ppl_fp"], "accuracy": accuracy,
+            "accuracy_fp": reference.task_accuracy(task) if task else None, "allocation_ms": alloc_ms}
+    allocation = [{k: cell[k] for k in ("bit_set", "scheme", "budget", "allocator", "variant", "seed")} |
+                  {"layer": layer, "expert": e, "bits": b} for (layer, e), b in sorted(bits_of.items())]
+    return {"row": cell, "allocation": allocation}
 
 
 def summarize(league: pd.DataFrame) -> pd.DataFrame:

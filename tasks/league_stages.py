@@ -17,9 +17,8 @@ from prefect.logging import get_run_logger
 
 from . import league, plots, publish, statistics
 from .records import CheckpointRecord, RunManifest, StageOutput
-from .stage_io import (ckpt_path, local_copy, miss_unless, progress_reporter, publish_stage, read_text, stage_key,
+from .stage_io import (local_copy, read_calibration, miss_unless, publish_stage, read_text, stage_key,
                        text_digest, transient)
-from .stages import read_calibration
 from .storage import Store
 
 
@@ -34,8 +33,9 @@ def _league_key(ctx, p) -> str:
 @task(name="league", cache_key_fn=_league_key, persist_result=True, result_serializer="json")
 def run_league(checkpoint: CheckpointRecord, stats: StageOutput, calibrations: list[StageOutput], grid: dict,
                text_uri: str, seq_len: int, windows: int, task_name: str | None, task_examples: int,
-               store: str, storage_options: dict, cache_dir: str | None) -> StageOutput:
-    """Quantize and evaluate every cell of the grid; write the tables and the figures.
+               cells: list[list[dict]], store: str, storage_options: dict, cache_dir: str | None) -> StageOutput:
+    """The tables and the figures of every cell of the grid (each quantized and evaluated by
+    `parts.league_cells`).
 
     `calibrations` holds one calibration per quantizer of the grid, in `grid["symmetric"]` order."""
     st = Store(store, storage_options)
@@ -43,16 +43,11 @@ def run_league(checkpoint: CheckpointRecord, stats: StageOutput, calibrations: l
     key = stage_key("league", checkpoint.digest, stats.key, [c.key for c in calibrations], grid,
                     hashlib.sha256(text.encode()).hexdigest(), seq_len, windows, task_name, task_examples)
     g = league.Grid.from_dict(grid)
-    path = ckpt_path(checkpoint, cache_dir, storage_options)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         table = statistics.read_stats(local_copy(st, stats, tmp) / "expert_stats.parquet")
-        read = [read_calibration(st, c, tmp / f"calibration-{i}") for i, c in enumerate(calibrations)]
-        calib, qerr = read[0]
-        qerrors = {sym: q for sym, (_, q) in zip(g.symmetric, read)}
-        with league.Reference(path, text, seq_len=seq_len, windows=windows) as reference:
-            rows, allocs = league.run(path, table, calib, qerrors, g, reference, league.task(task_name, task_examples),
-                                      progress_reporter("league"))
+        calib, qerr = read_calibration(st, calibrations[0], tmp / "calibration")
+        rows, allocs = league.gather([cell for chunk in cells for cell in chunk])
         summary = league.summarize(rows)
         out = tmp / "out"
         out.mkdir()

@@ -26,15 +26,18 @@ def quantization_config(path: Path) -> dict:
     return qc
 
 
-def iter_quantized(path: Path, device: str = "cpu") -> Iterator[tuple[str, dict, QuantizedTensor]]:
-    """(module name, its config entry, packed tensor) for every quantized matrix, in shard order."""
+def iter_quantized(path: Path, device: str = "cpu", layer: int | None = None) -> Iterator[tuple[str, dict, QuantizedTensor]]:
+    """(module name, its config entry, packed tensor) for every quantized matrix (of one MoE layer,
+    if given), in shard order; only the shards holding them are opened."""
     qc = quantization_config(path)
     index_file = path / "model.safetensors.index.json"
     if not index_file.is_file():
         raise CheckpointError(f"{path}: no model.safetensors.index.json", "the quantized checkpoint is incomplete; quantize again")
     weight_map = json.loads(index_file.read_text())["weight_map"]
     by_shard: dict[str, list[str]] = {}
-    for name in qc["modules"]:
+    for name, info in qc["modules"].items():
+        if layer is not None and info["layer"] != layer:
+            continue
         key = f"{name}.qweight"
         if key not in weight_map:
             raise CheckpointError(f"{path}: quantization_config lists {name} but no shard holds {key}",

@@ -18,10 +18,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.logging import get_run_logger
 
-from . import download
+from . import download, statistics
 from .errors import ExpertbitsError
 from .records import CheckpointRecord, StageOutput
 from .storage import Store, open_fs, sha256_file
@@ -30,20 +31,21 @@ _T, _K = "expertbits.tasks.", "expertbits.kernels."
 # The modules whose code each stage runs (its Prefect wrapper included): their source is in the key.
 STAGE_CODE: dict[str, tuple[str, ...]] = {
     "download": (_T + "stages", _T + "download", _T + "checkpoint"),
-    "statistics": (_T + "stages", _T + "statistics", _T + "adapters", _T + "checkpoint"),
-    "calibration": (_T + "stages", _T + "calibrate", _T + "evaluate", _T + "stream", _T + "adapters", _T + "checkpoint",
-                    _T + "seq2seq", _K + "packing", _K + "modules"),
+    "statistics": (_T + "stages", _T + "parts", _T + "statistics", _T + "adapters", _T + "checkpoint"),
+    "routing": (_T + "stages", _T + "calibrate", _T + "evaluate", _T + "stream", _T + "adapters", _T + "checkpoint",
+                _T + "seq2seq", _T + "loader", _K + "modules"),
+    "calibration": (_T + "stages", _T + "parts", _T + "calibrate", _T + "adapters", _T + "checkpoint", _K + "packing"),
     "allocation": (_T + "stages", _T + "allocate", _T + "allocators", _T + "budget"),
-    "quantization": (_T + "stages", _T + "quantize", _T + "adapters", _T + "checkpoint", _K + "packing"),
-    "validation": (_T + "stages", _T + "validate", _T + "quantized", _T + "quantize", _T + "adapters",
+    "quantization": (_T + "stages", _T + "parts", _T + "quantize", _T + "adapters", _T + "checkpoint", _K + "packing"),
+    "validation": (_T + "stages", _T + "parts", _T + "validate", _T + "quantized", _T + "quantize", _T + "adapters",
                    _T + "checkpoint", _K + "packing", _K + "dequant_matmul", _K + "dequant_matmul_triton"),
-    "evaluation": (_T + "stages", _T + "evaluate", _T + "stream", _T + "loader", _T + "quantize", _T + "quantized", _T + "adapters",
-                   _T + "checkpoint", _T + "seq2seq", _K + "packing", _K + "modules", _K + "dequant_matmul",
-                   _K + "dequant_matmul_triton"),
-    "league": (_T + "league_stages", _T + "stages", _T + "league", _T + "plots", _T + "allocate", _T + "allocators", _T + "budget",
-               _T + "evaluate", _T + "stream", _T + "adapters", _T + "checkpoint", _T + "seq2seq", _T + "statistics",
-               _T + "quantize", _T + "loader", _K + "packing", _K + "modules", _K + "dequant_matmul",
-               _K + "dequant_matmul_triton", "expertbits.zoo.cards"),
+    "evaluation": (_T + "stages", _T + "evaluate", _T + "stream", _T + "loader", _T + "quantize", _T + "quantized",
+                   _T + "adapters", _T + "checkpoint", _T + "seq2seq", _K + "packing", _K + "modules",
+                   _K + "dequant_matmul", _K + "dequant_matmul_triton"),
+    "league": (_T + "league_stages", _T + "parts", _T + "stages", _T + "league", _T + "plots", _T + "allocate",
+               _T + "allocators", _T + "budget", _T + "evaluate", _T + "stream", _T + "adapters", _T + "checkpoint",
+               _T + "seq2seq", _T + "statistics", _T + "quantize", _T + "loader", _K + "packing", _K + "modules",
+               _K + "dequant_matmul", _K + "dequant_matmul_triton", "expertbits.zoo.cards"),
 }
 
 
@@ -96,25 +98,31 @@ def miss_unless(ctx, store: Store, stage: str, key: str) -> str:
     return key
 
 
-def publish_stage(store: Store, stage: str, key: str, local: Path, summary: dict) -> StageOutput:
-    """Upload a local folder as the stage's objects, `_stage.json` last."""
+def publish_stage(store: Store, stage: str, key: str, local: Path, summary: dict,
+                  present: dict[str, str] | None = None) -> StageOutput:
+    """Upload a local folder as the stage's objects, `_stage.json` last. `present` lists files
+    (name -> sha256) that per-layer tasks already wrote under the prefix; they are kept."""
     prefix = f"objects/{stage}/{key}"
     files = {p.relative_to(local).as_posix(): sha256_file(p) for p in sorted(local.rglob("*")) if p.is_file()}
     with store.staging(prefix):
-        store.remove(prefix)
+        if not present:
+            store.remove(prefix)
         for rel in files:
             store.put_file(local / rel, f"{prefix}/{rel}")
+        files = dict(sorted({**files, **(present or {})}.items()))
         out = StageOutput(stage=stage, key=key, prefix=prefix, files=files, summary=summary)
         store.write_bytes(f"{prefix}/_stage.json", out.model_dump_json(indent=2).encode())
     return out
 
 
-def local_copy(store: Store, out: StageOutput, tmp: Path) -> Path:
-    """A local folder with the stage's files: the store folder itself when the store is local."""
+def local_copy(store: Store, out: StageOutput, tmp: Path, only: list[str] | None = None) -> Path:
+    """A local folder with the stage's files (or `only` those): the store folder itself when the
+    store is local."""
     if store.is_local:
         return Path(store.uri(out.prefix))
     for rel in out.files:
-        store.get_file(f"{out.prefix}/{rel}", tmp / out.stage / rel)
+        if only is None or rel in only:
+            store.get_file(f"{out.prefix}/{rel}", tmp / out.stage / rel)
     return tmp / out.stage
 
 
@@ -134,3 +142,23 @@ def read_text(uri: str, storage_options: dict) -> str:
 
 def text_digest(uri: str, storage_options: dict) -> str:
     return hashlib.sha256(read_text(uri, storage_options).encode()).hexdigest()
+
+
+def read_calibration(st: Store, out: StageOutput | None, tmp: Path) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    if out is None:
+        return None, None
+    folder = local_copy(st, out, tmp)
+    return (statistics.read_stats(folder / "expert_calibration.parquet"),
+            statistics.read_parquet(folder / "expert_qerror.parquet", "layer, expert, bits"))
+
+
+def expert_bytes(ckpt: Path, roles: tuple[str, ...] = ("gate", "up", "down"), positions: list[int] | None = None) -> int:
+    """Stored bytes of the expert matrices of these roles (in these MoE layers): what a stage's GB/s
+    is counted in."""
+    from .adapters import detect, matrix_bytes
+    from .checkpoint import Checkpoint
+
+    with Checkpoint.open(ckpt) as c:
+        layers = detect(c).layers
+        chosen = [layers[i] for i in positions] if positions is not None else layers
+        return sum(matrix_bytes(c, m) for layer in chosen for m in layer.matrices if m.role in roles)

@@ -16,12 +16,13 @@ from prefect import task
 from prefect.logging import get_run_logger
 
 from . import allocate, budget, calibrate, download, evaluate, publish, quantize, statistics, validate
-from .adapters import detect, matrix_bytes
+from .adapters import detect
 from .checkpoint import Checkpoint
 from .errors import ValidationFailed
 from .meter import Meter, report
+from .parts import quantization_key
 from .records import CheckpointRecord, RunManifest, StageOutput
-from .stage_io import (ckpt_path, local_copy, miss_unless, progress_reporter, publish_stage, read_text, stage_key,
+from .stage_io import (expert_bytes, read_calibration, ckpt_path, local_copy, miss_unless, progress_reporter, publish_stage, read_text, stage_key,
                        text_digest, transient)
 from .storage import Store
 
@@ -67,23 +68,14 @@ def _stats_key(ctx, p) -> str:
 
 
 @task(name="statistics", cache_key_fn=_stats_key, persist_result=True, result_serializer="json")
-def extract_statistics(checkpoint: CheckpointRecord, reference: CheckpointRecord | None, store: str,
-                       storage_options: dict, cache_dir: str | None) -> StageOutput:
-    """Router norms, Λ and MaxVar per expert, streamed from safetensors into DuckDB and parquet."""
+def extract_statistics(checkpoint: CheckpointRecord, reference: CheckpointRecord | None, parts: list[list[dict]],
+                       store: str, storage_options: dict, cache_dir: str | None) -> StageOutput:
+    """Router norms, Λ and MaxVar per expert (computed per layer by `parts.layer_work`), into parquet."""
     st = Store(store, storage_options)
     key = stage_key("statistics", checkpoint.digest, reference.digest if reference else None, store)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, Checkpoint.open(ckpt_path(checkpoint, cache_dir, storage_options)) as ft:
         tmp = Path(tmp)
-        ft = Checkpoint.open(ckpt_path(checkpoint, cache_dir, storage_options))
-        ref = Checkpoint.open(ckpt_path(reference, cache_dir, storage_options)) if reference else None
-        try:
-            with Meter() as meter:
-                stats, info = statistics.collect(ft, ref, progress_reporter("statistics"))
-            report("statistics", meter, _expert_bytes(ft, roles=("gate",)), get_run_logger())
-        finally:
-            ft.close()
-            if ref:
-                ref.close()
+        stats, info = statistics.frame([r for chunk in parts for part in chunk for r in part["rows"]]), statistics.info_of(detect(ft))
         ckpts = [dict(info, digest=checkpoint.digest, uri=checkpoint.uri, role="finetuned")]
         if reference:
             ckpts.append(dict(info, digest=reference.digest, uri=reference.uri, role="reference"))
@@ -94,55 +86,61 @@ def extract_statistics(checkpoint: CheckpointRecord, reference: CheckpointRecord
         return publish_stage(st, "statistics", key, tmp, summary)
 
 
-def _expert_bytes(ckpt: Checkpoint | Path, roles: tuple[str, ...] = ("gate", "up", "down")) -> int:
-    """Bytes of the stored expert matrices of these roles: what a stage's GB/s is counted in."""
-    if not isinstance(ckpt, Checkpoint):
-        with Checkpoint.open(ckpt) as c:
-            return _expert_bytes(c, roles)
-    return sum(matrix_bytes(ckpt, m) for m in detect(ckpt).matrices if m.role in roles)
-
-
 # ---- 2b. calibration (allocators that use routing or quantization error) ----------------------
 
-def _calib_key(ctx, p) -> str:
-    return miss_unless(ctx, Store(p["store"], p["storage_options"]), "calibration", stage_key(
-        "calibration", p["checkpoint"].digest, text_digest(p["text_uri"], p["storage_options"]), p["seq_len"],
-        p["windows"], sorted(p["bit_widths"]), p["group_size"], p["symmetric"]))
+def _routing_key(ctx, p) -> str:
+    return miss_unless(ctx, Store(p["store"], p["storage_options"]), "routing", stage_key(
+        "routing", p["checkpoint"].digest, text_digest(p["text_uri"], p["storage_options"]), p["seq_len"], p["windows"]))
 
 
-@task(name="calibration", cache_key_fn=_calib_key, persist_result=True, result_serializer="json")
-def calibrate_experts(checkpoint: CheckpointRecord, text_uri: str, seq_len: int, windows: int, bit_widths: list[int],
-                      group_size: int, symmetric: bool, store: str, storage_options: dict,
-                      cache_dir: str | None) -> StageOutput:
-    """Activation frequency, routing weight, Hessian trace and quantization error of every expert."""
+@task(name="routing", cache_key_fn=_routing_key, persist_result=True, result_serializer="json")
+def route_experts(checkpoint: CheckpointRecord, text_uri: str, seq_len: int, windows: int, store: str,
+                  storage_options: dict, cache_dir: str | None) -> StageOutput:
+    """What the router does on the calibration text: frequency, routing weight and input moments of
+    every expert, from one streamed forward pass of the full-precision model."""
     st = Store(store, storage_options)
     text = read_text(text_uri, storage_options)
-    key = stage_key("calibration", checkpoint.digest, hashlib.sha256(text.encode()).hexdigest(), seq_len, windows,
-                    sorted(bit_widths), group_size, symmetric)
+    key = stage_key("routing", checkpoint.digest, hashlib.sha256(text.encode()).hexdigest(), seq_len, windows)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         path = ckpt_path(checkpoint, cache_dir, storage_options)
         with Meter() as meter:
-            calib, qerr, info = calibrate.calibrate(path, text, seq_len=seq_len, windows=windows,
-                                                    bit_widths=tuple(sorted(bit_widths)), group_size=group_size,
-                                                    symmetric=symmetric, progress=progress_reporter("calibration"))
-        report("calibration", meter, _expert_bytes(path), get_run_logger())
+            calib, moments, info = calibrate.route(path, text, seq_len=seq_len, windows=windows,
+                                                   progress=progress_reporter("routing"))
+        report("routing", meter, expert_bytes(path), get_run_logger())
         if info["uncalibrated_experts"]:
             get_run_logger().warning(
                 f"{len(info['uncalibrated_experts'])} experts received no calibration token (layer/expert: "
                 f"{', '.join(info['uncalibrated_experts'][:8])}); routing-based allocators treat them as never "
                 "routed: give more --calibration-windows or text closer to what the model will serve")
         statistics.export_parquet(calib, tmp / "expert_calibration.parquet")
-        statistics.export_parquet(qerr, tmp / "expert_qerror.parquet")
-        return publish_stage(st, "calibration", key, tmp, dict(info, text=text_uri))
+        calibrate.save_moments(moments, tmp / "moments.safetensors")
+        return publish_stage(st, "routing", key, tmp, dict(info, text=text_uri))
 
 
-def read_calibration(st: Store, out: StageOutput | None, tmp: Path) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
-    if out is None:
-        return None, None
-    folder = local_copy(st, out, tmp)
-    return (statistics.read_stats(folder / "expert_calibration.parquet"),
-            statistics.read_parquet(folder / "expert_qerror.parquet", "layer, expert, bits"))
+def _calib_key(ctx, p) -> str:
+    return miss_unless(ctx, Store(p["store"], p["storage_options"]), "calibration", stage_key(
+        "calibration", p["routing"].key, sorted(p["bit_widths"]), p["group_size"], p["symmetric"]))
+
+
+@task(name="calibration", cache_key_fn=_calib_key, persist_result=True, result_serializer="json")
+def calibrate_experts(routing: StageOutput, bit_widths: list[int], group_size: int, symmetric: bool,
+                      parts: list[list[dict]], store: str, storage_options: dict) -> StageOutput:
+    """The routing statistics beside the quantization error of every expert at every width (computed
+    per layer by `parts.layer_work`)."""
+    st = Store(store, storage_options)
+    key = stage_key("calibration", routing.key, sorted(bit_widths), group_size, symmetric)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        calib = statistics.read_stats(local_copy(st, routing, tmp, only=["expert_calibration.parquet"])
+                                      / "expert_calibration.parquet")
+        qerr = pd.DataFrame([r for chunk in parts for part in chunk for r in part["rows"]])
+        out = tmp / "out"
+        out.mkdir()
+        statistics.export_parquet(calib, out / "expert_calibration.parquet")
+        statistics.export_parquet(qerr, out / "expert_qerror.parquet")
+        summary = {k: v for k, v in routing.summary.items()}
+        return publish_stage(st, "calibration", key, out, summary)
 
 
 # ---- 3. allocation ------------------------------------------------------------------------------
@@ -179,24 +177,31 @@ def allocate_bits(stats: StageOutput, calibration: StageOutput | None, config: d
 
 def _quant_key(ctx, p) -> str:
     return miss_unless(ctx, Store(p["store"], p["storage_options"]), "quantization",
-                        stage_key("quantization", p["checkpoint"].digest, p["allocation"].key, p["group_size"], p["symmetric"]))
+                        quantization_key(p["checkpoint"], p["allocation"], p["group_size"], p["symmetric"]))
 
 
 @task(name="quantization", cache_key_fn=_quant_key, persist_result=True, result_serializer="json")
-def quantize_experts(checkpoint: CheckpointRecord, allocation: StageOutput, group_size: int, symmetric: bool, store: str,
-                     storage_options: dict, cache_dir: str | None) -> StageOutput:
-    """Group-wise round-to-nearest of every expert at its bits, written as packed safetensors."""
+def quantize_experts(checkpoint: CheckpointRecord, allocation: StageOutput, group_size: int, symmetric: bool,
+                     parts: list[list[dict]], store: str, storage_options: dict, cache_dir: str | None) -> StageOutput:
+    """The quantized checkpoint: MoE layer shards (written by `parts.layer_work`), then the rest
+    shard, config.json, the index and the side files."""
     st = Store(store, storage_options)
-    key = stage_key("quantization", checkpoint.digest, allocation.key, group_size, symmetric)
+    key = quantization_key(checkpoint, allocation, group_size, symmetric)
+    layers = [part for chunk in parts for part in chunk]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         alloc = statistics.read_stats(local_copy(st, allocation, tmp) / "bit_allocation.parquet")
         path = ckpt_path(checkpoint, cache_dir, storage_options)
-        with Meter() as meter:
-            summary = quantize.quantize_checkpoint(path, alloc, group_size, tmp / "checkpoint",
-                                                   progress=progress_reporter("quantization"), symmetric=symmetric)
-        report("quantization", meter, _expert_bytes(path), get_run_logger())
-        return publish_stage(st, "quantization", key, tmp / "checkpoint", summary)
+        out = tmp / "checkpoint"
+        out.mkdir()
+        with Checkpoint.open(path) as ckpt:
+            quantize.check_allocation(ckpt, alloc)
+            if len(layers) != len(detect(ckpt).layers):
+                raise ValidationFailed(f"{len(layers)} quantized layer shards for {len(detect(ckpt).layers)} MoE layers",
+                                       "this is a bug; please report it")
+            rest = quantize.write_rest(ckpt, out)
+        summary = quantize.finish(path, alloc, group_size, symmetric, [rest, *layers], out)
+        return publish_stage(st, "quantization", key, out, summary, present={p["file"]: p["sha256"] for p in layers})
 
 
 # ---- 5. kernel validation -----------------------------------------------------------------------
@@ -207,18 +212,15 @@ def _valid_key(ctx, p) -> str:
 
 
 @task(name="kernel-validation", cache_key_fn=_valid_key, persist_result=True, result_serializer="json")
-def validate_kernels(quantized: StageOutput, checkpoint: CheckpointRecord, rtol: float, store: str,
-                     storage_options: dict, cache_dir: str | None) -> StageOutput:
-    """Run the Triton dequantize-matmul kernel on every packed matrix against the torch reference."""
+def validate_kernels(quantized: StageOutput, rtol: float, parts: list[list[dict]], store: str,
+                     storage_options: dict) -> StageOutput:
+    """The Triton dequantize-matmul kernel on every packed matrix against the torch reference
+    (run per layer by `parts.layer_work`), as one report."""
     st = Store(store, storage_options)
     key = stage_key("validation", quantized.key, rtol)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        path = ckpt_path(checkpoint, cache_dir, storage_options)
-        with Meter() as meter:
-            table, summary = validate.validate(local_copy(st, quantized, tmp), path, rtol=rtol,
-                                               progress=progress_reporter("kernel validation"))
-        report("validation", meter, _expert_bytes(path), get_run_logger())
+        table, summary = validate.summarize([part for chunk in parts for part in chunk], rtol)
         if summary["failed"]:
             worst = table[~table.passed].iloc[0]
             raise ValidationFailed(
@@ -253,7 +255,7 @@ def evaluate_model(checkpoint: CheckpointRecord, quantized: StageOutput, text_ur
         with Meter() as meter:
             metrics = evaluate.evaluate(path, local_copy(st, quantized, tmp), text, seq_len=seq_len, windows=windows,
                                         progress=progress_reporter("evaluation"))
-        report("evaluation", meter, _expert_bytes(path), get_run_logger())
+        report("evaluation", meter, expert_bytes(path), get_run_logger())
         metrics["text"] = text_uri
         out = tmp / "out"
         out.mkdir()

@@ -68,46 +68,58 @@ def row_variances(w: torch.Tensor, what: str = "tensor", block: int = 256) -> tu
 def collect(ft: Checkpoint, ref: Checkpoint | None, progress: Progress | None = None) -> tuple[pd.DataFrame, dict]:
     """Statistics of every routed expert, as a DataFrame with the expert_stats columns."""
     model = detect(ft)
-    ref_model = None
-    if ref is not None:
-        ref_model = detect(ref)
-        check_compatible(model, ref_model, ft, ref)
     rows = []
     for i, layer in enumerate(model.layers):
-        router = ft.read(layer.router_key).float()
-        require_finite(router, f"{ft.path}: {layer.router_key}")
-        norms = router.norm(dim=1)
-        ref_norms = None
-        if ref is not None:
-            ref_router = ref.read(ref_model.layers[i].router_key).float()
-            require_finite(ref_router, f"{ref.path}: {ref_model.layers[i].router_key}")
-            ref_norms = ref_router.norm(dim=1)
-        lam = norms - ref_norms if ref_norms is not None else norms
-        # Stable sort, expert index breaks ties: the allocation must be reproducible.
-        order = sorted(range(layer.num_experts), key=lambda e: (float(lam[e]), e))
-        rank = {e: r for r, e in enumerate(order)}
-        for m in layer.matrices:
-            if m.role != "gate":
-                continue
-            w = ft.read(m.key, m.index, m.rows)
-            e = m.expert
-            var_max, var_max_norm_row = row_variances(w, f"{ft.path}: {m.name}")
-            rows.append({
-                "layer": layer.layer, "expert": e,
-                "router_norm": float(norms[e]),
-                "reference_router_norm": float(ref_norms[e]) if ref_norms is not None else None,
-                "lambda_score": float(lam[e]),
-                "lambda_source": "norm-change" if ref is not None else "final-norm-proxy",
-                "maxvar": var_max,
-                "maxvar_max_norm_row": var_max_norm_row,
-                "lambda_rank": rank[e],
-            })
+        rows += collect_layer(ft, ref, i)
         if progress:
             progress((i + 1) / len(model.layers), f"statistics: layer {layer.layer} done")
-    stats = pd.DataFrame(rows).astype({"reference_router_norm": "float64"})
-    info = {"model_type": model.model_type, "layout": model.layout, "moe_layers": len(model.layers),
+    return frame(rows), info_of(model)
+
+
+def info_of(model: MoEModel) -> dict:
+    return {"model_type": model.model_type, "layout": model.layout, "moe_layers": len(model.layers),
             "experts": model.layers[0].num_experts}
-    return stats, info
+
+
+def frame(rows: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame(rows).astype({"reference_router_norm": "float64"})
+
+
+def collect_layer(ft: Checkpoint, ref: Checkpoint | None, position: int) -> list[dict]:
+    """The expert_stats rows of the `position`-th MoE layer: one unit of work (a Dask task)."""
+    layer = detect(ft).layers[position]
+    ref_norms = None
+    if ref is not None:
+        ref_model = detect(ref)
+        check_compatible(detect(ft), ref_model, ft, ref)
+        ref_router = ref.read(ref_model.layers[position].router_key).float()
+        require_finite(ref_router, f"{ref.path}: {ref_model.layers[position].router_key}")
+        ref_norms = ref_router.norm(dim=1)
+    router = ft.read(layer.router_key).float()
+    require_finite(router, f"{ft.path}: {layer.router_key}")
+    norms = router.norm(dim=1)
+    lam = norms - ref_norms if ref_norms is not None else norms
+    # Stable sort, expert index breaks ties: the allocation must be reproducible.
+    order = sorted(range(layer.num_experts), key=lambda e: (float(lam[e]), e))
+    rank = {e: r for r, e in enumerate(order)}
+    rows = []
+    for m in layer.matrices:
+        if m.role != "gate":
+            continue
+        w = ft.read(m.key, m.index, m.rows)
+        e = m.expert
+        var_max, var_max_norm_row = row_variances(w, f"{ft.path}: {m.name}")
+        rows.append({
+            "layer": layer.layer, "expert": e,
+            "router_norm": float(norms[e]),
+            "reference_router_norm": float(ref_norms[e]) if ref_norms is not None else None,
+            "lambda_score": float(lam[e]),
+            "lambda_source": "norm-change" if ref is not None else "final-norm-proxy",
+            "maxvar": var_max,
+            "maxvar_max_norm_row": var_max_norm_row,
+            "lambda_rank": rank[e],
+        })
+    return rows
 
 
 def read_parquet(path: Path, order_by: str | None = None) -> pd.DataFrame:

@@ -1,0 +1,99 @@
+"""Where the per-layer work and the league's cells run: one process, or a Dask cluster.
+
+    EXPERTBITS_DASK unset          one process; each stage's layers run in order in one task
+    EXPERTBITS_DASK=local[:N]      a local Dask cluster of N worker processes (default 2)
+    EXPERTBITS_DASK=tcp://host:8786  an existing Dask scheduler
+
+The flows read it when they are imported (`expertbits quantize --dask ...` sets it; a deployment
+sets it as a job variable: `--job-variable env='{"EXPERTBITS_DASK": "tcp://..."}'`). On Dask,
+every MoE layer of a per-layer stage is its own Prefect task and the league's cells go in small
+chunks, all through prefect-dask's DaskTaskRunner; a task whose worker dies is run again on
+another worker. The results are byte-identical whichever way they ran (tested).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+from prefect import unmapped
+from prefect.context import FlowRunContext
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from expertbits.tasks.adapters import detect
+from expertbits.tasks.checkpoint import Checkpoint
+from expertbits.tasks.parts import layer_work
+from expertbits.tasks.records import CheckpointRecord
+from expertbits.tasks.stage_io import ckpt_path
+
+ENV = "EXPERTBITS_DASK"
+CELLS_PER_TASK = 4  # league cells per Dask task: small enough to spread, large enough to amortise a task run
+
+
+def task_runner(address: str | None = None):
+    """The task runner for `address` (default: $EXPERTBITS_DASK)."""
+    address = address if address is not None else os.environ.get(ENV, "")
+    if not address:
+        return ThreadPoolTaskRunner(max_workers=1)  # one layer at a time: memory stays one layer's
+    from prefect_dask import DaskTaskRunner
+
+    if address == "local" or address.startswith("local:"):
+        workers = int(address.partition(":")[2] or 2)
+        # one thread per worker process: each task is already as parallel as torch makes it
+        return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True})
+    return DaskTaskRunner(address=address)
+
+
+@contextmanager
+def shared_api():
+    """An API the Dask workers can report to. Without PREFECT_API_URL each process would start its
+    own temporary server and the workers' task runs would be invisible to the flow's; so one
+    temporary server is started here and its URL put in the environment the workers inherit."""
+    if os.environ.get("PREFECT_API_URL"):
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server = SubprocessASGIServer()
+    server.start()
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            yield
+    finally:
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=10)  # the run's last log lines reach the server before it stops
+        del os.environ["PREFECT_API_URL"]
+        server.stop()
+
+
+def on_dask() -> bool:
+    ctx = FlowRunContext.get()
+    return ctx is not None and type(ctx.task_runner).__name__ == "DaskTaskRunner"
+
+
+def chunks(n: int, size: int) -> list[list[int]]:
+    return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+
+
+def layer_chunks(checkpoint: CheckpointRecord, cache_dir: str | None, storage_options: dict) -> list[list[int]]:
+    """MoE layer positions, one list per task: one layer each on Dask, all in one task otherwise."""
+    with Checkpoint.open(ckpt_path(checkpoint, cache_dir, storage_options)) as ckpt:
+        n = len(detect(ckpt).layers)
+    return chunks(n, 1 if on_dask() else n)
+
+
+def cell_chunks(n: int) -> list[list[int]]:
+    return chunks(n, CELLS_PER_TASK if on_dask() else n)
+
+
+def per_layer(stage: str, layers: list[list[int]], **inputs) -> list[list[dict]]:
+    """The stage's `layer_work` mapped over the chunks of layers, waited for: a layer that fails
+    fails the flow with its own error, before the stage's gathering task runs."""
+    return gather(layer_work.map(unmapped(stage), layers, unmapped(inputs)))
+
+
+def gather(futures) -> list:
+    return futures.result()  # raises the first failed task's exception

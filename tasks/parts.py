@@ -1,0 +1,158 @@
+"""Units of work a Dask cluster runs in parallel: MoE layers of a stage, and cells of the league.
+
+A stage that works layer by layer (statistics, calibration error, quantization, kernel
+validation) is split in two: `layer_work` over lists of MoE layer positions, which the flow maps
+onto its task runner (all layers in one task in one process by default; one task per layer on
+a Dask cluster), then the stage's own task, which gathers the parts and publishes. The league
+maps `league_cells` the same way. Tasks pass records (URIs, digests, stage keys), never
+tensors: each worker reads its layers' tensors from its own copy of the checkpoint, and the
+per-layer results are the same numbers whichever worker computed them.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.logging import get_run_logger
+
+from . import calibrate, league, quantize, statistics, validate
+from .adapters import detect
+from .checkpoint import Checkpoint
+from .records import CheckpointRecord, StageOutput
+from .meter import Meter, report
+from .stage_io import ckpt_path, expert_bytes, local_copy, read_calibration, read_text, stage_key, text_digest, transient
+from .storage import Store, sha256_file
+
+
+def quantization_key(checkpoint: CheckpointRecord, allocation: StageOutput, group_size: int, symmetric: bool) -> str:
+    return stage_key("quantization", checkpoint.digest, allocation.key, group_size, symmetric)
+
+
+def _statistics(position: int, checkpoint: CheckpointRecord, reference: CheckpointRecord | None,
+                cache_dir: str | None, storage_options: dict, **_) -> dict:
+    with Checkpoint.open(ckpt_path(checkpoint, cache_dir, storage_options)) as ft:
+        if reference is None:
+            return {"rows": statistics.collect_layer(ft, None, position)}
+        with Checkpoint.open(ckpt_path(reference, cache_dir, storage_options)) as ref:
+            return {"rows": statistics.collect_layer(ft, ref, position)}
+
+
+def _calibration(position: int, checkpoint: CheckpointRecord, routing: StageOutput, bit_widths: list[int],
+                 group_size: int, symmetric: bool, store: str, storage_options: dict, cache_dir: str | None) -> dict:
+    st = Store(store, storage_options)
+    with tempfile.TemporaryDirectory() as tmp, Checkpoint.open(ckpt_path(checkpoint, cache_dir, storage_options)) as ckpt:
+        moments = local_copy(st, routing, Path(tmp), only=["moments.safetensors"]) / "moments.safetensors"
+        layer = detect(ckpt).layers[position]
+        m = calibrate.load_moments(moments, layer.layer, layer.num_experts)
+        return {"rows": calibrate.layer_errors(ckpt, position, m, tuple(sorted(bit_widths)), group_size, symmetric)}
+
+
+def _quantization(position: int, checkpoint: CheckpointRecord, allocation: StageOutput, group_size: int,
+                  symmetric: bool, store: str, storage_options: dict, cache_dir: str | None) -> dict:
+    """Write the layer's shard straight under the stage's prefix (the stage task publishes the rest)."""
+    st = Store(store, storage_options)
+    prefix = f"objects/quantization/{quantization_key(checkpoint, allocation, group_size, symmetric)}"
+    with tempfile.TemporaryDirectory() as tmp, Checkpoint.open(ckpt_path(checkpoint, cache_dir, storage_options)) as ckpt:
+        tmp = Path(tmp)
+        alloc = statistics.read_stats(local_copy(st, allocation, tmp) / "bit_allocation.parquet")
+        out = Path(st.uri(prefix)) if st.is_local else tmp / "out"
+        out.mkdir(parents=True, exist_ok=True)
+        part = quantize.quantize_layer(ckpt, position, alloc, group_size, symmetric, out)
+        part["sha256"] = sha256_file(out / part["file"])
+        if not st.is_local:
+            st.put_file(out / part["file"], f"{prefix}/{part['file']}")
+        return part
+
+
+def _validation(position: int, quantized: StageOutput, checkpoint: CheckpointRecord, rtol: float, store: str,
+                storage_options: dict, cache_dir: str | None) -> dict:
+    """Fetch only the config, the index and the layer's shard."""
+    st = Store(store, storage_options)
+    layers = quantized.summary["moe_layers"]
+    with tempfile.TemporaryDirectory() as tmp, Checkpoint.open(ckpt_path(checkpoint, cache_dir, storage_options)) as src:
+        names = ["config.json", "model.safetensors.index.json", quantize.shard_name(position + 1, layers)]
+        qpath = local_copy(st, quantized, Path(tmp), only=names)
+        return validate.validate_layer(qpath, src, position, rtol=rtol)
+
+
+WORK = {"statistics": _statistics, "calibration": _calibration, "quantization": _quantization, "validation": _validation}
+
+
+def _ident(v: Any) -> Any:
+    """What a cache key sees of an input: records by digest or key, everything else as is."""
+    if isinstance(v, CheckpointRecord):
+        return v.digest
+    if isinstance(v, StageOutput):
+        return v.key
+    if isinstance(v, (list, tuple)):
+        return [_ident(x) for x in v]
+    return v
+
+
+def _layer_key(ctx, p) -> str:
+    inputs = {k: _ident(v) for k, v in sorted(p["inputs"].items()) if k not in ("cache_dir", "storage_options")}
+    key = stage_key(p["stage"], "layers", p["positions"], inputs)
+    if p["stage"] == "quantization":  # a record whose shards left the store is a miss
+        i = p["inputs"]
+        st = Store(i["store"], i["storage_options"])
+        prefix = f"objects/quantization/{quantization_key(i['checkpoint'], i['allocation'], i['group_size'], i['symmetric'])}"
+        if ctx.result_store is not None and ctx.result_store.exists(key):
+            record = ctx.result_store.read(key).result
+            if not all(st.exists(f"{prefix}/{part['file']}") for part in record):
+                return f"{key}-rebuild-{uuid.uuid4().hex}"
+    return key
+
+
+@task(name="layers", cache_key_fn=_layer_key, persist_result=True, result_serializer="json",
+      task_run_name="{stage}-layers-{positions}", retries=2, retry_delay_seconds=[1, 4], retry_condition_fn=transient)
+def layer_work(stage: str, positions: list[int], inputs: dict) -> list[dict]:
+    """One stage's work on some MoE layers (by position in the checkpoint's MoE layer order)."""
+    with Meter() as meter:
+        out = [WORK[stage](p, **inputs) for p in positions]
+    path = ckpt_path(inputs["checkpoint"], inputs.get("cache_dir"), inputs["storage_options"])
+    report(stage, meter, expert_bytes(path, ("gate",) if stage == "statistics" else ("gate", "up", "down"), positions),
+           get_run_logger())
+    return out
+
+
+_LEAGUE: dict[tuple, tuple] = {}  # per process: the tables, the reference and the cell writer, read once
+
+
+def _league_env(checkpoint, stats, calibrations, grid, text_uri, seq_len, windows, store, storage_options, cache_dir):
+    ident = (checkpoint.digest, stats.key, tuple(c.key for c in calibrations), text_digest(text_uri, storage_options),
+             seq_len, windows, grid.group_size)
+    if ident not in _LEAGUE:
+        st = Store(store, storage_options)
+        path = ckpt_path(checkpoint, cache_dir, storage_options)
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            table = statistics.read_stats(local_copy(st, stats, tmp) / "expert_stats.parquet")
+            read = [read_calibration(st, c, tmp / f"calibration-{i}") for i, c in enumerate(calibrations)]
+        reference = league.Reference(path, read_text(text_uri, storage_options), seq_len=seq_len, windows=windows)
+        _LEAGUE.clear()  # one league at a time per process: the previous reference's files are released
+        _LEAGUE[ident] = (table, read[0][0], {s: q for s, (_, q) in zip(grid.symmetric, read)}, reference,
+                          league.CellWriter(path, grid.group_size))
+    return _LEAGUE[ident]
+
+
+def _cells_key(ctx, p) -> str:
+    return stage_key("league", "cells", p["indices"], p["checkpoint"].digest, p["stats"].key,
+                     [c.key for c in p["calibrations"]], p["grid"], text_digest(p["text_uri"], p["storage_options"]),
+                     p["seq_len"], p["windows"], p["task_name"], p["task_examples"])
+
+
+@task(name="league-cells", cache_key_fn=_cells_key, persist_result=True, result_serializer="json",
+      task_run_name="league-cells-{indices}", retries=2, retry_delay_seconds=[1, 4], retry_condition_fn=transient)
+def league_cells(indices: list[int], checkpoint: CheckpointRecord, stats: StageOutput, calibrations: list[StageOutput],
+                 grid: dict, text_uri: str, seq_len: int, windows: int, task_name: str | None, task_examples: int,
+                 store: str, storage_options: dict, cache_dir: str | None) -> list[dict]:
+    """Some cells of the league grid, each allocated, written and evaluated (see league.run_cell)."""
+    g = league.Grid.from_dict(grid)
+    table, calib, qerrors, reference, writer = _league_env(checkpoint, stats, calibrations, g, text_uri, seq_len,
+                                                           windows, store, storage_options, cache_dir)
+    return [league.run_cell(i, table, calib, qerrors, g, reference, writer, league.task(task_name, task_examples))
+            for i in indices]
