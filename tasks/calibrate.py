@@ -112,6 +112,7 @@ class ExpertsTap:
         return (self.x2[e] / self.count[e]).float(), (self.a2[e] / self.count[e]).float()
 
 
+ERROR_ROWS = 128
 Moments = dict[int, tuple[torch.Tensor, torch.Tensor] | None]  # expert -> (E[x² | routed], E[a² | routed]) or None
 
 
@@ -191,13 +192,16 @@ def layer_errors(ckpt: Checkpoint, position: int, moments: Moments, bit_widths: 
     layer = detect(ckpt).layers[position]
     errors: dict[tuple[int, int], list[float]] = {}
     for m in layer.matrices:
-        w = ckpt.read(m.key, m.index, m.rows).float()
+        w = ckpt.read(m.key, m.index, m.rows)
         h = None if moments[m.expert] is None else moments[m.expert][1 if m.role == "down" else 0]
         for b in bit_widths:
-            d = (w - quantize_rtn(w, b, group_size, symmetric).dequantize()).square()
+            col = torch.zeros(w.shape[1], dtype=torch.float64)  # Σ over rows of the squared error, per column
+            for i in range(0, w.shape[0], ERROR_ROWS):  # row blocks: temporaries stay in cache
+                rows = w[i : i + ERROR_ROWS].float()
+                col += (rows - quantize_rtn(rows, b, group_size, symmetric).dequantize()).square().sum(0)
             acc = errors.setdefault((m.expert, b), [0.0, 0.0])
-            acc[0] += float(d.sum())
-            acc[1] += float(d.sum(0) @ h) if h is not None else 0.0
+            acc[0] += float(col.sum())
+            acc[1] += float(col @ h.double()) if h is not None else 0.0
     return [{"layer": layer.layer, "expert": e, "bits": b, "symmetric_quant": symmetric, "weight_error": we,
              "routed_input_error": re} for (e, b), (we, re) in sorted(errors.items())]
 

@@ -40,6 +40,7 @@ CREATE TABLE IF NOT EXISTS kernel_validation (
     bits          INTEGER NOT NULL,
     rows          INTEGER NOT NULL,
     cols          INTEGER NOT NULL,
+    kernel_rows   INTEGER NOT NULL,  -- output rows the kernel ran on (a sample in the Triton interpreter)
     max_abs_error DOUBLE  NOT NULL,  -- kernel vs pure-torch dequantize-then-matmul
     rel_error     DOUBLE  NOT NULL,  -- max_abs_error / max |reference output|
     quant_error_ok BOOLEAN NOT NULL, -- every weight within half a step of the original

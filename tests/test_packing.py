@@ -286,3 +286,15 @@ def test_effective_bits():
     assert effective_bits(3, 4096, 4096) == pytest.approx((410 * 32 + 24) / 4096)
     # Partial group and partial word: K 100, 8 bits: 25 words, 1 group.
     assert effective_bits(8, 128, 100) == pytest.approx((25 * 32 + 24) / 100)
+
+
+def test_quantize_rtn_in_row_blocks_equals_row_by_row():
+    """Large matrices are quantized in row blocks; every row must come out as if alone."""
+    from expertbits.kernels.packing import ROW_BLOCK, quantize_rtn
+
+    w = torch.randn(ROW_BLOCK * 2 + 7, 100, generator=torch.Generator().manual_seed(3))
+    whole = quantize_rtn(w, 3, 32)
+    for r in (0, ROW_BLOCK - 1, ROW_BLOCK, 2 * ROW_BLOCK + 6):
+        one = quantize_rtn(w[r : r + 1], 3, 32)
+        assert torch.equal(whole.packed[r], one.packed[0]) and torch.equal(whole.scales[r], one.scales[0])
+        assert torch.equal(whole.zeros[r], one.zeros[0])

@@ -168,3 +168,17 @@ def test_league_on_dask_gives_the_same_table(micro_pair, cluster, tmp_path):
     assert tables[0].equals(tables[1])
     allocs = [read_parquet(Path(m.uri) / "league" / "league_allocation.parquet") for m in (one, two)]
     assert allocs[0].equals(allocs[1])
+
+
+def test_task_runner_choice():
+    from prefect.task_runners import ThreadPoolTaskRunner
+    from prefect_dask import DaskTaskRunner
+
+    from expertbits.flows.scale import chunks, task_runner
+
+    local = task_runner("")
+    assert isinstance(local, ThreadPoolTaskRunner) and local._max_workers == 1  # one layer in memory at a time
+    three = task_runner("local:3")
+    assert isinstance(three, DaskTaskRunner) and three.cluster_kwargs["n_workers"] == 3
+    assert task_runner("tcp://10.0.0.1:8786").address == "tcp://10.0.0.1:8786"
+    assert chunks(5, 2) == [[0, 1], [2, 3], [4]] and chunks(3, 3) == [[0, 1, 2]]

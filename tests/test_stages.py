@@ -121,3 +121,24 @@ def test_encoder_decoder_models_are_evaluated_on_span_corruption(tmp_path):
     assert kl[8]["objective"] == "span-corruption" and kl[8]["windows"] == 4
     assert kl[8]["kl"] < kl[2]["kl"] and kl[8]["kl"] < 1e-3
     assert kl[8]["ppl_fp"] == pytest.approx(kl[2]["ppl_fp"])
+
+
+def test_interpreter_validation_samples_kernel_rows_but_checks_every_weight(micro_pair, tmp_path, monkeypatch):
+    """In the Triton interpreter the kernel runs on a sample of rows; a weight corrupted outside the
+    sample is still caught by the weight check."""
+    import expertbits.tasks.validate as validate_module
+
+    monkeypatch.setattr(validate_module, "INTERPRETER_ROWS", 8)
+    quantize_checkpoint(micro_pair[1], mixed(), 32, tmp_path / "q")
+    report, summary = validate(tmp_path / "q", micro_pair[1])
+    assert summary["failed"] == 0 and summary["triton_interpreter"]
+    assert (report.kernel_rows == 8).all() and (report.rows > 8).all()
+    shard = sorted((tmp_path / "q").glob("model-*.safetensors"))[-1]
+    t = load_file(shard)
+    name = next(k for k in t if k.endswith(".qweight"))
+    sampled = set(torch.linspace(0, t[name].shape[0] - 1, 8).round().long().tolist())
+    row = next(r for r in range(t[name].shape[0]) if r not in sampled)
+    t[name][row] ^= 0x0F0F0F0F
+    save_file(t, shard, metadata={"format": "pt"})
+    report, summary = validate(tmp_path / "q", micro_pair[1])
+    assert summary["failed"] == 1 and not report.loc[~report.passed, "quant_error_ok"].item()
