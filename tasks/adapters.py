@@ -33,6 +33,13 @@ class ExpertMatrix:
     rows: tuple[int, int] | None = None  # row range inside the matrix (gate/up halves of gate_up_proj)
 
 
+def block_of(key: str) -> str:
+    """The decoder layer a tensor belongs to (`model.layers.3`, `decoder.block.1`), or "" for the
+    embeddings, final norm and head."""
+    m = re.match(r"(.*?\.(?:layers|block)\.\d+)\.", key)
+    return m.group(1) if m else ""
+
+
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I8": 1, "U8": 1}
 
 

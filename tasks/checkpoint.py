@@ -47,7 +47,10 @@ class Checkpoint:
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{config_file}: not valid JSON ({e})", "re-export the checkpoint") from e
         files = sorted(p.name for p in path.glob("*.safetensors"))
-        if not files:
+        # a partial copy (download.ensure_part) holds some shards and only the headers of the others
+        stubs = sorted(p.name.removesuffix(HEADER) for p in path.glob("*.safetensors" + HEADER)
+                       if not (path / p.name.removesuffix(HEADER)).is_file())
+        if not files and not stubs:
             pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
             hint = f" (found pickle files {pickles})" if pickles else ""
             raise CheckpointError(
@@ -55,14 +58,18 @@ class Checkpoint:
                 "expertbits reads safetensors only; convert with model.save_pretrained(dir) (safe_serialization is the default)",
             )
         tensors: dict[str, TensorInfo] = {}
-        for name in files:
-            for key, info in _read_header(path / name).items():
+        for name in files + stubs:
+            found = _read_header(path / name) if name in files else _stub_header(path / (name + HEADER), name)
+            for key, info in found.items():
                 if key in tensors:
                     raise CheckpointError(f"{path}: tensor {key} appears in two files", "re-export the checkpoint")
                 tensors[key] = info
         return cls(path=path, config=config, tensors=tensors)
 
     def _handle(self, file: str):
+        if not (self.path / file).is_file():
+            raise CheckpointError(f"{self.path}: {file} was not fetched into this partial copy (only its header was)",
+                                  "this is a bug in choosing the shards a layer needs; please report it")
         if file not in self._handles:
             self._handles[file] = self._files.enter_context(safe_open(self.path / file, framework="pt"))
         return self._handles[file]
@@ -89,6 +96,15 @@ class Checkpoint:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+HEADER = ".header.json"
+
+
+def _stub_header(stub: Path, name: str) -> dict[str, TensorInfo]:
+    header = json.loads(stub.read_text())
+    return {k: TensorInfo(file=name, dtype=v["dtype"], shape=tuple(v["shape"])) for k, v in header.items()
+            if k != "__metadata__"}
 
 
 def _read_header(file: Path) -> dict[str, TensorInfo]:

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .errors import CheckpointError
 from .storage import open_fs, sha256_file
@@ -131,6 +131,78 @@ def ensure_local(uri: str, digest: str, cache_dir: str | Path | None = None, sto
             "rerun the flow so every stage sees the new checkpoint",
         )
     return fresh.path
+
+
+def file_digests(path: Path) -> dict[str, str]:
+    """name -> sha256 of a cache entry's files, from its manifest."""
+    return {n: f["sha256"] for n, f in json.loads((Path(path) / MANIFEST).read_text())["files"].items()}
+
+
+INDEX = "model.safetensors.index.json"
+HEADER = ".header.json"  # a shard not fetched: its safetensors header only, as JSON (read by checkpoint.py)
+
+
+def ensure_part(uri: str, digest: str, files: dict[str, str], wanted_files: Callable[[Path], list[str]],
+                cache_dir: str | Path | None = None, storage_options=None) -> Path:
+    """A cache entry holding only the shards `wanted_files(folder)` names, for a worker that works
+    on some layers: the full entry if this machine has it, else `<cache>/partial/<digest>/` with
+    the config, the index and tokenizer files, every shard's header alone (`<shard>.header.json`,
+    read with two small reads, so `Checkpoint.open` knows the whole layout) and the wanted shards
+    (each verified against `files`)."""
+    cache = Path(cache_dir or default_cache_dir())
+    full = cache / "checkpoints" / digest
+    if (full / MANIFEST).is_file():
+        return full
+    shards = sorted(n for n in files if n.endswith(".safetensors"))
+    if not files or INDEX not in files or len(shards) < 2:
+        return ensure_local(uri, digest, cache_dir, storage_options)  # nothing to leave out
+    part = _mkdir(cache / "partial" / digest)
+    scheme, location = _split(uri)
+    if scheme == "hf":
+        return ensure_local(uri, digest, cache_dir, storage_options)  # the hub's own cache fetches whole files
+    _fetch_verified(scheme, location, storage_options, part, [n for n in files if not n.endswith(".safetensors")],
+                    files, uri)
+    for name in shards:
+        if not (part / name).is_file() and not (part / (name + HEADER)).is_file():
+            _write_atomic(part / (name + HEADER), json.dumps(_remote_header(scheme, location, storage_options, name, uri)))
+    _fetch_verified(scheme, location, storage_options, part, sorted(wanted_files(part)), files, uri)
+    return part
+
+
+def _fetch_verified(scheme: str, location: str, storage_options, part: Path, names: list[str], files: dict[str, str],
+                    uri: str) -> None:
+    for name in names:
+        if (part / name).is_file():
+            continue
+        tmp = part / f".{name}.incoming-{os.getpid()}"
+        if scheme == "file":
+            shutil.copyfile(Path(location) / name, tmp)
+        else:
+            fs, root = open_fs(location, storage_options or {})
+            fs.get_file(f"{root}/{name}", str(tmp))
+        if sha256_file(tmp) != files[name]:
+            tmp.unlink()
+            raise CheckpointError(f"{uri}: {name} changed since the checkpoint was downloaded (sha256 differs)",
+                                  "rerun the flow so every stage sees the new checkpoint")
+        tmp.rename(part / name)  # atomic: a reader sees a whole, verified file or none
+
+
+def _remote_header(scheme: str, location: str, storage_options, name: str, uri: str) -> dict:
+    """A safetensors file's header (8-byte little-endian length, then JSON), read without its data."""
+    fs, root = (None, location) if scheme == "file" else open_fs(location, storage_options or {})
+    path = f"{root}/{name}"
+    with (open(path, "rb") if fs is None else fs.open(path, "rb", block_size=1 << 16)) as f:
+        n = int.from_bytes(f.read(8), "little")
+        if not 2 <= n <= 100 << 20:
+            raise CheckpointError(f"{uri}: {name} has a safetensors header length of {n} bytes",
+                                  "the file is damaged or not safetensors; download or export it again")
+        return json.loads(f.read(n))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.incoming-{os.getpid()}")
+    tmp.write_text(text)
+    tmp.rename(path)
 
 
 def _mkdir(p: Path) -> Path:

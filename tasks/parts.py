@@ -5,8 +5,9 @@ validation) is split in two: `layer_work` over lists of MoE layer positions, whi
 onto its task runner (all layers in one task in one process by default; one task per layer on
 a Dask cluster), then the stage's own task, which gathers the parts and publishes. The league
 maps `league_cells` the same way. Tasks pass records (URIs, digests, stage keys), never
-tensors: each worker reads its layers' tensors from its own copy of the checkpoint, and the
-per-layer results are the same numbers whichever worker computed them.
+tensors: a worker without the whole checkpoint in its cache fetches only the shards its layers
+live in (stage_io.layer_path), and the per-layer results are the same bytes whichever worker
+computed them.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .adapters import detect
 from .checkpoint import Checkpoint
 from .records import CheckpointRecord, StageOutput
 from .meter import Meter, report
-from .stage_io import ckpt_path, expert_bytes, local_copy, read_calibration, read_text, stage_key, text_digest, transient
+from .stage_io import ckpt_path, expert_bytes, layer_path, local_copy, read_calibration, read_text, stage_key, text_digest, transient
 from .storage import Store, sha256_file
 
 
@@ -34,17 +35,18 @@ def quantization_key(checkpoint: CheckpointRecord, allocation: StageOutput, grou
 
 def _statistics(position: int, checkpoint: CheckpointRecord, reference: CheckpointRecord | None,
                 cache_dir: str | None, storage_options: dict, **_) -> dict:
-    with Checkpoint.open(ckpt_path(checkpoint, cache_dir, storage_options)) as ft:
+    with Checkpoint.open(layer_path(checkpoint, [position], cache_dir, storage_options)) as ft:
         if reference is None:
             return {"rows": statistics.collect_layer(ft, None, position)}
-        with Checkpoint.open(ckpt_path(reference, cache_dir, storage_options)) as ref:
+        with Checkpoint.open(layer_path(reference, [position], cache_dir, storage_options)) as ref:
             return {"rows": statistics.collect_layer(ft, ref, position)}
 
 
 def _calibration(position: int, checkpoint: CheckpointRecord, routing: StageOutput, bit_widths: list[int],
                  group_size: int, symmetric: bool, store: str, storage_options: dict, cache_dir: str | None) -> dict:
     st = Store(store, storage_options)
-    with tempfile.TemporaryDirectory() as tmp, Checkpoint.open(ckpt_path(checkpoint, cache_dir, storage_options)) as ckpt:
+    with tempfile.TemporaryDirectory() as tmp, Checkpoint.open(layer_path(checkpoint, [position], cache_dir,
+                                                                           storage_options)) as ckpt:
         moments = local_copy(st, routing, Path(tmp), only=["moments.safetensors"]) / "moments.safetensors"
         layer = detect(ckpt).layers[position]
         m = calibrate.load_moments(moments, layer.layer, layer.num_experts)
@@ -56,7 +58,8 @@ def _quantization(position: int, checkpoint: CheckpointRecord, allocation: Stage
     """Write the layer's shard straight under the stage's prefix (the stage task publishes the rest)."""
     st = Store(store, storage_options)
     prefix = f"objects/quantization/{quantization_key(checkpoint, allocation, group_size, symmetric)}"
-    with tempfile.TemporaryDirectory() as tmp, Checkpoint.open(ckpt_path(checkpoint, cache_dir, storage_options)) as ckpt:
+    with tempfile.TemporaryDirectory() as tmp, Checkpoint.open(layer_path(checkpoint, [position], cache_dir,
+                                                                           storage_options)) as ckpt:
         tmp = Path(tmp)
         alloc = statistics.read_stats(local_copy(st, allocation, tmp) / "bit_allocation.parquet")
         out = Path(st.uri(prefix)) if st.is_local else tmp / "out"
@@ -73,7 +76,8 @@ def _validation(position: int, quantized: StageOutput, checkpoint: CheckpointRec
     """Fetch only the config, the index and the layer's shard."""
     st = Store(store, storage_options)
     layers = quantized.summary["moe_layers"]
-    with tempfile.TemporaryDirectory() as tmp, Checkpoint.open(ckpt_path(checkpoint, cache_dir, storage_options)) as src:
+    with tempfile.TemporaryDirectory() as tmp, Checkpoint.open(layer_path(checkpoint, [position], cache_dir,
+                                                                           storage_options)) as src:
         names = ["config.json", "model.safetensors.index.json", quantize.shard_name(position + 1, layers)]
         qpath = local_copy(st, quantized, Path(tmp), only=names)
         return validate.validate_layer(qpath, src, position, rtol=rtol)
@@ -113,7 +117,7 @@ def layer_work(stage: str, positions: list[int], inputs: dict) -> list[dict]:
     """One stage's work on some MoE layers (by position in the checkpoint's MoE layer order)."""
     with Meter() as meter:
         out = [WORK[stage](p, **inputs) for p in positions]
-    path = ckpt_path(inputs["checkpoint"], inputs.get("cache_dir"), inputs["storage_options"])
+    path = layer_path(inputs["checkpoint"], positions, inputs.get("cache_dir"), inputs["storage_options"])
     report(stage, meter, expert_bytes(path, ("gate",) if stage == "statistics" else ("gate", "up", "down"), positions),
            get_run_logger())
     return out

@@ -20,7 +20,6 @@ Routers, attention, embeddings, norms and shared experts stay as stored.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -31,7 +30,7 @@ from safetensors.torch import save_file
 
 from expertbits.kernels.packing import QuantizedTensor, effective_bits, quantize_rtn
 
-from .adapters import ExpertMatrix, detect
+from .adapters import ExpertMatrix, block_of, detect
 from .checkpoint import Checkpoint, require_finite
 from .errors import CheckpointError
 
@@ -72,13 +71,6 @@ def quantize_checkpoint(src: Path, alloc: pd.DataFrame, group_size: int, out: Pa
 def shard_name(position: int, layers: int) -> str:
     """Shard 1 holds every tensor outside the MoE layers; shard k + 2 the k-th MoE layer's."""
     return f"model-{position + 1:05d}-of-{layers + 1:05d}.safetensors"
-
-
-def block_of(key: str) -> str:
-    """The decoder layer a tensor belongs to (`model.layers.3`, `decoder.block.1`), or "" for the
-    embeddings, final norm and head."""
-    m = re.match(r"(.*?\.(?:layers|block)\.\d+)\.", key)
-    return m.group(1) if m else ""
 
 
 def _layer_keys(ckpt: Checkpoint) -> tuple[list[list[str]], list[str]]:

@@ -13,6 +13,7 @@ class CheckpointRecord(BaseModel):
     uri: str
     digest: str  # sha256 of the sorted per-file sha256 manifest
     path: str  # local cache folder (may be refetched by digest if the cache was cleared)
+    files: dict[str, str] = {}  # file name -> sha256: what a worker fetching only some shards verifies
 
 
 class StageOutput(BaseModel):

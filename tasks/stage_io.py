@@ -130,6 +130,22 @@ def ckpt_path(rec: CheckpointRecord, cache_dir: str | None, storage_options: dic
     return download.ensure_local(rec.uri, rec.digest, cache_dir, storage_options)
 
 
+def layer_path(rec: CheckpointRecord, positions: list[int], cache_dir: str | None, storage_options: dict) -> Path:
+    """The checkpoint as a worker needs it for the MoE layers at `positions`: this machine's whole
+    cached copy if it has one, else a partial copy with only the shards those decoder layers'
+    tensors live in (download.ensure_part)."""
+    from .adapters import block_of, detect
+    from .checkpoint import Checkpoint
+
+    def wanted(folder: Path) -> list[str]:
+        with Checkpoint.open(folder) as c:
+            layers = detect(c).layers
+            blocks = {block_of(layers[i].router_key) for i in positions}
+            return sorted({info.file for k, info in c.tensors.items() if block_of(k) in blocks})
+
+    return download.ensure_part(rec.uri, rec.digest, rec.files, wanted, cache_dir, storage_options)
+
+
 def read_text(uri: str, storage_options: dict) -> str:
     if uri.startswith("zoo://"):
         from expertbits.zoo import read_text as read_zoo_text

@@ -56,7 +56,7 @@ def fetch_checkpoint(uri: str, cache_dir: str | None, storage_options: dict) -> 
     (cache / "index").mkdir(parents=True, exist_ok=True)
     (cache / "index" / f"{fp}.json").write_text(json.dumps({"uri": uri, "digest": ckpt.digest}))
     logger.info(f"{uri} -> {ckpt.path} (sha256 {ckpt.digest[:12]})")
-    return CheckpointRecord(uri=uri, digest=ckpt.digest, path=str(ckpt.path))
+    return CheckpointRecord(uri=uri, digest=ckpt.digest, path=str(ckpt.path), files=download.file_digests(ckpt.path))
 
 
 # ---- 2. statistics ------------------------------------------------------------------------------

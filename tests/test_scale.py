@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -36,7 +37,7 @@ def slow_pair(tmp_path_factory) -> tuple[Path, Path]:
                 for n, p in model.named_parameters():
                     if n.endswith("gate.weight"):
                         p.add_(torch.randn_like(p) * 0.05)
-        model.save_pretrained(out / name)
+        model.save_pretrained(out / name, max_shard_size="20MB")  # several shards: workers fetch only their layer's
         for f in (ROOT / "tokenizer").iterdir():
             (out / name / f.name).write_bytes(f.read_bytes())
         paths.append(out / name)
@@ -50,7 +51,8 @@ def cluster(prefect_api, tmp_path):
     from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH
 
     env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(), OMP_NUM_THREADS="1",
-               PREFECT_LOCAL_STORAGE_PATH=str(PREFECT_LOCAL_STORAGE_PATH.value()))
+               PREFECT_LOCAL_STORAGE_PATH=str(PREFECT_LOCAL_STORAGE_PATH.value()),
+               EXPERTBITS_CACHE=str(tmp_path / "worker-cache"))  # the workers' own cache, as on other machines
     port = _free_port()
     address = f"tcp://127.0.0.1:{port}"
     bin_dir = Path(sys.executable).parent
@@ -80,13 +82,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _params(pair, store: Path, cache: Path):
+def _params(pair, store: Path, cache: Path | None):
     from expertbits.flows.params import QuantizeParams
     from expertbits.zoo import text_path
 
     text = store.parent.parent / "text.txt"
     text.write_text(text_path("code-heldout").read_text())
-    return QuantizeParams(checkpoint=str(pair[1]), reference=str(pair[0]), store=str(store), cache_dir=str(cache),
+    return QuantizeParams(checkpoint=str(pair[1]), reference=str(pair[0]), store=str(store),
+                          cache_dir=str(cache) if cache else None,
                           avg_bits=2.5, bit_widths=[2, 3], group_size=64, eval_text=str(text), calibration_text=str(text),
                           eval_windows=4, calibration_windows=4, eval_seq_len=64)
 
@@ -114,7 +117,7 @@ class Killer(threading.Thread):
             time.sleep(0.05)
 
 
-def test_dask_run_is_byte_identical_and_survives_a_killed_worker(slow_pair, cluster, tmp_path):
+def test_dask_run_is_byte_identical_and_survives_a_killed_worker(slow_pair, cluster, tmp_path, monkeypatch):
     from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
     from prefect_dask import DaskTaskRunner
 
@@ -126,8 +129,9 @@ def test_dask_run_is_byte_identical_and_survives_a_killed_worker(slow_pair, clus
     killer.start()
     try:  # every task computes again (no cache hit from the first run), on the workers
         dask_flow = quantize_moe.with_options(task_runner=DaskTaskRunner(address=address))
+        monkeypatch.setenv("EXPERTBITS_CACHE", str(tmp_path / "two" / "cache"))  # the flow's; the workers have theirs
         with temporary_settings(updates={PREFECT_TASKS_REFRESH_CACHE: True}):
-            spread = dask_flow(_params(slow_pair, tmp_path / "two" / "store", tmp_path / "two" / "cache"))
+            spread = dask_flow(_params(slow_pair, tmp_path / "two" / "store", None))
     finally:
         killer.stop.set()
         killer.join()
@@ -137,6 +141,9 @@ def test_dask_run_is_byte_identical_and_survives_a_killed_worker(slow_pair, clus
     assert {k: v for k, v in spread.files.items() if k != "expertbits.duckdb"} == {
         k: v for k, v in single.files.items() if k != "expertbits.duckdb"}
     client.wait_for_workers(2, timeout=120)  # the nanny restarted the killed worker
+    # the workers fetched shards into their own cache, never a whole checkpoint
+    worker_cache = tmp_path / "worker-cache"
+    assert list((worker_cache / "partial").iterdir()) and not (worker_cache / "checkpoints").exists()
 
 
 def test_league_on_dask_gives_the_same_table(micro_pair, cluster, tmp_path):
@@ -182,3 +189,45 @@ def test_task_runner_choice():
     assert isinstance(three, DaskTaskRunner) and three.cluster_kwargs["n_workers"] == 3
     assert task_runner("tcp://10.0.0.1:8786").address == "tcp://10.0.0.1:8786"
     assert chunks(5, 2) == [[0, 1], [2, 3], [4]] and chunks(3, 3) == [[0, 1, 2]]
+
+
+def test_a_worker_fetches_only_the_shards_of_its_layers(slow_pair, tmp_path):
+    from expertbits.tasks import download, statistics
+    from expertbits.tasks.adapters import block_of, detect
+    from expertbits.tasks.checkpoint import Checkpoint
+    from expertbits.tasks.quantize import quantize_layer
+    from expertbits.tasks.records import CheckpointRecord
+    from expertbits.tasks.stage_io import layer_path
+
+    full = download.download(str(slow_pair[1]), tmp_path / "flow")
+    record = CheckpointRecord(uri=str(slow_pair[1]), digest=full.digest, path=str(full.path),
+                              files=download.file_digests(full.path))
+    shards = sorted(n for n in record.files if n.endswith(".safetensors"))
+    part = layer_path(record, [1], tmp_path / "worker", {})
+    assert part == tmp_path / "worker" / "partial" / full.digest
+    fetched = sorted(p.name for p in part.glob("*.safetensors"))
+    with Checkpoint.open(full.path) as c:
+        block = block_of(detect(c).layers[1].router_key)
+        assert fetched == sorted({i.file for k, i in c.tensors.items() if block_of(k) == block})
+    assert 0 < len(fetched) < len(shards) and all((part / (s + ".header.json")).is_file() for s in shards)
+    with Checkpoint.open(part) as p, Checkpoint.open(full.path) as f:
+        assert p.tensors == f.tensors  # the whole layout, from headers
+        assert statistics.collect_layer(p, None, 1) == statistics.collect_layer(f, None, 1)
+        alloc = pd.DataFrame([{"layer": m.layer, "expert": m.expert, "bits": 3} for m in detect(f).matrices])
+        (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+        a = quantize_layer(p, 1, alloc, 64, False, tmp_path / "a")
+        b = quantize_layer(f, 1, alloc, 64, False, tmp_path / "b")
+    assert (tmp_path / "a" / a["file"]).read_bytes() == (tmp_path / "b" / b["file"]).read_bytes()
+    # a shard changed at the source since the download is refused, by name
+    victim = next(s for s in shards if s not in fetched)
+    with Checkpoint.open(full.path) as c:
+        other = next(i for i, layer in enumerate(detect(c).layers)
+                     if any(c.tensors[m.key].file == victim for m in layer.matrices))
+    data = bytearray((slow_pair[1] / victim).read_bytes())
+    data[-1] ^= 1
+    (tmp_path / "src").mkdir()
+    for f in slow_pair[1].iterdir():
+        (tmp_path / "src" / f.name).write_bytes(data if f.name == victim else f.read_bytes())
+    moved = record.model_copy(update={"uri": str(tmp_path / "src")})
+    with pytest.raises(download.CheckpointError, match=f"{victim} changed since"):
+        layer_path(moved, [other], tmp_path / "worker2", {})
