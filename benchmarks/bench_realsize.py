@@ -10,7 +10,8 @@ with EXPERTBITS_MEASURE_FILE set so every stage appends its own figures (tasks/m
   memory target is about; peak RSS additionally counts mapped safetensors pages the kernel may
   drop at any time
 * expert GB/s: stored bytes of the expert matrices the stage goes through (statistics: the gate
-  matrices only, all it reads) over its seconds
+  matrices only, all it reads) over its seconds; a stage reported twice (two downloads; the
+  quantization's per-layer shards and its gathering step) is summed
 
 and a plain read of the statistics stage's tensors (safetensors slice + copy, warm cache, one
 thread), the yardstick the statistics stage is measured against. The 32-layer projection scales
@@ -38,7 +39,7 @@ from expertbits.tasks.adapters import detect
 from expertbits.tasks.checkpoint import Checkpoint
 
 FULL_LAYERS = {"mixtral-8x7b": 32, "qwen3-30b-a3b": 48, "deepseek-v3": 61}
-STAGES = ("download", "statistics", "calibration", "quantization", "validation", "evaluation")
+STAGES = ("download", "statistics", "routing", "calibration", "quantization", "validation", "evaluation")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

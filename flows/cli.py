@@ -79,7 +79,7 @@ def _params(args: argparse.Namespace, model: type[BaseModel]) -> BaseModel:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="expertbits", description="Expert-wise mixed-precision quantization of MoE models.")
     sub = parser.add_subparsers(dest="command", required=True)
-    q = sub.add_parser("quantize", help="run the six-stage quantization flow",
+    q = sub.add_parser("quantize", help="run the quantization flow",
                        description="Run download → statistics → allocation → quantization → kernel validation → "
                                    "evaluation as a Prefect flow and publish every artifact under one run prefix of the store. "
                                    "With no options it quantizes the bundled mixtral-tiny WordNet fine-tune (against its base) into ./expertbits-store.")
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     flow = quantize_moe if args.command == "quantize" else league_table
     api = nullcontext()
     if args.dask is not None or os.environ.get("EXPERTBITS_DASK"):
-        flow, api = flow.with_options(task_runner=task_runner(args.dask)), shared_api()
+        flow, api = flow.with_options(task_runner=task_runner(args.dask)), shared_api(args.dask)
     try:
         with api:
             manifest = flow(params)

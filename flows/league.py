@@ -21,16 +21,17 @@ from expertbits.tasks.parts import league_cells
 from expertbits.tasks.stages import calibrate_experts, check_store, extract_statistics, fetch_checkpoint, route_experts
 
 from .params import LeagueParams
-from .scale import cell_chunks, gather, layer_chunks, per_layer, task_runner
+from .scale import absolute_store, cell_chunks, gather, layer_chunks, per_layer, task_runner
 
 
 @flow(name="expertbits-league", log_prints=True, task_runner=task_runner())
 def league_table(params: LeagueParams = LeagueParams()) -> RunManifest:
     """Evaluate every allocator at every budget on one checkpoint pair and publish the league table."""
     p = params
-    io = dict(store=p.store, storage_options=p.storage_options)
+    store = absolute_store(p.store)  # Dask workers resolve a relative path against their own folder
+    io = dict(store=store, storage_options=p.storage_options)
     local = dict(cache_dir=p.cache_dir, storage_options=p.storage_options)
-    check_store(p.store, p.storage_options)
+    check_store(store, p.storage_options)
 
     finetuned = fetch_checkpoint(p.checkpoint, p.cache_dir, p.storage_options)
     reference = fetch_checkpoint(p.reference, p.cache_dir, p.storage_options) if p.reference else None
@@ -40,13 +41,13 @@ def league_table(params: LeagueParams = LeagueParams()) -> RunManifest:
     routing = route_experts(finetuned, p.calibration_text, p.eval_seq_len, p.calibration_windows, cache_dir=p.cache_dir, **io)
     calibrations = [calibrate_experts(routing, p.widths(symmetric), p.group_size, symmetric, per_layer(
         "calibration", layers, checkpoint=finetuned, routing=routing, bit_widths=p.widths(symmetric),
-        group_size=p.group_size, symmetric=symmetric, store=p.store, **local), **io)
+        group_size=p.group_size, symmetric=symmetric, store=store, **local), **io)
                     for symmetric in p.grid().symmetric]  # errors of each quantizer the grid measures
     league = dict(checkpoint=finetuned, stats=stats, calibrations=calibrations, grid=asdict(p.grid()),
                   text_uri=p.eval_text, seq_len=p.eval_seq_len, windows=p.eval_windows, task_name=p.task,
                   task_examples=p.task_examples)
     cells = gather(league_cells.map(cell_chunks(len(p.grid().cells())), **{k: unmapped(v) for k, v in league.items()},
-                                    store=unmapped(p.store), **{k: unmapped(v) for k, v in local.items()}))
+                                    store=unmapped(store), **{k: unmapped(v) for k, v in local.items()}))
     result = run_league(**league, cells=cells, cache_dir=p.cache_dir, **io)
 
     return publish_league(p.model_dump(mode="json"), stats, calibrations, result, **io)

@@ -1,4 +1,4 @@
-"""The expertbits flow: six stages, each a cached, retryable Prefect task passing URIs and digests.
+"""The expertbits flow: its stages are cached, retryable Prefect tasks passing URIs and digests.
 
     download → statistics (+ routing and calibration, for allocators that use routing or error)
     → allocation → quantization → kernel validation → evaluation → publish
@@ -34,16 +34,17 @@ from expertbits.tasks.stages import (
 )
 
 from .params import QuantizeParams
-from .scale import layer_chunks, per_layer, task_runner
+from .scale import absolute_store, layer_chunks, per_layer, task_runner
 
 
 @flow(name="expertbits-quantize", log_prints=True, task_runner=task_runner())
 def quantize_moe(params: QuantizeParams = QuantizeParams()) -> RunManifest:
     """Quantize a fine-tuned MoE checkpoint with per-expert bit-widths and publish every artifact."""
     p = params
-    io = dict(store=p.store, storage_options=p.storage_options)
+    store = absolute_store(p.store)  # Dask workers resolve a relative path against their own folder
+    io = dict(store=store, storage_options=p.storage_options)
     local = dict(cache_dir=p.cache_dir, storage_options=p.storage_options)
-    check_store(p.store, p.storage_options)
+    check_store(store, p.storage_options)
 
     finetuned = fetch_checkpoint(p.checkpoint, p.cache_dir, p.storage_options)
     reference = fetch_checkpoint(p.reference, p.cache_dir, p.storage_options) if p.reference else None
@@ -56,13 +57,13 @@ def quantize_moe(params: QuantizeParams = QuantizeParams()) -> RunManifest:
                                 cache_dir=p.cache_dir, **io)
         calibration = calibrate_experts(routing, p.bit_widths, p.group_size, p.symmetric, per_layer(
             "calibration", layers, checkpoint=finetuned, routing=routing, bit_widths=p.bit_widths,
-            group_size=p.group_size, symmetric=p.symmetric, store=p.store, **local), **io)
+            group_size=p.group_size, symmetric=p.symmetric, store=store, **local), **io)
     allocation = allocate_bits(stats, calibration, asdict(p.allocation_config()), **io)
     quantized = quantize_experts(finetuned, allocation, p.group_size, p.symmetric, per_layer(
         "quantization", layers, checkpoint=finetuned, allocation=allocation, group_size=p.group_size,
-        symmetric=p.symmetric, store=p.store, **local), cache_dir=p.cache_dir, **io)
+        symmetric=p.symmetric, store=store, **local), cache_dir=p.cache_dir, **io)
     validation = validate_kernels(quantized, p.validation_rtol, per_layer(
-        "validation", layers, quantized=quantized, checkpoint=finetuned, rtol=p.validation_rtol, store=p.store,
+        "validation", layers, quantized=quantized, checkpoint=finetuned, rtol=p.validation_rtol, store=store,
         **local), **io)
     evaluation = evaluate_model(finetuned, quantized, p.eval_text, p.eval_seq_len, p.eval_windows, cache_dir=p.cache_dir, **io)
 

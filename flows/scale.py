@@ -14,6 +14,7 @@ another worker. The results are byte-identical whichever way they ran (tested).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from contextlib import contextmanager
 
 from prefect import unmapped
@@ -44,14 +45,29 @@ def task_runner(address: str | None = None):
     return DaskTaskRunner(address=address)
 
 
+def absolute_store(store: str) -> str:
+    """A local store as an absolute path: workers resolve a relative one against their own folder."""
+    if "://" in store and not store.startswith("file://"):
+        return store
+    return str(Path(store.removeprefix("file://")).expanduser().resolve())
+
+
 @contextmanager
-def shared_api():
+def shared_api(address: str | None):
     """An API the Dask workers can report to. Without PREFECT_API_URL each process would start its
-    own temporary server and the workers' task runs would be invisible to the flow's; so one
-    temporary server is started here and its URL put in the environment the workers inherit."""
+    own temporary server and the workers' task runs would be invisible to the flow's; so for a
+    local cluster one temporary server is started here and its URL put in the environment the
+    workers inherit. Workers of a remote scheduler cannot reach it: they need PREFECT_API_URL."""
     if os.environ.get("PREFECT_API_URL"):
         yield
         return
+    address = address if address is not None else os.environ.get(ENV, "")
+    if address and not address.startswith("local") and not any(h in address for h in ("127.0.0.1", "localhost")):
+        from expertbits.tasks.errors import ExpertbitsError
+
+        raise ExpertbitsError(f"the Dask workers of {address} need a Prefect API they can reach, and PREFECT_API_URL "
+                              "is not set", "start a Prefect server (prefect server start, or expertbits dev up) and set "
+                              "PREFECT_API_URL to its address on this machine and on the workers")
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL, temporary_settings
 

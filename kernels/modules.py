@@ -113,6 +113,7 @@ class GatedExperts(nn.Module):
                 self.on_hidden(e, token, h)
             y = linear(h, down) * top_k_weights[token, slot, None]
             out.index_add_(0, token, y.to(out.dtype))
+            del gate, up, down  # before the next expert is read: one expert's weights at a time
         return out
 
 

@@ -65,6 +65,9 @@ class MoEModel:
     model_type: str
     layout: str  # "per-expert" | "fused"
     layers: tuple[MoELayer, ...]
+    # decoder layers stored beyond the config's num_hidden_layers (DeepSeek-V3's multi-token-prediction
+    # layer): transformers never builds them, so they are kept as stored, not quantized
+    kept_as_stored: tuple[int, ...] = ()
 
     @property
     def matrices(self) -> list[ExpertMatrix]:
@@ -157,10 +160,14 @@ def _detect(ckpt: Checkpoint) -> MoEModel:
                 f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}; add an adapter in tasks/adapters.py",
             )
         raise _dense(ckpt, model_type)
+    limit = None if ckpt.config.get("is_encoder_decoder") else ckpt.config.get("num_hidden_layers")
     for spec in _SPECS[model_type]:
         routers = {_layer(m, ckpt.config): k for k in names if (m := re.fullmatch(spec.router, k))}
-        if routers:
-            return _build(ckpt, model_type, spec, routers)
+        beyond = {layer: k for layer, k in routers.items() if limit is not None and layer >= limit}
+        if len(beyond) < len(routers):
+            model = _build(ckpt, model_type, spec, {k: v for k, v in routers.items() if k not in beyond},
+                           {block_of(k) for k in beyond.values()})
+            return MoEModel(model.model_type, model.layout, model.layers, tuple(sorted(beyond)))
     raise _dense(ckpt, model_type)
 
 
@@ -186,8 +193,8 @@ def _refuse_fp8(ckpt: Checkpoint, keys: list[str]) -> None:
             "and point expertbits at that copy")
 
 
-def _build(ckpt: Checkpoint, model_type: str, spec: _Spec, routers: dict[int, str]) -> MoEModel:
-    names = ckpt.tensors
+def _build(ckpt: Checkpoint, model_type: str, spec: _Spec, routers: dict[int, str], skipped: set[str]) -> MoEModel:
+    names = {k: v for k, v in ckpt.tensors.items() if block_of(k) not in skipped}
     _refuse_fp8(ckpt, [k for k in names if re.fullmatch(spec.per_expert, k) or ".experts." in k])
     per_expert: dict[int, dict[tuple[int, str], str]] = defaultdict(dict)
     for k in names:

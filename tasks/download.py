@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -174,7 +175,7 @@ def _fetch_verified(scheme: str, location: str, storage_options, part: Path, nam
     for name in names:
         if (part / name).is_file():
             continue
-        tmp = part / f".{name}.incoming-{os.getpid()}"
+        tmp = part / f".{name}.incoming-{uuid.uuid4().hex}"
         if scheme == "file":
             shutil.copyfile(Path(location) / name, tmp)
         else:
@@ -200,7 +201,7 @@ def _remote_header(scheme: str, location: str, storage_options, name: str, uri: 
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.incoming-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.incoming-{uuid.uuid4().hex}")
     tmp.write_text(text)
     tmp.rename(path)
 

@@ -48,7 +48,7 @@ def examples(ids: torch.Tensor, tokenizer, seq2seq: bool) -> list[tuple[dict, to
 
 def log_probs(model, inputs: dict) -> torch.Tensor:
     """Log-probabilities of the predictions aligned with the targets of `examples` (one example)."""
-    logits = model(**inputs).logits[0].float()
+    logits = model(**inputs, use_cache=False).logits[0].float()
     return torch.log_softmax(logits if "labels" in inputs else logits[:-1], -1)
 
 
@@ -88,13 +88,17 @@ class Reference:
             raise CheckpointError(f"{fp_path}: no usable tokenizer ({e})", "save the tokenizer with the checkpoint") from e
         self.pairs = examples(token_windows(text, self.tokenizer, seq_len, windows), self.tokenizer, self.seq2seq)
         self._files = ExitStack()
-        self.model = self._files.enter_context(streamed(fp_path))
-        self.log_probs = all_log_probs(self.model, self.pairs, self.tokenizer.pad_token_id)
+        try:
+            self.model = self._files.enter_context(streamed(fp_path))
+            self.log_probs = all_log_probs(self.model, self.pairs, self.tokenizer.pad_token_id)
+        except BaseException:
+            self._files.close()
+            raise
         self.nll = -sum(float(lp.gather(1, t[:, None]).sum()) for lp, (_, t) in zip(self.log_probs, self.pairs))
         self.count = sum(len(t) for _, t in self.pairs)
 
     def task_accuracy(self, task) -> float:
-        """The full-precision model's score on a task (see league.task), computed once."""
+        """The full-precision model's score on a task (see league.task), computed once per task object."""
         if getattr(self, "_task", (None,))[0] is not task:
             self._task = (task, task(self.model, self.tokenizer))
         return self._task[1]

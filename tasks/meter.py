@@ -8,7 +8,8 @@ Two peaks are kept apart, because they mean different things:
   start of the block), which also counts pages of memory-mapped safetensors files that the
   kernel may drop at any time.
 
-Off Linux both are None. Sampling can miss a peak shorter than `interval`; VmHWM cannot.
+Off Linux both are None. Sampling can miss a peak shorter than `interval`; VmHWM cannot, but it
+is per process: blocks metered at once in threads of one process share it.
 
 Stage figures are logged, never written into the content-addressed artifacts (which stay
 byte-identical across reruns); with EXPERTBITS_MEASURE_FILE set, each stage also appends one
@@ -53,10 +54,11 @@ class Meter:
                 return
 
     def __enter__(self) -> "Meter":
+        self._reset = True
         try:  # "5" resets the peak resident set size (VmHWM) of this process
             Path("/proc/self/clear_refs").write_text("5")
         except OSError:
-            pass
+            self._reset = False  # VmHWM would be the process's lifetime peak: not reported
         self.start = time.perf_counter()
         self._thread = threading.Thread(target=self._sample, daemon=True, name="expertbits-meter")
         self._thread.start()
@@ -66,7 +68,7 @@ class Meter:
         self.seconds = time.perf_counter() - self.start
         self._stop.set()
         self._thread.join()
-        self.peak_rss = _status("VmHWM")
+        self.peak_rss = _status("VmHWM") if self._reset else None
 
     def figures(self) -> dict:
         return {"seconds": round(self.seconds, 3), "peak_anon_bytes": self.peak_anon,

@@ -12,7 +12,9 @@ computed them.
 
 from __future__ import annotations
 
+import json
 import tempfile
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -73,13 +75,17 @@ def _quantization(position: int, checkpoint: CheckpointRecord, allocation: Stage
 
 def _validation(position: int, quantized: StageOutput, checkpoint: CheckpointRecord, rtol: float, store: str,
                 storage_options: dict, cache_dir: str | None) -> dict:
-    """Fetch only the config, the index and the layer's shard."""
+    """Fetch only the config, the index and the shards of the layer's packed matrices."""
     st = Store(store, storage_options)
-    layers = quantized.summary["moe_layers"]
+    meta = ["config.json", "model.safetensors.index.json"]
     with tempfile.TemporaryDirectory() as tmp, Checkpoint.open(layer_path(checkpoint, [position], cache_dir,
                                                                            storage_options)) as src:
-        names = ["config.json", "model.safetensors.index.json", quantize.shard_name(position + 1, layers)]
-        qpath = local_copy(st, quantized, Path(tmp), only=names)
+        folder = local_copy(st, quantized, Path(tmp), only=meta)
+        qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+        weight_map = json.loads((folder / meta[1]).read_text())["weight_map"]
+        layer = int(sorted(qc["experts_modules"], key=int)[position])
+        shards = sorted({weight_map[f"{n}.qweight"] for n, info in qc["modules"].items() if info["layer"] == layer})
+        qpath = local_copy(st, quantized, Path(tmp), only=meta + shards)
         return validate.validate_layer(qpath, src, position, rtol=rtol)
 
 
@@ -123,13 +129,18 @@ def layer_work(stage: str, positions: list[int], inputs: dict) -> list[dict]:
     return out
 
 
-_LEAGUE: dict[tuple, tuple] = {}  # per process: the tables, the reference and the cell writer, read once
+_LEAGUE: dict[tuple, tuple] = {}  # per process: the tables, the reference, the cell writer and the task, made once
+_LEAGUE_LOCK = threading.Lock()  # a worker with several threads runs one cell at a time: they share the reference model
 
 
-def _league_env(checkpoint, stats, calibrations, grid, text_uri, seq_len, windows, store, storage_options, cache_dir):
+def _league_env(checkpoint, stats, calibrations, grid, text_uri, seq_len, windows, task_name, task_examples, store,
+                storage_options, cache_dir):
     ident = (checkpoint.digest, stats.key, tuple(c.key for c in calibrations), text_digest(text_uri, storage_options),
-             seq_len, windows, grid.group_size)
+             seq_len, windows, grid.group_size, task_name, task_examples)
     if ident not in _LEAGUE:
+        for old in _LEAGUE.values():  # one league at a time per process: release the previous one first
+            old[3].close()
+        _LEAGUE.clear()
         st = Store(store, storage_options)
         path = ckpt_path(checkpoint, cache_dir, storage_options)
         with tempfile.TemporaryDirectory() as tmp:
@@ -137,9 +148,8 @@ def _league_env(checkpoint, stats, calibrations, grid, text_uri, seq_len, window
             table = statistics.read_stats(local_copy(st, stats, tmp) / "expert_stats.parquet")
             read = [read_calibration(st, c, tmp / f"calibration-{i}") for i, c in enumerate(calibrations)]
         reference = league.Reference(path, read_text(text_uri, storage_options), seq_len=seq_len, windows=windows)
-        _LEAGUE.clear()  # one league at a time per process: the previous reference's files are released
         _LEAGUE[ident] = (table, read[0][0], {s: q for s, (_, q) in zip(grid.symmetric, read)}, reference,
-                          league.CellWriter(path, grid.group_size))
+                          league.CellWriter(path, grid.group_size), league.task(task_name, task_examples))
     return _LEAGUE[ident]
 
 
@@ -156,7 +166,8 @@ def league_cells(indices: list[int], checkpoint: CheckpointRecord, stats: StageO
                  store: str, storage_options: dict, cache_dir: str | None) -> list[dict]:
     """Some cells of the league grid, each allocated, written and evaluated (see league.run_cell)."""
     g = league.Grid.from_dict(grid)
-    table, calib, qerrors, reference, writer = _league_env(checkpoint, stats, calibrations, g, text_uri, seq_len,
-                                                           windows, store, storage_options, cache_dir)
-    return [league.run_cell(i, table, calib, qerrors, g, reference, writer, league.task(task_name, task_examples))
-            for i in indices]
+    with _LEAGUE_LOCK:
+        table, calib, qerrors, reference, writer, task = _league_env(
+            checkpoint, stats, calibrations, g, text_uri, seq_len, windows, task_name, task_examples, store,
+            storage_options, cache_dir)
+        return [league.run_cell(i, table, calib, qerrors, g, reference, writer, task) for i in indices]

@@ -5,9 +5,9 @@ every quantized matrix (its bits, shape and the source tensor it came from), the
 safetensors shards written MoE layer by MoE layer (memory: one layer's packed weights and one
 matrix in floating point), each shard whole or absent (written under a temporary name):
 
-  model-00001-of-0000N.safetensors   every tensor outside the MoE decoder layers (embeddings, head,
-                                     final norm, dense layers), byte-for-byte as stored
-  model-0000k-of-0000N.safetensors   the (k-1)-th MoE decoder layer: its other tensors (attention,
+  model-00001-of-0000N.safetensors   embeddings, head, final norm, as stored; then one shard per dense
+  …                                  decoder layer (as stored), then one per MoE decoder layer:
+  model-0000k-of-0000N.safetensors   its other tensors (attention,
                                      norms, router, shared experts) as stored and, per expert
                                      matrix, `<name>.qweight` int32 [N, ⌈K/(32//b)⌉],
                                      `<name>.scales` fp16 [N, ⌈K/G⌉], `<name>.zeros` uint8 [N, ⌈K/G⌉]
@@ -20,6 +20,8 @@ Routers, attention, embeddings, norms and shared experts stay as stored.
 from __future__ import annotations
 
 import json
+import re
+import uuid
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -60,7 +62,7 @@ def quantize_checkpoint(src: Path, alloc: pd.DataFrame, group_size: int, out: Pa
     with Checkpoint.open(src) as ckpt:
         layers = detect(ckpt).layers
         check_allocation(ckpt, alloc)
-        parts = [write_rest(ckpt, out)]
+        parts = write_rest(ckpt, out)
         for i, layer in enumerate(layers):
             parts.append(quantize_layer(ckpt, i, alloc, group_size, symmetric, out, quantizer))
             if progress:
@@ -68,18 +70,16 @@ def quantize_checkpoint(src: Path, alloc: pd.DataFrame, group_size: int, out: Pa
     return finish(src, alloc, group_size, symmetric, parts, out)
 
 
-def shard_name(position: int, layers: int) -> str:
-    """Shard 1 holds every tensor outside the MoE layers; shard k + 2 the k-th MoE layer's."""
-    return f"model-{position + 1:05d}-of-{layers + 1:05d}.safetensors"
+def _plan(ckpt: Checkpoint) -> tuple[list[list[str]], list[list[str]]]:
+    """(tensors of each shard not quantized, non-expert tensors of each MoE layer's decoder layer).
 
-
-def _layer_keys(ckpt: Checkpoint) -> tuple[list[list[str]], list[str]]:
-    """(non-expert tensors of each MoE layer's decoder layer, every other non-expert tensor)."""
+    Shards, in order: embeddings, head and final norm; each dense decoder layer (and any layer
+    kept as stored); then one per MoE layer. One block per shard bounds memory by one layer."""
     model = detect(ckpt)
     experts = {m.key for m in model.matrices}
     blocks = [block_of(layer.router_key) for layer in model.layers]
     own: list[list[str]] = [[] for _ in blocks]
-    rest = []
+    rest: dict[str, list[str]] = {}
     for k in sorted(ckpt.tensors):
         if k in experts:
             continue
@@ -87,8 +87,16 @@ def _layer_keys(ckpt: Checkpoint) -> tuple[list[list[str]], list[str]]:
         if b and b in blocks:
             own[blocks.index(b)].append(k)
         else:
-            rest.append(k)
-    return own, rest
+            rest.setdefault(b, []).append(k)
+    return [rest[b] for b in sorted(rest, key=_natural)], own
+
+
+def _natural(name: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def shard_name(index: int, total: int) -> str:
+    return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
 
 
 def check_allocation(ckpt: Checkpoint, alloc: pd.DataFrame) -> None:
@@ -101,7 +109,7 @@ def check_allocation(ckpt: Checkpoint, alloc: pd.DataFrame) -> None:
 
 def _save(tensors: dict, out: Path, name: str) -> str:
     """Write a shard under a temporary name, then rename: a shard that exists is whole."""
-    tmp = out / f".{name}.incoming"
+    tmp = out / f".{name}.incoming-{uuid.uuid4().hex}"
     # one metadata key only: safetensors writes metadata in hash-map order, so two keys break
     # byte-reproducibility
     save_file(tensors, tmp, metadata={"format": "pt"})
@@ -109,11 +117,16 @@ def _save(tensors: dict, out: Path, name: str) -> str:
     return name
 
 
-def write_rest(ckpt: Checkpoint, out: Path) -> dict:
-    """Shard 1: embeddings, head, norms and dense decoder layers, byte-for-byte as stored."""
-    _, rest = _layer_keys(ckpt)
-    name = _save({k: ckpt.read(k).contiguous() for k in rest}, out, shard_name(0, len(detect(ckpt).layers)))
-    return {"file": name, "bytes": (out / name).stat().st_size, "keys": rest, "modules": {}, "stored_bits": 0.0, "numel": 0}
+def write_rest(ckpt: Checkpoint, out: Path) -> list[dict]:
+    """The shards of everything not quantized (embeddings, head, norms, dense decoder layers),
+    byte-for-byte as stored, one block at a time."""
+    rest, own = _plan(ckpt)
+    parts = []
+    for i, keys in enumerate(rest):
+        name = _save({k: ckpt.read(k).contiguous() for k in keys}, out, shard_name(i, len(rest) + len(own)))
+        parts.append({"file": name, "bytes": (out / name).stat().st_size, "keys": keys, "modules": {},
+                      "stored_bits": 0.0, "numel": 0})
+    return parts
 
 
 def quantize_layer(ckpt: Checkpoint, position: int, alloc: pd.DataFrame, group_size: int, symmetric: bool, out: Path,
@@ -125,7 +138,8 @@ def quantize_layer(ckpt: Checkpoint, position: int, alloc: pd.DataFrame, group_s
     model = detect(ckpt)
     layer = model.layers[position]
     bits_of = {(int(r.layer), int(r.expert)): int(r.bits) for r in alloc.itertuples() if int(r.layer) == layer.layer}
-    tensors = {k: ckpt.read(k).contiguous() for k in _layer_keys(ckpt)[0][position]}
+    rest, own = _plan(ckpt)
+    tensors = {k: ckpt.read(k).contiguous() for k in own[position]}
     modules, stored_bits, numel = {}, 0.0, 0
     for m in layer.matrices:
         w = ckpt.read(m.key, m.index, m.rows)
@@ -141,7 +155,7 @@ def quantize_layer(ckpt: Checkpoint, position: int, alloc: pd.DataFrame, group_s
                                                               "rows": list(m.rows) if m.rows else None}}
         stored_bits += effective_bits(bits, group_size, q.shape[1]) * w.numel()
         numel += w.numel()
-    name = _save(tensors, out, shard_name(position + 1, len(model.layers)))
+    name = _save(tensors, out, shard_name(len(rest) + position, len(rest) + len(own)))
     return {"file": name, "bytes": (out / name).stat().st_size, "keys": sorted(tensors), "modules": modules,
             "stored_bits": stored_bits, "numel": numel}
 
@@ -171,6 +185,8 @@ def finish(src: Path, alloc: pd.DataFrame, group_size: int, symmetric: bool, par
         "expert_bits": expert_bits, "modules": modules,
         "base_model_type": config.get("model_type"),
         "experts_modules": {str(layer.layer): layer.experts_module for layer in model.layers},
+        # decoder layers beyond num_hidden_layers (DeepSeek-V3's multi-token prediction), kept as stored
+        "kept_as_stored": [f"{block_of(model.layers[0].router_key).rsplit('.', 1)[0]}.{n}" for n in model.kept_as_stored],
     }
     # the marker model type makes a transformers without expertbits refuse the folder (see loader.py)
     config = dict(config, model_type=MODEL_TYPE, quantization_config=qconfig)

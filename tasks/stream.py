@@ -10,8 +10,8 @@ shape without storage. Then:
   weights (embeddings, final norm, lm_head), reads its weights from the safetensors files right
   before its forward and drops them right after.
 
-So a forward over a batch of all windows runs the embedding once, then each layer over all
-windows, keeping only the hidden states in between:
+So a forward over a batch of windows (with the KV cache off) runs the embedding once, then each
+layer over all of them, keeping only the hidden states in between:
 
     memory ≈ one layer's non-expert weights + one expert + activations of the batch
 
@@ -22,6 +22,7 @@ silently dropped weight. One code path serves every model, from the zoo's to Mix
 
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 from contextlib import contextmanager
@@ -34,20 +35,27 @@ from torch import nn
 from expertbits.kernels.modules import LazyExperts, LazyLinear, check_gated
 from expertbits.kernels.packing import QuantizedTensor
 
-from .adapters import detect, load_renames
+from .adapters import block_of, detect, load_renames
 from .checkpoint import Checkpoint
 from .errors import CheckpointError
 
 PACKED_SUFFIXES = ("qweight", "scales", "zeros")
 
 
+KEEP_BYTES = 256 << 20
+
+
 @contextmanager
-def streamed(path: Path, *, dtype: torch.dtype = torch.float32) -> Iterator[nn.Module]:
+def streamed(path: Path, *, dtype: torch.dtype = torch.float32, keep_bytes: int = KEEP_BYTES) -> Iterator[nn.Module]:
     """The model at `path` (a checkpoint folder or an expertbits-quantized folder), in eval mode,
-    with its weights read layer by layer while it runs. Files stay open until the block exits."""
+    with its weights read layer by layer while it runs. Files stay open until the block exits.
+
+    A model whose non-expert weights fit in `keep_bytes` (in `dtype`) keeps each layer's weights
+    once read, so many small forwards (a task's examples) do not reread them; a larger one drops
+    them after every forward of the layer. Experts are read when used either way."""
     path = Path(path)
     with Checkpoint.open(path) as ckpt:
-        yield _build(path, ckpt, dtype)
+        yield _build(path, ckpt, dtype, keep_bytes)
 
 
 def is_seq2seq(path: Path) -> bool:
@@ -56,7 +64,7 @@ def is_seq2seq(path: Path) -> bool:
     return bool(getattr(AutoConfig.from_pretrained(path), "is_encoder_decoder", False))
 
 
-def _build(path: Path, ckpt: Checkpoint, dtype: torch.dtype) -> nn.Module:
+def _build(path: Path, ckpt: Checkpoint, dtype: torch.dtype, keep_bytes: int) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     qc = ckpt.config.get("quantization_config") or {}
@@ -75,9 +83,13 @@ def _build(path: Path, ckpt: Checkpoint, dtype: torch.dtype) -> nn.Module:
     model.eval().requires_grad_(False)
     _init_meta_buffers(model, path)
     used = _install_packed(model, ckpt, qc, path) if packed else _install_fp(model, ckpt, path, dtype)
-    used |= _hook_units(model, ckpt, path, dtype, load_renames(config.model_type))
+    used |= _hook_units(model, ckpt, path, dtype, load_renames(config.model_type), keep_bytes)
     ignore = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())]
-    unused = sorted(k for k in ckpt.tensors if k not in used and not any(p.search(k) for p in ignore))
+    # decoder layers beyond num_hidden_layers (DeepSeek-V3's multi-token prediction) are not the model's
+    beyond = set(qc.get("kept_as_stored") or ()) if packed else {
+        f"{block_of(detect(ckpt).layers[0].router_key).rsplit('.', 1)[0]}.{n}" for n in detect(ckpt).kept_as_stored}
+    unused = sorted(k for k in ckpt.tensors if k not in used and not any(p.search(k) for p in ignore)
+                    and block_of(k) not in beyond)
     if unused:
         raise CheckpointError(f"{path}: {len(unused)} stored tensors belong to no module of the "
                               f"{type(model).__name__} transformers builds, e.g. {unused[:3]}",
@@ -224,7 +236,7 @@ def _own_tensors(module: nn.Module, recurse: bool = False) -> list[tuple[nn.Modu
 
 
 def _hook_units(model: nn.Module, ckpt: Checkpoint, path: Path, dtype: torch.dtype,
-                renames: tuple[tuple[str, str], ...]) -> set[str]:
+                renames: tuple[tuple[str, str], ...], keep_bytes: int) -> set[str]:
     tied = model.get_expanded_tied_weights_keys() if hasattr(model, "get_expanded_tied_weights_keys") else {}
     full = {id(m): n for n, m in model.named_modules()}
 
@@ -236,7 +248,7 @@ def _hook_units(model: nn.Module, ckpt: Checkpoint, path: Path, dtype: torch.dty
                 return name.replace(new, old)
         return stored(tied[name]) if name in tied else None
 
-    used, missing = set(), []
+    used, missing, plans = set(), [], []
     for unit_name, unit in _units(model):
         plan = []
         for owner, local, is_param in _own_tensors(unit, recurse=type(unit).__name__ in (model._no_split_modules or ())):
@@ -247,8 +259,12 @@ def _hook_units(model: nn.Module, ckpt: Checkpoint, path: Path, dtype: torch.dty
                 continue
             plan.append((owner, local, is_param, key, tuple(getattr(owner, local).shape)))
             used.add(key)
+        plans.append((unit, plan))
+    keep = sum(math.prod(shape) for _, plan in plans for *_, shape in plan) * dtype.itemsize <= keep_bytes
+    for unit, plan in plans:
         unit.register_forward_pre_hook(_onload(ckpt, plan, dtype, path))
-        unit.register_forward_hook(_offload(plan, dtype))
+        if not keep:
+            unit.register_forward_hook(_offload(plan, dtype))
     if missing:
         raise CheckpointError(f"{path}: {len(missing)} weights of the model have no stored tensor, e.g. {missing[:3]}",
                               "the checkpoint is incomplete or does not match its config.json; re-export it")
@@ -258,6 +274,8 @@ def _hook_units(model: nn.Module, ckpt: Checkpoint, path: Path, dtype: torch.dty
 def _onload(ckpt: Checkpoint, plan: list, dtype: torch.dtype, path: Path):
     def hook(module, args):
         for owner, local, is_param, key, shape in plan:
+            if not getattr(owner, local).is_meta:
+                continue  # kept from an earlier forward (a small model)
             t = ckpt.read(key)
             if tuple(t.shape) != shape:
                 raise CheckpointError(f"{path}: {key} has shape {tuple(t.shape)}, the model expects {shape}",
@@ -293,8 +311,8 @@ def batches(pairs: list[tuple[dict, torch.Tensor]], pad_id: int, vocab: int,
     for start in range(0, len(pairs), per):
         idx = list(range(start, min(start + per, len(pairs))))
         chunk = [pairs[i][0] for i in idx]
-        if "labels" not in chunk[0]:
-            yield {"input_ids": torch.cat([c["input_ids"] for c in chunk])}, idx
+        if "labels" not in chunk[0]:  # no KV cache: it would hold every layer's keys and values
+            yield {"input_ids": torch.cat([c["input_ids"] for c in chunk]), "use_cache": False}, idx
             continue
         n_in = max(c["input_ids"].shape[1] for c in chunk)
         n_out = max(c["labels"].shape[1] for c in chunk)
@@ -305,4 +323,4 @@ def batches(pairs: list[tuple[dict, torch.Tensor]], pad_id: int, vocab: int,
             ids[b, : c["input_ids"].shape[1]] = c["input_ids"][0]
             mask[b, : c["input_ids"].shape[1]] = 1
             labels[b, : c["labels"].shape[1]] = c["labels"][0]
-        yield {"input_ids": ids, "attention_mask": mask, "labels": labels}, idx
+        yield {"input_ids": ids, "attention_mask": mask, "labels": labels, "use_cache": False}, idx

@@ -70,21 +70,23 @@ def validate_layer(qpath: Path, src: Checkpoint, position: int, *, batch: int = 
         quant_ok = _within_half_step(original, q)
         rows.append({"name": name, "bits": q.bits, "rows": n, "cols": k, "kernel_rows": kq.shape[0], "max_abs_error": err,
                      "rel_error": rel, "quant_error_ok": quant_ok, "passed": rel <= rtol and quant_ok})
-    return {"rows": rows, "kernel_seconds": kernel_s}
+    return {"rows": rows, "kernel_seconds": kernel_s, "interpreted": interpreted(),
+            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
 
 
 def summarize(parts: list[dict], rtol: float) -> tuple[pd.DataFrame, dict]:
-    from expertbits.kernels.dequant_matmul import interpreted
-
+    """One report from the layers' parts; device and timing are those of the processes that ran
+    the kernel (Dask workers may differ from the flow's machine)."""
     report = pd.DataFrame([r for p in parts for r in p["rows"]])
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    devices = sorted({p["device"] for p in parts})
+    interpreted = sorted({p["interpreted"] for p in parts})
     summary = {
         "matrices": len(report), "failed": int((~report.passed).sum()), "rtol": rtol,
         "max_rel_error": float(report.rel_error.max()), "max_abs_error": float(report.max_abs_error.max()),
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        "triton_interpreter": interpreted(),
-        # interpreter timings say nothing about the kernel, so none are reported
-        "kernel_seconds": None if interpreted() else round(sum(p["kernel_seconds"] for p in parts), 4),
+        "device": devices[0] if len(devices) == 1 else ", ".join(devices),
+        "triton_interpreter": interpreted[0] if len(interpreted) == 1 else "mixed",
+        # interpreter timings say nothing about the kernel, so none are reported (nor a mixed sum)
+        "kernel_seconds": round(sum(p["kernel_seconds"] for p in parts), 4) if interpreted == [False] else None,
     }
     return report, summary
 

@@ -130,6 +130,15 @@ def test_deployments_ui_run_watcher_trigger_dedup_and_schema(platform, s3, micro
         listed = catalog.list_runs(Store(store, options))
         assert list(listed.checkpoint) == [form["checkpoint"]]
 
+        # 2b. the same deployment with the Dask job variable maps its per-layer work onto a local cluster
+        spread = client.create_flow_run_from_deployment(found["quantize"].id, parameters={"params": dict(form, avg_bits=3.0)},
+                                                        job_variables={"env": {"EXPERTBITS_DASK": "local:2"}})
+        assert _until("the Dask run", lambda: _finished(client, spread.id), 240).state.is_completed()
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+        names = {t.name for t in client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[spread.id])))}
+        assert {"quantization-layers-[0]", "quantization-layers-[1]"} <= names, sorted(names)  # one task per layer
+
         # 3. a checkpoint uploaded into the watched prefix is announced, and its run completes
         fs.put(str(ft) + "/", f"{watched}/m1/", recursive=True)
         watch = client.create_flow_run_from_deployment(found["watch"].id)

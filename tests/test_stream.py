@@ -39,7 +39,7 @@ def test_streamed_model_equals_the_model_transformers_loads(arch, fused, tmp_pat
     inputs = _inputs(arch)
     with torch.no_grad():
         want = _auto(arch).from_pretrained(path, dtype=torch.float32).eval()(**inputs).logits
-        with streamed(path) as model:
+        with streamed(path, keep_bytes=0) as model:
             assert any(isinstance(m, (LazyExperts, LazyLinear)) for m in model.modules())
             assert all(p.is_meta for p in model.parameters())  # nothing is held between forwards
             got = model(**inputs).logits
@@ -71,7 +71,7 @@ def test_only_the_running_layer_is_in_memory(tmp_path):
     """While decoder layer i runs, the model holds exactly layer i's non-expert weights."""
     path = build("qwen2_moe", tmp_path / "m", fused=True)
     seen = []
-    with streamed(path) as model:
+    with streamed(path, keep_bytes=0) as model:
         layers = model.model.layers
 
         def probe(module, args, kwargs):
@@ -90,15 +90,41 @@ def test_only_the_running_layer_is_in_memory(tmp_path):
 
 
 def test_experts_are_read_one_at_a_time(tmp_path):
+    """Each routed expert is read once per forward, and its weights are gone before the next is read."""
+    import gc
+    import weakref
+
     path = build("mixtral", tmp_path / "m", fused=True)
-    with streamed(path) as model:
+    with streamed(path, keep_bytes=0) as model:
         experts = model.model.layers[0].mlp.experts
-        held = []
+        held, alive_at_read = [], []
         read = experts._read
-        experts._read = lambda e: held.append(e) or read(e)
+
+        def watched(e):
+            gc.collect()
+            alive_at_read.append(sum(r() is not None for _, r in held))
+            weights = read(e)
+            held.extend((e, weakref.ref(w)) for w in weights)
+            return weights
+
+        experts._read = watched
         with torch.no_grad():
-            model(input_ids=torch.randint(2, 4096, (2, 16)))
-    assert sorted(held) == sorted(set(held))  # each routed expert read once per forward
+            out = model(input_ids=torch.randint(2, 4096, (2, 16)), use_cache=False)
+    assert out.past_key_values is None  # nothing of earlier layers is kept
+    order = [e for e, _ in held[::3]]
+    assert len(order) > 1 and sorted(order) == sorted(set(order))
+    assert alive_at_read == [0] * len(order)
+
+
+def test_a_small_model_keeps_its_layers_a_large_one_drops_them(tmp_path):
+    path = build("qwen3_moe", tmp_path / "m", fused=True)
+    ids = torch.randint(2, 4096, (1, 8))
+    with streamed(path) as small, torch.no_grad():
+        small(input_ids=ids, use_cache=False)
+        assert not any(p.is_meta for p in small.parameters())
+    with streamed(path, keep_bytes=0) as large, torch.no_grad():
+        large(input_ids=ids, use_cache=False)
+        assert all(p.is_meta for p in large.parameters())
 
 
 def test_batched_log_probs_equal_one_example_at_a_time(tmp_path):
@@ -150,3 +176,66 @@ def test_a_weight_with_no_stored_tensor_is_an_error(tmp_path):
     with pytest.raises(CheckpointError, match=r"no stored tensor.*layers\.1\.self_attn\.q_proj"):
         with streamed(path):
             pass
+
+
+def test_switch_calibration_counts_no_padding(tmp_path, monkeypatch):
+    """Routing statistics from padded encoder-decoder batches equal those of one example per forward."""
+    import expertbits.tasks.stream as stream
+    from expertbits.tasks.calibrate import route
+    from expertbits.zoo import text_path
+
+    import expertbits.tasks.evaluate as evaluate
+
+    path = build("switch_transformers", tmp_path / "m")
+    text = text_path("code-heldout").read_text()[:20_000]
+    examples_ = evaluate.examples
+
+    def ragged(ids, tokenizer, seq2seq):  # windows of one length give examples of one length: vary them
+        out = examples_(ids, tokenizer, seq2seq)
+        return [({"input_ids": x["input_ids"][:, : x["input_ids"].shape[1] - 5 * i],
+                  "labels": x["labels"][:, : x["labels"].shape[1] - i]}, t[: len(t) - i]) for i, (x, t) in enumerate(out)]
+
+    monkeypatch.setattr(evaluate, "examples", ragged)
+    together = route(path, text, seq_len=48, windows=5)
+    batches = stream.batches
+    monkeypatch.setattr(stream, "batches", lambda pairs, pad, vocab: batches(pairs, pad, vocab, logits_bytes=1))
+    alone = route(path, text, seq_len=48, windows=5)
+    pd.testing.assert_frame_equal(together[0], alone[0], check_exact=False, rtol=1e-6)
+    assert together[2]["calibration_tokens"] == alone[2]["calibration_tokens"]
+    for layer, per in alone[1].items():
+        for e, m in per.items():
+            if m is None:
+                assert together[1][layer][e] is None
+            else:
+                for a, b in zip(together[1][layer][e], m):
+                    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_a_layer_beyond_the_config_is_kept_as_stored(tmp_path):
+    """DeepSeek-V3 ships a multi-token-prediction layer after the last one (model.layers.61, which
+    transformers never builds): it is neither quantized nor an error, and is kept as stored."""
+    import expertbits.tasks.loader as loader
+    from expertbits.tasks.adapters import detect
+    from expertbits.tasks.checkpoint import Checkpoint
+
+    path = build("deepseek_v3", tmp_path / "m", fused=True)
+    shard = next(path.glob("*.safetensors"))
+    tensors = load_file(shard)
+    extra = {k.replace("model.layers.1.", "model.layers.2."): v.clone() for k, v in tensors.items()
+             if k.startswith("model.layers.1.")}
+    save_file(dict(tensors, **extra), shard, metadata={"format": "pt"})
+    with Checkpoint.open(path) as ckpt:
+        model = detect(ckpt)
+        assert [layer.layer for layer in model.layers] == [1] and model.kept_as_stored == (2,)
+        alloc = pd.DataFrame([{"layer": 1, "expert": e, "bits": 4} for e in range(model.layers[0].num_experts)])
+    quantize_checkpoint(path, alloc, 16, tmp_path / "q")
+    with Checkpoint.open(tmp_path / "q") as q:
+        for k, v in extra.items():
+            assert torch.equal(q.read(k), v)
+    inputs = _inputs("deepseek_v3")
+    with torch.no_grad():
+        want = loader.load(tmp_path / "q", dtype=torch.float32)[0](**inputs).logits
+        with streamed(tmp_path / "q") as m:
+            torch.testing.assert_close(m(**inputs).logits, want, rtol=0, atol=1e-5)
+        with streamed(path) as m:
+            m(**inputs)

@@ -99,7 +99,7 @@ def supersense_accuracy(model, tok, limit: int | None = None) -> float:
             if seq2seq:
                 x = tok(f"supersense: {gloss}", add_special_tokens=False)["input_ids"]
                 targets = torch.tensor([a + [-100] * (max(map(len, answers)) - len(a)) for a in answers])
-                logp = model(input_ids=torch.tensor([x] * len(labels)), labels=targets).logits.float().log_softmax(-1)
+                logp = model(input_ids=torch.tensor([x] * len(labels)), labels=targets, use_cache=False).logits.float().log_softmax(-1)
                 scores = [sum(float(logp[i, j, t]) for j, t in enumerate(a)) for i, a in enumerate(answers)]
             else:
                 prompt = tok(f"{gloss} =>", add_special_tokens=False)["input_ids"]
@@ -107,7 +107,7 @@ def supersense_accuracy(model, tok, limit: int | None = None) -> float:
                 batch = torch.full((len(labels), width), tok.pad_token_id)
                 for i, a in enumerate(answers):
                     batch[i, : len(prompt) + len(a)] = torch.tensor(prompt + a)
-                logp = model(batch).logits.float().log_softmax(-1)
+                logp = model(batch, use_cache=False).logits.float().log_softmax(-1)
                 scores = [sum(float(logp[i, len(prompt) - 1 + j, t]) for j, t in enumerate(a)) for i, a in enumerate(answers)]
             correct += labels[max(range(len(labels)), key=scores.__getitem__)] == gold
     return correct / len(examples_)
