@@ -12,6 +12,7 @@ computed them.
 
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
 import threading
@@ -130,7 +131,13 @@ def layer_work(stage: str, positions: list[int], inputs: dict) -> list[dict]:
 
 
 _LEAGUE: dict[tuple, tuple] = {}  # per process: the tables, the reference, the cell writer and the task, made once
-_LEAGUE_LOCK = threading.Lock()  # a worker with several threads runs one cell at a time: they share the reference model
+
+
+@functools.cache
+def _league_lock() -> threading.Lock:
+    """A worker with several threads runs one cell at a time: they share the reference model. (Made
+    on first use: Dask pickles the task functions, and a module-level lock would go with them.)"""
+    return threading.Lock()
 
 
 def _league_env(checkpoint, stats, calibrations, grid, text_uri, seq_len, windows, task_name, task_examples, store,
@@ -166,7 +173,7 @@ def league_cells(indices: list[int], checkpoint: CheckpointRecord, stats: StageO
                  store: str, storage_options: dict, cache_dir: str | None) -> list[dict]:
     """Some cells of the league grid, each allocated, written and evaluated (see league.run_cell)."""
     g = league.Grid.from_dict(grid)
-    with _LEAGUE_LOCK:
+    with _league_lock():
         table, calib, qerrors, reference, writer, task = _league_env(
             checkpoint, stats, calibrations, g, text_uri, seq_len, windows, task_name, task_examples, store,
             storage_options, cache_dir)
