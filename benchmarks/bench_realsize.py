@@ -13,8 +13,9 @@ with EXPERTBITS_MEASURE_FILE set so every stage appends its own figures (tasks/m
   matrices only, all it reads) over its seconds; a stage reported twice (two downloads; the
   quantization's per-layer shards and its gathering step) is summed
 
-and a plain read of the statistics stage's tensors (safetensors slice + copy, warm cache, one
-thread), the yardstick the statistics stage is measured against. The 32-layer projection scales
+and a plain read of the statistics stage's tensors (safetensors slice + copy, warm page cache,
+fresh file mapping as in the stage's process, one thread), the yardstick the statistics stage is
+measured against. The 32-layer projection scales
 each stage linearly with the number of MoE layers (every stage's work is per layer).
 
     python benchmarks/bench_realsize.py [--model mixtral-8x7b] [--model qwen3-30b-a3b] [--layers 2]
@@ -61,12 +62,14 @@ def generate(name: str, layers: int, root: Path) -> tuple[Path, Path]:
 
 
 def plain_read(ft: Path) -> dict:
-    """GB/s of reading the statistics stage's tensors (gate matrices) into memory, warm cache."""
+    """GB/s of reading the statistics stage's tensors (gate matrices) into memory: page cache warm,
+    file mapping fresh (a new open, as the stage's process has), one thread."""
     torch.set_num_threads(1)
-    with Checkpoint.open(ft) as ckpt:
+    with Checkpoint.open(ft) as ckpt:  # warm-up pass: the page cache holds the bytes, as for the stage
         gates = [m for m in detect(ckpt).matrices if m.role == "gate"]
-        for m in gates:  # warm-up pass: the figure is the CPU cost of the read path
+        for m in gates:
             ckpt.read(m.key, m.index, m.rows).clone()
+    with Checkpoint.open(ft) as ckpt:
         start, nbytes = time.perf_counter(), 0
         for m in gates:
             t = ckpt.read(m.key, m.index, m.rows).clone()
