@@ -110,8 +110,9 @@ def table(name: str, layers: int, rows: list[dict], read: dict, bound: int, wall
              f"{full} layers |", "|---|---|---|---|---|---|"]
     by_stage = {}
     for r in rows:  # the reference checkpoint's download is a second `download` line: add them up
-        s = by_stage.setdefault(r["stage"], dict(r, seconds=0.0))
+        s = by_stage.setdefault(r["stage"], dict(r, seconds=0.0, weight_bytes=0))
         s["seconds"] += r["seconds"]
+        s["weight_bytes"] += r.get("weight_bytes") or 0
         s["peak_anon_bytes"] = max(s["peak_anon_bytes"] or 0, r["peak_anon_bytes"] or 0)
         s["peak_rss_bytes"] = max(s["peak_rss_bytes"] or 0, r["peak_rss_bytes"] or 0)
     for stage in STAGES:

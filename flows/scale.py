@@ -28,7 +28,8 @@ from expertbits.tasks.records import CheckpointRecord
 from expertbits.tasks.stage_io import ckpt_path
 
 ENV = "EXPERTBITS_DASK"
-CELLS_PER_TASK = 4  # league cells per Dask task: small enough to spread, large enough to amortise a task run
+TASKS_PER_THREAD = 3  # league cells go in this many tasks per worker thread: enough to spread, few
+                      # enough to amortise a Prefect task run (~1 s of bookkeeping each on 2 cores)
 
 
 def task_runner(address: str | None = None):
@@ -102,7 +103,15 @@ def layer_chunks(checkpoint: CheckpointRecord, cache_dir: str | None, storage_op
 
 
 def cell_chunks(n: int) -> list[list[int]]:
-    return chunks(n, CELLS_PER_TASK if on_dask() else n)
+    """League cells, one list per task: all in one task in one process; on Dask, about
+    TASKS_PER_THREAD tasks per worker thread."""
+    if not on_dask():
+        return chunks(n, n)
+    try:
+        threads = sum(FlowRunContext.get().task_runner.client.nthreads().values())
+    except Exception:  # a scheduler that cannot say: assume two workers
+        threads = 2
+    return chunks(n, max(1, -(-n // (TASKS_PER_THREAD * max(1, threads)))))
 
 
 def per_layer(stage: str, layers: list[list[int]], **inputs) -> list[list[dict]]:

@@ -40,7 +40,7 @@ def block_of(key: str) -> str:
     return m.group(1) if m else ""
 
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I8": 1, "U8": 1}
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I8": 1, "U8": 1}
 
 
 def matrix_bytes(ckpt: Checkpoint, m: ExpertMatrix) -> int:
@@ -48,7 +48,7 @@ def matrix_bytes(ckpt: Checkpoint, m: ExpertMatrix) -> int:
     info = ckpt.tensors[m.key]
     shape = info.shape[1:] if m.index is not None else info.shape
     rows = m.rows[1] - m.rows[0] if m.rows else shape[0]
-    return rows * shape[-1] * _DTYPE_BYTES.get(info.dtype, 4)
+    return rows * shape[-1] * DTYPE_BYTES.get(info.dtype, 4)
 
 
 @dataclass(frozen=True)
@@ -65,9 +65,10 @@ class MoEModel:
     model_type: str
     layout: str  # "per-expert" | "fused"
     layers: tuple[MoELayer, ...]
-    # decoder layers stored beyond the config's num_hidden_layers (DeepSeek-V3's multi-token-prediction
-    # layer): transformers never builds them, so they are kept as stored, not quantized
-    kept_as_stored: tuple[int, ...] = ()
+    # decoder layers (their name prefixes, e.g. "model.layers.61") stored beyond the config's
+    # num_hidden_layers (DeepSeek-V3's multi-token-prediction layer): transformers never builds
+    # them, so they are kept as stored, not quantized
+    kept_as_stored: tuple[str, ...] = ()
 
     @property
     def matrices(self) -> list[ExpertMatrix]:
@@ -165,9 +166,9 @@ def _detect(ckpt: Checkpoint) -> MoEModel:
         routers = {_layer(m, ckpt.config): k for k in names if (m := re.fullmatch(spec.router, k))}
         beyond = {layer: k for layer, k in routers.items() if limit is not None and layer >= limit}
         if len(beyond) < len(routers):
-            model = _build(ckpt, model_type, spec, {k: v for k, v in routers.items() if k not in beyond},
-                           {block_of(k) for k in beyond.values()})
-            return MoEModel(model.model_type, model.layout, model.layers, tuple(sorted(beyond)))
+            blocks = {block_of(k) for k in beyond.values()}
+            model = _build(ckpt, model_type, spec, {k: v for k, v in routers.items() if k not in beyond}, blocks)
+            return MoEModel(model.model_type, model.layout, model.layers, tuple(sorted(blocks)))
     raise _dense(ckpt, model_type)
 
 

@@ -48,8 +48,8 @@ class Checkpoint:
             raise CheckpointError(f"{config_file}: not valid JSON ({e})", "re-export the checkpoint") from e
         files = sorted(p.name for p in path.glob("*.safetensors"))
         # a partial copy (download.ensure_part) holds some shards and only the headers of the others
-        stubs = sorted(p.name.removesuffix(HEADER) for p in path.glob("*.safetensors" + HEADER)
-                       if not (path / p.name.removesuffix(HEADER)).is_file())
+        # (decided from the listing already taken: a shard renamed into place meanwhile is read later)
+        stubs = sorted({p.name.removesuffix(HEADER) for p in path.glob("*.safetensors" + HEADER)} - set(files))
         if not files and not stubs:
             pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
             hint = f" (found pickle files {pickles})" if pickles else ""

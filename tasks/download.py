@@ -163,10 +163,22 @@ def ensure_part(uri: str, digest: str, files: dict[str, str], wanted_files: Call
         return ensure_local(uri, digest, cache_dir, storage_options)  # the hub's own cache fetches whole files
     _fetch_verified(scheme, location, storage_options, part, [n for n in files if not n.endswith(".safetensors")],
                     files, uri)
+    # headers are checked against the index (itself verified): the layout a worker sees is the download's
+    weight_map = json.loads((part / INDEX).read_text())["weight_map"]
     for name in shards:
-        if not (part / name).is_file() and not (part / (name + HEADER)).is_file():
-            _write_atomic(part / (name + HEADER), json.dumps(_remote_header(scheme, location, storage_options, name, uri)))
-    _fetch_verified(scheme, location, storage_options, part, sorted(wanted_files(part)), files, uri)
+        stub = part / (name + HEADER)
+        if not (part / name).is_file() and not stub.is_file():
+            header = _remote_header(scheme, location, storage_options, name, uri)
+            if set(header) - {"__metadata__"} != {k for k, f in weight_map.items() if f == name}:
+                raise CheckpointError(f"{uri}: {name}'s tensors differ from what {INDEX} lists for it",
+                                      "the checkpoint changed since it was downloaded, or its index is wrong; rerun the flow")
+            _write_atomic(stub, json.dumps(header))
+    wanted = sorted(wanted_files(part))
+    unknown = [n for n in wanted if n not in files]
+    if unknown:
+        raise CheckpointError(f"{uri}: the layer needs {unknown}, which the download did not record",
+                              "the checkpoint changed since it was downloaded; rerun the flow")
+    _fetch_verified(scheme, location, storage_options, part, wanted, files, uri)
     return part
 
 
@@ -176,12 +188,17 @@ def _fetch_verified(scheme: str, location: str, storage_options, part: Path, nam
         if (part / name).is_file():
             continue
         tmp = part / f".{name}.incoming-{uuid.uuid4().hex}"
-        if scheme == "file":
-            shutil.copyfile(Path(location) / name, tmp)
-        else:
-            fs, root = open_fs(location, storage_options or {})
-            fs.get_file(f"{root}/{name}", str(tmp))
-        if sha256_file(tmp) != files[name]:
+        try:
+            if scheme == "file":
+                shutil.copyfile(Path(location) / name, tmp)
+            else:
+                fs, root = open_fs(location, storage_options or {})
+                fs.get_file(f"{root}/{name}", str(tmp))
+            digest = sha256_file(tmp)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        if digest != files[name]:
             tmp.unlink()
             raise CheckpointError(f"{uri}: {name} changed since the checkpoint was downloaded (sha256 differs)",
                                   "rerun the flow so every stage sees the new checkpoint")
@@ -202,8 +219,12 @@ def _remote_header(scheme: str, location: str, storage_options, name: str, uri: 
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.incoming-{uuid.uuid4().hex}")
-    tmp.write_text(text)
-    tmp.rename(path)
+    try:
+        tmp.write_text(text)
+        tmp.rename(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _mkdir(p: Path) -> Path:

@@ -20,6 +20,7 @@ Routers, attention, embeddings, norms and shared experts stay as stored.
 from __future__ import annotations
 
 import json
+import math
 import re
 import uuid
 import shutil
@@ -32,7 +33,7 @@ from safetensors.torch import save_file
 
 from expertbits.kernels.packing import QuantizedTensor, effective_bits, quantize_rtn
 
-from .adapters import ExpertMatrix, block_of, detect
+from .adapters import DTYPE_BYTES, ExpertMatrix, block_of, detect
 from .checkpoint import Checkpoint, require_finite
 from .errors import CheckpointError
 
@@ -74,7 +75,10 @@ def _plan(ckpt: Checkpoint) -> tuple[list[list[str]], list[list[str]]]:
     """(tensors of each shard not quantized, non-expert tensors of each MoE layer's decoder layer).
 
     Shards, in order: embeddings, head and final norm; each dense decoder layer (and any layer
-    kept as stored); then one per MoE layer. One block per shard bounds memory by one layer."""
+    kept as stored), split where it holds more than REST_SHARD_BYTES; then one per MoE layer.
+    Memory is bounded by one such shard. Memoised on the open checkpoint."""
+    if "_quant_plan" in ckpt.__dict__:
+        return ckpt.__dict__["_quant_plan"]
     model = detect(ckpt)
     experts = {m.key for m in model.matrices}
     blocks = [block_of(layer.router_key) for layer in model.layers]
@@ -88,7 +92,27 @@ def _plan(ckpt: Checkpoint) -> tuple[list[list[str]], list[list[str]]]:
             own[blocks.index(b)].append(k)
         else:
             rest.setdefault(b, []).append(k)
-    return [rest[b] for b in sorted(rest, key=_natural)], own
+    shards = []
+    for b in sorted(rest, key=_natural):
+        current, size = [], 0
+        for k in rest[b]:
+            n = _stored_bytes(ckpt, k)
+            if current and size + n > REST_SHARD_BYTES:
+                shards.append(current)
+                current, size = [], 0
+            current.append(k)
+            size += n
+        shards.append(current)
+    ckpt.__dict__["_quant_plan"] = (shards, own)
+    return shards, own
+
+
+REST_SHARD_BYTES = 2 << 30
+
+
+def _stored_bytes(ckpt: Checkpoint, key: str) -> int:
+    info = ckpt.tensors[key]
+    return math.prod(info.shape) * DTYPE_BYTES.get(info.dtype, 4)
 
 
 def _natural(name: str) -> list:
@@ -110,10 +134,14 @@ def check_allocation(ckpt: Checkpoint, alloc: pd.DataFrame) -> None:
 def _save(tensors: dict, out: Path, name: str) -> str:
     """Write a shard under a temporary name, then rename: a shard that exists is whole."""
     tmp = out / f".{name}.incoming-{uuid.uuid4().hex}"
-    # one metadata key only: safetensors writes metadata in hash-map order, so two keys break
-    # byte-reproducibility
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    tmp.rename(out / name)
+    try:
+        # one metadata key only: safetensors writes metadata in hash-map order, so two keys break
+        # byte-reproducibility
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        tmp.rename(out / name)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return name
 
 
@@ -186,7 +214,7 @@ def finish(src: Path, alloc: pd.DataFrame, group_size: int, symmetric: bool, par
         "base_model_type": config.get("model_type"),
         "experts_modules": {str(layer.layer): layer.experts_module for layer in model.layers},
         # decoder layers beyond num_hidden_layers (DeepSeek-V3's multi-token prediction), kept as stored
-        "kept_as_stored": [f"{block_of(model.layers[0].router_key).rsplit('.', 1)[0]}.{n}" for n in model.kept_as_stored],
+        "kept_as_stored": list(model.kept_as_stored),
     }
     # the marker model type makes a transformers without expertbits refuse the folder (see loader.py)
     config = dict(config, model_type=MODEL_TYPE, quantization_config=qconfig)

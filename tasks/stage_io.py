@@ -119,7 +119,14 @@ def local_copy(store: Store, out: StageOutput, tmp: Path, only: list[str] | None
     """A local folder with the stage's files (or `only` those): the store folder itself when the
     store is local."""
     if store.is_local:
-        return Path(store.uri(out.prefix))
+        folder = Path(store.uri(out.prefix))
+        if not (folder / "_stage.json").is_file():
+            from .errors import ExpertbitsError
+
+            raise ExpertbitsError(f"{folder}: the {out.stage} stage's output is not on this machine",
+                                  "Dask workers on other machines need a store they share with the flow: use "
+                                  "s3:// (or a shared filesystem mounted at the same path)")
+        return folder
     for rel in out.files:
         if only is None or rel in only:
             store.get_file(f"{out.prefix}/{rel}", tmp / out.stage / rel)

@@ -194,6 +194,11 @@ def quantize_experts(checkpoint: CheckpointRecord, allocation: StageOutput, grou
         path = ckpt_path(checkpoint, cache_dir, storage_options)
         out = tmp / "checkpoint"
         out.mkdir()
+        missing = [p["file"] for p in layers if not st.exists(f"objects/quantization/{key}/{p['file']}")]
+        if missing:
+            raise ValidationFailed(f"layer shards {missing[:3]} written by the per-layer tasks are not in the store {store}",
+                                   "Dask workers on other machines need a store they share with the flow: use s3:// "
+                                   "(or a shared filesystem mounted at the same path)")
         with Meter() as meter, Checkpoint.open(path) as ckpt:
             quantize.check_allocation(ckpt, alloc)
             if len(layers) != len(detect(ckpt).layers):
@@ -202,11 +207,6 @@ def quantize_experts(checkpoint: CheckpointRecord, allocation: StageOutput, grou
             rest = quantize.write_rest(ckpt, out)
             summary = quantize.finish(path, alloc, group_size, symmetric, [*rest, *layers], out)
         report("quantization", meter, 0, get_run_logger())
-        missing = [p["file"] for p in layers if not st.exists(f"objects/quantization/{key}/{p['file']}")]
-        if missing:
-            raise ValidationFailed(f"layer shards {missing[:3]} written by the per-layer tasks are not in the store {store}",
-                                   "Dask workers on other machines need a store they share with the flow: use s3:// "
-                                   "(or a shared filesystem mounted at the same path)")
         return publish_stage(st, "quantization", key, out, summary, present={p["file"]: p["sha256"] for p in layers})
 
 

@@ -86,8 +86,7 @@ def _build(path: Path, ckpt: Checkpoint, dtype: torch.dtype, keep_bytes: int) ->
     used |= _hook_units(model, ckpt, path, dtype, load_renames(config.model_type), keep_bytes)
     ignore = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())]
     # decoder layers beyond num_hidden_layers (DeepSeek-V3's multi-token prediction) are not the model's
-    beyond = set(qc.get("kept_as_stored") or ()) if packed else {
-        f"{block_of(detect(ckpt).layers[0].router_key).rsplit('.', 1)[0]}.{n}" for n in detect(ckpt).kept_as_stored}
+    beyond = set(qc.get("kept_as_stored") or ()) if packed else set(detect(ckpt).kept_as_stored)
     unused = sorted(k for k in ckpt.tensors if k not in used and not any(p.search(k) for p in ignore)
                     and block_of(k) not in beyond)
     if unused:
@@ -263,8 +262,8 @@ def _hook_units(model: nn.Module, ckpt: Checkpoint, path: Path, dtype: torch.dty
     keep = sum(math.prod(shape) for _, plan in plans for *_, shape in plan) * dtype.itemsize <= keep_bytes
     for unit, plan in plans:
         unit.register_forward_pre_hook(_onload(ckpt, plan, dtype, path))
-        if not keep:
-            unit.register_forward_hook(_offload(plan, dtype))
+        if not keep:  # also after a forward that raised: a failed layer does not stay in memory
+            unit.register_forward_hook(_offload(plan, dtype), always_call=True)
     if missing:
         raise CheckpointError(f"{path}: {len(missing)} weights of the model have no stored tensor, e.g. {missing[:3]}",
                               "the checkpoint is incomplete or does not match its config.json; re-export it")

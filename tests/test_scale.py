@@ -231,3 +231,14 @@ def test_a_worker_fetches_only_the_shards_of_its_layers(slow_pair, tmp_path):
     moved = record.model_copy(update={"uri": str(tmp_path / "src")})
     with pytest.raises(download.CheckpointError, match=f"{victim} changed since"):
         layer_path(moved, [other], tmp_path / "worker2", {})
+
+
+def test_a_worker_that_cannot_see_a_local_store_is_told_the_fix(tmp_path):
+    from expertbits.tasks.errors import ExpertbitsError
+    from expertbits.tasks.records import StageOutput
+    from expertbits.tasks.stage_io import local_copy
+    from expertbits.tasks.storage import Store
+
+    out = StageOutput(stage="routing", key="k", prefix="objects/routing/k", files={"moments.safetensors": "0"}, summary={})
+    with pytest.raises(ExpertbitsError, match=r"not on this machine(.|\n)*s3://"):
+        local_copy(Store(str(tmp_path / "store")), out, tmp_path)

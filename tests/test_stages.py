@@ -142,3 +142,26 @@ def test_interpreter_validation_samples_kernel_rows_but_checks_every_weight(micr
     save_file(t, shard, metadata={"format": "pt"})
     report, summary = validate(tmp_path / "q", micro_pair[1])
     assert summary["failed"] == 1 and not report.loc[~report.passed, "quant_error_ok"].item()
+
+
+def test_shards_one_per_moe_layer_and_large_blocks_split(micro_pair, tmp_path, monkeypatch):
+    """The rest (embeddings, head) is split when over the cap; each MoE layer has its own shard,
+    holding its decoder layer's other tensors; the index names every tensor's shard."""
+    import json
+
+    import expertbits.tasks.quantize as quantize_module
+    from expertbits.tasks.stream import streamed
+
+    monkeypatch.setattr(quantize_module, "REST_SHARD_BYTES", 1)  # every rest tensor its own shard
+    quantize_checkpoint(micro_pair[1], mixed(), 32, tmp_path / "q")
+    weight_map = json.loads((tmp_path / "q" / "model.safetensors.index.json").read_text())["weight_map"]
+    with Checkpoint.open(micro_pair[1]) as src:
+        rest = [k for k in src.tensors if ".layers." not in k]
+    shards = sorted(set(weight_map.values()))
+    assert len(shards) == len(rest) + 2 and all(s.endswith(f"-of-{len(shards):05d}.safetensors") for s in shards)
+    assert len({weight_map[k] for k in rest}) == len(rest)
+    for layer in (0, 1):
+        mine = {f for k, f in weight_map.items() if k.startswith(f"model.layers.{layer}.")}
+        assert len(mine) == 1  # attention, norms, router and packed experts of the layer together
+    with torch.no_grad(), streamed(tmp_path / "q") as model:
+        assert torch.isfinite(model(input_ids=torch.arange(16)[None], use_cache=False).logits).all()

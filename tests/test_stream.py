@@ -226,7 +226,7 @@ def test_a_layer_beyond_the_config_is_kept_as_stored(tmp_path):
     save_file(dict(tensors, **extra), shard, metadata={"format": "pt"})
     with Checkpoint.open(path) as ckpt:
         model = detect(ckpt)
-        assert [layer.layer for layer in model.layers] == [1] and model.kept_as_stored == (2,)
+        assert [layer.layer for layer in model.layers] == [1] and model.kept_as_stored == ("model.layers.2",)
         alloc = pd.DataFrame([{"layer": 1, "expert": e, "bits": 4} for e in range(model.layers[0].num_experts)])
     quantize_checkpoint(path, alloc, 16, tmp_path / "q")
     with Checkpoint.open(tmp_path / "q") as q:
