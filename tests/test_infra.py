@@ -52,4 +52,7 @@ def test_compose_names_only_our_commands_and_listed_credentials():
     scheduler = services["dask-scheduler"]["command"].split("--port ")[1].split()[0]
     assert services["worker"]["environment"]["EXPERTBITS_DASK"] == f"tcp://dask-scheduler:{scheduler}"
     assert services["dask-worker"]["command"].split()[2] == f"tcp://dask-scheduler:{scheduler}"
+    from expertbits.flows.scale import NO_MALLOC_TRIM
+
+    assert NO_MALLOC_TRIM.items() <= services["dask-worker"]["environment"].items()
     assert not re.search(r"(?i)(secret|password|key)\s*[:=]\s*[^$\s{]", text), "a literal credential in compose.yaml"

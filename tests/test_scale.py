@@ -50,9 +50,12 @@ def cluster(prefect_api, tmp_path):
     the session's Prefect API with the flow's result storage."""
     from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH
 
+    from expertbits.flows.scale import NO_MALLOC_TRIM
+
     env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(), OMP_NUM_THREADS="1",
                PREFECT_LOCAL_STORAGE_PATH=str(PREFECT_LOCAL_STORAGE_PATH.value()),
-               EXPERTBITS_CACHE=str(tmp_path / "worker-cache"))  # the workers' own cache, as on other machines
+               EXPERTBITS_CACHE=str(tmp_path / "worker-cache"),  # the workers' own cache, as on other machines
+               **NO_MALLOC_TRIM)
     port = _free_port()
     address = f"tcp://127.0.0.1:{port}"
     bin_dir = Path(sys.executable).parent
