@@ -179,20 +179,13 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = 
 ROW_BLOCK = 128
 
 
-def _quantize_rows(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> QuantizedTensor:
-    n, k = w.shape
-    wf = w.to(torch.float32)
-    if not torch.isfinite(wf).all():
-        raise ValueError("w contains NaN or Inf; cannot quantize")
-
-    groups = -(-k // group_size)
-    pad = groups * group_size - k
-    # Pad the partial last group with zeros: the range holds 0 anyway.
-    grouped = torch.nn.functional.pad(wf, (0, pad)).view(n, groups, group_size)
-    lo, hi = grouped.amin(-1).clamp(max=0), grouped.amax(-1).clamp(min=0)
+def grid(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(fp16 scales, the same in fp32, integer zero points in fp32) of groups whose weights span
+    [lo, hi], by quantize_rtn's rules (range widened to hold 0, scale rounded up to fp16)."""
+    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
     qmax = (1 << bits) - 1
     scale = (torch.maximum(-lo, hi) * 2 if symmetric else hi - lo) / qmax
-    if n and scale.max() > FP16_MAX:
+    if scale.numel() and scale.max() > FP16_MAX:
         raise ValueError(f"weight magnitude exceeds fp16 range: scales up to {scale.max().item():.4g}, "
                          f"fp16 stores at most {FP16_MAX}")
     scales = scale.to(torch.float16)
@@ -206,6 +199,21 @@ def _quantize_rows(w: torch.Tensor, bits: int, group_size: int, symmetric: bool)
         zeros = torch.full_like(s32, float(1 << (bits - 1)))
     else:
         zeros = torch.clamp(torch.round(-lo / s32), 0, qmax)
+    return scales, s32, zeros
+
+
+def _quantize_rows(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> QuantizedTensor:
+    n, k = w.shape
+    wf = w.to(torch.float32)
+    if not torch.isfinite(wf).all():
+        raise ValueError("w contains NaN or Inf; cannot quantize")
+
+    groups = -(-k // group_size)
+    pad = groups * group_size - k
+    # Pad the partial last group with zeros: the range holds 0 anyway.
+    grouped = torch.nn.functional.pad(wf, (0, pad)).view(n, groups, group_size)
+    scales, s32, zeros = grid(grouped.amin(-1), grouped.amax(-1), bits, symmetric)
+    qmax = (1 << bits) - 1
 
     s = _expand_groups(s32, group_size, k)
     z = _expand_groups(zeros, group_size, k)
