@@ -221,6 +221,47 @@ def _quantize_rows(w: torch.Tensor, bits: int, group_size: int, symmetric: bool)
     return QuantizedTensor(pack(codes, bits), scales, zeros.to(torch.uint8), bits, group_size, (n, k))
 
 
+def quantize_clipped(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = False, *, steps: int = 20,
+                     max_shrink: float = 0.5, importance: torch.Tensor | None = None) -> QuantizedTensor:
+    """Round-to-nearest with a clipping search: each group's range [lo, hi] is scaled by
+    1 − i·max_shrink/steps for i = 0..steps, and the factor with the least squared rounding error
+    of that group (weighted per input column by `importance` [K], e.g. E[x²], if given) is kept.
+    i = 0 is plain RTN, so no group ends up worse than quantize_rtn's. Weights outside a shrunk
+    range are clamped to its end codes. The result is an ordinary QuantizedTensor."""
+    _check_bits(bits)
+    if symmetric and bits == 1:
+        raise ValueError("symmetric 1-bit quantization rounds every weight to 0; use 1 bit asymmetric")
+    if w.dim() != 2 or not w.dtype.is_floating_point or w.shape[1] == 0:
+        raise ValueError(f"w must be a 2-D floating-point [N, K] tensor with K > 0, got {tuple(w.shape)} {w.dtype}")
+    n, k = w.shape
+    wf = w.to(torch.float32)
+    if not torch.isfinite(wf).all():
+        raise ValueError("w contains NaN or Inf; cannot quantize")
+    groups = -(-k // group_size)
+    pad = groups * group_size - k
+    grouped = torch.nn.functional.pad(wf, (0, pad)).view(n, groups, group_size)
+    imp = torch.ones(k) if importance is None else importance.to(torch.float32).flatten()
+    imp = torch.nn.functional.pad(imp, (0, pad)).view(groups, group_size)  # padding weighs nothing
+    lo, hi = grouped.amin(-1), grouped.amax(-1)
+    qmax = (1 << bits) - 1
+    best = None
+    for i in range(steps + 1):
+        f = 1.0 - i * max_shrink / steps
+        scales, s32, zeros = grid(lo * f, hi * f, bits, symmetric)
+        codes = torch.clamp(torch.round(grouped / s32[..., None]) + zeros[..., None], 0, qmax)
+        err = (((codes - zeros[..., None]) * s32[..., None] - grouped).square() * imp).sum(-1)  # [N, groups]
+        if best is None:
+            best = [err, scales, zeros, codes]
+            continue
+        better = err < best[0]
+        best[0] = torch.where(better, err, best[0])
+        best[1] = torch.where(better, scales, best[1])
+        best[2] = torch.where(better, zeros, best[2])
+        best[3] = torch.where(better[..., None], codes, best[3])
+    codes = best[3].reshape(n, groups * group_size)[:, :k].to(torch.uint8)
+    return QuantizedTensor(pack(codes, bits), best[1], best[2].to(torch.uint8), bits, group_size, (n, k))
+
+
 def effective_bits(bits: int, group_size: int, k: int) -> float:
     """Stored bits per weight of one row: packed words (with their slack), an fp16 scale and a
     uint8 zero point per group."""
