@@ -100,14 +100,18 @@ class GatedExperts(nn.Module):
     def expert(self, e: int) -> tuple:
         raise NotImplementedError
 
+    def expert_for(self, e: int, x: torch.Tensor) -> tuple:
+        """Expert e's weights for its tokens x [T_e, H]; a calibrating subclass may derive them from x."""
+        return self.expert(e)
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(hidden_states)
         for e in torch.unique(top_k_index).tolist():
             if not 0 <= e < self.num_experts:  # some routers mark dropped slots with an out-of-range index
                 continue
             token, slot = torch.where(top_k_index == e)
-            gate, up, down = self.expert(e)
             x = hidden_states[token]
+            gate, up, down = self.expert_for(e, x)
             h = self.act_fn(linear(x, gate)) * linear(x, up)
             if self.on_hidden is not None:
                 self.on_hidden(e, token, h)
