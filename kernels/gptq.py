@@ -30,16 +30,14 @@ from __future__ import annotations
 
 import torch
 
-from .packing import QuantizedTensor, _check_bits, grid, pack
+from .packing import QuantizedTensor, _check_args, _grouped, grid, pack
 
 
 def gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, *, symmetric: bool = False,
          damp: float = 0.01, act_order: bool = False, static_groups: bool = True, block: int = 128) -> QuantizedTensor:
     """Quantize w [N, K] with GPTQ against the input Gram matrix h [K, K]."""
-    _check_bits(bits)
-    if symmetric and bits == 1:
-        raise ValueError("symmetric 1-bit quantization rounds every weight to 0; use 1 bit asymmetric")
-    if w.dim() != 2 or h.shape != (w.shape[1], w.shape[1]):
+    _check_args(w, bits, group_size, symmetric)
+    if h.shape != (w.shape[1], w.shape[1]):
         raise ValueError(f"w must be [N, K] and h [K, K]; got {tuple(w.shape)} and {tuple(h.shape)}")
     if not (torch.isfinite(w).all() and torch.isfinite(h).all()):
         raise ValueError("w or h contains NaN or Inf; cannot quantize")
@@ -57,7 +55,7 @@ def gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, *, symmet
     zeros = torch.empty(n, groups)
     static_groups = static_groups or act_order
     if static_groups:  # every grid from the original weights, before any update
-        padded = torch.nn.functional.pad(W, (0, groups * group_size - k)).view(n, groups, group_size)
+        padded = _grouped(W, group_size)[1]
         scales16, s32, zeros = grid(padded.amin(-1), padded.amax(-1), bits, symmetric)
     else:
         block = group_size * max(1, block // group_size)  # a group's first column opens its block

@@ -157,6 +157,20 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = 
     computed from the stored scale, so dequantization reproduces what was optimised.  An
     all-zero group gets scale 1 and codes at the zero point.
     """
+    _check_args(w, bits, group_size, symmetric)
+    n, k = w.shape
+    if n > ROW_BLOCK:  # rows are independent: blocks keep the fp32 temporaries in cache (~7× faster)
+        parts = [_quantize_rows(w[i : i + ROW_BLOCK], bits, group_size, symmetric) for i in range(0, n, ROW_BLOCK)]
+        return QuantizedTensor(*(torch.cat([getattr(q, f) for q in parts]) for f in ("packed", "scales", "zeros")),
+                               bits, group_size, (n, k))
+    return _quantize_rows(w, bits, group_size, symmetric)
+
+
+ROW_BLOCK = 128
+
+
+def _check_args(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> None:
+    """What every quantizer of the format refuses, with the reason."""
     _check_bits(bits)
     if not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
@@ -166,17 +180,19 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = 
         raise ValueError(f"w must be 2-D [N, K], got shape {tuple(w.shape)}")
     if not w.dtype.is_floating_point:
         raise ValueError(f"w must be a floating-point tensor, got {w.dtype}")
-    n, k = w.shape
-    if k == 0:
+    if w.shape[1] == 0:
         raise ValueError("w has no columns (K = 0)")
-    if n > ROW_BLOCK:  # rows are independent: blocks keep the fp32 temporaries in cache (~7× faster)
-        parts = [_quantize_rows(w[i : i + ROW_BLOCK], bits, group_size, symmetric) for i in range(0, n, ROW_BLOCK)]
-        return QuantizedTensor(*(torch.cat([getattr(q, f) for q in parts]) for f in ("packed", "scales", "zeros")),
-                               bits, group_size, (n, k))
-    return _quantize_rows(w, bits, group_size, symmetric)
 
 
-ROW_BLOCK = 128
+def _grouped(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w in fp32 [N, K], its groups [N, ⌈K/G⌉, G]); the partial last group is padded with zeros,
+    which the range holds anyway."""
+    wf = w.to(torch.float32)
+    if not torch.isfinite(wf).all():
+        raise ValueError("w contains NaN or Inf; cannot quantize")
+    n, k = wf.shape
+    groups = -(-k // group_size)
+    return wf, torch.nn.functional.pad(wf, (0, groups * group_size - k)).view(n, groups, group_size)
 
 
 def grid(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -204,14 +220,7 @@ def grid(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool) -> tupl
 
 def _quantize_rows(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> QuantizedTensor:
     n, k = w.shape
-    wf = w.to(torch.float32)
-    if not torch.isfinite(wf).all():
-        raise ValueError("w contains NaN or Inf; cannot quantize")
-
-    groups = -(-k // group_size)
-    pad = groups * group_size - k
-    # Pad the partial last group with zeros: the range holds 0 anyway.
-    grouped = torch.nn.functional.pad(wf, (0, pad)).view(n, groups, group_size)
+    wf, grouped = _grouped(w, group_size)
     scales, s32, zeros = grid(grouped.amin(-1), grouped.amax(-1), bits, symmetric)
     qmax = (1 << bits) - 1
 
@@ -228,18 +237,11 @@ def quantize_clipped(w: torch.Tensor, bits: int, group_size: int, symmetric: boo
     of that group (weighted per input column by `importance` [K], e.g. E[x²], if given) is kept.
     i = 0 is plain RTN, so no group ends up worse than quantize_rtn's. Weights outside a shrunk
     range are clamped to its end codes. The result is an ordinary QuantizedTensor."""
-    _check_bits(bits)
-    if symmetric and bits == 1:
-        raise ValueError("symmetric 1-bit quantization rounds every weight to 0; use 1 bit asymmetric")
-    if w.dim() != 2 or not w.dtype.is_floating_point or w.shape[1] == 0:
-        raise ValueError(f"w must be a 2-D floating-point [N, K] tensor with K > 0, got {tuple(w.shape)} {w.dtype}")
+    _check_args(w, bits, group_size, symmetric)
     n, k = w.shape
-    wf = w.to(torch.float32)
-    if not torch.isfinite(wf).all():
-        raise ValueError("w contains NaN or Inf; cannot quantize")
-    groups = -(-k // group_size)
+    _, grouped = _grouped(w, group_size)
+    groups = grouped.shape[1]
     pad = groups * group_size - k
-    grouped = torch.nn.functional.pad(wf, (0, pad)).view(n, groups, group_size)
     imp = torch.ones(k) if importance is None else importance.to(torch.float32).flatten()
     imp = torch.nn.functional.pad(imp, (0, pad)).view(groups, group_size)  # padding weighs nothing
     lo, hi = grouped.amin(-1), grouped.amax(-1)

@@ -102,3 +102,14 @@ def test_clipping_search_trims_an_outlier_and_is_never_worse_than_rtn():
         we = lambda q: float(((q.dequantize() - w).square() * imp).sum())  # noqa: E731
         assert we(b) <= we(a)
     assert torch.equal(quantize_clipped(w, 3, 64, steps=1, max_shrink=0.0).packed, quantize_rtn(w, 3, 64).packed)
+
+
+def test_every_quantizer_refuses_what_rtn_refuses():
+    from expertbits.kernels.packing import quantize_clipped
+
+    w = torch.ones(2, 8)
+    for quantize in (lambda **kw: quantize_clipped(w, **kw), lambda **kw: gptq(w, torch.eye(8), **kw)):
+        with pytest.raises(ValueError, match="group_size"):
+            quantize(bits=4, group_size=0)
+        with pytest.raises(ValueError, match="symmetric 1-bit"):
+            quantize(bits=1, group_size=4, symmetric=True)
