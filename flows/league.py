@@ -21,7 +21,7 @@ from expertbits.tasks.parts import league_cells
 from expertbits.tasks.stages import calibrate_experts, check_store, extract_statistics, fetch_checkpoint, route_experts
 
 from .params import LeagueParams
-from .scale import absolute_store, cell_chunks, gather, layer_chunks, per_layer, task_runner
+from .scale import absolute_store, cell_chunks, gather, layer_chunks, per_layer, quantizer_parts, task_runner
 
 
 @flow(name="expertbits-league", log_prints=True, task_runner=task_runner())
@@ -39,15 +39,19 @@ def league_table(params: LeagueParams = LeagueParams()) -> RunManifest:
     stats = extract_statistics(finetuned, reference, per_layer("statistics", layers, checkpoint=finetuned,
                                                                reference=reference, **local), cache_dir=p.cache_dir, **io)
     routing = route_experts(finetuned, p.calibration_text, p.eval_seq_len, p.calibration_windows, cache_dir=p.cache_dir, **io)
-    calibrations = [calibrate_experts(routing, p.widths(symmetric), p.group_size, symmetric, per_layer(
-        "calibration", layers, checkpoint=finetuned, routing=routing, bit_widths=p.widths(symmetric),
-        group_size=p.group_size, symmetric=symmetric, store=store, **local), **io)
-                    for symmetric in p.grid().symmetric]  # errors of each quantizer the grid measures
+    text = dict(text_uri=p.calibration_text, seq_len=p.eval_seq_len, windows=p.calibration_windows)
+    calibrations = []
+    for method, symmetric in p.grid().error_keys():  # errors of each quantizer the grid measures
+        quantizer = asdict(p.grid().quantizer(method, symmetric))
+        calibrations.append(calibrate_experts(routing, p.widths(symmetric), p.group_size, quantizer, quantizer_parts(
+            "calibration", layers, quantizer, text, checkpoint=finetuned, routing=routing, bit_widths=p.widths(symmetric),
+            group_size=p.group_size, store=store, **local), **io))
     league = dict(checkpoint=finetuned, stats=stats, calibrations=calibrations, grid=asdict(p.grid()),
                   text_uri=p.eval_text, seq_len=p.eval_seq_len, windows=p.eval_windows, task_name=p.task,
                   task_examples=p.task_examples)
     cells = gather(league_cells.map(cell_chunks(len(p.grid().cells())), **{k: unmapped(v) for k, v in league.items()},
-                                    store=unmapped(store), **{k: unmapped(v) for k, v in local.items()}))
+                                    store=unmapped(store), gptq_text=unmapped(text),
+                                    **{k: unmapped(v) for k, v in local.items()}))
     result = run_league(**league, cells=cells, cache_dir=p.cache_dir, **io)
 
     return publish_league(p.model_dump(mode="json"), stats, calibrations, result, **io)

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from expertbits.tasks.allocators import ALLOCATORS, check
 from expertbits.tasks.budget import GRANULARITIES, AllocationConfig
 from expertbits.tasks.league import DEFAULT_ALLOCATORS, TASKS, Grid
+from expertbits.tasks.quantizer import METHODS, QuantizerConfig
 
 # The bundled default: the zoo's Mixtral fine-tuned on WordNet supersenses and its base.
 DEFAULT_CHECKPOINT = "zoo://mixtral-tiny/wordnet"
@@ -74,6 +75,15 @@ class CommonParams(BaseModel):
         "Text routed through the model for activation frequency, routing weight and sensitivity (not the evaluation text)"))
     calibration_windows: int = Field(16, ge=1, description="Number of calibration windows")
     cache_dir: str | None = Field(None, description="Local checkpoint cache (default: $EXPERTBITS_CACHE or ~/.cache/expertbits)")
+    clip: bool = Field(False, description=(
+        "Clipping search of each group's range (shrink factors 1 to 0.5, least error kept): for rtn by weight "
+        "error, for gptq weighted by the expert's Hessian diagonal"))
+    gptq_damp: float = Field(0.01, gt=0, lt=1, description="GPTQ dampening, a fraction of the mean Hessian diagonal")
+    gptq_act_order: bool = Field(False, description="GPTQ: quantize columns in order of decreasing Hessian diagonal")
+    gptq_min_tokens: int = Field(16, ge=1, description=(
+        "GPTQ: an expert routed fewer calibration tokens is rounded to nearest instead (reported in the run's "
+        "calibration coverage; never zeroed)"))
+    gptq_weighted: bool = Field(False, description="GPTQ: weight each token's Hessian term by its routing weight")
 
     @field_validator("reference", mode="before")
     @classmethod
@@ -104,6 +114,9 @@ class QuantizeParams(CommonParams):
     symmetric: bool = Field(False, description=(
         "Symmetric quantization (every zero point at the middle code): exports without zero points, which plain "
         "transformers loads; asymmetric (default) is more accurate"))
+    quantizer: str = Field("rtn", description=(
+        f"How each expert matrix is quantized: {', '.join(METHODS)} ('gptq': routed, sequential GPTQ on the "
+        "calibration text, see tasks/sequential.py)"))
     validation_rtol: float = Field(1e-4, gt=0, description="Largest kernel-vs-reference relative error accepted")
     event_id: str | None = Field(None, description=(
         "The Prefect event that started this run (set by the requantize trigger; recorded in the manifest)"))
@@ -111,10 +124,15 @@ class QuantizeParams(CommonParams):
     @model_validator(mode="after")
     def _budget_fits(self):
         self.allocation_config()  # fail before any work: unknown allocator, unreachable budget, bad scheme
+        self.quantizer_config()
         if self.symmetric and 1 in self.bit_widths:
             raise ValueError("symmetric quantization cannot use 1 bit (its codes are -scale and 0, every weight "
                              "rounds to 0); drop 1 from --bit-widths or quantize asymmetrically")
         return self
+
+    def quantizer_config(self) -> QuantizerConfig:
+        return QuantizerConfig(method=self.quantizer, symmetric=self.symmetric, clip=self.clip, damp=self.gptq_damp,
+                               act_order=self.gptq_act_order, min_tokens=self.gptq_min_tokens, weighted=self.gptq_weighted)
 
     def allocation_config(self) -> AllocationConfig:
         return check(AllocationConfig(avg_bits=self.avg_bits, bit_widths=tuple(self.bit_widths), zeta=self.zeta,
@@ -136,6 +154,9 @@ class LeagueParams(CommonParams):
     symmetric: list[bool] = Field([False, True], min_length=1, description=(
         "Quantizers to compare: asymmetric (false, zero points) and symmetric (true, what plain transformers loads; "
         "cost-based allocators and uniform only)"))
+    quantizers: list[str] = Field(["rtn"], min_length=1, description=(
+        f"Quantizers to compare ({', '.join(METHODS)}): rtn runs every variant; gptq (routed, sequential GPTQ on "
+        "the calibration text) runs every allocator with per-expert widths and zero points"))
     task: str | None = Field(None, description=f"Task accuracy to measure per cell: {', '.join(TASKS)}, or empty")
     task_examples: int = Field(300, ge=1, description="Task examples per cell")
 
@@ -159,7 +180,9 @@ class LeagueParams(CommonParams):
                     bit_sets=tuple(tuple(s) for s in self.bit_sets), scheme=self.scheme,
                     random_draws=self.random_draws, zeta=self.zeta, maxvar_definition=self.maxvar_definition,
                     group_size=self.group_size, granularities=tuple(dict.fromkeys(self.granularities)),
-                    symmetric=tuple(dict.fromkeys(self.symmetric)))
+                    symmetric=tuple(dict.fromkeys(self.symmetric)), quantizers=tuple(dict.fromkeys(self.quantizers)),
+                    clip=self.clip, gptq_damp=self.gptq_damp, gptq_act_order=self.gptq_act_order,
+                    gptq_min_tokens=self.gptq_min_tokens, gptq_weighted=self.gptq_weighted)
 
     def widths(self, symmetric: bool = False) -> list[int]:
         """Every width of the grid's bit sets (symmetric: without 1 bit, which it cannot quantize)."""

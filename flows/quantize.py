@@ -5,7 +5,8 @@
 
 Statistics, calibration error, quantization and validation work layer by layer: `per_layer`
 maps their per-layer task over the MoE layers, in order in one process or on a Dask cluster
-(`--dask`, see scale.py), and the stage's own task gathers the parts.
+(`--dask`, see scale.py), and the stage's own task gathers the parts. With `--quantizer gptq`,
+calibration error and quantization are one sequential pass instead (`quantizer_parts`).
 
 Run it with `expertbits quantize` (see `expertbits quantize --help`) or call `quantize_moe`
 with a `QuantizeParams`. Every stage is keyed on content digests, so a rerun with the same
@@ -34,7 +35,7 @@ from expertbits.tasks.stages import (
 )
 
 from .params import QuantizeParams
-from .scale import absolute_store, layer_chunks, per_layer, task_runner
+from .scale import absolute_store, layer_chunks, per_layer, quantizer_parts, task_runner
 
 
 @flow(name="expertbits-quantize", log_prints=True, task_runner=task_runner())
@@ -51,17 +52,19 @@ def quantize_moe(params: QuantizeParams = QuantizeParams()) -> RunManifest:
     layers = layer_chunks(finetuned, **local)
     stats = extract_statistics(finetuned, reference, per_layer("statistics", layers, checkpoint=finetuned,
                                                                reference=reference, **local), cache_dir=p.cache_dir, **io)
+    quantizer = asdict(p.quantizer_config())
+    text = dict(text_uri=p.calibration_text, seq_len=p.eval_seq_len, windows=p.calibration_windows)
     calibration = None
     if p.allocator in NEEDS_CALIBRATION | NEEDS_ERROR:
         routing = route_experts(finetuned, p.calibration_text, p.eval_seq_len, p.calibration_windows,
                                 cache_dir=p.cache_dir, **io)
-        calibration = calibrate_experts(routing, p.bit_widths, p.group_size, p.symmetric, per_layer(
+        calibration = calibrate_experts(routing, p.bit_widths, p.group_size, quantizer, quantizer_parts(
             "calibration", layers, checkpoint=finetuned, routing=routing, bit_widths=p.bit_widths,
-            group_size=p.group_size, symmetric=p.symmetric, store=store, **local), **io)
+            group_size=p.group_size, quantizer=quantizer, text=text, store=store, **local), **io)
     allocation = allocate_bits(stats, calibration, asdict(p.allocation_config()), **io)
-    quantized = quantize_experts(finetuned, allocation, p.group_size, p.symmetric, per_layer(
+    quantized = quantize_experts(finetuned, allocation, p.group_size, quantizer, text, quantizer_parts(
         "quantization", layers, checkpoint=finetuned, allocation=allocation, group_size=p.group_size,
-        symmetric=p.symmetric, store=store, **local), cache_dir=p.cache_dir, **io)
+        quantizer=quantizer, text=text, store=store, **local), cache_dir=p.cache_dir, **io)
     validation = validate_kernels(quantized, p.validation_rtol, per_layer(
         "validation", layers, quantized=quantized, checkpoint=finetuned, rtol=p.validation_rtol, store=store,
         **local), **io)

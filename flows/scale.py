@@ -23,7 +23,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from expertbits.tasks.adapters import detect
 from expertbits.tasks.checkpoint import Checkpoint
-from expertbits.tasks.parts import layer_work
+from expertbits.tasks.parts import layer_work, sequential_work
+from expertbits.tasks.quantizer import QuantizerConfig
 from expertbits.tasks.records import CheckpointRecord
 from expertbits.tasks.stage_io import ckpt_path
 
@@ -128,6 +129,15 @@ def per_layer(stage: str, layers: list[list[int]], **inputs) -> list[list[dict]]
     """The stage's `layer_work` mapped over the chunks of layers, waited for: a layer that fails
     fails the flow with its own error, before the stage's gathering task runs."""
     return gather(layer_work.map(unmapped(stage), layers, unmapped(inputs)))
+
+
+def quantizer_parts(stage: str, layers: list[list[int]], quantizer: dict, text: dict, **inputs) -> list[list[dict]]:
+    """A quantizer-dependent stage's parts: per layer for the data-free quantizers (RTN), one
+    sequential pass over every layer for GPTQ (layer l+1 is calibrated on the quantized layer l's
+    outputs), run on a worker like any task; `text` is GPTQ's calibration (uri, seq_len, windows)."""
+    if QuantizerConfig.from_dict(quantizer).calibrated:
+        return [sequential_work.submit(stage, dict(inputs, quantizer=quantizer, text=text)).result()]
+    return per_layer(stage, layers, quantizer=quantizer, **inputs)
 
 
 def gather(futures) -> list:

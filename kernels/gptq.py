@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import torch
 
-from .packing import QuantizedTensor, _check_args, _grouped, grid, pack
+from .packing import QuantizedTensor, _check_args, _grouped, grid, pack, quantize_clipped
 
 
 def gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, *, symmetric: bool = False,
-         damp: float = 0.01, act_order: bool = False, static_groups: bool = True, block: int = 128) -> QuantizedTensor:
-    """Quantize w [N, K] with GPTQ against the input Gram matrix h [K, K]."""
+         damp: float = 0.01, act_order: bool = False, static_groups: bool = True, clip: bool = False,
+         block: int = 128) -> QuantizedTensor:
+    """Quantize w [N, K] with GPTQ against the input Gram matrix h [K, K]. `clip`: each static
+    group's grid from the clipping search, weighted per column by diag(h)."""
     _check_args(w, bits, group_size, symmetric)
     if h.shape != (w.shape[1], w.shape[1]):
         raise ValueError(f"w must be [N, K] and h [K, K]; got {tuple(w.shape)} and {tuple(h.shape)}")
@@ -53,8 +55,11 @@ def gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, *, symmet
     scales16 = torch.empty(n, groups, dtype=torch.float16)
     s32 = torch.empty(n, groups)
     zeros = torch.empty(n, groups)
-    static_groups = static_groups or act_order
-    if static_groups:  # every grid from the original weights, before any update
+    static_groups = static_groups or act_order or clip
+    if clip:  # the clipped grid of each group, its error weighted by how much each input is used
+        g = quantize_clipped(W, bits, group_size, symmetric, importance=torch.diag(h.to(torch.float32)))
+        scales16, s32, zeros = g.scales, g.scales.to(torch.float32), g.zeros.to(torch.float32)
+    elif static_groups:  # every grid from the original weights, before any update
         padded = _grouped(W, group_size)[1]
         scales16, s32, zeros = grid(padded.amin(-1), padded.amax(-1), bits, symmetric)
     else:

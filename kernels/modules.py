@@ -100,8 +100,9 @@ class GatedExperts(nn.Module):
     def expert(self, e: int) -> tuple:
         raise NotImplementedError
 
-    def expert_for(self, e: int, x: torch.Tensor) -> tuple:
-        """Expert e's weights for its tokens x [T_e, H]; a calibrating subclass may derive them from x."""
+    def expert_for(self, e: int, x: torch.Tensor, weight: torch.Tensor) -> tuple:
+        """Expert e's weights for its tokens x [T_e, H] routed with combine weights `weight` [T_e];
+        a calibrating subclass may derive them from x."""
         return self.expert(e)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -111,7 +112,7 @@ class GatedExperts(nn.Module):
                 continue
             token, slot = torch.where(top_k_index == e)
             x = hidden_states[token]
-            gate, up, down = self.expert_for(e, x)
+            gate, up, down = self.expert_for(e, x, top_k_weights[token, slot])
             h = self.act_fn(linear(x, gate)) * linear(x, up)
             if self.on_hidden is not None:
                 self.on_hidden(e, token, h)

@@ -14,7 +14,8 @@ a router bias and expert capacity (Switch). Per expert e, over the tokens routed
   hessian_trace_e    E[‖x‖² | routed to e]: the trace of the expert's input Gram matrix per routed
                      token (GPTQ's Hessian of its first layer, up to a factor 2); no frequency inside
 
-Then every expert matrix is quantized by round-to-nearest at each bit-width to measure
+Then every expert matrix is quantized at each bit-width by the run's quantizer (round-to-nearest,
+optionally with the clipping search; GPTQ's errors come from tasks/sequential.py) to measure
 
   weight_error        ‖W − Q_b(W)‖²_F summed over the expert's matrices (data-free; PMQ's loss)
   routed_input_error  Σ_i h_i ‖W[:, i] − Q_b(W)[:, i]‖² summed over the expert's matrices, with
@@ -37,11 +38,11 @@ import pandas as pd
 import torch
 
 from expertbits.kernels.modules import GatedExperts
-from expertbits.kernels.packing import quantize_rtn
 
 from .adapters import detect
 from .checkpoint import Checkpoint
 from .errors import CheckpointError
+from .quantizer import QuantizerConfig
 
 Progress = Callable[[float, str], None]
 
@@ -117,17 +118,25 @@ Moments = dict[int, tuple[torch.Tensor, torch.Tensor] | None]  # expert -> (E[x�
 
 
 def calibrate(ft_path: Path, text: str, *, seq_len: int, windows: int, bit_widths: tuple[int, ...],
-              group_size: int, symmetric: bool = False,
+              group_size: int, symmetric: bool = False, quantizer: QuantizerConfig | None = None,
               progress: Progress | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """(expert_calibration, expert_qerror, info) for the checkpoint at `ft_path`; errors are those of
-    the quantizer the run will use (symmetric or not). `route`, then `layer_errors` per layer."""
+    the quantizer the run will use (default: RTN, `symmetric` or not). `route`, then `layer_errors`
+    per layer (GPTQ: `sequential.gptq_errors`, one more forward)."""
+    quantizer = quantizer or QuantizerConfig(symmetric=symmetric)
     calib, moments, info = route(ft_path, text, seq_len=seq_len, windows=windows,
                                  progress=(lambda f, m: progress(0.5 * f, m)) if progress else None)
+    if quantizer.calibrated:
+        from .sequential import gptq_errors
+
+        qerr = gptq_errors(ft_path, text, bit_widths, group_size, quantizer, seq_len=seq_len, windows=windows,
+                           progress=(lambda f, m: progress(0.5 + 0.5 * f, m)) if progress else None)
+        return calib, pd.DataFrame(qerr), info
     qerr = []
     with Checkpoint.open(ft_path) as ckpt:
         layers = detect(ckpt).layers
         for n, layer in enumerate(layers):
-            qerr += layer_errors(ckpt, n, moments[layer.layer], bit_widths, group_size, symmetric)
+            qerr += layer_errors(ckpt, n, moments[layer.layer], bit_widths, group_size, quantizer)
             if progress:
                 progress(0.5 + 0.5 * (n + 1) / len(layers), f"quantization error: layer {layer.layer} done")
     return calib, pd.DataFrame(qerr), info
@@ -187,9 +196,10 @@ def route(ft_path: Path, text: str, *, seq_len: int, windows: int,
 
 
 def layer_errors(ckpt: Checkpoint, position: int, moments: Moments, bit_widths: tuple[int, ...], group_size: int,
-                 symmetric: bool) -> list[dict]:
+                 quantizer: QuantizerConfig) -> list[dict]:
     """expert_qerror rows of the `position`-th MoE layer: every expert matrix quantized at every
-    width, its weight error and its routed-input error (one unit of work: a Dask task)."""
+    width by the data-free quantizer, its weight error and its routed-input error (one unit of
+    work: a Dask task)."""
     layer = detect(ckpt).layers[position]
     errors: dict[tuple[int, int], list[float]] = {}
     for m in layer.matrices:
@@ -199,12 +209,13 @@ def layer_errors(ckpt: Checkpoint, position: int, moments: Moments, bit_widths: 
             col = torch.zeros(w.shape[1], dtype=torch.float64)  # Σ over rows of the squared error, per column
             for i in range(0, w.shape[0], ERROR_ROWS):  # row blocks: temporaries stay in cache
                 rows = w[i : i + ERROR_ROWS].float()
-                col += (rows - quantize_rtn(rows, b, group_size, symmetric).dequantize()).square().sum(0)
+                col += (rows - quantizer.round_matrix(rows, b, group_size).dequantize()).square().sum(0)
             acc = errors.setdefault((m.expert, b), [0.0, 0.0])
             acc[0] += float(col.sum())
             acc[1] += float(col @ h.double()) if h is not None else 0.0
-    return [{"layer": layer.layer, "expert": e, "bits": b, "symmetric_quant": symmetric, "weight_error": we,
-             "routed_input_error": re} for (e, b), (we, re) in sorted(errors.items())]
+    return [{"layer": layer.layer, "expert": e, "bits": b, "symmetric_quant": quantizer.symmetric,
+             "quantizer": quantizer.label, "weight_error": we, "routed_input_error": re}
+            for (e, b), (we, re) in sorted(errors.items())]
 
 
 def save_moments(moments: dict[int, Moments], path: Path) -> None:

@@ -15,14 +15,14 @@ from collections import OrderedDict
 import statistics as pystats
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import pandas as pd
 import torch
 
-from expertbits.kernels.packing import QuantizedTensor, quantize_rtn
+from expertbits.kernels.packing import QuantizedTensor
 
 from .allocate import allocate
 from .allocators import ALLOCATORS, check
@@ -30,6 +30,8 @@ from .budget import AllocationConfig
 from .errors import BudgetError
 from .evaluate import Reference
 from .quantize import quantize_checkpoint
+from .quantizer import QuantizerConfig
+from .sequential import sequential_gptq
 
 Progress = Callable[[float, str], None]
 DEFAULT_ALLOCATORS = ("uniform", "paper", "lambda", "reverse-lambda", "maxvar", "frequency", "routing-weight",
@@ -42,12 +44,14 @@ class Cell:
 
     config: AllocationConfig
     symmetric: bool = False
+    quantizer: str = "rtn"
 
     @property
     def variant(self) -> str:
-        """The allocator, marked when the cell is layer-granular (`@layer`) or symmetric (`+sym`)."""
+        """The allocator, marked when the cell is layer-granular (`@layer`), symmetric (`+sym`) or
+        quantized by GPTQ (`+gptq`)."""
         return (self.config.allocator + ("@layer" if self.config.granularity == "layer" else "")
-                + ("+sym" if self.symmetric else ""))
+                + ("+sym" if self.symmetric else "") + ("" if self.quantizer == "rtn" else f"+{self.quantizer}"))
 
 
 @dataclass(frozen=True)
@@ -65,13 +69,22 @@ class Grid:
     # symmetric ones only for bit sets without 1 bit
     granularities: tuple[str, ...] = ("expert", "layer")
     symmetric: tuple[bool, ...] = (False, True)
+    # quantizers beyond rtn (gptq) are run for every allocator, on the default variant only
+    quantizers: tuple[str, ...] = ("rtn",)
+    clip: bool = False
+    gptq_damp: float = 0.01
+    gptq_act_order: bool = False
+    gptq_min_tokens: int = 16
+    gptq_weighted: bool = False
 
     def __post_init__(self):
         unknown = [a for a in self.allocators if a not in ALLOCATORS]
         if unknown:
             raise BudgetError(f"unknown allocators {unknown}", f"choose from {', '.join(ALLOCATORS)}")
-        if not self.granularities or not self.symmetric:
-            raise BudgetError("the league needs at least one granularity and one symmetry", "e.g. expert and false")
+        if not self.granularities or not self.symmetric or not self.quantizers:
+            raise BudgetError("the league needs at least one granularity, symmetry and quantizer", "e.g. expert, false, rtn")
+        for method in self.quantizers:
+            self.quantizer(method, False)  # unknown quantizer or bad option: an error before any work
 
     @classmethod
     def from_dict(cls, d: dict) -> "Grid":
@@ -93,7 +106,18 @@ class Grid:
                     if symmetric and 1 in cfg.bit_widths:
                         continue  # symmetric 1-bit rounds every weight to 0 (quantize_rtn refuses it)
                     out.append(Cell(replace(cfg, granularity=granularity), symmetric))
+            out += [Cell(cfg, False, method) for method in self.quantizers if method != "rtn"]
+        if "rtn" not in self.quantizers:
+            out = [c for c in out if c.quantizer != "rtn"]
         return out
+
+    def quantizer(self, method: str, symmetric: bool) -> QuantizerConfig:
+        return QuantizerConfig(method=method, symmetric=symmetric, clip=self.clip, damp=self.gptq_damp,
+                               act_order=self.gptq_act_order, min_tokens=self.gptq_min_tokens, weighted=self.gptq_weighted)
+
+    def error_keys(self) -> list[tuple[str, bool]]:
+        """(quantizer, symmetric) of every kind of cell, in order: each needs its own calibration errors."""
+        return list(dict.fromkeys((c.quantizer, c.symmetric) for c in self.cells()))
 
     def configs(self) -> list[AllocationConfig]:
         """Every allocation config of the default variant; budgets a bit set cannot reach are skipped."""
@@ -137,26 +161,37 @@ class CellWriter:
     to `cache_bytes` (least recently used out first), so a real-size model's league never holds
     every matrix at every width."""
 
-    def __init__(self, path: Path, group_size: int, cache_bytes: int = 1 << 30):
+    def __init__(self, path: Path, group_size: int, cache_bytes: int = 1 << 30, calibration: dict | None = None):
         self.path, self.group_size, self.cache_bytes = path, group_size, cache_bytes
-        self._cache: OrderedDict[tuple[str, int, bool], QuantizedTensor] = OrderedDict()
+        self.calibration = calibration  # GPTQ's: {"text", "seq_len", "windows"}
+        self._cache: OrderedDict[tuple[str, int, QuantizerConfig], QuantizedTensor] = OrderedDict()
         self._bytes = 0
 
-    def write(self, alloc: pd.DataFrame, out: Path, symmetric: bool = False) -> dict:
+    def write(self, alloc: pd.DataFrame, out: Path, quantizer: QuantizerConfig = QuantizerConfig()) -> dict:
+        shutil.rmtree(out, ignore_errors=True)
+        if quantizer.calibrated:  # sequential GPTQ depends on the whole allocation: nothing to reuse
+            if self.calibration is None:
+                raise BudgetError("a GPTQ league cell needs calibration text", "this is a bug; please report it")
+            c = self.calibration
+            packed, _ = sequential_gptq(self.path, c["text"], alloc, self.group_size, quantizer, seq_len=c["seq_len"],
+                                        windows=c["windows"])
+            return quantize_checkpoint(self.path, alloc, self.group_size, out, quantizer=lambda m, w, bits: packed[m.name],
+                                       symmetric=quantizer.symmetric, config=asdict(quantizer))
+
         def quantize(m, w: torch.Tensor, bits: int) -> QuantizedTensor:
-            key = (m.name, bits, symmetric)
+            key = (m.name, bits, quantizer)
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-            q = quantize_rtn(w, bits, self.group_size, symmetric)
+            q = quantizer.round_matrix(w, bits, self.group_size)
             self._cache[key] = q
             self._bytes += _nbytes(q)
             while self._bytes > self.cache_bytes and len(self._cache) > 1:
                 self._bytes -= _nbytes(self._cache.popitem(last=False)[1])
             return q
 
-        shutil.rmtree(out, ignore_errors=True)
-        return quantize_checkpoint(self.path, alloc, self.group_size, out, quantizer=quantize, symmetric=symmetric)
+        return quantize_checkpoint(self.path, alloc, self.group_size, out, quantizer=quantize,
+                                   symmetric=quantizer.symmetric, config=asdict(quantizer))
 
 
 def _nbytes(q: QuantizedTensor) -> int:
@@ -177,12 +212,15 @@ def task(name: str | None, examples: int) -> Callable | None:
     raise BudgetError(f"unknown task {name!r}", f"choose one of {', '.join(TASKS)}, or none")
 
 
-def run(ft_path: Path, stats: pd.DataFrame, calibration: pd.DataFrame | None, qerrors: dict[bool, pd.DataFrame] | None,
-        grid: Grid, reference: Reference, task: Callable | None = None,
-        progress: Progress | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+def run(ft_path: Path, stats: pd.DataFrame, calibration: pd.DataFrame | None,
+        qerrors: dict[tuple[str, bool], pd.DataFrame] | None, grid: Grid, reference: Reference,
+        task: Callable | None = None, progress: Progress | None = None,
+        gptq_calibration: dict | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(league rows, one per cell; allocations, one row per cell × expert). `qerrors` holds the
-    quantization errors measured with each quantizer (asymmetric: False, symmetric: True)."""
-    writer = CellWriter(ft_path, grid.group_size)
+    quantization errors measured with each quantizer, by (method, symmetric) as in
+    `grid.error_keys()`; `gptq_calibration` ({"text", "seq_len", "windows"}) is what GPTQ cells
+    calibrate on."""
+    writer = CellWriter(ft_path, grid.group_size, calibration=gptq_calibration)
     cells = grid.cells()
     parts = []
     for i in range(len(cells)):
@@ -200,24 +238,25 @@ def gather(parts: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
     return league, pd.DataFrame([a for p in parts for a in p["allocation"]])
 
 
-def run_cell(index: int, stats: pd.DataFrame, calibration: pd.DataFrame | None, qerrors: dict[bool, pd.DataFrame] | None,
-             grid: Grid, reference: Reference, writer: "CellWriter", task: Callable | None = None) -> dict:
+def run_cell(index: int, stats: pd.DataFrame, calibration: pd.DataFrame | None,
+             qerrors: dict[tuple[str, bool], pd.DataFrame] | None, grid: Grid, reference: Reference,
+             writer: "CellWriter", task: Callable | None = None) -> dict:
     """Allocate, write (as the quantization stage would) and evaluate the `index`-th cell of the
     grid: one unit of work (a Dask task); only that cell's checkpoint exists, in a temp folder."""
     c = grid.cells()[index]
     cfg = c.config
     start = time.perf_counter()
-    alloc = allocate(stats, cfg, calibration, (qerrors or {}).get(c.symmetric))
+    alloc = allocate(stats, cfg, calibration, (qerrors or {}).get((c.quantizer, c.symmetric)))
     alloc_ms = 1000 * (time.perf_counter() - start)
     bits_of = {(int(r.layer), int(r.expert)): int(r.bits) for r in alloc.itertuples()}
     with tempfile.TemporaryDirectory(prefix="expertbits-league-") as tmp:
-        written = writer.write(alloc, Path(tmp) / "cell", c.symmetric)
+        written = writer.write(alloc, Path(tmp) / "cell", grid.quantizer(c.quantizer, c.symmetric))
         with reference.quantized(Path(tmp) / "cell") as model:
             metrics = reference.compare(model)
             accuracy = task(model, reference.tokenizer) if task else None
     cell = {"bit_set": ",".join(map(str, cfg.bit_widths)), "scheme": cfg.scheme, "budget": cfg.avg_bits,
             "allocator": cfg.allocator, "granularity": cfg.granularity, "symmetric_quant": c.symmetric,
-            "variant": c.variant, "seed": cfg.seed, "avg_bits": float(alloc.bits.mean()),
+            "quantizer": c.quantizer, "variant": c.variant, "seed": cfg.seed, "avg_bits": float(alloc.bits.mean()),
             "effective_bits": written["effective_bits"], "kl": metrics["kl"], "ppl": metrics["ppl_quant"],
             "ppl_fp": metrics["ppl_fp"], "accuracy": accuracy,
             "accuracy_fp": reference.task_accuracy(task) if task else None, "allocation_ms": alloc_ms}
@@ -228,12 +267,12 @@ def run_cell(index: int, stats: pd.DataFrame, calibration: pd.DataFrame | None, 
 
 def summarize(league: pd.DataFrame) -> pd.DataFrame:
     """One row per (bit set, budget, variant): the median over random draws, with its range, and
-    each cell's rank by KL among the default variants (per-expert widths, asymmetric) at that
-    budget (1 = best); the servability variants are compared in `servability`."""
+    each cell's rank by KL among the default variants (per-expert widths, asymmetric) with the same
+    quantizer at that budget (1 = best); the servability variants are compared in `servability`."""
     rows = []
     for (bit_set, budget, name), g in league.groupby(["bit_set", "budget", "variant"], sort=True):
         row = {"bit_set": bit_set, "budget": budget, "variant": name, "draws": len(g),
-               **{k: g[k].iloc[0] for k in ("allocator", "granularity", "symmetric_quant")}}
+               **{k: g[k].iloc[0] for k in ("allocator", "granularity", "symmetric_quant", "quantizer")}}
         for col in ("avg_bits", "effective_bits", "kl", "ppl", "accuracy", "allocation_ms"):
             values = [v for v in g[col] if pd.notna(v)]
             row[col] = pystats.median(values) if values else None
@@ -242,7 +281,7 @@ def summarize(league: pd.DataFrame) -> pd.DataFrame:
         rows.append(row)
     out = pd.DataFrame(rows)
     default = (out.granularity == "expert") & ~out.symmetric_quant.astype(bool)
-    out["rank"] = out[default].groupby(["bit_set", "budget"]).kl.rank(method="min").astype("Int64")
+    out["rank"] = out[default].groupby(["bit_set", "budget", "quantizer"]).kl.rank(method="min").astype("Int64")
     return out
 
 
@@ -263,7 +302,8 @@ def servability(summary: pd.DataFrame, allocator: str = "routed-error") -> str:
         for label, (gran, sym) in [*SERVABLE.items(), ("uniform, zero points", ("expert", False)),
                                    ("uniform, symmetric (transformers)", ("expert", True))]:
             name = "uniform" if label.startswith("uniform") else allocator
-            rows = g[(g.allocator == name) & (g.granularity == gran) & (g.symmetric_quant.astype(bool) == sym)]
+            rtn = g.quantizer == "rtn" if "quantizer" in g else True
+            rows = g[(g.allocator == name) & (g.granularity == gran) & (g.symmetric_quant.astype(bool) == sym) & rtn]
             if rows.empty:
                 continue
             cells = [f"{rows[rows.budget == b].kl.iloc[0]:.4f}" if (rows.budget == b).any() else "" for b in budgets]

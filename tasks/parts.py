@@ -17,6 +17,7 @@ import json
 import tempfile
 import threading
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +29,25 @@ from .adapters import detect
 from .checkpoint import Checkpoint
 from .records import CheckpointRecord, StageOutput
 from .meter import Meter, report
+from .quantizer import QuantizerConfig
 from .stage_io import ckpt_path, expert_bytes, layer_path, local_copy, read_calibration, read_text, stage_key, text_digest, transient
 from .storage import Store, sha256_file
 
 
-def quantization_key(checkpoint: CheckpointRecord, allocation: StageOutput, group_size: int, symmetric: bool) -> str:
-    return stage_key("quantization", checkpoint.digest, allocation.key, group_size, symmetric)
+def quantization_key(checkpoint: CheckpointRecord, allocation: StageOutput, group_size: int, quantizer: dict,
+                     text: dict | None, storage_options: dict) -> str:
+    """The quantization stage's key; a calibrated quantizer (GPTQ) adds its calibration text's
+    digest, windows and window length."""
+    calibration = None
+    if QuantizerConfig.from_dict(quantizer).calibrated:
+        calibration = [text_digest(text["text_uri"], storage_options), text["seq_len"], text["windows"]]
+    return stage_key("quantization", checkpoint.digest, allocation.key, group_size, quantizer, calibration)
+
+
+def _quantization_prefix(i: dict) -> str:
+    key = quantization_key(i["checkpoint"], i["allocation"], i["group_size"], i["quantizer"], i.get("text"),
+                           i["storage_options"])
+    return f"objects/quantization/{key}"
 
 
 def _statistics(position: int, checkpoint: CheckpointRecord, reference: CheckpointRecord | None,
@@ -46,32 +60,88 @@ def _statistics(position: int, checkpoint: CheckpointRecord, reference: Checkpoi
 
 
 def _calibration(position: int, checkpoint: CheckpointRecord, routing: StageOutput, bit_widths: list[int],
-                 group_size: int, symmetric: bool, store: str, storage_options: dict, cache_dir: str | None) -> dict:
+                 group_size: int, quantizer: dict, store: str, storage_options: dict, cache_dir: str | None) -> dict:
     st = Store(store, storage_options)
     with tempfile.TemporaryDirectory() as tmp, Checkpoint.open(layer_path(checkpoint, [position], cache_dir,
                                                                            storage_options)) as ckpt:
         moments = local_copy(st, routing, Path(tmp), only=["moments.safetensors"]) / "moments.safetensors"
         layer = detect(ckpt).layers[position]
         m = calibrate.load_moments(moments, layer.layer, layer.num_experts)
-        return {"rows": calibrate.layer_errors(ckpt, position, m, tuple(sorted(bit_widths)), group_size, symmetric)}
+        return {"rows": calibrate.layer_errors(ckpt, position, m, tuple(sorted(bit_widths)), group_size,
+                                               QuantizerConfig.from_dict(quantizer))}
 
 
 def _quantization(position: int, checkpoint: CheckpointRecord, allocation: StageOutput, group_size: int,
-                  symmetric: bool, store: str, storage_options: dict, cache_dir: str | None) -> dict:
+                  quantizer: dict, store: str, storage_options: dict, cache_dir: str | None) -> dict:
     """Write the layer's shard straight under the stage's prefix (the stage task publishes the rest)."""
+    q = QuantizerConfig.from_dict(quantizer)
+    with _shard_writer(checkpoint, allocation, group_size, quantizer, None, store, storage_options,
+                       layer_path(checkpoint, [position], cache_dir, storage_options)) as (ckpt, alloc, write):
+        return write(quantize.quantize_layer(ckpt, position, alloc, group_size, q.symmetric, Path(write.out),
+                                             quantizer=lambda m, w, bits: q.round_matrix(w, bits, group_size)))
+
+
+@contextmanager
+def _shard_writer(checkpoint: CheckpointRecord, allocation: StageOutput, group_size: int, quantizer: dict,
+                  text: dict | None, store: str, storage_options: dict, path: Path):
+    """(open checkpoint, allocation, write): `write(part)` checksums a layer shard written into
+    `write.out` and puts it under the stage's prefix (in place for a local store)."""
     st = Store(store, storage_options)
-    prefix = f"objects/quantization/{quantization_key(checkpoint, allocation, group_size, symmetric)}"
-    with tempfile.TemporaryDirectory() as tmp, Checkpoint.open(layer_path(checkpoint, [position], cache_dir,
-                                                                           storage_options)) as ckpt:
+    prefix = _quantization_prefix(dict(checkpoint=checkpoint, allocation=allocation, group_size=group_size,
+                                       quantizer=quantizer, text=text, storage_options=storage_options))
+    with tempfile.TemporaryDirectory() as tmp, Checkpoint.open(path) as ckpt:
         tmp = Path(tmp)
         alloc = statistics.read_stats(local_copy(st, allocation, tmp) / "bit_allocation.parquet")
         out = Path(st.uri(prefix)) if st.is_local else tmp / "out"
         out.mkdir(parents=True, exist_ok=True)
-        part = quantize.quantize_layer(ckpt, position, alloc, group_size, symmetric, out)
-        part["sha256"] = sha256_file(out / part["file"])
-        if not st.is_local:
-            st.put_file(out / part["file"], f"{prefix}/{part['file']}")
-        return part
+
+        def write(part: dict) -> dict:
+            part["sha256"] = sha256_file(out / part["file"])
+            if not st.is_local:
+                st.put_file(out / part["file"], f"{prefix}/{part['file']}")
+                (out / part["file"]).unlink()
+            return part
+
+        write.out = out
+        yield ckpt, alloc, write
+
+
+def _gptq_quantization(checkpoint: CheckpointRecord, allocation: StageOutput, group_size: int, quantizer: dict,
+                       text: dict, store: str, storage_options: dict, cache_dir: str | None) -> list[dict]:
+    """Every MoE layer's shard by sequential GPTQ, each written as soon as its layer is done, with
+    the layer's calibration coverage."""
+    from .sequential import sequential_gptq
+
+    q = QuantizerConfig.from_dict(quantizer)
+    path = ckpt_path(checkpoint, cache_dir, storage_options)
+    parts: list[dict] = []
+    logger = get_run_logger()
+    with _shard_writer(checkpoint, allocation, group_size, quantizer, text, store, storage_options, path) as (ckpt, alloc, write):
+        def on_layer(position: int, packed: dict) -> None:
+            parts.append(write(quantize.quantize_layer(ckpt, position, alloc, group_size, q.symmetric, Path(write.out),
+                                                       quantizer=lambda m, w, bits: packed[m.name])))
+
+        _, coverage = sequential_gptq(path, read_text(text["text_uri"], storage_options), alloc, group_size, q,
+                                      seq_len=text["seq_len"], windows=text["windows"], on_layer=on_layer,
+                                      progress=lambda f, m: logger.info(f"{m} ({100 * f:.0f}%)"))
+    layers = list(dict.fromkeys(coverage.layer))
+    for part, layer in zip(parts, layers):
+        part["coverage"] = coverage[coverage.layer == layer].to_dict(orient="records")
+    return parts
+
+
+def _gptq_calibration(checkpoint: CheckpointRecord, bit_widths: list[int], group_size: int, quantizer: dict,
+                      text: dict, storage_options: dict, cache_dir: str | None, **_) -> list[dict]:
+    """GPTQ's error of every expert at every width, one part per MoE layer."""
+    from .sequential import gptq_errors
+
+    logger = get_run_logger()
+    rows = gptq_errors(ckpt_path(checkpoint, cache_dir, storage_options), read_text(text["text_uri"], storage_options),
+                       tuple(sorted(bit_widths)), group_size, QuantizerConfig.from_dict(quantizer),
+                       seq_len=text["seq_len"], windows=text["windows"],
+                       progress=lambda f, m: logger.info(f"{m} ({100 * f:.0f}%)"))
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    return [{"rows": [r for r in rows if r["layer"] == layer]} for layer in layers]
 
 
 def _validation(position: int, quantized: StageOutput, checkpoint: CheckpointRecord, rtol: float, store: str,
@@ -91,6 +161,7 @@ def _validation(position: int, quantized: StageOutput, checkpoint: CheckpointRec
 
 
 WORK = {"statistics": _statistics, "calibration": _calibration, "quantization": _quantization, "validation": _validation}
+SEQUENTIAL = {"calibration": _gptq_calibration, "quantization": _gptq_quantization}
 
 
 def _ident(v: Any) -> Any:
@@ -105,12 +176,14 @@ def _ident(v: Any) -> Any:
 
 
 def _layer_key(ctx, p) -> str:
-    inputs = {k: _ident(v) for k, v in sorted(p["inputs"].items()) if k not in ("cache_dir", "storage_options")}
-    key = stage_key(p["stage"], "layers", p["positions"], inputs)
+    i = p["inputs"]
+    inputs = {k: _ident(v) for k, v in sorted(i.items()) if k not in ("cache_dir", "storage_options")}
+    if "text" in inputs:  # calibration text by content
+        inputs["text"] = dict(inputs["text"], text_uri=text_digest(i["text"]["text_uri"], i["storage_options"]))
+    key = stage_key(p["stage"], "layers", p.get("positions", "sequential"), inputs)
     if p["stage"] == "quantization":  # a record whose shards left the store is a miss
-        i = p["inputs"]
         st = Store(i["store"], i["storage_options"])
-        prefix = f"objects/quantization/{quantization_key(i['checkpoint'], i['allocation'], i['group_size'], i['symmetric'])}"
+        prefix = _quantization_prefix(i)
         if ctx.result_store is not None and ctx.result_store.exists(key):
             record = ctx.result_store.read(key).result
             if not all(st.exists(f"{prefix}/{part['file']}") for part in record):
@@ -130,6 +203,18 @@ def layer_work(stage: str, positions: list[int], inputs: dict) -> list[dict]:
     return out
 
 
+@task(name="sequential", cache_key_fn=_layer_key, persist_result=True, result_serializer="json",
+      task_run_name="{stage}-sequential", retries=2, retry_delay_seconds=[1, 4], retry_condition_fn=transient)
+def sequential_work(stage: str, inputs: dict) -> list[dict]:
+    """One stage's work on every MoE layer in one pass, in order (GPTQ: layer l+1 is calibrated on
+    the outputs of the quantized layer l, so the layers cannot be split across workers)."""
+    with Meter() as meter:
+        out = SEQUENTIAL[stage](**inputs)
+    path = ckpt_path(inputs["checkpoint"], inputs.get("cache_dir"), inputs["storage_options"])
+    report(f"{stage} (gptq)", meter, expert_bytes(path), get_run_logger())
+    return out
+
+
 _LEAGUE: dict[tuple, tuple] = {}  # per process: the tables, the reference, the cell writer and the task, made once
 
 
@@ -141,7 +226,7 @@ def _league_lock() -> threading.Lock:
 
 
 def _league_env(checkpoint, stats, calibrations, grid, text_uri, seq_len, windows, task_name, task_examples, store,
-                storage_options, cache_dir):
+                storage_options, cache_dir, gptq_text):
     ident = (checkpoint.digest, stats.key, tuple(c.key for c in calibrations), text_digest(text_uri, storage_options),
              seq_len, windows, grid.group_size, task_name, task_examples)
     if ident not in _LEAGUE:
@@ -155,8 +240,10 @@ def _league_env(checkpoint, stats, calibrations, grid, text_uri, seq_len, window
             table = statistics.read_stats(local_copy(st, stats, tmp) / "expert_stats.parquet")
             read = [read_calibration(st, c, tmp / f"calibration-{i}") for i, c in enumerate(calibrations)]
         reference = league.Reference(path, read_text(text_uri, storage_options), seq_len=seq_len, windows=windows)
-        _LEAGUE[ident] = (table, read[0][0], {s: q for s, (_, q) in zip(grid.symmetric, read)}, reference,
-                          league.CellWriter(path, grid.group_size), league.task(task_name, task_examples))
+        calibration = None if gptq_text is None else dict(gptq_text, text=read_text(gptq_text["text_uri"], storage_options))
+        _LEAGUE[ident] = (table, read[0][0], {k: q for k, (_, q) in zip(grid.error_keys(), read)}, reference,
+                          league.CellWriter(path, grid.group_size, calibration=calibration),
+                          league.task(task_name, task_examples))
     return _LEAGUE[ident]
 
 
@@ -170,11 +257,13 @@ def _cells_key(ctx, p) -> str:
       task_run_name="league-cells-{indices}", retries=2, retry_delay_seconds=[1, 4], retry_condition_fn=transient)
 def league_cells(indices: list[int], checkpoint: CheckpointRecord, stats: StageOutput, calibrations: list[StageOutput],
                  grid: dict, text_uri: str, seq_len: int, windows: int, task_name: str | None, task_examples: int,
-                 store: str, storage_options: dict, cache_dir: str | None) -> list[dict]:
-    """Some cells of the league grid, each allocated, written and evaluated (see league.run_cell)."""
+                 store: str, storage_options: dict, cache_dir: str | None, gptq_text: dict | None = None) -> list[dict]:
+    """Some cells of the league grid, each allocated, written and evaluated (see league.run_cell);
+    `calibrations` in `Grid.error_keys()` order; GPTQ cells calibrate on `gptq_text` (uri, seq_len,
+    windows: the routing stage's, which the calibrations' keys cover)."""
     g = league.Grid.from_dict(grid)
     with _league_lock():
         table, calib, qerrors, reference, writer, task = _league_env(
             checkpoint, stats, calibrations, g, text_uri, seq_len, windows, task_name, task_examples, store,
-            storage_options, cache_dir)
+            storage_options, cache_dir, gptq_text)
         return [league.run_cell(i, table, calib, qerrors, g, reference, writer, task) for i in indices]

@@ -56,6 +56,13 @@ def build_database(path: Path, store: Store, outputs: dict[str, StageOutput], tm
             for table in ("expert_calibration", "expert_qerror"):
                 con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM read_parquet(?)",
                             [local("calibration", table + ".parquet")])
+        qc = json.loads(Path(local("quantization", "config.json")).read_text())["quantization_config"]
+        if "calibration_coverage" in qc:
+            cov = qc["calibration_coverage"]
+            coverage = pd.DataFrame([{"layer": int(layer), "expert": e, "calibration_tokens": tokens,
+                                      "quantizer": cov["quantizer"][layer][e]}
+                                     for layer, per in cov["tokens"].items() for e, tokens in enumerate(per)])
+            con.execute("INSERT INTO calibration_coverage SELECT layer, expert, calibration_tokens, quantizer FROM coverage")
         metrics = json.loads(Path(local("evaluation", "evaluation.json")).read_text())
         rows = pd.DataFrame([{"metric": k, "value": float(v)} for k, v in sorted(metrics.items()) if isinstance(v, (int, float))])
         con.execute("INSERT INTO evaluation SELECT * FROM rows")

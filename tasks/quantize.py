@@ -1,4 +1,5 @@
-"""Stage 4: group-wise round-to-nearest of every routed expert at its allocated bit-width.
+"""Stage 4: every routed expert packed at its allocated bit-width, by group-wise round-to-nearest
+or by the codes another quantizer chose (GPTQ: tasks/sequential.py).
 
 The output is a Hugging Face-layout folder: config.json with a `quantization_config` that lists
 every quantized matrix (its bits, shape and the source tensor it came from), the tokenizer, and
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 import re
 import uuid
 import shutil
@@ -36,6 +38,7 @@ from expertbits.kernels.packing import QuantizedTensor, effective_bits, quantize
 from .adapters import DTYPE_BYTES, ExpertMatrix, block_of, detect
 from .checkpoint import Checkpoint, require_finite
 from .errors import CheckpointError
+from .quantizer import QuantizerConfig
 
 QUANT_METHOD = "expertbits"
 # config.json's model_type: a marker plain transformers does not know, so it refuses the folder with
@@ -53,12 +56,13 @@ Quantizer = Callable[[ExpertMatrix, torch.Tensor, int], QuantizedTensor]  # (mat
 
 def quantize_checkpoint(src: Path, alloc: pd.DataFrame, group_size: int, out: Path,
                         progress: Progress | None = None, quantizer: Quantizer | None = None,
-                        symmetric: bool = False) -> dict:
+                        symmetric: bool = False, config: dict | None = None) -> dict:
     """Write the quantized checkpoint of `src` into `out` (which must not exist); return a summary.
 
     The rest shard, then `quantize_layer` for each MoE layer, then `finish`: the same parts a
     Dask run maps over its workers, here in one process. `quantizer` defaults to group-wise
-    round-to-nearest (`symmetric`: no zero points); the league passes one that caches."""
+    round-to-nearest (`symmetric`: no zero points); the league passes one that caches. `config`:
+    the QuantizerConfig (as a dict) recorded in config.json."""
     out.mkdir(parents=True)
     with Checkpoint.open(src) as ckpt:
         layers = detect(ckpt).layers
@@ -68,7 +72,7 @@ def quantize_checkpoint(src: Path, alloc: pd.DataFrame, group_size: int, out: Pa
             parts.append(quantize_layer(ckpt, i, alloc, group_size, symmetric, out, quantizer))
             if progress:
                 progress((i + 1) / len(layers), f"quantized layer {layer.layer} ({len(layer.matrices)} matrices)")
-    return finish(src, alloc, group_size, symmetric, parts, out)
+    return finish(src, alloc, group_size, symmetric, parts, out, config)
 
 
 def _plan(ckpt: Checkpoint) -> tuple[list[list[str]], list[list[str]]]:
@@ -188,9 +192,11 @@ def quantize_layer(ckpt: Checkpoint, position: int, alloc: pd.DataFrame, group_s
             "stored_bits": stored_bits, "numel": numel}
 
 
-def finish(src: Path, alloc: pd.DataFrame, group_size: int, symmetric: bool, parts: list[dict], out: Path) -> dict:
+def finish(src: Path, alloc: pd.DataFrame, group_size: int, symmetric: bool, parts: list[dict], out: Path,
+           quantizer: dict | None = None) -> dict:
     """config.json (with the quantization config), the index and the side files, once every shard is
-    written; returns the stage summary."""
+    written; returns the stage summary. Parts of a calibrated quantizer (GPTQ) carry their layer's
+    calibration coverage, which goes into the config and the summary."""
     bits_of = {(int(r.layer), int(r.expert)): int(r.bits) for r in alloc.itertuples()}
     with Checkpoint.open(src) as ckpt:
         model = detect(ckpt)
@@ -215,7 +221,20 @@ def finish(src: Path, alloc: pd.DataFrame, group_size: int, symmetric: bool, par
         "experts_modules": {str(layer.layer): layer.experts_module for layer in model.layers},
         # decoder layers beyond num_hidden_layers (DeepSeek-V3's multi-token prediction), kept as stored
         "kept_as_stored": list(model.kept_as_stored),
+        # how the codes were chosen (rtn, gptq; clipping search): tells validation which check applies
+        "quantizer": asdict(QuantizerConfig.from_dict(quantizer or {"symmetric": symmetric})),
     }
+    coverage = sorted((r for part in parts for r in part.get("coverage", ())), key=lambda r: (r["layer"], r["expert"]))
+    summary_extra = {}
+    if coverage:
+        fallback = [f"{r['layer']}/{r['expert']}" for r in coverage if r["quantizer"].endswith("-fallback")]
+        qconfig["calibration_coverage"] = {  # per MoE layer, per expert
+            key: {str(layer.layer): [r[column] for r in coverage if r["layer"] == layer.layer] for layer in model.layers}
+            for key, column in (("tokens", "calibration_tokens"), ("quantizer", "quantizer"))}
+        qconfig["calibration_coverage"]["fallback"] = fallback
+        least = sorted(coverage, key=lambda r: (r["calibration_tokens"], r["layer"], r["expert"]))[:5]
+        summary_extra = {"fallback_experts": len(fallback), "least_covered": [
+            {k: r[k] for k in ("layer", "expert", "calibration_tokens", "quantizer")} for r in least]}
     # the marker model type makes a transformers without expertbits refuse the folder (see loader.py)
     config = dict(config, model_type=MODEL_TYPE, quantization_config=qconfig)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -224,7 +243,8 @@ def finish(src: Path, alloc: pd.DataFrame, group_size: int, symmetric: bool, par
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     copy_side_files(src, out)
     return {"matrices": len(modules), "moe_layers": len(model.layers), "avg_bits": qconfig["avg_bits"], "effective_bits": qconfig["effective_bits"],
-            "group_size": group_size, "bytes": total, "source_bytes": sum(p.stat().st_size for p in src.glob("*.safetensors"))}
+            "group_size": group_size, "bytes": total, "source_bytes": sum(p.stat().st_size for p in src.glob("*.safetensors")),
+            "quantizer": QuantizerConfig.from_dict(qconfig["quantizer"]).label, **summary_extra}
 
 
 SIDE_FILES = ("tokenizer", "special_tokens", "vocab", "merges", "generation_config", "chat_template")

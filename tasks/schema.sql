@@ -43,7 +43,8 @@ CREATE TABLE IF NOT EXISTS kernel_validation (
     kernel_rows   INTEGER NOT NULL,  -- output rows the kernel ran on (a sample in the Triton interpreter)
     max_abs_error DOUBLE  NOT NULL,  -- kernel vs pure-torch dequantize-then-matmul
     rel_error     DOUBLE  NOT NULL,  -- max_abs_error / max |reference output|
-    quant_error_ok BOOLEAN NOT NULL, -- every weight within half a step of the original
+    weight_check  VARCHAR NOT NULL,  -- 'half-step' (rtn) or 'grid' (gptq, clipping search), see validate.py
+    quant_error_ok BOOLEAN NOT NULL, -- the weight check passed
     passed        BOOLEAN NOT NULL
 );
 
@@ -64,14 +65,25 @@ CREATE TABLE IF NOT EXISTS expert_calibration (
     tokens         BIGINT  NOT NULL   -- calibration tokens seen by this layer
 );
 
--- One row per (layer, expert, bits): what round-to-nearest at those bits costs the expert.
+-- One row per (layer, expert, bits): what the run's quantizer at those bits costs the expert.
 CREATE TABLE IF NOT EXISTS expert_qerror (
     layer              INTEGER NOT NULL,
     expert             INTEGER NOT NULL,
     bits               INTEGER NOT NULL,
     symmetric_quant    BOOLEAN NOT NULL,  -- measured with the symmetric quantizer (no zero points)
+    quantizer          VARCHAR NOT NULL,  -- 'rtn', 'rtn+clip', 'gptq', ... ('+sym': symmetric)
     weight_error       DOUBLE  NOT NULL,  -- ||W - Q(W)||_F^2 over the expert's matrices
-    routed_input_error DOUBLE  NOT NULL   -- input-weighted: sum_i h_i ||dW[:, i]||^2 (see calibrate.py)
+    routed_input_error DOUBLE  NOT NULL   -- output error per routed token: RTN sum_i h_i ||dW[:, i]||^2
+                                          -- (calibrate.py), GPTQ tr(dW H dW^T) / tokens (sequential.py)
+);
+
+-- One row per (layer, expert) of a run quantized by GPTQ: the calibration tokens its router sent it
+-- during sequential calibration, and the quantizer it got (GPTQ, or RTN below --gptq-min-tokens).
+CREATE TABLE IF NOT EXISTS calibration_coverage (
+    layer              INTEGER NOT NULL,
+    expert             INTEGER NOT NULL,
+    calibration_tokens BIGINT  NOT NULL,
+    quantizer          VARCHAR NOT NULL   -- e.g. 'gptq' or 'rtn-fallback'
 );
 
 -- One row per league cell: an allocator at a budget over a bit-width set (random: one per draw).
@@ -82,7 +94,8 @@ CREATE TABLE IF NOT EXISTS league (
     allocator       VARCHAR NOT NULL,
     granularity     VARCHAR NOT NULL,  -- 'expert' | 'layer' (one width per MoE layer)
     symmetric_quant BOOLEAN NOT NULL,  -- quantized without zero points
-    variant         VARCHAR NOT NULL,  -- allocator + '@layer' / '+sym' marks
+    quantizer       VARCHAR NOT NULL DEFAULT 'rtn',  -- 'rtn' | 'gptq'
+    variant         VARCHAR NOT NULL,  -- allocator + '@layer' / '+sym' / '+gptq' marks
     seed            INTEGER NOT NULL,
     avg_bits        DOUBLE  NOT NULL,  -- achieved nominal average
     effective_bits  DOUBLE  NOT NULL,  -- including fp16 scales, uint8 zero points and packing slack

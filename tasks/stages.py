@@ -21,6 +21,7 @@ from .checkpoint import Checkpoint
 from .errors import ValidationFailed
 from .meter import Meter, report
 from .parts import quantization_key
+from .quantizer import QuantizerConfig
 from .records import CheckpointRecord, RunManifest, StageOutput
 from .stage_io import (expert_bytes, read_calibration, ckpt_path, local_copy, miss_unless, progress_reporter, publish_stage, read_text, stage_key,
                        text_digest, transient)
@@ -120,16 +121,17 @@ def route_experts(checkpoint: CheckpointRecord, text_uri: str, seq_len: int, win
 
 def _calib_key(ctx, p) -> str:
     return miss_unless(ctx, Store(p["store"], p["storage_options"]), "calibration", stage_key(
-        "calibration", p["routing"].key, sorted(p["bit_widths"]), p["group_size"], p["symmetric"]))
+        "calibration", p["routing"].key, sorted(p["bit_widths"]), p["group_size"], p["quantizer"]))
 
 
 @task(name="calibration", cache_key_fn=_calib_key, persist_result=True, result_serializer="json")
-def calibrate_experts(routing: StageOutput, bit_widths: list[int], group_size: int, symmetric: bool,
+def calibrate_experts(routing: StageOutput, bit_widths: list[int], group_size: int, quantizer: dict,
                       parts: list[list[dict]], store: str, storage_options: dict) -> StageOutput:
-    """The routing statistics beside the quantization error of every expert at every width (computed
-    per layer by `parts.layer_work`)."""
+    """The routing statistics beside the error of every expert at every width, measured with the
+    quantizer the run uses (computed per layer by `parts.layer_work`; GPTQ's by
+    `parts.sequential_work` on the routing stage's text, which its key covers)."""
     st = Store(store, storage_options)
-    key = stage_key("calibration", routing.key, sorted(bit_widths), group_size, symmetric)
+    key = stage_key("calibration", routing.key, sorted(bit_widths), group_size, quantizer)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         calib = statistics.read_stats(local_copy(st, routing, tmp, only=["expert_calibration.parquet"])
@@ -139,7 +141,7 @@ def calibrate_experts(routing: StageOutput, bit_widths: list[int], group_size: i
         out.mkdir()
         statistics.export_parquet(calib, out / "expert_calibration.parquet")
         statistics.export_parquet(qerr, out / "expert_qerror.parquet")
-        summary = {k: v for k, v in routing.summary.items()}
+        summary = dict(routing.summary, quantizer=QuantizerConfig.from_dict(quantizer).label)
         return publish_stage(st, "calibration", key, out, summary)
 
 
@@ -176,17 +178,20 @@ def allocate_bits(stats: StageOutput, calibration: StageOutput | None, config: d
 # ---- 4. quantization ----------------------------------------------------------------------------
 
 def _quant_key(ctx, p) -> str:
-    return miss_unless(ctx, Store(p["store"], p["storage_options"]), "quantization",
-                        quantization_key(p["checkpoint"], p["allocation"], p["group_size"], p["symmetric"]))
+    return miss_unless(ctx, Store(p["store"], p["storage_options"]), "quantization", quantization_key(
+        p["checkpoint"], p["allocation"], p["group_size"], p["quantizer"], p["text"], p["storage_options"]))
 
 
 @task(name="quantization", cache_key_fn=_quant_key, persist_result=True, result_serializer="json")
-def quantize_experts(checkpoint: CheckpointRecord, allocation: StageOutput, group_size: int, symmetric: bool,
-                     parts: list[list[dict]], store: str, storage_options: dict, cache_dir: str | None) -> StageOutput:
-    """The quantized checkpoint: MoE layer shards (written by `parts.layer_work`), then the rest
-    shard, config.json, the index and the side files."""
+def quantize_experts(checkpoint: CheckpointRecord, allocation: StageOutput, group_size: int, quantizer: dict,
+                     text: dict | None, parts: list[list[dict]], store: str, storage_options: dict,
+                     cache_dir: str | None) -> StageOutput:
+    """The quantized checkpoint: MoE layer shards (written by `parts.layer_work`, or by
+    `parts.sequential_work` for GPTQ, calibrated on `text`), then the rest shard, config.json,
+    the index and the side files."""
     st = Store(store, storage_options)
-    key = quantization_key(checkpoint, allocation, group_size, symmetric)
+    key = quantization_key(checkpoint, allocation, group_size, quantizer, text, storage_options)
+    symmetric = QuantizerConfig.from_dict(quantizer).symmetric
     layers = [part for chunk in parts for part in chunk]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -205,8 +210,13 @@ def quantize_experts(checkpoint: CheckpointRecord, allocation: StageOutput, grou
                 raise ValidationFailed(f"{len(layers)} quantized layer shards for {len(detect(ckpt).layers)} MoE layers",
                                        "this is a bug; please report it")
             rest = quantize.write_rest(ckpt, out)
-            summary = quantize.finish(path, alloc, group_size, symmetric, [*rest, *layers], out)
+            summary = quantize.finish(path, alloc, group_size, symmetric, [*rest, *layers], out, quantizer)
         report("quantization", meter, 0, get_run_logger())
+        if summary.get("fallback_experts"):
+            get_run_logger().warning(
+                f"{summary['fallback_experts']} experts received fewer than {quantizer['min_tokens']} calibration "
+                f"tokens and were rounded to nearest instead of GPTQ (least covered: {summary['least_covered']}); "
+                "give more --calibration-windows, text closer to what the model will serve, or a lower --gptq-min-tokens")
         return publish_stage(st, "quantization", key, out, summary, present={p["file"]: p["sha256"] for p in layers})
 
 
@@ -294,6 +304,14 @@ def _ui_artifacts(st: Store, manifest: RunManifest, outputs: dict[str, StageOutp
     create_table_artifact(key=f"bit-allocation-{slug}"[:100], table=alloc.to_dict(orient="records"),
                           description=f"Per-expert bit allocation of run {manifest.run_id}")
     ev, al, q, v = (outputs[s].summary for s in ("evaluation", "allocation", "quantization", "validation"))
+    coverage = ""
+    if "least_covered" in q:  # a calibrated quantizer (GPTQ): how many tokens its experts saw
+        least = ", ".join(f"{r['layer']}/{r['expert']}: {r['calibration_tokens']}" for r in q["least_covered"])
+        coverage = (f"| experts rounded to nearest (too few calibration tokens) | {q['fallback_experts']} |\n"
+                    f"| least calibrated experts (layer/expert: tokens) | {least} |\n")
+        create_table_artifact(key=f"calibration-coverage-{slug}"[:100], table=q["least_covered"],
+                              description=f"The least calibrated experts of run {manifest.run_id} (all of them: "
+                                          "the calibration_coverage table of the run's DuckDB)")
     create_markdown_artifact(key=f"quant-eval-{slug}"[:100], description="Quantized vs full precision", markdown=(
         f"# {manifest.run_id}\n\n"
         f"| metric | value |\n|---|---|\n"
@@ -303,5 +321,7 @@ def _ui_artifacts(st: Store, manifest: RunManifest, outputs: dict[str, StageOutp
         f"| avg bits requested / achieved | {al['requested_avg_bits']} / {al['achieved_avg_bits']} |\n"
         f"| effective bits (with scales and zero points) | {q['effective_bits']} |\n"
         f"| experts moved by MaxVar | {al['moved_by_maxvar']} |\n"
+        f"| quantizer | {q.get('quantizer', 'rtn')} |\n"
+        f"{coverage}"
         f"| kernel check | {v['matrices']} matrices, max rel error {v['max_rel_error']:.2e} on {v['device']} |\n\n"
         f"Artifacts: `{manifest.uri}`\n"))

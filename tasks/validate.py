@@ -3,8 +3,13 @@
 Two checks per quantized matrix, both against independent references:
   * kernel: y = x @ Wᵀ from the Triton kernel vs the pure-torch dequantize-then-matmul, on a
     seeded random x; relative error max|Δy| / max|y_ref| must stay under `rtol`;
-  * weights: every dequantized weight lies within half a quantization step (+ fp16 rounding) of
-    the original fp weight, so a corrupted or mis-packed file is caught, not just a bad kernel.
+  * weights, by the quantizer config.json names, so a corrupted or mis-packed file is caught,
+    not just a bad kernel:
+      'half-step' (rtn): every dequantized weight lies within half a quantization step (+ fp16
+                  rounding) of the original fp weight;
+      'grid' (gptq, clipping search: codes are chosen, not rounded): no group's scale exceeds
+                  the one round-to-nearest gives its original weights, and every dequantized
+                  weight lies within that group's original range (with 0) widened by half a step.
 On a machine without a GPU the kernel runs in the Triton interpreter (correct, slow: ~19 s for
 one Mixtral-8x7B expert matrix), so there it runs on `INTERPRETER_ROWS` evenly spaced output rows
 of each matrix (every row where there are fewer); the weight check always covers every weight.
@@ -51,7 +56,10 @@ def validate_layer(qpath: Path, src: Checkpoint, position: int, *, batch: int = 
     from expertbits.kernels.dequant_matmul import interpreted
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    layer = sorted(quantization_config(qpath)["experts_modules"], key=int)[position]
+    qc = quantization_config(qpath)
+    layer = sorted(qc["experts_modules"], key=int)[position]
+    quantizer = qc.get("quantizer", {"method": "rtn"})
+    check = "half-step" if quantizer["method"] == "rtn" and not quantizer.get("clip") else "grid"
     rows, kernel_s = [], 0.0
     for name, info, q in iter_quantized(qpath, layer=int(layer)):  # one packed matrix in memory at a time
         n, k = q.shape
@@ -67,9 +75,10 @@ def validate_layer(qpath: Path, src: Checkpoint, position: int, *, batch: int = 
         rel = err / max(float(ref.abs().max()), 1e-30)
         original = src.read(info["source"]["key"], info["source"]["index"],
                             tuple(info["source"]["rows"]) if info["source"]["rows"] else None).float()
-        quant_ok = _within_half_step(original, q)
+        quant_ok = _within_half_step(original, q) if check == "half-step" else _on_grid(original, q)
         rows.append({"name": name, "bits": q.bits, "rows": n, "cols": k, "kernel_rows": kq.shape[0], "max_abs_error": err,
-                     "rel_error": rel, "quant_error_ok": quant_ok, "passed": rel <= rtol and quant_ok})
+                     "rel_error": rel, "weight_check": check, "quant_error_ok": quant_ok,
+                     "passed": rel <= rtol and quant_ok})
     return {"rows": rows, "kernel_seconds": kernel_s, "interpreted": interpreted(),
             "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
 
@@ -110,3 +119,23 @@ def _within_half_step(original: torch.Tensor, q) -> bool:
     # rest is fp32 rounding of w / scale and of the reconstruction
     bound = scale * (0.5 + 1e-5) + original.abs() * 1e-6 + 1e-7
     return bool(((deq - original).abs() <= bound).all())
+
+
+def _on_grid(original: torch.Tensor, q) -> bool:
+    """Scales no larger than round-to-nearest's, every weight within its group's range ± half a step."""
+    from expertbits.kernels.packing import _grouped, quantize_rtn
+
+    rtn = quantize_rtn(original, q.bits, q.group_size, q.symmetric)
+    if not bool((q.scales.float() <= rtn.scales.float()).all()):
+        return False
+    k, g = q.shape[1], q.group_size
+    grouped = _grouped(original, g)[1]  # zero padding: the grid spans 0 anyway
+    lo, hi = grouped.amin(-1).clamp(max=0), grouped.amax(-1).clamp(min=0)
+    if q.symmetric:
+        lo, hi = torch.minimum(lo, -hi), torch.maximum(hi, -lo)
+    expand = lambda t: t.repeat_interleave(g, dim=1)[:, :k]
+    # half a step, plus what the fp16 scale rounded up adds over the 2**bits - 1 steps of the grid
+    # (an end code may sit that far past the range), plus fp32 rounding
+    half = expand(rtn.scales.float()) * (0.5 + ((1 << q.bits) - 1) * 2.0**-10 + 1e-5) + 1e-7
+    deq = q.dequantize()
+    return bool(((deq >= expand(lo) - half - original.abs() * 1e-6) & (deq <= expand(hi) + half + original.abs() * 1e-6)).all())

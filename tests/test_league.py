@@ -81,7 +81,7 @@ def small_league(micro_pair, texts, calibrated):
     grid = league.Grid(allocators=("uniform", "paper", "random", "pmq"), budgets=(2.5, 3.0), bit_sets=((2, 3, 4),),
                        random_draws=3, group_size=32)
     ref = Reference(ft, texts[1], seq_len=64, windows=4)
-    rows, allocs = league.run(ft, stats, calib, {False: qerr, True: qerr_sym}, grid, ref)
+    rows, allocs = league.run(ft, stats, calib, {("rtn", False): qerr, ("rtn", True): qerr_sym}, grid, ref)
     return grid, rows, allocs
 
 

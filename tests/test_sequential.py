@@ -11,6 +11,7 @@ import torch
 from expertbits.kernels.packing import quantize_rtn
 from expertbits.tasks.evaluate import evaluate
 from expertbits.tasks.quantize import quantize_checkpoint
+from expertbits.tasks.quantizer import QuantizerConfig
 from expertbits.tasks.sequential import sequential_gptq
 from expertbits.tasks.stream import streamed
 from expertbits.zoo import text_path
@@ -64,10 +65,10 @@ def test_gptq_beats_rtn_and_layers_see_the_quantized_layers_before_them(micro_pa
 
     original = sequential._Calibrating.expert_for
 
-    def spy(self, e, x):
+    def spy(self, e, x, weight):
         if self.layer.layer == 1:
             captured[e] = x.detach().clone()
-        return original(self, e, x)
+        return original(self, e, x, weight)
 
     sequential._Calibrating.expert_for = spy
     try:
@@ -88,7 +89,7 @@ def test_gptq_beats_rtn_and_layers_see_the_quantized_layers_before_them(micro_pa
 def test_too_few_tokens_falls_back_to_rtn_and_says_so(micro_pair):
     _, ft = micro_pair
     alloc = uniform(3)
-    packed, coverage = sequential_gptq(ft, CAL, alloc, 32, seq_len=64, windows=2, min_tokens=10**9)
+    packed, coverage = sequential_gptq(ft, CAL, alloc, 32, QuantizerConfig("gptq", min_tokens=10**9), seq_len=64, windows=2)
     assert set(coverage.quantizer) == {"rtn-fallback"} and (coverage.calibration_tokens > 0).any()
     from expertbits.tasks.adapters import detect
     from expertbits.tasks.checkpoint import Checkpoint

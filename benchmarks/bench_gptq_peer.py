@@ -1,0 +1,159 @@
+"""expertbits' GPTQ beside llm-compressor's GPTQ and round-to-nearest, on the zoo's WordNet fine-tunes.
+
+For each pair and width (uniform over every routed expert, group 64, asymmetric):
+  * expertbits RTN and expertbits GPTQ: `quantize_moe` (the flow `expertbits quantize` runs),
+    KL from its evaluation stage, i.e. of the shipped folder loaded the way a user loads it;
+  * llm-compressor GPTQ: benchmarks/peer_llmcompressor.py in the peer's own environment
+    (--peer-python), on the same expert matrices and the same calibration token windows; its
+    dequantized experts are put into a copy of the full-precision checkpoint and evaluated by the
+    same code on the same held-out windows. Each peer matrix is checked to be quantized (at most
+    2**bits values per group row) and not zeroed;
+and at --budget average bits, expertbits GPTQ under each solver allocator (per-expert widths
+from {2, 3, 4}), against llm-compressor at uniform 3 bits.
+
+This script installs nothing. The peer's environment, once:
+
+    python -m venv peer && peer/bin/pip install torch==2.13.0 llmcompressor==0.14.0.1
+
+    python benchmarks/bench_gptq_peer.py --peer-python peer/bin/python [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+PAIRS = ("mixtral-tiny/wordnet", "qwen-moe-tiny/wordnet")
+CAL_TEXT, EVAL_TEXT = "zoo://text/wordnet-supersense-train", "zoo://text/wordnet-supersense-test"
+ROLE = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
+SOLVERS = ("routed-error", "pmq", "weight-error")
+
+
+def expertbits_run(pair: str, store: Path, **params) -> dict:
+    from expertbits.flows.params import QuantizeParams
+    from expertbits.flows.quantize import quantize_moe
+
+    family = pair.split("/")[0]
+    p = QuantizeParams(checkpoint=f"zoo://{pair}", reference=f"zoo://{family}/base", store=str(store),
+                       calibration_text=CAL_TEXT, eval_text=EVAL_TEXT, group_size=64, **params)
+    measures = store / "measure.jsonl"
+    os.environ["EXPERTBITS_MEASURE_FILE"] = str(measures)
+    measures.unlink(missing_ok=True)
+    manifest = quantize_moe(p)
+    stages = [json.loads(line) for line in measures.read_text().splitlines()] if measures.exists() else []
+    gptq_s = sum(r["seconds"] for r in stages if r["stage"] == "quantization (gptq)")
+    q = manifest.summary["quantization"]
+    return {"kl": manifest.summary["evaluation"]["kl"], "gptq_seconds": gptq_s, "moe_layers": q["moe_layers"],
+            "least_covered": q.get("least_covered"), "fallback_experts": q.get("fallback_experts")}
+
+
+def peer_run(peer_python: str, ft: Path, windows: Path, bits: int, tmp: Path, routed_only: bool = False) -> dict:
+    """llm-compressor's GPTQ of the routed experts, evaluated by expertbits' evaluation code."""
+    from expertbits.tasks.adapters import detect
+    from expertbits.tasks.checkpoint import Checkpoint
+    from expertbits.tasks.evaluate import evaluate
+    from expertbits.tasks.stage_io import read_text
+    from safetensors.torch import load_file, save_file
+
+    out = tmp / f"peer-{bits}{'-routed' if routed_only else ''}"
+    cmd = [peer_python, str(Path(__file__).with_name("peer_llmcompressor.py")), "--model", str(ft), "--calibration",
+           str(windows), "--bits", str(bits), "--group-size", "64", "--out", str(out)] + (["--routed-only"] if routed_only else [])
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
+    wall = time.perf_counter() - start
+    peer = load_file(out / "experts.safetensors")
+    by_matrix = {}
+    for name, w in peer.items():
+        m = re.search(r"layers\.(\d+)\..*experts\.(\d+)\.(\w+)$", name)
+        if not m or m.group(3) not in ROLE:
+            raise SystemExit(f"llm-compressor quantized {name}, which is not a routed expert matrix")
+        by_matrix[int(m.group(1)), int(m.group(2)), ROLE[m.group(3)]] = w
+    dense = tmp / f"dense-{out.name}"
+    shutil.copytree(ft, dense)
+    zeroed = 0
+    with Checkpoint.open(ft) as ckpt:
+        matrices = detect(ckpt).matrices
+        tensors = {k: ckpt.read(k) for k in ckpt.tensors}
+    if len(matrices) != len(by_matrix):
+        raise SystemExit(f"llm-compressor quantized {len(by_matrix)} matrices, the checkpoint has {len(matrices)} expert matrices")
+    for m in matrices:
+        if m.index is not None or m.rows is not None:
+            raise SystemExit("this comparison handles per-expert 2-D expert tensors only")
+        w = by_matrix[m.layer, m.expert, m.role]
+        ordered = w.reshape(w.shape[0], -1, 64).sort(-1).values
+        distinct = int((1 + (ordered.diff(dim=-1) != 0).sum(-1)).max())  # values per (row, group)
+        if distinct > 2**bits:
+            raise SystemExit(f"{m.name}: {distinct} distinct values in a group, so llm-compressor did not quantize it")
+        zeroed += int((w == 0).all())
+        tensors[m.key] = w  # fp32, as llm-compressor computed it
+    for f in dense.glob("*.safetensors"):
+        f.unlink()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, dense / "model.safetensors", metadata={"format": "pt"})
+    (dense / "expertbits-manifest.json").unlink(missing_ok=True)
+    metrics = evaluate(ft, dense, read_text(EVAL_TEXT, {}), seq_len=256, windows=16)
+    shutil.rmtree(dense)
+    return {"kl": metrics["kl"], "seconds": json.loads((out / "modules.json").read_text())["seconds"], "wall": wall,
+            "zeroed_matrices": zeroed}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--peer-python", required=True, help="python of llm-compressor's environment (see above)")
+    ap.add_argument("--pairs", nargs="+", default=list(PAIRS))
+    ap.add_argument("--bits", default="4,3,2")
+    ap.add_argument("--budget", type=float, default=2.5)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    from expertbits.flows.cli import _prefect_defaults
+    from expertbits.tasks import download
+    from expertbits.tasks.evaluate import token_windows
+    from expertbits.tasks.stage_io import read_text
+    from transformers import AutoTokenizer
+
+    _prefect_defaults()
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="bench-gptq-") as tmp:
+        tmp = Path(tmp)
+        for pair in args.pairs:
+            ft = download.download(f"zoo://{pair}", None, {}).path
+            windows = tmp / f"{pair.replace('/', '-')}-windows.json"
+            ids = token_windows(read_text(CAL_TEXT, {}), AutoTokenizer.from_pretrained(ft), 256, 16)
+            windows.write_text(json.dumps(ids.tolist()))
+            store = tmp / f"store-{pair.replace('/', '-')}"
+            row = results[pair] = {}
+            for bits in (int(b) for b in args.bits.split(",")):
+                uniform = dict(allocator="uniform", avg_bits=bits, bit_widths=[bits])
+                row[f"rtn-{bits}"] = expertbits_run(pair, store, quantizer="rtn", **uniform)
+                row[f"gptq-{bits}"] = expertbits_run(pair, store, quantizer="gptq", **uniform)
+                row[f"peer-{bits}"] = peer_run(args.peer_python, ft, windows, bits, tmp)
+                print(pair, bits, {k: round(v["kl"], 5) for k, v in row.items() if k.endswith(f"-{bits}")}, flush=True)
+            row["peer-routed-only-2"] = peer_run(args.peer_python, ft, windows, 2, tmp, routed_only=True)
+            for allocator in SOLVERS:
+                row[f"gptq-{args.budget:g}-{allocator}"] = expertbits_run(
+                    pair, store, quantizer="gptq", allocator=allocator, avg_bits=args.budget, bit_widths=[2, 3, 4])
+                row[f"rtn-{args.budget:g}-{allocator}"] = expertbits_run(
+                    pair, store, quantizer="rtn", allocator=allocator, avg_bits=args.budget, bit_widths=[2, 3, 4])
+            print(pair, {k: round(v["kl"], 5) for k, v in row.items()}, flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    for pair, row in results.items():
+        print(f"\n{pair}\n| bits | expertbits RTN | expertbits GPTQ | llm-compressor GPTQ |\n|---|---|---|---|")
+        for bits in args.bits.split(","):
+            print(f"| {bits} | {row[f'rtn-{bits}']['kl']:.4f} | {row[f'gptq-{bits}']['kl']:.4f} | {row[f'peer-{bits}']['kl']:.4f} |")
+        for allocator in SOLVERS:
+            print(f"| {args.budget:g} ({allocator}) | {row[f'rtn-{args.budget:g}-{allocator}']['kl']:.4f} | "
+                  f"{row[f'gptq-{args.budget:g}-{allocator}']['kl']:.4f} | |")
+
+
+if __name__ == "__main__":
+    main()

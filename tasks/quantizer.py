@@ -1,0 +1,64 @@
+"""Which quantizer turns an expert matrix into codes: its configuration, and the data-free part.
+
+    rtn    group-wise round-to-nearest (kernels/packing.quantize_rtn); data-free, per layer
+    gptq   GPTQ per expert matrix with a Hessian from the tokens the router sends that expert, run
+           sequentially over the layers (tasks/sequential.py); needs calibration text
+
+`clip` adds the clipping search to the grid of each group (scan a shrink factor of the group's
+range, keep the least-error one; the paper's reference code does this for RTN): for `rtn` by
+the squared weight error, for `gptq` by the squared weight error weighted per input column by
+the diagonal of the expert's Hessian, before GPTQ runs on that grid.
+
+An expert that GPTQ cannot calibrate (fewer than `min_tokens` routed tokens) is rounded by
+`round_matrix` instead, reported in the coverage table, and never zeroed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from expertbits.kernels.packing import QuantizedTensor, quantize_clipped, quantize_rtn
+
+METHODS = ("rtn", "gptq")
+
+
+@dataclass(frozen=True)
+class QuantizerConfig:
+    method: str = "rtn"
+    symmetric: bool = False  # every zero point at the middle code: exports without zero points
+    clip: bool = False  # clipping search of each group's range
+    damp: float = 0.01  # GPTQ: dampening, a fraction of the mean Hessian diagonal
+    act_order: bool = False  # GPTQ: columns in order of decreasing Hessian diagonal
+    min_tokens: int = 16  # GPTQ: experts routed fewer calibration tokens fall back to `round_matrix`
+    weighted: bool = False  # GPTQ: each token's Hessian term weighted by its routing weight
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown quantizer {self.method!r}; choose one of {', '.join(METHODS)}")
+        if not 0 < self.damp < 1:
+            raise ValueError(f"GPTQ dampening must be in (0, 1) (a fraction of the mean Hessian diagonal), got {self.damp}")
+        if self.min_tokens < 1:
+            raise ValueError(f"min_tokens must be at least 1, got {self.min_tokens}")
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether quantization itself needs calibration text (not only the allocator)."""
+        return self.method == "gptq"
+
+    @property
+    def label(self) -> str:
+        """Short name for tables: 'rtn', 'gptq', 'rtn+clip+sym', ..."""
+        return self.method + ("+clip" if self.clip else "") + ("+sym" if self.symmetric else "")
+
+    def round_matrix(self, w: torch.Tensor, bits: int, group_size: int,
+                     importance: torch.Tensor | None = None) -> QuantizedTensor:
+        """The data-free quantizer: RTN, or RTN with the clipping search (weighted by `importance`)."""
+        if self.clip:
+            return quantize_clipped(w, bits, group_size, self.symmetric, importance=importance)
+        return quantize_rtn(w, bits, group_size, self.symmetric)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "QuantizerConfig":
+        return cls(**(d or {}))
