@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -45,6 +46,15 @@ def main() -> None:
     from llmcompressor.modifiers.gptq import GPTQModifier
 
     windows = json.loads(Path(args.calibration).read_text())
+    # transformers 5.17 applies llm-compressor's expert patch by listing every transformers module
+    # registered so far, which imports lazy ones; those that need packages this environment lacks
+    # (torchvision for image processors) fail. They hold nothing a causal LM uses: unregister them.
+    for name, module in list(sys.modules.items()):
+        if name.startswith("transformers") and module is not None:
+            try:
+                dir(module)
+            except ImportError:
+                del sys.modules[name]
     with load_quantizable_moe(AutoModelForCausalLM):
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     ds = Dataset.from_dict({"input_ids": windows, "attention_mask": [[1] * len(w) for w in windows]})

@@ -79,11 +79,13 @@ class CommonParams(BaseModel):
         "Clipping search of each group's range (shrink factors 1 to 0.5, least error kept): for rtn by weight "
         "error, for gptq weighted by the expert's Hessian diagonal"))
     gptq_damp: float = Field(0.01, gt=0, lt=1, description="GPTQ dampening, a fraction of the mean Hessian diagonal")
-    gptq_act_order: bool = Field(False, description="GPTQ: quantize columns in order of decreasing Hessian diagonal")
+    gptq_act_order: bool = Field(True, description="GPTQ: quantize columns in order of decreasing Hessian diagonal")
     gptq_min_tokens: int = Field(16, ge=1, description=(
         "GPTQ: an expert routed fewer calibration tokens is rounded to nearest instead (reported in the run's "
         "calibration coverage; never zeroed)"))
-    gptq_weighted: bool = Field(False, description="GPTQ: weight each token's Hessian term by its routing weight")
+    gptq_weighted: bool = Field(True, description=(
+        "GPTQ: weight each token's Hessian term by the routing weight the router gave it (the expert's share of "
+        "that token's output)"))
 
     @field_validator("reference", mode="before")
     @classmethod

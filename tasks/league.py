@@ -73,9 +73,9 @@ class Grid:
     quantizers: tuple[str, ...] = ("rtn",)
     clip: bool = False
     gptq_damp: float = 0.01
-    gptq_act_order: bool = False
+    gptq_act_order: bool = True
     gptq_min_tokens: int = 16
-    gptq_weighted: bool = False
+    gptq_weighted: bool = True
 
     def __post_init__(self):
         unknown = [a for a in self.allocators if a not in ALLOCATORS]

@@ -204,7 +204,7 @@ def layer_work(stage: str, positions: list[int], inputs: dict) -> list[dict]:
 
 
 @task(name="sequential", cache_key_fn=_layer_key, persist_result=True, result_serializer="json",
-      task_run_name="{stage}-sequential", retries=2, retry_delay_seconds=[1, 4], retry_condition_fn=transient)
+      task_run_name="{stage}-sequential-gptq", retries=2, retry_delay_seconds=[1, 4], retry_condition_fn=transient)
 def sequential_work(stage: str, inputs: dict) -> list[dict]:
     """One stage's work on every MoE layer in one pass, in order (GPTQ: layer l+1 is calibrated on
     the outputs of the quantized layer l, so the layers cannot be split across workers)."""

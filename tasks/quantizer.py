@@ -30,9 +30,11 @@ class QuantizerConfig:
     symmetric: bool = False  # every zero point at the middle code: exports without zero points
     clip: bool = False  # clipping search of each group's range
     damp: float = 0.01  # GPTQ: dampening, a fraction of the mean Hessian diagonal
-    act_order: bool = False  # GPTQ: columns in order of decreasing Hessian diagonal
+    # the two GPTQ defaults were measured on the zoo's Mixtral and Qwen WordNet pairs (README, "GPTQ"):
+    # each lowers KL at 2 and 3 bits, together by 12-18%
+    act_order: bool = True  # GPTQ: columns in order of decreasing Hessian diagonal
     min_tokens: int = 16  # GPTQ: experts routed fewer calibration tokens fall back to `round_matrix`
-    weighted: bool = False  # GPTQ: each token's Hessian term weighted by its routing weight
+    weighted: bool = True  # GPTQ: each token's Hessian term weighted by its routing weight
 
     def __post_init__(self):
         if self.method not in METHODS:
