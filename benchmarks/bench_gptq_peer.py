@@ -9,7 +9,9 @@ For each pair and width (uniform over every routed expert, group 64, asymmetric)
     same code on the same held-out windows. Each peer matrix is checked to be quantized (at most
     2**bits values per group row) and not zeroed;
 and at --budget average bits, expertbits GPTQ under each solver allocator (per-expert widths
-from {2, 3, 4}), against llm-compressor at uniform 3 bits.
+from {2, 3, 4}), against llm-compressor at uniform 3 bits. Last, a starved calibration (one
+window of 8 tokens, so some experts get none): how many expert matrices each tool sets to zero
+(llm-compressor calibrating routed tokens only; expertbits' GPTQ).
 
 This script installs nothing. The peer's environment, once:
 
@@ -106,6 +108,39 @@ def peer_run(peer_python: str, ft: Path, windows: Path, bits: int, tmp: Path, ro
             "zeroed_matrices": zeroed}
 
 
+def starved(peer_python: str, ft: Path, tmp: Path) -> dict:
+    """One 8-token window at 3 bits: zeroed expert matrices from llm-compressor (routed tokens only)
+    and from expertbits' GPTQ, with expertbits' fallback count."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from expertbits.tasks.adapters import detect
+    from expertbits.tasks.checkpoint import Checkpoint
+    from expertbits.tasks.evaluate import token_windows
+    from expertbits.tasks.quantizer import QuantizerConfig
+    from expertbits.tasks.sequential import sequential_gptq
+    from expertbits.tasks.stage_io import read_text
+
+    import pandas as pd
+
+    text = read_text(CAL_TEXT, {})
+    windows = tmp / "starved.json"
+    windows.write_text(json.dumps(token_windows(text, AutoTokenizer.from_pretrained(ft), 8, 1).tolist()))
+    out = tmp / "peer-starved"
+    subprocess.run([peer_python, str(Path(__file__).with_name("peer_llmcompressor.py")), "--model", str(ft),
+                    "--calibration", str(windows), "--bits", "3", "--group-size", "64", "--routed-only", "--out", str(out)],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peer_zeroed = sum(int((w == 0).all()) for w in load_file(out / "experts.safetensors").values())
+    with Checkpoint.open(ft) as ckpt:
+        experts = sorted({(m.layer, m.expert) for m in detect(ckpt).matrices})
+    alloc = pd.DataFrame([{"layer": layer, "expert": e, "bits": 3} for layer, e in experts])
+    packed, coverage = sequential_gptq(ft, text, alloc, 64, QuantizerConfig("gptq"), seq_len=8, windows=1)
+    return {"peer_zeroed_matrices": peer_zeroed, "matrices": len(packed),
+            "expertbits_zeroed_matrices": sum(int((q.dequantize() == 0).all()) for q in packed.values()),
+            "expertbits_fallback_experts": int((coverage.calibration_tokens < 16).sum()),
+            "experts_without_tokens": int((coverage.calibration_tokens == 0).sum())}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--peer-python", required=True, help="python of llm-compressor's environment (see above)")
@@ -144,6 +179,8 @@ def main(argv=None) -> None:
                 row[f"rtn-{args.budget:g}-{allocator}"] = expertbits_run(
                     pair, store, quantizer="rtn", allocator=allocator, avg_bits=args.budget, bit_widths=[2, 3, 4])
             print(pair, {k: round(v["kl"], 5) for k, v in row.items()}, flush=True)
+            row["starved"] = starved(args.peer_python, ft, tmp)
+            print(pair, "starved calibration:", row["starved"], flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     for pair, row in results.items():
@@ -153,6 +190,7 @@ def main(argv=None) -> None:
         for allocator in SOLVERS:
             print(f"| {args.budget:g} ({allocator}) | {row[f'rtn-{args.budget:g}-{allocator}']['kl']:.4f} | "
                   f"{row[f'gptq-{args.budget:g}-{allocator}']['kl']:.4f} | |")
+        print(f"starved calibration (one 8-token window, 3 bits): {row['starved']}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ measured against. The 32-layer projection scales
 each stage linearly with the number of MoE layers (every stage's work is per layer).
 
     python benchmarks/bench_realsize.py [--model mixtral-8x7b] [--model qwen3-30b-a3b] [--layers 2]
-        [--workdir DIR] [--json results.json] [--windows 16]
+        [--workdir DIR] [--json results.json] [--windows 16] [--quantizer gptq]
 
 Needs ~12 GB of disk per 2-layer Mixtral-8x7B-shaped pair plus its cached copies.
 """
@@ -40,7 +40,8 @@ from expertbits.tasks.adapters import detect
 from expertbits.tasks.checkpoint import Checkpoint
 
 FULL_LAYERS = {"mixtral-8x7b": 32, "qwen3-30b-a3b": 48, "deepseek-v3": 61}
-STAGES = ("download", "statistics", "routing", "calibration", "quantization", "validation", "evaluation")
+STAGES = ("download", "statistics", "routing", "calibration (gptq)", "calibration", "quantization (gptq)", "quantization",
+          "validation", "evaluation")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,6 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--windows", type=int, default=16, help="calibration and evaluation windows of 256 tokens")
     p.add_argument("--workdir", type=Path, default=Path("bench-realsize"))
+    p.add_argument("--quantizer", default="rtn", help="rtn or gptq (routed, sequential GPTQ)")
     p.add_argument("--json", type=Path)
     return p.parse_args(argv)
 
@@ -89,13 +91,14 @@ def layer_fp32_bytes(ft: Path) -> int:
     return max(sizes.values())
 
 
-def run_flow(base: Path, ft: Path, root: Path, windows: int) -> tuple[list[dict], float]:
+def run_flow(base: Path, ft: Path, root: Path, windows: int, quantizer: str = "rtn") -> tuple[list[dict], float]:
     measure = root / "measure.jsonl"
     measure.unlink(missing_ok=True)
     store = root / f"store-{int(time.time())}"  # a fresh store: every stage computes
     env = dict(os.environ, EXPERTBITS_MEASURE_FILE=str(measure), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     cmd = ["expertbits", "quantize", "--checkpoint", str(ft), "--reference", str(base), "--store", str(store),
-           "--cache-dir", str(root / "cache"), "--calibration-windows", str(windows), "--eval-windows", str(windows)]
+           "--cache-dir", str(root / "cache"), "--calibration-windows", str(windows), "--eval-windows", str(windows),
+           "--quantizer", quantizer]
     start = time.perf_counter()
     subprocess.run(cmd, check=True, env=env)
     wall = time.perf_counter() - start
@@ -141,11 +144,11 @@ def main(argv=None) -> None:
         root = args.workdir / f"{name}-{args.layers}"
         base, ft = generate(name, args.layers, root)
         read = plain_read(ft)
-        rows, wall = run_flow(base, ft, root, args.windows)
+        rows, wall = run_flow(base, ft, root, args.windows, args.quantizer)
         bound = layer_fp32_bytes(ft)
         md = table(name, args.layers, rows, read, bound, wall)
         print(md, flush=True)
-        results[name] = {"layers": args.layers, "stages": rows, "plain_read": read, "layer_fp32_bytes": bound,
+        results[name] = {"layers": args.layers, "quantizer": args.quantizer, "stages": rows, "plain_read": read, "layer_fp32_bytes": bound,
                          "wall_seconds": wall, "markdown": md}
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

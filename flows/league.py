@@ -42,7 +42,7 @@ def league_table(params: LeagueParams = LeagueParams()) -> RunManifest:
     text = dict(text_uri=p.calibration_text, seq_len=p.eval_seq_len, windows=p.calibration_windows)
     calibrations = []
     for method, symmetric in p.grid().error_keys():  # errors of each quantizer the grid measures
-        quantizer = asdict(p.grid().quantizer(method, symmetric))
+        quantizer = p.grid().quantizer(method, symmetric).as_dict()
         calibrations.append(calibrate_experts(routing, p.widths(symmetric), p.group_size, quantizer, quantizer_parts(
             "calibration", layers, quantizer, text, checkpoint=finetuned, routing=routing, bit_widths=p.widths(symmetric),
             group_size=p.group_size, store=store, **local), **io))

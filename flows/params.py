@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from expertbits.tasks.allocators import ALLOCATORS, check
+from expertbits.tasks.allocators import ALLOCATORS, NEEDS_ERROR, check
 from expertbits.tasks.budget import GRANULARITIES, AllocationConfig
 from expertbits.tasks.league import DEFAULT_ALLOCATORS, TASKS, Grid
 from expertbits.tasks.quantizer import METHODS, QuantizerConfig
@@ -135,6 +135,14 @@ class QuantizeParams(CommonParams):
     def quantizer_config(self) -> QuantizerConfig:
         return QuantizerConfig(method=self.quantizer, symmetric=self.symmetric, clip=self.clip, damp=self.gptq_damp,
                                act_order=self.gptq_act_order, min_tokens=self.gptq_min_tokens, weighted=self.gptq_weighted)
+
+    def error_quantizer(self) -> QuantizerConfig:
+        """Whose errors the calibration stage measures: the run's quantizer for the allocators that
+        read errors; for those that only read routing, the data-free one (GPTQ at every width would
+        cost minutes for numbers nobody reads; the table says which quantizer it holds)."""
+        if self.allocator in NEEDS_ERROR:
+            return self.quantizer_config()
+        return QuantizerConfig(symmetric=self.symmetric, clip=self.clip)
 
     def allocation_config(self) -> AllocationConfig:
         return check(AllocationConfig(avg_bits=self.avg_bits, bit_widths=tuple(self.bit_widths), zeta=self.zeta,

@@ -52,15 +52,16 @@ def quantize_moe(params: QuantizeParams = QuantizeParams()) -> RunManifest:
     layers = layer_chunks(finetuned, **local)
     stats = extract_statistics(finetuned, reference, per_layer("statistics", layers, checkpoint=finetuned,
                                                                reference=reference, **local), cache_dir=p.cache_dir, **io)
-    quantizer = asdict(p.quantizer_config())
+    quantizer = p.quantizer_config().as_dict()
     text = dict(text_uri=p.calibration_text, seq_len=p.eval_seq_len, windows=p.calibration_windows)
     calibration = None
     if p.allocator in NEEDS_CALIBRATION | NEEDS_ERROR:
         routing = route_experts(finetuned, p.calibration_text, p.eval_seq_len, p.calibration_windows,
                                 cache_dir=p.cache_dir, **io)
-        calibration = calibrate_experts(routing, p.bit_widths, p.group_size, quantizer, quantizer_parts(
+        measured = p.error_quantizer().as_dict()
+        calibration = calibrate_experts(routing, p.bit_widths, p.group_size, measured, quantizer_parts(
             "calibration", layers, checkpoint=finetuned, routing=routing, bit_widths=p.bit_widths,
-            group_size=p.group_size, quantizer=quantizer, text=text, store=store, **local), **io)
+            group_size=p.group_size, quantizer=measured, text=text, store=store, **local), **io)
     allocation = allocate_bits(stats, calibration, asdict(p.allocation_config()), **io)
     quantized = quantize_experts(finetuned, allocation, p.group_size, quantizer, text, quantizer_parts(
         "quantization", layers, checkpoint=finetuned, allocation=allocation, group_size=p.group_size,

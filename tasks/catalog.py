@@ -19,7 +19,7 @@ import pandas as pd
 from .storage import Store
 
 # digest: the content digest of the checkpoint as the download stage computed it (sha256 of its files)
-COLUMNS = ("run_id", "checkpoint", "digest", "avg_bits", "allocator", "granularity", "symmetric", "kl",
+COLUMNS = ("run_id", "checkpoint", "digest", "avg_bits", "allocator", "granularity", "symmetric", "quantizer", "kl",
            "ppl_fp", "ppl_quant", "effective_bits", "created", "uri", "event_id")
 
 # DuckDB SQL over every published run of a store; $manifests and $allocations are the globs under
@@ -75,7 +75,8 @@ def list_runs(store: Store) -> pd.DataFrame:
             "run_id": manifest["run_id"], "checkpoint": p.get("checkpoint"),
             "digest": next((c["digest"] for c in checkpoints if c["role"] == "finetuned"), None),
             "avg_bits": p.get("avg_bits"), "allocator": p.get("allocator"), "granularity": p.get("granularity", "expert"),
-            "symmetric": p.get("symmetric", False), "kl": summary.get("evaluation", {}).get("kl"),
+            "symmetric": p.get("symmetric", False), "quantizer": summary.get("quantization", {}).get("quantizer", "rtn"),
+            "kl": summary.get("evaluation", {}).get("kl"),
             "ppl_fp": summary.get("evaluation", {}).get("ppl_fp"), "ppl_quant": summary.get("evaluation", {}).get("ppl_quant"),
             "effective_bits": summary.get("quantization", {}).get("effective_bits"),
             "created": pd.Timestamp(created).tz_convert("UTC") if created is not None else None,
@@ -92,5 +93,6 @@ def table(frame: pd.DataFrame) -> str:
     shown = frame.assign(
         digest=frame.digest.str[:12], kl=frame.kl.map(lambda v: f"{v:.5f}" if pd.notna(v) else "–"),
         created=frame.created.map(lambda t: t.strftime("%Y-%m-%d %H:%M") if pd.notna(t) else ""))
-    cols = ["created", "run_id", "checkpoint", "digest", "avg_bits", "allocator", "granularity", "symmetric", "kl"]
+    cols = ["created", "run_id", "checkpoint", "digest", "avg_bits", "allocator", "granularity", "symmetric", "quantizer",
+            "kl"]
     return shown[cols].to_string(index=False)

@@ -15,7 +15,7 @@ from collections import OrderedDict
 import statistics as pystats
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -176,7 +176,7 @@ class CellWriter:
             packed, _ = sequential_gptq(self.path, c["text"], alloc, self.group_size, quantizer, seq_len=c["seq_len"],
                                         windows=c["windows"])
             return quantize_checkpoint(self.path, alloc, self.group_size, out, quantizer=lambda m, w, bits: packed[m.name],
-                                       symmetric=quantizer.symmetric, config=asdict(quantizer))
+                                       symmetric=quantizer.symmetric, config=quantizer.as_dict())
 
         def quantize(m, w: torch.Tensor, bits: int) -> QuantizedTensor:
             key = (m.name, bits, quantizer)
@@ -191,7 +191,7 @@ class CellWriter:
             return q
 
         return quantize_checkpoint(self.path, alloc, self.group_size, out, quantizer=quantize,
-                                   symmetric=quantizer.symmetric, config=asdict(quantizer))
+                                   symmetric=quantizer.symmetric, config=quantizer.as_dict())
 
 
 def _nbytes(q: QuantizedTensor) -> int:
@@ -256,7 +256,7 @@ def run_cell(index: int, stats: pd.DataFrame, calibration: pd.DataFrame | None,
             accuracy = task(model, reference.tokenizer) if task else None
     cell = {"bit_set": ",".join(map(str, cfg.bit_widths)), "scheme": cfg.scheme, "budget": cfg.avg_bits,
             "allocator": cfg.allocator, "granularity": cfg.granularity, "symmetric_quant": c.symmetric,
-            "quantizer": c.quantizer, "variant": c.variant, "seed": cfg.seed, "avg_bits": float(alloc.bits.mean()),
+            "quantizer": c.quantizer + ("+clip" if grid.clip else ""), "variant": c.variant, "seed": cfg.seed, "avg_bits": float(alloc.bits.mean()),
             "effective_bits": written["effective_bits"], "kl": metrics["kl"], "ppl": metrics["ppl_quant"],
             "ppl_fp": metrics["ppl_fp"], "accuracy": accuracy,
             "accuracy_fp": reference.task_accuracy(task) if task else None, "allocation_ms": alloc_ms}

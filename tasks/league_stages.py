@@ -37,7 +37,7 @@ def run_league(checkpoint: CheckpointRecord, stats: StageOutput, calibrations: l
     """The tables and the figures of every cell of the grid (each quantized and evaluated by
     `parts.league_cells`).
 
-    `calibrations` holds one calibration per quantizer of the grid, in `grid["symmetric"]` order."""
+    `calibrations` holds one calibration per quantizer of the grid, in `Grid.error_keys()` order."""
     st = Store(store, storage_options)
     text = read_text(text_uri, storage_options)
     key = stage_key("league", checkpoint.digest, stats.key, [c.key for c in calibrations], grid,

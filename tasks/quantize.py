@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict
 import re
 import uuid
 import shutil
@@ -222,7 +221,7 @@ def finish(src: Path, alloc: pd.DataFrame, group_size: int, symmetric: bool, par
         # decoder layers beyond num_hidden_layers (DeepSeek-V3's multi-token prediction), kept as stored
         "kept_as_stored": list(model.kept_as_stored),
         # how the codes were chosen (rtn, gptq; clipping search): tells validation which check applies
-        "quantizer": asdict(QuantizerConfig.from_dict(quantizer or {"symmetric": symmetric})),
+        "quantizer": QuantizerConfig.from_dict(quantizer or {"symmetric": symmetric}).as_dict(),
     }
     coverage = sorted((r for part in parts for r in part.get("coverage", ())), key=lambda r: (r["layer"], r["expert"]))
     summary_extra = {}

@@ -15,13 +15,14 @@ An expert that GPTQ cannot calibrate (fewer than `min_tokens` routed tokens) is 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
 from expertbits.kernels.packing import QuantizedTensor, quantize_clipped, quantize_rtn
 
 METHODS = ("rtn", "gptq")
+GPTQ_OPTIONS = ("damp", "act_order", "min_tokens", "weighted")
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,14 @@ class QuantizerConfig:
         if self.clip:
             return quantize_clipped(w, bits, group_size, self.symmetric, importance=importance)
         return quantize_rtn(w, bits, group_size, self.symmetric)
+
+    def as_dict(self) -> dict:
+        """What changes the codes this quantizer writes (cache keys, config.json): GPTQ's options only for GPTQ."""
+        d = asdict(self)
+        if not self.calibrated:
+            for name in GPTQ_OPTIONS:
+                del d[name]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "QuantizerConfig":

@@ -21,7 +21,9 @@ llm-compressor's routed-only GPTQ did).
 before any bits are chosen: the same per-expert Hessians, from the full-precision model (the
 quantized layers do not exist yet), and the error a matrix's output suffers per routed token,
 tr(ΔW H ΔWᵀ) / T_e with the full Hessian (GPTQ trades errors between correlated inputs, which a
-diagonal would not see).
+diagonal would not see). Which experts fall back is decided there by the full-precision routing;
+the quantized model routes a few tokens differently, so an expert right at `min_tokens` may be
+costed with one quantizer and quantized with the other.
 
 Only the routed experts of fused-layout gated MoE layers (Mixtral, Qwen, OLMoE, DeepSeek) are
 supported; Switch's per-expert modules are refused.
@@ -57,13 +59,21 @@ class _Routed(LazyExperts):
         self.names = {(m.expert, m.role): m.name for m in layer.matrices}
         self.tokens: dict[int, int] = {}
 
-    def hessians(self, x: torch.Tensor, weight: torch.Tensor, gate, up) -> tuple[torch.Tensor, torch.Tensor]:
-        """(H_in, H_out) of one expert from its routed tokens, the hidden activation through
-        `gate` and `up` (quantized or not)."""
+    def _scaled(self, t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Rows of t times √r, so that tᵀt sums r·t tᵀ (`weighted`), or t as is."""
+        return t * weight.float().clamp(min=0).sqrt()[:, None] if self.cfg.weighted else t
+
+    def h_in(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The Hessian of gate and up: the routed tokens' Gram matrix."""
+        xs = self._scaled(x.float(), weight)
+        return xs.T @ xs
+
+    def h_out(self, x: torch.Tensor, weight: torch.Tensor, gate, up) -> torch.Tensor:
+        """The Hessian of down: the Gram matrix of the hidden activation through `gate` and `up`
+        (quantized or not)."""
         xf = x.float()
-        r = weight.float().clamp(min=0).sqrt()[:, None] if self.cfg.weighted else 1.0
-        a = self.act_fn(xf @ _dense(gate).T) * (xf @ _dense(up).T)
-        return (xf * r).T @ (xf * r), (a * r).T @ (a * r)
+        a = self._scaled(self.act_fn(xf @ _dense(gate).T) * (xf @ _dense(up).T), weight)
+        return a.T @ a
 
     def gptq(self, w: torch.Tensor, h: torch.Tensor, bits: int) -> QuantizedTensor:
         c = self.cfg
@@ -89,9 +99,9 @@ class _Calibrating(_Routed):
         if x.shape[0] < self.cfg.min_tokens:
             q = tuple(self.cfg.round_matrix(w, bits, self.group_size) for w in (gate, up, down))
         else:
-            h_in = self.hessians(x, weight, gate, up)[0]
+            h_in = self.h_in(x, weight)
             qg, qu = self.gptq(gate, h_in, bits), self.gptq(up, h_in, bits)
-            qd = self.gptq(down, self.hessians(x, weight, qg, qu)[1], bits)
+            qd = self.gptq(down, self.h_out(x, weight, qg, qu), bits)
             q = (qg, qu, qd)
         for role, t in zip(ROLES, q):
             self.packed[self.names[e, role]] = t
@@ -119,7 +129,7 @@ class _Measuring(_Routed):
     def expert_for(self, e: int, x: torch.Tensor, weight: torch.Tensor) -> tuple:
         gate, up, down = ws = tuple(w.float() for w in self._read(e))
         self.tokens[e] = tokens = x.shape[0]
-        hs = self.hessians(x, weight, gate, up)
+        hs = self.h_in(x, weight), self.h_out(x, weight, gate, up)
         for b in self.widths:
             we = re = 0.0
             for w, h in zip(ws, (hs[0], hs[0], hs[1])):

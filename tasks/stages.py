@@ -215,7 +215,8 @@ def quantize_experts(checkpoint: CheckpointRecord, allocation: StageOutput, grou
         if summary.get("fallback_experts"):
             get_run_logger().warning(
                 f"{summary['fallback_experts']} experts received fewer than {quantizer['min_tokens']} calibration "
-                f"tokens and were rounded to nearest instead of GPTQ (least covered: {summary['least_covered']}); "
+                f"tokens and were rounded to nearest{' with the clipping search' if quantizer.get('clip') else ''} "
+                f"instead of GPTQ (least covered: {summary['least_covered']}); "
                 "give more --calibration-windows, text closer to what the model will serve, or a lower --gptq-min-tokens")
         return publish_stage(st, "quantization", key, out, summary, present={p["file"]: p["sha256"] for p in layers})
 

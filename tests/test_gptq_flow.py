@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from expertbits.kernels.gptq import gptq, output_error
-from expertbits.kernels.packing import QuantizedTensor, quantize_clipped, quantize_rtn
+from expertbits.kernels.packing import QuantizedTensor, pack, quantize_clipped, quantize_rtn, unpack
 from expertbits.tasks import calibrate, league, statistics
 from expertbits.tasks.checkpoint import Checkpoint
 from expertbits.tasks.evaluate import Reference, evaluate
@@ -173,13 +173,19 @@ def test_the_weight_check_follows_the_quantizer():
     x = torch.randn(256, 96) @ torch.randn(96, 96) * 0.3
     h = x.T @ x
     q = gptq(w, h, 2, 32, act_order=True)
-    assert _on_grid(w, q) and not _within_half_step(w, q)  # GPTQ moves weights past half a step, on the grid
-    assert _on_grid(w, quantize_clipped(w, 2, 32)) and _on_grid(w, quantize_rtn(w, 2, 32, True))
+    assert _on_grid(w, q, False) and not _within_half_step(w, q)  # GPTQ moves weights past half a step, on the grid
+    assert _on_grid(w, quantize_clipped(w, 2, 32), False) and _on_grid(w, quantize_rtn(w, 2, 32, True), True)
+    for bits in (4, 8):  # tiny weights: subnormal fp16 scales, rounded up by a whole subnormal ulp
+        tiny = torch.randn(16, 96) * 1e-5
+        assert _on_grid(tiny, gptq(tiny, h, bits, 32, act_order=True), False)
     wide = QuantizedTensor(q.packed, (q.scales.float() * 1.5).half(), q.zeros, q.bits, q.group_size, q.shape)
-    assert not _on_grid(w, wide)  # a corrupted scale
+    assert not _on_grid(w, wide, False)  # a corrupted scale
     shifted = QuantizedTensor(q.packed, q.scales, (q.zeros.int() + 2).clamp(max=3).to(torch.uint8), q.bits,
                               q.group_size, q.shape)
-    assert not _on_grid(w, shifted)  # corrupted zero points put weights off the group's range
+    assert not _on_grid(w, shifted, False)  # corrupted zero points put weights off the group's range
+    codes = unpack(q.packed, 2, 96)
+    scrambled = QuantizedTensor(pack(codes[:, torch.randperm(96)], 2), q.scales, q.zeros, 2, 32, q.shape)
+    assert not _on_grid(w, scrambled, False)  # mis-ordered codes (a permutation bug) stay in range but not near w
 
 
 def test_quantizer_options_are_checked_before_any_work():

@@ -3,6 +3,8 @@ imports inside functions too (a deferred import is still a circle), and kernels/
 and triton."""
 
 import ast
+
+import pytest
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,3 +66,40 @@ def test_kernels_need_only_torch_and_triton():
                 root = n.split(".")[0]
                 assert root in {"torch", "triton", "os", "math", "dataclasses", "typing", "__future__",
                                 "expertbits"} and not n.startswith(("expertbits.tasks", "expertbits.flows")), (path.name, n)
+
+
+def _expertbits_imports(module: str) -> set[str]:
+    """expertbits.tasks / expertbits.kernels modules `module` imports anywhere in its source
+    (function-level imports included)."""
+    import importlib
+    import inspect
+
+    package = module.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(inspect.getsource(importlib.import_module(module)))):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = package + ("." + base if base else "")
+            names = [f"{base}.{a.name}" for a in node.names] if not node.module else [base]
+            found |= {n for n in names if n.startswith(("expertbits.tasks.", "expertbits.kernels."))}
+    return found
+
+
+@pytest.mark.parametrize("stage, seeds", [
+    ("calibration", ("calibrate", "sequential")), ("quantization", ("quantize", "sequential")),
+    ("league", ("league",)), ("validation", ("validate",)), ("evaluation", ("evaluate",))])
+def test_a_stage_cache_key_covers_the_code_its_work_runs(stage, seeds):
+    """Editing any module a stage's work reaches must change the stage's cache key."""
+    from expertbits.tasks.stage_io import STAGE_CODE
+
+    todo = [f"expertbits.tasks.{s}" for s in seeds]
+    seen: set[str] = set()
+    while todo:
+        m = todo.pop()
+        if m in seen:
+            continue
+        seen.add(m)
+        todo += sorted(_expertbits_imports(m) - seen)
+    missing = sorted(seen - set(STAGE_CODE[stage]) - {"expertbits.tasks.errors", "expertbits.tasks.records"})
+    assert not missing, f"{stage}: its cache key ignores {missing}; add them to stage_io.STAGE_CODE"

@@ -294,7 +294,7 @@ def test_published_zoo_league_tables_render(tmp_path):
     with pytest.raises(ValueError, match="no published league"):
         leagues.budget_table(docs, 9.0)
     overall = leagues.overall(docs)
-    assert f"Over {len(pairs)} pairs" in overall and "| pmq |" in overall
+    assert f"RTN, over {len(pairs)} pairs" in overall and "| pmq |" in overall
     assert "@" not in overall and "+sym" not in overall  # ranks compare the default variant only
     rows = {r.split("`")[1]: r.split(" | ")[1:] for r in leagues.servability_table(docs).splitlines() if r.startswith("| `")}
     assert set(rows) == {v for v, _ in leagues.SERVABILITY}

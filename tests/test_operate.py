@@ -119,6 +119,9 @@ def test_deployments_ui_run_watcher_trigger_dedup_and_schema(platform, s3, micro
         assert found["quantize"].enforce_parameter_schema
         schema = json.dumps(found["quantize"].parameter_openapi_schema)
         assert "Average bits per routed expert" in schema and "granularity" in schema
+        assert "How each expert matrix is quantized: rtn, gptq" in schema and "gptq_min_tokens" in schema
+        league_form = json.dumps(found["league"].parameter_openapi_schema)
+        assert "Quantizers to compare (rtn, gptq)" in league_form
 
         # 2. a run created as the UI's Run button creates it, with form parameters
         base, ft = micro_pair

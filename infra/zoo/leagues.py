@@ -16,13 +16,16 @@ from pathlib import Path
 
 SUPERSENSE = dict(eval_text="zoo://text/wordnet-supersense-test", calibration_text="zoo://text/wordnet-supersense-train",
                   task="wordnet-supersense")
+BOTH = dict(quantizers=["rtn", "gptq"])  # GPTQ is for decoder-only models (Switch: RTN)
 PAIRS: dict[str, dict] = {
-    "mixtral-wordnet": dict(checkpoint="zoo://mixtral-tiny/wordnet", reference="zoo://mixtral-tiny/base", **SUPERSENSE),
+    "mixtral-wordnet": dict(checkpoint="zoo://mixtral-tiny/wordnet", reference="zoo://mixtral-tiny/base", **SUPERSENSE,
+                            **BOTH),
     "mixtral-code": dict(checkpoint="zoo://mixtral-tiny/code", reference="zoo://mixtral-tiny/base",
-                         eval_text="zoo://text/python-heldout", calibration_text="zoo://text/python-train"),
+                         eval_text="zoo://text/python-heldout", calibration_text="zoo://text/python-train", **BOTH),
     "mixtral-control": dict(checkpoint="zoo://mixtral-tiny/control", reference="zoo://mixtral-tiny/base",
-                            eval_text="zoo://text/web-heldout", calibration_text="zoo://text/web-train"),
-    "qwen-moe-wordnet": dict(checkpoint="zoo://qwen-moe-tiny/wordnet", reference="zoo://qwen-moe-tiny/base", **SUPERSENSE),
+                            eval_text="zoo://text/web-heldout", calibration_text="zoo://text/web-train", **BOTH),
+    "qwen-moe-wordnet": dict(checkpoint="zoo://qwen-moe-tiny/wordnet", reference="zoo://qwen-moe-tiny/base", **SUPERSENSE,
+                             **BOTH),
     # trained on 128-token windows; T5 relative-position buckets beyond that span are untrained
     "switch-wordnet": dict(checkpoint="zoo://switch-tiny/wordnet", reference="zoo://switch-tiny/base", eval_seq_len=128,
                            **SUPERSENSE),
@@ -32,7 +35,7 @@ TASK_EXAMPLES = 200
 
 def command(pair: str) -> str:
     """The equivalent CLI invocation, for the README."""
-    opts = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in PAIRS[pair].items())
+    opts = " ".join(f"--{k.replace('_', '-')} {','.join(v) if isinstance(v, list) else v}" for k, v in PAIRS[pair].items())
     return f"expertbits league {opts}" + (f" --task-examples {TASK_EXAMPLES}" if "task" in PAIRS[pair] else "")
 
 
@@ -50,18 +53,27 @@ def run(pair: str, store: str, docs: Path) -> Path:
     return out
 
 
-def overall(docs: Path) -> str:
-    """Across every published pair: each allocator's mean rank (by KL, 1 = best) over the budgets
-    where allocators differ (not a width of the set), and how often it is best or beats the median random draw."""
+def _default(quantizer: str) -> str:
+    """SQL: the default variant (per-expert widths, zero points) of one quantizer's cells."""
+    suffix = "" if quantizer == "rtn" else f"+{quantizer}"
+    return f"coalesce(variant, allocator) = allocator || '{suffix}'"
+
+
+def overall(docs: Path, quantizer: str = "rtn") -> str:
+    """Across every published pair: each allocator's mean rank (by KL, 1 = best, among the cells of
+    the same quantizer) over the budgets where allocators differ (not a width of the set), and how
+    often it is best or beats the median random draw."""
     import duckdb
 
     files = sorted(str(p) for p in docs.glob("*/league_summary.parquet"))
     con = duckdb.connect()
     try:
+        pairs = con.execute(f"""SELECT count(DISTINCT filename) FROM read_parquet({files}, filename = true,
+                                union_by_name = true) WHERE {_default(quantizer)}""").fetchone()[0]
         rows = con.execute(f"""
             WITH s AS (SELECT *, split_part(filename, '/', -2) AS pair
                        FROM read_parquet({files}, filename = true, union_by_name = true)
-                       WHERE coalesce(variant, allocator) = allocator),  -- the default: per-expert widths, zero points
+                       WHERE {_default(quantizer)}),
                  r AS (SELECT pair, bit_set, budget, kl AS random_kl FROM s WHERE allocator = 'random')
             SELECT allocator, count(*) AS cells, round(avg(rank), 2) AS mean_rank, sum((rank = 1)::INT) AS best,
                    sum((kl < random_kl)::INT) AS beats_random, round(median(allocation_ms), 1) AS alloc_ms
@@ -70,7 +82,7 @@ def overall(docs: Path) -> str:
             GROUP BY allocator ORDER BY mean_rank""").fetchall()
     finally:
         con.close()
-    out = [f"Over {len(files)} pairs × 2 bit-width sets × 3 fractional budgets:", "",
+    out = [f"{quantizer.upper()}, over {pairs} pairs × 2 bit-width sets × 3 fractional budgets:", "",
            "| allocator | cells | mean rank | best | beats median random | allocation ms |", "|---|---|---|---|---|---|"]
     out += [f"| {a} | {c} | {m} | {b} | {r}/{c} | {t} |" for a, c, m, b, r, t in rows]
     return "\n".join(out)
@@ -80,7 +92,7 @@ ORDER = ("paper", "lambda", "reverse-lambda", "maxvar", "frequency", "routing-we
          "weight-error", "routed-error")
 
 
-def budget_table(docs: Path, budget: float = 2.5) -> str:
+def budget_table(docs: Path, budget: float = 2.5, quantizer: str = "rtn") -> str:
     """KL per allocator (columns: pairs) at one budget, for each bit-width set; accuracy in
     brackets where the pair has a task, the best KL of each column in bold."""
     import duckdb
@@ -90,12 +102,12 @@ def budget_table(docs: Path, budget: float = 2.5) -> str:
     files = sorted(str(p) for p in docs.glob("*/league_summary.parquet"))
     frame = duckdb.sql(f"""SELECT split_part(filename, '/', -2) AS pair, bit_set, allocator, kl, accuracy
                            FROM read_parquet({files}, filename = true, union_by_name = true)
-                           WHERE budget = {budget} AND coalesce(variant, allocator) = allocator""").df()
+                           WHERE budget = {budget} AND {_default(quantizer)}""").df()
     frame = frame[frame.allocator.isin(ORDER)]  # bold only what is shown
     if frame.empty:
         raise ValueError(f"no published league has budget {budget}")
     pairs = sorted(frame.pair.unique())
-    out = []
+    out = [f"{quantizer.upper()}:", ""]
     for bit_set in sorted(frame.bit_set.unique(), reverse=True):
         cells = frame[frame.bit_set == bit_set].set_index(["allocator", "pair"])
         best = cells.kl.groupby("pair").min()
@@ -193,6 +205,7 @@ def main() -> None:
     parser.add_argument("--rewrite", action="store_true", help="re-render the published league.md files")
     parser.add_argument("--budget-table", type=float, metavar="BITS", help="print KL per allocator and pair at one budget")
     parser.add_argument("--servability", action="store_true", help="print what one width per layer and symmetric cost")
+    parser.add_argument("--quantizer", default="rtn", help="the quantizer whose cells --overall and --budget-table show")
     args = parser.parse_args()
     if args.lambda_vs_control:
         print(lambda_vs_control())
@@ -201,10 +214,10 @@ def main() -> None:
         rewrite(args.docs)
         return
     if args.overall:
-        print(overall(args.docs))
+        print(overall(args.docs, args.quantizer))
         return
     if args.budget_table:
-        print(budget_table(args.docs, args.budget_table))
+        print(budget_table(args.docs, args.budget_table, args.quantizer))
         return
     if args.servability:
         print(servability_table(args.docs))
