@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from expertbits.kernels.gptq import gptq, output_error
-from expertbits.kernels.packing import quantize_rtn, unpack
+from expertbits.kernels.packing import quantize_clipped, quantize_rtn, unpack
 
 
 def codes(q) -> torch.Tensor:
@@ -49,6 +49,17 @@ def test_with_an_uninformative_hessian_gptq_is_rtn(bits, group, symmetric):
     for damp in (0.0, 0.01):
         q, r = gptq(w, 3.0 * torch.eye(100), bits, group, symmetric=symmetric, damp=damp), quantize_rtn(w, bits, group, symmetric)
         assert torch.equal(q.packed, r.packed) and torch.equal(q.scales, r.scales) and torch.equal(q.zeros, r.zeros)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_with_clip_and_an_uninformative_hessian_gptq_is_the_clipping_search(bits):
+    """`clip`: each group's grid comes from the clipping search weighted by diag(H); with H = c·I
+    nothing moves, so the result is quantize_clipped's, codes included (clamped to the grid)."""
+    w = torch.randn(24, 100, generator=torch.Generator().manual_seed(bits))
+    w[:, 7] *= 8  # an outlier column the search clips
+    q, c = gptq(w, 3.0 * torch.eye(100), bits, 32, clip=True), quantize_clipped(w, bits, 32)
+    assert torch.equal(q.packed, c.packed) and torch.equal(q.scales, c.scales) and torch.equal(q.zeros, c.zeros)
+    assert not torch.equal(q.scales, quantize_rtn(w, bits, 32).scales)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])

@@ -198,3 +198,8 @@ def test_quantizer_options_are_checked_before_any_work():
     with pytest.raises(ValueError):
         QuantizeParams(quantizer="gptq", gptq_damp=0)
     assert QuantizeParams(quantizer="gptq", clip=True).quantizer_config().label == "gptq+clip"
+    # GPTQ's options do not touch an RTN run's keys or config; routing-only allocators skip GPTQ errors
+    assert QuantizeParams(gptq_damp=0.05).quantizer_config().as_dict() == QuantizeParams().quantizer_config().as_dict()
+    assert QuantizeParams(quantizer="gptq", gptq_damp=0.05).quantizer_config().as_dict()["damp"] == 0.05
+    assert QuantizeParams(quantizer="gptq", allocator="frequency").error_quantizer().method == "rtn"
+    assert QuantizeParams(quantizer="gptq", allocator="pmq").error_quantizer().method == "gptq"
