@@ -17,31 +17,38 @@ def _pyplot():
 
 
 def pareto(summary: pd.DataFrame, out: Path, title: str) -> Path:
-    """KL vs effective bits, one panel per bit-width set, one line per allocator (random: median
-    with its range as error bars). Down and left is better."""
+    """KL vs effective bits, one panel per bit-width set (and a row per quantizer when the league
+    compares several), one line per allocator (random: median with its range as error bars). An
+    allocator keeps its colour across rows. Down and left is better."""
     plt = _pyplot()
     sets = list(dict.fromkeys(summary.bit_set))
-    fig, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets) + 2.5, 4.5), squeeze=False, layout="constrained")
-    names = sorted(summary.variant.unique())
+    quantizers = list(dict.fromkeys(summary.quantizer)) if "quantizer" in summary else [None]
+    fig, axes = plt.subplots(len(quantizers), len(sets), figsize=(6 * len(sets) + 2.5, 4.5 * len(quantizers)),
+                             squeeze=False, layout="constrained", sharey=True)
+    base = lambda variant: variant.split("+gptq")[0]  # noqa: E731  (the allocator and its servability marks)
+    names = sorted({base(v) for v in summary.variant})
     colors = {n: plt.get_cmap("tab20")(i % 20) for i, n in enumerate(names)}  # stable colour per variant
-    for ax, bit_set in zip(axes[0], sets):
-        g = summary[summary.bit_set == bit_set]
-        for name, a in g.groupby("variant", sort=True):
-            a = a.sort_values("effective_bits")
-            style = dict(marker="o", ms=4, lw=2.2 if name == "paper" else 1.2, label=name, color=colors[name],
-                         ls="--" if "@" in name or "+" in name else "-")
-            if "kl_min" in a and a.kl_min.notna().any():
-                err = [(a.kl - a.kl_min).fillna(0), (a.kl_max - a.kl).fillna(0)]
-                ax.errorbar(a.effective_bits, a.kl, yerr=err, capsize=2, **style)
-            else:
-                ax.plot(a.effective_bits, a.kl, **style)
-        ax.set_yscale("log")
-        ax.set_xlabel("effective bits per expert weight (incl. scales and zero points)")
-        ax.set_ylabel("KL(fp ‖ quant) per token")
-        ax.set_title(f"bit-widths {{{bit_set}}}")
-        ax.grid(True, which="both", alpha=0.3)
+    for row, quantizer in zip(axes, quantizers):
+        for ax, bit_set in zip(row, sets):
+            g = summary[summary.bit_set == bit_set]
+            if quantizer is not None:
+                g = g[g.quantizer == quantizer]
+            for name, a in g.groupby("variant", sort=True):
+                a, label = a.sort_values("effective_bits"), base(name)
+                style = dict(marker="o", ms=4, lw=2.2 if label == "paper" else 1.2, label=label, color=colors[label],
+                             ls="--" if "@" in label or "+" in label else "-")
+                if "kl_min" in a and a.kl_min.notna().any():
+                    err = [(a.kl - a.kl_min).fillna(0), (a.kl_max - a.kl).fillna(0)]
+                    ax.errorbar(a.effective_bits, a.kl, yerr=err, capsize=2, **style)
+                else:
+                    ax.plot(a.effective_bits, a.kl, **style)
+            ax.set_yscale("log")
+            ax.set_xlabel("effective bits per expert weight (incl. scales and zero points)")
+            ax.set_ylabel("KL(fp ‖ quant) per token")
+            ax.set_title(f"bit-widths {{{bit_set}}}" + (f", {quantizer.upper()}" if len(quantizers) > 1 else ""))
+            ax.grid(True, which="both", alpha=0.3)
     handles = {}
-    for ax in axes[0]:
+    for ax in axes.flat:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)
     fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=7)  # off the curves

@@ -152,10 +152,11 @@ def servability_table(docs: Path, bit_set: str = "2,3,4", budgets: tuple[float, 
 
 
 def rewrite(docs: Path) -> None:
-    """Re-render each published league.md from its summary (keeps the correlation section)."""
+    """Re-render each published league.md and pareto.png from its summary (keeps the correlation section)."""
     import duckdb
 
     from expertbits.tasks.league import markdown
+    from expertbits.tasks.plots import pareto
 
     for summary in sorted(docs.glob("*/league_summary.parquet")):
         md = summary.parent / "league.md"
@@ -163,6 +164,7 @@ def rewrite(docs: Path) -> None:
         tail = md.read_text()[md.read_text().index("Spearman"):]
         frame = duckdb.sql(f"SELECT * FROM read_parquet('{summary}')").df()
         md.write_text(f"{head}\n\n{markdown(frame)}\n{tail}")
+        pareto(frame, summary.parent / "pareto.png", head.removeprefix("# League table: "))
 
 
 def lambda_vs_control(family: str = "mixtral-tiny") -> str:
@@ -202,7 +204,7 @@ def main() -> None:
     parser.add_argument("--docs", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--lambda-vs-control", action="store_true", help="print how Λ of each fine-tune tracks the control's")
     parser.add_argument("--overall", action="store_true", help="print the allocators' ranks over every published pair")
-    parser.add_argument("--rewrite", action="store_true", help="re-render the published league.md files")
+    parser.add_argument("--rewrite", action="store_true", help="re-render the published league.md and pareto.png files")
     parser.add_argument("--budget-table", type=float, metavar="BITS", help="print KL per allocator and pair at one budget")
     parser.add_argument("--servability", action="store_true", help="print what one width per layer and symmetric cost")
     parser.add_argument("--quantizer", default="rtn", help="the quantizer whose cells --overall and --budget-table show")
