@@ -191,8 +191,14 @@ class LeagueParams(CommonParams):
                     random_draws=self.random_draws, zeta=self.zeta, maxvar_definition=self.maxvar_definition,
                     group_size=self.group_size, granularities=tuple(dict.fromkeys(self.granularities)),
                     symmetric=tuple(dict.fromkeys(self.symmetric)), quantizers=tuple(dict.fromkeys(self.quantizers)),
-                    clip=self.clip, gptq_damp=self.gptq_damp, gptq_act_order=self.gptq_act_order,
-                    gptq_min_tokens=self.gptq_min_tokens, gptq_weighted=self.gptq_weighted)
+                    clip=self.clip, **self._gptq_options())
+
+    def _gptq_options(self) -> dict:
+        """GPTQ's options, only when the grid has GPTQ cells (they must not touch an RTN league's keys)."""
+        if "gptq" not in self.quantizers:
+            return {}
+        return dict(gptq_damp=self.gptq_damp, gptq_act_order=self.gptq_act_order, gptq_min_tokens=self.gptq_min_tokens,
+                    gptq_weighted=self.gptq_weighted)
 
     def widths(self, symmetric: bool = False) -> list[int]:
         """Every width of the grid's bit sets (symmetric: without 1 bit, which it cannot quantize)."""

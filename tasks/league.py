@@ -302,7 +302,7 @@ def servability(summary: pd.DataFrame, allocator: str = "routed-error") -> str:
         for label, (gran, sym) in [*SERVABLE.items(), ("uniform, zero points", ("expert", False)),
                                    ("uniform, symmetric (transformers)", ("expert", True))]:
             name = "uniform" if label.startswith("uniform") else allocator
-            rtn = g.quantizer == "rtn" if "quantizer" in g else True
+            rtn = g.quantizer.str.startswith("rtn") if "quantizer" in g else True  # with --clip: 'rtn+clip'
             rows = g[(g.allocator == name) & (g.granularity == gran) & (g.symmetric_quant.astype(bool) == sym) & rtn]
             if rows.empty:
                 continue

@@ -45,6 +45,7 @@ CREATE TABLE IF NOT EXISTS kernel_validation (
     rel_error     DOUBLE  NOT NULL,  -- max_abs_error / max |reference output|
     weight_check  VARCHAR NOT NULL,  -- 'half-step' (rtn) or 'grid' (gptq, clipping search), see validate.py
     quant_error_ok BOOLEAN NOT NULL, -- the weight check passed
+    weight_error_ratio DOUBLE,       -- ||W - Q||^2 / ||W - RTN(W)||^2 (reported, not judged)
     passed        BOOLEAN NOT NULL
 );
 

@@ -242,7 +242,8 @@ def validate_kernels(quantized: StageOutput, rtol: float, parts: list[list[dict]
             worst = table[~table.passed].iloc[0]
             raise ValidationFailed(
                 f"{summary['failed']} of {summary['matrices']} quantized matrices failed validation, e.g. {worst['name']} "
-                f"(kernel rel error {worst.rel_error:.2e}, weights within half a step: {bool(worst.quant_error_ok)})",
+                f"(kernel rel error {worst.rel_error:.2e}, {worst.weight_check} weight check passed: "
+                f"{bool(worst.quant_error_ok)})",
                 "this is a bug or a corrupted quantized checkpoint, not a transient error; report it with the run's validation.parquet",
             )
         out = tmp / "out"

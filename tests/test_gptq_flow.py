@@ -20,7 +20,7 @@ from expertbits.tasks.evaluate import Reference, evaluate
 from expertbits.tasks.quantize import quantize_checkpoint
 from expertbits.tasks.quantizer import QuantizerConfig
 from expertbits.tasks.sequential import gptq_errors, sequential_gptq
-from expertbits.tasks.validate import _on_grid, _within_half_step
+from expertbits.tasks.validate import _on_grid, _within_half_step, weight_error_ratio
 from expertbits.zoo import text_path
 
 CAL = text_path("code-train").read_text()[:40_000]
@@ -185,7 +185,11 @@ def test_the_weight_check_follows_the_quantizer():
     assert not _on_grid(w, shifted, False)  # corrupted zero points put weights off the group's range
     codes = unpack(q.packed, 2, 96)
     scrambled = QuantizedTensor(pack(codes[:, torch.randperm(96)], 2), q.scales, q.zeros, 2, 32, q.shape)
-    assert not _on_grid(w, scrambled, False)  # mis-ordered codes (a permutation bug) stay in range but not near w
+    # mis-ordered codes stay on the grid; their weight error, reported beside the check, gives them away
+    assert _on_grid(w, scrambled, False)
+    assert weight_error_ratio(w, quantize_rtn(w, 2, 32), False) == pytest.approx(1.0)
+    assert weight_error_ratio(w, quantize_clipped(w, 2, 32), False) <= 1.0
+    assert 1.0 < weight_error_ratio(w, q, False) < 5 < weight_error_ratio(w, scrambled, False)
 
 
 def test_quantizer_options_are_checked_before_any_work():
@@ -203,3 +207,14 @@ def test_quantizer_options_are_checked_before_any_work():
     assert QuantizeParams(quantizer="gptq", gptq_damp=0.05).quantizer_config().as_dict()["damp"] == 0.05
     assert QuantizeParams(quantizer="gptq", allocator="frequency").error_quantizer().method == "rtn"
     assert QuantizeParams(quantizer="gptq", allocator="pmq").error_quantizer().method == "gptq"
+
+
+def test_servability_tables_keep_clipped_rtn_cells():
+    rows = [{"bit_set": "2,3,4", "budget": 3.0, "allocator": a, "granularity": g, "symmetric_quant": sym,
+             "quantizer": q, "kl": kl, "variant": a}
+            for a, g, sym, q, kl in (("routed-error", "expert", False, "rtn+clip", 0.1),
+                                     ("routed-error", "layer", False, "rtn+clip", 0.2),
+                                     ("routed-error", "expert", False, "gptq+clip", 0.05))]
+    md = league.servability(pd.DataFrame(rows))
+    assert "| per-expert widths, zero points (expertbits) | 0.1000 |" in md
+    assert "| one width per layer, zero points (vLLM) | 0.2000 |" in md and "0.0500" not in md

@@ -207,7 +207,8 @@ def main() -> None:
     parser.add_argument("--rewrite", action="store_true", help="re-render the published league.md and pareto.png files")
     parser.add_argument("--budget-table", type=float, metavar="BITS", help="print KL per allocator and pair at one budget")
     parser.add_argument("--servability", action="store_true", help="print what one width per layer and symmetric cost")
-    parser.add_argument("--quantizer", default="rtn", help="the quantizer whose cells --overall and --budget-table show")
+    parser.add_argument("--quantizer", default="rtn", choices=("rtn", "gptq"),
+                        help="the quantizer whose cells --overall and --budget-table show")
     args = parser.parse_args()
     if args.lambda_vs_control:
         print(lambda_vs_control())
