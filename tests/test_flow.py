@@ -87,7 +87,11 @@ def test_flow_runs_then_caches_then_recomputes_only_what_changed(prefect_api, pa
     assert 0 < kl < 1
 
     states = task_states(first)
-    assert all(s == "Completed" for s in states.values()), states
+    # the download and the per-layer statistics (functions of the checkpoints alone, kept in no
+    # store) may be hits from an earlier test of the session on the same pair
+    shared = {"download", "statistics-layers"}
+    assert all(s == "Completed" for k, s in states.items() if k not in shared), {
+        k: s for k, s in states.items() if s != "Completed"}
     kinds = artifacts(first)
     assert {"table", "markdown", "progress"} <= {t for t, _ in kinds}
     assert any(k and k.startswith("bit-allocation-") for t, k in kinds if t == "table")
