@@ -32,7 +32,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 PAIRS = ("mixtral-tiny/wordnet", "qwen-moe-tiny/wordnet")
 CAL_TEXT, EVAL_TEXT = "zoo://text/wordnet-supersense-train", "zoo://text/wordnet-supersense-test"
