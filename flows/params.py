@@ -142,7 +142,7 @@ class QuantizeParams(CommonParams):
         cost minutes for numbers nobody reads; the table says which quantizer it holds)."""
         if self.allocator in NEEDS_ERROR:
             return self.quantizer_config()
-        return QuantizerConfig(symmetric=self.symmetric, clip=self.clip)
+        return self.quantizer_config().data_free
 
     def allocation_config(self) -> AllocationConfig:
         return check(AllocationConfig(avg_bits=self.avg_bits, bit_widths=tuple(self.bit_widths), zeta=self.zeta,

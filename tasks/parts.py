@@ -30,7 +30,8 @@ from .checkpoint import Checkpoint
 from .records import CheckpointRecord, StageOutput
 from .meter import Meter, report
 from .quantizer import QuantizerConfig
-from .stage_io import ckpt_path, expert_bytes, layer_path, local_copy, read_calibration, read_text, stage_key, text_digest, transient
+from .stage_io import (ckpt_path, expert_bytes, layer_path, local_copy, progress_reporter, read_calibration, read_text,
+                       stage_key, text_digest, transient)
 from .storage import Store, sha256_file
 
 
@@ -76,16 +77,16 @@ def _quantization(position: int, checkpoint: CheckpointRecord, allocation: Stage
     """Write the layer's shard straight under the stage's prefix (the stage task publishes the rest)."""
     q = QuantizerConfig.from_dict(quantizer)
     with _shard_writer(checkpoint, allocation, group_size, quantizer, None, store, storage_options,
-                       layer_path(checkpoint, [position], cache_dir, storage_options)) as (ckpt, alloc, write):
-        return write(quantize.quantize_layer(ckpt, position, alloc, group_size, q.symmetric, Path(write.out),
+                       layer_path(checkpoint, [position], cache_dir, storage_options)) as (ckpt, alloc, out, write):
+        return write(quantize.quantize_layer(ckpt, position, alloc, group_size, q.symmetric, out,
                                              quantizer=lambda m, w, bits: q.round_matrix(w, bits, group_size)))
 
 
 @contextmanager
 def _shard_writer(checkpoint: CheckpointRecord, allocation: StageOutput, group_size: int, quantizer: dict,
                   text: dict | None, store: str, storage_options: dict, path: Path):
-    """(open checkpoint, allocation, write): `write(part)` checksums a layer shard written into
-    `write.out` and puts it under the stage's prefix (in place for a local store)."""
+    """(open checkpoint, allocation, out, write): `write(part)` checksums a layer shard written
+    into `out` and puts it under the stage's prefix (`out` is that prefix for a local store)."""
     st = Store(store, storage_options)
     prefix = _quantization_prefix(dict(checkpoint=checkpoint, allocation=allocation, group_size=group_size,
                                        quantizer=quantizer, text=text, storage_options=storage_options))
@@ -102,8 +103,7 @@ def _shard_writer(checkpoint: CheckpointRecord, allocation: StageOutput, group_s
                 (out / part["file"]).unlink()
             return part
 
-        write.out = out
-        yield ckpt, alloc, write
+        yield ckpt, alloc, out, write
 
 
 def _gptq_quantization(checkpoint: CheckpointRecord, allocation: StageOutput, group_size: int, quantizer: dict,
@@ -115,15 +115,15 @@ def _gptq_quantization(checkpoint: CheckpointRecord, allocation: StageOutput, gr
     q = QuantizerConfig.from_dict(quantizer)
     path = ckpt_path(checkpoint, cache_dir, storage_options)
     parts: list[dict] = []
-    logger = get_run_logger()
-    with _shard_writer(checkpoint, allocation, group_size, quantizer, text, store, storage_options, path) as (ckpt, alloc, write):
+    with _shard_writer(checkpoint, allocation, group_size, quantizer, text, store, storage_options,
+                       path) as (ckpt, alloc, out, write):
         def on_layer(position: int, packed: dict) -> None:
-            parts.append(write(quantize.quantize_layer(ckpt, position, alloc, group_size, q.symmetric, Path(write.out),
+            parts.append(write(quantize.quantize_layer(ckpt, position, alloc, group_size, q.symmetric, out,
                                                        quantizer=lambda m, w, bits: packed[m.name])))
 
         _, coverage = sequential_gptq(path, read_text(text["text_uri"], storage_options), alloc, group_size, q,
                                       seq_len=text["seq_len"], windows=text["windows"], on_layer=on_layer,
-                                      progress=lambda f, m: logger.info(f"{m} ({100 * f:.0f}%)"))
+                                      progress=progress_reporter("GPTQ quantization"))
     layers = list(dict.fromkeys(coverage.layer))
     for part, layer in zip(parts, layers):
         part["coverage"] = coverage[coverage.layer == layer].to_dict(orient="records")
@@ -135,11 +135,9 @@ def _gptq_calibration(checkpoint: CheckpointRecord, bit_widths: list[int], group
     """GPTQ's error of every expert at every width, one part per MoE layer."""
     from .sequential import gptq_errors
 
-    logger = get_run_logger()
     rows = gptq_errors(ckpt_path(checkpoint, cache_dir, storage_options), read_text(text["text_uri"], storage_options),
                        tuple(sorted(bit_widths)), group_size, QuantizerConfig.from_dict(quantizer),
-                       seq_len=text["seq_len"], windows=text["windows"],
-                       progress=lambda f, m: logger.info(f"{m} ({100 * f:.0f}%)"))
+                       seq_len=text["seq_len"], windows=text["windows"], progress=progress_reporter("GPTQ errors"))
     layers = list(dict.fromkeys(r["layer"] for r in rows))
     return [{"rows": [r for r in rows if r["layer"] == layer]} for layer in layers]
 

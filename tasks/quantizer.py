@@ -55,6 +55,11 @@ class QuantizerConfig:
         """Short name for tables: 'rtn', 'gptq', 'rtn+clip+sym', ..."""
         return self.method + ("+clip" if self.clip else "") + ("+sym" if self.symmetric else "")
 
+    @property
+    def data_free(self) -> "QuantizerConfig":
+        """What this quantizer falls back to without calibration data: RTN, with its clip and symmetry."""
+        return QuantizerConfig(symmetric=self.symmetric, clip=self.clip)
+
     def round_matrix(self, w: torch.Tensor, bits: int, group_size: int,
                      importance: torch.Tensor | None = None) -> QuantizedTensor:
         """The data-free quantizer: RTN, or RTN with the clipping search (weighted by `importance`)."""

@@ -213,7 +213,7 @@ def sequential_gptq(ft_path: Path, text: str, alloc: pd.DataFrame, group_size: i
             tokens = module.tokens[e]
             coverage.append({"layer": module.layer.layer, "expert": e, "bits": module.bits[e], "calibration_tokens": tokens,
                              "quantizer": quantizer.label if tokens >= quantizer.min_tokens else
-                             QuantizerConfig(clip=quantizer.clip, symmetric=quantizer.symmetric).label + "-fallback"})
+                             quantizer.data_free.label + "-fallback"})
         if on_layer:
             on_layer(position, packed)
         else:
