@@ -1,0 +1,316 @@
+"""The routed-expert MLP of one MoE layer in two Triton launches, every expert at its own width.
+
+    out = fused_moe(x, top_k_index, top_k_weights, gate, up, down, "silu")
+
+computes, for every token t and each of its k routed experts e with routing weight w,
+
+    out[t] = Σ  w · (act(x[t] Gₑᵀ) ⊙ (x[t] Uₑᵀ)) Dₑᵀ       (up=None: w · act(x[t] Gₑᵀ) Dₑᵀ)
+
+where Gₑ, Uₑ, Dₑ are expert e's packed matrices, held for all experts of the layer in one
+`ExpertBank` per role. The path:
+
+1. `moe_align`: the (token, slot) pairs are sorted by expert and each expert's run padded to
+   BLOCK_M (the `moe_align_block_size` pattern of vLLM and SGLang), so every M-block of pairs
+   has one expert. Pairs routed to an out-of-range expert (dropped slots) go nowhere.
+2. `expert_up_kernel`, one launch over all experts: gate and up tiles dequantized in registers,
+   the activation fused, h written per pair.
+3. `expert_down_kernel`, one launch: h Dₑᵀ times the routing weight, written per pair (split-K
+   adds partial sums atomically), then the k slots of each token are summed: the scatter back.
+
+Few pairs per expert (decode) take a GEMV-style path (BLOCK_M of 1-8 rows, broadcast-and-reduce,
+split-K on the down projection); more take `tl.dot` tiles (prefill). The GPU block sizes are
+reasoned, not tuned: no GPU was available to tune them.
+
+`fused_moe_reference` is the same forward in pure torch (per expert: dequantize by the format's
+definition, then matmul, in float64): what the kernel is tested and validated against.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .dequant_matmul import interpreted  # noqa: F401  (also settles TRITON_INTERPRET before the kernels load)
+from .fused_moe_triton import ACTIVATIONS, expert_down_kernel, expert_up_kernel
+from .packing import QuantizedTensor, packed_width
+
+X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class ExpertBank:
+    """One matrix role (gate, up or down) of all E experts of a layer, packed back to back.
+
+    Every expert's matrix has the same shape [N, K] and group size; each has its own width bₑ::
+
+        packed  int32 | e0: N × words(b0) | e1: N × words(b1) | ... |   words(b) = ⌈K / ⌊32/b⌋⌉
+                        ^ word_offset[0]   ^ word_offset[1]
+        scales  fp16  | e0: N × G | e1: N × G | ... |                   G = ⌈K / group_size⌉
+        zeros   uint8 | (same layout as scales)                         group_offset[e] = e·N·G
+
+    Expert e's block is exactly the [N, words] / [N, G] arrays of its QuantizedTensor (see
+    packing.py), so `expert(e)` is a view, and a bank holds no byte twice.
+    """
+
+    packed: torch.Tensor        # int32 [Σₑ N·words(bₑ)]
+    scales: torch.Tensor        # fp16 [E·N·G]
+    zeros: torch.Tensor         # uint8 [E·N·G]
+    word_offset: torch.Tensor   # int64 [E]
+    group_offset: torch.Tensor  # int64 [E]
+    bits_table: torch.Tensor    # int32 [E]
+    bits: tuple[int, ...]       # the same widths, on the host
+    group_size: int
+    shape: tuple[int, int]      # (N, K) of every expert's matrix
+
+    @classmethod
+    def stack(cls, experts: Sequence[QuantizedTensor]) -> "ExpertBank":
+        """The bank of `experts` (one QuantizedTensor per expert, any widths; copies their bytes)."""
+        if not experts:
+            raise ValueError("an expert bank needs at least one expert")
+        shape, group_size = tuple(experts[0].shape), experts[0].group_size
+        for e, q in enumerate(experts):
+            if tuple(q.shape) != shape or q.group_size != group_size:
+                raise ValueError(f"expert {e} is {tuple(q.shape)} with group size {q.group_size}; every expert of a bank "
+                                 f"must match expert 0's {shape} with group size {group_size}")
+        n, k = shape
+        words = [n * packed_width(k, q.bits) for q in experts]
+        device = experts[0].packed.device
+        word_offset = torch.tensor([0, *words[:-1]], dtype=torch.int64).cumsum(0)
+        groups = n * -(-k // group_size)
+        return cls(torch.cat([q.packed.reshape(-1) for q in experts]),
+                   torch.cat([q.scales.reshape(-1) for q in experts]),
+                   torch.cat([q.zeros.reshape(-1) for q in experts]),
+                   word_offset.to(device), (torch.arange(len(experts), dtype=torch.int64) * groups).to(device),
+                   torch.tensor([q.bits for q in experts], dtype=torch.int32, device=device),
+                   tuple(q.bits for q in experts), group_size, shape)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.bits)
+
+    def expert(self, e: int) -> QuantizedTensor:
+        """Expert e's matrix as a QuantizedTensor of views into the bank."""
+        n, k = self.shape
+        bits, g = self.bits[e], -(-k // self.group_size)
+        w0, words = int(self.word_offset[e]), packed_width(k, bits)
+        return QuantizedTensor(self.packed[w0: w0 + n * words].view(n, words),
+                               self.scales[e * n * g: (e + 1) * n * g].view(n, g),
+                               self.zeros[e * n * g: (e + 1) * n * g].view(n, g), bits, self.group_size, self.shape)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f: getattr(self, f) for f in ("packed", "scales", "zeros", "word_offset", "group_offset", "bits_table")}
+
+    def with_tensors(self, tensors: dict[str, torch.Tensor]) -> "ExpertBank":
+        """The same bank over other storage of the same tensors (e.g. moved to another device)."""
+        return ExpertBank(**tensors, bits=self.bits, group_size=self.group_size, shape=self.shape)
+
+    def to(self, device: torch.device | str) -> "ExpertBank":
+        return self.with_tensors({f: t.to(device) for f, t in self.tensors().items()})
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes a pass over every expert reads: packed words, scales and zero points."""
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales, self.zeros))
+
+
+def activation_name(act: Callable[[torch.Tensor], torch.Tensor]) -> str | None:
+    """'silu' or 'relu' when `act` computes that function (checked on a probe, whatever its class),
+    else None: the kernel fuses only these."""
+    probe = torch.linspace(-8, 8, 161)
+    with torch.no_grad():
+        out = act(probe)
+    for name, fn in (("silu", torch.nn.functional.silu), ("relu", torch.relu)):
+        if torch.allclose(out.float(), fn(probe), rtol=1e-5, atol=1e-6):
+            return name
+    return None
+
+
+# ---- routing: sort the pairs by expert ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Aligned:
+    """Pairs p = token·k + slot sorted by expert, each expert's run padded to `block_m`.
+
+        sorted_pairs  int32 [blocks·block_m + 1]  pair ids; padding holds P (= no pair)
+        block_expert  int32 [blocks]              the expert of each M-block, -1 past the end
+        post_pad      int32 [1]                   how many entries of sorted_pairs are in use
+    """
+
+    sorted_pairs: torch.Tensor
+    block_expert: torch.Tensor
+    post_pad: torch.Tensor
+    blocks: int
+    block_m: int
+
+
+def moe_align(top_k_index: torch.Tensor, num_experts: int, block_m: int, *, exact: bool) -> Aligned:
+    """Sort the routed pairs by expert and pad each expert's run to `block_m`, on the device.
+
+    With exact=False no value is read back to the host (no sync): the grid is sized for the worst
+    case, P + min(E, P)·(block_m - 1) entries, and blocks past the real end idle."""
+    flat = top_k_index.reshape(-1).to(torch.int64)
+    pairs, device = flat.numel(), flat.device
+    valid = (flat >= 0) & (flat < num_experts)
+    key = torch.where(valid, flat, num_experts)  # dropped slots sort last, into bucket E
+    counts = torch.bincount(key, minlength=num_experts + 1)
+    padded = (counts[:num_experts] + block_m - 1) // block_m * block_m
+    end_pad = padded.cumsum(0)
+    start_pad = end_pad - padded
+    start = counts.cumsum(0) - counts
+    if exact:
+        blocks = int(end_pad[-1]) // block_m
+    else:
+        blocks = -(-(pairs + min(num_experts, pairs) * (block_m - 1)) // block_m)
+    size = blocks * block_m
+    order = torch.argsort(key, stable=True)
+    e_sorted = key[order]
+    rank = torch.arange(pairs, device=device) - start[e_sorted]
+    trash = size  # one slot past the grid: where dropped pairs are written and never read
+    dest = torch.where(e_sorted < num_experts, start_pad[e_sorted.clamp(max=num_experts - 1)] + rank, trash)
+    sorted_pairs = torch.full((size + 1,), pairs, dtype=torch.int32, device=device)
+    sorted_pairs[dest] = order.to(torch.int32)
+    block_start = torch.arange(blocks, device=device) * block_m
+    block_expert = torch.searchsorted(end_pad, block_start, right=True)
+    block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
+    return Aligned(sorted_pairs, block_expert, end_pad[-1:].to(torch.int32), blocks, block_m)
+
+
+# ---- launch configuration --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Launch:
+    """Tile sizes of one call: BLOCK_M is shared by both launches (it is the alignment)."""
+
+    block_m: int
+    up_blocks: tuple[int, int]    # (BLOCK_N, BLOCK_K) of the gate/up launch
+    down_blocks: tuple[int, int]  # (BLOCK_N, BLOCK_K) of the down launch
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+    @property
+    def use_dot(self) -> bool:
+        return self.block_m >= 16  # tl.dot's minimum; below it the GEMV-style path
+
+
+def _pow2(v: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, 1 << max(0, math.ceil(math.log2(max(v, 1))))))
+
+
+def choose_launch(pairs: int, num_experts: int, shapes: tuple[tuple[int, int], tuple[int, int]],
+                  per_expert_max: int | None = None) -> Launch:
+    """Tile sizes for `pairs` routed pairs. On a GPU by the expected pairs per active expert
+    (decode: GEMV-style rows; prefill: tensor-core tiles); in the interpreter, which pays per
+    program and loop step, the largest blocks the shapes allow (`per_expert_max` known exactly)."""
+    (n_up, k_up), (n_down, k_down) = shapes
+    if interpreted():
+        bm = _pow2(per_expert_max or 1, 1, 64)
+        fit = lambda size, cap: _pow2(size, 16, cap)  # noqa: E731
+        return Launch(bm, (fit(n_up, 128), fit(k_up, 128)), (fit(n_down, 128), fit(k_down, 128)), 1, 4, 1)
+    per_expert = -(-pairs // max(1, min(num_experts, pairs)))
+    if per_expert <= 8:  # decode: a handful of rows per expert, bound by the weight stream
+        bm = _pow2(per_expert, 1, 8)
+        bk = max(32, 256 // bm)  # keeps the [BM, BK, BN] broadcast within registers
+        programs = -(-pairs // bm) * -(-n_down // 32) if pairs else 1
+        sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+        split = min(8, max(1, -(-2 * sms // programs)), max(1, k_down // bk))
+        return Launch(bm, (32, bk), (32, bk), split, 4, 2)
+    bm = 16 if per_expert <= 32 else 32 if per_expert <= 128 else 64
+    return Launch(bm, (64, 64), (64 if bm < 64 else 128, 64), 1, 4, 3)
+
+
+# ---- the forward -----------------------------------------------------------------------------------
+
+def _check(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, gate: ExpertBank,
+           up: ExpertBank | None, down: ExpertBank, activation: str) -> None:
+    if x.dim() != 2 or x.dtype not in X_DTYPES:
+        raise ValueError(f"x must be a 2-D [T, H] tensor of {X_DTYPES}, got {x.dtype} {tuple(x.shape)}")
+    if top_k_index.shape != top_k_weights.shape or top_k_index.dim() != 2 or top_k_index.shape[0] != x.shape[0]:
+        raise ValueError(f"top_k_index {tuple(top_k_index.shape)} and top_k_weights {tuple(top_k_weights.shape)} "
+                         f"must both be [T, k] with T = {x.shape[0]} tokens")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"the fused kernel has activations {sorted(ACTIVATIONS)}, got {activation!r}")
+    f, h = gate.shape
+    banks = [("gate", gate), ("down", down)] + ([("up", up)] if up is not None else [])
+    if h != x.shape[1] or down.shape != (h, f) or (up is not None and up.shape != gate.shape):
+        raise ValueError(f"x [T, {x.shape[1]}], gate {gate.shape}, up {up.shape if up else None}, down {down.shape} "
+                         "do not form an [F, H] (gate, up), [H, F] (down) expert MLP over x")
+    if len({b.num_experts for _, b in banks}) != 1 or len({b.group_size for _, b in banks}) != 1:
+        raise ValueError("gate, up and down must hold the same experts with one group size")
+    devices = {x.device, top_k_index.device, top_k_weights.device} | {t.device for _, b in banks for t in b.tensors().values()}
+    if len(devices) != 1:
+        raise ValueError(f"x, the routing and the banks must be on one device, got {sorted(map(str, devices))}")
+    if x.device.type != "cuda" and not interpreted():
+        raise ValueError(f"compiled Triton needs CUDA tensors, got x on {x.device}")
+
+
+def _bank_args(b: ExpertBank) -> tuple:
+    return b.packed, b.scales, b.zeros, b.word_offset, b.group_offset, b.bits_table
+
+
+def fused_moe(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, gate: ExpertBank,
+              up: ExpertBank | None, down: ExpertBank, activation: str = "silu", *,
+              launch: Launch | None = None, input_precision: str = "ieee") -> torch.Tensor:
+    """The routed-expert MLP of one layer for x [T, H], routed by top_k_index / top_k_weights [T, k],
+    in x's dtype. Slots whose index is outside [0, E) contribute nothing (dropped tokens).
+    `launch` overrides the tile sizes; `input_precision` 'tf32' trades fp32 exactness for speed."""
+    _check(x, top_k_index, top_k_weights, gate, up, down, activation)
+    tokens, top_k = top_k_index.shape
+    pairs, (f, hidden) = tokens * top_k, gate.shape
+    out_dtype = x.dtype
+    if interpreted() and x.dtype == torch.bfloat16:
+        x = x.float()  # the interpreter multiplies bf16 bit patterns
+    if pairs == 0:
+        return torch.zeros_like(x, dtype=out_dtype)
+    x = x.contiguous()
+    weights = top_k_weights.reshape(-1).contiguous()
+    if launch is None:
+        per_expert = None
+        if interpreted():
+            valid = top_k_index[(top_k_index >= 0) & (top_k_index < gate.num_experts)]
+            per_expert = int(torch.bincount(valid.reshape(-1)).max()) if valid.numel() else 1
+        launch = choose_launch(pairs, gate.num_experts, ((f, hidden), (hidden, f)), per_expert)
+    aligned = moe_align(top_k_index, gate.num_experts, launch.block_m, exact=interpreted())
+    precision = input_precision if x.dtype == torch.float32 else None
+    common = dict(num_warps=launch.num_warps, num_stages=launch.num_stages)
+
+    h = torch.empty((pairs, f), dtype=x.dtype, device=x.device)
+    bn, bk = launch.up_blocks
+    expert_up_kernel[(aligned.blocks, -(-f // bn))](
+        x, h, aligned.sorted_pairs, aligned.block_expert, aligned.post_pad,
+        *_bank_args(gate), *_bank_args(up if up is not None else gate),
+        pairs, f, hidden, x.stride(0), h.stride(0),
+        TOP_K=top_k, GROUP_SIZE=gate.group_size, GATED=up is not None, ACT=ACTIVATIONS[activation],
+        USE_DOT=launch.use_dot, BLOCK_M=launch.block_m, BLOCK_N=bn, BLOCK_K=bk, INPUT_PRECISION=precision, **common)
+
+    out = torch.zeros((pairs, hidden), dtype=torch.float32, device=x.device)
+    bn, bk = launch.down_blocks
+    expert_down_kernel[(aligned.blocks, -(-hidden // bn), launch.split_k)](
+        h, out, aligned.sorted_pairs, aligned.block_expert, aligned.post_pad, *_bank_args(down), weights,
+        pairs, hidden, f, h.stride(0), out.stride(0),
+        GROUP_SIZE=down.group_size, USE_DOT=launch.use_dot, SPLIT_K=launch.split_k,
+        BLOCK_M=launch.block_m, BLOCK_N=bn, BLOCK_K=bk, INPUT_PRECISION=precision, **common)
+    return out.view(tokens, top_k, hidden).sum(dim=1).to(out_dtype)
+
+
+def fused_moe_reference(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, gate: ExpertBank,
+                        up: ExpertBank | None, down: ExpertBank, activation: str = "silu") -> torch.Tensor:
+    """The same forward in pure torch, float64: for each expert with tokens, its matrices
+    dequantized by the format's definition, then act(x Gᵀ) ⊙ (x Uᵀ) Dᵀ times the routing weight."""
+    act = {"silu": torch.nn.functional.silu, "relu": torch.relu}[activation]
+    xd = x.double()
+    out = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
+    for e in range(gate.num_experts):
+        token, slot = torch.where(top_k_index == e)
+        if token.numel() == 0:
+            continue
+        a = xd[token]
+        hidden = act(a @ gate.expert(e).dequantize().double().T)
+        if up is not None:
+            hidden = hidden * (a @ up.expert(e).dequantize().double().T)
+        y = (hidden @ down.expert(e).dequantize().double().T) * top_k_weights[token, slot, None].double()
+        out.index_add_(0, token, y)
+    return out
