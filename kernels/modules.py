@@ -19,12 +19,16 @@ that one matrix, uses it and drops it.
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import torch
 from torch import nn
 
+from .bank import ExpertBank, activation_name
 from .packing import QuantizedTensor
+
+log = logging.getLogger(__name__)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor | QuantizedTensor) -> torch.Tensor:
@@ -154,27 +158,52 @@ class LazyLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, weight read when used"
 
 
-class PackedExperts(GatedExperts, _Packed):
-    """The routed experts of one MoE layer, each gate/up/down at its own bit-width, held packed.
+class PackedExperts(GatedExperts):
+    """The routed experts of one MoE layer, each gate/up/down at its own bit-width, held packed in
+    one `ExpertBank` per role (see fused_moe.py: `expert(e)` is a view into them).
 
-    `experts[e]` is (gate [F, H], up [F, H], down [H, F]) as QuantizedTensors.
+    `experts[e]` is (gate [F, H], up [F, H], down [H, F]) as QuantizedTensors. On CUDA tensors the
+    layer runs as the fused kernel's two launches (SiLU or ReLU experts); elsewhere, or for an
+    activation the kernel does not fuse (a warning says so), as GatedExperts' per-expert loop.
     """
+
+    ROLES = ("gate", "up", "down")
 
     def __init__(self, experts: list[tuple[QuantizedTensor, QuantizedTensor, QuantizedTensor]],
                  act_fn: Callable[[torch.Tensor], torch.Tensor]):
         super().__init__(len(experts), act_fn)
-        self._meta: dict[str, tuple] = {}
-        self.bits = [g.bits for g, _, _ in experts]
         for e, (gate, up, down) in enumerate(experts):
             check_gated(e, gate.shape, up.shape, down.shape)
-            for role, q in (("gate", gate), ("up", up), ("down", down)):
-                self._store(f"e{e}_{role}", q)
+        self.bits = [g.bits for g, _, _ in experts]
+        self.activation = activation_name(act_fn)
+        self._layout: dict[str, ExpertBank] = {}
+        for i, role in enumerate(self.ROLES):
+            bank = ExpertBank.stack([matrices[i] for matrices in experts])
+            for field, t in bank.tensors().items():  # buffers, so `.to(device)` moves them
+                self.register_buffer(f"{role}_{field}", t, persistent=False)
+            self._layout[role] = bank
+
+    def bank(self, role: str) -> ExpertBank:
+        return self._layout[role].with_tensors({f: getattr(self, f"{role}_{f}") for f in self._layout[role].tensors()})
 
     def expert(self, e: int) -> tuple[QuantizedTensor, QuantizedTensor, QuantizedTensor]:
-        return tuple(self._load(f"e{e}_{role}") for role in ("gate", "up", "down"))
+        return tuple(self.bank(role).expert(e) for role in self.ROLES)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        if hidden_states.is_cuda and self.on_hidden is None:
+            if self.activation is not None:
+                from .fused_moe import fused_moe  # Triton only where it runs
+
+                return fused_moe(hidden_states, top_k_index, top_k_weights, *(self.bank(r) for r in self.ROLES),
+                                 self.activation)
+            if not getattr(self, "_warned", False):
+                self._warned = True
+                log.warning("%s: the fused MoE kernel has no fused form of activation %r; these experts run one by "
+                            "one through the dequantize-matmul kernel", self, self.act_fn)
+        return super().forward(hidden_states, top_k_index, top_k_weights)
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, bits={self.bits}"
+        return f"num_experts={self.num_experts}, bits={self.bits}, activation={self.activation}"
 
 
 def check_gated(e: int, gate: tuple, up: tuple, down: tuple) -> None:

@@ -8,14 +8,8 @@ import torch
 
 import pytest
 
-from expertbits.kernels.fused_moe import (
-    ExpertBank,
-    Launch,
-    activation_name,
-    fused_moe,
-    fused_moe_reference,
-    moe_align,
-)
+from expertbits.kernels.bank import ExpertBank, activation_name
+from expertbits.kernels.fused_moe import Launch, fused_moe, fused_moe_reference, moe_align
 from expertbits.kernels.modules import GatedExperts
 from expertbits.kernels.packing import SUPPORTED_BITS, quantize_rtn
 

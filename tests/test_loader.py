@@ -135,13 +135,18 @@ def test_load_refuses_an_unquantized_folder(micro_pair):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_on_gpu_experts_run_through_the_triton_kernel(micro_pair, tmp_path):
+def test_on_gpu_experts_run_through_the_fused_kernel(micro_pair, tmp_path, monkeypatch):
     _, ft = micro_pair
     quantize_mixed(ft, tmp_path / "q")
     cpu, _ = load(tmp_path / "q", dtype=torch.float32)
     gpu, _ = load(tmp_path / "q", dtype=torch.float32, device="cuda")
+    import expertbits.kernels.fused_moe as fused
+
+    launches, real = [], fused.fused_moe
+    monkeypatch.setattr(fused, "fused_moe", lambda *a, **k: launches.append(1) or real(*a, **k))  # counts, runs the real one
     ids = torch.arange(2, 42)[None]
     got = forward(gpu, ids.cuda()).cpu()
+    assert len(launches) == sum(isinstance(m, PackedExperts) for m in gpu.modules())  # one fused call per MoE layer
     assert torch.allclose(got, forward(cpu, ids), atol=1e-3, rtol=1e-3)
 
 
