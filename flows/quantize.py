@@ -66,7 +66,7 @@ def quantize_moe(params: QuantizeParams = QuantizeParams()) -> RunManifest:
     quantized = quantize_experts(finetuned, allocation, p.group_size, quantizer, text, quantizer_parts(
         "quantization", layers, checkpoint=finetuned, allocation=allocation, group_size=p.group_size,
         quantizer=quantizer, text=text, store=store, **local), cache_dir=p.cache_dir, **io)
-    validation = validate_kernels(quantized, p.validation_rtol, per_layer(
+    validation = validate_kernels(quantized, p.validation_rtol, p.calibration_text, p.eval_seq_len, per_layer(
         "validation", layers, quantized=quantized, checkpoint=finetuned, rtol=p.validation_rtol, store=store,
         **local), **io)
     evaluation = evaluate_model(finetuned, quantized, p.eval_text, p.eval_seq_len, p.eval_windows, cache_dir=p.cache_dir, **io)

@@ -146,9 +146,9 @@ def _check(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tens
         raise ValueError(f"the fused kernel has activations {sorted(ACTIVATIONS)}, got {activation!r}")
     f, h = gate.shape
     banks = [("gate", gate), ("down", down)] + ([("up", up)] if up is not None else [])
-    if h != x.shape[1] or down.shape != (h, f) or (up is not None and up.shape != gate.shape):
+    if h != x.shape[1] or down.shape[1] != f or (up is not None and up.shape != gate.shape):
         raise ValueError(f"x [T, {x.shape[1]}], gate {gate.shape}, up {up.shape if up else None}, down {down.shape} "
-                         "do not form an [F, H] (gate, up), [H, F] (down) expert MLP over x")
+                         "do not form an [F, H] (gate, up), [H', F] (down) expert MLP over x")
     if len({b.num_experts for _, b in banks}) != 1 or len({b.group_size for _, b in banks}) != 1:
         raise ValueError("gate, up and down must hold the same experts with one group size")
     devices = {x.device, top_k_index.device, top_k_weights.device} | {t.device for _, b in banks for t in b.tensors().values()}
@@ -165,17 +165,17 @@ def _bank_args(b: ExpertBank) -> tuple:
 def fused_moe(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, gate: ExpertBank,
               up: ExpertBank | None, down: ExpertBank, activation: str = "silu", *,
               launch: Launch | None = None, input_precision: str = "ieee") -> torch.Tensor:
-    """The routed-expert MLP of one layer for x [T, H], routed by top_k_index / top_k_weights [T, k],
-    in x's dtype. Slots whose index is outside [0, E) contribute nothing (dropped tokens).
+    """The routed-expert MLP of one layer for x [T, H], routed by top_k_index / top_k_weights [T, k]:
+    [T, H'] (H' = down's rows, H but for a sliced check) in x's dtype. Slots whose index is outside [0, E) contribute nothing (dropped tokens).
     `launch` overrides the tile sizes; `input_precision` 'tf32' trades fp32 exactness for speed."""
     _check(x, top_k_index, top_k_weights, gate, up, down, activation)
     tokens, top_k = top_k_index.shape
-    pairs, (f, hidden) = tokens * top_k, gate.shape
+    pairs, (f, hidden), n_out = tokens * top_k, gate.shape, down.shape[0]  # n_out = H but for a sliced check
     out_dtype = x.dtype
     if interpreted() and x.dtype == torch.bfloat16:
         x = x.float()  # the interpreter multiplies bf16 bit patterns
     if pairs == 0:
-        return torch.zeros_like(x, dtype=out_dtype)
+        return torch.zeros((tokens, n_out), dtype=out_dtype, device=x.device)
     x = x.contiguous()
     weights = top_k_weights.reshape(-1).contiguous()
     if launch is None:
@@ -183,7 +183,7 @@ def fused_moe(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.T
         if interpreted():
             valid = top_k_index[(top_k_index >= 0) & (top_k_index < gate.num_experts)]
             per_expert = int(torch.bincount(valid.reshape(-1)).max()) if valid.numel() else 1
-        launch = choose_launch(pairs, gate.num_experts, ((f, hidden), (hidden, f)), per_expert)
+        launch = choose_launch(pairs, gate.num_experts, ((f, hidden), (n_out, f)), per_expert)
     aligned = moe_align(top_k_index, gate.num_experts, launch.block_m, exact=interpreted())
     precision = input_precision if x.dtype == torch.float32 else None
     common = dict(num_warps=launch.num_warps, num_stages=launch.num_stages)
@@ -197,14 +197,14 @@ def fused_moe(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.T
         TOP_K=top_k, GROUP_SIZE=gate.group_size, GATED=up is not None, ACT=ACTIVATIONS[activation],
         USE_DOT=launch.use_dot, BLOCK_M=launch.block_m, BLOCK_N=bn, BLOCK_K=bk, INPUT_PRECISION=precision, **common)
 
-    out = torch.zeros((pairs, hidden), dtype=torch.float32, device=x.device)
+    out = torch.zeros((pairs, n_out), dtype=torch.float32, device=x.device)
     bn, bk = launch.down_blocks
-    expert_down_kernel[(aligned.blocks, -(-hidden // bn), launch.split_k)](
+    expert_down_kernel[(aligned.blocks, -(-n_out // bn), launch.split_k)](
         h, out, aligned.sorted_pairs, aligned.block_expert, aligned.post_pad, *_bank_args(down), weights,
-        pairs, hidden, f, h.stride(0), out.stride(0),
+        pairs, n_out, f, h.stride(0), out.stride(0),
         GROUP_SIZE=down.group_size, USE_DOT=launch.use_dot, SPLIT_K=launch.split_k,
         BLOCK_M=launch.block_m, BLOCK_N=bn, BLOCK_K=bk, INPUT_PRECISION=precision, **common)
-    return out.view(tokens, top_k, hidden).sum(dim=1).to(out_dtype)
+    return out.view(tokens, top_k, n_out).sum(dim=1).to(out_dtype)
 
 
 def fused_moe_reference(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, gate: ExpertBank,
@@ -213,7 +213,7 @@ def fused_moe_reference(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weight
     dequantized by the format's definition, then act(x Gᵀ) ⊙ (x Uᵀ) Dᵀ times the routing weight."""
     act = FUSED_ACTIVATIONS[activation]
     xd = x.double()
-    out = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
+    out = torch.zeros((x.shape[0], down.shape[0]), dtype=torch.float64, device=x.device)
     for e in range(gate.num_experts):
         token, slot = torch.where(top_k_index == e)
         if token.numel() == 0:

@@ -5,7 +5,7 @@
     calibration/expert_calibration.parquet, expert_qerror.parquet   (allocators that need them)
     allocation/bit_allocation.parquet
     quantization/...                 the quantized checkpoint (HF layout)
-    validation/kernel_validation.parquet
+    validation/kernel_validation.parquet, fused_validation.parquet
     evaluation/evaluation.json
     expertbits.duckdb                every table above, queryable together (schema: tasks/schema.sql)
     manifest.json                    written last: parameters, stage keys, every file's sha256
@@ -50,7 +50,8 @@ def build_database(path: Path, store: Store, outputs: dict[str, StageOutput], tm
         con.execute("INSERT INTO checkpoints SELECT digest, uri, role, model_type, layout, moe_layers, experts FROM ckpts")
         for table, stage, rel in (("expert_stats", "statistics", "expert_stats.parquet"),
                                   ("bit_allocation", "allocation", "bit_allocation.parquet"),
-                                  ("kernel_validation", "validation", "kernel_validation.parquet")):
+                                  ("kernel_validation", "validation", "kernel_validation.parquet"),
+                                  ("fused_validation", "validation", "fused_validation.parquet")):
             con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM read_parquet(?)", [local(stage, rel)])
         if "calibration" in outputs:
             for table in ("expert_calibration", "expert_qerror"):

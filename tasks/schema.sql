@@ -49,6 +49,29 @@ CREATE TABLE IF NOT EXISTS kernel_validation (
     passed        BOOLEAN NOT NULL
 );
 
+-- One row per (MoE layer, case): the fused MoE kernel on the shipped model's own routing of a
+-- calibration window, against the float64 reference (tasks/validate_fused.py).
+CREATE TABLE IF NOT EXISTS fused_validation (
+    layer          INTEGER NOT NULL,
+    phase          VARCHAR NOT NULL,  -- 'prefill' (every token of the window) or 'decode' (its first 4)
+    tokens         INTEGER NOT NULL,
+    pairs          INTEGER NOT NULL,  -- routed (token, expert) pairs, dropped slots excluded
+    experts_hit    INTEGER NOT NULL,
+    experts        INTEGER NOT NULL,
+    widths         VARCHAR NOT NULL,  -- 'bits:experts,...' of the layer's gate matrices
+    ffn_checked    INTEGER NOT NULL,  -- ffn units the kernel ran on (a prefix in the Triton interpreter)
+    ffn            INTEGER NOT NULL,
+    hidden_checked INTEGER NOT NULL,  -- output features the kernel ran on
+    hidden         INTEGER NOT NULL,
+    activation     VARCHAR NOT NULL,  -- 'silu' or 'relu'; '' when the kernel has no fused form of it
+    block_m        INTEGER,           -- pairs per M-block of the launch
+    gemv_path      BOOLEAN,           -- the GEMV-style path (true) or tl.dot tiles
+    max_abs_error  DOUBLE,
+    rel_error      DOUBLE,            -- max |kernel - reference| / max |reference|
+    model_rel_error DOUBLE,           -- the loaded model's own expert output vs the reference (full layers only)
+    passed         BOOLEAN NOT NULL
+);
+
 -- One row per evaluation metric.
 CREATE TABLE IF NOT EXISTS evaluation (
     metric VARCHAR NOT NULL,  -- 'kl', 'ppl_fp', 'ppl_quant', 'tokens'

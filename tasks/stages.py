@@ -15,7 +15,7 @@ import pandas as pd
 from prefect import task
 from prefect.logging import get_run_logger
 
-from . import allocate, budget, calibrate, download, evaluate, publish, quantize, statistics, validate
+from . import allocate, budget, calibrate, download, evaluate, publish, quantize, statistics, validate, validate_fused
 from .adapters import detect
 from .checkpoint import Checkpoint
 from .errors import ValidationFailed
@@ -225,19 +225,25 @@ def quantize_experts(checkpoint: CheckpointRecord, allocation: StageOutput, grou
 
 def _valid_key(ctx, p) -> str:
     return miss_unless(ctx, Store(p["store"], p["storage_options"]), "validation",
-                        stage_key("validation", p["quantized"].key, p["rtol"]))
+                        stage_key("validation", p["quantized"].key, p["rtol"], text_digest(p["text_uri"], p["storage_options"]),
+                                  p["seq_len"]))
 
 
 @task(name="kernel-validation", cache_key_fn=_valid_key, persist_result=True, result_serializer="json")
-def validate_kernels(quantized: StageOutput, rtol: float, parts: list[list[dict]], store: str,
+def validate_kernels(quantized: StageOutput, rtol: float, text_uri: str, seq_len: int, parts: list[list[dict]], store: str,
                      storage_options: dict) -> StageOutput:
-    """The Triton dequantize-matmul kernel on every packed matrix against the torch reference
-    (run per layer by `parts.layer_work`), as one report."""
+    """Two checks, as one report: the dequantize-matmul kernel on every packed matrix against the
+    torch reference (run per layer by `parts.layer_work`), and the fused MoE kernel on every MoE
+    layer with the shipped model's own routing of a calibration window (validate_fused.py)."""
     st = Store(store, storage_options)
-    key = stage_key("validation", quantized.key, rtol)
+    key = stage_key("validation", quantized.key, rtol, text_digest(text_uri, storage_options), seq_len)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         table, summary = validate.summarize([part for chunk in parts for part in chunk], rtol)
+        fused = pd.DataFrame(validate_fused.validate_fused(local_copy(st, quantized, tmp), read_text(text_uri, storage_options),
+                                                           seq_len=seq_len, rtol=rtol,
+                                                           progress=progress_reporter("fused kernel")))
+        summary.update(validate_fused.summarize(fused))
         if summary["failed"]:
             worst = table[~table.passed].iloc[0]
             raise ValidationFailed(
@@ -246,9 +252,17 @@ def validate_kernels(quantized: StageOutput, rtol: float, parts: list[list[dict]
                 f"{bool(worst.quant_error_ok)})",
                 "this is a bug or a corrupted quantized checkpoint, not a transient error; report it with the run's validation.parquet",
             )
+        if summary["fused_failed"]:
+            worst = fused[~fused.passed].iloc[0]
+            raise ValidationFailed(
+                f"the fused MoE kernel failed on {summary['fused_failed']} of {len(fused)} (layer, case) checks, e.g. layer "
+                f"{worst.layer} {worst.phase} (rel error {worst.rel_error}, activation {worst.activation or 'not fusable'!r})",
+                "this is a bug, not a transient error; report it with the run's fused_validation.parquet",
+            )
         out = tmp / "out"
         out.mkdir()
         statistics.export_parquet(table, out / "kernel_validation.parquet")
+        statistics.export_parquet(fused, out / "fused_validation.parquet")
         return publish_stage(st, "validation", key, out, summary)
 
 
@@ -325,5 +339,7 @@ def _ui_artifacts(st: Store, manifest: RunManifest, outputs: dict[str, StageOutp
         f"| experts moved by MaxVar | {al['moved_by_maxvar']} |\n"
         f"| quantizer | {q.get('quantizer', 'rtn')} |\n"
         f"{coverage}"
-        f"| kernel check | {v['matrices']} matrices, max rel error {v['max_rel_error']:.2e} on {v['device']} |\n\n"
+        f"| kernel check | {v['matrices']} matrices, max rel error {v['max_rel_error']:.2e} on {v['device']} |\n"
+        f"| fused MoE kernel | {v['fused_layers']} layers with the model's routing, max rel error "
+        f"{v['fused_max_rel_error']:.2e} |\n\n"
         f"Artifacts: `{manifest.uri}`\n"))

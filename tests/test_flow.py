@@ -82,6 +82,13 @@ def test_flow_runs_then_caches_then_recomputes_only_what_changed(prefect_api, pa
     assert con.execute("SELECT count(*) FROM expert_stats").fetchone()[0] == 8
     assert con.execute("SELECT count(*) FROM expert_calibration").fetchone()[0] == 8
     assert con.execute("SELECT count(*) FROM kernel_validation WHERE passed").fetchone()[0] == 24
+    # the fused kernel ran on both MoE layers with the model's routing, prefill and decode, every width of the layer
+    fused = con.execute("SELECT layer, phase, passed, rel_error, widths, pairs FROM fused_validation ORDER BY ALL").fetchall()
+    assert [(layer, phase) for layer, phase, *_ in fused] == [(0, "decode"), (0, "prefill"), (1, "decode"), (1, "prefill")]
+    assert all(ok and err < 1e-5 and pairs > 0 for _, _, ok, err, _, pairs in fused)
+    for *_, widths, _ in fused:  # 'bits:experts,...' of the 4 experts, from the shipped widths {2, 3}
+        per = dict(map(int, w.split(":")) for w in widths.split(","))
+        assert set(per) <= {2, 3} and sum(per.values()) == 4
     kl = con.execute("SELECT value FROM evaluation WHERE metric = 'kl'").fetchone()[0]
     con.close()
     assert 0 < kl < 1

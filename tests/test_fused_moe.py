@@ -4,6 +4,8 @@ Without CUDA every launch runs in the Triton interpreter: small shapes, none a m
 or a group, every width alone and mixed, each launch path (GEMV-style rows, split-K, tl.dot tiles).
 """
 
+import json
+
 import torch
 
 import pytest
@@ -177,3 +179,39 @@ def test_gpu_real_width_bf16(tokens):
     x, index, weights = _routing(tokens, 2, 8, seed=tokens, hidden=2048 + 64)
     assert _rel_error(x.bfloat16(), index, weights, banks) < 2e-2
     assert _rel_error(x, index, weights, banks) < 1e-5
+
+
+# ---- the validation stage's fused check, on every architecture ---------------------------------------
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "deepseek_v3", "switch_transformers"])
+def test_fused_check_runs_the_shipped_model_routing_on_every_layer(arch, tmp_path, monkeypatch):
+    import expertbits.tasks.validate_fused as vf
+    from archs import build
+    from expertbits.zoo import text_path
+    from test_loader import quantize_mixed
+
+    src = build(arch, tmp_path / "src")
+    quantize_mixed(src, tmp_path / "q")
+    monkeypatch.setattr(vf, "INTERPRETER_FFN", 24)  # slice every layer, as the interpreter does real-size ones
+    monkeypatch.setattr(vf, "INTERPRETER_HIDDEN", 20)
+    rows = vf.validate_fused(tmp_path / "q", text_path("code-train").read_text()[:20_000], seq_len=32)
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert sorted({r["layer"] for r in rows}) == sorted(map(int, qc["experts_modules"]))
+    for r in rows:
+        assert r["passed"] and r["rel_error"] < 1e-5 and r["pairs"] > 0, r
+        assert r["activation"] == ("relu" if arch == "switch_transformers" else "silu")
+        assert (r["ffn_checked"], r["hidden_checked"]) == (24, 20) and r["model_rel_error"] is None
+        bits = qc["expert_bits"][str(r["layer"])]
+        assert r["widths"] == ",".join(f"{b}:{bits.count(b)}" for b in sorted(set(bits)))
+    assert {r["phase"] for r in rows} == {"prefill", "decode"}
+    summary = vf.summarize(__import__("pandas").DataFrame(rows))
+    assert summary["fused_sliced"] and summary["fused_failed"] == 0
+
+
+def test_slicing_a_bank_keeps_exactly_the_leading_weights():
+    from expertbits.tasks.validate_fused import _slice
+
+    down = ExpertBank.stack([quantize_rtn(torch.randn(H, F), b, 32) for b in MIXED])
+    cut = _slice(down, "down", 35, 30)  # 35 of 40 columns: inside a group and inside a 3-bit word
+    for e in range(len(MIXED)):
+        assert torch.equal(cut.expert(e).dequantize(), down.expert(e).dequantize()[:30, :35])
