@@ -27,6 +27,7 @@ definition, then matmul, in float64): what the kernel is tested and validated ag
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -66,7 +67,8 @@ def moe_align(top_k_index: torch.Tensor, num_experts: int, block_m: int, *, exac
     pairs, device = flat.numel(), flat.device
     valid = (flat >= 0) & (flat < num_experts)
     key = torch.where(valid, flat, num_experts)  # dropped slots sort last, into bucket E
-    counts = torch.bincount(key, minlength=num_experts + 1)
+    # scatter_add, not bincount: bincount on CUDA reads its maximum back to size the output (a sync)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device).scatter_add_(0, key, torch.ones_like(key))
     padded = (counts[:num_experts] + block_m - 1) // block_m * block_m
     end_pad = padded.cumsum(0)
     start_pad = end_pad - padded
@@ -107,6 +109,11 @@ class Launch:
         return self.block_m >= 16  # tl.dot's minimum; below it the GEMV-style path
 
 
+@functools.lru_cache
+def _sm_count() -> int:
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+
 def _pow2(v: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, 1 << max(0, math.ceil(math.log2(max(v, 1))))))
 
@@ -126,8 +133,7 @@ def choose_launch(pairs: int, num_experts: int, shapes: tuple[tuple[int, int], t
         bm = _pow2(per_expert, 1, 8)
         bk = max(32, 256 // bm)  # keeps the [BM, BK, BN] broadcast within registers
         programs = -(-pairs // bm) * -(-n_down // 32) if pairs else 1
-        sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-        split = min(8, max(1, -(-2 * sms // programs)), max(1, k_down // bk))
+        split = min(8, max(1, -(-2 * _sm_count() // programs)), max(1, k_down // bk))
         return Launch(bm, (32, bk), (32, bk), split, 4, 2)
     bm = 16 if per_expert <= 32 else 32 if per_expert <= 128 else 64
     return Launch(bm, (64, 64), (64 if bm < 64 else 128, 64), 1, 4, 3)

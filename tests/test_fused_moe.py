@@ -215,3 +215,25 @@ def test_slicing_a_bank_keeps_exactly_the_leading_weights():
     cut = _slice(down, "down", 35, 30)  # 35 of 40 columns: inside a group and inside a 3-bit word
     for e in range(len(MIXED)):
         assert torch.equal(cut.expert(e).dequantize(), down.expert(e).dequantize()[:30, :35])
+
+
+def test_benchmark_script_runs_and_refuses_figures_without_a_gpu(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "bench_fused_moe.py"
+    if not torch.cuda.is_available():
+        plain = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+        assert plain.returncode == 2 and "timings need a GPU" in plain.stderr
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, str(script), "--smoke", "--json", str(out)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert result["interpreter"] == (not torch.cuda.is_available())
+    configs = {(r["tokens"], r["config"]) for r in result["rows"]}
+    assert configs == {(t, c) for t in (1, 4) for c in ("bf16", "4bit", "2bit", "mixed")}
+    assert all(r["speedup_vs_bf16"] > 0 and r["bytes"] > 0 for r in result["rows"])
+    mixed, four = ({r["tokens"]: r["bytes"] for r in result["rows"] if r["config"] == c} for c in ("mixed", "4bit"))
+    assert all(mixed[t] < four[t] for t in mixed)  # a 2.5-bit layer holds fewer bytes than a 4-bit one
