@@ -41,7 +41,7 @@ from expertbits.tasks.checkpoint import Checkpoint
 
 FULL_LAYERS = {"mixtral-8x7b": 32, "qwen3-30b-a3b": 48, "deepseek-v3": 61}
 STAGES = ("download", "statistics", "routing", "calibration (gptq)", "calibration", "quantization (gptq)", "quantization",
-          "validation", "evaluation")
+          "validation", "validation (fused kernel)", "evaluation")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

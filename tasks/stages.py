@@ -240,9 +240,11 @@ def validate_kernels(quantized: StageOutput, rtol: float, text_uri: str, seq_len
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         table, summary = validate.summarize([part for chunk in parts for part in chunk], rtol)
-        fused = pd.DataFrame(validate_fused.validate_fused(local_copy(st, quantized, tmp), read_text(text_uri, storage_options),
-                                                           seq_len=seq_len, rtol=rtol,
-                                                           progress=progress_reporter("fused kernel")))
+        with Meter() as meter:
+            fused = pd.DataFrame(validate_fused.validate_fused(
+                local_copy(st, quantized, tmp), read_text(text_uri, storage_options), seq_len=seq_len, rtol=rtol,
+                progress=progress_reporter("fused kernel")))
+        report("validation (fused kernel)", meter, None, get_run_logger())
         summary.update(validate_fused.summarize(fused))
         if summary["failed"]:
             worst = table[~table.passed].iloc[0]
