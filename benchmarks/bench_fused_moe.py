@@ -20,7 +20,7 @@ Needs only torch and triton, and a CUDA GPU for figures. Without one, `--smoke` 
 through the Triton interpreter to show the script works; its times say nothing about the kernel.
 
     python benchmarks/bench_fused_moe.py --json benchmarks/results/fused_moe.json
-    python benchmarks/bench_fused_moe.py --sweep      # also try other tile sizes per row (tuning)
+    python benchmarks/bench_fused_moe.py --sweep      # also time launches near the chosen one (mixed rows)
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--peak-gbps", type=float, help="the device's peak memory bandwidth (default: by device name)")
-    p.add_argument("--sweep", action="store_true", help="also time other tile sizes and report the best per row")
+    p.add_argument("--sweep", action="store_true", help="also time launches near the chosen one, on the mixed rows")
     p.add_argument("--smoke", action="store_true", help="tiny shapes; runs without a GPU (interpreter), no figures")
     p.add_argument("--json", help="write the rows here")
     return p.parse_args(argv)
@@ -61,34 +61,36 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def random_expert(n: int, k: int, bits: int, group_size: int, gen: torch.Generator, device: str) -> QuantizedTensor:
     """A packed matrix of random codes (every bit of every word random: unused top bits are never read)
-    with scales around 0.01 and mid-range zero points."""
+    with scales around 0.01 and mid-range zero points, made on the device (DeepSeek-V3's layer
+    would take minutes on the host)."""
     g = -(-k // group_size)
-    packed = torch.randint(-(2**31), 2**31 - 1, (n, packed_width(k, bits)), dtype=torch.int32, generator=gen)
-    scales = (torch.rand(n, g, generator=gen) * 0.02 + 0.001).half()
-    zeros = torch.full((n, g), 1 << (bits - 1), dtype=torch.uint8)
-    return QuantizedTensor(packed.to(device), scales.to(device), zeros.to(device), bits, group_size, (n, k))
+    packed = torch.randint(-(2**31), 2**31 - 1, (n, packed_width(k, bits)), dtype=torch.int32, generator=gen,
+                           device=device)
+    scales = (torch.rand(n, g, generator=gen, device=device) * 0.02 + 0.001).half()
+    zeros = torch.full((n, g), 1 << (bits - 1), dtype=torch.uint8, device=device)
+    return QuantizedTensor(packed, scales, zeros, bits, group_size, (n, k))
 
 
 def widths(config: str, experts: int, gen: torch.Generator) -> list[int]:
     if config == "mixed":  # 2.5 average bits: 5/8 at 2, 2/8 at 3, 1/8 at 4
         plan = [2] * (experts * 5 // 8) + [3] * (experts * 2 // 8)
         plan += [4] * (experts - len(plan))
-        return [plan[i] for i in torch.randperm(experts, generator=gen).tolist()]
+        return [plan[i] for i in torch.randperm(experts, generator=gen, device=gen.device).tolist()]
     return [int(config.removesuffix("bit"))] * experts
 
 
 def routing(tokens: int, experts: int, top_k: int, gen: torch.Generator, device: str):
-    scores = torch.rand(tokens, experts, generator=gen)
-    weights, index = scores.softmax(-1).topk(top_k, dim=-1)
-    return index.to(device), weights.to(device)
+    weights, index = torch.rand(tokens, experts, generator=gen, device=device).softmax(-1).topk(top_k, dim=-1)
+    return index, weights
 
 
 class Bf16Layer:
     """The same layer unquantized: gate_up [E, 2F, H] and down [E, H, F] in bf16."""
 
     def __init__(self, hidden: int, ffn: int, experts: int, device: str, gen: torch.Generator):
-        self.gate_up = (torch.randn(experts, 2 * ffn, hidden, generator=gen) * 0.02).to(device, torch.bfloat16)
-        self.down = (torch.randn(experts, hidden, ffn, generator=gen) * 0.02).to(device, torch.bfloat16)
+        def weights(*shape):  # in bf16 on the device: DeepSeek-V3's layer is 22.5 GB
+            return torch.randn(*shape, generator=gen, device=device, dtype=torch.bfloat16).mul_(0.02)
+        self.gate_up, self.down = weights(experts, 2 * ffn, hidden), weights(experts, hidden, ffn)
         self.ffn = ffn
         self.grouped = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -128,16 +130,15 @@ def bench(fn, smoke: bool) -> float:
     return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
 
 
-def sweep_candidates(pairs: int, experts: int) -> list[Launch]:
+def sweep_candidates(chosen: Launch) -> list[Launch]:
+    """Launches near the wrapper's choice: half, the same and double BLOCK_M, three tile shapes,
+    4 or 8 warps, split-K off or as chosen (up to 36; each compiles once, a second or two)."""
     out = []
-    for bm in (1, 2, 4, 8, 16, 32, 64):
-        if bm < 16:
-            for bn in (16, 32, 64):
-                for bk in (64, 128, 256):
-                    if bm * bk * bn <= 16384:
-                        out += [Launch(bm, (bn, bk), (bn, bk), s, 4, 2) for s in (1, 2, 4, 8)]
-        else:
-            out += [Launch(bm, (bn, 64), (bn, 64), 1, w, 3) for bn in (64, 128) for w in (4, 8)]
+    for bm in sorted({max(1, chosen.block_m // 2), chosen.block_m, min(64, chosen.block_m * 2)}):
+        for tile in ((32, 32), (32, 64), (64, 32)):
+            for warps in (4, 8):
+                for split in sorted({1, chosen.split_k if bm < 16 else 1}):
+                    out.append(Launch(bm, tile, tile, split, warps, 2 if bm < 16 else 3))
     return out
 
 
@@ -155,7 +156,7 @@ def main(argv=None) -> int:
     tokens = [t for t in args.tokens if t <= 8] if args.smoke else args.tokens
     rows = []
     for shape, (hidden, ffn, experts, top_k) in shapes.items():
-        gen = torch.Generator().manual_seed(0)
+        gen = torch.Generator(device).manual_seed(0)
         dense = Bf16Layer(hidden, ffn, experts, device, gen)
         banks = {}
         for config in ("4bit", "2bit", "mixed"):
@@ -164,7 +165,7 @@ def main(argv=None) -> int:
                                   for n, k in ((ffn, hidden), (ffn, hidden), (hidden, ffn)))
         for t in tokens:
             index, weights = routing(t, experts, top_k, gen, device)
-            x = torch.randn(t, hidden, generator=gen).to(device, torch.bfloat16)
+            x = torch.randn(t, hidden, generator=gen, device=device).to(torch.bfloat16)
             hit = torch.unique(index)
             baselines = {"loop": bench(lambda: dense.loop(x, index, weights), args.smoke)}
             if dense.grouped is not None and cuda:
@@ -183,9 +184,9 @@ def main(argv=None) -> int:
                     assert rel < 1e-4, f"{shape} {config}: fused kernel off the reference by {rel:.2e}"
                 ms = bench(lambda: fused_moe(x, index, weights, gate, up, down, launch=launch), args.smoke)
                 best = None
-                if args.sweep and cuda:
+                if args.sweep and cuda and config == "mixed":
                     tried = {}
-                    for cand in sweep_candidates(t * top_k, experts):
+                    for cand in sweep_candidates(launch):
                         try:
                             tried[cand] = bench(lambda: fused_moe(x, index, weights, gate, up, down, launch=cand), False)
                         except Exception as e:  # a tile that does not fit the device's shared memory or registers

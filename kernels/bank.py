@@ -75,8 +75,10 @@ class ExpertBank:
                                self.scales[e * n * g: (e + 1) * n * g].view(n, g),
                                self.zeros[e * n * g: (e + 1) * n * g].view(n, g), bits, self.group_size, self.shape)
 
+    TENSORS = ("packed", "scales", "zeros", "word_offset", "group_offset", "bits_table")
+
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {f: getattr(self, f) for f in ("packed", "scales", "zeros", "word_offset", "group_offset", "bits_table")}
+        return {f: getattr(self, f) for f in self.TENSORS}
 
     def with_tensors(self, tensors: dict[str, torch.Tensor]) -> "ExpertBank":
         """The same bank over other storage of the same tensors (e.g. moved to another device)."""

@@ -27,6 +27,7 @@ definition, then matmul, in float64): what the kernel is tested and validated ag
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -118,25 +119,40 @@ def _pow2(v: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, 1 << max(0, math.ceil(math.log2(max(v, 1))))))
 
 
+# GPU launches by BLOCK_M (split-K is set per call). Chosen offline, without a GPU: the largest
+# tiles that compile for sm_90 (H100/H200) with no register spills in bf16, as measured by
+# benchmarks/compile_fused_moe.py (ptxas -v); the 4-warp versions of the bigger tiles spill.
+# Not timed: `bench_fused_moe.py --sweep` on a GPU is how these should be tuned.
+GPU_LAUNCHES = {
+    1: Launch(1, (32, 64), (32, 64), 1, 8, 2),    # decode: GEMV-style rows
+    2: Launch(2, (32, 64), (32, 64), 1, 8, 2),
+    4: Launch(4, (32, 64), (32, 64), 1, 8, 2),
+    8: Launch(8, (32, 32), (32, 32), 1, 4, 2),
+    16: Launch(16, (64, 32), (64, 32), 1, 8, 3),  # prefill: tensor-core tiles
+    32: Launch(32, (64, 32), (64, 32), 1, 8, 3),
+    64: Launch(64, (64, 32), (64, 32), 1, 8, 3),
+}
+
+
 def choose_launch(pairs: int, num_experts: int, shapes: tuple[tuple[int, int], tuple[int, int]],
                   per_expert_max: int | None = None) -> Launch:
     """Tile sizes for `pairs` routed pairs. On a GPU by the expected pairs per active expert
-    (decode: GEMV-style rows; prefill: tensor-core tiles); in the interpreter, which pays per
-    program and loop step, the largest blocks the shapes allow (`per_expert_max` known exactly)."""
+    (decode: GEMV-style rows, split-K on down when the rows leave too few programs; prefill:
+    tensor-core tiles); in the interpreter, which pays per program and loop step, the largest
+    blocks the shapes allow (`per_expert_max` known exactly there)."""
     (n_up, k_up), (n_down, k_down) = shapes
     if interpreted():
         bm = _pow2(per_expert_max or 1, 1, 64)
         fit = lambda size, cap: _pow2(size, 16, cap)  # noqa: E731
         return Launch(bm, (fit(n_up, 128), fit(k_up, 128)), (fit(n_down, 128), fit(k_down, 128)), 1, 4, 1)
     per_expert = -(-pairs // max(1, min(num_experts, pairs)))
-    if per_expert <= 8:  # decode: a handful of rows per expert, bound by the weight stream
-        bm = _pow2(per_expert, 1, 8)
-        bk = max(32, 256 // bm)  # keeps the [BM, BK, BN] broadcast within registers
-        programs = -(-pairs // bm) * -(-n_down // 32) if pairs else 1
-        split = min(8, max(1, -(-2 * _sm_count() // programs)), max(1, k_down // bk))
-        return Launch(bm, (32, bk), (32, bk), split, 4, 2)
-    bm = 16 if per_expert <= 32 else 32 if per_expert <= 128 else 64
-    return Launch(bm, (64, 64), (64 if bm < 64 else 128, 64), 1, 4, 3)
+    if per_expert > 8:
+        return GPU_LAUNCHES[16 if per_expert <= 32 else 32 if per_expert <= 128 else 64]
+    launch = GPU_LAUNCHES[_pow2(per_expert, 1, 8)]
+    bn, bk = launch.down_blocks
+    programs = max(1, -(-pairs // launch.block_m) * -(-n_down // bn))
+    split = min(8, max(1, -(-2 * _sm_count() // programs)), max(1, k_down // bk))
+    return dataclasses.replace(launch, split_k=split)
 
 
 # ---- the forward -----------------------------------------------------------------------------------
@@ -170,10 +186,12 @@ def _bank_args(b: ExpertBank) -> tuple:
 
 def fused_moe(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, gate: ExpertBank,
               up: ExpertBank | None, down: ExpertBank, activation: str = "silu", *,
-              launch: Launch | None = None, input_precision: str = "ieee") -> torch.Tensor:
+              launch: Launch | None = None, input_precision: str = "ieee", sync_free: bool | None = None) -> torch.Tensor:
     """The routed-expert MLP of one layer for x [T, H], routed by top_k_index / top_k_weights [T, k]:
     [T, H'] (H' = down's rows, H but for a sliced check) in x's dtype. Slots whose index is outside [0, E) contribute nothing (dropped tokens).
-    `launch` overrides the tile sizes; `input_precision` 'tf32' trades fp32 exactness for speed."""
+    `launch` overrides the tile sizes; `input_precision` 'tf32' trades fp32 exactness for speed.
+    `sync_free` sizes the grid for the worst case instead of reading the padded count back (the
+    default on CUDA; the interpreter, which pays per idle program, reads it)."""
     _check(x, top_k_index, top_k_weights, gate, up, down, activation)
     tokens, top_k = top_k_index.shape
     pairs, (f, hidden), n_out = tokens * top_k, gate.shape, down.shape[0]  # n_out = H but for a sliced check
@@ -190,7 +208,8 @@ def fused_moe(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.T
             valid = top_k_index[(top_k_index >= 0) & (top_k_index < gate.num_experts)]
             per_expert = int(torch.bincount(valid.reshape(-1)).max()) if valid.numel() else 1
         launch = choose_launch(pairs, gate.num_experts, ((f, hidden), (n_out, f)), per_expert)
-    aligned = moe_align(top_k_index, gate.num_experts, launch.block_m, exact=interpreted())
+    aligned = moe_align(top_k_index, gate.num_experts, launch.block_m,
+                        exact=interpreted() if sync_free is None else not sync_free)
     precision = input_precision if x.dtype == torch.float32 else None
     common = dict(num_warps=launch.num_warps, num_stages=launch.num_stages)
 

@@ -26,24 +26,28 @@ Import this module only after choosing compiled vs interpreted Triton (see dequa
 import triton
 import triton.language as tl
 
-ACT_SILU: tl.constexpr = 0
-ACT_RELU: tl.constexpr = 1
+# compiled Triton reads a global only if it is a tl.constexpr object (the interpreter reads anything)
+ACT_SILU = tl.constexpr(0)
+ACT_RELU = tl.constexpr(1)
 ACTIVATIONS = {"silu": 0, "relu": 1}  # the ACT constexpr of each name in bank.FUSED_ACTIVATIONS
 
 
 @triton.jit
 def _dequant_tile(q_ptr, s_ptr, z_ptr, word_off, group_off, bits, offs_k, offs_n, mask_k, mask_n, K,
                   GROUP_SIZE: tl.constexpr):
-    """Wᵀ tile [BLOCK_K, BLOCK_N] of one expert, dequantized in fp32: (code - zero) * scale."""
+    """W tile [BLOCK_N, BLOCK_K] of one expert, dequantized in fp32: (code - zero) * scale.
+
+    K is the tile's last (fastest) axis, as in memory: neighbouring lanes read the same or the
+    next word of one row, not words a row apart."""
     vpw = 32 // bits
     row_words = (K + vpw - 1) // vpw
     groups = (K + GROUP_SIZE - 1) // GROUP_SIZE
-    m = mask_k[:, None] & mask_n[None, :]
+    m = mask_n[:, None] & mask_k[None, :]
     # every code of a word loads the same word; the repeats hit cache and keep any width legal
-    words = tl.load(q_ptr + word_off + offs_n[None, :] * row_words + (offs_k // vpw)[:, None], mask=m, other=0)
+    words = tl.load(q_ptr + word_off + offs_n[:, None] * row_words + (offs_k // vpw)[None, :], mask=m, other=0)
     # >> on int32 is arithmetic (bit 31 may be set), so the mask follows the shift
-    codes = (words >> ((offs_k % vpw) * bits)[:, None]) & ((1 << bits) - 1)
-    g = group_off + offs_n[None, :] * groups + (offs_k // GROUP_SIZE)[:, None]
+    codes = (words >> ((offs_k % vpw) * bits)[None, :]) & ((1 << bits) - 1)
+    g = group_off + offs_n[:, None] * groups + (offs_k // GROUP_SIZE)[None, :]
     scale = tl.load(s_ptr + g, mask=m, other=0.0).to(tl.float32)
     zero = tl.load(z_ptr + g, mask=m, other=0).to(tl.float32)
     return (codes.to(tl.float32) - zero) * scale  # masked lanes: (0 - 0) * 0
@@ -51,12 +55,12 @@ def _dequant_tile(q_ptr, s_ptr, z_ptr, word_off, group_off, bits, offs_k, offs_n
 
 @triton.jit
 def _accumulate(acc, a, w, USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """acc[BM, BN] += a[BM, BK] @ w[BK, BN]: tensor cores from 16 rows up, otherwise a GEMV-style
+    """acc[BM, BN] += a[BM, BK] @ w[BN, BK]ᵀ: tensor cores from 16 rows up, otherwise a GEMV-style
     broadcast-and-reduce that wastes nothing on a handful of rows."""
     if USE_DOT:
-        acc = tl.dot(a, w.to(a.dtype), acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc, input_precision=INPUT_PRECISION)
     else:
-        acc += tl.sum(a.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
+        acc += tl.sum(a.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
     return acc
 
 
@@ -68,7 +72,8 @@ def _block_rows(sorted_ptr, block_expert_ptr, post_pad_ptr, pid_m, num_pairs, BL
     expert = tl.where(pid_m * BLOCK_M < post_pad, tl.load(block_expert_ptr + pid_m), -1)
     offs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pairs = tl.load(sorted_ptr + offs)
-    return pairs, pairs < num_pairs, expert
+    # int64: pair x row-stride passes 2^31 on long prefills (DeepSeek-V3's out: from ~37k tokens)
+    return pairs.to(tl.int64), pairs < num_pairs, expert
 
 
 @triton.jit

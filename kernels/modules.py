@@ -176,15 +176,15 @@ class PackedExperts(GatedExperts):
             check_gated(e, gate.shape, up.shape, down.shape)
         self.bits = [g.bits for g, _, _ in experts]
         self.activation = activation_name(act_fn)
-        self._layout: dict[str, ExpertBank] = {}
+        self._layout: dict[str, dict] = {}  # widths, group size, shape: no tensors (those are the buffers)
         for i, role in enumerate(self.ROLES):
             bank = ExpertBank.stack([matrices[i] for matrices in experts])
             for field, t in bank.tensors().items():  # buffers, so `.to(device)` moves them
                 self.register_buffer(f"{role}_{field}", t, persistent=False)
-            self._layout[role] = bank
+            self._layout[role] = dict(bits=bank.bits, group_size=bank.group_size, shape=bank.shape)
 
     def bank(self, role: str) -> ExpertBank:
-        return self._layout[role].with_tensors({f: getattr(self, f"{role}_{f}") for f in self._layout[role].tensors()})
+        return ExpertBank(**{f: getattr(self, f"{role}_{f}") for f in ExpertBank.TENSORS}, **self._layout[role])
 
     def expert(self, e: int) -> tuple[QuantizedTensor, QuantizedTensor, QuantizedTensor]:
         return tuple(self.bank(role).expert(e) for role in self.ROLES)

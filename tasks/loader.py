@@ -67,11 +67,12 @@ def read_packed(folder: Path, qc: dict, device: str | torch.device = "cpu") -> d
 
 def install_packed_experts(model: torch.nn.Module, qc: dict, packed: dict[str, QuantizedTensor], folder: Path) -> int:
     """Replace every MoE layer's experts (or the packed modules a previous call installed) by packed
-    modules holding `packed`; returns the number of matrices installed."""
+    modules holding `packed`; returns the number of matrices installed. A fused layer's matrices
+    are removed from `packed` as they are stacked into its banks (so memory holds each once)."""
     by_layer: dict[str, dict[tuple[int, str], str]] = defaultdict(dict)
     for name, info in qc["modules"].items():
         by_layer[str(info["layer"])][info["expert"], info["role"]] = name
-    installed = 0
+    installed, total = 0, len(packed)
     for layer, module_name in sorted(qc["experts_modules"].items(), key=lambda kv: int(kv[0])):
         try:
             experts = model.get_submodule(module_name)
@@ -92,8 +93,10 @@ def install_packed_experts(model: torch.nn.Module, qc: dict, packed: dict[str, Q
             if act is None or getattr(experts, "gate_up_proj_bias", None) is not None:
                 raise CheckpointError(f"{folder}: {type(experts).__name__} at {module_name} is not a bias-free gated MLP",
                                       "this architecture's experts are not supported by the packed runtime yet")
-            modules = [tuple(packed[names[e, r]] for r in ("gate", "up", "down")) for e in range(count)]
+            # the layer's matrices leave `packed` as its banks are built: one layer is ever held twice
+            modules = [tuple(packed.pop(names[e, r]) for r in ("gate", "up", "down")) for e in range(count)]
             model.set_submodule(module_name, PackedExperts(modules, act))
+            del modules
             installed += 3 * count
         else:  # per-expert nn.Linear modules (Switch Transformers)
             for (e, role), name in sorted(names.items()):
@@ -118,8 +121,8 @@ def install_packed_experts(model: torch.nn.Module, qc: dict, packed: dict[str, Q
         for name, module in model.get_submodule(parent).named_modules(prefix=parent):
             if name == parent or name.startswith(module_name):
                 module._is_hf_initialized = True
-    if installed != len(packed):
-        raise CheckpointError(f"{folder}: installed {installed} of {len(packed)} packed matrices",
+    if installed != total:
+        raise CheckpointError(f"{folder}: installed {installed} of {total} packed matrices",
                               "the quantization config does not match the model; quantize again")
     return installed
 

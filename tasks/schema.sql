@@ -53,7 +53,7 @@ CREATE TABLE IF NOT EXISTS kernel_validation (
 -- calibration window, against the float64 reference (tasks/validate_fused.py).
 CREATE TABLE IF NOT EXISTS fused_validation (
     layer          INTEGER NOT NULL,
-    phase          VARCHAR NOT NULL,  -- 'prefill' (every token of the window) or 'decode' (its first 4)
+    phase          VARCHAR NOT NULL,  -- 'prefill' (the window), 'decode' (its first 4 tokens), 'prefill-bf16' (GPU)
     tokens         INTEGER NOT NULL,
     pairs          INTEGER NOT NULL,  -- routed (token, expert) pairs, dropped slots excluded
     experts_hit    INTEGER NOT NULL,
@@ -69,7 +69,8 @@ CREATE TABLE IF NOT EXISTS fused_validation (
     max_abs_error  DOUBLE,
     rel_error      DOUBLE,            -- max |kernel - reference| / max |reference|
     model_rel_error DOUBLE,           -- the loaded model's own expert output vs the reference (full layers only)
-    passed         BOOLEAN NOT NULL
+    rtol           DOUBLE  NOT NULL,  -- the bound rel_error is held to
+    passed         BOOLEAN            -- NULL: not applicable (an activation the kernel does not fuse)
 );
 
 -- One row per evaluation metric.

@@ -8,6 +8,8 @@ one-hot dispatch with its capacity drops). Then, per layer, the fused kernel
 
   * 'prefill': every token of the window (the tile path), and
   * 'decode':  its first `DECODE_TOKENS` tokens (the GEMV-style path),
+  * on a GPU, 'prefill-bf16' (or -fp16): the prefill in the dtype the model is served in,
+    within `HALF_RTOL`,
 
 and is compared with `fused_moe_reference` (per-expert dequantize-then-matmul in float64). On the
 full layer the model's own output (its per-expert torch path) is compared too.
@@ -20,6 +22,7 @@ how much of each layer was checked.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Callable
 
@@ -34,6 +37,7 @@ from .quantized import iter_quantized, quantization_config
 Progress = Callable[[float, str], None]
 
 DECODE_TOKENS = 4
+HALF_RTOL = 2e-2  # bf16/fp16 activations: h is rounded to 8 (bf16) or 11 (fp16) significant bits
 INTERPRETER_FFN = 256
 INTERPRETER_HIDDEN = 256
 
@@ -43,7 +47,7 @@ def validate_fused(qpath: Path, text: str, *, seq_len: int, rtol: float = 1e-4,
     """One row per (MoE layer, case) of the quantized folder `qpath`; see the module docstring."""
     from expertbits.kernels.dequant_matmul import interpreted
 
-    captured = _capture(qpath, text, seq_len)
+    captured, dtype = _capture(qpath, text, seq_len)
     qc = quantization_config(qpath)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
@@ -53,18 +57,23 @@ def validate_fused(qpath: Path, text: str, *, seq_len: int, rtol: float = 1e-4,
         f_keep, h_keep = (min(ffn, INTERPRETER_FFN), min(hidden, INTERPRETER_HIDDEN)) if interpreted() else (ffn, hidden)
         banks = {role: _slice(b, role, f_keep, h_keep).to(device) for role, b in banks.items()}
         name = activation_name(act)
-        for case, count in (("prefill", len(x)), ("decode", min(DECODE_TOKENS, len(x)))):
-            rows.append(_check(layer, case, x[:count], index[:count], weights[:count],
+        cases = [("prefill", len(x), torch.float32, rtol), ("decode", min(DECODE_TOKENS, len(x)), torch.float32, rtol)]
+        if device == "cuda" and dtype in (torch.bfloat16, torch.float16):  # the path the served model takes
+            cases.append((f"prefill-{str(dtype).removeprefix('torch.')}", len(x), dtype, HALF_RTOL))
+        for case, count, x_dtype, tol in cases:
+            rows.append(_check(layer, case, x[:count].to(x_dtype), index[:count], weights[:count],
                                model_out[:count] if (f_keep, h_keep) == (ffn, hidden) else None,
-                               banks, name, ffn, hidden, rtol, device))
+                               banks, name, ffn, hidden, tol, device))
         if progress:
             progress((i + 1) / len(captured), f"fused kernel: layer {layer} checked")
     return rows
 
 
 def summarize(table) -> dict:
-    """The fused check's part of the validation summary."""
-    return {"fused_layers": int(table.layer.nunique()), "fused_failed": int((~table.passed).sum()),
+    """The fused check's part of the validation summary (`passed` None: an activation the kernel
+    does not fuse, counted apart)."""
+    return {"fused_layers": int(table.layer.nunique()), "fused_failed": int((table.passed == False).sum()),  # noqa: E712
+            "fused_not_applicable": int(table.passed.isna().sum()),
             "fused_max_rel_error": float(table.rel_error.max()), "fused_sliced": bool((table.ffn_checked < table.ffn).any()
                                                                                       or (table.hidden_checked < table.hidden).any())}
 
@@ -80,8 +89,9 @@ def _check(layer: int, case: str, x, index, weights, model_out, banks: dict[str,
            "widths": ",".join(f"{b}:{gate.bits.count(b)}" for b in sorted(set(gate.bits))),
            "ffn_checked": gate.shape[0], "ffn": ffn, "hidden_checked": down.shape[0], "hidden": hidden,
            "activation": activation or "", "block_m": None, "gemv_path": None, "max_abs_error": None, "rel_error": None,
-           "model_rel_error": None, "passed": False}
-    if activation is None:  # the loader runs such experts one by one; the table says the kernel cannot
+           "model_rel_error": None, "rtol": rtol, "passed": False}
+    if activation is None:  # the loader runs such experts one by one (with a warning): not applicable, reported
+        row["passed"] = None
         return row
     launch = choose_launch(len(x) * index.shape[1], gate.num_experts, (gate.shape, down.shape),
                            int(torch.bincount(valid).max()) if valid.numel() else 1)
@@ -97,9 +107,10 @@ def _check(layer: int, case: str, x, index, weights, model_out, banks: dict[str,
     return row
 
 
-def _capture(qpath: Path, text: str, seq_len: int) -> dict[int, tuple]:
+def _capture(qpath: Path, text: str, seq_len: int) -> tuple[dict[int, tuple], torch.dtype]:
     """Per MoE layer: (hidden [T, H], top_k_index [T, k], top_k_weights [T, k], the layer's own
-    output [T, H], its activation) from one streamed forward of the shipped model."""
+    output [T, H], its activation) from one streamed forward of the shipped model; and the
+    model's serving dtype."""
     from transformers import AutoTokenizer
 
     from .evaluate import examples, token_windows
@@ -118,8 +129,10 @@ def _capture(qpath: Path, text: str, seq_len: int) -> dict[int, tuple]:
                 raise CheckpointError(f"{qpath}: cannot find the activation of layer {layer}'s experts ({module_name})",
                                       "this architecture's experts are not supported by the fused kernel yet")
 
-            def hook(module, args, kwargs, output, layer=int(layer), act=act):
-                hidden, index, weights = (a.detach() for a in [*args, *kwargs.values()][:3])
+            params = inspect.signature(experts.forward)
+
+            def hook(module, args, kwargs, output, layer=int(layer), act=act, params=params):
+                hidden, index, weights = (a.detach() for a in params.bind(*args, **kwargs).arguments.values())
                 if index.dim() == 3:  # Switch: one-hot dispatch [T, 1, E]; a token over capacity has none
                     hit = index.sum(-1) > 0
                     index = torch.where(hit, index.argmax(-1), -1)
@@ -130,11 +143,18 @@ def _capture(qpath: Path, text: str, seq_len: int) -> dict[int, tuple]:
         inputs = next(iter(batches(pairs, tokenizer.pad_token_id or 0, 1, logits_bytes=1 << 62)))[0]
         with torch.no_grad():
             model(**inputs)
+        dtype = _config_dtype(model.config)
     missing = sorted(set(map(int, qc["experts_modules"])) - set(captured))
     if missing:
         raise CheckpointError(f"{qpath}: the forward never reached the experts of layers {missing}",
                               "this architecture routes tokens in a way the fused check does not know; report it")
-    return captured
+    return captured, dtype
+
+
+def _config_dtype(config) -> torch.dtype:
+    """The dtype the checkpoint is served in (its config's dtype, fp32 when it names none)."""
+    name = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
+    return name if isinstance(name, torch.dtype) else getattr(torch, str(name), torch.float32)
 
 
 def _banks(qpath: Path, layer: int, qc: dict) -> dict[str, ExpertBank]:

@@ -6,6 +6,7 @@ or a group, every width alone and mixed, each launch path (GEMV-style rows, spli
 
 import json
 
+import pandas as pd
 import torch
 
 import pytest
@@ -68,6 +69,17 @@ def test_mixed_widths_top1_and_topk(launch, top_k):
     assert _rel_error(*_routing(13, top_k, len(MIXED), seed=top_k), banks, launch=launch) < FP32_RTOL
 
 
+@pytest.mark.parametrize("block_m", [1, 4, 16])
+def test_sync_free_grid_idles_the_blocks_past_the_end(block_m):
+    """The CUDA default: the grid is sized for the worst case and idle blocks return at once."""
+    banks = _banks(MIXED, seed=block_m)
+    routed = _routing(11, 2, len(MIXED), seed=block_m)
+    launch = Launch(block_m, (16, 32), (16, 32), split_k=2)
+    exact = fused_moe(*routed, *banks, launch=launch, sync_free=False)
+    assert _rel_error(*routed, banks, launch=launch, sync_free=True) < FP32_RTOL
+    assert torch.allclose(fused_moe(*routed, *banks, launch=launch, sync_free=True), exact, atol=1e-6)
+
+
 def test_experts_without_tokens_a_single_token_and_dropped_slots():
     banks = _banks(MIXED)
     x, index, weights = _routing(1, 2, len(MIXED))
@@ -97,6 +109,7 @@ def test_no_tokens():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_half_precision_activations(dtype):
+    """(In the interpreter, bf16 runs in fp32: it multiplies bf16 bit patterns otherwise.)"""
     banks = _banks(MIXED)
     x, index, weights = _routing(10, 2, len(MIXED))
     assert _rel_error(x.to(dtype), index, weights, banks) < 2e-2  # h is stored in x's dtype
@@ -204,8 +217,26 @@ def test_fused_check_runs_the_shipped_model_routing_on_every_layer(arch, tmp_pat
         bits = qc["expert_bits"][str(r["layer"])]
         assert r["widths"] == ",".join(f"{b}:{bits.count(b)}" for b in sorted(set(bits)))
     assert {r["phase"] for r in rows} == {"prefill", "decode"}
-    summary = vf.summarize(__import__("pandas").DataFrame(rows))
-    assert summary["fused_sliced"] and summary["fused_failed"] == 0
+    summary = vf.summarize(pd.DataFrame(rows))
+    assert summary["fused_sliced"] and summary["fused_failed"] == 0 and summary["fused_not_applicable"] == 0
+
+
+def test_fused_check_fails_rows_over_the_bound_and_reports_unfusable_activations(micro_pair, tmp_path, monkeypatch):
+    import expertbits.tasks.validate_fused as vf
+    from expertbits.zoo import text_path
+    from test_loader import quantize_mixed
+
+    quantize_mixed(micro_pair[1], tmp_path / "q")
+    text = text_path("code-train").read_text()[:20_000]
+    strict = pd.DataFrame(vf.validate_fused(tmp_path / "q", text, seq_len=32, rtol=0.0))
+    assert (strict.rel_error > 0).all() and vf.summarize(strict)["fused_failed"] == len(strict)
+    full = pd.DataFrame(vf.validate_fused(tmp_path / "q", text, seq_len=32))
+    assert (full.model_rel_error < 1e-5).all()  # the loaded model's own expert path agrees on full layers
+    monkeypatch.setattr(vf, "activation_name", lambda act: None)  # as for an activation the kernel lacks
+    unfused = pd.DataFrame(vf.validate_fused(tmp_path / "q", text, seq_len=32))
+    assert unfused.passed.isna().all() and unfused.rel_error.isna().all()
+    summary = vf.summarize(unfused)
+    assert summary["fused_failed"] == 0 and summary["fused_not_applicable"] == len(unfused)
 
 
 def test_slicing_a_bank_keeps_exactly_the_leading_weights():
@@ -237,3 +268,21 @@ def test_benchmark_script_runs_and_refuses_figures_without_a_gpu(tmp_path):
     assert all(r["speedup_vs_bf16"] > 0 and r["bytes"] > 0 for r in result["rows"])
     mixed, four = ({r["tokens"]: r["bytes"] for r in result["rows"] if r["config"] == c} for c in ("mixed", "4bit"))
     assert all(mixed[t] < four[t] for t in mixed)  # a 2.5-bit layer holds fewer bytes than a 4-bit one
+
+
+def test_kernels_compile_for_a_gpu_without_spills(tmp_path):
+    """Compiled Triton refuses code the interpreter runs: compile both kernels for sm_90 (offline,
+    Triton's own ptxas) at the smallest decode and the largest prefill launch the wrapper picks."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "compile_fused_moe.py"
+    out = tmp_path / "compiled.json"
+    env = dict(__import__("os").environ, TRITON_CACHE_DIR=str(tmp_path / "triton-cache"))
+    done = subprocess.run([sys.executable, str(script), "--quick", "--json", str(out)], capture_output=True, text=True,
+                          timeout=900, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["kernel"], r["x"]) for r in rows} == {(k, x) for k in ("up", "down") for x in ("bf16", "fp32")}
+    assert all(r["spill_bytes"] == 0 for r in rows if r["x"] == "bf16"), rows  # the served dtype
