@@ -173,6 +173,12 @@ def _check(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tens
                          "do not form an [F, H] (gate, up), [H', F] (down) expert MLP over x")
     if len({b.num_experts for _, b in banks}) != 1 or len({b.group_size for _, b in banks}) != 1:
         raise ValueError("gate, up and down must hold the same experts with one group size")
+    want = dict(packed=torch.int32, scales=torch.float16, zeros=torch.uint8, word_offset=torch.int64,
+                group_offset=torch.int64, bits_table=torch.int32)
+    for role, b in banks:
+        wrong = {f: t.dtype for f, t in b.tensors().items() if t.dtype != want[f]}
+        if wrong:
+            raise ValueError(f"the {role} bank has {wrong}; the format needs {({f: want[f] for f in wrong})}")
     devices = {x.device, top_k_index.device, top_k_weights.device} | {t.device for _, b in banks for t in b.tensors().values()}
     if len(devices) != 1:
         raise ValueError(f"x, the routing and the banks must be on one device, got {sorted(map(str, devices))}")

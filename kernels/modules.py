@@ -51,18 +51,28 @@ def packed_linear(x: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
     return y.to(x.dtype).reshape(*shape[:-1], q.shape[0])
 
 
+def _as_buffer(name: str, t: torch.Tensor) -> torch.Tensor:
+    """fp16 scales are kept as their int16 bit pattern: `model.float()` / `.bfloat16()` convert
+    every floating buffer, and the format's scales must stay fp16 (bf16 would round them)."""
+    return t.view(torch.int16) if name.endswith("scales") else t
+
+
+def _from_buffer(name: str, t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.float16) if name.endswith("scales") else t
+
+
 class _Packed(nn.Module):
     """Holds QuantizedTensors as non-persistent buffers, so `.to(device)` moves them and
     `state_dict()` never pretends they are floating-point weights."""
 
     def _store(self, prefix: str, q: QuantizedTensor) -> None:
         for part in ("packed", "scales", "zeros"):
-            self.register_buffer(f"{prefix}_{part}", getattr(q, part), persistent=False)
+            self.register_buffer(f"{prefix}_{part}", _as_buffer(part, getattr(q, part)), persistent=False)
         self._meta[prefix] = (q.bits, q.group_size, q.shape)
 
     def _load(self, prefix: str) -> QuantizedTensor:
         bits, group_size, shape = self._meta[prefix]
-        return QuantizedTensor(*(getattr(self, f"{prefix}_{p}") for p in ("packed", "scales", "zeros")),
+        return QuantizedTensor(*(_from_buffer(p, getattr(self, f"{prefix}_{p}")) for p in ("packed", "scales", "zeros")),
                                bits, group_size, shape)
 
 
@@ -180,11 +190,12 @@ class PackedExperts(GatedExperts):
         for i, role in enumerate(self.ROLES):
             bank = ExpertBank.stack([matrices[i] for matrices in experts])
             for field, t in bank.tensors().items():  # buffers, so `.to(device)` moves them
-                self.register_buffer(f"{role}_{field}", t, persistent=False)
+                self.register_buffer(f"{role}_{field}", _as_buffer(field, t), persistent=False)
             self._layout[role] = dict(bits=bank.bits, group_size=bank.group_size, shape=bank.shape)
 
     def bank(self, role: str) -> ExpertBank:
-        return ExpertBank(**{f: getattr(self, f"{role}_{f}") for f in ExpertBank.TENSORS}, **self._layout[role])
+        return ExpertBank(**{f: _from_buffer(f, getattr(self, f"{role}_{f}")) for f in ExpertBank.TENSORS},
+                          **self._layout[role])
 
     def expert(self, e: int) -> tuple[QuantizedTensor, QuantizedTensor, QuantizedTensor]:
         return tuple(self.bank(role).expert(e) for role in self.ROLES)

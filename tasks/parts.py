@@ -30,7 +30,7 @@ from .checkpoint import Checkpoint
 from .records import CheckpointRecord, StageOutput
 from .meter import Meter, report
 from .quantizer import QuantizerConfig
-from .stage_io import (ckpt_path, expert_bytes, layer_path, local_copy, progress_reporter, read_calibration, read_text,
+from .stage_io import (ckpt_path, expert_bytes, kernel_device, layer_path, local_copy, progress_reporter, read_calibration, read_text,
                        stage_key, text_digest, transient)
 from .storage import Store, sha256_file
 
@@ -178,6 +178,8 @@ def _layer_key(ctx, p) -> str:
     inputs = {k: _ident(v) for k, v in sorted(i.items()) if k not in ("cache_dir", "storage_options")}
     if "text" in inputs:  # calibration text by content
         inputs["text"] = dict(inputs["text"], text_uri=text_digest(i["text"]["text_uri"], i["storage_options"]))
+    if p["stage"] == "validation":  # interpreter checks sample rows; a GPU's check covers them all
+        inputs["kernel_device"] = kernel_device()
     key = stage_key(p["stage"], "layers", p.get("positions", "sequential"), inputs)
     if p["stage"] == "quantization":  # a record whose shards left the store is a miss
         st = Store(i["store"], i["storage_options"])

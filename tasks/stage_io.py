@@ -67,6 +67,16 @@ def code_version(stage: str) -> str:
     return h.hexdigest()[:16]
 
 
+def kernel_device() -> str:
+    """Where the Triton kernels run, part of the validation keys: a check in the interpreter
+    (on sampled rows, sliced layers) is not a check on a GPU."""
+    import torch
+
+    from expertbits.kernels.dequant_matmul import interpreted
+
+    return "triton-interpreter" if interpreted() else f"cuda:{torch.cuda.get_device_name()}"
+
+
 def stage_key(stage: str, *parts: Any) -> str:
     blob = json.dumps([stage, code_version(stage), parts], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]

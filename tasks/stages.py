@@ -23,7 +23,7 @@ from .meter import Meter, report
 from .parts import quantization_key
 from .quantizer import QuantizerConfig
 from .records import CheckpointRecord, RunManifest, StageOutput
-from .stage_io import (expert_bytes, read_calibration, ckpt_path, local_copy, miss_unless, progress_reporter, publish_stage, read_text, stage_key,
+from .stage_io import (expert_bytes, kernel_device, read_calibration, ckpt_path, local_copy, miss_unless, progress_reporter, publish_stage, read_text, stage_key,
                        text_digest, transient)
 from .storage import Store
 
@@ -223,18 +223,10 @@ def quantize_experts(checkpoint: CheckpointRecord, allocation: StageOutput, grou
 
 # ---- 5. kernel validation -----------------------------------------------------------------------
 
-def _kernel_device() -> str:
-    """Where the kernels run, part of the validation key: a check in the interpreter (sliced) is
-    not a check on a GPU."""
-    import torch
-
-    return f"cuda:{torch.cuda.get_device_name()}" if torch.cuda.is_available() else "triton-interpreter"
-
-
 def _valid_key(ctx, p) -> str:
     return miss_unless(ctx, Store(p["store"], p["storage_options"]), "validation",
                         stage_key("validation", p["quantized"].key, p["rtol"], text_digest(p["text_uri"], p["storage_options"]),
-                                  p["seq_len"], _kernel_device()))
+                                  p["seq_len"], kernel_device()))
 
 
 @task(name="kernel-validation", cache_key_fn=_valid_key, persist_result=True, result_serializer="json")
@@ -244,7 +236,7 @@ def validate_kernels(quantized: StageOutput, rtol: float, text_uri: str, seq_len
     torch reference (run per layer by `parts.layer_work`), and the fused MoE kernel on every MoE
     layer with the shipped model's own routing of a calibration window (validate_fused.py)."""
     st = Store(store, storage_options)
-    key = stage_key("validation", quantized.key, rtol, text_digest(text_uri, storage_options), seq_len, _kernel_device())
+    key = stage_key("validation", quantized.key, rtol, text_digest(text_uri, storage_options), seq_len, kernel_device())
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         table, summary = validate.summarize([part for chunk in parts for part in chunk], rtol)
@@ -324,6 +316,10 @@ def publish_run(parameters: dict, stats: StageOutput, calibration: StageOutput |
     return manifest
 
 
+def _e(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2e}"
+
+
 def _ui_artifacts(st: Store, manifest: RunManifest, outputs: dict[str, StageOutput]) -> None:
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
@@ -354,5 +350,5 @@ def _ui_artifacts(st: Store, manifest: RunManifest, outputs: dict[str, StageOutp
         f"{coverage}"
         f"| kernel check | {v['matrices']} matrices, max rel error {v['max_rel_error']:.2e} on {v['device']} |\n"
         f"| fused MoE kernel | {v['fused_layers']} layers with the model's routing, max rel error "
-        f"{v['fused_max_rel_error']:.2e} |\n\n"
+        f"{_e(v['fused_max_rel_error'])}, {v['fused_not_applicable']} checks not applicable |\n\n"
         f"Artifacts: `{manifest.uri}`\n"))

@@ -23,6 +23,7 @@ how much of each layer was checked.
 from __future__ import annotations
 
 import inspect
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -58,12 +59,13 @@ def validate_fused(qpath: Path, text: str, *, seq_len: int, rtol: float = 1e-4,
         banks = {role: _slice(b, role, f_keep, h_keep).to(device) for role, b in banks.items()}
         name = activation_name(act)
         cases = [("prefill", len(x), torch.float32, rtol), ("decode", min(DECODE_TOKENS, len(x)), torch.float32, rtol)]
-        if device == "cuda" and dtype in (torch.bfloat16, torch.float16):  # the path the served model takes
-            cases.append((f"prefill-{str(dtype).removeprefix('torch.')}", len(x), dtype, HALF_RTOL))
+        if device == "cuda" and dtype in HALF_NAMES:  # the path the served model takes
+            cases.append((f"prefill-{HALF_NAMES[dtype]}", len(x), dtype, HALF_RTOL))
         for case, count, x_dtype, tol in cases:
+            # the model's own output (an fp32 forward) is compared on full layers, in fp32
+            full = (f_keep, h_keep) == (ffn, hidden) and x_dtype == torch.float32
             rows.append(_check(layer, case, x[:count].to(x_dtype), index[:count], weights[:count],
-                               model_out[:count] if (f_keep, h_keep) == (ffn, hidden) else None,
-                               banks, name, ffn, hidden, tol, device))
+                               model_out[:count] if full else None, banks, name, ffn, hidden, tol, device))
         if progress:
             progress((i + 1) / len(captured), f"fused kernel: layer {layer} checked")
     return rows
@@ -74,7 +76,7 @@ def summarize(table) -> dict:
     does not fuse, counted apart)."""
     return {"fused_layers": int(table.layer.nunique()), "fused_failed": int((table.passed == False).sum()),  # noqa: E712
             "fused_not_applicable": int(table.passed.isna().sum()),
-            "fused_max_rel_error": float(table.rel_error.max()), "fused_sliced": bool((table.ffn_checked < table.ffn).any()
+            "fused_max_rel_error": None if table.rel_error.isna().all() else float(table.rel_error.max()), "fused_sliced": bool((table.ffn_checked < table.ffn).any()
                                                                                       or (table.hidden_checked < table.hidden).any())}
 
 
@@ -143,18 +145,24 @@ def _capture(qpath: Path, text: str, seq_len: int) -> tuple[dict[int, tuple], to
         inputs = next(iter(batches(pairs, tokenizer.pad_token_id or 0, 1, logits_bytes=1 << 62)))[0]
         with torch.no_grad():
             model(**inputs)
-        dtype = _config_dtype(model.config)
     missing = sorted(set(map(int, qc["experts_modules"])) - set(captured))
     if missing:
         raise CheckpointError(f"{qpath}: the forward never reached the experts of layers {missing}",
                               "this architecture routes tokens in a way the fused check does not know; report it")
-    return captured, dtype
+    return captured, served_dtype(qpath)
 
 
-def _config_dtype(config) -> torch.dtype:
-    """The dtype the checkpoint is served in (its config's dtype, fp32 when it names none)."""
-    name = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
-    return name if isinstance(name, torch.dtype) else getattr(torch, str(name), torch.float32)
+HALF_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def served_dtype(qpath: Path) -> torch.dtype:
+    """The dtype the checkpoint is served in: its config.json's `dtype` (`torch_dtype` in older
+    files), fp32 when it names none. Read from the file: the streamed model is built in fp32 and
+    transformers rewrites its config's dtype to match."""
+    config = json.loads((Path(qpath) / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    dtype = getattr(torch, str(name), None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
 def _banks(qpath: Path, layer: int, qc: dict) -> dict[str, ExpertBank]:

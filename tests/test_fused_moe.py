@@ -174,6 +174,9 @@ def test_activation_is_recognised_by_what_it_computes():
 def test_bad_inputs_are_refused():
     gate, up, down = _banks([2, 4])
     x, index, weights = _routing(3, 2, 2)
+    with pytest.raises(ValueError, match="the format needs"):  # e.g. scales converted by model.bfloat16()
+        fused_moe(x, index, weights, gate.with_tensors(dict(gate.tensors(), scales=gate.scales.bfloat16())), up, down)
+    x, index, weights = _routing(3, 2, 2)
     with pytest.raises(ValueError, match="activations"):
         fused_moe(x, index, weights, gate, up, down, "gelu")
     with pytest.raises(ValueError, match="expert MLP"):
@@ -216,7 +219,7 @@ def test_fused_check_runs_the_shipped_model_routing_on_every_layer(arch, tmp_pat
         assert (r["ffn_checked"], r["hidden_checked"]) == (24, 20) and r["model_rel_error"] is None
         bits = qc["expert_bits"][str(r["layer"])]
         assert r["widths"] == ",".join(f"{b}:{bits.count(b)}" for b in sorted(set(bits)))
-    assert {r["phase"] for r in rows} == {"prefill", "decode"}
+    assert {r["phase"] for r in rows} == {"prefill", "decode"} | ({"prefill-fp16"} if torch.cuda.is_available() else set())
     summary = vf.summarize(pd.DataFrame(rows))
     assert summary["fused_sliced"] and summary["fused_failed"] == 0 and summary["fused_not_applicable"] == 0
 
@@ -231,12 +234,15 @@ def test_fused_check_fails_rows_over_the_bound_and_reports_unfusable_activations
     strict = pd.DataFrame(vf.validate_fused(tmp_path / "q", text, seq_len=32, rtol=0.0))
     assert (strict.rel_error > 0).all() and vf.summarize(strict)["fused_failed"] == len(strict)
     full = pd.DataFrame(vf.validate_fused(tmp_path / "q", text, seq_len=32))
-    assert (full.model_rel_error < 1e-5).all()  # the loaded model's own expert path agrees on full layers
+    fp32 = full[full.phase.isin(["prefill", "decode"])]
+    assert (fp32.model_rel_error < 1e-5).all()  # the loaded model's own expert path agrees on full layers
+    assert vf.served_dtype(tmp_path / "q") == torch.float16  # the fixture's config.json: a half row on a GPU
     monkeypatch.setattr(vf, "activation_name", lambda act: None)  # as for an activation the kernel lacks
     unfused = pd.DataFrame(vf.validate_fused(tmp_path / "q", text, seq_len=32))
     assert unfused.passed.isna().all() and unfused.rel_error.isna().all()
     summary = vf.summarize(unfused)
     assert summary["fused_failed"] == 0 and summary["fused_not_applicable"] == len(unfused)
+    assert summary["fused_max_rel_error"] is None
 
 
 def test_slicing_a_bank_keeps_exactly_the_leading_weights():

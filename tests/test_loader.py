@@ -188,3 +188,19 @@ def test_an_expert_missing_from_the_config_is_an_error_not_a_silent_zero(arch, t
     config_file.write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="(?s)lacks \\(expert, matrix\\).*quantize again"):
         load(tmp_path / "q")
+
+
+def test_converting_the_model_dtype_keeps_the_packed_format(micro_pair, tmp_path):
+    """`model.bfloat16()` / `.float()` convert floating buffers; the packed scales must stay fp16
+    (bf16 would round them, and the kernels take fp16)."""
+    _, ft = micro_pair
+    quantize_mixed(ft, tmp_path / "q")
+    model, _ = load(tmp_path / "q", dtype=torch.float32)
+    experts = [m for m in model.modules() if isinstance(m, PackedExperts)]
+    before = [m.bank("gate").expert(0).dequantize() for m in experts]
+    for convert in (model.bfloat16, model.float):
+        convert()
+        for m, want in zip(experts, before):
+            banks = [m.bank(r) for r in m.ROLES]
+            assert all(b.scales.dtype == torch.float16 and b.zeros.dtype == torch.uint8 for b in banks)
+            assert torch.equal(banks[0].expert(0).dequantize(), want)
