@@ -65,6 +65,12 @@ def _accumulate(acc, a, w, USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr)
 
 
 @triton.jit
+def _load_rows(ptr, rows, stride, offs_k, mask_m, mask_k):
+    """Activation tile [BLOCK_M, BLOCK_K]: columns offs_k of the given rows (masked rows read 0)."""
+    return tl.load(ptr + rows[:, None] * stride + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+
+
+@triton.jit
 def _block_rows(sorted_ptr, block_expert_ptr, post_pad_ptr, pid_m, num_pairs, BLOCK_M: tl.constexpr):
     """(pair ids of this M-block, their mask, its expert); expert -1 means nothing to do."""
     post_pad = tl.load(post_pad_ptr)
@@ -104,8 +110,7 @@ def expert_up_kernel(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        a = tl.load(x_ptr + tokens[:, None] * stride_xm + offs_k[None, :],
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        a = _load_rows(x_ptr, tokens, stride_xm, offs_k, mask_m, mask_k)
         w = _dequant_tile(gq_ptr, gs_ptr, gz_ptr, g_word, g_group, g_bits, offs_k, offs_n, mask_k, mask_n, K, GROUP_SIZE)
         acc_g = _accumulate(acc_g, a, w, USE_DOT, INPUT_PRECISION)
         if GATED:
@@ -147,8 +152,7 @@ def expert_down_kernel(
     for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        a = tl.load(h_ptr + pairs[:, None] * stride_hm + offs_k[None, :],
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        a = _load_rows(h_ptr, pairs, stride_hm, offs_k, mask_m, mask_k)
         w = _dequant_tile(q_ptr, s_ptr, z_ptr, word, group, bits, offs_k, offs_n, mask_k, mask_n, K, GROUP_SIZE)
         acc = _accumulate(acc, a, w, USE_DOT, INPUT_PRECISION)
     acc = acc * tl.load(weights_ptr + pairs, mask=mask_m, other=0.0).to(tl.float32)[:, None]
