@@ -43,9 +43,12 @@ class Checkpoint:
                 f"{path}: no config.json", "point at a Hugging Face checkpoint folder (config.json + *.safetensors)"
             )
         try:
-            config = json.loads(config_file.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{config_file}: not valid JSON ({e})", "re-export the checkpoint") from e
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise CheckpointError(f"{config_file}: not valid JSON ({type(e).__name__}: {e})", "re-export the checkpoint") from e
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{config_file}: not a JSON object", "re-export the checkpoint")
+        _refuse_remote_code(config_file, config)
         files = sorted(p.name for p in path.glob("*.safetensors"))
         # a partial copy (download.ensure_part) holds some shards and only the headers of the others
         # (decided from the listing already taken: a shard renamed into place meanwhile is read later)
@@ -107,8 +110,81 @@ def _stub_header(stub: Path, name: str) -> dict[str, TensorInfo]:
             if k != "__metadata__"}
 
 
+def _refuse_remote_code(config_file: Path, config: dict) -> None:
+    """expertbits never runs code shipped with a checkpoint. An `auto_map` is harmless for a
+    model_type transformers implements itself (DeepSeek-V3's hub config carries one); for any
+    other it means the model exists only as the checkpoint's own code."""
+    if "auto_map" not in config:
+        return
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING_NAMES:
+        raise CheckpointError(f"{config_file}: model_type {model_type!r} exists only as remote code "
+                              f"(auto_map: {sorted(config['auto_map'])}), which expertbits never runs",
+                              "use a model whose architecture transformers implements (see 'Supported checkpoints')")
+
+
+# safetensors' own limits and dtypes (bytes per element)
+MAX_HEADER = 100_000_000
+DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2,
+               "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def check_safetensors(file: Path) -> None:
+    """Refuse a file whose header is not a well-formed safetensors header, with the reason: length
+    beyond the limit or the file, bytes that are not UTF-8 JSON (or nest beyond reason), unknown
+    dtypes, offsets out of range, overlapping, or disagreeing with dtype x shape. Reads the header only."""
+    fix = "the file is damaged or was not written by safetensors; download or export the checkpoint again"
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        prefix = f.read(8)
+        n = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if not 2 <= n <= min(MAX_HEADER, size - 8):
+            raise CheckpointError(f"{file}: safetensors header length {n} for a file of {size} bytes (limit "
+                                  f"{MAX_HEADER})", fix)
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{file}: the safetensors header is not UTF-8 ({e})", fix) from e
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{file}: the safetensors header is not valid JSON ({type(e).__name__})", fix) from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: the safetensors header is not a JSON object", fix)
+    data, spans = size - 8 - n, []
+    for key, info in header.items():
+        if key == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                raise CheckpointError(f"{file}: __metadata__ must map strings to strings", fix)
+            continue
+        ok = (isinstance(info, dict) and info.get("dtype") in DTYPE_BYTES and isinstance(info.get("shape"), list)
+              and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in info["shape"])
+              and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
+              and all(isinstance(o, int) and not isinstance(o, bool) for o in info["data_offsets"]))
+        if not ok:
+            raise CheckpointError(f"{file}: tensor {key!r} has a malformed entry (dtype, shape, data_offsets): "
+                                  f"{str(info)[:200]}", fix)
+        begin, end = info["data_offsets"]
+        if not 0 <= begin <= end <= data:
+            raise CheckpointError(f"{file}: corrupt or truncated: tensor {key!r} spans bytes [{begin}, {end}) of a "
+                                  f"{data}-byte data section", fix)
+        count = 1
+        for d in info["shape"]:
+            count *= d
+        if end - begin != count * DTYPE_BYTES[info["dtype"]]:
+            raise CheckpointError(f"{file}: tensor {key!r} is {info['dtype']} {info['shape']} ({count * DTYPE_BYTES[info['dtype']]}"
+                                  f" bytes) but its offsets span {end - begin}", fix)
+        spans.append((begin, end, key))
+    spans.sort()
+    for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
+        if begin < end:
+            raise CheckpointError(f"{file}: tensors {a!r} and {b!r} overlap", fix)
+
+
 def _read_header(file: Path) -> dict[str, TensorInfo]:
     size = file.stat().st_size
+    check_safetensors(file)
     try:
         with safe_open(file, framework="pt") as f:
             keys = list(f.keys())

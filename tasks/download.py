@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from .checkpoint import Checkpoint
 from .errors import CheckpointError
 from .storage import open_fs, sha256_file
 
@@ -73,6 +74,8 @@ def _split(uri: str) -> tuple[str, str]:
     if uri.startswith("hf://"):
         return "hf", uri.removeprefix("hf://")
     if uri.startswith("s3://"):
+        if any(part in ("..", ".") for part in uri.removeprefix("s3://").split("/")):
+            raise CheckpointError(f"{uri}: a '.' or '..' segment in an S3 key", "name the prefix as it is stored, without '..'")
         return "s3", uri.rstrip("/")
     if "://" in uri and not uri.startswith("file://"):
         raise CheckpointError(f"unsupported checkpoint URI {uri!r}", "use a folder, file://, s3://, hf://org/name@revision or zoo://")
@@ -97,6 +100,8 @@ def download(uri: str, cache_dir: str | Path | None = None, storage_options: dic
                 f"{uri}: no *.safetensors files found",
                 "expertbits reads safetensors only (no pickle); export with model.save_pretrained(dir)",
             )
+        with Checkpoint.open(staging):  # every header and the config checked before anything enters the cache
+            pass
         digest = hashlib.sha256("".join(f"{n} {f['sha256']}\n" for n, f in files.items()).encode()).hexdigest()
         (staging / MANIFEST).write_text(json.dumps({"uri": uri, "digest": digest, "files": files}, indent=2, sort_keys=True))
         final = cache / "checkpoints" / digest
@@ -235,8 +240,12 @@ def _mkdir(p: Path) -> Path:
 def _fetch_local(src: Path, dst: Path, uri: str) -> None:
     if not src.is_dir():
         raise CheckpointError(f"{uri}: {src} is not a folder", "point at a checkpoint folder holding config.json and *.safetensors")
+    root = src.resolve()
     for p in sorted(src.iterdir()):
         if p.is_file() and wanted(p.name):
+            if not p.resolve().is_relative_to(root):  # a link out of the folder: not part of the checkpoint
+                raise CheckpointError(f"{p}: a symlink to {p.resolve()}, outside {src}",
+                                      "copy the file into the checkpoint folder (links within it are fine)")
             shutil.copyfile(p, dst / p.name)
 
 

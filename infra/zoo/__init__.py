@@ -8,13 +8,24 @@ project brings its own models.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).parent
+# a bundled name: lowercase words, no path syntax (`..`, `/` beyond the one separator, `~`, ...)
+_PART = r"[a-z0-9][a-z0-9_-]*"
+
+
+def _checked(name: str, parts: int, kind: str) -> str:
+    if not re.fullmatch("/".join([_PART] * parts), name):
+        raise FileNotFoundError(f"{name!r} is not a bundled {kind} name (lowercase letters, digits, '-' and '_'"
+                                f"{', family/variant' if parts == 2 else ''}); available: "
+                                f"{available_models() if parts == 2 else available_texts()}")
+    return name
 
 
 def text_path(name: str) -> Path:
-    path = ROOT / "text" / f"{name}.txt"
+    path = ROOT / "text" / f"{_checked(name, 1, 'text')}.txt"
     if not path.is_file():
         raise FileNotFoundError(f"no bundled text {name!r}; available: {available_texts()}")
     return path
@@ -31,7 +42,7 @@ def read_text(uri: str) -> str:
     """The text named by `zoo://text/<name>`: a committed .txt, or `<corpus>-<split>` of the corpora."""
     from . import corpora
 
-    name = uri.removeprefix("zoo://").removeprefix("text/").strip("/")
+    name = _checked(uri.removeprefix("zoo://").removeprefix("text/").rstrip("/"), 1, "text")
     small = ROOT / "text" / f"{name}.txt"
     if small.is_file():
         return small.read_text()
@@ -47,7 +58,7 @@ def available_models() -> list[str]:
 
 def resolve(uri: str) -> Path:
     """Local folder of a `zoo://family/variant` checkpoint."""
-    name = uri.removeprefix("zoo://").strip("/")
+    name = _checked(uri.removeprefix("zoo://").rstrip("/"), 2, "model")
     path = ROOT / "models" / name
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no zoo model {name!r}; available: {available_models()}")
