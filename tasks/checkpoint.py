@@ -141,7 +141,8 @@ def check_safetensors(file: Path) -> None:
         prefix = f.read(8)
         n = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
         if not 2 <= n <= min(MAX_HEADER, size - 8):
-            raise CheckpointError(f"{file}: safetensors header length {n} for a file of {size} bytes (limit "
+            what = "corrupt or truncated" if n <= MAX_HEADER else "corrupt"
+            raise CheckpointError(f"{file}: {what}: safetensors header length {n} for a file of {size} bytes (limit "
                                   f"{MAX_HEADER})", fix)
         raw = f.read(n)
     try:

@@ -100,8 +100,10 @@ def download(uri: str, cache_dir: str | Path | None = None, storage_options: dic
                 f"{uri}: no *.safetensors files found",
                 "expertbits reads safetensors only (no pickle); export with model.save_pretrained(dir)",
             )
-        with Checkpoint.open(staging):  # every header and the config checked before anything enters the cache
-            pass
+        try:  # every header and the config checked before anything enters the cache
+            Checkpoint.open(staging).close()
+        except CheckpointError as e:  # named as the user knows the file, not by the staging copy
+            raise CheckpointError(e.problem.replace(str(staging), uri.rstrip("/")), e.fix) from e
         digest = hashlib.sha256("".join(f"{n} {f['sha256']}\n" for n, f in files.items()).encode()).hexdigest()
         (staging / MANIFEST).write_text(json.dumps({"uri": uri, "digest": digest, "files": files}, indent=2, sort_keys=True))
         final = cache / "checkpoints" / digest

@@ -1,7 +1,8 @@
 """What every Prefect stage shares: cache keys, retry rule, progress, and the store layout of outputs.
 
-Each stage's cache key is the sha256 of its input digests, its configuration and the source of
-the code it runs, never a run id, so a rerun with the same inputs is all cache hits and changing
+Each stage's cache key is the sha256 of its input digests, its configuration, the code it runs
+(as syntax trees: comments and docstrings do not count; in the modules shared by many stages only
+the definitions the stage reaches) and the versions of the libraries that change its bytes, never a run id, so a rerun with the same inputs is all cache hits and changing
 only the budget recomputes only allocation onward. A key whose objects are missing from the store
 (or whose checkpoint left the local cache) is treated as a miss, so a cache never points at
 nothing. Stage outputs are written to `objects/<stage>/<key>/` and `_stage.json` last.
@@ -9,6 +10,7 @@ nothing. Stage outputs are written to `objects/<stage>/<key>/` and `_stage.json`
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib
 import inspect
@@ -59,12 +61,66 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
 }
 
 
+# The modules holding many stages' wrappers: each stage's key covers only the definitions its entry
+# points reach in them (so editing one stage's wrapper does not invalidate the others, downloads included).
+_S, _P, _L = _T + "stages", _T + "parts", _T + "league_stages"
+_LAYERS = ("layer_work", "sequential_work", "_layer_key")
+STAGE_ENTRIES: dict[str, dict[str, tuple[str, ...]]] = {
+    "download": {_S: ("fetch_checkpoint", "_download_key")},
+    "statistics": {_S: ("extract_statistics", "_stats_key"), _P: (*_LAYERS, "_statistics")},
+    "routing": {_S: ("route_experts", "_routing_key")},
+    "calibration": {_S: ("calibrate_experts", "_calib_key"), _P: (*_LAYERS, "_calibration", "_gptq_calibration")},
+    "allocation": {_S: ("allocate_bits", "_alloc_key")},
+    "quantization": {_S: ("quantize_experts", "_quant_key"), _P: (*_LAYERS, "_quantization", "_gptq_quantization")},
+    "validation": {_S: ("validate_kernels", "_valid_key"), _P: (*_LAYERS, "_validation")},
+    "evaluation": {_S: ("evaluate_model", "_eval_key")},
+    "league": {_L: ("run_league", "_league_key"), _P: ("league_cells", "_cells_key")},
+}
+# Libraries whose versions change the bytes a stage writes (the download only copies and hashes).
+LIBRARIES = ("torch", "transformers", "triton", "safetensors")
+
+
+def normalized_source(source: str, entries: tuple[str, ...] | None = None) -> str:
+    """The code of `source` without what cannot change behaviour (comments, docstrings, layout):
+    its AST. With `entries`, only the top-level definitions they reach by name, transitively."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):  # docstrings
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    nodes = tree.body
+    if entries is not None:
+        defined: dict[str, list[ast.stmt]] = {}
+        for node in nodes:
+            targets = ([node.name] if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) else
+                       [t.id for t in getattr(node, "targets", [getattr(node, "target", None)]) if isinstance(t, ast.Name)])
+            for name in targets:
+                defined.setdefault(name, []).append(node)
+        keep, todo = [], list(entries)
+        while todo:
+            for node in defined.pop(todo.pop(), []):
+                keep.append(node)
+                todo += [n.id for n in ast.walk(node) if isinstance(n, ast.Name) and n.id in defined]
+        nodes = [n for n in tree.body if any(n is k for k in keep)]
+    return "\n".join(ast.dump(n) for n in nodes)
+
+
 @lru_cache
 def code_version(stage: str) -> str:
     h = hashlib.sha256()
+    entries = STAGE_ENTRIES.get(stage, {})
     for name in (*STAGE_CODE[stage], __name__):
-        h.update(inspect.getsource(importlib.import_module(name)).encode())
+        h.update(normalized_source(inspect.getsource(importlib.import_module(name)), entries.get(name)).encode())
     return h.hexdigest()[:16]
+
+
+@lru_cache
+def library_versions(stage: str) -> tuple[tuple[str, str], ...]:
+    from importlib.metadata import version
+
+    return () if stage == "download" else tuple((lib, version(lib)) for lib in LIBRARIES)
 
 
 def kernel_device() -> str:
@@ -78,7 +134,7 @@ def kernel_device() -> str:
 
 
 def stage_key(stage: str, *parts: Any) -> str:
-    blob = json.dumps([stage, code_version(stage), parts], sort_keys=True, default=str)
+    blob = json.dumps([stage, code_version(stage), library_versions(stage), parts], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 

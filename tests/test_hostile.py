@@ -55,8 +55,9 @@ def test_hostile_safetensors_is_refused_by_name_and_nothing_is_cached(case, tmp_
         Checkpoint.open(src)
     assert "model.safetensors" in str(err.value) and "download or export" in str(err.value)
     cache = tmp_path / "cache"
-    with pytest.raises(CheckpointError, match=reason):
+    with pytest.raises(CheckpointError, match=reason) as err:
         download(str(src), cache)
+    assert f"{src}/model.safetensors" in str(err.value)  # the user's file, not a staging copy
     assert [p.name for p in (cache / "checkpoints").iterdir()] == []  # no entry, no staging folder left
 
 

@@ -1,0 +1,57 @@
+"""Cache keys: the code a stage runs (not its comments, not other stages' wrappers) and the
+versions of the libraries that change its bytes."""
+
+import inspect
+
+import expertbits.tasks.stages as stages
+from expertbits.tasks import stage_io
+from expertbits.tasks.stage_io import STAGE_ENTRIES, normalized_source
+
+SOURCE = inspect.getsource(stages)
+S = "expertbits.tasks.stages"
+EVAL_BODY = '    """KL divergence and perplexity of the quantized model vs full precision on held-out text."""\n'
+
+
+def _edit(source: str, marker: str, insert: str) -> str:
+    assert marker in source
+    return source.replace(marker, marker + insert, 1)
+
+
+def test_comments_docstrings_and_layout_do_not_count():
+    cosmetic = SOURCE.replace("def _eval_key(ctx, p) -> str:\n", "# a new comment\n\n\ndef _eval_key(ctx, p) -> str:  # why\n")
+    cosmetic = _edit(cosmetic, '    """KL divergence and perplexity', " (a reworded docstring)")
+    assert cosmetic != SOURCE and normalized_source(cosmetic) == normalized_source(SOURCE)
+    changed = _edit(SOURCE, EVAL_BODY, "    seq_len = seq_len + 0\n")
+    assert normalized_source(changed) != normalized_source(SOURCE)
+
+
+def test_a_stage_keys_only_the_wrappers_it_reaches():
+    changed = _edit(SOURCE, EVAL_BODY, "    seq_len = seq_len + 0\n")  # inside evaluate_model
+    for stage, moved in (("evaluation", True), ("download", False), ("validation", False), ("allocation", False)):
+        entries = STAGE_ENTRIES[stage][S]
+        assert (normalized_source(changed, entries) != normalized_source(SOURCE, entries)) == moved, stage
+    # a helper a wrapper calls is part of that wrapper's stage
+    helper = _edit(SOURCE, "def _e(v: float | None) -> str:\n", "    v = v\n")
+    assert normalized_source(helper, ("publish_run",)) != normalized_source(SOURCE, ("publish_run",))
+    assert normalized_source(helper, STAGE_ENTRIES["download"][S]) == normalized_source(SOURCE, STAGE_ENTRIES["download"][S])
+
+
+def test_every_entry_point_exists():
+    import importlib
+
+    for stage, modules in STAGE_ENTRIES.items():
+        for module, names in modules.items():
+            assert module in stage_io.STAGE_CODE[stage], (stage, module)
+            m = importlib.import_module(module)
+            assert all(hasattr(m, n) for n in names), (stage, module, [n for n in names if not hasattr(m, n)])
+
+
+def test_library_versions_are_in_the_keys_but_not_the_downloads(monkeypatch):
+    before = {s: stage_io.stage_key(s, "same inputs") for s in ("download", "quantization", "evaluation")}
+    assert dict(stage_io.library_versions("quantization")).keys() == {"torch", "transformers", "triton", "safetensors"}
+    real = stage_io.library_versions
+    monkeypatch.setattr(stage_io, "library_versions",
+                        lambda stage: tuple((lib, v + ".post1") for lib, v in real(stage)))  # an upgrade
+    after = {s: stage_io.stage_key(s, "same inputs") for s in before}
+    assert after["download"] == before["download"]
+    assert after["quantization"] != before["quantization"] and after["evaluation"] != before["evaluation"]
