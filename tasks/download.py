@@ -13,6 +13,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -47,8 +48,9 @@ def wanted(name: str) -> bool:
 def fingerprint(uri: str, storage_options: dict[str, Any] | None = None) -> str:
     """A cheap identity of the source's current contents (names, sizes, mtimes or ETags), for cache keys."""
     scheme, location = _split(uri)
-    if scheme == "hf":
-        return f"hf:{location}"  # a revision names fixed contents; huggingface_hub caches by it
+    if scheme == "hf":  # a commit names fixed contents; a branch or no revision is resolved to its commit now
+        repo, commit = resolve_hf(location, uri)
+        return f"hf:{repo}@{commit}"
     fs, root = open_fs(location if scheme != "file" else str(location), storage_options if scheme == "s3" else None)
     if scheme == "s3":
         fs.invalidate_cache(root)
@@ -93,7 +95,9 @@ def download(uri: str, cache_dir: str | Path | None = None, storage_options: dic
         elif scheme == "s3":
             _fetch_s3(location, staging, storage_options or {}, uri)
         else:
-            _fetch_hf(location, staging, uri)
+            repo, commit = resolve_hf(location, uri)
+            uri = f"hf://{repo}@{commit}"  # recorded as the commit it was, whatever branch it was named by
+            _fetch_hf(f"{repo}@{commit}", staging, uri)
         files = {p.name: {"sha256": sha256_file(p), "size": p.stat().st_size} for p in sorted(staging.iterdir())}
         if not any(n.endswith(".safetensors") for n in files):
             raise CheckpointError(
@@ -261,13 +265,36 @@ def _fetch_s3(location: str, dst: Path, storage_options: dict[str, Any], uri: st
         fs.get_file(key, str(dst / key.rsplit("/", 1)[-1]))
 
 
+COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def resolve_hf(location: str, uri: str) -> tuple[str, str]:
+    """(repo, commit sha) of `org/name[@revision]`: a commit as given, a branch or tag (or none:
+    the default branch) resolved on the hub now, so a cached copy is only reused while the branch
+    still points at the same commit."""
+    repo, _, revision = location.partition("@")
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise CheckpointError(f"{uri}: expected hf://org/name[@revision]", "e.g. hf://mistralai/Mixtral-8x7B-v0.1@<commit sha>")
+    if COMMIT.fullmatch(revision):
+        return repo, revision
+    from huggingface_hub import HfApi
+
+    try:
+        sha = HfApi().model_info(repo, revision=revision or None).sha
+    except Exception as e:  # offline, unknown repo, no access: the same answer for the user
+        raise CheckpointError(f"{uri}: cannot resolve {revision or 'the default branch'} of {repo} to a commit "
+                              f"({type(e).__name__}: {str(e)[:200]})",
+                              "check the name and your access, or pin a commit: hf://org/name@<40-hex commit sha>") from e
+    if not isinstance(sha, str) or not COMMIT.fullmatch(sha):
+        raise CheckpointError(f"{uri}: the hub answered commit {sha!r} for {repo}", "pin a commit: hf://org/name@<commit sha>")
+    return repo, sha
+
+
 def _fetch_hf(location: str, dst: Path, uri: str) -> None:
     from huggingface_hub import snapshot_download
 
-    repo, _, revision = location.partition("@")
-    if repo.count("/") != 1:
-        raise CheckpointError(f"{uri}: expected hf://org/name@revision", "e.g. hf://mistralai/Mixtral-8x7B-v0.1@<commit sha>")
-    snapshot = Path(snapshot_download(repo, revision=revision or None, allow_patterns=list(PATTERNS)))
+    repo, commit = resolve_hf(location, uri)
+    snapshot = Path(snapshot_download(repo, revision=commit, allow_patterns=list(PATTERNS)))
     for p in sorted(snapshot.iterdir()):
         if p.is_file() and wanted(p.name):
             shutil.copyfile(p, dst / p.name)

@@ -56,8 +56,9 @@ def fetch_checkpoint(uri: str, cache_dir: str | None, storage_options: dict) -> 
     fp = download.fingerprint(uri, storage_options)
     (cache / "index").mkdir(parents=True, exist_ok=True)
     (cache / "index" / f"{fp}.json").write_text(json.dumps({"uri": uri, "digest": ckpt.digest}))
-    logger.info(f"{uri} -> {ckpt.path} (sha256 {ckpt.digest[:12]})")
-    return CheckpointRecord(uri=uri, digest=ckpt.digest, path=str(ckpt.path), files=download.file_digests(ckpt.path))
+    logger.info(f"{uri} -> {ckpt.path} (sha256 {ckpt.digest[:12]})" + (f", commit {ckpt.uri}" if ckpt.uri != uri else ""))
+    # the record names what was fetched: for hf:// the commit, so workers refetch exactly it
+    return CheckpointRecord(uri=ckpt.uri, digest=ckpt.digest, path=str(ckpt.path), files=download.file_digests(ckpt.path))
 
 
 # ---- 2. statistics ------------------------------------------------------------------------------
