@@ -114,3 +114,17 @@ def test_a_symlink_out_of_the_folder_is_refused(tmp_path):
 def test_s3_keys_with_dot_segments_are_refused(uri, tmp_path):
     with pytest.raises(CheckpointError, match=r"'\.\.' segment"):
         download(uri, tmp_path / "cache")
+
+
+def test_league_summaries_under_a_path_with_quotes(tmp_path):
+    """Paths reach DuckDB as bound parameters: a quote in a folder name neither breaks nor changes a query."""
+    from expertbits.zoo import leagues
+
+    results = __import__("pathlib").Path(leagues.__file__).parent / "results"
+    hostile = tmp_path / "it's a \"store\"'); COPY (SELECT 1) TO 'pwned.csv"
+    for summary in sorted(results.glob("*/league_summary.parquet")):
+        (hostile / summary.parent.name).mkdir(parents=True)
+        shutil.copyfile(summary, hostile / summary.parent.name / summary.name)
+    assert leagues.overall(hostile, "gptq") == leagues.overall(results, "gptq")
+    assert leagues.budget_table(hostile, 2.5) == leagues.budget_table(results, 2.5)
+    assert not list(tmp_path.rglob("pwned.csv"))

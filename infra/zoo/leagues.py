@@ -53,10 +53,13 @@ def run(pair: str, store: str, docs: Path) -> Path:
     return out
 
 
-def _default(quantizer: str) -> str:
-    """SQL: the default variant (per-expert widths, zero points) of one quantizer's cells."""
-    suffix = "" if quantizer == "rtn" else f"+{quantizer}"
-    return f"coalesce(variant, allocator) = allocator || '{suffix}'"
+# SQL: the default variant (per-expert widths, zero points) of one quantizer's cells; `$suffix` is
+# '' for RTN, '+gptq' for GPTQ. Paths and values are always bound parameters, never spliced in.
+DEFAULT = "coalesce(variant, allocator) = allocator || $suffix"
+
+
+def _suffix(quantizer: str) -> str:
+    return "" if quantizer == "rtn" else f"+{quantizer}"
 
 
 def overall(docs: Path, quantizer: str = "rtn") -> str:
@@ -68,18 +71,19 @@ def overall(docs: Path, quantizer: str = "rtn") -> str:
     files = sorted(str(p) for p in docs.glob("*/league_summary.parquet"))
     con = duckdb.connect()
     try:
-        pairs = con.execute(f"""SELECT count(DISTINCT filename) FROM read_parquet({files}, filename = true,
-                                union_by_name = true) WHERE {_default(quantizer)}""").fetchone()[0]
+        args = {"files": files, "suffix": _suffix(quantizer)}
+        pairs = con.execute(f"""SELECT count(DISTINCT filename) FROM read_parquet($files, filename = true,
+                                union_by_name = true) WHERE {DEFAULT}""", args).fetchone()[0]
         rows = con.execute(f"""
             WITH s AS (SELECT *, split_part(filename, '/', -2) AS pair
-                       FROM read_parquet({files}, filename = true, union_by_name = true)
-                       WHERE {_default(quantizer)}),
+                       FROM read_parquet($files, filename = true, union_by_name = true)
+                       WHERE {DEFAULT}),
                  r AS (SELECT pair, bit_set, budget, kl AS random_kl FROM s WHERE allocator = 'random')
             SELECT allocator, count(*) AS cells, round(avg(rank), 2) AS mean_rank, sum((rank = 1)::INT) AS best,
                    sum((kl < random_kl)::INT) AS beats_random, round(median(allocation_ms), 1) AS alloc_ms
             FROM s JOIN r USING (pair, bit_set, budget)
             WHERE budget NOT IN (SELECT unnest(string_split(bit_set, ','))::DOUBLE) AND allocator != 'random'
-            GROUP BY allocator ORDER BY mean_rank""").fetchall()
+            GROUP BY allocator ORDER BY mean_rank""", args).fetchall()
     finally:
         con.close()
     out = [f"{quantizer.upper()}, over {pairs} pairs × 2 bit-width sets × 3 fractional budgets:", "",
@@ -100,9 +104,10 @@ def budget_table(docs: Path, budget: float = 2.5, quantizer: str = "rtn") -> str
     from .cards import fmt_kl
 
     files = sorted(str(p) for p in docs.glob("*/league_summary.parquet"))
-    frame = duckdb.sql(f"""SELECT split_part(filename, '/', -2) AS pair, bit_set, allocator, kl, accuracy
-                           FROM read_parquet({files}, filename = true, union_by_name = true)
-                           WHERE budget = {budget} AND {_default(quantizer)}""").df()
+    frame = duckdb.execute(f"""SELECT split_part(filename, '/', -2) AS pair, bit_set, allocator, kl, accuracy
+                               FROM read_parquet($files, filename = true, union_by_name = true)
+                               WHERE budget = $budget AND {DEFAULT}""",
+                           {"files": files, "budget": budget, "suffix": _suffix(quantizer)}).df()
     frame = frame[frame.allocator.isin(ORDER)]  # bold only what is shown
     if frame.empty:
         raise ValueError(f"no published league has budget {budget}")
@@ -139,9 +144,10 @@ def servability_table(docs: Path, bit_set: str = "2,3,4", budgets: tuple[float, 
     from .cards import fmt_kl
 
     files = sorted(str(p) for p in docs.glob("*/league_summary.parquet"))
-    frame = duckdb.sql(f"""SELECT split_part(filename, '/', -2) AS pair, budget, variant, kl
-                           FROM read_parquet({files}, filename = true, union_by_name = true)
-                           WHERE bit_set = '{bit_set}'""").df().set_index(["variant", "pair", "budget"]).kl
+    frame = duckdb.execute("""SELECT split_part(filename, '/', -2) AS pair, budget, variant, kl
+                              FROM read_parquet($files, filename = true, union_by_name = true)
+                              WHERE bit_set = $bit_set""", {"files": files, "bit_set": bit_set}
+                           ).df().set_index(["variant", "pair", "budget"]).kl
     pairs = sorted(frame.index.get_level_values("pair").unique())
     head = "| variant (consumers) | " + " | ".join(f"{p} {b:g}b" for b in budgets for p in pairs) + " |"
     out = [f"Bit-widths {{{bit_set}}}, KL(fp ‖ quant) per token:", "", head, "|---" * (1 + len(pairs) * len(budgets)) + "|"]
@@ -162,7 +168,7 @@ def rewrite(docs: Path) -> None:
         md = summary.parent / "league.md"
         head, _, _ = md.read_text().partition("\n\n")
         tail = md.read_text()[md.read_text().index("Spearman"):]
-        frame = duckdb.sql(f"SELECT * FROM read_parquet('{summary}')").df()
+        frame = duckdb.execute("SELECT * FROM read_parquet(?)", [str(summary)]).df()
         md.write_text(f"{head}\n\n{markdown(frame)}\n{tail}")
         pareto(frame, summary.parent / "pareto.png", head.removeprefix("# League table: "))
 
