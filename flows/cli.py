@@ -121,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                       help="fsspec/s3fs option, e.g. endpoint_url=http://127.0.0.1:9000; repeatable")
     runs.add_argument("--json", action="store_true", help="one JSON object per run instead of a table")
+    ver = sub.add_parser("verify", help="re-hash every file of a run against its manifest",
+                         description="Read every file of a published run again and compare its sha256 with the "
+                                     "manifest: changed, missing and unlisted files are reported; exit status 1 if any.")
+    ver.add_argument("run", help="a run id (with --store), or the run's folder or s3:// URI")
+    ver.add_argument("--store", default="expertbits-store", help="a local folder or s3://bucket/prefix")
+    ver.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                     help="fsspec/s3fs option, e.g. endpoint_url=http://127.0.0.1:9000; repeatable")
     for name, text in (("deploy", "register the deployments on the current Prefect API (PREFECT_API_URL) for a work pool"),
                        ("serve", "serve the deployments from this process (no work pool needed); blocks")):
         d = sub.add_parser(name, help=text, description=f"{text[0].upper()}{text[1:]}: quantize and league (UI forms), "
@@ -217,6 +224,28 @@ def list_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def verify(args: argparse.Namespace) -> int:
+    from expertbits.tasks.errors import ExpertbitsError
+    from expertbits.tasks.storage import Store
+    from expertbits.tasks.verify import verify_run
+
+    options = dict(item.partition("=")[::2] for item in args.storage_option)
+    try:
+        if "/" in args.run:  # the run's own folder or URI
+            report = verify_run(Store(args.run, options))
+        else:
+            report = verify_run(Store(args.store, options), f"runs/{args.run}")
+    except (ExpertbitsError, OSError) as e:
+        print(f"expertbits: {e}", file=sys.stderr)
+        return 1
+    for kind in ("changed", "missing", "extra"):
+        for rel in report[kind]:
+            print(f"{kind}: {rel}")
+    verdict = "intact" if report["ok"] else "DIFFERS from its manifest"
+    print(f"{report['run']}: {report['files']} files, {verdict}")
+    return 0 if report["ok"] else 1
+
+
 def export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -264,9 +293,10 @@ def generate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("generate", "export", "runs", "deploy", "serve", "dev"):
+    if args.command in ("generate", "export", "runs", "verify", "deploy", "serve", "dev"):
         _prefect_defaults()
-        return {"generate": generate, "export": export, "runs": list_runs}.get(args.command, operate)(args)
+        return {"generate": generate, "export": export, "runs": list_runs, "verify": verify}.get(
+            args.command, operate)(args)
     from pydantic import ValidationError
 
     model = {"quantize": QuantizeParams, "league": LeagueParams}[args.command]

@@ -65,6 +65,31 @@ def params(micro_pair, tmp_path):
                 store=str(tmp_path / "store"), eval_text=str(text), eval_windows=4, eval_seq_len=64)
 
 
+def _verify_reports_what_differs(run_dir, tmp_path):
+    """`expertbits verify` on the run: intact; then on a copy with one byte flipped, one file gone
+    and one added, each named, exit status 1."""
+    import shutil
+
+    from expertbits.flows.cli import main
+
+    assert main(["verify", run_dir.name, "--store", str(run_dir.parent.parent)]) == 0
+    copy = tmp_path / "tampered" / "runs" / run_dir.name
+    shutil.copytree(run_dir, copy)
+    target = copy / "quantization" / "config.json"
+    data = bytearray(target.read_bytes())
+    data[10] ^= 1
+    target.write_bytes(bytes(data))
+    (copy / "evaluation" / "evaluation.json").unlink()
+    (copy / "notes.txt").write_text("planted")
+    from expertbits.tasks.storage import Store
+    from expertbits.tasks.verify import verify_run
+
+    report = verify_run(Store(str(copy)))
+    assert (report["changed"], report["missing"], report["extra"]) == (
+        ["quantization/config.json"], ["evaluation/evaluation.json"], ["notes.txt"])
+    assert main(["verify", str(copy)]) == 1
+
+
 def test_flow_runs_then_caches_then_recomputes_only_what_changed(prefect_api, params, tmp_path):
     first = run(prefect_api, **params)
     manifest = first.result()
@@ -92,6 +117,7 @@ def test_flow_runs_then_caches_then_recomputes_only_what_changed(prefect_api, pa
     kl = con.execute("SELECT value FROM evaluation WHERE metric = 'kl'").fetchone()[0]
     con.close()
     assert 0 < kl < 1
+    _verify_reports_what_differs(run_dir, tmp_path)
 
     states = task_states(first)
     # the download and the per-layer statistics (functions of the checkpoints alone, kept in no
@@ -148,6 +174,13 @@ def test_flow_on_s3_store(prefect_api, params, s3):
     fs.copy(f"{fs.bucket}/store/runs/{manifest.run_id}/allocation/bit_allocation.parquet",
             f"{fs.bucket}/store/runs/half-written/allocation/bit_allocation.parquet")
     assert_catalog(Store(f"s3://{fs.bucket}/store", options), {manifest.run_id: 2.5}, f"s3://{fs.bucket}/in/ft")
+    from expertbits.tasks.verify import verify_run
+
+    store = Store(f"s3://{fs.bucket}/store", options)
+    assert verify_run(store, f"runs/{manifest.run_id}")["ok"]  # every byte read back from S3 and re-hashed
+    fs.pipe(f"{fs.bucket}/store/runs/{manifest.run_id}/evaluation/evaluation.json", b"{}")
+    store.fs.invalidate_cache()
+    assert verify_run(store, f"runs/{manifest.run_id}")["changed"] == ["evaluation/evaluation.json"]
 
 
 def assert_catalog(store, runs: dict[str, float], checkpoint: str) -> None:

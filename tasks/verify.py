@@ -1,0 +1,46 @@
+"""Check a published run against its manifest: every file re-hashed, nothing missing or added.
+
+A run is `runs/<id>/` with `manifest.json` written last; the manifest lists every file of the run
+with its sha256. `verify_run` reads every byte again (local or s3://) and reports what differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from .errors import StoreError
+from .storage import Store
+
+
+def verify_run(store: Store, prefix: str = "") -> dict:
+    """{'files': n, 'changed': [...], 'missing': [...], 'extra': [...], 'ok': bool} for the run at
+    `prefix` of `store` ('' when the store root is the run folder itself)."""
+    where = store.uri(prefix)
+    try:
+        manifest = json.loads(store.read_bytes(f"{prefix}/manifest.json" if prefix else "manifest.json"))
+        listed: dict[str, str] = manifest["files"]
+    except FileNotFoundError as e:
+        raise StoreError(f"{where}: no manifest.json, so this is not a (complete) run",
+                         "name a run folder, runs/<id>; `expertbits runs` lists them") from e
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise StoreError(f"{where}/manifest.json is not a run manifest ({type(e).__name__})",
+                         "the manifest was damaged; republish the run (rerun the flow: every stage is cached)") from e
+    present = set(store.list(prefix)) - {"manifest.json"}
+    changed, missing = [], []
+    for rel, sha in sorted(listed.items()):
+        if rel not in present:
+            missing.append(rel)
+        elif _sha256(store, f"{prefix}/{rel}" if prefix else rel) != sha:
+            changed.append(rel)
+    extra = sorted(present - set(listed))
+    return {"run": where, "files": len(listed), "changed": changed, "missing": missing, "extra": extra,
+            "ok": not (changed or missing or extra)}
+
+
+def _sha256(store: Store, rel: str, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with store.fs.open(store._path(rel), "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
