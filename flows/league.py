@@ -18,7 +18,8 @@ from prefect import flow, unmapped
 from expertbits.tasks.league_stages import publish_league, run_league
 from expertbits.tasks.records import RunManifest
 from expertbits.tasks.parts import league_cells
-from expertbits.tasks.stages import calibrate_experts, check_store, extract_statistics, fetch_checkpoint, route_experts
+from expertbits.tasks.stages import (calibrate_experts, check_store, extract_statistics, fetch_checkpoint, pin_revision,
+                                     route_experts)
 
 from .params import LeagueParams
 from .scale import absolute_store, cell_chunks, gather, layer_chunks, per_layer, quantizer_parts, task_runner
@@ -33,8 +34,8 @@ def league_table(params: LeagueParams = LeagueParams()) -> RunManifest:
     local = dict(cache_dir=p.cache_dir, storage_options=p.storage_options)
     check_store(store, p.storage_options)
 
-    finetuned = fetch_checkpoint(p.checkpoint, p.cache_dir, p.storage_options)
-    reference = fetch_checkpoint(p.reference, p.cache_dir, p.storage_options) if p.reference else None
+    finetuned = fetch_checkpoint(pin_revision(p.checkpoint), p.cache_dir, p.storage_options)
+    reference = fetch_checkpoint(pin_revision(p.reference), p.cache_dir, p.storage_options) if p.reference else None
     layers = layer_chunks(finetuned, **local)
     stats = extract_statistics(finetuned, reference, per_layer("statistics", layers, checkpoint=finetuned,
                                                                reference=reference, **local), cache_dir=p.cache_dir, **io)

@@ -28,6 +28,7 @@ from expertbits.tasks.stages import (
     evaluate_model,
     extract_statistics,
     fetch_checkpoint,
+    pin_revision,
     publish_run,
     quantize_experts,
     route_experts,
@@ -47,8 +48,8 @@ def quantize_moe(params: QuantizeParams = QuantizeParams()) -> RunManifest:
     local = dict(cache_dir=p.cache_dir, storage_options=p.storage_options)
     check_store(store, p.storage_options)
 
-    finetuned = fetch_checkpoint(p.checkpoint, p.cache_dir, p.storage_options)
-    reference = fetch_checkpoint(p.reference, p.cache_dir, p.storage_options) if p.reference else None
+    finetuned = fetch_checkpoint(pin_revision(p.checkpoint), p.cache_dir, p.storage_options)
+    reference = fetch_checkpoint(pin_revision(p.reference), p.cache_dir, p.storage_options) if p.reference else None
     layers = layer_chunks(finetuned, **local)
     stats = extract_statistics(finetuned, reference, per_layer("statistics", layers, checkpoint=finetuned,
                                                                reference=reference, **local), cache_dir=p.cache_dir, **io)

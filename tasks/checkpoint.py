@@ -118,17 +118,19 @@ def _refuse_remote_code(config_file: Path, config: dict) -> None:
         return
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
-    model_type = config.get("model_type")
-    if model_type not in CONFIG_MAPPING_NAMES:
+    model_type, auto_map = config.get("model_type"), config["auto_map"]
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING_NAMES:
+        names = sorted(map(str, auto_map)) if isinstance(auto_map, (dict, list)) else auto_map
         raise CheckpointError(f"{config_file}: model_type {model_type!r} exists only as remote code "
-                              f"(auto_map: {sorted(config['auto_map'])}), which expertbits never runs",
+                              f"(auto_map: {str(names)[:200]}), which expertbits never runs",
                               "use a model whose architecture transformers implements (see 'Supported checkpoints')")
 
 
-# safetensors' own limits and dtypes (bytes per element)
+# safetensors' own limits and dtypes (bits per element: F4 and F6 pack several per byte)
 MAX_HEADER = 100_000_000
-DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2,
-               "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "F8_E8M0": 8,
+              "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32,
+              "F32": 32, "I64": 64, "U64": 64, "F64": 64, "C64": 64}
 
 
 def check_safetensors(file: Path) -> None:
@@ -156,10 +158,13 @@ def check_safetensors(file: Path) -> None:
     data, spans = size - 8 - n, []
     for key, info in header.items():
         if key == "__metadata__":
-            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+            if info is not None and (not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values())):
                 raise CheckpointError(f"{file}: __metadata__ must map strings to strings", fix)
             continue
-        ok = (isinstance(info, dict) and info.get("dtype") in DTYPE_BYTES and isinstance(info.get("shape"), list)
+        if isinstance(info, dict) and isinstance(info.get("dtype"), str) and info["dtype"] not in DTYPE_BITS:
+            raise CheckpointError(f"{file}: tensor {key!r} has dtype {info['dtype']!r}, which this expertbits does not "
+                                  f"know (known: {sorted(DTYPE_BITS)})", "convert the checkpoint to bf16/fp16/fp32 first")
+        ok = (isinstance(info, dict) and isinstance(info.get("shape"), list)
               and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in info["shape"])
               and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
               and all(isinstance(o, int) and not isinstance(o, bool) for o in info["data_offsets"]))
@@ -173,9 +178,10 @@ def check_safetensors(file: Path) -> None:
         count = 1
         for d in info["shape"]:
             count *= d
-        if end - begin != count * DTYPE_BYTES[info["dtype"]]:
-            raise CheckpointError(f"{file}: tensor {key!r} is {info['dtype']} {info['shape']} ({count * DTYPE_BYTES[info['dtype']]}"
-                                  f" bytes) but its offsets span {end - begin}", fix)
+        bits = count * DTYPE_BITS[info["dtype"]]
+        if bits % 8 or end - begin != bits // 8:
+            raise CheckpointError(f"{file}: tensor {key!r} is {info['dtype']} {info['shape']} ({bits / 8:g} bytes) but "
+                                  f"its offsets span {end - begin}", fix)
         spans.append((begin, end, key))
     spans.sort()
     for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):

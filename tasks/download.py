@@ -246,10 +246,12 @@ def _mkdir(p: Path) -> Path:
 def _fetch_local(src: Path, dst: Path, uri: str) -> None:
     if not src.is_dir():
         raise CheckpointError(f"{uri}: {src} is not a folder", "point at a checkpoint folder holding config.json and *.safetensors")
-    root = src.resolve()
+    roots = [src.resolve()]
+    if roots[0].parent.name == "snapshots" and roots[0].parent.parent.name.startswith("models--"):
+        roots.append(roots[0].parent.parent)  # a hub cache snapshot links every file into its repo's blobs/
     for p in sorted(src.iterdir()):
         if p.is_file() and wanted(p.name):
-            if not p.resolve().is_relative_to(root):  # a link out of the folder: not part of the checkpoint
+            if not any(p.resolve().is_relative_to(r) for r in roots):  # a link out of the folder: not the checkpoint's
                 raise CheckpointError(f"{p}: a symlink to {p.resolve()}, outside {src}",
                                       "copy the file into the checkpoint folder (links within it are fine)")
             shutil.copyfile(p, dst / p.name)
@@ -270,24 +272,45 @@ COMMIT = re.compile(r"[0-9a-f]{40}")
 
 def resolve_hf(location: str, uri: str) -> tuple[str, str]:
     """(repo, commit sha) of `org/name[@revision]`: a commit as given, a branch or tag (or none:
-    the default branch) resolved on the hub now, so a cached copy is only reused while the branch
-    still points at the same commit."""
+    the default branch) resolved now (on the hub; offline, from the local hub cache's refs), so a
+    cached copy is only reused while the branch still points at the same commit. A repo or
+    revision that does not exist is a CheckpointError; a network failure propagates (retried)."""
     repo, _, revision = location.partition("@")
     if repo.count("/") != 1 or not all(repo.split("/")):
         raise CheckpointError(f"{uri}: expected hf://org/name[@revision]", "e.g. hf://mistralai/Mixtral-8x7B-v0.1@<commit sha>")
     if COMMIT.fullmatch(revision):
         return repo, revision
+    import huggingface_hub.constants as hfc
     from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
 
-    try:
-        sha = HfApi().model_info(repo, revision=revision or None).sha
-    except Exception as e:  # offline, unknown repo, no access: the same answer for the user
-        raise CheckpointError(f"{uri}: cannot resolve {revision or 'the default branch'} of {repo} to a commit "
-                              f"({type(e).__name__}: {str(e)[:200]})",
-                              "check the name and your access, or pin a commit: hf://org/name@<40-hex commit sha>") from e
+    fix = "check the name and your access, or pin a commit: hf://org/name@<40-hex commit sha>"
+    if hfc.HF_HUB_OFFLINE:
+        ref = Path(hfc.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}" / "refs" / (revision or "main")
+        if not ref.is_file():
+            raise CheckpointError(f"{uri}: offline (HF_HUB_OFFLINE) and the local hub cache has no ref {ref}", fix)
+        sha = ref.read_text().strip()
+    else:
+        try:
+            sha = HfApi().model_info(repo, revision=revision or None).sha
+        except HfHubHTTPError as e:
+            status = getattr(e.response, "status_code", None)
+            if status is None or status >= 500:
+                raise  # the hub or the network: transient, retried
+            raise CheckpointError(f"{uri}: cannot resolve {revision or 'the default branch'} of {repo} to a commit "
+                                  f"(HTTP {status})", fix) from e
     if not isinstance(sha, str) or not COMMIT.fullmatch(sha):
-        raise CheckpointError(f"{uri}: the hub answered commit {sha!r} for {repo}", "pin a commit: hf://org/name@<commit sha>")
+        raise CheckpointError(f"{uri}: the hub answered commit {sha!r} for {repo}", fix)
     return repo, sha
+
+
+def pin(uri: str) -> str:
+    """`uri` naming fixed contents: an hf:// branch or tag becomes hf://org/name@<commit>, resolved
+    once, so the cache key and the download see the same commit; other URIs are returned as given."""
+    if not uri.startswith("hf://"):
+        return uri
+    repo, commit = resolve_hf(uri.removeprefix("hf://"), uri)
+    return f"hf://{repo}@{commit}"
 
 
 def _fetch_hf(location: str, dst: Path, uri: str) -> None:

@@ -92,19 +92,28 @@ def normalized_source(source: str, entries: tuple[str, ...] | None = None) -> st
             node.body = body[1:] or [ast.Pass()]
     nodes = tree.body
     if entries is not None:
+        # definitions (def, class, assignment to plain names) are kept when reached; every other
+        # top-level statement (imports, calls, subscript or attribute assignments, if/try blocks)
+        # is kept always: it may change what any definition means
         defined: dict[str, list[ast.stmt]] = {}
+        keep = []
         for node in nodes:
-            targets = ([node.name] if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) else
-                       [t.id for t in getattr(node, "targets", [getattr(node, "target", None)]) if isinstance(t, ast.Name)])
-            for name in targets:
-                defined.setdefault(name, []).append(node)
-        keep, todo = [], list(entries)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                defined.setdefault(node.name, []).append(node)
+            elif (isinstance(node, (ast.Assign, ast.AnnAssign)) and
+                  all(isinstance(t, ast.Name) for t in getattr(node, "targets", [getattr(node, "target", None)]))):
+                for t in getattr(node, "targets", [getattr(node, "target", None)]):
+                    defined.setdefault(t.id, []).append(node)
+            else:
+                keep.append(node)
+        todo = list(entries) + [n.id for k in keep for n in ast.walk(k) if isinstance(n, ast.Name)]
         while todo:
             for node in defined.pop(todo.pop(), []):
                 keep.append(node)
                 todo += [n.id for n in ast.walk(node) if isinstance(n, ast.Name) and n.id in defined]
         nodes = [n for n in tree.body if any(n is k for k in keep)]
-    return "\n".join(ast.dump(n) for n in nodes)
+    # unparsed, not dumped: the AST's dump format changes between Python versions, its source form rarely
+    return "\n".join(ast.unparse(n) for n in nodes)
 
 
 @lru_cache
@@ -120,7 +129,9 @@ def code_version(stage: str) -> str:
 def library_versions(stage: str) -> tuple[tuple[str, str], ...]:
     from importlib.metadata import version
 
-    return () if stage == "download" else tuple((lib, version(lib)) for lib in LIBRARIES)
+    # the release, not the build label (2.13.0+cpu and +cu130 compute these stages alike), so
+    # Dask workers of one release agree on the keys whatever their accelerator
+    return () if stage == "download" else tuple((lib, version(lib).split("+")[0]) for lib in LIBRARIES)
 
 
 def kernel_device() -> str:

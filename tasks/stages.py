@@ -38,6 +38,13 @@ def check_store(root: str, storage_options: dict) -> str:
 
 # ---- 1. download --------------------------------------------------------------------------------
 
+@task(name="pin-revision", retries=3, retry_delay_seconds=[1, 4, 10], retry_condition_fn=transient)
+def pin_revision(uri: str | None) -> str | None:
+    """An hf:// branch or tag resolved to its commit, once, before the download's cache key and
+    the download itself read it (so both see one commit); other URIs as given."""
+    return download.pin(uri) if uri else uri
+
+
 def _download_key(ctx, p) -> str:
     # A record whose cache folder was cleared since is still valid: consumers refetch by digest.
     return stage_key("download", download.fingerprint(p["uri"], p["storage_options"]), p["cache_dir"])

@@ -17,14 +17,18 @@ def verify_run(store: Store, prefix: str = "") -> dict:
     """{'files': n, 'changed': [...], 'missing': [...], 'extra': [...], 'ok': bool} for the run at
     `prefix` of `store` ('' when the store root is the run folder itself)."""
     where = store.uri(prefix)
+    if not store.is_local:
+        store.fs.invalidate_cache()  # a listing cached before the run changed would hide files
     try:
         manifest = json.loads(store.read_bytes(f"{prefix}/manifest.json" if prefix else "manifest.json"))
         listed: dict[str, str] = manifest["files"]
+        if not isinstance(listed, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in listed.items()):
+            raise TypeError("files is not a map of names to sha256")
     except FileNotFoundError as e:
         raise StoreError(f"{where}: no manifest.json, so this is not a (complete) run",
                          "name a run folder, runs/<id>; `expertbits runs` lists them") from e
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise StoreError(f"{where}/manifest.json is not a run manifest ({type(e).__name__})",
+    except (ValueError, KeyError, TypeError) as e:  # ValueError: bad JSON or bytes that are not UTF-8
+        raise StoreError(f"{where}/manifest.json is not a run manifest ({type(e).__name__}: {e})",
                          "the manifest was damaged; republish the run (rerun the flow: every stage is cached)") from e
     present = set(store.list(prefix)) - {"manifest.json"}
     changed, missing = [], []

@@ -55,3 +55,11 @@ def test_library_versions_are_in_the_keys_but_not_the_downloads(monkeypatch):
     after = {s: stage_io.stage_key(s, "same inputs") for s in before}
     assert after["download"] == before["download"]
     assert after["quantization"] != before["quantization"] and after["evaluation"] != before["evaluation"]
+
+
+def test_statements_that_are_not_definitions_always_count():
+    entries = STAGE_ENTRIES["download"][S]
+    for extra in ("from .quantizer import QuantizerConfig as Store\n", "torch_flag = 1\nimport os\nos.environ['X'] = '1'\n",
+                  "if True:\n    _download_key = None\n"):
+        edited = SOURCE.replace("\n# ---- 1. download", "\n" + extra + "\n# ---- 1. download", 1)
+        assert normalized_source(edited, entries) != normalized_source(SOURCE, entries), extra

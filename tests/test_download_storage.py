@@ -62,7 +62,8 @@ def test_hf_uri_from_a_local_hub_cache(micro_pair, tmp_path, monkeypatch):
     monkeypatch.setattr(hfc, "HF_HUB_OFFLINE", True)
     got = dl.download(f"hf://acme/micro-moe@{sha}", tmp_path / "cache")
     assert got.digest == dl.download(str(micro_pair[1]), tmp_path / "cache").digest
-    with pytest.raises(CheckpointError, match="expected hf://org/name@revision"):
+    assert dl.download("hf://acme/micro-moe", tmp_path / "cache").digest == got.digest  # offline: refs/main
+    with pytest.raises(CheckpointError, match="expected hf://org/name"):
         dl.download("hf://just-a-name", tmp_path / "cache")
 
 

@@ -88,6 +88,9 @@ def _verify_reports_what_differs(run_dir, tmp_path):
     assert (report["changed"], report["missing"], report["extra"]) == (
         ["quantization/config.json"], ["evaluation/evaluation.json"], ["notes.txt"])
     assert main(["verify", str(copy)]) == 1
+    for damaged in (b'{"files": []}', b"\xff\xfe", b"not json"):  # a damaged manifest: an error, not a traceback
+        (copy / "manifest.json").write_bytes(damaged)
+        assert main(["verify", str(copy)]) == 1
 
 
 def test_flow_runs_then_caches_then_recomputes_only_what_changed(prefect_api, params, tmp_path):

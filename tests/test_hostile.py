@@ -42,7 +42,8 @@ HOSTILE = {
     "negative offset": (_raw({"a": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}}, bytes(8)), "spans bytes"),
     "dtype x shape disagrees with the bytes": (_raw({"a": {"dtype": "F32", "shape": [1000, 1000], "data_offsets": [0, 16]}},
                                                     bytes(16)), "offsets span 16"),
-    "unknown dtype": (_raw({"a": {"dtype": "PICKLE", "shape": [2], "data_offsets": [0, 8]}}, bytes(8)), "malformed"),
+    "unknown dtype": (_raw({"a": {"dtype": "PICKLE", "shape": [2], "data_offsets": [0, 8]}}, bytes(8)), "does not know"),
+    "malformed entry": (_raw({"a": {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}}, bytes(8)), "malformed"),
     "header not an object": (_raw([1, 2, 3]), "not a JSON object"),
 }
 
@@ -53,7 +54,7 @@ def test_hostile_safetensors_is_refused_by_name_and_nothing_is_cached(case, tmp_
     src = _checkpoint(tmp_path / "src", data)
     with pytest.raises(CheckpointError, match=reason) as err:
         Checkpoint.open(src)
-    assert "model.safetensors" in str(err.value) and "download or export" in str(err.value)
+    assert "model.safetensors" in str(err.value) and err.value.fix  # the file, and what to do
     cache = tmp_path / "cache"
     with pytest.raises(CheckpointError, match=reason) as err:
         download(str(src), cache)
@@ -68,6 +69,19 @@ def test_a_well_formed_file_still_opens(tmp_path):
     assert download(str(src), tmp_path / "cache").path.is_dir()
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fnuz, torch.float8_e5m2fnuz, torch.complex64, torch.float8_e8m0fnu,
+                                   torch.bool, torch.int64], ids=str)
+def test_every_dtype_safetensors_writes_is_accepted(dtype, tmp_path):
+    from expertbits.tasks.checkpoint import check_safetensors
+
+    save_file({"t": torch.zeros(3, 2).to(dtype), "empty": torch.zeros(0, 5), "scalar": torch.tensor(1.0)},
+              tmp_path / "x.safetensors")
+    check_safetensors(tmp_path / "x.safetensors")
+    (tmp_path / "n.safetensors").write_bytes(_raw({"__metadata__": None, "f4": {"dtype": "F4", "shape": [8],
+                                                                              "data_offsets": [0, 4]}}, bytes(4)))
+    check_safetensors(tmp_path / "n.safetensors")  # F4 packs two per byte; null metadata is allowed
+
+
 def test_remote_code_is_refused_unless_transformers_implements_the_model(tmp_path):
     remote = _checkpoint(tmp_path / "remote", config={"model_type": "my_moe", "auto_map": {"AutoConfig": "x.MyConfig"}})
     with pytest.raises(CheckpointError, match=r"config\.json: model_type 'my_moe' exists only as remote code"):
@@ -76,6 +90,10 @@ def test_remote_code_is_refused_unless_transformers_implements_the_model(tmp_pat
     # DeepSeek-V3's hub config carries an auto_map, but transformers implements the model itself
     native = _checkpoint(tmp_path / "native", config={"model_type": "deepseek_v3", "auto_map": {"AutoConfig": "x.Y"}})
     Checkpoint.open(native).close()
+    for config in ({"model_type": ["x"], "auto_map": 3}, {"model_type": None, "auto_map": [1, "a"]}):
+        odd = _checkpoint(tmp_path / "odd", config=config)
+        with pytest.raises(CheckpointError, match="exists only as remote code"):
+            Checkpoint.open(odd)
 
 
 @pytest.mark.parametrize("uri", ["zoo://../../tasks", "zoo://mixtral-tiny/../../models/mixtral-tiny/wordnet",
@@ -104,6 +122,13 @@ def test_a_symlink_out_of_the_folder_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="outside"):
         download(str(src), tmp_path / "cache")
     assert list((tmp_path / "cache" / "checkpoints").iterdir()) == []
+    hub = tmp_path / "hub" / "models--org--moe"  # a hub cache snapshot: files link into the repo's blobs/
+    _checkpoint(hub / "blobs" / "tmp")
+    snapshot = hub / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        (snapshot / name).symlink_to(f"../../blobs/tmp/{name}")
+    assert download(str(snapshot), tmp_path / "cache3").path.is_dir()
     inside = _checkpoint(tmp_path / "src2")  # a link within the folder is the folder's own file
     shutil.move(inside / "model.safetensors", inside / "real.bin")
     (inside / "model.safetensors").symlink_to(inside / "real.bin")
