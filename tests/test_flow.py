@@ -308,3 +308,62 @@ def test_a_store_path_with_a_quote_works_end_to_end(prefect_api, params, tmp_pat
     finally:
         con.close()
     assert_catalog(Store(str(store)), {manifest.run_id: 2.5}, params["checkpoint"])
+
+
+def _text_of(name: str, data: bytes, tmp) -> str:
+    """What a file says, decoded the way its readers decode it (parquet and DuckDB compress strings)."""
+    if name.endswith(".parquet"):
+        path = tmp / "scan.parquet"
+        path.write_bytes(data)
+        return duckdb.execute("SELECT * FROM read_parquet(?)", [str(path)]).df().to_csv()
+    if name.endswith(".duckdb"):
+        path = tmp / "scan.duckdb"
+        path.write_bytes(data)
+        con = duckdb.connect(str(path), read_only=True)
+        try:
+            tables = [t for (t,) in con.execute("SELECT table_name FROM information_schema.tables").fetchall()]
+            return "\n".join(con.execute(f'SELECT * FROM "{t}"').df().to_csv() for t in tables)
+        finally:
+            con.close()
+            path.unlink()
+    return data.decode("latin-1")
+
+
+def test_a_planted_secret_reaches_no_store_file_table_parameter_log_or_artifact(prefect_api, params, s3, tmp_path,
+                                                                                 monkeypatch, caplog):
+    """A secret in the worker's environment (where credentials belong) appears nowhere the run
+    writes: every object of the S3 store (manifests, parquet, the run's DuckDB tables, the model),
+    and the Prefect database (parameters, logs, artifacts, events, states). In storage_options it is
+    refused before anything runs."""
+    import uuid
+    from pathlib import Path
+
+    from prefect.settings import get_current_settings
+    from pydantic import ValidationError
+
+    from expertbits.flows.params import QuantizeParams
+
+    fs, options = s3
+    secret = f"planted-{uuid.uuid4().hex}"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    fs.put(params["checkpoint"] + "/", f"{fs.bucket}/in/ft/", recursive=True)
+    state = run(prefect_api, **dict(params, checkpoint=f"s3://{fs.bucket}/in/ft", store=f"s3://{fs.bucket}/store",
+                                    storage_options=options))
+    manifest = state.result()
+    task_states(state)  # every state and log of the run has reached the API
+    fs.invalidate_cache()
+    control = f"{fs.bucket}/in/ft"  # the checkpoint URI: a value the run does write, to show the scan sees values
+    scanned, found = 0, False
+    for key in fs.find(f"{fs.bucket}/store"):
+        text = _text_of(key, fs.cat(key), tmp_path)
+        assert secret not in text, key
+        scanned, found = scanned + 1, found or control in text
+    assert scanned > 20 and found and manifest.run_id
+    url = get_current_settings().server.database.connection_url.get_secret_value()
+    db = Path(url.split(":///", 1)[1])
+    files = [f for f in db.parent.glob(db.name + "*") if f.is_file()]  # the database and its WAL
+    assert not any(secret.encode() in f.read_bytes() for f in files)
+    assert any(control.encode() in f.read_bytes() for f in files)  # parameters are in what was scanned
+    assert secret not in caplog.text
+    with pytest.raises(ValidationError, match="must not carry credentials"):
+        QuantizeParams(**dict(params, storage_options={**options, "secret": secret}))
