@@ -248,7 +248,7 @@ def _fetch_local(src: Path, dst: Path, uri: str) -> None:
         raise CheckpointError(f"{uri}: {src} is not a folder", "point at a checkpoint folder holding config.json and *.safetensors")
     roots = [src.resolve()]
     if roots[0].parent.name == "snapshots" and roots[0].parent.parent.name.startswith("models--"):
-        roots.append(roots[0].parent.parent)  # a hub cache snapshot links every file into its repo's blobs/
+        roots.append(roots[0].parent.parent / "blobs")  # a hub cache snapshot links every file into its repo's blobs/
     for p in sorted(src.iterdir()):
         if p.is_file() and wanted(p.name):
             if not any(p.resolve().is_relative_to(r) for r in roots):  # a link out of the folder: not the checkpoint's
@@ -285,22 +285,33 @@ def resolve_hf(location: str, uri: str) -> tuple[str, str]:
     from huggingface_hub.errors import HfHubHTTPError
 
     fix = "check the name and your access, or pin a commit: hf://org/name@<40-hex commit sha>"
+    if any(part in ("", ".", "..") for part in repo.split("/") + (revision.split("/") if revision else [])):
+        raise CheckpointError(f"{uri}: '.', '..' or empty segments in the repo or revision", fix)
     if hfc.HF_HUB_OFFLINE:
-        ref = Path(hfc.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}" / "refs" / (revision or "main")
-        if not ref.is_file():
+        refs = Path(hfc.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}" / "refs"
+        ref = refs / (revision or "main")
+        if not ref.resolve().is_relative_to(refs.resolve()) or not ref.is_file():
             raise CheckpointError(f"{uri}: offline (HF_HUB_OFFLINE) and the local hub cache has no ref {ref}", fix)
         sha = ref.read_text().strip()
     else:
+        import httpx2
+        from huggingface_hub.errors import HFValidationError
+
         try:
             sha = HfApi().model_info(repo, revision=revision or None).sha
+        except HFValidationError as e:
+            raise CheckpointError(f"{uri}: not a valid repo id or revision ({e})", fix) from e
+        except httpx2.TransportError as e:  # unreachable, timed out: transient, so an OSError (retried)
+            raise ConnectionError(f"{uri}: the hub did not answer ({type(e).__name__}: {e})") from e
         except HfHubHTTPError as e:
-            status = getattr(e.response, "status_code", None)
-            if status is None or status >= 500:
-                raise  # the hub or the network: transient, retried
+            status = e.response.status_code
+            if status >= 500 or status in (408, 429):
+                raise  # the hub, busy or failing: an OSError, retried
             raise CheckpointError(f"{uri}: cannot resolve {revision or 'the default branch'} of {repo} to a commit "
                                   f"(HTTP {status})", fix) from e
     if not isinstance(sha, str) or not COMMIT.fullmatch(sha):
-        raise CheckpointError(f"{uri}: the hub answered commit {sha!r} for {repo}", fix)
+        raise CheckpointError(f"{uri}: {'the local ref' if hfc.HF_HUB_OFFLINE else 'the hub'} does not hold a commit "
+                              f"sha for {repo}", fix)
     return repo, sha
 
 

@@ -350,7 +350,12 @@ def test_a_planted_secret_reaches_no_store_file_table_parameter_log_or_artifact(
     state = run(prefect_api, **dict(params, checkpoint=f"s3://{fs.bucket}/in/ft", store=f"s3://{fs.bucket}/store",
                                     storage_options=options))
     manifest = state.result()
-    task_states(state)  # every state and log of the run has reached the API
+    task_states(state)  # every task state has reached the API
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=30)  # and every log line
+    EventsWorker.drain_all(timeout=30)  # and every event
     fs.invalidate_cache()
     control = f"{fs.bucket}/in/ft"  # the checkpoint URI: a value the run does write, to show the scan sees values
     scanned, found = 0, False
@@ -364,6 +369,7 @@ def test_a_planted_secret_reaches_no_store_file_table_parameter_log_or_artifact(
     files = [f for f in db.parent.glob(db.name + "*") if f.is_file()]  # the database and its WAL
     assert not any(secret.encode() in f.read_bytes() for f in files)
     assert any(control.encode() in f.read_bytes() for f in files)  # parameters are in what was scanned
+    assert any(b"run published: " in f.read_bytes() for f in files)  # and so are log lines
     assert secret not in caplog.text
     with pytest.raises(ValidationError, match="must not carry credentials"):
         QuantizeParams(**dict(params, storage_options={**options, "secret": secret}))

@@ -67,3 +67,23 @@ def test_unresolvable_names_are_refused_with_the_fix(hub, uri, reason):
     with pytest.raises(CheckpointError, match=reason) as err:
         fingerprint(uri)
     assert "hf://org/name" in str(err.value)
+
+
+def test_offline_refs_cannot_leave_the_hub_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hfc
+
+    monkeypatch.setattr(hfc, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hfc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    (tmp_path / "secret").write_text("x" * 40)
+    for uri in ("hf://org/moe@../../../secret", "hf://org/moe@/etc/hostname", "hf://org/..@main"):
+        with pytest.raises(CheckpointError) as err:
+            fingerprint(uri)
+        assert "x" * 40 not in str(err.value)
+
+
+def test_an_unreachable_hub_is_a_transient_error(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens on port 9
+    with pytest.raises(ConnectionError, match="did not answer"):  # an OSError: Prefect's retry rule retries it
+        fingerprint("hf://org/moe")

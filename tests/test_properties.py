@@ -12,7 +12,9 @@ from expertbits.tasks.allocate import allocate, summarize
 from expertbits.tasks.budget import AllocationConfig, tier_counts
 from expertbits.tasks.errors import BudgetError
 
-FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomized: the suite is a gate, so the same examples every run (a failure found is replayable)
+FAST = settings(max_examples=60, deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.too_slow])
 
 
 @st.composite
@@ -88,6 +90,6 @@ def test_allocation_invariants(stats_experts, widths, allocator, data):
         assert {b: int((layer.bits == b).sum()) for b in widths if (layer.bits == b).any()} == \
             {b: n for b, n in counts.items() if n}
         assert sorted(layer.position) == list(range(experts))
-    summary = summarize(alloc, cfg)
-    assert summary["achieved_avg_bits"] == pytest.approx(sum(b * n for b, n in counts.items()) / experts)
-    assert abs(summary["achieved_avg_bits"] - avg) <= (max(widths) - min(widths)) / experts / 2 + 1e-9
+    achieved = sum(b * n for b, n in counts.items()) / experts  # exact; the summary rounds to 6 decimals
+    assert summarize(alloc, cfg)["achieved_avg_bits"] == pytest.approx(achieved, abs=1e-6)
+    assert abs(achieved - avg) <= (max(widths) - min(widths)) / experts / 2 + 1e-9
