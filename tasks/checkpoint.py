@@ -10,6 +10,7 @@ import json
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from safetensors import safe_open
@@ -133,20 +134,26 @@ DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E4M3F
               "F32": 32, "I64": 64, "U64": 64, "F64": 64, "C64": 64}
 
 
-def check_safetensors(file: Path) -> None:
+def check_safetensors(file: Path) -> dict:
     """Refuse a file whose header is not a well-formed safetensors header, with the reason: length
     beyond the limit or the file, bytes that are not UTF-8 JSON (or nest beyond reason), unknown
-    dtypes, offsets out of range, overlapping, or disagreeing with dtype x shape. Reads the header only."""
-    fix = "the file is damaged or was not written by safetensors; download or export the checkpoint again"
-    size = file.stat().st_size
+    dtypes, offsets out of range, overlapping, or disagreeing with dtype x shape. Reads the header
+    only, and returns it."""
     with open(file, "rb") as f:
-        prefix = f.read(8)
-        n = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-        if not 2 <= n <= min(MAX_HEADER, size - 8):
-            what = "corrupt or truncated" if n <= MAX_HEADER else "corrupt"
-            raise CheckpointError(f"{file}: {what}: safetensors header length {n} for a file of {size} bytes (limit "
-                                  f"{MAX_HEADER})", fix)
-        raw = f.read(n)
+        return read_safetensors_header(f, file.stat().st_size, str(file))
+
+
+def read_safetensors_header(f: BinaryIO, size: int, file: str) -> dict:
+    """The checked header of the safetensors file open as `f` (at its start) of `size` bytes; `file`
+    names it in errors. Local files and remote shards (two small reads) are checked alike."""
+    fix = "the file is damaged or was not written by safetensors; download or export the checkpoint again"
+    prefix = f.read(8)
+    n = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+    if not 2 <= n <= min(MAX_HEADER, size - 8):
+        what = "corrupt or truncated" if n <= MAX_HEADER else "corrupt"
+        raise CheckpointError(f"{file}: {what}: safetensors header length {n} for a file of {size} bytes (limit "
+                              f"{MAX_HEADER})", fix)
+    raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
@@ -187,6 +194,7 @@ def check_safetensors(file: Path) -> None:
     for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
         if begin < end:
             raise CheckpointError(f"{file}: tensors {a!r} and {b!r} overlap", fix)
+    return header
 
 
 def _read_header(file: Path) -> dict[str, TensorInfo]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, read_safetensors_header
 from .errors import CheckpointError
 from .storage import open_fs, sha256_file
 
@@ -217,15 +217,13 @@ def _fetch_verified(scheme: str, location: str, storage_options, part: Path, nam
 
 
 def _remote_header(scheme: str, location: str, storage_options, name: str, uri: str) -> dict:
-    """A safetensors file's header (8-byte little-endian length, then JSON), read without its data."""
+    """A safetensors file's header (8-byte little-endian length, then JSON), read without its data
+    and checked as a local file's is."""
     fs, root = (None, location) if scheme == "file" else open_fs(location, storage_options or {})
     path = f"{root}/{name}"
+    size = Path(path).stat().st_size if fs is None else fs.size(path)
     with (open(path, "rb") if fs is None else fs.open(path, "rb", block_size=1 << 16)) as f:
-        n = int.from_bytes(f.read(8), "little")
-        if not 2 <= n <= 100 << 20:
-            raise CheckpointError(f"{uri}: {name} has a safetensors header length of {n} bytes",
-                                  "the file is damaged or not safetensors; download or export it again")
-        return json.loads(f.read(n))
+        return read_safetensors_header(f, size, f"{uri.rstrip('/')}/{name}")
 
 
 def _write_atomic(path: Path, text: str) -> None:

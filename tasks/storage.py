@@ -97,6 +97,14 @@ class Store:
             os.makedirs(posixpath.dirname(path), exist_ok=True)
         self.fs.put_file(str(local), path)
 
+    def sha256(self, rel: str, chunk: int = 1 << 22) -> str:
+        """sha256 of a stored file, streamed (local or remote)."""
+        h = hashlib.sha256()
+        with self.fs.open(self._path(rel), "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+        return h.hexdigest()
+
     def get_file(self, rel: str, local: str | Path) -> Path:
         Path(local).parent.mkdir(parents=True, exist_ok=True)
         self.fs.get_file(self._path(rel), str(local))

@@ -6,7 +6,6 @@ with its sha256. `verify_run` reads every byte again (local or s3://) and report
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 from .errors import StoreError
@@ -35,16 +34,9 @@ def verify_run(store: Store, prefix: str = "") -> dict:
     for rel, sha in sorted(listed.items()):
         if rel not in present:
             missing.append(rel)
-        elif _sha256(store, f"{prefix}/{rel}" if prefix else rel) != sha:
+        elif store.sha256(f"{prefix}/{rel}" if prefix else rel) != sha:
             changed.append(rel)
     extra = sorted(present - set(listed))
     return {"run": where, "files": len(listed), "changed": changed, "missing": missing, "extra": extra,
             "ok": not (changed or missing or extra)}
 
-
-def _sha256(store: Store, rel: str, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with store.fs.open(store._path(rel), "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()

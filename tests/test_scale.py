@@ -234,6 +234,14 @@ def test_a_worker_fetches_only_the_shards_of_its_layers(slow_pair, tmp_path):
     moved = record.model_copy(update={"uri": str(tmp_path / "src")})
     with pytest.raises(download.CheckpointError, match=f"{victim} changed since"):
         layer_path(moved, [other], tmp_path / "worker2", {})
+    # a shard whose header is damaged at the source is refused when only its header is read, as a local file is
+    (tmp_path / "src3").mkdir()
+    for f in slow_pair[1].iterdir():
+        raw = f.read_bytes()
+        (tmp_path / "src3" / f.name).write_bytes((1 << 40).to_bytes(8, "little") + raw[8:] if f.name == victim else raw)
+    damaged = record.model_copy(update={"uri": str(tmp_path / "src3")})
+    with pytest.raises(download.CheckpointError, match=f"{victim}: corrupt: safetensors header length"):
+        layer_path(damaged, [1], tmp_path / "worker3", {})
 
 
 def test_a_worker_that_cannot_see_a_local_store_is_told_the_fix(tmp_path):
