@@ -128,6 +128,20 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--store", default="expertbits-store", help="a local folder or s3://bucket/prefix")
     ver.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                      help="fsspec/s3fs option, e.g. endpoint_url=http://127.0.0.1:9000; repeatable")
+    gc = sub.add_parser("gc", help="remove what killed or failed runs left behind",
+                        description="Remove orphans, and only orphans, in which nothing was written for --older-than: "
+                                    "runs and leagues never made visible (incoming/), prefixes without their manifest, "
+                                    "stage outputs without _stage.json, unfinished file writes, and unfinished downloads "
+                                    "in the local checkpoint cache. Published runs and complete stage outputs are never "
+                                    "touched.")
+    gc.add_argument("--store", default="expertbits-store", help="a local folder or s3://bucket/prefix")
+    gc.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="fsspec/s3fs option, e.g. endpoint_url=http://127.0.0.1:9000; repeatable")
+    gc.add_argument("--older-than", default="24h", metavar="AGE",
+                    help="only what was last written longer ago than this: 90s, 30m, 6h, 2d (default: 24h)")
+    gc.add_argument("--cache-dir", default=None,
+                    help="the checkpoint cache to clean too (default: $EXPERTBITS_CACHE, else ~/.cache/expertbits)")
+    gc.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
     for name, text in (("deploy", "register the deployments on the current Prefect API (PREFECT_API_URL) for a work pool"),
                        ("serve", "serve the deployments from this process (no work pool needed); blocks")):
         d = sub.add_parser(name, help=text, description=f"{text[0].upper()}{text[1:]}: quantize and league (UI forms), "
@@ -246,6 +260,30 @@ def verify(args: argparse.Namespace) -> int:
     return 0 if report["ok"] else 1
 
 
+def collect_garbage(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from expertbits.tasks import gc
+    from expertbits.tasks.download import default_cache_dir
+    from expertbits.tasks.errors import ExpertbitsError
+    from expertbits.tasks.storage import Store
+
+    options = dict(item.partition("=")[::2] for item in args.storage_option)
+    try:
+        age = gc.parse_age(args.older_than)
+        found = gc.collect(Store(args.store, options), age, Path(args.cache_dir or default_cache_dir()), args.dry_run)
+    except ValueError as e:
+        print(f"expertbits: --older-than: {e}", file=sys.stderr)
+        return 2
+    except (ExpertbitsError, OSError) as e:
+        print(f"expertbits: cannot clean {args.store}: {e}", file=sys.stderr)
+        return 1
+    for o in found:
+        print(("would remove: " if args.dry_run else "removed: ") + gc.describe(o))
+    print(f"{len(found)} orphans {'found' if args.dry_run else 'removed'} (older than {args.older_than})")
+    return 0
+
+
 def export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -293,9 +331,9 @@ def generate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("generate", "export", "runs", "verify", "deploy", "serve", "dev"):
+    if args.command in ("generate", "export", "runs", "verify", "gc", "deploy", "serve", "dev"):
         _prefect_defaults()
-        return {"generate": generate, "export": export, "runs": list_runs, "verify": verify}.get(
+        return {"generate": generate, "export": export, "runs": list_runs, "verify": verify, "gc": collect_garbage}.get(
             args.command, operate)(args)
     from pydantic import ValidationError
 

@@ -68,6 +68,7 @@ class Checkpoint:
                 if key in tensors:
                     raise CheckpointError(f"{path}: tensor {key} appears in two files", "re-export the checkpoint")
                 tensors[key] = info
+        _check_index(path, tensors)
         return cls(path=path, config=config, tensors=tensors)
 
     def _handle(self, file: str):
@@ -103,6 +104,33 @@ class Checkpoint:
 
 
 HEADER = ".header.json"
+INDEX = "model.safetensors.index.json"
+
+
+def _check_index(path: Path, tensors: dict[str, "TensorInfo"]) -> None:
+    """With an index, every tensor it names must be in the shard it names: a missing shard (even
+    one holding only embeddings or norms) is an error here, never tensors silently left out."""
+    index = path / INDEX
+    if not index.is_file():
+        return
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (ValueError, KeyError, TypeError, RecursionError) as e:  # ValueError: bad JSON or not UTF-8
+        raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e})", "re-export the checkpoint") from e
+    absent = sorted({f for k, f in weight_map.items() if k not in tensors})
+    if absent:
+        missing = [f for f in absent if not (path / f).is_file() and not (path / (f + HEADER)).is_file()]
+        raise CheckpointError(f"{path}: {INDEX} lists tensors that no shard holds ("
+                              + (f"missing shards: {missing[:3]}" if missing else f"expected in {absent[:3]}") + ")",
+                              "copy the whole checkpoint folder (every shard the index names); if it came from the "
+                              "expertbits cache, delete that cache entry and rerun")
+    moved = sorted(k for k, f in weight_map.items() if tensors[k].file != f)
+    unlisted = sorted(set(tensors) - set(weight_map))
+    if moved or unlisted:
+        raise CheckpointError(f"{path}: {INDEX} disagrees with the shards (tensors in another file: {moved[:3]}, "
+                              f"not in the index: {unlisted[:3]})", "re-export the checkpoint")
 
 
 def _stub_header(stub: Path, name: str) -> dict[str, TensorInfo]:

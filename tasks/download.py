@@ -123,18 +123,34 @@ def download(uri: str, cache_dir: str | Path | None = None, storage_options: dic
 
 
 def verify(path: Path) -> bool:
-    """True if every file listed in the entry's manifest is present with its recorded sha256."""
+    """True if every file listed in the entry's manifest is present with its recorded sha256.
+
+    A file is hashed once per process, and again only if its size, modification time or inode
+    changed since: a cache entry is trusted for its bytes, never for a marker file."""
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError):
+        files = json.loads((path / MANIFEST).read_text())["files"]
+        return all(_sha256(path / n) == f["sha256"] for n, f in files.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
-    return all((path / n).is_file() and sha256_file(path / n) == f["sha256"] for n, f in manifest["files"].items())
+
+
+_HASHED: dict[str, tuple[tuple[int, int, int], str]] = {}  # path -> (size, mtime, inode) when hashed, sha256
+
+
+def _sha256(path: Path) -> str:
+    st = path.stat()
+    sig = (st.st_size, st.st_mtime_ns, st.st_ino)
+    known = _HASHED.get(str(path))
+    if known is None or known[0] != sig:
+        known = _HASHED[str(path)] = (sig, sha256_file(path))
+    return known[1]
 
 
 def ensure_local(uri: str, digest: str, cache_dir: str | Path | None = None, storage_options=None) -> Path:
-    """The cached copy of a checkpoint, fetched again if the cache was cleared since; digest must match."""
+    """The cached copy of a checkpoint, fetched again if the cache was cleared or damaged since
+    (every file re-hashed against the entry's manifest); digest must match."""
     path = Path(cache_dir or default_cache_dir()) / "checkpoints" / digest
-    if (path / MANIFEST).is_file():
+    if verify(path):
         return path
     fresh = download(uri, cache_dir, storage_options)
     if fresh.digest != digest:
@@ -163,7 +179,7 @@ def ensure_part(uri: str, digest: str, files: dict[str, str], wanted_files: Call
     (each verified against `files`)."""
     cache = Path(cache_dir or default_cache_dir())
     full = cache / "checkpoints" / digest
-    if (full / MANIFEST).is_file():
+    if verify(full):
         return full
     shards = sorted(n for n in files if n.endswith(".safetensors"))
     if not files or INDEX not in files or len(shards) < 2:
@@ -197,7 +213,9 @@ def _fetch_verified(scheme: str, location: str, storage_options, part: Path, nam
                     uri: str) -> None:
     for name in names:
         if (part / name).is_file():
-            continue
+            if _sha256(part / name) == files[name]:
+                continue
+            (part / name).unlink()  # damaged since it was fetched: fetched again
         tmp = part / f".{name}.incoming-{uuid.uuid4().hex}"
         try:
             if scheme == "file":

@@ -37,6 +37,7 @@ from .errors import CheckpointError
 from .loader import base_config_dict, read_packed
 from .quantize import SIDE_FILES
 from .quantized import quantization_config
+from .verify import check_folder
 
 FORMATS = ("compressed-tensors",)
 VLLM_MOE_BITS = (4, 8)
@@ -111,6 +112,7 @@ def export(qdir: Path, out: Path, fmt: str = "compressed-tensors") -> dict:
     if fmt not in FORMATS:
         raise CheckpointError(f"unknown export format {fmt!r}", f"choose one of {', '.join(FORMATS)}")
     qdir = resolve_quantized(Path(qdir))
+    check_folder(qdir)  # exported only as the run's manifest lists it
     if out.exists():
         raise CheckpointError(f"{out} already exists", "choose a new --out folder; exports never overwrite")
     qc = quantization_config(qdir)

@@ -32,6 +32,7 @@ from expertbits.kernels.packing import QuantizedTensor, packed_width
 
 from .errors import CheckpointError
 from .quantized import iter_quantized
+from .verify import check_folder
 from .quantize import FORMAT_VERSION, MODEL_TYPE, QUANT_METHOD
 
 PACKED_SUFFIXES = ("qweight", "scales", "zeros")
@@ -176,6 +177,7 @@ def _register() -> None:
                 raise CheckpointError("transformers gave the expertbits quantizer no checkpoint files",
                                       "load a local expertbits folder (from_pretrained(path))")
             self.folder = Path(checkpoint_files[0]).parent
+            check_folder(self.folder)  # a run's files are loaded only as its manifest lists them
             # shapes only: transformers replaces non-persistent buffers with empty ones while it
             # loads the rest, so the packed bytes are read once, afterwards
             qc = self.quantization_config.to_dict()

@@ -38,6 +38,7 @@ from .adapters import DTYPE_BYTES, ExpertMatrix, block_of, detect
 from .checkpoint import Checkpoint, require_finite
 from .errors import CheckpointError
 from .quantizer import QuantizerConfig
+from .storage import TMP_MARK
 
 QUANT_METHOD = "expertbits"
 # config.json's model_type: a marker plain transformers does not know, so it refuses the folder with
@@ -136,7 +137,7 @@ def check_allocation(ckpt: Checkpoint, alloc: pd.DataFrame) -> None:
 
 def _save(tensors: dict, out: Path, name: str) -> str:
     """Write a shard under a temporary name, then rename: a shard that exists is whole."""
-    tmp = out / f".{name}.incoming-{uuid.uuid4().hex}"
+    tmp = out / f"{TMP_MARK}{uuid.uuid4().hex}-{name}"
     try:
         # one metadata key only: safetensors writes metadata in hash-map order, so two keys break
         # byte-reproducibility

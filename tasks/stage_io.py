@@ -188,17 +188,20 @@ def miss_unless(ctx, store: Store, stage: str, key: str) -> str:
 def publish_stage(store: Store, stage: str, key: str, local: Path, summary: dict,
                   present: dict[str, str] | None = None) -> StageOutput:
     """Upload a local folder as the stage's objects, `_stage.json` last. `present` lists files
-    (name -> sha256) that per-layer tasks already wrote under the prefix; they are kept."""
+    (name -> sha256) that per-layer tasks already wrote under the prefix; they are kept.
+
+    Nothing is removed first: the key names the content, so whatever is already under the prefix
+    (a copy another run is reading, or what a killed attempt left) is the same bytes or is
+    replaced file by file, each write whole (storage.py)."""
     prefix = f"objects/{stage}/{key}"
     files = {p.relative_to(local).as_posix(): sha256_file(p) for p in sorted(local.rglob("*")) if p.is_file()}
-    with store.staging(prefix):
-        if not present:
-            store.remove(prefix)
-        for rel in files:
-            store.put_file(local / rel, f"{prefix}/{rel}")
-        files = dict(sorted({**files, **(present or {})}.items()))
-        out = StageOutput(stage=stage, key=key, prefix=prefix, files=files, summary=summary)
-        store.write_bytes(f"{prefix}/_stage.json", out.model_dump_json(indent=2).encode())
+    # A failure leaves no _stage.json, so readers ignore the prefix and `expertbits gc` removes it
+    # (never removed here: a concurrent run may be completing the same key).
+    for rel in files:
+        store.put_file(local / rel, f"{prefix}/{rel}")
+    files = dict(sorted({**files, **(present or {})}.items()))
+    out = StageOutput(stage=stage, key=key, prefix=prefix, files=files, summary=summary)
+    store.write_bytes(f"{prefix}/_stage.json", out.model_dump_json(indent=2).encode())
     return out
 
 

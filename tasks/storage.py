@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import os
 import posixpath
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,6 +20,8 @@ from typing import Any, Iterator
 import fsspec
 
 from .errors import StoreError
+
+TMP_MARK = ".expertbits-tmp-"  # in the name of a local file being written; `expertbits gc` removes old ones
 
 
 def open_fs(uri: str, storage_options: dict[str, Any] | None = None):
@@ -83,7 +86,9 @@ class Store:
     def write_bytes(self, rel: str, data: bytes) -> None:
         path = self._path(rel)
         if self.is_local:
-            os.makedirs(posixpath.dirname(path), exist_ok=True)
+            with _replacing(path) as tmp, open(tmp, "wb") as f:
+                f.write(data)
+            return
         with self.fs.open(path, "wb") as f:
             f.write(data)
 
@@ -94,7 +99,9 @@ class Store:
     def put_file(self, local: str | Path, rel: str) -> None:
         path = self._path(rel)
         if self.is_local:
-            os.makedirs(posixpath.dirname(path), exist_ok=True)
+            with _replacing(path) as tmp:
+                shutil.copyfile(local, tmp)
+            return
         self.fs.put_file(str(local), path)
 
     def sha256(self, rel: str, chunk: int = 1 << 22) -> str:
@@ -111,18 +118,26 @@ class Store:
         return Path(local)
 
     def copy(self, src_rel: str, dst_rel: str) -> None:
-        """Copy within the store: a hard link on local disk, a server-side copy on S3."""
+        """Copy within the store: a new file on local disk (never a hard link: editing a run's file
+        must not change the cached object), a server-side copy on S3."""
         src, dst = self._path(src_rel), self._path(dst_rel)
         if self.is_local:
-            os.makedirs(posixpath.dirname(dst), exist_ok=True)
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(dst)
-            try:
-                os.link(src, dst)
-                return
-            except OSError:
-                pass
+            with _replacing(dst) as tmp:
+                shutil.copyfile(src, tmp)
+            return
         self.fs.copy(src, dst)
+
+    def rename_dir(self, src_rel: str, dst_rel: str) -> None:
+        """Local stores only: move a folder in one step (fails if `dst_rel` exists and is not empty)."""
+        assert self.is_local, "S3 has no rename; publish.py makes runs visible by writing the manifest last"
+        os.makedirs(posixpath.dirname(self._path(dst_rel)), exist_ok=True)
+        os.rename(self._path(src_rel), self._path(dst_rel))
+
+    def mtime(self, rel: str) -> float:
+        """When a stored file was last written (seconds since the epoch)."""
+        info = self.fs.info(self._path(rel))
+        t = info.get("mtime") or info.get("LastModified") or info.get("created")
+        return t.timestamp() if hasattr(t, "timestamp") else float(t)
 
     def remove(self, rel: str) -> None:
         path = self._path(rel)
@@ -138,6 +153,16 @@ class Store:
             return []
         return sorted(p[len(base) + 1 :] for p in self.fs.find(base))
 
+    def list_dirs(self, rel: str) -> list[str]:
+        """The names of the folders (prefixes) directly under `rel`."""
+        base = self._path(rel).rstrip("/")
+        if not self.is_local:
+            self.fs.invalidate_cache(base)
+        if not self.fs.exists(base):
+            return []
+        return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(base, detail=False)
+                      if self.fs.isdir(p))
+
     @contextlib.contextmanager
     def staging(self, rel: str) -> Iterator[str]:
         """Yield a prefix to write into; on any exception, remove it so nothing half-written stays."""
@@ -147,3 +172,19 @@ class Store:
             with contextlib.suppress(Exception):
                 self.remove(rel)
             raise
+
+
+@contextlib.contextmanager
+def _replacing(path: str) -> Iterator[str]:
+    """Yield a temporary name beside `path`; once it is written, rename it over `path` (atomic on
+    POSIX). On any error the temporary file is removed and `path` is left as it was."""
+    folder, name = posixpath.split(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = posixpath.join(folder, f"{TMP_MARK}{uuid.uuid4().hex}-{name}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
