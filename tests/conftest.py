@@ -99,3 +99,13 @@ def prefect_api():
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+@pytest.fixture
+def params(micro_pair, tmp_path):
+    """The flow tests' quantize configuration: the tiny pair at 2.5 bits of {2, 3}, a local store."""
+    base, ft = micro_pair
+    text = tmp_path / "heldout.txt"
+    text.write_text(text_path("code-heldout").read_text())
+    return dict(checkpoint=str(ft), reference=str(base), avg_bits=2.5, bit_widths=[2, 3], group_size=32,
+                store=str(tmp_path / "store"), eval_text=str(text), eval_windows=4, eval_seq_len=64)

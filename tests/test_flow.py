@@ -54,45 +54,6 @@ def artifacts(state) -> set[tuple[str, str | None]]:
     return {(a.type, a.key) for a in found}
 
 
-@pytest.fixture
-def params(micro_pair, tmp_path):
-    base, ft = micro_pair
-    text = tmp_path / "heldout.txt"
-    from expertbits.zoo import text_path
-
-    text.write_text(text_path("code-heldout").read_text())
-    return dict(checkpoint=str(ft), reference=str(base), avg_bits=2.5, bit_widths=[2, 3], group_size=32,
-                store=str(tmp_path / "store"), eval_text=str(text), eval_windows=4, eval_seq_len=64)
-
-
-def _verify_reports_what_differs(run_dir, tmp_path):
-    """`expertbits verify` on the run: intact; then on a copy with one byte flipped, one file gone
-    and one added, each named, exit status 1."""
-    import shutil
-
-    from expertbits.flows.cli import main
-
-    assert main(["verify", run_dir.name, "--store", str(run_dir.parent.parent)]) == 0
-    copy = tmp_path / "tampered" / "runs" / run_dir.name
-    shutil.copytree(run_dir, copy)
-    target = copy / "quantization" / "config.json"
-    data = bytearray(target.read_bytes())
-    data[10] ^= 1
-    target.write_bytes(bytes(data))
-    (copy / "evaluation" / "evaluation.json").unlink()
-    (copy / "notes.txt").write_text("planted")
-    from expertbits.tasks.storage import Store
-    from expertbits.tasks.verify import verify_run
-
-    report = verify_run(Store(str(copy)))
-    assert (report["changed"], report["missing"], report["extra"]) == (
-        ["quantization/config.json"], ["evaluation/evaluation.json"], ["notes.txt"])
-    assert main(["verify", str(copy)]) == 1
-    for damaged in (b'{"files": []}', b"\xff\xfe", b"not json"):  # a damaged manifest: an error, not a traceback
-        (copy / "manifest.json").write_bytes(damaged)
-        assert main(["verify", str(copy)]) == 1
-
-
 def test_flow_runs_then_caches_then_recomputes_only_what_changed(prefect_api, params, tmp_path):
     first = run(prefect_api, **params)
     manifest = first.result()
