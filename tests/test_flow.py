@@ -54,6 +54,46 @@ def artifacts(state) -> set[tuple[str, str | None]]:
     return {(a.type, a.key) for a in found}
 
 
+def _verify_reports_what_differs(run_dir, tmp_path):
+    """`expertbits verify` on the run: intact; then on a copy with one byte flipped, one file gone
+    and one added, each named, exit status 1. Loading a copy whose packed shard changed is refused
+    by name; the intact run loads."""
+    import shutil
+
+    from expertbits.flows.cli import main
+    from expertbits.tasks.errors import CheckpointError
+    from expertbits.tasks.loader import load
+
+    assert main(["verify", run_dir.name, "--store", str(run_dir.parent.parent)]) == 0
+    load(run_dir / "quantization")
+    shard = max((run_dir / "quantization").glob("*.safetensors"), key=lambda p: p.stat().st_size)
+    edited = tmp_path / "edited" / "runs" / run_dir.name
+    shutil.copytree(run_dir, edited)
+    data = bytearray((edited / "quantization" / shard.name).read_bytes())
+    data[-1] ^= 1  # a packed weight, not the header: only the hash can tell
+    (edited / "quantization" / shard.name).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"changed \\['{shard.name}'\\]"):
+        load(edited / "quantization")
+    copy = tmp_path / "tampered" / "runs" / run_dir.name
+    shutil.copytree(run_dir, copy)
+    target = copy / "quantization" / "config.json"
+    data = bytearray(target.read_bytes())
+    data[10] ^= 1
+    target.write_bytes(bytes(data))
+    (copy / "evaluation" / "evaluation.json").unlink()
+    (copy / "notes.txt").write_text("planted")
+    from expertbits.tasks.storage import Store
+    from expertbits.tasks.verify import verify_run
+
+    report = verify_run(Store(str(copy)))
+    assert (report["changed"], report["missing"], report["extra"]) == (
+        ["quantization/config.json"], ["evaluation/evaluation.json"], ["notes.txt"])
+    assert main(["verify", str(copy)]) == 1
+    for damaged in (b'{"files": []}', b"\xff\xfe", b"not json"):  # a damaged manifest: an error, not a traceback
+        (copy / "manifest.json").write_bytes(damaged)
+        assert main(["verify", str(copy)]) == 1
+
+
 def test_flow_runs_then_caches_then_recomputes_only_what_changed(prefect_api, params, tmp_path):
     first = run(prefect_api, **params)
     manifest = first.result()

@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 
 pytestmark = pytest.mark.integration
+# In the environment of the server, the worker and every flow run it starts (where credentials
+# belong): the tests below find it in nothing the deployments write.
+SECRET = f"planted-{os.urandom(8).hex()}"
 SMALL = {"reference": None, "avg_bits": 2.5, "bit_widths": [2, 3], "group_size": 32, "eval_windows": 2,
          "calibration_windows": 2, "eval_seq_len": 64}
 
@@ -41,7 +44,8 @@ def prefect_server(home: Path):
 
     url = f"http://127.0.0.1:{_port()}/api"
     env = dict(os.environ, PREFECT_HOME=str(home / "prefect"), PREFECT_API_URL=url, OMP_NUM_THREADS="1",
-               EXPERTBITS_CACHE=str(home / "cache"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+               EXPERTBITS_CACHE=str(home / "cache"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               AWS_SECRET_ACCESS_KEY=SECRET)
     env.pop("PREFECT_LOCAL_STORAGE_PATH", None)
     server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
                                url.split(":")[-1][:-4]], env=env, stdout=open(home / "server.log", "w"),
@@ -181,6 +185,37 @@ def test_deployments_ui_run_watcher_trigger_dedup_and_schema(platform, s3, micro
         assert sorted(fs.find(f"{fs.bucket}/store/runs")) == before
     elapsed = time.monotonic() - started
     print(f"\noperate end to end: {elapsed:.0f} s")
+    _no_secret_anywhere(platform, fs, store, watched)
+
+
+def _no_secret_anywhere(platform, fs, store: str, watched: str) -> None:
+    """The worker's secret is in no store object (parquet and DuckDB read as their readers read
+    them), no row of the server's database (deployments and their parameters, flow runs started by
+    the UI, the schedule and the trigger, events with their payloads, logs, artifacts, variables)
+    and no log line of the server or worker; values the runs do write are found by the same scan.
+    A secret-looking storage option is refused by `expertbits deploy` before anything is registered."""
+    from prefect.client.orchestration import get_client
+
+    from expertbits.flows.cli import main
+    from test_flow import _text_of
+
+    fs.invalidate_cache()
+    objects = fs.find(store.removeprefix("s3://"))
+    texts = [_text_of(k, fs.cat(k), platform["home"]) for k in objects]
+    assert len(objects) > 40 and not any(SECRET in t for t in texts)
+    assert any(f"{watched}/m1" in t for t in texts)  # the triggered run's checkpoint, in its manifest and tables
+    home = platform["home"]
+    db = [f for f in (home / "prefect").glob("prefect.db*") if f.is_file()]  # the database and its WAL
+    logs = [home / "server.log", home / "worker.log"]
+    data = [f.read_bytes() for f in db + logs]
+    assert db and not any(SECRET.encode() in d for d in data)
+    assert any(b"expertbits.checkpoint.published" in d for d in data)  # events are in what was scanned
+    assert any(f"{watched}/m1".encode() in d for d in data)  # and the event payloads and run parameters
+    with get_client(sync_client=True) as client:
+        before = {d.name: d.parameters for d in client.read_deployments()}
+        code = main(["deploy", "--work-pool", "expertbits-test", "--store", store, "--storage-option",
+                     f"aws_secret_access_key={SECRET}"])
+        assert code == 2 and {d.name: d.parameters for d in client.read_deployments()} == before
 
 
 def test_dev_up_and_down_start_and_stop_exactly_their_processes(tmp_path):
