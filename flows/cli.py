@@ -271,11 +271,17 @@ def collect_garbage(args: argparse.Namespace) -> int:
     options = dict(item.partition("=")[::2] for item in args.storage_option)
     try:
         age = gc.parse_age(args.older_than)
-        found = gc.collect(Store(args.store, options), age, Path(args.cache_dir or default_cache_dir()), args.dry_run)
+        if age < 60:
+            raise ValueError(f"{args.older_than} is too young: a run still writing could lose files; give 1m or more")
     except ValueError as e:
         print(f"expertbits: --older-than: {e}", file=sys.stderr)
         return 2
-    except (ExpertbitsError, OSError) as e:
+    try:
+        found = gc.collect(Store(args.store, options), age, Path(args.cache_dir or default_cache_dir()), args.dry_run)
+    except Exception as e:  # any transport or credential error: one line, not a traceback
+        if not isinstance(e, (ExpertbitsError, OSError)) and type(e).__module__.split(".")[0] not in ("botocore",
+                                                                                                     "aiobotocore"):
+            raise
         print(f"expertbits: cannot clean {args.store}: {e}", file=sys.stderr)
         return 1
     for o in found:

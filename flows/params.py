@@ -242,6 +242,11 @@ class WatchParams(BaseModel):
         if under(self.store if "://" in self.store else str(Path(self.store).expanduser().resolve()), self.prefixes):
             raise ValueError(f"the store {self.store} lies inside a watched prefix: every run would be announced as a "
                              "new checkpoint and requantized again; put the store outside the prefixes")
+        store = self.store if "://" in self.store else str(Path(self.store).expanduser().resolve())
+        inside = [p for p in self.prefixes if under(p, [store])]
+        if inside:
+            raise ValueError(f"watched prefixes {inside} lie inside the store {self.store}: runs being published there "
+                             "would be announced as checkpoints; watch a prefix outside the store")
         reserved = {"checkpoint", "store", "storage_options", "event_id"} & set(self.quantize)
         if reserved:
             raise ValueError(f"quantize must not set {sorted(reserved)}: they come from the event and the watch")

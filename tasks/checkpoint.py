@@ -115,8 +115,8 @@ def _check_index(path: Path, tensors: dict[str, "TensorInfo"]) -> None:
         return
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError("weight_map is not an object")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise TypeError("weight_map is not an object of tensor names to file names")
     except (ValueError, KeyError, TypeError, RecursionError) as e:  # ValueError: bad JSON or not UTF-8
         raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e})", "re-export the checkpoint") from e
     absent = sorted({f for k, f in weight_map.items() if k not in tensors})

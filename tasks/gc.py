@@ -4,7 +4,8 @@ and nothing else.
 An orphan is one of these, and only once nothing in it was written for `older_than` seconds (so a
 run still writing is never touched):
 
-  store  incoming/<run or league>-…      a run or league written but never made visible
+  store  .expertbits-incoming/<root>-<id>-<12 hex>[-replaced]
+                                          a run or league written but never made visible
          runs/<id>/, leagues/<id>/        a prefix without manifest.json (a partial run)
          objects/<stage>/<key>/           a stage output without _stage.json (never completed)
          …/.expertbits-tmp-…              a local file write that never finished (storage.TMP_MARK)
@@ -17,8 +18,10 @@ their age.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -26,6 +29,9 @@ from pathlib import Path
 
 from .publish import INCOMING
 from .storage import TMP_MARK, Store
+
+
+PUBLISHING = re.compile(r"(runs|leagues)-.+-[0-9a-f]{12}(-replaced)?")  # publish.py's folders under INCOMING
 
 
 @dataclass(frozen=True)
@@ -59,8 +65,7 @@ def store_orphans(store: Store, older_than_s: float, now: float | None = None) -
         t = _mtime(info)
         if TMP_MARK in parts[-1] and now - t > older_than_s:
             found.append(Orphan(rel, "a file write that never finished", now - t, True))
-            continue
-        if parts[0] == INCOMING and len(parts) > 2:
+        if parts[0] == INCOMING and len(parts) > 2 and PUBLISHING.fullmatch(parts[1]):
             prefix = "/".join(parts[:2])
         elif parts[0] in ("runs", "leagues") and len(parts) > 2:
             prefix = "/".join(parts[:2])
@@ -70,7 +75,7 @@ def store_orphans(store: Store, older_than_s: float, now: float | None = None) -
             markers |= {prefix} if parts[3:] == ["_stage.json"] else set()
         else:
             continue
-        newest[prefix] = max(newest.get(prefix, 0.0), t)
+        newest[prefix] = max(newest.get(prefix, 0.0), t)  # an unfinished write keeps its prefix young too
     why = {INCOMING: "never made visible (a killed or failed publish)", "runs": "a run prefix without manifest.json",
            "leagues": "a league prefix without manifest.json", "objects": "a stage output without _stage.json"}
     for prefix, t in sorted(newest.items()):
@@ -101,14 +106,41 @@ def collect(store: Store, older_than_s: float, cache: Path | None = None, dry_ru
     was (or would be) removed."""
     found = store_orphans(store, older_than_s, now) + (cache_orphans(cache, older_than_s, now) if cache else [])
     if not dry_run:
+        cutoff = (time.time() if now is None else now) - older_than_s
         for o in found:
             if o.in_store:
-                store.remove(o.where)
+                _remove_old(store, o.where, cutoff)
             elif os.path.isdir(o.where):
                 shutil.rmtree(o.where, ignore_errors=True)
             else:
                 Path(o.where).unlink(missing_ok=True)
     return found
+
+
+def _remove_old(store: Store, rel: str, cutoff: float) -> None:
+    """Remove the files under `rel` (or the file `rel`) last written before `cutoff`, looked at
+    again now: a file written since the scan stays, and a prefix that gained its completion marker
+    meanwhile is left whole."""
+    if not store.is_local:
+        store.fs.invalidate_cache()
+    path = store._path(rel)
+    try:
+        infos = store.fs.find(path, detail=True) if store.fs.isdir(path) else {path: store.fs.info(path)}
+    except FileNotFoundError:
+        return
+    marker = {"runs": "manifest.json", "leagues": "manifest.json", "objects": "_stage.json"}.get(rel.split("/")[0])
+    if marker and f"{path.rstrip('/')}/{marker}" in infos:
+        return
+    for file, info in infos.items():
+        if _mtime(info) < cutoff:
+            with contextlib.suppress(FileNotFoundError):
+                store.fs.rm_file(file)
+    if store.is_local:  # folders left empty
+        for folder in sorted((p for p in Path(path).rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        with contextlib.suppress(OSError):
+            Path(path).rmdir()
 
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -12,7 +12,7 @@
 
 The run id is derived from the stage keys, so the same inputs and configuration give the same
 prefix and the same bytes (the DuckDB file's tables; DuckDB's file format is not byte-reproducible).
-A run is written under `incoming/` and made visible whole (see `publish`). A reader that finds no
+A run is written under `.expertbits-incoming/` and made visible whole (see `publish`). A reader that finds no
 manifest.json must ignore the prefix.
 """
 
@@ -85,16 +85,20 @@ Database = Callable[[Path, Store, dict[str, StageOutput], Path], None]
 def publish(store: Store, rid: str, outputs: dict[str, StageOutput], parameters: dict,
             root: str = "runs", database: Database = build_database) -> RunManifest:
     """Publish the run `<root>/<rid>/`: every stage's files under `<stage>/`, the DuckDB, and the
-    manifest last, all first written under `incoming/` and made visible only when complete.
+    manifest last, all first written under `INCOMING` and made visible only when complete.
 
     The run id is a function of the stage keys, so a run already published under `rid` that is
     intact (every file re-hashed against its manifest) is the same run: it is kept as it is and its
-    manifest returned. A damaged or partial one is replaced, never removed before its replacement is
-    complete. On a local disk the complete folder is renamed into place; on S3 (no rename) its
-    objects are copied in with the manifest last, any old manifest having been removed first."""
+    manifest returned. A damaged or partial one is replaced, and removed only once the replacement
+    is complete. The copies are re-hashed against the stage records before anything is visible: a
+    stage output that changed since it was written is refused, and its `_stage.json` removed so the
+    next run rebuilds it. On a local disk the complete folder is renamed into place (publishers of
+    one run take turns, by a lock file); on S3 (no rename) its objects are copied in, the manifest
+    last, a damaged run's manifest having been removed first so it is not listed meanwhile."""
     prefix = f"{root}/{rid}"
     if (kept := _intact(store, prefix)) is not None:
         return kept
+    seen = _read(store, f"{prefix}/manifest.json")  # a different manifest later: another publisher finished
     incoming = f"{INCOMING}/{root}-{rid}-{uuid.uuid4().hex[:12]}"
     with store.staging(incoming), tempfile.TemporaryDirectory() as tmp:
         files: dict[str, str] = {}
@@ -102,8 +106,10 @@ def publish(store: Store, rid: str, outputs: dict[str, StageOutput], parameters:
             for rel, sha in out.files.items():
                 store.copy(f"{out.prefix}/{rel}", f"{incoming}/{stage}/{rel}")
                 files[f"{stage}/{rel}"] = sha
+        _check_copies(store, incoming, outputs)
         db = Path(tmp) / "expertbits.duckdb"
-        database(db, store, outputs, Path(tmp))
+        copies = {stage: out.model_copy(update={"prefix": f"{incoming}/{stage}"}) for stage, out in outputs.items()}
+        database(db, store, copies, Path(tmp))  # from the checked copies: the tables are the files
         store.put_file(db, f"{incoming}/expertbits.duckdb")
         files["expertbits.duckdb"] = sha256_file(db)
         manifest = RunManifest(
@@ -112,10 +118,101 @@ def publish(store: Store, rid: str, outputs: dict[str, StageOutput], parameters:
             summary={"parameters": parameters, **{stage: out.summary for stage, out in outputs.items()}},
         )
         store.write_bytes(f"{incoming}/manifest.json", manifest.model_dump_json(indent=2).encode())
-        return _make_visible(store, incoming, prefix, manifest)
+        if store.is_local:
+            with _lock(store, f"{LOCKS}/{root}-{rid}.lock"):
+                return _swap_in(store, incoming, prefix, manifest)
+        return _copy_in(store, incoming, prefix, manifest, seen)
 
 
-INCOMING = "incoming"  # runs and leagues being written; never listed; `expertbits gc` removes old ones
+# Runs and leagues being written: never listed, and not a name a user's folders take (gc removes
+# only `<root>-<id>-<12 hex>[-replaced]` folders under it, once old).
+INCOMING = ".expertbits-incoming"
+LOCKS = ".expertbits-locks"  # local stores: one empty lock file per run id, held while a run is swapped in
+
+
+def _read(store: Store, rel: str) -> bytes | None:
+    for _ in range(5):
+        try:
+            return store.read_bytes(rel)
+        except FileNotFoundError:
+            return None
+        except OSError:  # s3fs FileExpired: rewritten by another publisher while read; read the new one
+            time.sleep(0.1)
+    return store.read_bytes(rel)
+
+
+def _check_copies(store: Store, incoming: str, outputs: dict[str, StageOutput]) -> None:
+    """Every copied file re-hashed against its stage's record; a stage output whose bytes differ is
+    refused by name, and its `_stage.json` removed so that the next run rebuilds it."""
+    bad = {stage: [rel for rel, sha in out.files.items() if store.sha256(f"{incoming}/{stage}/{rel}") != sha]
+           for stage, out in outputs.items()}
+    bad = {stage: rels for stage, rels in bad.items() if rels}
+    if bad:
+        for stage in bad:
+            with contextlib.suppress(FileNotFoundError):
+                store.remove(f"{outputs[stage].prefix}/_stage.json")
+        where = "; ".join(f"{outputs[s].prefix}: {rels[:3]}" for s, rels in bad.items())
+        raise StoreError(f"stage outputs in {store.root} differ from their records ({where}): edited, damaged, or "
+                         "rewritten with other bytes by a concurrent run", "rerun the flow: those stages are rebuilt "
+                         "(their _stage.json was removed), every other stage is cached")
+
+
+@contextlib.contextmanager
+def _lock(store: Store, rel: str):
+    """An exclusive lock file of a local store (flock: released if the holder is killed)."""
+    import fcntl
+    import os
+
+    path = store.uri(rel)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _swap_in(store: Store, incoming: str, prefix: str, manifest: RunManifest) -> RunManifest:
+    """Local: rename the complete run into place; a damaged copy there is moved aside first and
+    removed only after. Runs under the run's lock, so no other publisher moves anything meanwhile."""
+    if (kept := _intact(store, prefix)) is not None:  # another publisher finished first
+        store.remove(incoming)
+        return kept
+    aside = f"{incoming}-replaced"
+    if store.exists(prefix):
+        store.rename_dir(prefix, aside)
+    store.rename_dir(incoming, prefix)  # one step: the run appears whole
+    store.remove(aside)
+    return manifest
+
+
+def _copy_in(store: Store, incoming: str, prefix: str, manifest: RunManifest, seen: bytes | None,
+             attempts: int = 5) -> RunManifest:
+    """S3: the data files (every publisher of this run copies the same verified bytes, but for
+    the DuckDB file), then the DuckDB and the manifest; checked, and redone if a concurrent
+    publisher's DuckDB and manifest crossed ours."""
+    for _ in range(attempts):
+        current = _read(store, f"{prefix}/manifest.json")
+        if current is not None and current != seen and (kept := _consistent(store, prefix)) is not None:
+            store.remove(incoming)  # another publisher completed it meanwhile
+            return kept
+        if current is not None and current == seen:
+            store.remove(f"{prefix}/manifest.json")  # the damaged run stops being listed before it changes
+        for rel in manifest.files:
+            if rel != "expertbits.duckdb":
+                store.copy(f"{incoming}/{rel}", f"{prefix}/{rel}")
+        for rel in set(store.list(prefix)) - set(manifest.files) - {"manifest.json"}:
+            store.remove(f"{prefix}/{rel}")  # left by a damaged or partial copy
+        store.copy(f"{incoming}/expertbits.duckdb", f"{prefix}/expertbits.duckdb")
+        store.copy(f"{incoming}/manifest.json", f"{prefix}/manifest.json")
+        if (kept := _consistent(store, prefix)) is not None:
+            store.remove(incoming)
+            return kept
+        seen = None
+        time.sleep(random.uniform(0.2, 1.0))
+    raise StoreError(f"{store.uri(prefix)}: the published run does not match its manifest after {attempts} attempts",
+                     "another process keeps rewriting this run; rerun the flow when it is done (every stage is cached)")
 
 
 def _intact(store: Store, prefix: str) -> RunManifest | None:
@@ -127,44 +224,21 @@ def _intact(store: Store, prefix: str) -> RunManifest | None:
     try:
         report = verify_run(store, prefix)
         manifest = RunManifest.model_validate_json(store.read_bytes(f"{prefix}/manifest.json"))
-    except (StoreError, ValueError, FileNotFoundError):
+    except (StoreError, ValueError, OSError):  # OSError: gone, or rewritten meanwhile (s3fs FileExpired)
         return None
     return manifest if report["ok"] else None
 
 
-def _make_visible(store: Store, incoming: str, prefix: str, manifest: RunManifest, attempts: int = 5) -> RunManifest:
-    if store.is_local:
-        asides = []
-        try:
-            for n in range(attempts):
-                try:
-                    store.rename_dir(incoming, prefix)  # one step: the run appears whole
-                    return manifest
-                except OSError:  # `prefix` exists: a damaged copy, or a concurrent publisher's
-                    if (kept := _intact(store, prefix)) is not None:
-                        store.remove(incoming)
-                        return kept
-                    asides.append(f"{incoming}-replaced-{n}")
-                    with contextlib.suppress(FileNotFoundError):
-                        store.rename_dir(prefix, asides[-1])  # out of sight; removed once ours is in place
-        finally:
-            for aside in asides:
-                store.remove(aside)
-    else:
-        for _ in range(attempts):
-            # S3 has no rename. The data files first (whoever else publishes this run writes the
-            # same bytes, but for the DuckDB file), then the manifest; then checked, and redone if a
-            # concurrent publisher's DuckDB and manifest crossed ours.
-            if store.exists(f"{prefix}/manifest.json") and _intact(store, prefix) is None:
-                store.remove(f"{prefix}/manifest.json")  # a damaged run stops being listed before it changes
-            for rel in manifest.files:
-                store.copy(f"{incoming}/{rel}", f"{prefix}/{rel}")
-            for rel in set(store.list(prefix)) - set(manifest.files) - {"manifest.json"}:
-                store.remove(f"{prefix}/{rel}")  # left by a damaged or partial copy
-            store.copy(f"{incoming}/manifest.json", f"{prefix}/manifest.json")
-            if (kept := _intact(store, prefix)) is not None:
-                store.remove(incoming)
-                return kept
-            time.sleep(random.uniform(0.2, 1.0))
-    raise StoreError(f"{store.uri(prefix)}: the published run does not match its manifest after {attempts} attempts",
-                     "another process keeps rewriting this run; rerun the flow when it is done (every stage is cached)")
+def _consistent(store: Store, prefix: str) -> RunManifest | None:
+    """After copying verified files in: the visible manifest, if its files are all there (no other)
+    and the one file that differs between publishers, the DuckDB, is the one it lists."""
+    try:
+        manifest = RunManifest.model_validate_json(store.read_bytes(f"{prefix}/manifest.json"))
+        if not store.is_local:
+            store.fs.invalidate_cache()
+        present = set(store.list(prefix)) - {"manifest.json"}
+        ok = present == set(manifest.files) and store.sha256(f"{prefix}/expertbits.duckdb") == manifest.files[
+            "expertbits.duckdb"]
+    except (ValueError, KeyError, OSError):  # OSError: gone, or rewritten meanwhile (s3fs FileExpired)
+        return None
+    return manifest if ok else None

@@ -190,9 +190,10 @@ def publish_stage(store: Store, stage: str, key: str, local: Path, summary: dict
     """Upload a local folder as the stage's objects, `_stage.json` last. `present` lists files
     (name -> sha256) that per-layer tasks already wrote under the prefix; they are kept.
 
-    Nothing is removed first: the key names the content, so whatever is already under the prefix
-    (a copy another run is reading, or what a killed attempt left) is the same bytes or is
-    replaced file by file, each write whole (storage.py)."""
+    Nothing is removed first: another run may be reading a copy there. Each file is replaced
+    whole (storage.py). A concurrent run of the same key mostly writes the same bytes; where it
+    does not (league timings, GPU float sums), publishing re-hashes every file against the record
+    and refuses the mismatch, removing `_stage.json` so the next run rebuilds the stage."""
     prefix = f"objects/{stage}/{key}"
     files = {p.relative_to(local).as_posix(): sha256_file(p) for p in sorted(local.rglob("*")) if p.is_file()}
     # A failure leaves no _stage.json, so readers ignore the prefix and `expertbits gc` removes it

@@ -140,9 +140,11 @@ class Store:
         return t.timestamp() if hasattr(t, "timestamp") else float(t)
 
     def remove(self, rel: str) -> None:
+        """Remove a file or a prefix; nothing there (or removed meanwhile by another process) is fine."""
         path = self._path(rel)
-        if self.fs.exists(path):
-            self.fs.rm(path, recursive=True)
+        with contextlib.suppress(FileNotFoundError):
+            if self.fs.exists(path):
+                self.fs.rm(path, recursive=True)
         if not self.is_local:
             self.fs.invalidate_cache()
 

@@ -46,7 +46,7 @@ def test_republishing_keeps_an_intact_run_and_replaces_a_damaged_one_without_rem
     store = _stores(tmp_path, s3)[where == "s3"]
     outputs = _outputs(store, tmp_path / "work")
     first = publish.publish(store, "r1", outputs, {"p": 1}, database=_db)
-    assert verify_run(store, "runs/r1")["ok"] and store.list("incoming") == []
+    assert verify_run(store, "runs/r1")["ok"] and store.list(publish.INCOMING) == []
     # the same run again: intact, so kept as it is (its DuckDB bytes were not rewritten)
     again = publish.publish(store, "r1", outputs, {"p": 1}, database=_db)
     assert again.files == first.files
@@ -54,10 +54,58 @@ def test_republishing_keeps_an_intact_run_and_replaces_a_damaged_one_without_rem
     store.write_bytes("runs/r1/quantization/model.safetensors", b"X" * 300)
     store.write_bytes("runs/r1/planted.txt", b"junk")
     assert not verify_run(store, "runs/r1")["ok"]
-    third = publish.publish(store, "r1", outputs, {"p": 1}, database=_db)
+    during = []
+
+    def watching(path, st, outs, tmp):  # midway through the republish, the damaged copy is still all there
+        during.append(store.list("runs/r1"))
+        _db(path, st, outs, tmp)
+
+    third = publish.publish(store, "r1", outputs, {"p": 1}, database=watching)
+    assert "quantization/model.safetensors" in during[0] and "manifest.json" in during[0]
     assert verify_run(store, "runs/r1")["ok"] and third.files["expertbits.duckdb"] != first.files["expertbits.duckdb"]
     assert store.read_bytes("runs/r1/quantization/model.safetensors") == b"Q" * 300
-    assert store.list("incoming") == [] and "planted.txt" not in store.list("runs/r1")
+    assert store.list(publish.INCOMING) == [] and "planted.txt" not in store.list("runs/r1")
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_concurrent_publishers_of_one_run_leave_it_intact(where, tmp_path, s3):
+    import threading
+
+    store = _stores(tmp_path, s3)[where == "s3"]
+    outputs = _outputs(store, tmp_path / "work")
+    publish.publish(store, "r3", outputs, {}, database=_db)
+    store.write_bytes("runs/r3/quantization/model.safetensors", b"damaged")  # so every publisher replaces it
+    barrier, results, errors = threading.Barrier(4), [], []
+
+    def publisher():
+        barrier.wait()
+        try:
+            results.append(publish.publish(store, "r3", outputs, {}, database=_db))
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=publisher) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and len(results) == 4
+    assert verify_run(store, "runs/r3")["ok"] and store.list_dirs(publish.INCOMING) == []
+    final = json.loads(store.read_bytes("runs/r3/manifest.json"))
+    assert final["files"]["expertbits.duckdb"] in {r.files["expertbits.duckdb"] for r in results}
+
+
+def test_a_stage_output_changed_since_it_was_written_is_not_published(tmp_path):
+    store = Store(str(tmp_path / "store"))
+    outputs = _outputs(store, tmp_path / "work")
+    store.write_bytes("objects/quantization/key-quantization/model.safetensors", b"E" * 300)  # edited in the store
+    from expertbits.tasks.errors import StoreError
+
+    with pytest.raises(StoreError, match=r"(?s)objects/quantization/key-quantization: \['model.safetensors'\].*rebuilt"):
+        publish.publish(store, "r4", outputs, {}, database=_db)
+    assert not store.exists("runs/r4") and store.list_dirs(publish.INCOMING) == []
+    assert not store.exists("objects/quantization/key-quantization/_stage.json")  # the next run rebuilds it
+    assert store.exists("objects/statistics/key-statistics/_stage.json")
 
 
 def test_a_run_is_invisible_until_complete_and_its_files_are_copies(tmp_path):
@@ -66,7 +114,7 @@ def test_a_run_is_invisible_until_complete_and_its_files_are_copies(tmp_path):
     seen = []
 
     def watching_db(path, st, outs, tmp):  # called midway through publishing: what does a reader see then?
-        seen.append((store.list("runs"), sorted(store.list_dirs("incoming"))))
+        seen.append((store.list("runs"), sorted(store.list_dirs(publish.INCOMING))))
         _db(path, st, outs, tmp)
 
     publish.publish(store, "r2", outputs, {}, database=watching_db)
@@ -79,7 +127,7 @@ def test_a_run_is_invisible_until_complete_and_its_files_are_copies(tmp_path):
     assert cached.read_bytes() == b"Q" * 300  # the cache is unchanged
 
 
-def test_local_writes_replace_whole_files_and_never_truncate_in_place(tmp_path):
+def test_local_writes_replace_whole_files_and_never_truncate_in_place(tmp_path, monkeypatch):
     store = Store(str(tmp_path))
     store.write_bytes("f.json", b"old")
     held = open(tmp_path / "f.json", "rb")  # a reader holding the old file sees it whole, not truncated
@@ -90,13 +138,15 @@ def test_local_writes_replace_whole_files_and_never_truncate_in_place(tmp_path):
     class Boom(Exception):
         pass
 
-    def failing():
-        yield b"partial"
+    def dies_midway(src, dst):  # the disk fills (or the process dies) halfway through the copy
+        Path(dst).write_bytes(Path(src).read_bytes()[:3])
         raise Boom
 
+    (tmp_path / "src.json").write_bytes(b"replacement")
+    monkeypatch.setattr("expertbits.tasks.storage.shutil.copyfile", dies_midway)
     with pytest.raises(Boom):
-        store.write_bytes("f.json", b"".join(failing()))
-    assert (tmp_path / "f.json").read_bytes() == b"new content"
+        store.put_file(tmp_path / "src.json", "f.json")
+    assert (tmp_path / "f.json").read_bytes() == b"new content"  # the old file, whole
     assert not [p for p in tmp_path.iterdir() if TMP_MARK in p.name]
 
 
@@ -151,6 +201,9 @@ def test_a_damaged_cache_entry_is_fetched_again_and_a_missing_shard_is_an_error(
     (sharded / "model-00001-of-00002.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"missing shards: \['model-00001-of-00002.safetensors'\]"):
         Checkpoint.open(sharded)
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": ["a", "b"]}}))
+    with pytest.raises(CheckpointError, match="not a safetensors index"):
+        Checkpoint.open(sharded)
 
 
 def test_gc_removes_orphans_older_than_the_age_and_nothing_else(tmp_path, s3):
@@ -159,10 +212,14 @@ def test_gc_removes_orphans_older_than_the_age_and_nothing_else(tmp_path, s3):
     for store in _stores(tmp_path, s3):
         outputs = _outputs(store, tmp_path / f"work-{store.is_local}")
         publish.publish(store, "good", outputs, {}, database=_db)
-        orphans = ["incoming/runs-dead-0123", "runs/partial", "objects/quantization/killed"]
+        orphans = [f"{publish.INCOMING}/runs-dead-0123456789ab", "runs/partial", "objects/quantization/killed"]
         for prefix in orphans:
             store.write_bytes(f"{prefix}/model.safetensors", b"half")
+        store.write_bytes(f"{publish.INCOMING}/runs-dead-0123456789ab/manifest.json", b"{}")  # written, never visible
         store.write_bytes("objects/statistics/key-statistics/.expertbits-tmp-dead-a.parquet", b"half")
+        # not orphans: a user's folder that happens to be called incoming, another name under ours
+        for keep in ("incoming/my-model/config.json", f"{publish.INCOMING}/notes/readme.txt"):
+            store.write_bytes(keep, b"{}")
         kept = set(store.list(""))
         found = gc.collect(store, 3600, dry_run=True)
         assert found == []  # everything is young
@@ -174,14 +231,27 @@ def test_gc_removes_orphans_older_than_the_age_and_nothing_else(tmp_path, s3):
         gc.collect(store, 3600, now=later)
         left = set(store.list(""))
         assert not any(o in f for f in left for o in orphans) and not any(TMP_MARK in f for f in left)
+        assert {"incoming/my-model/config.json", f"{publish.INCOMING}/notes/readme.txt"} <= left
         assert verify_run(store, "runs/good")["ok"]
         assert all(store.exists(f"{o.prefix}/_stage.json") for o in outputs.values())
+
+    # local: a prefix with one recent file is young; and a file written after the scan is kept
+    store = Store(str(tmp_path / "store"))
+    old = time.time() - 7200
+    for name in ("a.safetensors", "b.safetensors"):
+        store.write_bytes(f"objects/quantization/slow/{name}", b"x")
+    os.utime(store.uri("objects/quantization/slow/a.safetensors"), (old, old))
+    assert gc.collect(store, 3600) == [] and store.exists("objects/quantization/slow/a.safetensors")
+    os.utime(store.uri("objects/quantization/slow/b.safetensors"), (old, old))
+    [orphan] = gc.store_orphans(store, 3600)
+    store.write_bytes("objects/quantization/slow/c.safetensors", b"x")  # the stage resumes meanwhile
+    gc._remove_old(store, orphan.where, time.time() - 3600)
+    assert store.list("objects/quantization/slow") == ["c.safetensors"]
 
     cache = tmp_path / "cache"
     dead = cache / "checkpoints" / ".incoming-dead"
     dead.mkdir(parents=True)
     (dead / "model.safetensors").write_bytes(b"half")
-    old = time.time() - 7200
     os.utime(dead / "model.safetensors", (old, old))
     os.utime(dead, (old, old))
     young = cache / "checkpoints" / ".incoming-live"
@@ -189,3 +259,4 @@ def test_gc_removes_orphans_older_than_the_age_and_nothing_else(tmp_path, s3):
     assert main(["gc", "--store", str(tmp_path / "store"), "--cache-dir", str(cache), "--older-than", "1h"]) == 0
     assert not dead.exists() and young.exists()
     assert main(["gc", "--store", str(tmp_path / "store"), "--older-than", "soon"]) == 2
+    assert main(["gc", "--store", str(tmp_path / "store"), "--older-than", "30s"]) == 2

@@ -10,6 +10,7 @@ import shutil
 import pytest
 
 from expertbits.tasks import catalog
+from expertbits.tasks.publish import INCOMING
 from expertbits.tasks.storage import Store
 from expertbits.tasks.verify import verify_run
 
@@ -40,7 +41,7 @@ def test_four_runs_at_once_on_one_store(where, prefect_api, params, s3, tmp_path
     # runs that share stages share their bytes: statistics are the same in all three
     stats = {run_files(store, r)["statistics/expert_stats.parquet"] for r in runs.run_id}
     assert len(stats) == 1
-    assert store.list("incoming") == []  # every publish finished and cleaned up
+    assert store.list(INCOMING) == []  # every publish finished and cleaned up
 
 
 WATCH = """

@@ -41,7 +41,7 @@ def test_every_run_completes_through_a_flaky_store_with_the_same_bytes(prefect_a
         report.append(f"rate {rate:.0%}: {counts['requests']} requests, {proxy.faults} faults injected "
                       f"({', '.join(f'{k} {counts.get(k, 0)}' for k in ('500', '503', 'reset', 'lost', 'delay'))}), "
                       "1 of 1 runs completed")
-        assert proxy.faults > 0 and counts["requests"] > 100
+        assert counts["requests"] > 100 and proxy.faults - counts.get("delay", 0) > 0  # failures, not only delays
         st = Store(store, options)  # read back through the healthy endpoint
         [run_id] = catalog.list_runs(st).run_id
         assert verify_run(st, f"runs/{run_id}")["ok"]

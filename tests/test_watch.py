@@ -110,3 +110,17 @@ def test_sharded_uploads_bad_headers_and_watch_settings(micro_pair, tmp_path, mo
     assert relative.prefixes == [str(root)] and under(scan("./in")[0].uri, relative.prefixes)
     with pytest.raises(ValidationError, match="inside a watched prefix"):
         WatchParams(prefixes=[str(root)], store=str(root / "store"))
+
+
+def test_a_watched_prefix_inside_the_store_is_refused(tmp_path):
+    """Runs published in the store would be announced as new checkpoints (the watch names
+    the store's own folders)."""
+    from pydantic import ValidationError
+
+    from expertbits.flows.params import WatchParams
+
+    with pytest.raises(ValidationError, match="lie inside the store"):
+        WatchParams(prefixes=[str(tmp_path / "store" / "runs")], store=str(tmp_path / "store"))
+    with pytest.raises(ValidationError, match="lie inside the store"):
+        WatchParams(prefixes=["s3://b/store/incoming"], store="s3://b/store")
+    assert WatchParams(prefixes=["s3://b/incoming"], store="s3://b/store").prefixes == ["s3://b/incoming"]
