@@ -271,8 +271,8 @@ def collect_garbage(args: argparse.Namespace) -> int:
     options = dict(item.partition("=")[::2] for item in args.storage_option)
     try:
         age = gc.parse_age(args.older_than)
-        if age < 60:
-            raise ValueError(f"{args.older_than} is too young: a run still writing could lose files; give 1m or more")
+        if age < 3600:  # a publish re-hashing a large run writes nothing for minutes
+            raise ValueError(f"{args.older_than} is too young: a run still writing could lose files; give 1h or more")
     except ValueError as e:
         print(f"expertbits: --older-than: {e}", file=sys.stderr)
         return 2

@@ -96,17 +96,16 @@ def publish(store: Store, rid: str, outputs: dict[str, StageOutput], parameters:
     one run take turns, by a lock file); on S3 (no rename) its objects are copied in, the manifest
     last, a damaged run's manifest having been removed first so it is not listed meanwhile."""
     prefix = f"{root}/{rid}"
-    if (kept := _intact(store, prefix)) is not None:
+    kept, seen = _intact(store, prefix)  # seen: the damaged manifest, if any; a different one later is news
+    if kept is not None:
         return kept
-    seen = _read(store, f"{prefix}/manifest.json")  # a different manifest later: another publisher finished
     incoming = f"{INCOMING}/{root}-{rid}-{uuid.uuid4().hex[:12]}"
     with store.staging(incoming), tempfile.TemporaryDirectory() as tmp:
-        files: dict[str, str] = {}
         for stage, out in outputs.items():
-            for rel, sha in out.files.items():
+            for rel in out.files:
                 store.copy(f"{out.prefix}/{rel}", f"{incoming}/{stage}/{rel}")
-                files[f"{stage}/{rel}"] = sha
-        _check_copies(store, incoming, outputs)
+        outputs = _check_copies(store, incoming, outputs)
+        files = {f"{stage}/{rel}": sha for stage, out in outputs.items() for rel, sha in out.files.items()}
         db = Path(tmp) / "expertbits.duckdb"
         copies = {stage: out.model_copy(update={"prefix": f"{incoming}/{stage}"}) for stage, out in outputs.items()}
         database(db, store, copies, Path(tmp))  # from the checked copies: the tables are the files
@@ -141,20 +140,34 @@ def _read(store: Store, rel: str) -> bytes | None:
     return store.read_bytes(rel)
 
 
-def _check_copies(store: Store, incoming: str, outputs: dict[str, StageOutput]) -> None:
-    """Every copied file re-hashed against its stage's record; a stage output whose bytes differ is
-    refused by name, and its `_stage.json` removed so that the next run rebuilds it."""
-    bad = {stage: [rel for rel, sha in out.files.items() if store.sha256(f"{incoming}/{stage}/{rel}") != sha]
-           for stage, out in outputs.items()}
-    bad = {stage: rels for stage, rels in bad.items() if rels}
+def _check_copies(store: Store, incoming: str, outputs: dict[str, StageOutput]) -> dict[str, StageOutput]:
+    """Every copied file re-hashed against its stage's record. Where they differ, the stage's
+    current `_stage.json` decides: if a concurrent run rewrote the stage and its record matches
+    the copies, that record is used; otherwise the stage output is refused by name, and its
+    `_stage.json` and the differing files are removed so that the next run rebuilds them."""
+    checked = dict(outputs)
+    bad: dict[str, list[str]] = {}
+    for stage, out in outputs.items():
+        copied = {rel: store.sha256(f"{incoming}/{stage}/{rel}") for rel in out.files}
+        if copied == out.files:
+            continue
+        try:
+            current = StageOutput.model_validate_json(store.read_bytes(f"{out.prefix}/_stage.json"))
+        except (FileNotFoundError, ValueError):
+            current = None
+        if current is not None and current.key == out.key and current.files == copied:
+            checked[stage] = current  # rewritten, consistently, by a concurrent run of the same key
+            continue
+        bad[stage] = sorted(rel for rel in out.files if copied[rel] != out.files[rel])
     if bad:
-        for stage in bad:
-            with contextlib.suppress(FileNotFoundError):
-                store.remove(f"{outputs[stage].prefix}/_stage.json")
+        for stage, rels in bad.items():
+            for rel in ["_stage.json", *rels]:
+                store.remove(f"{outputs[stage].prefix}/{rel}")
         where = "; ".join(f"{outputs[s].prefix}: {rels[:3]}" for s, rels in bad.items())
         raise StoreError(f"stage outputs in {store.root} differ from their records ({where}): edited, damaged, or "
                          "rewritten with other bytes by a concurrent run", "rerun the flow: those stages are rebuilt "
-                         "(their _stage.json was removed), every other stage is cached")
+                         "(their _stage.json and the differing files were removed), every other stage is cached")
+    return checked
 
 
 @contextlib.contextmanager
@@ -165,9 +178,16 @@ def _lock(store: Store, rel: str):
 
     path = store.uri(rel)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
-    try:
+    while True:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
         fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break  # still the lock file (not removed and recreated while we waited)
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
         yield
     finally:
         os.close(fd)
@@ -176,7 +196,8 @@ def _lock(store: Store, rel: str):
 def _swap_in(store: Store, incoming: str, prefix: str, manifest: RunManifest) -> RunManifest:
     """Local: rename the complete run into place; a damaged copy there is moved aside first and
     removed only after. Runs under the run's lock, so no other publisher moves anything meanwhile."""
-    if (kept := _intact(store, prefix)) is not None:  # another publisher finished first
+    kept, _ = _intact(store, prefix)
+    if kept is not None:  # another publisher finished first
         store.remove(incoming)
         return kept
     aside = f"{incoming}-replaced"
@@ -189,44 +210,65 @@ def _swap_in(store: Store, incoming: str, prefix: str, manifest: RunManifest) ->
 
 def _copy_in(store: Store, incoming: str, prefix: str, manifest: RunManifest, seen: bytes | None,
              attempts: int = 5) -> RunManifest:
-    """S3: the data files (every publisher of this run copies the same verified bytes, but for
-    the DuckDB file), then the DuckDB and the manifest; checked, and redone if a concurrent
-    publisher's DuckDB and manifest crossed ours."""
-    for _ in range(attempts):
+    """S3: the data files (every publisher of this run copies the same checked bytes, but for the
+    DuckDB file), then the DuckDB and the manifest; checked, and redone if a concurrent
+    publisher's DuckDB and manifest crossed ours. `seen` is the damaged manifest found before (or
+    ours after an attempt): any other manifest there is another publisher's, kept if consistent."""
+    ours = _read(store, f"{incoming}/manifest.json")
+
+    def theirs() -> RunManifest | None:
         current = _read(store, f"{prefix}/manifest.json")
-        if current is not None and current != seen and (kept := _consistent(store, prefix)) is not None:
-            store.remove(incoming)  # another publisher completed it meanwhile
+        return _consistent(store, prefix) if current is not None and current not in (seen, ours) else None
+
+    for _ in range(attempts):
+        if (kept := theirs()) is not None:
+            store.remove(incoming)
             return kept
-        if current is not None and current == seen:
+        if seen is not None and _read(store, f"{prefix}/manifest.json") == seen:
             store.remove(f"{prefix}/manifest.json")  # the damaged run stops being listed before it changes
         for rel in manifest.files:
             if rel != "expertbits.duckdb":
                 store.copy(f"{incoming}/{rel}", f"{prefix}/{rel}")
         for rel in set(store.list(prefix)) - set(manifest.files) - {"manifest.json"}:
             store.remove(f"{prefix}/{rel}")  # left by a damaged or partial copy
+        if (kept := theirs()) is not None:  # completed by another publisher while we copied
+            store.remove(incoming)
+            return kept
         store.copy(f"{incoming}/expertbits.duckdb", f"{prefix}/expertbits.duckdb")
         store.copy(f"{incoming}/manifest.json", f"{prefix}/manifest.json")
         if (kept := _consistent(store, prefix)) is not None:
             store.remove(incoming)
             return kept
-        seen = None
+        seen = _read(store, f"{prefix}/manifest.json")  # crossed: whatever is there now is not a good run
         time.sleep(random.uniform(0.2, 1.0))
     raise StoreError(f"{store.uri(prefix)}: the published run does not match its manifest after {attempts} attempts",
                      "another process keeps rewriting this run; rerun the flow when it is done (every stage is cached)")
 
 
-def _intact(store: Store, prefix: str) -> RunManifest | None:
-    """The manifest of the run at `prefix` if it is there and every file matches it, else None."""
+def _intact(store: Store, prefix: str) -> tuple[RunManifest | None, bytes | None]:
+    """(manifest, its bytes) of the run at `prefix`: the manifest only if every file matches it.
+    A read that fails for another reason than a missing file propagates (the task retries it):
+    an intact run is never taken for a damaged one because the store hiccuped."""
     from .verify import verify_run
 
-    if not store.exists(f"{prefix}/manifest.json"):
-        return None
-    try:
-        report = verify_run(store, prefix)
-        manifest = RunManifest.model_validate_json(store.read_bytes(f"{prefix}/manifest.json"))
-    except (StoreError, ValueError, OSError):  # OSError: gone, or rewritten meanwhile (s3fs FileExpired)
-        return None
-    return manifest if report["ok"] else None
+    for attempt in range(3):
+        raw = _read(store, f"{prefix}/manifest.json")
+        if raw is None:
+            return None, None
+        try:
+            report = verify_run(store, prefix)
+            manifest = RunManifest.model_validate_json(raw)
+        except (StoreError, ValueError, FileNotFoundError):  # not a manifest, or a file gone meanwhile
+            return None, raw
+        except OSError:  # s3fs FileExpired: an object changed while read; look again
+            if attempt == 2:
+                raise
+            time.sleep(0.2)
+            continue
+        if _read(store, f"{prefix}/manifest.json") != raw:  # republished while we read it: look again
+            continue
+        return (manifest if report["ok"] else None), raw
+    return None, _read(store, f"{prefix}/manifest.json")
 
 
 def _consistent(store: Store, prefix: str) -> RunManifest | None:

@@ -25,7 +25,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.logging import get_run_logger
 
 from . import download, statistics
-from .errors import ExpertbitsError
+from .errors import ExpertbitsError, ValidationFailed
 from .records import CheckpointRecord, StageOutput
 from .storage import Store, open_fs, sha256_file
 
@@ -180,9 +180,18 @@ def progress_reporter(stage: str):
 def miss_unless(ctx, store: Store, stage: str, key: str) -> str:
     """The key, unless Prefect holds a record for it whose objects left the store: then a one-off miss."""
     record = ctx.result_store is not None and ctx.result_store.exists(key)
-    if record and not store.exists(f"objects/{stage}/{key}/_stage.json"):
+    if record and not _complete(store, f"objects/{stage}/{key}"):
         return f"{key}-rebuild-{uuid.uuid4().hex}"
     return key
+
+
+def _complete(store: Store, prefix: str) -> bool:
+    """`_stage.json` is there and so is every file it lists (gc or a user may have removed some)."""
+    try:
+        out = StageOutput.model_validate_json(store.read_bytes(f"{prefix}/_stage.json"))
+    except (FileNotFoundError, ValueError):
+        return False
+    return all(store.exists(f"{prefix}/{rel}") for rel in out.files)
 
 
 def publish_stage(store: Store, stage: str, key: str, local: Path, summary: dict,
@@ -201,6 +210,10 @@ def publish_stage(store: Store, stage: str, key: str, local: Path, summary: dict
     for rel in files:
         store.put_file(local / rel, f"{prefix}/{rel}")
     files = dict(sorted({**files, **(present or {})}.items()))
+    gone = [rel for rel in (present or {}) if not store.exists(f"{prefix}/{rel}")]
+    if gone:  # removed since the per-layer tasks wrote them (gc, a user): never a record of missing files
+        raise ValidationFailed(f"{store.uri(prefix)}: {gone[:3]} written by the per-layer tasks are gone",
+                               "rerun the flow: the missing layers are rebuilt")
     out = StageOutput(stage=stage, key=key, prefix=prefix, files=files, summary=summary)
     store.write_bytes(f"{prefix}/_stage.json", out.model_dump_json(indent=2).encode())
     return out

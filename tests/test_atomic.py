@@ -104,8 +104,27 @@ def test_a_stage_output_changed_since_it_was_written_is_not_published(tmp_path):
     with pytest.raises(StoreError, match=r"(?s)objects/quantization/key-quantization: \['model.safetensors'\].*rebuilt"):
         publish.publish(store, "r4", outputs, {}, database=_db)
     assert not store.exists("runs/r4") and store.list_dirs(publish.INCOMING) == []
-    assert not store.exists("objects/quantization/key-quantization/_stage.json")  # the next run rebuilds it
+    # the next run rebuilds it: no record, and the differing file is gone (a layer task rebuilds a missing shard)
+    assert store.list("objects/quantization/key-quantization") == ["config.json"]
     assert store.exists("objects/statistics/key-statistics/_stage.json")
+    from expertbits.tasks.stage_io import _complete
+
+    assert _complete(store, "objects/statistics/key-statistics")
+    store.remove("objects/statistics/key-statistics/a.parquet")  # a listed file gone: not a cache hit any more
+    assert not _complete(store, "objects/statistics/key-statistics")
+
+
+def test_a_stage_rewritten_consistently_by_a_concurrent_run_is_published_with_its_record(tmp_path):
+    store = Store(str(tmp_path / "store"))
+    outputs = _outputs(store, tmp_path / "work")
+    other = tmp_path / "other"  # the same key, other bytes (a league's timings), and its own record
+    other.mkdir()
+    (other / "model.safetensors").write_bytes(b"R" * 300)
+    (other / "config.json").write_bytes(b"{}")
+    rewritten = publish_stage(store, "quantization", "key-quantization", other, {"stage": "again"})
+    manifest = publish.publish(store, "r5", outputs, {}, database=_db)
+    assert manifest.files["quantization/model.safetensors"] == rewritten.files["model.safetensors"]
+    assert verify_run(store, "runs/r5")["ok"] and manifest.summary["quantization"] == {"stage": "again"}
 
 
 def test_a_run_is_invisible_until_complete_and_its_files_are_copies(tmp_path):

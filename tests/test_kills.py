@@ -15,7 +15,7 @@ import pytest
 
 from expertbits.tasks import catalog, gc
 from expertbits.tasks.publish import INCOMING
-from expertbits.tasks.storage import Store
+from expertbits.tasks.storage import TMP_MARK, Store
 from expertbits.tasks.verify import verify_run
 
 from runner import (STAGES, done_stages, finish, kill, layer_shards_written, quantize_args, run_files,
@@ -95,7 +95,8 @@ def test_sigkill_at_every_stage_boundary_then_rerun_gives_the_same_bytes(where, 
     # what the kills left behind (a run never made visible, unfinished writes) is an orphan; gc
     # removes only that, and the run is intact after it
     removed = gc.collect(store, 0, tmp_path / "cache", now=time.time() + 1)
-    assert removed and all(o.where.startswith(f"{INCOMING}/runs-") for o in removed if o.in_store), removed
+    assert removed and all(o.where.startswith(f"{INCOMING}/runs-") or TMP_MARK in o.where
+                           for o in removed if o.in_store), removed
     assert verify_run(store, f"runs/{run_id}")["ok"] and set(catalog.list_runs(store).run_id) == {run_id}
     assert store.list(INCOMING) == []
     print(f"{where}: gc removed {len(removed)} orphans: {[o.where for o in removed]}")
