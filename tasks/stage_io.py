@@ -31,6 +31,8 @@ from .storage import Store, open_fs, sha256_file
 
 _T, _K = "expertbits.tasks.", "expertbits.kernels."
 # What a packed expert module runs: the per-expert loop on CPU, the fused kernel on CUDA.
+# The quantized folder is written through storage.py's whole-file writes and loaded after verify.py's check.
+_IO = (_T + "storage", _T + "verify")
 _PACKED_RUNTIME = (_K + "modules", _K + "bank", _K + "fused_moe", _K + "fused_moe_triton", _K + "dequant_matmul",
                    _K + "dequant_matmul_triton")
 # The modules whose code each stage runs (its Prefect wrapper included): their source is in the key.
@@ -42,22 +44,23 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "calibration": (_T + "stages", _T + "parts", _T + "calibrate", _T + "adapters", _T + "checkpoint", _K + "packing",
                     # GPTQ runs the model streamed (tasks/stream.py), which reads packed folders too
                     *(_GPTQ := (_T + "quantizer", _T + "sequential", _T + "stream", _T + "evaluate", _T + "seq2seq",
-                                _T + "loader", _T + "quantize", _T + "quantized", _K + "gptq", *_PACKED_RUNTIME))),
+                                _T + "loader", _T + "quantize", _T + "quantized", _K + "gptq", *_PACKED_RUNTIME, *_IO))),
     "allocation": (_T + "stages", _T + "allocate", _T + "allocators", _T + "budget"),
     "quantization": (_T + "stages", _T + "parts", _T + "quantize", _T + "adapters", _T + "checkpoint", _K + "packing",
                      *_GPTQ),
     "validation": (_T + "stages", _T + "parts", _T + "validate", _T + "quantizer", _T + "quantized", _T + "quantize", _T + "adapters",
                    _T + "checkpoint", _K + "packing",
                    # the fused check runs the shipped model streamed, then the fused kernel per layer
-                   _T + "validate_fused", _T + "stream", _T + "evaluate", _T + "seq2seq", _T + "loader", *_PACKED_RUNTIME),
+                   _T + "validate_fused", _T + "stream", _T + "evaluate", _T + "seq2seq", _T + "loader", *_PACKED_RUNTIME,
+                   *_IO),
     "evaluation": (_T + "stages", _T + "evaluate", _T + "stream", _T + "loader", _T + "quantize", _T + "quantized",
                    _T + "quantizer",
-                   _T + "adapters", _T + "checkpoint", _T + "seq2seq", _K + "packing", *_PACKED_RUNTIME),
+                   _T + "adapters", _T + "checkpoint", _T + "seq2seq", _K + "packing", *_PACKED_RUNTIME, *_IO),
     "league": (_T + "league_stages", _T + "parts", _T + "stages", _T + "league", _T + "plots", _T + "allocate",
                _T + "allocators", _T + "budget", _T + "evaluate", _T + "stream", _T + "adapters", _T + "checkpoint",
                _T + "seq2seq", _T + "statistics", _T + "quantize", _T + "loader", _K + "packing", *_PACKED_RUNTIME,
                "expertbits.zoo.cards", _T + "quantizer",
-               _T + "sequential", _T + "quantized", _K + "gptq"),
+               _T + "sequential", _T + "quantized", _K + "gptq", *_IO),
 }
 
 
