@@ -103,7 +103,11 @@ def publish(store: Store, rid: str, outputs: dict[str, StageOutput], parameters:
     with store.staging(incoming), tempfile.TemporaryDirectory() as tmp:
         for stage, out in outputs.items():
             for rel in out.files:
-                store.copy(f"{out.prefix}/{rel}", f"{incoming}/{stage}/{rel}")
+                try:
+                    store.copy(f"{out.prefix}/{rel}", f"{incoming}/{stage}/{rel}")
+                except FileNotFoundError as e:
+                    raise StoreError(f"{store.uri(out.prefix)}/{rel}: a file of the {stage} stage's output is gone",
+                                     "rerun the flow: a stage whose files are missing is rebuilt") from e
         outputs = _check_copies(store, incoming, outputs)
         files = {f"{stage}/{rel}": sha for stage, out in outputs.items() for rel, sha in out.files.items()}
         db = Path(tmp) / "expertbits.duckdb"
@@ -161,13 +165,38 @@ def _check_copies(store: Store, incoming: str, outputs: dict[str, StageOutput]) 
         bad[stage] = sorted(rel for rel in out.files if copied[rel] != out.files[rel])
     if bad:
         for stage, rels in bad.items():
-            for rel in ["_stage.json", *rels]:
-                store.remove(f"{outputs[stage].prefix}/{rel}")
+            _drop_if_still_edited(store, outputs[stage], rels)
         where = "; ".join(f"{outputs[s].prefix}: {rels[:3]}" for s, rels in bad.items())
         raise StoreError(f"stage outputs in {store.root} differ from their records ({where}): edited, damaged, or "
                          "rewritten with other bytes by a concurrent run", "rerun the flow: those stages are rebuilt "
                          "(their _stage.json and the differing files were removed), every other stage is cached")
     return checked
+
+
+def _drop_if_still_edited(store: Store, out: StageOutput, rels: list[str]) -> None:
+    """Remove the record and the differing files of a stage output that disagrees with its own
+    record, so the next run rebuilds them (layer shards included): only if it still does a moment
+    later, by the same bytes, with the record unchanged. A concurrent run rewriting the stage at
+    this moment changes one of those, and then nothing is removed."""
+    def state() -> tuple[StageOutput | None, dict[str, str]]:
+        try:
+            record = StageOutput.model_validate_json(store.read_bytes(f"{out.prefix}/_stage.json"))
+        except (FileNotFoundError, ValueError):
+            record = None
+        hashes = {}
+        for rel in rels:
+            try:
+                hashes[rel] = store.sha256(f"{out.prefix}/{rel}")
+            except FileNotFoundError:
+                hashes[rel] = ""
+        return record, hashes
+
+    first = state()
+    time.sleep(1.0)
+    if state() != first or first[0] not in (None, out):
+        return
+    for rel in ["_stage.json", *(r for r in rels if first[1][r] != out.files[r])]:
+        store.remove(f"{out.prefix}/{rel}")
 
 
 @contextlib.contextmanager
@@ -210,15 +239,16 @@ def _swap_in(store: Store, incoming: str, prefix: str, manifest: RunManifest) ->
 
 def _copy_in(store: Store, incoming: str, prefix: str, manifest: RunManifest, seen: bytes | None,
              attempts: int = 5) -> RunManifest:
-    """S3: the data files (every publisher of this run copies the same checked bytes, but for the
-    DuckDB file), then the DuckDB and the manifest; checked, and redone if a concurrent
-    publisher's DuckDB and manifest crossed ours. `seen` is the damaged manifest found before (or
-    ours after an attempt): any other manifest there is another publisher's, kept if consistent."""
+    """S3: the data files, then the DuckDB and the manifest; checked, and redone if a concurrent
+    publisher's files crossed ours. `seen` is the damaged manifest found before: any other
+    manifest there is another publisher's, kept only if the files there are the ones it lists."""
     ours = _read(store, f"{incoming}/manifest.json")
 
     def theirs() -> RunManifest | None:
         current = _read(store, f"{prefix}/manifest.json")
-        return _consistent(store, prefix) if current is not None and current not in (seen, ours) else None
+        if current is None or current in (seen, ours):
+            return None
+        return _consistent(store, prefix, incoming, manifest)
 
     for _ in range(attempts):
         if (kept := theirs()) is not None:
@@ -236,11 +266,10 @@ def _copy_in(store: Store, incoming: str, prefix: str, manifest: RunManifest, se
             return kept
         store.copy(f"{incoming}/expertbits.duckdb", f"{prefix}/expertbits.duckdb")
         store.copy(f"{incoming}/manifest.json", f"{prefix}/manifest.json")
-        if (kept := _consistent(store, prefix)) is not None:
+        if (kept := _consistent(store, prefix, incoming, manifest)) is not None:
             store.remove(incoming)
             return kept
-        seen = _read(store, f"{prefix}/manifest.json")  # crossed: whatever is there now is not a good run
-        time.sleep(random.uniform(0.2, 1.0))
+        time.sleep(random.uniform(0.2, 1.0))  # crossed: look again, copy again
     raise StoreError(f"{store.uri(prefix)}: the published run does not match its manifest after {attempts} attempts",
                      "another process keeps rewriting this run; rerun the flow when it is done (every stage is cached)")
 
@@ -271,16 +300,30 @@ def _intact(store: Store, prefix: str) -> tuple[RunManifest | None, bytes | None
     return None, _read(store, f"{prefix}/manifest.json")
 
 
-def _consistent(store: Store, prefix: str) -> RunManifest | None:
-    """After copying verified files in: the visible manifest, if its files are all there (no other)
-    and the one file that differs between publishers, the DuckDB, is the one it lists."""
+def _consistent(store: Store, prefix: str, incoming: str, ours: RunManifest) -> RunManifest | None:
+    """S3, after copying in: the visible manifest, if the files there are the ones it lists. Cheap
+    when its data files are ours (their ETags against our checked copies, the DuckDB re-hashed);
+    a manifest listing other bytes (a concurrent run's other league timings) is verified in full."""
+    from .verify import verify_run
+
     try:
         manifest = RunManifest.model_validate_json(store.read_bytes(f"{prefix}/manifest.json"))
-        if not store.is_local:
-            store.fs.invalidate_cache()
-        present = set(store.list(prefix)) - {"manifest.json"}
-        ok = present == set(manifest.files) and store.sha256(f"{prefix}/expertbits.duckdb") == manifest.files[
-            "expertbits.duckdb"]
-    except (ValueError, KeyError, OSError):  # OSError: gone, or rewritten meanwhile (s3fs FileExpired)
+        store.fs.invalidate_cache()
+        visible = _details(store, prefix)
+        if set(visible) - {"manifest.json"} != set(manifest.files):
+            return None
+        data = {k: v for k, v in manifest.files.items() if k != "expertbits.duckdb"}
+        if data != {k: v for k, v in ours.files.items() if k != "expertbits.duckdb"}:
+            return manifest if verify_run(store, prefix)["ok"] else None
+        copies = _details(store, incoming)
+        same = all(visible[rel].get("ETag") is not None and visible[rel].get("ETag") == copies.get(rel, {}).get("ETag")
+                   for rel in data)
+        ok = same and store.sha256(f"{prefix}/expertbits.duckdb") == manifest.files["expertbits.duckdb"]
+    except (ValueError, KeyError, OSError):  # OSError: gone, or rewritten meanwhile
         return None
     return manifest if ok else None
+
+
+def _details(store: Store, rel: str) -> dict[str, dict]:
+    base = store._path(rel).rstrip("/")
+    return {k[len(base) + 1:]: v for k, v in store.fs.find(base, detail=True).items()}

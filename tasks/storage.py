@@ -93,6 +93,8 @@ class Store:
             f.write(data)
 
     def read_bytes(self, rel: str) -> bytes:
+        if not self.is_local:  # s3fs opens by the ETag it listed; another process may have rewritten it since
+            self.fs.invalidate_cache(self._path(rel))
         with self.fs.open(self._path(rel), "rb") as f:
             return f.read()
 
@@ -107,6 +109,8 @@ class Store:
     def sha256(self, rel: str, chunk: int = 1 << 22) -> str:
         """sha256 of a stored file, streamed (local or remote)."""
         h = hashlib.sha256()
+        if not self.is_local:
+            self.fs.invalidate_cache(self._path(rel))
         with self.fs.open(self._path(rel), "rb") as f:
             while block := f.read(chunk):
                 h.update(block)

@@ -24,15 +24,15 @@ def _db(path: Path, store, outputs, tmp) -> None:
     path.write_bytes(os.urandom(64))
 
 
-def _outputs(store: Store, tmp: Path) -> dict[str, StageOutput]:
+def _outputs(store: Store, tmp: Path, fill: bytes = b"Q", suffix: str = "") -> dict[str, StageOutput]:
     out = {}
-    for stage, files in (("statistics", {"a.parquet": b"A" * 100}), ("quantization", {"model.safetensors": b"Q" * 300,
+    for stage, files in (("statistics", {"a.parquet": b"A" * 100}), ("quantization", {"model.safetensors": fill * 300,
                                                                                    "config.json": b"{}"})):
         local = tmp / stage
         local.mkdir(parents=True)
         for name, data in files.items():
             (local / name).write_bytes(data)
-        out[stage] = publish_stage(store, stage, f"key-{stage}", local, {"stage": stage})
+        out[stage] = publish_stage(store, stage, f"key-{stage}{suffix}", local, {"stage": stage})
     return out
 
 
@@ -73,18 +73,21 @@ def test_concurrent_publishers_of_one_run_leave_it_intact(where, tmp_path, s3):
 
     store = _stores(tmp_path, s3)[where == "s3"]
     outputs = _outputs(store, tmp_path / "work")
+    other = _outputs(store, tmp_path / "other", fill=b"R", suffix="-gpu")  # the same run id, other bytes (GPU sums)
     publish.publish(store, "r3", outputs, {}, database=_db)
     store.write_bytes("runs/r3/quantization/model.safetensors", b"damaged")  # so every publisher replaces it
     barrier, results, errors = threading.Barrier(4), [], []
 
-    def publisher():
+    def publisher(outs):
+        # each its own connection and listing cache, as separate processes have
+        own = Store(store.root, dict(store.storage_options, skip_instance_cache=True) if not store.is_local else None)
         barrier.wait()
         try:
-            results.append(publish.publish(store, "r3", outputs, {}, database=_db))
+            results.append(publish.publish(own, "r3", outs, {}, database=_db))
         except Exception as e:  # noqa: BLE001 (reported below)
             errors.append(e)
 
-    threads = [threading.Thread(target=publisher) for _ in range(4)]
+    threads = [threading.Thread(target=publisher, args=(o,)) for o in (outputs, other, outputs, other)]
     for t in threads:
         t.start()
     for t in threads:
