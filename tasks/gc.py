@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .publish import INCOMING
+from .visible import INCOMING
 from .storage import TMP_MARK, Store
 
 
