@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 import duckdb
 import pandas as pd
 
-from .storage import Store
+from .storage import Store, modified
 
 # digest: the content digest of the checkpoint as the download stage computed it (sha256 of its files)
 COLUMNS = ("run_id", "checkpoint", "digest", "avg_bits", "allocator", "granularity", "symmetric", "quantizer", "kl",
@@ -68,9 +68,8 @@ def list_runs(store: Store) -> pd.DataFrame:
         p = summary.get("parameters", {})
         checkpoints = json.loads(store.fs.cat_file(posixpath.join(rel, "statistics", "checkpoints.json")))
         info = store.fs.info(manifest_path)
-        created = info.get("mtime") or info.get("LastModified") or info.get("created")
-        if isinstance(created, (int, float)):
-            created = datetime.fromtimestamp(created, tz=timezone.utc)
+        created = modified(info)
+        created = datetime.fromtimestamp(created, tz=timezone.utc) if created is not None else None
         rows.append({
             "run_id": manifest["run_id"], "checkpoint": p.get("checkpoint"),
             "digest": next((c["digest"] for c in checkpoints if c["role"] == "finetuned"), None),

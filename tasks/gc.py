@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .visible import INCOMING
-from .storage import TMP_MARK, Store
+from .storage import TMP_MARK, Store, modified
 
 
 PUBLISHING = re.compile(r"(runs|leagues)-.+-[0-9a-f]{12}(-replaced)?")  # publish.py's folders under INCOMING
@@ -40,11 +40,6 @@ class Orphan:
     why: str
     age_s: float
     in_store: bool
-
-
-def _mtime(info: dict) -> float:
-    t = info.get("mtime") or info.get("LastModified") or info.get("created") or 0
-    return t.timestamp() if hasattr(t, "timestamp") else float(t)
 
 
 def store_orphans(store: Store, older_than_s: float, now: float | None = None) -> list[Orphan]:
@@ -62,7 +57,7 @@ def store_orphans(store: Store, older_than_s: float, now: float | None = None) -
     for path, info in infos.items():
         rel = path[len(base) + 1:]
         parts = rel.split("/")
-        t = _mtime(info)
+        t = (modified(info) or 0.0)
         if TMP_MARK in parts[-1] and now - t > older_than_s:
             found.append(Orphan(rel, "a file write that never finished", now - t, True))
         if parts[0] == INCOMING and len(parts) > 2 and PUBLISHING.fullmatch(parts[1]):
@@ -132,7 +127,7 @@ def _remove_old(store: Store, rel: str, cutoff: float) -> None:
     if marker and f"{path.rstrip('/')}/{marker}" in infos:
         return
     for file, info in infos.items():
-        if _mtime(info) < cutoff:
+        if (modified(info) or 0.0) < cutoff:
             with contextlib.suppress(FileNotFoundError):
                 store.fs.rm_file(file)
     if store.is_local:  # folders left empty

@@ -30,6 +30,15 @@ def open_fs(uri: str, storage_options: dict[str, Any] | None = None):
     return fsspec.url_to_fs(uri, **options)
 
 
+def modified(info: dict) -> float | None:
+    """When a listed file was last written (seconds since the epoch), from an fsspec info dict:
+    local files give `mtime`, S3 objects `LastModified`."""
+    t = info.get("mtime") or info.get("LastModified") or info.get("created")
+    if t is None:
+        return None
+    return t.timestamp() if hasattr(t, "timestamp") else float(t)
+
+
 def _scheme(uri: str) -> str:
     return uri.split("://", 1)[0] if "://" in uri else "file"
 
@@ -133,15 +142,9 @@ class Store:
 
     def rename_dir(self, src_rel: str, dst_rel: str) -> None:
         """Local stores only: move a folder in one step (fails if `dst_rel` exists and is not empty)."""
-        assert self.is_local, "S3 has no rename; publish.py makes runs visible by writing the manifest last"
+        assert self.is_local, "S3 has no rename; visible.py makes runs visible by writing the manifest last"
         os.makedirs(posixpath.dirname(self._path(dst_rel)), exist_ok=True)
         os.rename(self._path(src_rel), self._path(dst_rel))
-
-    def mtime(self, rel: str) -> float:
-        """When a stored file was last written (seconds since the epoch)."""
-        info = self.fs.info(self._path(rel))
-        t = info.get("mtime") or info.get("LastModified") or info.get("created")
-        return t.timestamp() if hasattr(t, "timestamp") else float(t)
 
     def remove(self, rel: str) -> None:
         """Remove a file or a prefix; nothing there (or removed meanwhile by another process) is fine."""

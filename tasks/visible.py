@@ -60,16 +60,17 @@ def check_copies(store: Store, incoming: str, outputs: dict[str, StageOutput]) -
             continue
         bad[stage] = sorted(rel for rel in out.files if copied[rel] != out.files[rel])
     if bad:
-        for stage, rels in bad.items():
-            _drop_if_still_edited(store, outputs[stage], rels)
+        dropped = [stage for stage, rels in bad.items() if _drop_if_still_edited(store, outputs[stage], rels)]
         where = "; ".join(f"{outputs[s].prefix}: {rels[:3]}" for s, rels in bad.items())
+        why = (f"the record and the differing files of {dropped} were removed, so they are rebuilt" if dropped else
+               "another run is rewriting them now; nothing was removed")
         raise StoreError(f"stage outputs in {store.root} differ from their records ({where}): edited, damaged, or "
-                         "rewritten with other bytes by a concurrent run", "rerun the flow: those stages are rebuilt "
-                         "(their _stage.json and the differing files were removed), every other stage is cached")
+                         "rewritten with other bytes by a concurrent run",
+                         f"rerun the flow ({why}; every other stage is cached)")
     return checked
 
 
-def _drop_if_still_edited(store: Store, out: StageOutput, rels: list[str]) -> None:
+def _drop_if_still_edited(store: Store, out: StageOutput, rels: list[str]) -> bool:
     """Remove the record and the differing files of a stage output that disagrees with its own
     record, so the next run rebuilds them (layer shards included): only if it still does a moment
     later, by the same bytes, with the record unchanged. A concurrent run rewriting the stage at
@@ -90,9 +91,10 @@ def _drop_if_still_edited(store: Store, out: StageOutput, rels: list[str]) -> No
     first = state()
     time.sleep(1.0)
     if state() != first or first[0] not in (None, out):
-        return
+        return False
     for rel in ["_stage.json", *(r for r in rels if first[1][r] != out.files[r])]:
         store.remove(f"{out.prefix}/{rel}")
+    return True
 
 
 @contextlib.contextmanager
