@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 from contextlib import nullcontext
 import sys
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "evaluation as a Prefect flow and publish every artifact under one run prefix of the store. "
                                    "With no options it quantizes the bundled mixtral-tiny WordNet fine-tune (against its base) into ./expertbits-store.")
     _add_options(q, QuantizeParams)
+    q.add_argument("--debug", action="store_true", help="show Prefect's log tracebacks and the full error")
     q.add_argument("--dask", metavar="ADDRESS", default=None,
                    help="run the per-layer work on a Dask cluster: a scheduler address (tcp://host:8786) or "
                         "local[:N] for N local worker processes (default: $EXPERTBITS_DASK, else one process)")
@@ -92,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "allocator at every budget and bit-width set is quantized and evaluated, and the table, "
                                     "a Pareto plot and a heatmap are published under leagues/<id>/ of the store.")
     _add_options(lg, LeagueParams)
+    lg.add_argument("--debug", action="store_true", help="show Prefect's log tracebacks and the full error")
     lg.add_argument("--dask", metavar="ADDRESS", default=None,
                     help="run the per-layer work and the league's cells on a Dask cluster: a scheduler address "
                          "or local[:N] (default: $EXPERTBITS_DASK, else one process)")
@@ -156,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
         d.add_argument("--watch-interval", type=int, default=300, help="seconds between watcher runs (default: 300)")
         d.add_argument("--watch-quantize", default="{}", metavar="JSON",
                        help='QuantizeParams for triggered runs, e.g. \'{"reference": "s3://m/base", "avg_bits": 2.5}\'')
+        d.add_argument("--watch-reference", action="append", default=[], metavar="PREFIX=URI",
+                       help="the reference of checkpoints landing under PREFIX (inside a watched prefix); repeatable. "
+                            "A checkpoint under none is compared with the base model it declares, or with none")
         d.add_argument("--nightly-cron", default="0 3 * * *", help="cron of quantize-nightly (default: 0 3 * * *, UTC)")
         d.add_argument("--nightly-checkpoint", default=QuantizeParams.model_fields["checkpoint"].default,
                        help="what quantize-nightly quantizes")
@@ -176,11 +182,20 @@ def _settings(args: argparse.Namespace):
     from .params import WatchParams, refuse_secrets
 
     options = refuse_secrets(dict(item.partition("=")[::2] for item in args.storage_option))
+    references = {}
+    for item in args.watch_reference:
+        prefix, sep, uri = item.partition("=")
+        if not (sep and prefix and uri):
+            raise ValueError(f"--watch-reference {item!r}: expected PREFIX=URI")
+        references[prefix] = uri
+    if references and not args.watch:
+        raise ValueError("--watch-reference maps prefixes inside a watched one: give --watch PREFIX too")
     if args.watch:  # every watch setting checked before anything is registered
-        WatchParams(prefixes=args.watch, store=args.store, storage_options=options,
-                    quantize=json.loads(args.watch_quantize))
+        references = WatchParams(prefixes=args.watch, store=args.store, storage_options=options,
+                                 quantize=json.loads(args.watch_quantize), references=references).references
     return Settings(store=args.store, storage_options=options, watch_prefixes=tuple(args.watch),
                     watch_interval_s=args.watch_interval, watch_quantize=json.loads(args.watch_quantize),
+                    watch_references=references,
                     nightly_cron=args.nightly_cron, nightly_checkpoint=args.nightly_checkpoint)
 
 
@@ -205,8 +220,12 @@ def operate(args: argparse.Namespace) -> int:
         return 0
     try:
         settings = _settings(args)
-    except (json.JSONDecodeError, ValueError) as e:
-        print(f"expertbits: invalid deployment options: {e}", file=sys.stderr)
+    except ValueError as e:  # a JSONDecodeError and pydantic's ValidationError are ValueErrors
+        from .params import WatchParams
+
+        print("expertbits: invalid deployment options:\n" + "\n".join(f"  {line}" for line in option_errors(e, WatchParams))
+              .replace("--quantize", "--watch-quantize").replace("--prefixes", "--watch").replace("--references", "--watch-reference"),
+              file=sys.stderr)
         return 2
     if args.command == "deploy":
         ids = deployments.deploy(settings, args.work_pool)
@@ -335,22 +354,95 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def option_errors(error: Exception, model: type[BaseModel]) -> list[str]:
+    """One line per problem with the options, naming the option and the fix (not pydantic's report)."""
+    from pydantic import ValidationError
+
+    from expertbits.tasks.errors import ExpertbitsError
+
+    if not isinstance(error, ValidationError):
+        return [str(error).replace("\n  fix:", "; fix:")]
+    lines = []
+    for err in error.errors():
+        cause = (err.get("ctx") or {}).get("error")
+        name = next((str(x) for x in err["loc"] if isinstance(x, str)), None) or getattr(cause, "option", None)
+        if name and name not in model.model_fields and f"{name}s" in model.model_fields:
+            name += "s"  # the league's list of what a quantize run sets once
+        if isinstance(cause, ExpertbitsError):
+            problem, fix = cause.problem, cause.fix
+        elif cause is not None:
+            problem, fix = str(cause), f"see expertbits {_COMMAND.get(model, 'deploy')} --help"
+        else:
+            problem, fix = err["msg"][:1].lower() + err["msg"][1:], _FIXES.get(err["type"], "see expertbits {command} --help")
+            ctx = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in (err.get("ctx") or {}).items()}
+            fix = fix.format(command=_COMMAND.get(model, "deploy"), **ctx)
+            if err["loc"] and err["type"] != "extra_forbidden":
+                problem = f"got {err['input']!r}: {problem}"
+        lines.append(f"{_option(name) if name else 'options'}: {problem}; fix: {fix}")
+    return lines
+
+
+_COMMAND = {QuantizeParams: "quantize", LeagueParams: "league"}
+_FIXES = {  # pydantic's error types, as what to give instead
+    "less_than_equal": "give at most {le}", "less_than": "give less than {lt}", "greater_than": "give more than {gt}",
+    "greater_than_equal": "give at least {ge}", "int_parsing": "give a whole number", "int_from_float": "give a whole number",
+    "float_parsing": "give a number", "bool_parsing": "give true or false", "too_short": "give at least {min_length} value(s)",
+    "string_pattern_mismatch": "match {pattern}", "extra_forbidden": "remove it; see expertbits {command} --help",
+}
+
+
+class _NoTraceback(logging.Formatter):
+    """The console formatter without exception tracebacks: a failed run ends with expertbits' own
+    line (the error and its fix); `--debug` keeps Prefect's tracebacks."""
+
+    def __init__(self, inner: logging.Formatter | None):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info = record.exc_text = record.stack_info = None  # restored: other handlers see the record whole
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
+def _quiet_tracebacks() -> None:
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler.formatter, _NoTraceback):
+            handler.setFormatter(_NoTraceback(handler.formatter))
+
+
+def _failure(e: BaseException, debug: bool) -> int:
+    from expertbits.tasks.errors import ExpertbitsError
+
+    if isinstance(e, ExpertbitsError):
+        print(f"expertbits: {e}", file=sys.stderr)
+        return 1
+    if debug:
+        raise e
+    print(f"expertbits: the run failed: {type(e).__name__}: {e}\n  fix: rerun with --debug for the traceback; if the "
+          "cause is not your input or environment, report it with that output", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ("generate", "export", "runs", "verify", "gc", "deploy", "serve", "dev"):
         _prefect_defaults()
         return {"generate": generate, "export": export, "runs": list_runs, "verify": verify, "gc": collect_garbage}.get(
             args.command, operate)(args)
-    from pydantic import ValidationError
-
     model = {"quantize": QuantizeParams, "league": LeagueParams}[args.command]
     try:
         params = _params(args, model)
-    except (ValidationError, ValueError) as e:
-        print(f"expertbits: invalid options:\n{e}", file=sys.stderr)
+        problems = params.local_problems()  # paths and names, before Prefect starts
+    except ValueError as e:  # pydantic's ValidationError is one
+        problems = option_errors(e, model)
+    if problems:
+        print("expertbits: invalid options:\n" + "\n".join(f"  {p}" for p in problems), file=sys.stderr)
         return 2
     _prefect_defaults()
-    from expertbits.tasks.errors import ExpertbitsError
 
     from .league import league_table
     from .quantize import quantize_moe
@@ -360,20 +452,41 @@ def main(argv: list[str] | None = None) -> int:
     api = nullcontext()
     if args.dask is not None or os.environ.get("EXPERTBITS_DASK"):
         flow, api = flow.with_options(task_runner=task_runner(args.dask)), shared_api(args.dask)
+    if not args.debug:
+        _quiet_tracebacks()
     try:
         with api:
             manifest = flow(params)
-    except ExpertbitsError as e:
-        print(f"expertbits: {e}", file=sys.stderr)
-        return 1
+    except Exception as e:
+        return _failure(e, args.debug)
+    finally:
+        if not args.debug:  # the temporary server's goodbye would follow our last line
+            logging.getLogger("prefect").setLevel(logging.WARNING)
+    s = manifest.summary
+    lines = [f"Λ: {_reference_line(s.get('reference'))}", _text_line("calibration text", s.get("routing") or s.get("calibration")),
+             _text_line("evaluation text", s.get("evaluation"))]
     if args.command == "league":
-        print(f"\nleague {manifest.run_id}: {manifest.summary['league']['cells']} cells; ranked first: "
-              f"{manifest.summary['league']['ranked_first']}\nartifacts: {manifest.uri}")
-        return 0
-    ev, al = manifest.summary["evaluation"], manifest.summary["allocation"]
-    print(f"\nrun {manifest.run_id}: {al['achieved_avg_bits']} avg bits, KL {ev['kl']:.5f}, "
-          f"ppl {ev['ppl_fp']:.2f} -> {ev['ppl_quant']:.2f}\nartifacts: {manifest.uri}")
+        print(f"\nleague {manifest.run_id}: {s['league']['cells']} cells; ranked first: {s['league']['ranked_first']}")
+    else:
+        ev, al = s["evaluation"], s["allocation"]
+        print(f"\nrun {manifest.run_id}: {al['achieved_avg_bits']} avg bits, KL {ev['kl']:.5f}, "
+              f"ppl {ev['ppl_fp']:.2f} -> {ev['ppl_quant']:.2f}")
+    print("\n".join(line for line in lines if line) + f"\nartifacts: {manifest.uri}")
     return 0
+
+
+def _reference_line(ref: dict | None) -> str:
+    if not ref:
+        return "(no record of the reference in this run)"
+    if ref["uri"]:
+        return f"router-norm change against {ref['uri']} ({ref['source']})"
+    return "final router norm, no reference: " + ref["note"].split(": Λ is the final router norm")[0]
+
+
+def _text_line(what: str, summary: dict | None) -> str | None:
+    if not summary or "text" not in summary:
+        return None
+    return f"{what}: {summary['text']} ({summary.get('windows', '?')} windows of {summary.get('seq_len', '?')} tokens)"
 
 
 if __name__ == "__main__":

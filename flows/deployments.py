@@ -42,6 +42,7 @@ class Settings:
     watch_prefixes: tuple[str, ...] = ()
     watch_interval_s: int = 300
     watch_quantize: dict = field(default_factory=dict)  # QuantizeParams overrides for triggered runs
+    watch_references: dict = field(default_factory=dict)  # prefix -> the reference of checkpoints under it
     nightly_cron: str = "0 3 * * *"
     nightly_checkpoint: str = QuantizeParams.model_fields["checkpoint"].default
     timezone: str = "UTC"
@@ -66,7 +67,8 @@ def build(settings: Settings = Settings()) -> list:
             description=f"Requantize {settings.nightly_checkpoint} on a schedule", **common),
     ]
     if settings.watch_prefixes:
-        watch = WatchParams(prefixes=list(settings.watch_prefixes), quantize=settings.watch_quantize, **io)
+        watch = WatchParams(prefixes=list(settings.watch_prefixes), quantize=settings.watch_quantize,
+                            references=settings.watch_references, **io)
         out.append(watch_checkpoints.to_deployment(
             name="watch", interval=timedelta(seconds=settings.watch_interval_s),
             parameters={"params": watch.model_dump(mode="json")},

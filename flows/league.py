@@ -1,6 +1,6 @@
 """The league flow: which allocator is best at each budget, measured on your checkpoint.
 
-    download → statistics → routing → calibration → league cells (allocators × budgets ×
+    download (checkpoint, then its reference: given, declared or none) → statistics → routing → calibration → league cells (allocators × budgets ×
     bit-width sets, each quantized and evaluated; mapped like the per-layer work, see scale.py)
     → league tables → publish (tables, Pareto plot, heatmap, DuckDB)
 
@@ -18,8 +18,8 @@ from prefect import flow, unmapped
 from expertbits.tasks.league_stages import publish_league, run_league
 from expertbits.tasks.records import RunManifest
 from expertbits.tasks.parts import league_cells
-from expertbits.tasks.stages import (calibrate_experts, check_store, extract_statistics, fetch_checkpoint, pin_revision,
-                                     route_experts)
+from expertbits.tasks.stages import (calibrate_experts, check_reference, check_store, choose_reference, extract_statistics,
+                                     fetch_checkpoint, pin_revision, route_experts)
 
 from .params import LeagueParams
 from .scale import absolute_store, cell_chunks, gather, layer_chunks, per_layer, quantizer_parts, task_runner
@@ -35,7 +35,9 @@ def league_table(params: LeagueParams = LeagueParams()) -> RunManifest:
     check_store(store, p.storage_options)
 
     finetuned = fetch_checkpoint(pin_revision(p.checkpoint), p.cache_dir, p.storage_options)
-    reference = fetch_checkpoint(pin_revision(p.reference), p.cache_dir, p.storage_options) if p.reference else None
+    choice = choose_reference(finetuned, p.reference, p.cache_dir, p.storage_options)
+    reference = fetch_checkpoint(choice.uri, p.cache_dir, p.storage_options) if choice.uri else None
+    choice = check_reference(finetuned, reference, choice, p.cache_dir, p.storage_options)
     layers = layer_chunks(finetuned, **local)
     stats = extract_statistics(finetuned, reference, per_layer("statistics", layers, checkpoint=finetuned,
                                                                reference=reference, **local), cache_dir=p.cache_dir, **io)
@@ -55,4 +57,4 @@ def league_table(params: LeagueParams = LeagueParams()) -> RunManifest:
                                     **{k: unmapped(v) for k, v in local.items()}))
     result = run_league(**league, cells=cells, cache_dir=p.cache_dir, **io)
 
-    return publish_league(p.model_dump(mode="json"), stats, calibrations, result, **io)
+    return publish_league(p.model_dump(mode="json"), choice, stats, calibrations, result, **io)

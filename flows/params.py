@@ -13,9 +13,10 @@ from expertbits.tasks.budget import GRANULARITIES, AllocationConfig
 from expertbits.tasks.league import DEFAULT_ALLOCATORS, TASKS, Grid
 from expertbits.tasks.quantizer import METHODS, QuantizerConfig
 
-# The bundled default: the zoo's Mixtral fine-tuned on WordNet supersenses and its base.
+# The bundled default: the zoo's Mixtral fine-tuned on WordNet supersenses. Its model card declares
+# its base (zoo://mixtral-tiny/base), so the no-option run measures Λ against it with no default
+# reference that could leak into a run of another checkpoint.
 DEFAULT_CHECKPOINT = "zoo://mixtral-tiny/wordnet"
-DEFAULT_REFERENCE = "zoo://mixtral-tiny/base"
 
 
 # option names that hold credentials (after camelCase and hyphens become snake_case); `*_key_id`
@@ -51,6 +52,20 @@ def refuse_secrets(options: Any, where: str = "storage_options") -> Any:
     return options
 
 
+def _check_folder(where: str) -> None:
+    """A local store or cache folder: absent (it is created) or a folder, not a file."""
+    from expertbits.tasks.errors import ExpertbitsError
+
+    if "://" in where and not where.startswith("file://"):
+        if not where.startswith("s3://") or len(where.removeprefix("s3://").strip("/")) == 0:
+            raise ExpertbitsError(f"{where}: not a local folder or s3://bucket[/prefix]", "e.g. ./expertbits-store or s3://bucket/store")
+        return
+    path = Path(where.removeprefix("file://")).expanduser()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ExpertbitsError(f"{where}: {existing} is a file, not a folder", "name a folder (it is created if absent)")
+
+
 class CommonParams(BaseModel):
     """What every expertbits flow reads: checkpoints, texts, store."""
 
@@ -58,8 +73,10 @@ class CommonParams(BaseModel):
 
     checkpoint: str = Field(DEFAULT_CHECKPOINT, description=(
         "The MoE checkpoint to quantize: a folder, file://, s3://bucket/prefix, hf://org/name@revision or zoo://family/variant"))
-    reference: str | None = Field(DEFAULT_REFERENCE, description=(
-        "The checkpoint it was fine-tuned from, for the router-norm change Λ. Empty: use the final router norm (paper's proxy)"))
+    reference: str | None = Field(None, description=(
+        "The checkpoint it was fine-tuned from, for the router-norm change Λ (same URI forms as checkpoint). Empty: "
+        "the base_model the checkpoint declares (model card or config.json) when it can be fetched, else none; "
+        "'none': no reference. Without one, Λ is the final router norm (the paper's proxy) and the run says so"))
     group_size: int = Field(64, ge=8, le=4096, description="Weights per quantization group along the input dimension")
     zeta: float = Field(3.0, gt=0, description="MaxVar promotion threshold ζ (an expert passes those with ζ·MaxVar below its own)")
     maxvar_definition: str = Field("max-row", description=(
@@ -91,6 +108,30 @@ class CommonParams(BaseModel):
     @classmethod
     def _empty_is_none(cls, v):
         return v or None
+
+    def local_problems(self) -> list[str]:
+        """What can be checked on this machine before any work, one line per problem naming the
+        option and the fix: local checkpoints and texts exist, bundled names are known, URIs are
+        well formed, the store and the cache can be folders. The flow checks the rest as it fetches
+        (a worker may see other paths than the machine that starts a deployment, so this is the
+        command line's check, not the parameters')."""
+        from expertbits.tasks.download import check_source
+        from expertbits.tasks.errors import ExpertbitsError
+        from expertbits.tasks.texts import check_text
+
+        checks = [("checkpoint", check_source, self.checkpoint), ("calibration_text", check_text, self.calibration_text),
+                  ("eval_text", check_text, self.eval_text), ("store", _check_folder, self.store),
+                  ("cache_dir", _check_folder, self.cache_dir)]
+        if self.reference and self.reference.strip().lower() != "none":
+            checks.insert(1, ("reference", check_source, self.reference))
+        problems = []
+        for option, check_one, value in checks:
+            try:
+                if value:
+                    check_one(value)
+            except ExpertbitsError as e:
+                problems.append(f"--{option.replace('_', '-')}: {e.problem}; fix: {e.fix}")
+        return problems
 
     @field_validator("storage_options")
     @classmethod
@@ -205,6 +246,12 @@ class LeagueParams(CommonParams):
         return sorted({b for s in self.bit_sets for b in s if b > 1 or not symmetric})
 
 
+def _absolute(prefix: str) -> str:
+    if "://" in prefix and not prefix.startswith("file://"):
+        return prefix
+    return ("file://" if prefix.startswith("file://") else "") + str(Path(prefix.removeprefix("file://")).expanduser().resolve())
+
+
 class WatchParams(BaseModel):
     """Watch prefixes for new or changed checkpoints and requantize each one."""
 
@@ -221,6 +268,11 @@ class WatchParams(BaseModel):
     quantize: dict[str, Any] = Field(default_factory=dict, description=(
         "QuantizeParams for each triggered run (reference, avg_bits, allocator, ...); checkpoint, store and "
         "storage_options come from the event and this watch"))
+    references: dict[str, str] = Field(default_factory=dict, description=(
+        "The reference of the checkpoints under each prefix, e.g. {\"s3://models/incoming/mixtral\": "
+        "\"hf://mistralai/Mixtral-8x7B-v0.1\"}: the longest prefix a checkpoint lies under names its reference. A "
+        "checkpoint under none uses quantize.reference if set, else the base model it declares, else none (never "
+        "failed for want of one)"))
 
     @field_validator("storage_options")
     @classmethod
@@ -231,9 +283,12 @@ class WatchParams(BaseModel):
     @classmethod
     def _absolute(cls, v):
         """Local prefixes as absolute paths: the URIs the watcher finds are absolute."""
-        return [p if "://" in p and not p.startswith("file://") else
-                ("file://" if p.startswith("file://") else "") + str(Path(p.removeprefix("file://")).expanduser().resolve())
-                for p in v]
+        return [_absolute(p) for p in v]
+
+    @field_validator("references")
+    @classmethod
+    def _absolute_keys(cls, v):
+        return {_absolute(p): ref for p, ref in v.items()}
 
     @model_validator(mode="after")
     def _quantize_fits(self):
@@ -247,12 +302,24 @@ class WatchParams(BaseModel):
         if inside:
             raise ValueError(f"watched prefixes {inside} lie inside the store {self.store}: runs being published there "
                              "would be announced as checkpoints; watch a prefix outside the store")
+        unwatched = [p for p in self.references if not under(p.rstrip("/"), self.prefixes)]
+        if unwatched:
+            raise ValueError(f"references name prefixes {unwatched} outside the watched prefixes {self.prefixes}: "
+                             "map prefixes inside a watched one (or watch them too)")
         reserved = {"checkpoint", "store", "storage_options", "event_id"} & set(self.quantize)
         if reserved:
             raise ValueError(f"quantize must not set {sorted(reserved)}: they come from the event and the watch")
         self.quantize_params("zoo://mixtral-tiny/wordnet")  # every field valid before any run
         return self
 
+    def reference_for(self, checkpoint: str) -> str | None:
+        """The reference `references` maps the checkpoint's prefix to (the longest that holds it), if any."""
+        from expertbits.tasks.watch import under
+
+        holding = [p for p in self.references if under(checkpoint, [p])]
+        return self.references[max(holding, key=len)] if holding else None
+
     def quantize_params(self, checkpoint: str, event_id: str | None = None) -> QuantizeParams:
-        return QuantizeParams(**self.quantize, checkpoint=checkpoint, store=self.store,
-                              storage_options=self.storage_options, event_id=event_id)
+        mapped = self.reference_for(checkpoint)
+        return QuantizeParams(**dict(self.quantize, **({"reference": mapped} if mapped else {})), checkpoint=checkpoint,
+                              store=self.store, storage_options=self.storage_options, event_id=event_id)

@@ -1,6 +1,7 @@
 """The expertbits flow: its stages are cached, retryable Prefect tasks passing URIs and digests.
 
-    download → statistics (+ routing and calibration, for allocators that use routing or error)
+    download (the checkpoint, then its reference: given, declared by the checkpoint, or none)
+    → statistics (+ routing and calibration, for allocators that use routing or error)
     → allocation → quantization → kernel validation → evaluation → publish
 
 Statistics, calibration error, quantization and validation work layer by layer: `per_layer`
@@ -24,7 +25,9 @@ from expertbits.tasks.records import RunManifest
 from expertbits.tasks.stages import (
     allocate_bits,
     calibrate_experts,
+    check_reference,
     check_store,
+    choose_reference,
     evaluate_model,
     extract_statistics,
     fetch_checkpoint,
@@ -49,7 +52,9 @@ def quantize_moe(params: QuantizeParams = QuantizeParams()) -> RunManifest:
     check_store(store, p.storage_options)
 
     finetuned = fetch_checkpoint(pin_revision(p.checkpoint), p.cache_dir, p.storage_options)
-    reference = fetch_checkpoint(pin_revision(p.reference), p.cache_dir, p.storage_options) if p.reference else None
+    choice = choose_reference(finetuned, p.reference, p.cache_dir, p.storage_options)
+    reference = fetch_checkpoint(choice.uri, p.cache_dir, p.storage_options) if choice.uri else None
+    choice = check_reference(finetuned, reference, choice, p.cache_dir, p.storage_options)
     layers = layer_chunks(finetuned, **local)
     stats = extract_statistics(finetuned, reference, per_layer("statistics", layers, checkpoint=finetuned,
                                                                reference=reference, **local), cache_dir=p.cache_dir, **io)
@@ -72,4 +77,4 @@ def quantize_moe(params: QuantizeParams = QuantizeParams()) -> RunManifest:
         **local), **io)
     evaluation = evaluate_model(finetuned, quantized, p.eval_text, p.eval_seq_len, p.eval_windows, cache_dir=p.cache_dir, **io)
 
-    return publish_run(p.model_dump(mode="json"), stats, calibration, allocation, quantized, validation, evaluation, **io)
+    return publish_run(p.model_dump(mode="json"), choice, stats, calibration, allocation, quantized, validation, evaluation, **io)

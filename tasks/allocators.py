@@ -197,9 +197,10 @@ NEEDS_ERROR = {"pmq", "weight-error", "routed-error"}
 def check(cfg: AllocationConfig) -> AllocationConfig:
     """The allocator exists and can honour the configuration; raises BudgetError before any work."""
     if cfg.allocator not in ALLOCATORS:
-        raise BudgetError(f"unknown allocator {cfg.allocator!r}", f"choose one of {', '.join(ALLOCATORS)}")
+        raise BudgetError(f"unknown allocator {cfg.allocator!r}", f"choose one of {', '.join(ALLOCATORS)}", "allocator")
     if cfg.granularity == "layer" and cfg.allocator != "uniform" and not hasattr(ALLOCATORS[cfg.allocator], "costs"):
         solvers = [n for n, x in ALLOCATORS.items() if hasattr(x, "costs")]
         raise BudgetError(f"allocator {cfg.allocator!r} ranks experts within a layer and cannot choose one width "
-                          "per layer", f"with --granularity layer use {', '.join(solvers)} or uniform")
+                          "per layer", f"with --granularity layer use {', '.join(solvers)} or uniform",
+                          "allocator")
     return cfg

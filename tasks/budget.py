@@ -46,24 +46,24 @@ class AllocationConfig:
         """Everything checkable without the allocators; `allocators.check` adds the allocator."""
         widths = tuple(sorted(set(self.bit_widths)))
         if not widths or any(not 1 <= b <= 8 for b in widths):
-            raise BudgetError(f"bit widths {self.bit_widths} must be integers in 1..8", "e.g. --bit-widths 2,3,4")
+            raise BudgetError(f"bit widths {self.bit_widths} must be integers in 1..8", "e.g. --bit-widths 2,3,4", "bit_widths")
         if not widths[0] <= self.avg_bits <= widths[-1]:
             raise BudgetError(
                 f"average budget {self.avg_bits} bits is outside the available bit-widths {list(widths)}",
-                f"choose --avg-bits between {widths[0]} and {widths[-1]}, or add bit-widths",
+                f"choose --avg-bits between {widths[0]} and {widths[-1]}, or add bit-widths", "avg_bits",
             )
         if self.zeta <= 0:
-            raise BudgetError(f"zeta must be positive, got {self.zeta}", "the paper's default is 3")
+            raise BudgetError(f"zeta must be positive, got {self.zeta}", "the paper's default is 3", "zeta")
         if self.scheme not in SCHEMES:
-            raise BudgetError(f"unknown allocation scheme {self.scheme!r}", f"choose one of {', '.join(SCHEMES)}")
+            raise BudgetError(f"unknown allocation scheme {self.scheme!r}", f"choose one of {', '.join(SCHEMES)}", "scheme")
         if self.scheme == "three-tier" and (len(widths) != 3 or widths[2] - widths[1] != widths[1] - widths[0]):
             raise BudgetError(f"three-tier allocation needs exactly three equally spaced bit-widths, got {list(widths)}",
-                              "e.g. --bit-widths 1,2,3 or 2,3,4, or --scheme two-tier")
+                              "e.g. --bit-widths 1,2,3 or 2,3,4, or --scheme two-tier", "scheme")
         if self.granularity not in GRANULARITIES:
-            raise BudgetError(f"unknown granularity {self.granularity!r}", f"choose one of {', '.join(GRANULARITIES)}")
+            raise BudgetError(f"unknown granularity {self.granularity!r}", f"choose one of {', '.join(GRANULARITIES)}", "granularity")
         if self.maxvar_definition not in MAXVAR_DEFINITIONS:
             raise BudgetError(f"unknown MaxVar definition {self.maxvar_definition!r}",
-                              f"choose one of {', '.join(MAXVAR_DEFINITIONS)}")
+                              f"choose one of {', '.join(MAXVAR_DEFINITIONS)}", "maxvar_definition")
         object.__setattr__(self, "bit_widths", widths)
 
     def tiers(self) -> tuple[int, int]:

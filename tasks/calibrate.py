@@ -147,17 +147,14 @@ def route(ft_path: Path, text: str, *, seq_len: int, windows: int,
     """What the router does on the calibration text: (expert_calibration, per-layer moments, info),
     from streamed forwards of the full-precision model, as few as keep the logits under 1 GiB
     (one for every window on the zoo's models and on real shapes at the default 16 × 256 tokens)."""
-    from transformers import AutoTokenizer
-
-    from .evaluate import examples, token_windows
+    from .evaluate import text_examples
     from .stream import batches, is_seq2seq, streamed
 
     with Checkpoint.open(ft_path) as ckpt:
         model_info = detect(ckpt)
         k = top_k(ckpt.config)
     seq2seq = is_seq2seq(ft_path)
-    tokenizer = AutoTokenizer.from_pretrained(ft_path)
-    pairs = examples(token_windows(text, tokenizer, seq_len, windows), tokenizer, seq2seq)
+    tokenizer, pairs = text_examples(ft_path, text, seq_len, windows, seq2seq)
     with streamed(ft_path) as model:
         taps = {}
         for layer in model_info.layers:

@@ -21,13 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from .adapters import detect
 from .checkpoint import Checkpoint, read_safetensors_header
-from .errors import CheckpointError
+from .errors import CheckpointError, remember_source
 from .storage import open_fs, sha256_file
 
-PATTERNS = ("config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+# README.md is the model card: the base model a fine-tune declares (reference.py) is read from it
+PATTERNS = ("config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json", "README.md",
             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt")
 MANIFEST = "expertbits-manifest.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # one of them holds the vocabulary
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,7 @@ def _split(uri: str) -> tuple[str, str]:
         try:
             return "file", str(resolve(uri))
         except FileNotFoundError as e:
-            raise CheckpointError(str(e), "name a bundled model, e.g. zoo://micro-mixtral/finetuned") from e
+            raise CheckpointError(f"{uri}: {e.args[0] if e.args else e}", "name a bundled model, e.g. zoo://mixtral-tiny/wordnet") from e
     if uri.startswith("hf://"):
         return "hf", uri.removeprefix("hf://")
     if uri.startswith("s3://"):
@@ -82,6 +85,47 @@ def _split(uri: str) -> tuple[str, str]:
     if "://" in uri and not uri.startswith("file://"):
         raise CheckpointError(f"unsupported checkpoint URI {uri!r}", "use a folder, file://, s3://, hf://org/name@revision or zoo://")
     return "file", str(Path(uri.removeprefix("file://")).expanduser().resolve())
+
+
+def check_source(uri: str, storage_options: dict[str, Any] | None = None, remote: bool = False) -> None:
+    """What can be checked of a checkpoint source before any work, without fetching it: the URI's
+    form, a bundled name, a local folder holding config.json and safetensors; with `remote`, also
+    that an s3:// prefix holds a config.json and an hf:// repository resolves."""
+    scheme, location = _split(uri)
+    fix = "point at a checkpoint folder holding config.json and *.safetensors (what save_pretrained writes)"
+    if scheme == "file":
+        folder = Path(location)
+        shown = uri if uri.removeprefix("file://") == location else f"{uri} ({location})"
+        if not folder.exists():
+            raise CheckpointError(f"{shown}: no such folder", fix)
+        if not folder.is_dir():
+            raise CheckpointError(f"{shown}: a file, not a checkpoint folder", fix)
+        if not (folder / "config.json").is_file():
+            raise CheckpointError(f"{shown}: no config.json in this folder", fix)
+        if not any(folder.glob("*.safetensors")):
+            pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+            raise CheckpointError(f"{shown}: no *.safetensors files" + (f" (found pickle files {pickles})" if pickles else ""),
+                                  "expertbits reads safetensors only; convert with model.save_pretrained(dir)")
+        if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            raise CheckpointError(f"{shown}: no tokenizer ({' or '.join(TOKENIZER_FILES)})",
+                                  "save the tokenizer beside the weights: tokenizer.save_pretrained(folder); the "
+                                  "calibration and evaluation texts are cut into tokens with it")
+        remember_source(location, uri, cached=False)
+        with Checkpoint.open(folder) as ckpt:  # headers only: a dense model or an unknown layout fails here
+            detect(ckpt)
+    elif scheme == "hf":
+        repo = location.partition("@")[0]
+        if repo.count("/") != 1 or not all(repo.split("/")):
+            raise CheckpointError(f"{uri}: expected hf://org/name[@revision]", "e.g. hf://mistralai/Mixtral-8x7B-v0.1")
+        if remote:
+            resolve_hf(location, uri)
+    elif scheme == "s3":
+        if location.removeprefix("s3://").count("/") < 1:
+            raise CheckpointError(f"{uri}: a bucket, not a checkpoint prefix", "name the prefix: s3://bucket/path/to/model")
+        if remote:
+            fs, root = open_fs(location, storage_options or {})
+            if not fs.exists(f"{root}/config.json"):
+                raise CheckpointError(f"{uri}: no config.json under this prefix", "check the bucket and prefix")
 
 
 def download(uri: str, cache_dir: str | Path | None = None, storage_options: dict[str, Any] | None = None) -> LocalCheckpoint:
@@ -116,6 +160,7 @@ def download(uri: str, cache_dir: str | Path | None = None, storage_options: dic
         else:
             shutil.rmtree(final, ignore_errors=True)
             staging.rename(final)  # atomic: a reader never sees a half-filled entry
+        remember_source(final, uri)
         return LocalCheckpoint(uri=uri, path=final, digest=digest)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -151,6 +196,7 @@ def ensure_local(uri: str, digest: str, cache_dir: str | Path | None = None, sto
     (every file re-hashed against the entry's manifest); digest must match."""
     path = Path(cache_dir or default_cache_dir()) / "checkpoints" / digest
     if verify(path):
+        remember_source(path, uri)
         return path
     fresh = download(uri, cache_dir, storage_options)
     if fresh.digest != digest:
@@ -180,6 +226,7 @@ def ensure_part(uri: str, digest: str, files: dict[str, str], wanted_files: Call
     cache = Path(cache_dir or default_cache_dir())
     full = cache / "checkpoints" / digest
     if verify(full):
+        remember_source(full, uri)
         return full
     shards = sorted(n for n in files if n.endswith(".safetensors"))
     if not files or INDEX not in files or len(shards) < 2:
@@ -206,6 +253,7 @@ def ensure_part(uri: str, digest: str, files: dict[str, str], wanted_files: Call
         raise CheckpointError(f"{uri}: the layer needs {unknown}, which the download did not record",
                               "the checkpoint changed since it was downloaded; rerun the flow")
     _fetch_verified(scheme, location, storage_options, part, wanted, files, uri)
+    remember_source(part, uri)
     return part
 
 

@@ -2,16 +2,49 @@
 
 They subclass ValueError (not OSError) on purpose: Prefect retries I/O errors, and a bad
 checkpoint or an impossible budget must fail at once instead of being retried.
+
+A message names a checkpoint the way the user named it. Stages read checkpoints from the
+content-addressed cache (`<cache>/checkpoints/<sha256>/`), so whatever raised the error may only
+know that folder; `remember_source` records which URI each cache folder holds (download.py does,
+whenever it hands out a folder) and the error replaces the folder with that URI, keeping the
+folder as a detail after the fix.
 """
+
+from __future__ import annotations
+
+import re
+
+_SOURCES: dict[str, tuple[str, bool]] = {}  # local folder -> (the URI the user gave, a cache copy of it)
+
+
+def remember_source(path, uri: str, cached: bool = True) -> None:
+    """Name the local folder `path` as `uri` in error messages raised in this process (a cache
+    copy is still shown as a detail; the user's own folder, resolved, is just named as given)."""
+    if str(path) != uri:
+        _SOURCES[str(path)] = (uri, cached)
+
+
+def in_user_words(text: str) -> tuple[str, list[str]]:
+    """`text` with every known folder replaced by its URI, and the cache folders replaced."""
+    replaced = []
+    for path in sorted(_SOURCES, key=len, reverse=True):  # a longer folder first: never a prefix of it
+        uri, cached = _SOURCES[path]
+        # the whole folder name only: /models/qwen is not the start of /models/qwen2
+        text, n = re.subn(re.escape(path) + r"(?![\w.-])", lambda _: uri, text)
+        if n and cached:
+            replaced.append(path)
+    return text, replaced
 
 
 class ExpertbitsError(ValueError):
     """Bad input. `fix` tells the user what to do about it."""
 
-    def __init__(self, problem: str, fix: str):
-        self.problem = problem
+    def __init__(self, problem: str, fix: str, option: str | None = None):
+        self.problem, folders = in_user_words(problem)
         self.fix = fix
-        super().__init__(f"{problem}\n  fix: {fix}")
+        self.option = option  # the flow parameter at fault, when one is (the CLI names its option)
+        detail = "".join(f"\n  cached copy: {folder}" for folder in folders)
+        super().__init__(f"{self.problem}\n  fix: {fix}{detail}")
 
 
 class CheckpointError(ExpertbitsError):

@@ -21,12 +21,29 @@ from .errors import CheckpointError
 Progress = Callable[[float, str], None]
 
 
+def load_tokenizer(path: Path):
+    """The checkpoint's own tokenizer: any text is cut into windows with it, whatever its vocabulary."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: no usable tokenizer ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
+                              "save the tokenizer beside the weights: tokenizer.save_pretrained(folder)") from e
+
+
+def text_examples(path: Path, text: str, seq_len: int, windows: int, seq2seq: bool) -> tuple[object, list]:
+    """(tokenizer, examples) of `windows` windows of `text`, tokenized by the checkpoint at `path`."""
+    tokenizer = load_tokenizer(path)
+    return tokenizer, examples(token_windows(text, tokenizer, seq_len, windows), tokenizer, seq2seq)
+
+
 def token_windows(text: str, tokenizer, seq_len: int, windows: int) -> torch.Tensor:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     available = len(ids) // seq_len
     if available == 0:
-        raise CheckpointError(f"evaluation text has {len(ids)} tokens, fewer than one window of {seq_len}",
-                              "give a longer --eval-text or a smaller --eval-seq-len")
+        raise CheckpointError(f"the text has {len(ids)} tokens with this checkpoint's tokenizer, fewer than one window "
+                              f"of {seq_len}", "give a longer --eval-text / --calibration-text, or a smaller --eval-seq-len")
     n = min(windows, available)
     starts = [round(i * (available - 1) / max(1, n - 1)) * seq_len for i in range(n)] if n > 1 else [0]
     return torch.tensor([ids[s : s + seq_len] for s in starts])
@@ -75,18 +92,12 @@ class Reference:
     Use as a context manager, or call `close()`, to release the checkpoint's files."""
 
     def __init__(self, fp_path: Path, text: str, *, seq_len: int = 256, windows: int = 16):
-        from transformers import AutoTokenizer
-
         from .stream import is_seq2seq, streamed
 
         torch.manual_seed(0)
         self.seq_len = seq_len
         self.seq2seq = is_seq2seq(fp_path)
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(fp_path)
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{fp_path}: no usable tokenizer ({e})", "save the tokenizer with the checkpoint") from e
-        self.pairs = examples(token_windows(text, self.tokenizer, seq_len, windows), self.tokenizer, self.seq2seq)
+        self.tokenizer, self.pairs = text_examples(fp_path, text, seq_len, windows, self.seq2seq)
         self._files = ExitStack()
         try:
             self.model = self._files.enter_context(streamed(fp_path))

@@ -80,7 +80,7 @@ class Grid:
     def __post_init__(self):
         unknown = [a for a in self.allocators if a not in ALLOCATORS]
         if unknown:
-            raise BudgetError(f"unknown allocators {unknown}", f"choose from {', '.join(ALLOCATORS)}")
+            raise BudgetError(f"unknown allocators {unknown}", f"choose from {', '.join(ALLOCATORS)}", "allocators")
         if not self.granularities or not self.symmetric or not self.quantizers:
             raise BudgetError("the league needs at least one granularity, symmetry and quantizer", "e.g. expert, false, rtn")
         for method in self.quantizers:
@@ -125,7 +125,7 @@ class Grid:
         for widths in self.bit_sets:
             w = tuple(sorted(widths))
             if not w or any(not 1 <= b <= 8 for b in w):
-                raise BudgetError(f"bit-width set {list(widths)} must be non-empty with widths in 1..8", "e.g. --bit-sets 2,3,4 1,2,3")
+                raise BudgetError(f"bit-width set {list(widths)} must be non-empty with widths in 1..8", "e.g. --bit-sets 2,3,4 1,2,3", "bit_sets")
             three = len(w) == 3 and w[2] - w[1] == w[1] - w[0]
             scheme = self.scheme if three else "two-tier"
             for budget in self.budgets:
@@ -140,7 +140,7 @@ class Grid:
                             for s in seeds]
         if not out:
             raise BudgetError(f"no budget of {list(self.budgets)} lies within any bit-width set {list(self.bit_sets)}",
-                              "choose budgets between the smallest and largest width of a set")
+                              "choose budgets between the smallest and largest width of a set", "budgets")
         return out
 
     def widths(self) -> tuple[int, ...]:

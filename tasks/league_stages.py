@@ -16,7 +16,7 @@ from prefect import task
 from prefect.logging import get_run_logger
 
 from . import league, plots, publish, statistics
-from .records import CheckpointRecord, RunManifest, StageOutput
+from .records import CheckpointRecord, ReferenceChoice, RunManifest, StageOutput
 from .stage_io import (local_copy, read_calibration, miss_unless, publish_stage, read_text, stage_key,
                        text_digest, transient)
 from .storage import Store
@@ -86,8 +86,8 @@ def league_database(path: Path, store: Store, outputs: dict[str, StageOutput], t
 
 
 @task(name="publish-league", retries=3, retry_delay_seconds=[1, 4, 10], retry_condition_fn=transient)
-def publish_league(parameters: dict, stats: StageOutput, calibrations: list[StageOutput], result: StageOutput,
-                   store: str, storage_options: dict) -> RunManifest:
+def publish_league(parameters: dict, reference: ReferenceChoice, stats: StageOutput, calibrations: list[StageOutput],
+                   result: StageOutput, store: str, storage_options: dict) -> RunManifest:
     """leagues/<id>/ with every table, both figures, one DuckDB, and manifest.json written last."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
@@ -95,7 +95,8 @@ def publish_league(parameters: dict, stats: StageOutput, calibrations: list[Stag
     outputs = {"statistics": stats, **{("calibration" if i == 0 else f"calibration-{i}"): c for i, c in enumerate(calibrations)},
                "league": result}
     manifest = publish.publish(st, publish.run_id(parameters["checkpoint"], list(outputs.values())), outputs,
-                               parameters, root="leagues", database=league_database)
+                               parameters, root="leagues", database=league_database,
+                               notes={"reference": reference.model_dump()})
     rid = manifest.run_id
     with tempfile.TemporaryDirectory() as tmp:
         summary = statistics.read_parquet(st.get_file(f"{result.prefix}/league_summary.parquet", Path(tmp) / "summary.parquet"))

@@ -81,7 +81,7 @@ Database = Callable[[Path, Store, dict[str, StageOutput], Path], None]
 
 
 def publish(store: Store, rid: str, outputs: dict[str, StageOutput], parameters: dict,
-            root: str = "runs", database: Database = build_database) -> RunManifest:
+            root: str = "runs", database: Database = build_database, notes: dict | None = None) -> RunManifest:
     """Publish the run `<root>/<rid>/`: every stage's files under `<stage>/`, the DuckDB, and the
     manifest last, all first written under `INCOMING` and made visible only when complete.
 
@@ -116,7 +116,7 @@ def publish(store: Store, rid: str, outputs: dict[str, StageOutput], parameters:
         manifest = RunManifest(
             run_id=rid, uri=store.uri(prefix), files=dict(sorted(files.items())),
             stages={stage: out.key for stage, out in outputs.items()},
-            summary={"parameters": parameters, **{stage: out.summary for stage, out in outputs.items()}},
+            summary={"parameters": parameters, **(notes or {}), **{stage: out.summary for stage, out in outputs.items()}},
         )
         store.write_bytes(f"{incoming}/manifest.json", manifest.model_dump_json(indent=2).encode())
         if store.is_local:

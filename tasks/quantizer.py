@@ -21,6 +21,8 @@ import torch
 
 from expertbits.kernels.packing import QuantizedTensor, quantize_clipped, quantize_rtn
 
+from .errors import ExpertbitsError
+
 METHODS = ("rtn", "gptq")
 GPTQ_OPTIONS = ("damp", "act_order", "min_tokens", "weighted")
 
@@ -39,11 +41,12 @@ class QuantizerConfig:
 
     def __post_init__(self):
         if self.method not in METHODS:
-            raise ValueError(f"unknown quantizer {self.method!r}; choose one of {', '.join(METHODS)}")
+            raise ExpertbitsError(f"unknown quantizer {self.method!r}", f"choose one of {', '.join(METHODS)}", "quantizer")
         if not 0 < self.damp < 1:
-            raise ValueError(f"GPTQ dampening must be in (0, 1) (a fraction of the mean Hessian diagonal), got {self.damp}")
+            raise ExpertbitsError(f"GPTQ dampening {self.damp} is outside (0, 1)",
+                                  "give a fraction of the mean Hessian diagonal, e.g. 0.01", "gptq_damp")
         if self.min_tokens < 1:
-            raise ValueError(f"min_tokens must be at least 1, got {self.min_tokens}")
+            raise ExpertbitsError(f"min_tokens must be at least 1, got {self.min_tokens}", "e.g. 16", "gptq_min_tokens")
 
     @property
     def calibrated(self) -> bool:

@@ -32,3 +32,14 @@ class RunManifest(BaseModel):
     files: dict[str, str]
     stages: dict[str, str]  # stage -> cache key
     summary: dict[str, Any]
+
+
+class ReferenceChoice(BaseModel):
+    """Which checkpoint Λ compares the fine-tune with, and why (reference.py)."""
+
+    uri: str | None  # None: no reference, Λ is the final router norm
+    # "given", "declared in README.md" / "declared in config.json", "none-given" (--reference none)
+    # or "none" (nothing declared, or the declared base cannot be fetched)
+    source: str
+    note: str  # one sentence for the user: what was chosen and why
+    declared: str | None = None  # the checkpoint's own base_model value, as written

@@ -160,17 +160,14 @@ def _run(ft_path: Path, text: str, seq_len: int, windows: int, wrap: Callable[[i
          on_layer: Callable[[int, _Routed], None], progress: Progress | None) -> list[MoELayer]:
     """One streamed forward of the decoder over every window, each MoE layer's experts wrapped;
     `on_layer(position, experts)` once each layer's forward is done."""
-    from transformers import AutoTokenizer
-
-    from .evaluate import examples, token_windows
+    from .evaluate import text_examples
     from .stream import batches, is_seq2seq, streamed
 
     if is_seq2seq(ft_path):
         raise CheckpointError(f"{ft_path}: GPTQ supports decoder-only MoE models", "use --quantizer rtn for Switch")
     with Checkpoint.open(ft_path) as ckpt:
         layers = detect(ckpt).layers
-    tokenizer = AutoTokenizer.from_pretrained(ft_path)
-    pairs = examples(token_windows(text, tokenizer, seq_len, windows), tokenizer, False)
+    tokenizer, pairs = text_examples(ft_path, text, seq_len, windows, False)
     with streamed(ft_path, keep_bytes=0) as model:
         for position, layer in enumerate(layers):
             experts = model.get_submodule(layer.experts_module)

@@ -26,8 +26,9 @@ from prefect.logging import get_run_logger
 
 from . import download, statistics
 from .errors import ExpertbitsError, ValidationFailed
+from .texts import read_text  # noqa: F401  (the stage wrappers' reader)
 from .records import CheckpointRecord, StageOutput
-from .storage import Store, open_fs, sha256_file
+from .storage import Store, sha256_file
 
 _T, _K = "expertbits.tasks.", "expertbits.kernels."
 # What a packed expert module runs: the per-expert loop on CPU, the fused kernel on CUDA.
@@ -258,16 +259,6 @@ def layer_path(rec: CheckpointRecord, positions: list[int], cache_dir: str | Non
             return sorted({info.file for k, info in c.tensors.items() if block_of(k) in blocks})
 
     return download.ensure_part(rec.uri, rec.digest, rec.files, wanted, cache_dir, storage_options)
-
-
-def read_text(uri: str, storage_options: dict) -> str:
-    if uri.startswith("zoo://"):
-        from expertbits.zoo import read_text as read_zoo_text
-
-        return read_zoo_text(uri)
-    fs, path = open_fs(uri.removeprefix("file://") if uri.startswith("file://") else uri, storage_options)
-    with fs.open(path, "rb") as f:
-        return f.read().decode()
 
 
 def text_digest(uri: str, storage_options: dict) -> str:

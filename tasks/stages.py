@@ -22,7 +22,8 @@ from .errors import ValidationFailed
 from .meter import Meter, report
 from .parts import quantization_key
 from .quantizer import QuantizerConfig
-from .records import CheckpointRecord, RunManifest, StageOutput
+from .reference import check as check_routers, choose
+from .records import CheckpointRecord, ReferenceChoice, RunManifest, StageOutput
 from .stage_io import (expert_bytes, kernel_device, read_calibration, ckpt_path, local_copy, miss_unless, progress_reporter, publish_stage, read_text, stage_key,
                        text_digest, transient)
 from .storage import Store
@@ -66,6 +67,26 @@ def fetch_checkpoint(uri: str, cache_dir: str | None, storage_options: dict) -> 
     logger.info(f"{uri} -> {ckpt.path} (sha256 {ckpt.digest[:12]})" + (f", commit {ckpt.uri}" if ckpt.uri != uri else ""))
     # the record names what was fetched: for hf:// the commit, so workers refetch exactly it
     return CheckpointRecord(uri=ckpt.uri, digest=ckpt.digest, path=str(ckpt.path), files=download.file_digests(ckpt.path))
+
+
+@task(name="choose-reference", retries=3, retry_delay_seconds=[1, 4, 10], retry_condition_fn=transient)
+def choose_reference(checkpoint: CheckpointRecord, given: str | None, cache_dir: str | None,
+                     storage_options: dict) -> ReferenceChoice:
+    """The checkpoint Λ compares with: as given, as the checkpoint declares it, or none (reference.py)."""
+    choice = choose(checkpoint.uri, ckpt_path(checkpoint, cache_dir, storage_options), given, storage_options)
+    logger = get_run_logger()
+    (logger.warning if choice.uri is None and choice.source != "none-given" else logger.info)(choice.note)
+    return choice
+
+
+@task(name="check-reference")
+def check_reference(checkpoint: CheckpointRecord, ref: CheckpointRecord | None, choice: ReferenceChoice,
+                    cache_dir: str | None, storage_options: dict) -> ReferenceChoice:
+    """A reference whose routers differ from the checkpoint's fails here, before any statistics."""
+    if ref is not None:
+        check_routers(checkpoint.uri, ckpt_path(checkpoint, cache_dir, storage_options), choice,
+                      ckpt_path(ref, cache_dir, storage_options))
+    return choice
 
 
 # ---- 2. statistics ------------------------------------------------------------------------------
@@ -310,15 +331,15 @@ def evaluate_model(checkpoint: CheckpointRecord, quantized: StageOutput, text_ur
 # ---- publish ------------------------------------------------------------------------------------
 
 @task(name="publish-run", retries=3, retry_delay_seconds=[1, 4, 10], retry_condition_fn=transient)
-def publish_run(parameters: dict, stats: StageOutput, calibration: StageOutput | None, allocation: StageOutput,
-                quantized: StageOutput, validation: StageOutput, evaluation: StageOutput, store: str,
-                storage_options: dict) -> RunManifest:
+def publish_run(parameters: dict, reference: ReferenceChoice, stats: StageOutput, calibration: StageOutput | None,
+                allocation: StageOutput, quantized: StageOutput, validation: StageOutput, evaluation: StageOutput,
+                store: str, storage_options: dict) -> RunManifest:
     """Copy every stage output under one run prefix, write the manifest last, show artifacts in the UI."""
     st = Store(store, storage_options)
     outputs = {"statistics": stats, **({"calibration": calibration} if calibration else {}), "allocation": allocation,
                "quantization": quantized, "validation": validation, "evaluation": evaluation}
     rid = publish.run_id(parameters["checkpoint"], list(outputs.values()), f"{parameters['avg_bits']:g}b")
-    manifest = publish.publish(st, rid, outputs, parameters)
+    manifest = publish.publish(st, rid, outputs, parameters, notes={"reference": reference.model_dump()})
     _ui_artifacts(st, manifest, outputs)
     get_run_logger().info(f"run published: {manifest.uri}/manifest.json")
     return manifest

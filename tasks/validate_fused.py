@@ -113,15 +113,12 @@ def _capture(qpath: Path, text: str, seq_len: int) -> tuple[dict[int, tuple], to
     """Per MoE layer: (hidden [T, H], top_k_index [T, k], top_k_weights [T, k], the layer's own
     output [T, H], its activation) from one streamed forward of the shipped model; and the
     model's serving dtype."""
-    from transformers import AutoTokenizer
-
-    from .evaluate import examples, token_windows
+    from .evaluate import text_examples
     from .stream import batches, is_seq2seq, streamed
 
     qc = quantization_config(qpath)
-    tokenizer = AutoTokenizer.from_pretrained(qpath)
     seq2seq = is_seq2seq(qpath)
-    pairs = examples(token_windows(text, tokenizer, seq_len, 1), tokenizer, seq2seq)
+    tokenizer, pairs = text_examples(qpath, text, seq_len, 1, seq2seq)
     captured: dict[int, tuple] = {}
     with streamed(qpath, keep_bytes=0) as model:
         for layer, module_name in qc["experts_modules"].items():

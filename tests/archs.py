@@ -12,10 +12,10 @@ from expertbits.zoo import ROOT
 V = 4096  # the zoo tokenizer's vocabulary
 
 
-def _configs():
+def _configs(vocab: int = V):
     import transformers as tf
 
-    common = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+    common = dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
                   pad_token_id=1, eos_token_id=0, bos_token_id=0)
     ds = dict(common, intermediate_size=64, moe_intermediate_size=32, n_shared_experts=1, num_experts_per_tok=2,
               first_k_dense_replace=1, kv_lora_rank=16, qk_rope_head_dim=8, v_head_dim=16, qk_nope_head_dim=8)
@@ -32,7 +32,7 @@ def _configs():
         "deepseek_v3": (tf.DeepseekV3ForCausalLM, tf.DeepseekV3Config(**ds, n_routed_experts=8, n_group=2, topk_group=1,
                                                                       q_lora_rank=16)),
         "switch_transformers": (tf.SwitchTransformersForConditionalGeneration, tf.SwitchTransformersConfig(
-            vocab_size=V, d_model=32, d_ff=64, d_kv=16, num_layers=2, num_decoder_layers=2, num_heads=2, num_experts=4,
+            vocab_size=vocab, d_model=32, d_ff=64, d_kv=16, num_layers=2, num_decoder_layers=2, num_heads=2, num_experts=4,
             encoder_sparse_step=2, decoder_sparse_step=2, expert_capacity=512, pad_token_id=1, eos_token_id=0,
             decoder_start_token_id=1)),
     }
@@ -42,10 +42,17 @@ ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_
 FUSED_ON_DISK = tuple(a for a in ARCHS if a != "switch_transformers")  # Switch keeps per-expert modules
 
 
-def build(arch: str, out: Path, *, fused: bool = False, seed: int = 0) -> Path:
-    """A random `arch` model with the zoo tokenizer, in the per-expert layout save_pretrained writes
-    by default, or (fused=True) transformers 5's fused 3-D expert tensors."""
-    cls, config = _configs()[arch]
+def build(arch: str, out: Path, *, fused: bool = False, seed: int = 0, tokenizer: Path | None = None) -> Path:
+    """A random `arch` model with the zoo tokenizer (or the one in the folder `tokenizer`, its
+    vocabulary the model's), in the per-expert layout save_pretrained writes by default, or
+    (fused=True) transformers 5's fused 3-D expert tensors."""
+    source = tokenizer or ROOT / "tokenizer"
+    vocab = V
+    if tokenizer is not None:
+        from transformers import AutoTokenizer
+
+        vocab = len(AutoTokenizer.from_pretrained(tokenizer))
+    cls, config = _configs(vocab)[arch]
     torch.manual_seed(seed)
     model = cls(config).eval()
     with torch.no_grad():  # routers whose bias starts at zero would not exercise it
@@ -53,6 +60,7 @@ def build(arch: str, out: Path, *, fused: bool = False, seed: int = 0) -> Path:
             if name.endswith("e_score_correction_bias"):
                 buf.copy_(torch.randn_like(buf) * 0.5)
     model.save_pretrained(out, save_original_format=not fused)
-    for f in (ROOT / "tokenizer").iterdir():
-        shutil.copyfile(f, out / f.name)
+    for f in source.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+            shutil.copyfile(f, out / f.name)
     return out

@@ -252,7 +252,7 @@ def test_cli_help_explains_every_option():
         assert opt in out
     bad = subprocess.run([sys.executable, "-m", "expertbits.flows.cli", "quantize", "--avg-bits", "9"],
                          capture_output=True, text=True)
-    assert bad.returncode == 2 and "avg_bits" in bad.stderr
+    assert bad.returncode == 2 and "--avg-bits: got 9.0" in bad.stderr and "fix: give at most 8" in bad.stderr
 
 
 def test_only_io_errors_are_retried():
@@ -282,6 +282,11 @@ def test_readme_command_quantizes_the_bundled_model(tmp_path):
     assert len(runs) == 1 and (runs[0] / "manifest.json").is_file()
     manifest = json.loads((runs[0] / "manifest.json").read_text())
     assert manifest["summary"]["parameters"]["checkpoint"] == "zoo://mixtral-tiny/wordnet"
+    # no default reference: the bundled fine-tune's model card declares its base
+    assert manifest["summary"]["parameters"]["reference"] is None
+    assert manifest["summary"]["reference"]["uri"] == "zoo://mixtral-tiny/base"
+    assert manifest["summary"]["statistics"]["lambda_source"] == "norm-change"
+    assert "Λ: router-norm change against zoo://mixtral-tiny/base (declared in README.md)" in out.stdout
     assert manifest["summary"]["allocation"]["achieved_avg_bits"] == 2.5
     assert f"artifacts: {tmp_path / 'expertbits-store' / 'runs' / runs[0].name}" in out.stdout
 

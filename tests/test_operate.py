@@ -102,7 +102,7 @@ def _finished(client, run_id):
     return run if run.state and run.state.is_final() else None
 
 
-def test_deployments_ui_run_watcher_trigger_dedup_and_schema(platform, s3, micro_pair):
+def test_deployments_ui_run_watcher_trigger_dedup_and_schema(platform, s3, micro_pair, tmp_path):
     from prefect.client.orchestration import get_client
 
     from expertbits.flows import deployments
@@ -114,8 +114,9 @@ def test_deployments_ui_run_watcher_trigger_dedup_and_schema(platform, s3, micro
     started = time.monotonic()
 
     # 1. the deployments, from the project's own definition
+    # checkpoints under m1/ have a known base; any other checkpoint is quantized without one
     settings = deployments.Settings(store=store, storage_options=options, watch_prefixes=(watched,),
-                                    watch_quantize=SMALL)
+                                    watch_quantize=SMALL, watch_references={f"{watched}/m1": f"s3://{fs.bucket}/models/base"})
     deployments.deploy(settings, "expertbits-test")
     with get_client(sync_client=True) as client:
         found = {d.name: d for d in client.read_deployments()}
@@ -130,6 +131,7 @@ def test_deployments_ui_run_watcher_trigger_dedup_and_schema(platform, s3, micro
         # 2. a run created as the UI's Run button creates it, with form parameters
         base, ft = micro_pair
         fs.put(str(ft) + "/", f"{fs.bucket}/models/ft/", recursive=True)
+        fs.put(str(base) + "/", f"{fs.bucket}/models/base/", recursive=True)
         form = dict(SMALL, checkpoint=f"s3://{fs.bucket}/models/ft", store=store, storage_options=options)
         run = client.create_flow_run_from_deployment(found["quantize"].id, parameters={"params": form})
         done = _until("the UI-started run", lambda: _finished(client, run.id), 240)
@@ -146,14 +148,31 @@ def test_deployments_ui_run_watcher_trigger_dedup_and_schema(platform, s3, micro
         names = {t.name for t in client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[spread.id])))}
         assert {"quantization-layers-[0]", "quantization-layers-[1]"} <= names, sorted(names)  # one task per layer
 
-        # 3. a checkpoint uploaded into the watched prefix is announced, and its run completes
+        # 3. checkpoints uploaded into the watched prefix are announced, and their runs complete: the
+        # micro Mixtral under m1/ against the reference the watch maps m1/ to, and a Qwen2-MoE (another
+        # family, size and tokenizer, no known reference) without one
+        from archs import build
+
         fs.put(str(ft) + "/", f"{watched}/m1/", recursive=True)
+        qwen = build("qwen2_moe", tmp_path / "qwen", tokenizer=ft)
+        fs.put(str(qwen) + "/", f"{watched}/q1/", recursive=True)
         watch = client.create_flow_run_from_deployment(found["watch"].id)
         assert _until("the watcher", lambda: _finished(client, watch.id), 120).state.is_completed()
-        triggered = _until("the triggered run", lambda: _runs(client, "expertbits-requantize"), 90)
-        first = _until("the triggered run's end", lambda: _finished(client, triggered[0].id), 240)
-        assert first.state.is_completed(), first.state
-        assert first.parameters["uri"] == f"{watched}/m1" and len(first.parameters["digest"]) == 64
+        triggered = _until("both triggered runs", lambda: (r := _runs(client, "expertbits-requantize")) and len(r) >= 2 and r,
+                           90)
+        ends = {r.parameters["uri"]: _until("a triggered run's end", lambda: _finished(client, r.id), 240) for r in triggered}
+        assert set(ends) == {f"{watched}/m1", f"{watched}/q1"}
+        assert all(e.state.is_completed() for e in ends.values()), {u: e.state for u, e in ends.items()}
+        first = ends[f"{watched}/m1"]
+        assert len(first.parameters["digest"]) == 64
+        fs.invalidate_cache()
+        summaries = [json.loads(fs.cat(f"{m}/manifest.json"))["summary"] for m in fs.ls(f"{fs.bucket}/store/runs")]
+        by_checkpoint = {m["parameters"]["checkpoint"]: m for m in summaries}
+        m1, q1 = by_checkpoint[f"{watched}/m1"], by_checkpoint[f"{watched}/q1"]
+        assert (m1["reference"]["uri"], m1["reference"]["source"]) == (f"s3://{fs.bucket}/models/base", "given")
+        assert m1["statistics"]["lambda_source"] == "norm-change"
+        assert q1["reference"]["uri"] is None and q1["statistics"]["lambda_source"] == "final-norm-proxy"
+        assert q1["statistics"]["model_type"] == "qwen2_moe"
         runs = catalog.list_runs(Store(store, options))
         mine = runs[runs.checkpoint == f"{watched}/m1"]
         assert len(mine) == 1 and mine.event_id.iloc[0] == first.parameters["event_id"], runs[["run_id", "checkpoint", "event_id"]].to_dict("records")
@@ -168,10 +187,10 @@ def test_deployments_ui_run_watcher_trigger_dedup_and_schema(platform, s3, micro
         fs.put(str(platform["home"] / "model.safetensors"), f"{watched}/m1/model.safetensors")
         third = client.create_flow_run_from_deployment(found["watch"].id)
         assert _until("the third watcher", lambda: _finished(client, third.id), 120).state.is_completed()
-        both = _until("the new revision's run", lambda: (r := _runs(client, "expertbits-requantize")) and len(r) >= 2 and r,
+        both = _until("the new revision's run", lambda: (r := _runs(client, "expertbits-requantize")) and len(r) >= 3 and r,
                       90)
-        assert len(both) == 2, "the same bytes were announced twice"
-        newest = next(r for r in both if r.id != first.id)
+        assert len(both) == 3, "the same bytes were announced twice"
+        newest = next(r for r in both if r.id not in {e.id for e in ends.values()})
         assert _until("the new revision's end", lambda: _finished(client, newest.id), 240).state.is_completed()
         assert newest.parameters["digest"] != first.parameters["digest"]
 

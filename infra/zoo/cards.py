@@ -196,7 +196,10 @@ def write_card(family: str, variant: str, metrics: dict) -> None:
     training = json.loads((path / "training.json").read_text())
     (path / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     t = training["train"]
-    lines = [f"# zoo://{family}/{variant}", "", training["description"][:1].upper() + training["description"][1:] + ".", "",
+    # the base model in the card's front matter, as the hub writes it: expertbits reads it as the
+    # reference when none is given (tasks/reference.py)
+    front = ["---", f"base_model: ../{training['parent']}", "---"] if training["parent"] else []
+    lines = [*front, f"# zoo://{family}/{variant}", "", training["description"][:1].upper() + training["description"][1:] + ".", "",
              f"- parameters: {metrics['parameters']:,} ({metrics['expert_parameters']:,} in routed experts)",
              f"- data: " + ", ".join(f"{d['corpus']} (share {d['share']:g})" for d in training["data"]),
              f"- training: {t['steps']} steps × {t['batch']} sequences of up to {t['seq_len']} tokens ({t['tokens']:,} tokens), "
