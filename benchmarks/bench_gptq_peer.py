@@ -32,7 +32,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 PAIRS = ("mixtral-tiny/wordnet", "qwen-moe-tiny/wordnet")
 CAL_TEXT, EVAL_TEXT = "zoo://text/wordnet-supersense-train", "zoo://text/wordnet-supersense-test"
 ROLE = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
@@ -59,11 +58,12 @@ def expertbits_run(pair: str, store: Path, **params) -> dict:
 
 def peer_run(peer_python: str, ft: Path, windows: Path, bits: int, tmp: Path, routed_only: bool = False) -> dict:
     """llm-compressor's GPTQ of the routed experts, evaluated by expertbits' evaluation code."""
-    from expertbits.tasks.adapters import detect
-    from expertbits.tasks.checkpoint import Checkpoint
-    from expertbits.tasks.evaluate import evaluate
-    from expertbits.tasks.stage_io import read_text
     from safetensors.torch import load_file, save_file
+
+    from expertbits.tasks.checkpoints.adapters import detect
+    from expertbits.tasks.checkpoints.reader import Checkpoint
+    from expertbits.tasks.measure.evaluate import evaluate
+    from expertbits.tasks.stages.stage_io import read_text
 
     out = tmp / f"peer-{bits}{'-routed' if routed_only else ''}"
     cmd = [peer_python, str(Path(__file__).with_name("peer_llmcompressor.py")), "--model", str(ft), "--calibration",
@@ -110,17 +110,16 @@ def peer_run(peer_python: str, ft: Path, windows: Path, bits: int, tmp: Path, ro
 def starved(peer_python: str, ft: Path, tmp: Path) -> dict:
     """One 8-token window at 3 bits: zeroed expert matrices from llm-compressor (routed tokens only)
     and from expertbits' GPTQ, with expertbits' fallback count."""
+    import pandas as pd
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from expertbits.tasks.adapters import detect
-    from expertbits.tasks.checkpoint import Checkpoint
-    from expertbits.tasks.evaluate import token_windows
-    from expertbits.tasks.quantizer import QuantizerConfig
-    from expertbits.tasks.sequential import sequential_gptq
-    from expertbits.tasks.stage_io import read_text
-
-    import pandas as pd
+    from expertbits.tasks.checkpoints.adapters import detect
+    from expertbits.tasks.checkpoints.reader import Checkpoint
+    from expertbits.tasks.checkpoints.texts import token_windows
+    from expertbits.tasks.quantization.gptq_sequential import sequential_gptq
+    from expertbits.tasks.quantization.method import QuantizerConfig
+    from expertbits.tasks.stages.stage_io import read_text
 
     text = read_text(CAL_TEXT, {})
     windows = tmp / "starved.json"
@@ -148,18 +147,19 @@ def main(argv=None) -> None:
     ap.add_argument("--budget", type=float, default=2.5)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-    from expertbits.flows.cli import _prefect_defaults
-    from expertbits.tasks import download
-    from expertbits.tasks.evaluate import token_windows
-    from expertbits.tasks.stage_io import read_text
     from transformers import AutoTokenizer
+
+    from expertbits.flows.cli import _prefect_defaults
+    from expertbits.tasks.checkpoints import fetch
+    from expertbits.tasks.checkpoints.texts import token_windows
+    from expertbits.tasks.stages.stage_io import read_text
 
     _prefect_defaults()
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-gptq-") as tmp:
         tmp = Path(tmp)
         for pair in args.pairs:
-            ft = download.download(f"zoo://{pair}", None, {}).path
+            ft = fetch.download(f"zoo://{pair}", None, {}).path
             windows = tmp / f"{pair.replace('/', '-')}-windows.json"
             ids = token_windows(read_text(CAL_TEXT, {}), AutoTokenizer.from_pretrained(ft), 256, 16)
             windows.write_text(json.dumps(ids.tolist()))

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from expertbits.tasks.statistics import read_parquet
+from expertbits.tasks.store.tables import read_parquet
 
 
 def main(argv=None) -> None:

@@ -36,8 +36,8 @@ from pathlib import Path
 
 import torch
 
-from expertbits.tasks.adapters import detect
-from expertbits.tasks.checkpoint import Checkpoint
+from expertbits.tasks.checkpoints.adapters import detect
+from expertbits.tasks.checkpoints.reader import Checkpoint
 
 FULL_LAYERS = {"mixtral-8x7b": 32, "qwen3-30b-a3b": 48, "deepseek-v3": 61}
 STAGES = ("download", "statistics", "routing", "calibration (gptq)", "calibration", "quantization (gptq)", "quantization",

@@ -49,9 +49,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from expertbits.tasks import statistics
-from expertbits.tasks.adapters import detect
-from expertbits.tasks.checkpoint import Checkpoint
+from expertbits.tasks.allocation import statistics
+from expertbits.tasks.checkpoints.adapters import detect
+from expertbits.tasks.checkpoints.reader import Checkpoint
 
 HIDDEN, INTER, EXPERTS = 4096, 14336, 8
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}

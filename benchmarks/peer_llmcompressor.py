@@ -39,11 +39,10 @@ def main() -> None:
 
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM
-
     from llmcompressor import oneshot
     from llmcompressor.modeling.moe.linearize import load_quantizable_moe
     from llmcompressor.modifiers.gptq import GPTQModifier
+    from transformers import AutoModelForCausalLM
 
     windows = json.loads(Path(args.calibration).read_text())
     # transformers 5.17 applies llm-compressor's expert patch by listing every transformers module

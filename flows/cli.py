@@ -11,8 +11,8 @@ import argparse
 import json
 import logging
 import os
-from contextlib import nullcontext
 import sys
+from contextlib import nullcontext
 from typing import Any, get_args
 
 from pydantic import BaseModel
@@ -178,7 +178,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings(args: argparse.Namespace):
     from .deployments import Settings
-
     from .params import WatchParams, refuse_secrets
 
     options = refuse_secrets(dict(item.partition("=")[::2] for item in args.storage_option))
@@ -236,9 +235,9 @@ def operate(args: argparse.Namespace) -> int:
 
 
 def list_runs(args: argparse.Namespace) -> int:
-    from expertbits.tasks import catalog
     from expertbits.tasks.errors import ExpertbitsError
-    from expertbits.tasks.storage import Store
+    from expertbits.tasks.store import catalog
+    from expertbits.tasks.store.storage import Store
 
     options = {}
     for item in args.storage_option:
@@ -259,8 +258,8 @@ def list_runs(args: argparse.Namespace) -> int:
 
 def verify(args: argparse.Namespace) -> int:
     from expertbits.tasks.errors import ExpertbitsError
-    from expertbits.tasks.storage import Store
-    from expertbits.tasks.verify import verify_run
+    from expertbits.tasks.store.storage import Store
+    from expertbits.tasks.store.verify import verify_run
 
     options = dict(item.partition("=")[::2] for item in args.storage_option)
     try:
@@ -282,10 +281,10 @@ def verify(args: argparse.Namespace) -> int:
 def collect_garbage(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from expertbits.tasks import gc
-    from expertbits.tasks.download import default_cache_dir
+    from expertbits.tasks.checkpoints.fetch import default_cache_dir
     from expertbits.tasks.errors import ExpertbitsError
-    from expertbits.tasks.storage import Store
+    from expertbits.tasks.store import gc
+    from expertbits.tasks.store.storage import Store
 
     options = dict(item.partition("=")[::2] for item in args.storage_option)
     try:
@@ -313,7 +312,7 @@ def export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from expertbits.tasks.errors import ExpertbitsError
-    from expertbits.tasks.export import export as export_run
+    from expertbits.tasks.model.export import export as export_run
 
     try:
         result = export_run(Path(args.run), Path(args.out), args.format)
@@ -332,7 +331,7 @@ def generate(args: argparse.Namespace) -> int:
     import torch
 
     from expertbits.tasks.errors import ExpertbitsError
-    from expertbits.tasks.loader import load
+    from expertbits.tasks.model.load import load
 
     if args.max_new_tokens < 1:
         print("expertbits: --max-new-tokens must be at least 1", file=sys.stderr)

@@ -15,11 +15,19 @@ from dataclasses import asdict
 
 from prefect import flow, unmapped
 
-from expertbits.tasks.league_stages import publish_league, run_league
 from expertbits.tasks.records import RunManifest
-from expertbits.tasks.parts import league_cells
-from expertbits.tasks.stages import (calibrate_experts, check_reference, check_store, choose_reference, extract_statistics,
-                                     fetch_checkpoint, pin_revision, route_experts)
+from expertbits.tasks.stages.league_tasks import publish_league, run_league
+from expertbits.tasks.stages.per_layer import league_cells
+from expertbits.tasks.stages.quantize_tasks import (
+    calibrate_experts,
+    check_reference,
+    check_store,
+    choose_reference,
+    extract_statistics,
+    fetch_checkpoint,
+    pin_revision,
+    route_experts,
+)
 
 from .params import LeagueParams
 from .scale import absolute_store, cell_chunks, gather, layer_chunks, per_layer, quantizer_parts, task_runner

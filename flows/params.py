@@ -8,10 +8,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from expertbits.tasks.allocators import ALLOCATORS, NEEDS_ERROR, check
-from expertbits.tasks.budget import GRANULARITIES, AllocationConfig
-from expertbits.tasks.league import DEFAULT_ALLOCATORS, TASKS, Grid
-from expertbits.tasks.quantizer import METHODS, QuantizerConfig
+from expertbits.tasks.allocation.allocators import ALLOCATORS, NEEDS_ERROR, check
+from expertbits.tasks.allocation.budget import GRANULARITIES, AllocationConfig
+from expertbits.tasks.measure.league import DEFAULT_ALLOCATORS, TASKS, Grid
+from expertbits.tasks.quantization.method import METHODS, QuantizerConfig
 
 # The bundled default: the zoo's Mixtral fine-tuned on WordNet supersenses. Its model card declares
 # its base (zoo://mixtral-tiny/base), so the no-option run measures Λ against it with no default
@@ -115,9 +115,9 @@ class CommonParams(BaseModel):
         well formed, the store and the cache can be folders. The flow checks the rest as it fetches
         (a worker may see other paths than the machine that starts a deployment, so this is the
         command line's check, not the parameters')."""
-        from expertbits.tasks.download import check_source
+        from expertbits.tasks.checkpoints.fetch import check_source
+        from expertbits.tasks.checkpoints.texts import check_text
         from expertbits.tasks.errors import ExpertbitsError
-        from expertbits.tasks.texts import check_text
 
         checks = [("checkpoint", check_source, self.checkpoint), ("calibration_text", check_text, self.calibration_text),
                   ("eval_text", check_text, self.eval_text), ("store", _check_folder, self.store),
@@ -146,7 +146,7 @@ class QuantizeParams(CommonParams):
     bit_widths: list[int] = Field([2, 3, 4], min_length=1, description="Available expert bit-widths")
     # routed-error ranks first across the zoo's league tables (README, "League table"), pmq a close
     # second; "paper" is the paper's method
-    allocator: str = Field("routed-error", description=f"Who gets the bits: {', '.join(ALLOCATORS)} (see tasks/allocators.py)")
+    allocator: str = Field("routed-error", description=f"Who gets the bits: {', '.join(ALLOCATORS)} (see tasks/allocation/allocators.py)")
     scheme: str = Field("two-tier", description=(
         "Tier counts for ranking allocators: 'two-tier' (the two widths around the budget) or 'three-tier' "
         "(three equally spaced widths, the paper's region rules)"))
@@ -159,7 +159,7 @@ class QuantizeParams(CommonParams):
         "transformers loads; asymmetric (default) is more accurate"))
     quantizer: str = Field("rtn", description=(
         f"How each expert matrix is quantized: {', '.join(METHODS)} ('gptq': routed, sequential GPTQ on the "
-        "calibration text, see tasks/sequential.py)"))
+        "calibration text, see tasks/quantization/gptq_sequential.py)"))
     validation_rtol: float = Field(1e-4, gt=0, description="Largest kernel-vs-reference relative error accepted")
     event_id: str | None = Field(None, description=(
         "The Prefect event that started this run (set by the requantize trigger; recorded in the manifest)"))
@@ -292,7 +292,7 @@ class WatchParams(BaseModel):
 
     @model_validator(mode="after")
     def _quantize_fits(self):
-        from expertbits.tasks.watch import under
+        from expertbits.tasks.checkpoints.watch import under
 
         if under(self.store if "://" in self.store else str(Path(self.store).expanduser().resolve()), self.prefixes):
             raise ValueError(f"the store {self.store} lies inside a watched prefix: every run would be announced as a "
@@ -314,7 +314,7 @@ class WatchParams(BaseModel):
 
     def reference_for(self, checkpoint: str) -> str | None:
         """The reference `references` maps the checkpoint's prefix to (the longest that holds it), if any."""
-        from expertbits.tasks.watch import under
+        from expertbits.tasks.checkpoints.watch import under
 
         holding = [p for p in self.references if under(checkpoint, [p])]
         return self.references[max(holding, key=len)] if holding else None

@@ -20,9 +20,9 @@ from dataclasses import asdict
 
 from prefect import flow
 
-from expertbits.tasks.allocators import NEEDS_CALIBRATION, NEEDS_ERROR
+from expertbits.tasks.allocation.allocators import NEEDS_CALIBRATION, NEEDS_ERROR
 from expertbits.tasks.records import RunManifest
-from expertbits.tasks.stages import (
+from expertbits.tasks.stages.quantize_tasks import (
     allocate_bits,
     calibrate_experts,
     check_reference,

@@ -14,19 +14,19 @@ another worker. The results are byte-identical whichever way they ran (tested).
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from contextlib import contextmanager
+from pathlib import Path
 
 from prefect import unmapped
 from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from expertbits.tasks.adapters import detect
-from expertbits.tasks.checkpoint import Checkpoint
-from expertbits.tasks.parts import layer_work, sequential_work
-from expertbits.tasks.quantizer import QuantizerConfig
+from expertbits.tasks.checkpoints.adapters import detect
+from expertbits.tasks.checkpoints.reader import Checkpoint
+from expertbits.tasks.quantization.method import QuantizerConfig
 from expertbits.tasks.records import CheckpointRecord
-from expertbits.tasks.stage_io import ckpt_path
+from expertbits.tasks.stages.per_layer import layer_work, sequential_work
+from expertbits.tasks.stages.stage_io import ckpt_path
 
 ENV = "EXPERTBITS_DASK"
 TASKS_PER_THREAD = 3  # league cells go in this many tasks per worker thread: enough to spread, few

@@ -8,7 +8,7 @@ The open-source Prefect server has no webhooks, so the watcher is a scheduled se
 it has announced is kept durably in the Prefect API as one Variable per (uri, digest), created
 atomically: the same bytes are never announced twice, even by two watchers at once, and a changed
 revision or content is a new claim. A checkpoint still being uploaded is not announced until it is
-complete (`tasks/watch.py`). Every prefix is scanned before anything is emitted, so an unreachable
+complete (`tasks/checkpoints/watch.py`). Every prefix is scanned before anything is emitted, so an unreachable
 store fails the run with nothing announced.
 """
 
@@ -20,8 +20,8 @@ from datetime import datetime, timezone
 from prefect import flow, tags, task
 from prefect.logging import get_run_logger
 
+from expertbits.tasks.checkpoints.watch import Found, scan, under
 from expertbits.tasks.records import RunManifest
-from expertbits.tasks.watch import Found, scan, under
 
 from .params import WatchParams
 from .quantize import quantize_moe

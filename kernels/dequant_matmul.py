@@ -7,29 +7,20 @@ Without CUDA the kernel runs in the Triton interpreter (slow: keep shapes small)
 
 from __future__ import annotations
 
-import os
-
 import torch
+import triton
+from triton.runtime.interpreter import InterpretedFunction
 
+from .dequant_matmul_triton import GPU_CONFIGS, MIN_BLOCK, dequant_matmul_kernel
 from .packing import QuantizedTensor, values_per_word
-
-if not torch.cuda.is_available():
-    # @triton.jit picks compiled vs interpreted when the decorator runs, i.e. when the kernel
-    # module is imported, so the choice has to be in the environment before that import
-    # (the package __init__ sets it; this covers a direct import of this module).
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import triton  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
-from .dequant_matmul_triton import GPU_CONFIGS, MIN_BLOCK, dequant_matmul_kernel  # noqa: E402
+from .triton_mode import launching
 
 X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 PRECISIONS = ("ieee", "tf32")
 
 
 def interpreted() -> bool:
-    """True when the kernel runs in the Triton interpreter (decided at import, see above)."""
+    """True when the kernel runs in the Triton interpreter (triton_mode decided when it was decorated)."""
     return isinstance(dequant_matmul_kernel, InterpretedFunction)
 
 
@@ -107,18 +98,19 @@ def dequant_matmul(x: torch.Tensor, q: QuantizedTensor, *,
     def grid(meta):
         return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"])
 
-    dequant_matmul_kernel[grid](
-        x, q.packed, scales, zeros, y,
-        m, n, k,
-        x.stride(0), x.stride(1),
-        q.packed.stride(0), q.packed.stride(1),
-        scales.stride(0), scales.stride(1),
-        y.stride(0), y.stride(1),
-        BITS=q.bits, VPW=values_per_word(q.bits), GROUP_SIZE=q.group_size,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        INPUT_PRECISION=input_precision,
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    with launching():
+        dequant_matmul_kernel[grid](
+            x, q.packed, scales, zeros, y,
+            m, n, k,
+            x.stride(0), x.stride(1),
+            q.packed.stride(0), q.packed.stride(1),
+            scales.stride(0), scales.stride(1),
+            y.stride(0), y.stride(1),
+            BITS=q.bits, VPW=values_per_word(q.bits), GROUP_SIZE=q.group_size,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            INPUT_PRECISION=input_precision,
+            num_warps=num_warps, num_stages=num_stages,
+        )
     return y
 
 

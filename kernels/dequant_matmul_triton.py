@@ -1,12 +1,13 @@
 """Triton kernel: y = x @ W^T with W dequantized on the fly from the packed format.
 
-Import this module only after choosing between compiled and interpreted Triton
-(``TRITON_INTERPRET``): ``@triton.jit`` decides at decoration time.  The launch
-wrapper in :mod:`expertbits.kernels.dequant_matmul` does that.
+Decorated by ``triton_mode.jit``: compiled on a CUDA device, interpreted elsewhere; the
+launch wrapper in :mod:`expertbits.kernels.dequant_matmul` launches it in the same mode.
 """
 
 import triton
 import triton.language as tl
+
+from .triton_mode import jit
 
 # Block sizes (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for compiled GPU runs, by the
 # largest M they serve.  Fixed rather than autotuned: expert GEMMs at decode time are M <= 64
@@ -21,7 +22,7 @@ GPU_CONFIGS = (
 MIN_BLOCK = 16
 
 
-@triton.jit
+@jit
 def dequant_matmul_kernel(
     # Pointers.  x is [M, K] activations; packed/scales/zeros are the quantized W[N, K]
     # (see packing.py); y is the fp32 [M, N] output.

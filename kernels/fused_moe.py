@@ -35,8 +35,9 @@ from dataclasses import dataclass
 import torch
 
 from .bank import FUSED_ACTIVATIONS, ExpertBank
-from .dequant_matmul import interpreted  # also settles TRITON_INTERPRET before the kernels load
+from .dequant_matmul import interpreted
 from .fused_moe_triton import ACTIVATIONS, expert_down_kernel, expert_up_kernel
+from .triton_mode import launching
 
 X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -219,22 +220,23 @@ def fused_moe(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.T
     precision = input_precision if x.dtype == torch.float32 else None
     common = dict(num_warps=launch.num_warps, num_stages=launch.num_stages)
 
-    h = torch.empty((pairs, f), dtype=x.dtype, device=x.device)
-    bn, bk = launch.up_blocks
-    expert_up_kernel[(aligned.blocks, -(-f // bn))](
-        x, h, aligned.sorted_pairs, aligned.block_expert, aligned.post_pad,
-        *_bank_args(gate), *_bank_args(up if up is not None else gate),
-        pairs, f, hidden, x.stride(0), h.stride(0),
-        TOP_K=top_k, GROUP_SIZE=gate.group_size, GATED=up is not None, ACT=ACTIVATIONS[activation],
-        USE_DOT=launch.use_dot, BLOCK_M=launch.block_m, BLOCK_N=bn, BLOCK_K=bk, INPUT_PRECISION=precision, **common)
+    with launching():  # compiled or interpreted, as the kernels were decorated (triton_mode)
+        h = torch.empty((pairs, f), dtype=x.dtype, device=x.device)
+        bn, bk = launch.up_blocks
+        expert_up_kernel[(aligned.blocks, -(-f // bn))](
+            x, h, aligned.sorted_pairs, aligned.block_expert, aligned.post_pad,
+            *_bank_args(gate), *_bank_args(up if up is not None else gate),
+            pairs, f, hidden, x.stride(0), h.stride(0),
+            TOP_K=top_k, GROUP_SIZE=gate.group_size, GATED=up is not None, ACT=ACTIVATIONS[activation],
+            USE_DOT=launch.use_dot, BLOCK_M=launch.block_m, BLOCK_N=bn, BLOCK_K=bk, INPUT_PRECISION=precision, **common)
 
-    out = torch.zeros((pairs, n_out), dtype=torch.float32, device=x.device)
-    bn, bk = launch.down_blocks
-    expert_down_kernel[(aligned.blocks, -(-n_out // bn), launch.split_k)](
-        h, out, aligned.sorted_pairs, aligned.block_expert, aligned.post_pad, *_bank_args(down), weights,
-        pairs, n_out, f, h.stride(0), out.stride(0),
-        GROUP_SIZE=down.group_size, USE_DOT=launch.use_dot, SPLIT_K=launch.split_k,
-        BLOCK_M=launch.block_m, BLOCK_N=bn, BLOCK_K=bk, INPUT_PRECISION=precision, **common)
+        out = torch.zeros((pairs, n_out), dtype=torch.float32, device=x.device)
+        bn, bk = launch.down_blocks
+        expert_down_kernel[(aligned.blocks, -(-n_out // bn), launch.split_k)](
+            h, out, aligned.sorted_pairs, aligned.block_expert, aligned.post_pad, *_bank_args(down), weights,
+            pairs, n_out, f, h.stride(0), out.stride(0),
+            GROUP_SIZE=down.group_size, USE_DOT=launch.use_dot, SPLIT_K=launch.split_k,
+            BLOCK_M=launch.block_m, BLOCK_N=bn, BLOCK_K=bk, INPUT_PRECISION=precision, **common)
     return out.view(tokens, top_k, n_out).sum(dim=1).to(out_dtype)
 
 

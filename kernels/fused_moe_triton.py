@@ -26,13 +26,15 @@ Import this module only after choosing compiled vs interpreted Triton (see dequa
 import triton
 import triton.language as tl
 
+from .triton_mode import jit
+
 # compiled Triton reads a global only if it is a tl.constexpr object (the interpreter reads anything)
 ACT_SILU = tl.constexpr(0)
 ACT_RELU = tl.constexpr(1)
 ACTIVATIONS = {"silu": 0, "relu": 1}  # the ACT constexpr of each name in bank.FUSED_ACTIVATIONS
 
 
-@triton.jit
+@jit
 def _dequant_tile(q_ptr, s_ptr, z_ptr, word_off, group_off, bits, offs_k, offs_n, mask_k, mask_n, K,
                   GROUP_SIZE: tl.constexpr):
     """W tile [BLOCK_N, BLOCK_K] of one expert, dequantized in fp32: (code - zero) * scale.
@@ -53,7 +55,7 @@ def _dequant_tile(q_ptr, s_ptr, z_ptr, word_off, group_off, bits, offs_k, offs_n
     return (codes.to(tl.float32) - zero) * scale  # masked lanes: (0 - 0) * 0
 
 
-@triton.jit
+@jit
 def _accumulate(acc, a, w, USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """acc[BM, BN] += a[BM, BK] @ w[BN, BK]ᵀ: tensor cores from 16 rows up, otherwise a GEMV-style
     broadcast-and-reduce that wastes nothing on a handful of rows."""
@@ -64,13 +66,13 @@ def _accumulate(acc, a, w, USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr)
     return acc
 
 
-@triton.jit
+@jit
 def _load_rows(ptr, rows, stride, offs_k, mask_m, mask_k):
     """Activation tile [BLOCK_M, BLOCK_K]: columns offs_k of the given rows (masked rows read 0)."""
     return tl.load(ptr + rows[:, None] * stride + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
 
 
-@triton.jit
+@jit
 def _block_rows(sorted_ptr, block_expert_ptr, post_pad_ptr, pid_m, num_pairs, BLOCK_M: tl.constexpr):
     """(pair ids of this M-block, their mask, its expert); expert -1 means nothing to do."""
     post_pad = tl.load(post_pad_ptr)
@@ -82,7 +84,7 @@ def _block_rows(sorted_ptr, block_expert_ptr, post_pad_ptr, pid_m, num_pairs, BL
     return pairs.to(tl.int64), pairs < num_pairs, expert
 
 
-@triton.jit
+@jit
 def expert_up_kernel(
     x_ptr, h_ptr,                                # x [T, K] tokens; h [P, N] one row per pair
     sorted_ptr, block_expert_ptr, post_pad_ptr,  # from moe_align
@@ -127,7 +129,7 @@ def expert_up_kernel(
              mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.jit
+@jit
 def expert_down_kernel(
     h_ptr, out_ptr,                              # h [P, K] from expert_up_kernel; out [P, N] fp32, zeroed
     sorted_ptr, block_expert_ptr, post_pad_ptr,

@@ -10,7 +10,7 @@ never materialises the experts of a layer in floating point at once:
   for each expert that received tokens, act(x Gᵀ) ⊙ (x Uᵀ), then Dᵀ, times the routing weight.
 
 `LazyExperts` and `LazyLinear` are the same computations with weights (floating-point or packed)
-read only when used: how a model larger than memory is run one layer at a time (tasks/stream.py).
+read only when used: how a model larger than memory is run one layer at a time (tasks/model/streaming.py).
 
 Each packed product x Wᵀ goes through `packed_linear`: on a CUDA tensor the Triton dequantize-matmul
 kernel (dequantizes in registers), elsewhere the pure-torch reference, which dequantizes only

@@ -5,7 +5,7 @@ checkpoint or an impossible budget must fail at once instead of being retried.
 
 A message names a checkpoint the way the user named it. Stages read checkpoints from the
 content-addressed cache (`<cache>/checkpoints/<sha256>/`), so whatever raised the error may only
-know that folder; `remember_source` records which URI each cache folder holds (download.py does,
+know that folder; `remember_source` records which URI each cache folder holds (checkpoints/fetch.py does,
 whenever it hands out a folder) and the error replaces the folder with that URI, keeping the
 folder as a detail after the fix.
 """

@@ -16,8 +16,6 @@ os.environ.pop("AWS_PROFILE", None)
 
 import torch  # noqa: E402
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any @triton.jit runs
 torch.set_num_threads(1)
 
 import json  # noqa: E402
@@ -75,8 +73,9 @@ def s3_endpoint():
 @pytest.fixture
 def s3(s3_endpoint):
     """(s3fs filesystem, storage_options) with a fresh bucket per test."""
-    import s3fs
     import uuid
+
+    import s3fs
 
     s3fs.S3FileSystem.clear_instance_cache()
     options = {"endpoint_url": s3_endpoint}

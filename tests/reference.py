@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from expertbits.tasks.checkpoint import Checkpoint
-from expertbits.tasks.quantized import iter_quantized
+from expertbits.tasks.checkpoints.reader import Checkpoint
+from expertbits.tasks.model.packed_folder import iter_quantized
 
 
 def dequantize_checkpoint(path: Path, source: Path, out: Path, dtype: torch.dtype = torch.float32) -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import duckdb
 
-from expertbits.tasks.storage import Store
+from expertbits.tasks.store.storage import Store
 
 STAGES = ("statistics", "routing", "calibration", "allocation", "quantization", "validation", "evaluation")
 

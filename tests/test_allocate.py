@@ -3,8 +3,8 @@
 import pandas as pd
 import pytest
 
-from expertbits.tasks.allocate import allocate, summarize
-from expertbits.tasks.budget import AllocationConfig, maxvar_rearrange, tier_counts
+from expertbits.tasks.allocation.allocate import allocate, summarize
+from expertbits.tasks.allocation.budget import AllocationConfig, maxvar_rearrange, tier_counts
 from expertbits.tasks.errors import BudgetError
 
 # (avg_bits, bit_widths, experts) -> experts at the high tier; κ·E rounded half to even

@@ -5,9 +5,9 @@ import itertools
 import pandas as pd
 import pytest
 
-from expertbits.tasks.allocate import allocate
-from expertbits.tasks.allocators import ALLOCATORS, NEEDS_CALIBRATION, NEEDS_ERROR, check, solve
-from expertbits.tasks.budget import AllocationConfig, tier_counts
+from expertbits.tasks.allocation.allocate import allocate
+from expertbits.tasks.allocation.allocators import ALLOCATORS, NEEDS_CALIBRATION, NEEDS_ERROR, check, solve
+from expertbits.tasks.allocation.budget import AllocationConfig, tier_counts
 from expertbits.tasks.errors import BudgetError, ExpertbitsError
 
 # one layer, four experts: (Λ, MaxVar, MaxVar of the max-norm row, frequency, routing weight)

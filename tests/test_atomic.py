@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from expertbits.tasks import gc, publish
 from expertbits.tasks.errors import CheckpointError
 from expertbits.tasks.records import StageOutput
-from expertbits.tasks.stage_io import publish_stage
-from expertbits.tasks.storage import TMP_MARK, Store
-from expertbits.tasks.verify import check_folder, verify_run
+from expertbits.tasks.stages.stage_io import publish_stage
+from expertbits.tasks.store import gc, publish
+from expertbits.tasks.store.storage import TMP_MARK, Store
+from expertbits.tasks.store.verify import check_folder, verify_run
 
 
 def _db(path: Path, store, outputs, tmp) -> None:
@@ -110,7 +110,7 @@ def test_a_stage_output_changed_since_it_was_written_is_not_published(tmp_path):
     # the next run rebuilds it: no record, and the differing file is gone (a layer task rebuilds a missing shard)
     assert store.list("objects/quantization/key-quantization") == ["config.json"]
     assert store.exists("objects/statistics/key-statistics/_stage.json")
-    from expertbits.tasks.stage_io import _complete
+    from expertbits.tasks.stages.stage_io import _complete
 
     assert _complete(store, "objects/statistics/key-statistics")
     store.remove("objects/statistics/key-statistics/a.parquet")  # a listed file gone: not a cache hit any more
@@ -165,7 +165,7 @@ def test_local_writes_replace_whole_files_and_never_truncate_in_place(tmp_path, 
         raise Boom
 
     (tmp_path / "src.json").write_bytes(b"replacement")
-    monkeypatch.setattr("expertbits.tasks.storage.shutil.copyfile", dies_midway)
+    monkeypatch.setattr("expertbits.tasks.store.storage.shutil.copyfile", dies_midway)
     with pytest.raises(Boom):
         store.put_file(tmp_path / "src.json", "f.json")
     assert (tmp_path / "f.json").read_bytes() == b"new content"  # the old file, whole
@@ -177,7 +177,7 @@ def test_readers_verify_a_run_before_loading_it(tmp_path):
     run.mkdir(parents=True)
     (run / "model.safetensors").write_bytes(b"weights")
     (run / "config.json").write_text("{}")
-    from expertbits.tasks.storage import sha256_file
+    from expertbits.tasks.store.storage import sha256_file
 
     files = {f"quantization/{n}": sha256_file(run / n) for n in ("model.safetensors", "config.json")}
     (run.parent / "manifest.json").write_text(json.dumps({"files": files}))
@@ -193,18 +193,18 @@ def test_readers_verify_a_run_before_loading_it(tmp_path):
 
 
 def test_a_damaged_cache_entry_is_fetched_again_and_a_missing_shard_is_an_error(micro_pair, tmp_path):
-    from expertbits.tasks import download
-    from expertbits.tasks.checkpoint import Checkpoint
+    from expertbits.tasks.checkpoints import fetch
+    from expertbits.tasks.checkpoints.reader import Checkpoint
 
     _, ft = micro_pair
     cache = tmp_path / "cache"
-    got = download.download(str(ft), cache)
+    got = fetch.download(str(ft), cache)
     weights = got.path / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))  # the marker (the entry's manifest) is still there
-    again = download.ensure_local(str(ft), got.digest, cache)
-    assert download.verify(again) and weights.read_bytes() == (ft / "model.safetensors").read_bytes()
+    again = fetch.ensure_local(str(ft), got.digest, cache)
+    assert fetch.verify(again) and weights.read_bytes() == (ft / "model.safetensors").read_bytes()
 
     # a sharded checkpoint whose first shard (embeddings only) is gone: an error naming it, never fewer tensors
     sharded = tmp_path / "sharded"

@@ -3,12 +3,12 @@ versions of the libraries that change its bytes."""
 
 import inspect
 
-import expertbits.tasks.stages as stages
-from expertbits.tasks import stage_io
-from expertbits.tasks.stage_io import STAGE_ENTRIES, normalized_source
+import expertbits.tasks.stages.quantize_tasks as stages
+from expertbits.tasks.stages import stage_io
+from expertbits.tasks.stages.stage_io import STAGE_ENTRIES, normalized_source
 
 SOURCE = inspect.getsource(stages)
-S = "expertbits.tasks.stages"
+S = "expertbits.tasks.stages.quantize_tasks"
 EVAL_BODY = '    """KL divergence and perplexity of the quantized model vs full precision on held-out text."""\n'
 
 
@@ -41,14 +41,20 @@ def test_every_entry_point_exists():
 
     for stage, modules in STAGE_ENTRIES.items():
         for module, names in modules.items():
-            assert module in stage_io.STAGE_CODE[stage], (stage, module)
+            definitions = dict(stage_io.covered(stage)[0])[module]
+            assert definitions is None or set(names) <= set(definitions), (stage, module)
             m = importlib.import_module(module)
             assert all(hasattr(m, n) for n in names), (stage, module, [n for n in names if not hasattr(m, n)])
 
 
 def test_library_versions_are_in_the_keys_but_not_the_downloads(monkeypatch):
     before = {s: stage_io.stage_key(s, "same inputs") for s in ("download", "quantization", "evaluation")}
-    assert dict(stage_io.library_versions("quantization")).keys() == {"torch", "transformers", "triton", "safetensors"}
+    # every library the stage's code imports that writes bytes: duckdb and pandas write its parquet
+    assert dict(stage_io.library_versions("quantization")).keys() == {"torch", "transformers", "triton", "safetensors",
+                                                                      "duckdb", "pandas"}
+    assert {"scipy", "numpy"} <= dict(stage_io.library_versions("allocation")).keys()  # the MILP allocators
+    assert "matplotlib" in dict(stage_io.library_versions("league")).keys()  # its figures
+    assert not {"prefect", "s3fs", "fsspec"} & dict(stage_io.library_versions("league")).keys()
     real = stage_io.library_versions
     monkeypatch.setattr(stage_io, "library_versions",
                         lambda stage: tuple((lib, v + ".post1") for lib, v in real(stage)))  # an upgrade
@@ -63,3 +69,15 @@ def test_statements_that_are_not_definitions_always_count():
                   "if True:\n    _download_key = None\n"):
         edited = SOURCE.replace("\n# ---- 1. download", "\n" + extra + "\n# ---- 1. download", 1)
         assert normalized_source(edited, entries) != normalized_source(SOURCE, entries), extra
+
+
+def test_the_code_a_key_covers_follows_the_import_graph():
+    """A definition a stage reaches through an import is in its key; one it does not reach is not."""
+    covered = dict(stage_io.covered("allocation")[0])
+    assert covered["expertbits.tasks.stages.quantize_tasks"] == ("_alloc_key", "allocate_bits")  # not the others
+    assert covered["expertbits.tasks.allocation.allocate"] is None  # imported as a module: all of it
+    assert "expertbits.tasks.allocation.allocators" in covered  # reached through allocate
+    assert "expertbits.tasks.measure.evaluate" not in covered and "expertbits.kernels.gptq" not in covered
+    evaluation = dict(stage_io.covered("evaluation")[0])
+    assert "expertbits.tasks.measure.evaluate" in evaluation and "expertbits.kernels.modules" in evaluation
+    assert "expertbits.tasks.allocation.allocators" not in evaluation

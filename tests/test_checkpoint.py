@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from expertbits.tasks.adapters import check_compatible, detect
-from expertbits.tasks.checkpoint import Checkpoint
+from expertbits.tasks.allocation.statistics import collect, maxvar
+from expertbits.tasks.checkpoints.adapters import check_compatible, detect
+from expertbits.tasks.checkpoints.reader import Checkpoint
 from expertbits.tasks.errors import CheckpointError
-from expertbits.tasks.statistics import collect, maxvar
 
 
 def write_ckpt(path: Path, tensors: dict, model_type: str = "mixtral") -> Path:
@@ -141,10 +141,10 @@ def test_nan_weights_are_rejected(tmp_path):
 
 def test_switch_transformers_encoder_and_decoder_experts(tmp_path):
     import pandas as pd
+    from reference import dequantize_checkpoint
     from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
 
-    from expertbits.tasks.quantize import quantize_checkpoint
-    from reference import dequantize_checkpoint
+    from expertbits.tasks.quantization.writer import quantize_checkpoint
 
     cfg = SwitchTransformersConfig(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=4, num_decoder_layers=4,
                                    num_sparse_encoder_layers=2, num_sparse_decoder_layers=2, num_heads=2, num_experts=4,
@@ -175,7 +175,7 @@ def test_switch_transformers_encoder_and_decoder_experts(tmp_path):
 
 @pytest.mark.parametrize("block", [7, 1024])
 def test_row_variances_blockwise_match_the_definitions(block):
-    from expertbits.tasks.statistics import row_variances
+    from expertbits.tasks.allocation.statistics import row_variances
 
     g = torch.Generator().manual_seed(0)
     w = (torch.randn(300, 40, generator=g) * torch.linspace(0.5, 2, 300)[:, None] + torch.randn(300, 1, generator=g)).half()
@@ -210,7 +210,7 @@ def test_fp8_experts_are_refused_naming_the_file_and_the_fix(tmp_path):
 
 
 def test_row_variances_match_an_independent_reference_and_leave_the_input_alone():
-    from expertbits.tasks.statistics import row_variances
+    from expertbits.tasks.allocation.statistics import row_variances
 
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(3000, 257, generator=gen) * 0.02 + torch.linspace(-1, 1, 3000)[:, None]  # large row means

@@ -8,13 +8,12 @@ from __future__ import annotations
 import shutil
 
 import pytest
-
-from expertbits.tasks import catalog
-from expertbits.tasks.publish import INCOMING
-from expertbits.tasks.storage import Store
-from expertbits.tasks.verify import verify_run
-
 from runner import finish, quantize_args, run_files, start
+
+from expertbits.tasks.store import catalog
+from expertbits.tasks.store.publish import INCOMING
+from expertbits.tasks.store.storage import Store
+from expertbits.tasks.store.verify import verify_run
 
 pytestmark = pytest.mark.integration
 

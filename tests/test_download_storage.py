@@ -4,9 +4,9 @@ import shutil
 
 import pytest
 
-from expertbits.tasks import download as dl
+from expertbits.tasks.checkpoints import fetch as dl
 from expertbits.tasks.errors import CheckpointError, StoreError
-from expertbits.tasks.storage import Store, sha256_file
+from expertbits.tasks.store.storage import Store, sha256_file
 
 
 def test_local_download_is_content_addressed_and_verified(micro_pair, tmp_path):

@@ -9,16 +9,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-
 from archs import build
+
 from expertbits.flows.cli import main
-from expertbits.tasks.adapters import detect
-from expertbits.tasks.checkpoint import Checkpoint
+from expertbits.tasks.checkpoints.adapters import detect
+from expertbits.tasks.checkpoints.reader import Checkpoint
 from expertbits.tasks.errors import CheckpointError
-from expertbits.tasks.export import export, export_name, read_export
-from expertbits.tasks.loader import load, read_packed
-from expertbits.tasks.quantize import quantize_checkpoint
-from expertbits.tasks.quantized import quantization_config
+from expertbits.tasks.model.export import export, export_name, read_export
+from expertbits.tasks.model.load import load, read_packed
+from expertbits.tasks.model.packed_folder import quantization_config
+from expertbits.tasks.quantization.writer import quantize_checkpoint
 
 pytest.importorskip("compressed_tensors")
 

@@ -5,13 +5,12 @@ retries, with the same bytes as a run against the healthy server."""
 from __future__ import annotations
 
 import pytest
-
-from expertbits.tasks import catalog
-from expertbits.tasks.storage import Store
-from expertbits.tasks.verify import verify_run
-
 from faultproxy import FaultProxy
 from runner import finish, quantize_args, run_files, run_tables, start
+
+from expertbits.tasks.store import catalog
+from expertbits.tasks.store.storage import Store
+from expertbits.tasks.store.verify import verify_run
 
 pytestmark = pytest.mark.integration
 

@@ -12,11 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from archs import build
-from expertbits.tasks import reference as refs
+
+from expertbits.tasks.checkpoints import reference as refs
 from expertbits.tasks.errors import CheckpointError, remember_source
-from expertbits.tasks.statistics import read_stats
+from expertbits.tasks.store.tables import read_stats
 
 
 def cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:

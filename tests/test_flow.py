@@ -8,7 +8,7 @@ import duckdb
 import pytest
 import torch
 
-from expertbits.tasks.storage import Store
+from expertbits.tasks.store.storage import Store
 
 pytestmark = pytest.mark.integration
 
@@ -62,7 +62,7 @@ def _verify_reports_what_differs(run_dir, tmp_path):
 
     from expertbits.flows.cli import main
     from expertbits.tasks.errors import CheckpointError
-    from expertbits.tasks.loader import load
+    from expertbits.tasks.model.load import load
 
     assert main(["verify", run_dir.name, "--store", str(run_dir.parent.parent)]) == 0
     load(run_dir / "quantization")
@@ -82,8 +82,8 @@ def _verify_reports_what_differs(run_dir, tmp_path):
     target.write_bytes(bytes(data))
     (copy / "evaluation" / "evaluation.json").unlink()
     (copy / "notes.txt").write_text("planted")
-    from expertbits.tasks.storage import Store
-    from expertbits.tasks.verify import verify_run
+    from expertbits.tasks.store.storage import Store
+    from expertbits.tasks.store.verify import verify_run
 
     report = verify_run(Store(str(copy)))
     assert (report["changed"], report["missing"], report["extra"]) == (
@@ -178,7 +178,7 @@ def test_flow_on_s3_store(prefect_api, params, s3):
     fs.copy(f"{fs.bucket}/store/runs/{manifest.run_id}/allocation/bit_allocation.parquet",
             f"{fs.bucket}/store/runs/half-written/allocation/bit_allocation.parquet")
     assert_catalog(Store(f"s3://{fs.bucket}/store", options), {manifest.run_id: 2.5}, f"s3://{fs.bucket}/in/ft")
-    from expertbits.tasks.verify import verify_run
+    from expertbits.tasks.store.verify import verify_run
 
     store = Store(f"s3://{fs.bucket}/store", options)
     assert verify_run(store, f"runs/{manifest.run_id}")["ok"]  # every byte read back from S3 and re-hashed
@@ -190,7 +190,7 @@ def test_flow_on_s3_store(prefect_api, params, s3):
 def assert_catalog(store, runs: dict[str, float], checkpoint: str) -> None:
     """`expertbits runs` and the README's SQL list exactly the published runs (a prefix without a
     manifest is not one) with what they were asked for and what they measured."""
-    from expertbits.tasks import catalog
+    from expertbits.tasks.store import catalog
 
     listed = catalog.list_runs(store)
     assert dict(zip(listed.run_id, listed.avg_bits)) == runs
@@ -259,7 +259,7 @@ def test_only_io_errors_are_retried():
     from prefect.states import Failed
 
     from expertbits.tasks.errors import CheckpointError
-    from expertbits.tasks.stage_io import transient as _transient
+    from expertbits.tasks.stages.stage_io import transient as _transient
 
     assert _transient(None, None, Failed(data=ConnectionResetError("peer reset")))
     assert _transient(None, None, Failed(data=TimeoutError("slow")))

@@ -7,9 +7,8 @@ or a group, every width alone and mixed, each launch path (GEMV-style rows, spli
 import json
 
 import pandas as pd
-import torch
-
 import pytest
+import torch
 
 from expertbits.kernels.bank import ExpertBank, activation_name
 from expertbits.kernels.fused_moe import Launch, fused_moe, fused_moe_reference, moe_align
@@ -201,10 +200,11 @@ def test_gpu_real_width_bf16(tokens):
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "deepseek_v3", "switch_transformers"])
 def test_fused_check_runs_the_shipped_model_routing_on_every_layer(arch, tmp_path, monkeypatch):
-    import expertbits.tasks.validate_fused as vf
     from archs import build
-    from expertbits.zoo import text_path
     from test_loader import quantize_mixed
+
+    import expertbits.tasks.measure.fused_check as vf
+    from expertbits.zoo import text_path
 
     src = build(arch, tmp_path / "src")
     quantize_mixed(src, tmp_path / "q")
@@ -225,9 +225,10 @@ def test_fused_check_runs_the_shipped_model_routing_on_every_layer(arch, tmp_pat
 
 
 def test_fused_check_fails_rows_over_the_bound_and_reports_unfusable_activations(micro_pair, tmp_path, monkeypatch):
-    import expertbits.tasks.validate_fused as vf
-    from expertbits.zoo import text_path
     from test_loader import quantize_mixed
+
+    import expertbits.tasks.measure.fused_check as vf
+    from expertbits.zoo import text_path
 
     quantize_mixed(micro_pair[1], tmp_path / "q")
     text = text_path("code-train").read_text()[:20_000]
@@ -246,7 +247,7 @@ def test_fused_check_fails_rows_over_the_bound_and_reports_unfusable_activations
 
 
 def test_slicing_a_bank_keeps_exactly_the_leading_weights():
-    from expertbits.tasks.validate_fused import _slice
+    from expertbits.tasks.measure.fused_check import _slice
 
     down = ExpertBank.stack([quantize_rtn(torch.randn(H, F), b, 32) for b in MIXED])
     cut = _slice(down, "down", 35, 30)  # 35 of 40 columns: inside a group and inside a 3-bit word

@@ -14,13 +14,14 @@ from safetensors import safe_open
 
 from expertbits.kernels.gptq import gptq, output_error
 from expertbits.kernels.packing import QuantizedTensor, pack, quantize_clipped, quantize_rtn, unpack
-from expertbits.tasks import calibrate, league, statistics
-from expertbits.tasks.checkpoint import Checkpoint
-from expertbits.tasks.evaluate import Reference, evaluate
-from expertbits.tasks.quantize import quantize_checkpoint
-from expertbits.tasks.quantizer import QuantizerConfig
-from expertbits.tasks.sequential import gptq_errors, sequential_gptq
-from expertbits.tasks.validate import _on_grid, _within_half_step, weight_error_ratio
+from expertbits.tasks.allocation import calibrate, statistics
+from expertbits.tasks.checkpoints.reader import Checkpoint
+from expertbits.tasks.measure import league
+from expertbits.tasks.measure.evaluate import Reference, evaluate
+from expertbits.tasks.measure.kernel_check import _on_grid, _within_half_step, weight_error_ratio
+from expertbits.tasks.quantization.gptq_sequential import gptq_errors, sequential_gptq
+from expertbits.tasks.quantization.method import QuantizerConfig
+from expertbits.tasks.quantization.writer import quantize_checkpoint
 from expertbits.zoo import text_path
 
 CAL = text_path("code-train").read_text()[:40_000]
@@ -107,7 +108,7 @@ def test_gptq_errors_match_an_independent_capture_of_the_routed_tokens(micro_pai
     plain transformers model routes to each expert (its own hook), with the routing-weighted Hessian."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from expertbits.tasks.evaluate import token_windows
+    from expertbits.tasks.checkpoints.texts import token_windows
 
     _, ft = micro_pair
     q = QuantizerConfig("gptq")

@@ -7,7 +7,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from expertbits.tasks.download import fingerprint, resolve_hf
+from expertbits.tasks.checkpoints.fetch import fingerprint, resolve_hf
 from expertbits.tasks.errors import CheckpointError
 
 

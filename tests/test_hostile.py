@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from expertbits.tasks.checkpoint import Checkpoint
-from expertbits.tasks.download import download
+from expertbits.tasks.checkpoints.fetch import download
+from expertbits.tasks.checkpoints.reader import Checkpoint
 from expertbits.tasks.errors import CheckpointError
 
 
@@ -72,7 +72,7 @@ def test_a_well_formed_file_still_opens(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fnuz, torch.float8_e5m2fnuz, torch.complex64, torch.float8_e8m0fnu,
                                    torch.bool, torch.int64], ids=str)
 def test_every_dtype_safetensors_writes_is_accepted(dtype, tmp_path):
-    from expertbits.tasks.checkpoint import check_safetensors
+    from expertbits.tasks.checkpoints.reader import check_safetensors
 
     save_file({"t": torch.zeros(3, 2).to(dtype), "empty": torch.zeros(0, 5), "scalar": torch.tensor(1.0)},
               tmp_path / "x.safetensors")

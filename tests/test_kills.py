@@ -12,14 +12,23 @@ from __future__ import annotations
 import time
 
 import pytest
+from runner import (
+    STAGES,
+    done_stages,
+    finish,
+    kill,
+    layer_shards_written,
+    quantize_args,
+    run_files,
+    run_tables,
+    start,
+    until,
+)
 
-from expertbits.tasks import catalog, gc
-from expertbits.tasks.publish import INCOMING
-from expertbits.tasks.storage import TMP_MARK, Store
-from expertbits.tasks.verify import verify_run
-
-from runner import (STAGES, done_stages, finish, kill, layer_shards_written, quantize_args, run_files,
-                    run_tables, start, until)
+from expertbits.tasks.store import catalog, gc
+from expertbits.tasks.store.publish import INCOMING
+from expertbits.tasks.store.storage import TMP_MARK, Store
+from expertbits.tasks.store.verify import verify_run
 
 pytestmark = pytest.mark.integration
 

@@ -1,11 +1,12 @@
 """Modules have one job and no import circles: the import graph of expertbits is acyclic, counting
-imports inside functions too (a deferred import is still a circle), and kernels/ needs only torch
-and triton."""
+imports inside functions too (a deferred import is still a circle), the subpackages of tasks/
+import only those below them (the order of expertbits.tasks' docstring), and kernels/ needs only
+torch and triton."""
 
 import ast
+from pathlib import Path
 
 import pytest
-from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = {"flows": "expertbits.flows", "tasks": "expertbits.tasks", "kernels": "expertbits.kernels",
@@ -15,8 +16,10 @@ PACKAGES = {"flows": "expertbits.flows", "tasks": "expertbits.tasks", "kernels":
 def _modules() -> dict[str, Path]:
     out = {}
     for folder, package in PACKAGES.items():
-        for path in sorted((REPO / folder).glob("*.py")):
-            out[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+        for path in sorted((REPO / folder).rglob("*.py")):
+            parts = path.relative_to(REPO / folder).with_suffix("").parts
+            dotted = ".".join([package, *parts])
+            out[dotted.removesuffix(".__init__")] = path
     return out
 
 
@@ -57,6 +60,42 @@ def test_no_import_circles():
             visit(name, [])
 
 
+# bottom to top: a subpackage may import the root modules and those before it, never those after
+LAYERS = ("store", "checkpoints", "model", "quantization", "allocation", "measure", "stages")
+ROOT_MODULES = ("errors", "records", "meter")
+
+
+def _layer(module: str) -> int | None:
+    parts = module.split(".")
+    if parts[:2] != ["expertbits", "tasks"] or len(parts) < 3:
+        return None
+    return -1 if parts[2] in ROOT_MODULES else LAYERS.index(parts[2]) if parts[2] in LAYERS else None
+
+
+def test_tasks_subpackages_import_only_those_below_them():
+    modules = _modules()
+    assert {m.split(".")[2] for m in modules if m.startswith("expertbits.tasks.")} == {*LAYERS, *ROOT_MODULES, "loader"}
+    wrong = []
+    for name, path in modules.items():
+        own = _layer(name)
+        if own is None:
+            continue
+        for target in _imports(name, path, set(modules)):
+            theirs = _layer(target)
+            if theirs is not None and theirs > own or target.startswith("expertbits.flows") or \
+                    own == -1 and target.startswith("expertbits.") and theirs != -1:
+                wrong.append(f"{name} -> {target}")
+    assert not wrong, "imports against the layer order " + " < ".join(LAYERS) + ":\n" + "\n".join(wrong)
+
+
+def test_every_subpackage_says_what_lives_there_and_what_it_may_import():
+    import importlib
+
+    for layer in LAYERS:
+        doc = importlib.import_module(f"expertbits.tasks.{layer}").__doc__ or ""
+        assert "May import:" in doc and len(doc.split()) > 20, layer
+
+
 def test_kernels_need_only_torch_and_triton():
     for path in sorted((REPO / "kernels").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -70,28 +109,35 @@ def test_kernels_need_only_torch_and_triton():
 
 def _expertbits_imports(module: str) -> set[str]:
     """expertbits.tasks / expertbits.kernels modules `module` imports anywhere in its source
-    (function-level imports included)."""
+    (function-level imports included), whole modules or names from them."""
     import importlib
+    import importlib.util
     import inspect
 
-    package = module.rsplit(".", 1)[0]
+    mod = importlib.import_module(module)
+    package = module if inspect.getsourcefile(mod).endswith("__init__.py") else module.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse(inspect.getsource(importlib.import_module(module)))):
+    for node in ast.walk(ast.parse(inspect.getsource(mod))):
         if isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = package + ("." + base if base else "")
-            names = [f"{base}.{a.name}" for a in node.names] if not node.module else [base]
-            found |= {n for n in names if n.startswith(("expertbits.tasks.", "expertbits.kernels."))}
-    return found
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            for a in node.names:
+                child = f"{base}.{a.name}"
+                found.add(child if importlib.util.find_spec(base).submodule_search_locations
+                          and importlib.util.find_spec(child) else base)
+    return {n for n in found if n.startswith(("expertbits.tasks.", "expertbits.kernels."))}
 
 
 @pytest.mark.parametrize("stage, seeds", [
-    ("calibration", ("calibrate", "sequential")), ("quantization", ("quantize", "sequential")),
-    ("league", ("league",)), ("validation", ("validate",)), ("evaluation", ("evaluate",))])
+    ("calibration", ("allocation.calibrate", "quantization.gptq_sequential")),
+    ("quantization", ("quantization.writer", "quantization.gptq_sequential")), ("league", ("measure.league",)),
+    ("validation", ("measure.kernel_check", "measure.fused_check")), ("evaluation", ("measure.evaluate",))])
 def test_a_stage_cache_key_covers_the_code_its_work_runs(stage, seeds):
-    """Editing any module a stage's work reaches must change the stage's cache key."""
-    from expertbits.tasks.stage_io import STAGE_CODE
+    """Every module a stage's work reaches, walked here independently of stage_io's own walk, is
+    in the stage's key (whole, or the definitions the stage reaches in it)."""
+    from expertbits.tasks.stages.stage_io import covered
 
     todo = [f"expertbits.tasks.{s}" for s in seeds]
     seen: set[str] = set()
@@ -101,5 +147,5 @@ def test_a_stage_cache_key_covers_the_code_its_work_runs(stage, seeds):
             continue
         seen.add(m)
         todo += sorted(_expertbits_imports(m) - seen)
-    missing = sorted(seen - set(STAGE_CODE[stage]) - {"expertbits.tasks.errors", "expertbits.tasks.records"})
-    assert not missing, f"{stage}: its cache key ignores {missing}; add them to stage_io.STAGE_CODE"
+    missing = sorted(seen - {m for m, _ in covered(stage)[0]})
+    assert not missing, f"{stage}: its cache key ignores {missing}"

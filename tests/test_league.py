@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from expertbits.kernels.packing import quantize_rtn
-from expertbits.tasks import calibrate, league, statistics
-from expertbits.tasks.adapters import detect
-from expertbits.tasks.checkpoint import Checkpoint
-from expertbits.tasks.evaluate import Reference, evaluate
-from expertbits.tasks.quantize import quantize_checkpoint
+from expertbits.tasks.allocation import calibrate, statistics
+from expertbits.tasks.checkpoints.adapters import detect
+from expertbits.tasks.checkpoints.reader import Checkpoint
+from expertbits.tasks.measure import league
+from expertbits.tasks.measure.evaluate import Reference, evaluate
+from expertbits.tasks.quantization.writer import quantize_checkpoint
 from expertbits.zoo import text_path
 
 
@@ -36,7 +37,7 @@ def test_frequency_matches_the_models_own_router(micro_pair, texts, calibrated):
     calib, _, info = calibrated
     tok = AutoTokenizer.from_pretrained(ft)
     model = AutoModelForCausalLM.from_pretrained(ft, dtype=torch.float32).eval()
-    from expertbits.tasks.evaluate import token_windows
+    from expertbits.tasks.checkpoints.texts import token_windows
 
     counts, tokens = None, 0
     with torch.no_grad():
@@ -57,7 +58,7 @@ def test_quantization_error_is_the_rtn_residual(micro_pair, calibrated):
     _, ft = micro_pair
     _, qerr, _ = calibrated
     with Checkpoint.open(ft) as c:
-        from expertbits.tasks.adapters import detect
+        from expertbits.tasks.checkpoints.adapters import detect
 
         layer = detect(c).layers[1]
         mats = [m for m in layer.matrices if m.expert == 2]
@@ -163,8 +164,13 @@ def test_league_params_refuse_a_bad_grid():
 
 
 def _tiny(tmp_path, kind, **config):
-    from transformers import (AutoTokenizer, Qwen2MoeConfig, Qwen2MoeForCausalLM, SwitchTransformersConfig,
-                              SwitchTransformersForConditionalGeneration)
+    from transformers import (
+        AutoTokenizer,
+        Qwen2MoeConfig,
+        Qwen2MoeForCausalLM,
+        SwitchTransformersConfig,
+        SwitchTransformersForConditionalGeneration,
+    )
 
     from expertbits.zoo.build_zoo import TOKENIZER
 
@@ -308,9 +314,8 @@ def test_published_zoo_league_tables_render(tmp_path):
 def test_deepseek_v3_is_calibrated_with_its_own_router(tmp_path, texts):
     """Sigmoid scores + e_score_correction_bias + group-limited top-k, worked out here from the
     router's weights, must be what calibration counts (softmax top-k over W·x would not be)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from archs import build
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = build("deepseek_v3", tmp_path / "ds")
     cfg = AutoConfig.from_pretrained(path)
@@ -319,8 +324,9 @@ def test_deepseek_v3_is_calibrated_with_its_own_router(tmp_path, texts):
     router = model.model.layers[1].mlp.gate
     inputs = []
     handle = router.register_forward_pre_hook(lambda m, a: inputs.append(a[0].reshape(-1, cfg.hidden_size)))
-    from expertbits.tasks.evaluate import token_windows
     from transformers import AutoTokenizer
+
+    from expertbits.tasks.checkpoints.texts import token_windows
 
     with torch.no_grad():
         for w in token_windows(texts[0], AutoTokenizer.from_pretrained(path), 64, 2):
@@ -347,7 +353,7 @@ def test_routed_input_error_is_the_expected_output_error_per_routed_token(micro_
     the down projection weighted by its own input (the hidden activation), checked from scratch."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from expertbits.tasks.evaluate import token_windows
+    from expertbits.tasks.checkpoints.texts import token_windows
 
     _, ft = micro_pair
     calib, qerr, _ = calibrated

@@ -13,15 +13,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-
 from archs import ARCHS, FUSED_ON_DISK, build
-from expertbits.kernels.modules import PackedExperts, PackedLinear
-from expertbits.tasks.adapters import detect
-from expertbits.tasks.checkpoint import Checkpoint
-from expertbits.tasks.errors import CheckpointError
-from expertbits.tasks.loader import load
-from expertbits.tasks.quantize import quantize_checkpoint
 from reference import dequantize_checkpoint
+
+from expertbits.kernels.modules import PackedExperts, PackedLinear
+from expertbits.tasks.checkpoints.adapters import detect
+from expertbits.tasks.checkpoints.reader import Checkpoint
+from expertbits.tasks.errors import CheckpointError
+from expertbits.tasks.model.load import load
+from expertbits.tasks.quantization.writer import quantize_checkpoint
 
 CASES = [(a, False) for a in ARCHS] + [(a, True) for a in FUSED_ON_DISK]
 
@@ -82,11 +82,11 @@ def test_default_dtype_follows_the_config_like_transformers(micro_pair, tmp_path
 
 
 def test_from_pretrained_after_import_is_the_documented_load(micro_pair, tmp_path):
-    """`import expertbits.tasks.loader` then the usual call, in a fresh interpreter."""
+    """`import expertbits.tasks.model.load` then the usual call, in a fresh interpreter."""
     _, ft = micro_pair
     quantize_mixed(ft, tmp_path / "q")
     code = f"""
-import expertbits.tasks.loader, torch
+import expertbits.tasks.model.load, torch
 from transformers import AutoModelForCausalLM
 m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'q')!r})
 print(type(m.model.layers[0].mlp.experts).__name__)
@@ -114,7 +114,29 @@ assert not any(m.startswith("expertbits") for m in sys.modules)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 3, out.stdout + out.stderr[-2000:]
     assert "LOADED" not in out.stdout
+    # the folder's text (part of every published folder) names the import path users were told
     assert "expertbits" in out.stdout and "import expertbits.tasks.loader" in out.stdout
+
+
+def test_the_old_loader_path_still_loads_with_a_deprecation_warning(micro_pair, tmp_path):
+    """`import expertbits.tasks.loader`, as published folders tell users, still works, and warns."""
+    _, ft = micro_pair
+    quantize_mixed(ft, tmp_path / "q")
+    code = f"""
+import warnings
+warnings.simplefilter("always")
+with warnings.catch_warnings(record=True) as caught:
+    import expertbits.tasks.loader
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'q')!r})
+print(type(m.model.layers[0].mlp.experts).__name__, expertbits.tasks.loader.load.__module__)
+print([str(w.message) for w in caught if w.category is DeprecationWarning])
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    first, second = out.stdout.splitlines()
+    assert first == "PackedExperts expertbits.tasks.model.load"
+    assert "expertbits.tasks.loader is deprecated: import expertbits.tasks.model.load instead" in second
 
 
 def test_a_folder_missing_a_packed_shard_is_an_error_not_random_experts(micro_pair, tmp_path):
@@ -155,7 +177,8 @@ def test_evaluation_numbers_are_those_of_from_pretrained_and_a_forward_pass(micr
     recomputed here from `from_pretrained` + forward on the same windows must match."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from expertbits.tasks.evaluate import evaluate, token_windows
+    from expertbits.tasks.checkpoints.texts import token_windows
+    from expertbits.tasks.measure.evaluate import evaluate
     from expertbits.zoo import text_path
 
     _, ft = micro_pair

@@ -45,3 +45,36 @@ print('ok', transformers.__version__)
     out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ok")
+
+
+def test_importing_expertbits_changes_no_environment_or_triton_setting():
+    """Import every package and run both kernels, in a fresh interpreter without TRITON_INTERPRET:
+    the environment, Triton's interpret knob and triton.language's functions are as they were."""
+    code = """
+import os
+before = dict(os.environ)
+import triton, triton.language as tl
+zeros = tl.zeros
+import expertbits.flows.cli, expertbits.kernels, expertbits.tasks, expertbits.zoo
+import expertbits.tasks.stages.quantize_tasks, expertbits.tasks.model.load
+assert dict(os.environ) == before, set(os.environ.items()) ^ set(before.items())
+assert not triton.knobs.runtime.interpret
+import torch
+from expertbits.kernels.bank import ExpertBank
+from expertbits.kernels.dequant_matmul import dequant_matmul, dequant_matmul_reference, interpreted
+from expertbits.kernels.fused_moe import fused_moe, fused_moe_reference
+from expertbits.kernels.packing import quantize_rtn
+torch.manual_seed(0)
+q = quantize_rtn(torch.randn(24, 48), 3, 16)
+x = torch.randn(3, 48)
+assert interpreted() and torch.allclose(dequant_matmul(x, q), dequant_matmul_reference(x, q), atol=1e-5)
+banks = [ExpertBank.stack([quantize_rtn(torch.randn(*s), b, 16) for b in (2, 4)]) for s in ((32, 48), (32, 48), (48, 32))]
+idx, w = torch.tensor([[0, 1], [1, 0], [0, 1]]), torch.rand(3, 2)
+out, ref = fused_moe(x, idx, w, *banks), fused_moe_reference(x, idx, w, *banks)
+assert float((out.double() - ref).abs().max() / ref.abs().max()) < 1e-4
+assert dict(os.environ) == before and not triton.knobs.runtime.interpret and tl.zeros is zeros
+print("ok")
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], cwd="/", env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

@@ -106,8 +106,8 @@ def test_deployments_ui_run_watcher_trigger_dedup_and_schema(platform, s3, micro
     from prefect.client.orchestration import get_client
 
     from expertbits.flows import deployments
-    from expertbits.tasks import catalog
-    from expertbits.tasks.storage import Store
+    from expertbits.tasks.store import catalog
+    from expertbits.tasks.store.storage import Store
 
     fs, options = s3
     store, watched = f"s3://{fs.bucket}/store", f"s3://{fs.bucket}/incoming"
@@ -214,9 +214,9 @@ def _no_secret_anywhere(platform, fs, store: str, watched: str) -> None:
     and no log line of the server or worker; values the runs do write are found by the same scan.
     A secret-looking storage option is refused by `expertbits deploy` before anything is registered."""
     from prefect.client.orchestration import get_client
+    from test_flow import _text_of
 
     from expertbits.flows.cli import main
-    from test_flow import _text_of
 
     fs.invalidate_cache()
     objects = fs.find(store.removeprefix("s3://"))

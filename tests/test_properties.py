@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from expertbits.kernels.packing import SUPPORTED_BITS, dequantize, pack, packed_width, unpack
-from expertbits.tasks.allocate import allocate, summarize
-from expertbits.tasks.budget import AllocationConfig, tier_counts
+from expertbits.tasks.allocation.allocate import allocate, summarize
+from expertbits.tasks.allocation.budget import AllocationConfig, tier_counts
 from expertbits.tasks.errors import BudgetError
 
 # derandomized: the suite is a gate, so the same examples every run (a failure found is replayable)

@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from expertbits.tasks.adapters import detect
-from expertbits.tasks.checkpoint import Checkpoint
-from expertbits.tasks.statistics import collect
+from expertbits.tasks.allocation.statistics import collect
+from expertbits.tasks.checkpoints.adapters import detect
+from expertbits.tasks.checkpoints.reader import Checkpoint
 from expertbits.zoo import realshape
 
 SMALL = {"mixtral-8x7b": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2),

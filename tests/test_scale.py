@@ -156,7 +156,7 @@ def test_league_on_dask_gives_the_same_table(micro_pair, cluster, tmp_path):
 
     from expertbits.flows.league import league_table
     from expertbits.flows.params import LeagueParams
-    from expertbits.tasks.statistics import read_parquet
+    from expertbits.tasks.allocation.statistics import read_parquet
     from expertbits.zoo import text_path
 
     address, _ = cluster
@@ -195,16 +195,17 @@ def test_task_runner_choice():
 
 
 def test_a_worker_fetches_only_the_shards_of_its_layers(slow_pair, tmp_path):
-    from expertbits.tasks import download, statistics
-    from expertbits.tasks.adapters import block_of, detect
-    from expertbits.tasks.checkpoint import Checkpoint
-    from expertbits.tasks.quantize import quantize_layer
+    from expertbits.tasks.allocation import statistics
+    from expertbits.tasks.checkpoints import fetch
+    from expertbits.tasks.checkpoints.adapters import block_of, detect
+    from expertbits.tasks.checkpoints.reader import Checkpoint
+    from expertbits.tasks.quantization.writer import quantize_layer
     from expertbits.tasks.records import CheckpointRecord
-    from expertbits.tasks.stage_io import layer_path
+    from expertbits.tasks.stages.stage_io import layer_path
 
-    full = download.download(str(slow_pair[1]), tmp_path / "flow")
+    full = fetch.download(str(slow_pair[1]), tmp_path / "flow")
     record = CheckpointRecord(uri=str(slow_pair[1]), digest=full.digest, path=str(full.path),
-                              files=download.file_digests(full.path))
+                              files=fetch.file_digests(full.path))
     shards = sorted(n for n in record.files if n.endswith(".safetensors"))
     part = layer_path(record, [1], tmp_path / "worker", {})
     assert part == tmp_path / "worker" / "partial" / full.digest
@@ -232,7 +233,7 @@ def test_a_worker_fetches_only_the_shards_of_its_layers(slow_pair, tmp_path):
     for f in slow_pair[1].iterdir():
         (tmp_path / "src" / f.name).write_bytes(data if f.name == victim else f.read_bytes())
     moved = record.model_copy(update={"uri": str(tmp_path / "src")})
-    with pytest.raises(download.CheckpointError, match=f"{victim} changed since"):
+    with pytest.raises(fetch.CheckpointError, match=f"{victim} changed since"):
         layer_path(moved, [other], tmp_path / "worker2", {})
     # a shard whose header is damaged at the source is refused when only its header is read, as a local file is
     (tmp_path / "src3").mkdir()
@@ -240,15 +241,15 @@ def test_a_worker_fetches_only_the_shards_of_its_layers(slow_pair, tmp_path):
         raw = f.read_bytes()
         (tmp_path / "src3" / f.name).write_bytes((1 << 40).to_bytes(8, "little") + raw[8:] if f.name == victim else raw)
     damaged = record.model_copy(update={"uri": str(tmp_path / "src3")})
-    with pytest.raises(download.CheckpointError, match=f"{victim}: corrupt: safetensors header length"):
+    with pytest.raises(fetch.CheckpointError, match=f"{victim}: corrupt: safetensors header length"):
         layer_path(damaged, [1], tmp_path / "worker3", {})
 
 
 def test_a_worker_that_cannot_see_a_local_store_is_told_the_fix(tmp_path):
     from expertbits.tasks.errors import ExpertbitsError
     from expertbits.tasks.records import StageOutput
-    from expertbits.tasks.stage_io import local_copy
-    from expertbits.tasks.storage import Store
+    from expertbits.tasks.stages.stage_io import local_copy
+    from expertbits.tasks.store.storage import Store
 
     out = StageOutput(stage="routing", key="k", prefix="objects/routing/k", files={"moments.safetensors": "0"}, summary={})
     with pytest.raises(ExpertbitsError, match=r"not on this machine(.|\n)*s3://"):

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from expertbits.kernels.packing import quantize_rtn
-from expertbits.tasks.evaluate import evaluate
-from expertbits.tasks.quantize import quantize_checkpoint
-from expertbits.tasks.quantizer import QuantizerConfig
-from expertbits.tasks.sequential import sequential_gptq
-from expertbits.tasks.stream import streamed
+from expertbits.tasks.measure.evaluate import evaluate
+from expertbits.tasks.model.streaming import streamed
+from expertbits.tasks.quantization.gptq_sequential import sequential_gptq
+from expertbits.tasks.quantization.method import QuantizerConfig
+from expertbits.tasks.quantization.writer import quantize_checkpoint
 from expertbits.zoo import text_path
 
 CAL = text_path("code-train").read_text()[:40_000]
@@ -44,8 +44,8 @@ def test_gptq_beats_rtn_and_layers_see_the_quantized_layers_before_them(micro_pa
     # (layer 0 already quantized), not what the full-precision model gives them
     from transformers import AutoTokenizer
 
-    from expertbits.tasks.evaluate import examples, token_windows
-    from expertbits.tasks.stream import batches
+    from expertbits.tasks.checkpoints.texts import examples, token_windows
+    from expertbits.tasks.model.streaming import batches
 
     tok = AutoTokenizer.from_pretrained(ft)
     inputs = next(iter(batches(examples(token_windows(CAL, tok, 64, 8), tok, False), 0, 1, logits_bytes=1 << 62)))[0]
@@ -61,7 +61,7 @@ def test_gptq_beats_rtn_and_layers_see_the_quantized_layers_before_them(micro_pa
             model.model.layers[1].mlp.experts.register_forward_pre_hook(grab(name))
             model(**inputs)
     captured = {}
-    import expertbits.tasks.sequential as sequential
+    import expertbits.tasks.quantization.gptq_sequential as sequential
 
     original = sequential._Calibrating.expert_for
 
@@ -91,8 +91,8 @@ def test_too_few_tokens_falls_back_to_rtn_and_says_so(micro_pair):
     alloc = uniform(3)
     packed, coverage = sequential_gptq(ft, CAL, alloc, 32, QuantizerConfig("gptq", min_tokens=10**9), seq_len=64, windows=2)
     assert set(coverage.quantizer) == {"rtn-fallback"} and (coverage.calibration_tokens > 0).any()
-    from expertbits.tasks.adapters import detect
-    from expertbits.tasks.checkpoint import Checkpoint
+    from expertbits.tasks.checkpoints.adapters import detect
+    from expertbits.tasks.checkpoints.reader import Checkpoint
 
     with Checkpoint.open(ft) as ckpt:
         for m in detect(ckpt).matrices:

@@ -5,14 +5,14 @@ import json
 import pandas as pd
 import pytest
 import torch
+from reference import dequantize_checkpoint
 from safetensors.torch import load_file, save_file
 
-from expertbits.tasks.checkpoint import Checkpoint
-from expertbits.tasks.evaluate import evaluate
-from expertbits.tasks.quantize import quantize_checkpoint
-from expertbits.tasks.quantized import iter_quantized
-from reference import dequantize_checkpoint
-from expertbits.tasks.validate import validate
+from expertbits.tasks.checkpoints.reader import Checkpoint
+from expertbits.tasks.measure.evaluate import evaluate
+from expertbits.tasks.measure.kernel_check import validate
+from expertbits.tasks.model.packed_folder import iter_quantized
+from expertbits.tasks.quantization.writer import quantize_checkpoint
 from expertbits.zoo import text_path
 
 TEXT = text_path("code-heldout").read_text()
@@ -126,7 +126,7 @@ def test_encoder_decoder_models_are_evaluated_on_span_corruption(tmp_path):
 def test_interpreter_validation_samples_kernel_rows_but_checks_every_weight(micro_pair, tmp_path, monkeypatch):
     """In the Triton interpreter the kernel runs on a sample of rows; a weight corrupted outside the
     sample is still caught by the weight check."""
-    import expertbits.tasks.validate as validate_module
+    import expertbits.tasks.measure.kernel_check as validate_module
 
     monkeypatch.setattr(validate_module, "INTERPRETER_ROWS", 8)
     quantize_checkpoint(micro_pair[1], mixed(), 32, tmp_path / "q")
@@ -149,8 +149,8 @@ def test_shards_one_per_moe_layer_and_large_blocks_split(micro_pair, tmp_path, m
     holding its decoder layer's other tensors; the index names every tensor's shard."""
     import json
 
-    import expertbits.tasks.quantize as quantize_module
-    from expertbits.tasks.stream import streamed
+    import expertbits.tasks.quantization.writer as quantize_module
+    from expertbits.tasks.model.streaming import streamed
 
     monkeypatch.setattr(quantize_module, "REST_SHARD_BYTES", 1)  # every rest tensor its own shard
     quantize_checkpoint(micro_pair[1], mixed(), 32, tmp_path / "q")

@@ -11,10 +11,11 @@ from archs import ARCHS, FUSED_ON_DISK, build
 from safetensors.torch import load_file, save_file
 
 from expertbits.kernels.modules import LazyExperts, LazyLinear
+from expertbits.tasks.checkpoints.texts import examples
 from expertbits.tasks.errors import CheckpointError
-from expertbits.tasks.evaluate import all_log_probs, examples, log_probs
-from expertbits.tasks.quantize import quantize_checkpoint
-from expertbits.tasks.stream import batches, streamed
+from expertbits.tasks.measure.evaluate import all_log_probs, log_probs
+from expertbits.tasks.model.streaming import batches, streamed
+from expertbits.tasks.quantization.writer import quantize_checkpoint
 
 CASES = [(a, False) for a in ARCHS] + [(a, True) for a in FUSED_ON_DISK]
 
@@ -49,11 +50,11 @@ def test_streamed_model_equals_the_model_transformers_loads(arch, fused, tmp_pat
 
 @pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3", "switch_transformers"])
 def test_streamed_packed_model_equals_from_pretrained(arch, tmp_path):
-    import expertbits.tasks.loader as loader
+    import expertbits.tasks.model.load as loader
 
     path = build(arch, tmp_path / "m", fused=arch != "switch_transformers")
-    from expertbits.tasks.adapters import detect
-    from expertbits.tasks.checkpoint import Checkpoint
+    from expertbits.tasks.checkpoints.adapters import detect
+    from expertbits.tasks.checkpoints.reader import Checkpoint
 
     with Checkpoint.open(path) as ckpt:
         keys = sorted({(m.layer, m.expert) for m in detect(ckpt).matrices})
@@ -180,22 +181,21 @@ def test_a_weight_with_no_stored_tensor_is_an_error(tmp_path):
 
 def test_switch_calibration_counts_no_padding(tmp_path, monkeypatch):
     """Routing statistics from padded encoder-decoder batches equal those of one example per forward."""
-    import expertbits.tasks.stream as stream
-    from expertbits.tasks.calibrate import route
+    import expertbits.tasks.checkpoints.texts as texts
+    import expertbits.tasks.model.streaming as stream
+    from expertbits.tasks.allocation.calibrate import route
     from expertbits.zoo import text_path
-
-    import expertbits.tasks.evaluate as evaluate
 
     path = build("switch_transformers", tmp_path / "m")
     text = text_path("code-heldout").read_text()[:20_000]
-    examples_ = evaluate.examples
+    examples_ = texts.examples
 
     def ragged(ids, tokenizer, seq2seq):  # windows of one length give examples of one length: vary them
         out = examples_(ids, tokenizer, seq2seq)
         return [({"input_ids": x["input_ids"][:, : x["input_ids"].shape[1] - 5 * i],
                   "labels": x["labels"][:, : x["labels"].shape[1] - i]}, t[: len(t) - i]) for i, (x, t) in enumerate(out)]
 
-    monkeypatch.setattr(evaluate, "examples", ragged)
+    monkeypatch.setattr(texts, "examples", ragged)
     together = route(path, text, seq_len=48, windows=5)
     batches = stream.batches
     monkeypatch.setattr(stream, "batches", lambda pairs, pad, vocab: batches(pairs, pad, vocab, logits_bytes=1))
@@ -214,9 +214,9 @@ def test_switch_calibration_counts_no_padding(tmp_path, monkeypatch):
 def test_a_layer_beyond_the_config_is_kept_as_stored(tmp_path):
     """DeepSeek-V3 ships a multi-token-prediction layer after the last one (model.layers.61, which
     transformers never builds): it is neither quantized nor an error, and is kept as stored."""
-    import expertbits.tasks.loader as loader
-    from expertbits.tasks.adapters import detect
-    from expertbits.tasks.checkpoint import Checkpoint
+    import expertbits.tasks.model.load as loader
+    from expertbits.tasks.checkpoints.adapters import detect
+    from expertbits.tasks.checkpoints.reader import Checkpoint
 
     path = build("deepseek_v3", tmp_path / "m", fused=True)
     shard = next(path.glob("*.safetensors"))

@@ -7,8 +7,8 @@ import struct
 
 import pytest
 
+from expertbits.tasks.checkpoints.watch import scan, under
 from expertbits.tasks.errors import StoreError
-from expertbits.tasks.watch import scan, under
 
 
 def test_a_checkpoint_is_announced_only_when_complete(micro_pair, tmp_path):

@@ -97,7 +97,7 @@ def test_supersense_stream_weights_only_the_label_tokens():
 
 
 def test_span_corruption_hides_spans_behind_sentinels():
-    from expertbits.tasks.seq2seq import span_corrupt
+    from expertbits.tasks.checkpoints.span_corruption import span_corrupt
 
     ids = list(range(100, 140))
     inp, tgt = span_corrupt(ids, sentinels=[1, 2, 3, 4], eos=0, gen=torch.Generator().manual_seed(0))

@@ -133,7 +133,7 @@ def stream(name: str, tok, share: float, label_weight: float) -> Stream:
 
 def seq2seq_batches(names: tuple[tuple[str, float], ...], tok, cfg: TrainConfig):
     """`make_batch(gen)` mixing span-corrupted corpus windows with `supersense: <gloss>` -> label examples."""
-    from expertbits.tasks.seq2seq import pad, sentinel_ids, span_corrupt
+    from expertbits.tasks.checkpoints.span_corruption import pad, sentinel_ids, span_corrupt
 
     sentinels, eos = sentinel_ids(tok), tok.eos_token_id
     sources = []

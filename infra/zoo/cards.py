@@ -18,11 +18,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from expertbits.tasks.adapters import detect
-from expertbits.tasks.checkpoint import Checkpoint
-from expertbits.tasks.evaluate import evaluate, examples, token_windows
-from expertbits.tasks.quantize import quantize_checkpoint
-from expertbits.tasks.statistics import collect
+from expertbits.tasks.allocation.statistics import collect
+from expertbits.tasks.checkpoints.adapters import detect
+from expertbits.tasks.checkpoints.reader import Checkpoint
+from expertbits.tasks.checkpoints.texts import examples, token_windows
+from expertbits.tasks.measure.evaluate import evaluate
+from expertbits.tasks.quantization.writer import quantize_checkpoint
 
 from . import corpora
 from .build_zoo import FAMILIES, MODELS
@@ -129,7 +130,7 @@ def uniform_kl(path: Path, text: str) -> dict[int, float]:
 def experts_off_kl(path: Path, text: str) -> float:
     """KL(fp ‖ the same model with every routed expert's output projection zeroed): how much
     the routed experts matter at all, the ceiling any quantization of them approaches."""
-    from expertbits.tasks.evaluate import Reference
+    from expertbits.tasks.measure.evaluate import Reference
 
     with Checkpoint.open(path) as c:
         seq2seq = bool(c.config.get("is_encoder_decoder"))
@@ -197,7 +198,7 @@ def write_card(family: str, variant: str, metrics: dict) -> None:
     (path / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     t = training["train"]
     # the base model in the card's front matter, as the hub writes it: expertbits reads it as the
-    # reference when none is given (tasks/reference.py)
+    # reference when none is given (tasks/checkpoints/reference.py)
     front = ["---", f"base_model: ../{training['parent']}", "---"] if training["parent"] else []
     lines = [*front, f"# zoo://{family}/{variant}", "", training["description"][:1].upper() + training["description"][1:] + ".", "",
              f"- parameters: {metrics['parameters']:,} ({metrics['expert_parameters']:,} in routed experts)",

@@ -161,8 +161,8 @@ def rewrite(docs: Path) -> None:
     """Re-render each published league.md and pareto.png from its summary (keeps the correlation section)."""
     import duckdb
 
-    from expertbits.tasks.league import markdown
-    from expertbits.tasks.plots import pareto
+    from expertbits.tasks.measure.league import markdown
+    from expertbits.tasks.measure.plots import pareto
 
     for summary in sorted(docs.glob("*/league_summary.parquet")):
         md = summary.parent / "league.md"
@@ -180,8 +180,8 @@ def lambda_vs_control(family: str = "mixtral-tiny") -> str:
     router norms have settled)."""
     from scipy.stats import spearmanr
 
-    from expertbits.tasks.checkpoint import Checkpoint
-    from expertbits.tasks.statistics import collect
+    from expertbits.tasks.allocation.statistics import collect
+    from expertbits.tasks.checkpoints.reader import Checkpoint
 
     from . import resolve
 

@@ -1,0 +1,325 @@
+"""Run a model larger than memory one decoder layer at a time (sequential onloading).
+
+The model transformers would build is built on the meta device, where every parameter is a
+shape without storage. Then:
+
+* each MoE layer's routed experts become `LazyExperts` (or, for Switch's per-expert modules,
+  `LazyLinear`s) that read one expert's weights when it runs: floating point from the
+  checkpoint, or packed from an expertbits folder (the shipped artifact, byte for byte);
+* every decoder layer (the model's `_no_split_modules` blocks), and every other module that owns
+  weights (embeddings, final norm, lm_head), reads its weights from the safetensors files right
+  before its forward and drops them right after.
+
+So a forward over a batch of windows (with the KV cache off) runs the embedding once, then each
+layer over all of them, keeping only the hidden states in between:
+
+    memory ≈ one layer's non-expert weights + one expert + activations of the batch
+
+Every tensor of the model is resolved to a stored tensor before anything runs; a parameter with
+no tensor, or a stored tensor nothing uses, is an error naming the file, never a random or a
+silently dropped weight. One code path serves every model, from the zoo's to Mixtral-8x7B.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from expertbits.kernels.modules import LazyExperts, LazyLinear, check_gated
+from expertbits.kernels.packing import QuantizedTensor
+
+from ..checkpoints.adapters import block_of, detect, load_renames
+from ..checkpoints.reader import Checkpoint
+from ..errors import CheckpointError
+
+PACKED_SUFFIXES = ("qweight", "scales", "zeros")
+
+
+KEEP_BYTES = 256 << 20
+
+
+@contextmanager
+def streamed(path: Path, *, dtype: torch.dtype = torch.float32, keep_bytes: int = KEEP_BYTES) -> Iterator[nn.Module]:
+    """The model at `path` (a checkpoint folder or an expertbits-quantized folder), in eval mode,
+    with its weights read layer by layer while it runs. Files stay open until the block exits.
+
+    A model whose non-expert weights fit in `keep_bytes` (in `dtype`) keeps each layer's weights
+    once read, so many small forwards (a task's examples) do not reread them; a larger one drops
+    them after every forward of the layer. Experts are read when used either way."""
+    path = Path(path)
+    with Checkpoint.open(path) as ckpt:
+        yield _build(path, ckpt, dtype, keep_bytes)
+
+
+def is_seq2seq(path: Path) -> bool:
+    from transformers import AutoConfig
+
+    return bool(getattr(AutoConfig.from_pretrained(path), "is_encoder_decoder", False))
+
+
+def _build(path: Path, ckpt: Checkpoint, dtype: torch.dtype, keep_bytes: int) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    qc = ckpt.config.get("quantization_config") or {}
+    packed = qc.get("quant_method") == "expertbits"
+    if packed:
+        from . import load  # noqa: F401  registers the marker model type with AutoConfig
+        from .packed_folder import quantization_config
+
+        quantization_config(path)  # a clear error for another format version
+    config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the skeleton is plain; the experts are installed below
+    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    with torch.device("meta"):
+        model = auto.from_config(config, dtype=dtype)
+    model.eval().requires_grad_(False)
+    _init_meta_buffers(model, path)
+    used = _install_packed(model, ckpt, qc, path) if packed else _install_fp(model, ckpt, path, dtype)
+    used |= _hook_units(model, ckpt, path, dtype, load_renames(config.model_type), keep_bytes)
+    ignore = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())]
+    # decoder layers beyond num_hidden_layers (DeepSeek-V3's multi-token prediction) are not the model's
+    beyond = set(qc.get("kept_as_stored") or ()) if packed else set(detect(ckpt).kept_as_stored)
+    unused = sorted(k for k in ckpt.tensors if k not in used and not any(p.search(k) for p in ignore)
+                    and block_of(k) not in beyond)
+    if unused:
+        raise CheckpointError(f"{path}: {len(unused)} stored tensors belong to no module of the "
+                              f"{type(model).__name__} transformers builds, e.g. {unused[:3]}",
+                              "the checkpoint does not match its config.json; re-export it")
+    return model
+
+
+def _init_meta_buffers(model: nn.Module, path: Path) -> None:
+    """Non-persistent buffers (rotary frequencies) are computed, not stored: compute them for real."""
+    for name, module in model.named_modules():
+        meta = [b for b in module._non_persistent_buffers_set if getattr(module, b, None) is not None
+                and getattr(module, b).is_meta]
+        if meta:
+            module.to_empty(device="cpu", recurse=False)
+            model._init_weights(module)
+            left = [b for b in meta if not torch.isfinite(getattr(module, b)).all()]
+            if "RotaryEmbedding" not in type(module).__name__ or left:
+                raise CheckpointError(f"{path}: {type(module).__name__} at {name or 'the model'} has computed buffers "
+                                      f"{meta} that the layer-by-layer runner cannot derive",
+                                      "this architecture is not supported by the streaming runner; please report it")
+
+
+def _fused_experts(model: nn.Module, module_name: str, path: Path) -> nn.Module:
+    try:
+        experts = model.get_submodule(module_name)
+    except AttributeError as e:
+        raise CheckpointError(f"{path}: the experts module {module_name} is not in the {type(model).__name__} "
+                              "transformers builds", "this layout is not supported yet; extend tasks/checkpoints/adapters.py") from e
+    if isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor):
+        if getattr(experts, "act_fn", None) is None or getattr(experts, "gate_up_proj_bias", None) is not None:
+            raise CheckpointError(f"{path}: {type(experts).__name__} at {module_name} is not a bias-free gated MLP",
+                                  "this architecture's experts are not supported yet")
+        return experts
+    return None  # per-expert nn.Linear modules (Switch Transformers)
+
+
+def _set_linear(model: nn.Module, target: str, lazy: LazyLinear, path: Path) -> None:
+    try:
+        linear = model.get_submodule(target)
+    except AttributeError as e:
+        raise CheckpointError(f"{path}: {target} is not in the model transformers builds",
+                              "the checkpoint does not match its config.json") from e
+    if not isinstance(linear, nn.Linear) or linear.bias is not None or tuple(linear.weight.shape) != (
+            lazy.out_features, lazy.in_features):
+        raise CheckpointError(f"{path}: {target} is {type(linear).__name__} {tuple(linear.weight.shape)}, expected a "
+                              f"bias-free Linear {(lazy.out_features, lazy.in_features)}",
+                              "this architecture's experts are not supported yet")
+    model.set_submodule(target, lazy)
+
+
+def _install_fp(model: nn.Module, ckpt: Checkpoint, path: Path, dtype: torch.dtype) -> set[str]:
+    """Floating-point experts, read from the checkpoint (fused slices or per-expert tensors)."""
+    used = set()
+    for layer in detect(ckpt).layers:
+        by_expert = defaultdict(dict)
+        for m in layer.matrices:
+            by_expert[m.expert][m.role] = m
+            used.add(m.key)
+        experts = _fused_experts(model, layer.experts_module, path)
+
+        def read(m, ckpt=ckpt):
+            return ckpt.read(m.key, m.index, m.rows).to(dtype)
+
+        if experts is not None:
+            if experts.gate_up_proj.shape[0] != layer.num_experts:
+                raise CheckpointError(f"{path}: layer {layer.layer} has {layer.num_experts} router rows but the model "
+                                      f"has {experts.gate_up_proj.shape[0]} experts", "the checkpoint does not match its config.json")
+            load = lambda e, by_expert=by_expert, read=read: tuple(read(by_expert[e][r]) for r in ("gate", "up", "down"))  # noqa: E731
+            model.set_submodule(layer.experts_module, LazyExperts(layer.num_experts, experts.act_fn, load))
+        else:
+            for m in layer.matrices:
+                shape = ckpt.tensors[m.key].shape
+                target = f"{layer.experts_module}.{m.name.split('.experts.', 1)[1]}"
+                _set_linear(model, target, LazyLinear(lambda m=m, read=read: read(m), tuple(shape)), path)
+    return used
+
+
+def _install_packed(model: nn.Module, ckpt: Checkpoint, qc: dict, path: Path) -> set[str]:
+    """Packed experts, read from the expertbits folder's shards exactly as stored."""
+    by_layer: dict[str, dict[tuple[int, str], str]] = defaultdict(dict)
+    for name, info in qc["modules"].items():
+        by_layer[str(info["layer"])][info["expert"], info["role"]] = name
+        for s in PACKED_SUFFIXES:
+            if f"{name}.{s}" not in ckpt.tensors:
+                raise CheckpointError(f"{path}: quantization_config lists {name} but no shard holds {name}.{s}",
+                                      "the quantized checkpoint is incomplete or was edited; quantize again")
+
+    def read(name: str) -> QuantizedTensor:
+        info = qc["modules"][name]
+        return QuantizedTensor(*(ckpt.read(f"{name}.{s}") for s in PACKED_SUFFIXES), bits=info["bits"],
+                               group_size=qc["group_size"], shape=tuple(info["shape"]))
+
+    for layer, module_name in qc["experts_modules"].items():
+        names = by_layer[layer]
+        experts = _fused_experts(model, module_name, path)
+        if experts is not None:
+            count = experts.gate_up_proj.shape[0]
+            missing = [(e, r) for e in range(count) for r in ("gate", "up", "down") if (e, r) not in names]
+            if missing:
+                raise CheckpointError(f"{path}: layer {layer} has {count} experts but the quantization config lacks "
+                                      f"(expert, matrix) {missing[:4]}", "the folder is incomplete or was edited; quantize again")
+            for e in range(count):
+                check_gated(e, *(qc["modules"][names[e, r]]["shape"] for r in ("gate", "up", "down")))
+            load = lambda e, names=names: tuple(read(names[e, r]) for r in ("gate", "up", "down"))  # noqa: E731
+            model.set_submodule(module_name, LazyExperts(count, experts.act_fn, load))
+        else:
+            for (e, role), name in sorted(names.items()):
+                target = f"{module_name}.{name.split('.experts.', 1)[1]}"
+                _set_linear(model, target, LazyLinear(lambda name=name: read(name), tuple(qc["modules"][name]["shape"])), path)
+            left = [n for n, m in model.get_submodule(module_name).named_modules(prefix=module_name) if type(m) is nn.Linear]
+            if left:
+                raise CheckpointError(f"{path}: expert matrices {left[:3]} have no packed weights",
+                                      "the folder is incomplete or was edited; quantize again")
+    return {f"{name}.{s}" for name in qc["modules"] for s in PACKED_SUFFIXES}
+
+
+def _units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Decoder layers (outermost `_no_split_modules` blocks), then every other module owning weights."""
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    units, inside = [], []
+    for name, module in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside):
+            continue
+        if type(module).__name__ in blocks:
+            units.append((name, module))
+            inside.append(name)
+        elif _own_tensors(module):
+            units.append((name, module))
+    if not any(type(m).__name__ in blocks for _, m in units):
+        raise CheckpointError(f"{type(model).__name__} names no decoder-layer class the runner can find",
+                              "this architecture is not supported by the streaming runner; please report it")
+    return units
+
+
+def _own_tensors(module: nn.Module, recurse: bool = False) -> list[tuple[nn.Module, str, bool]]:
+    """(owner, local name, is_parameter) of the weights a unit loads: parameters and persistent buffers."""
+    out = []
+    for _, m in (module.named_modules() if recurse else [("", module)]):
+        if isinstance(m, (LazyExperts, LazyLinear)):
+            continue
+        out += [(m, n, True) for n, p in m._parameters.items() if p is not None]
+        out += [(m, n, False) for n, b in m._buffers.items() if b is not None and n not in m._non_persistent_buffers_set]
+    return out
+
+
+def _hook_units(model: nn.Module, ckpt: Checkpoint, path: Path, dtype: torch.dtype,
+                renames: tuple[tuple[str, str], ...], keep_bytes: int) -> set[str]:
+    tied = model.get_expanded_tied_weights_keys() if hasattr(model, "get_expanded_tied_weights_keys") else {}
+    full = {id(m): n for n, m in model.named_modules()}
+
+    def stored(name: str) -> str | None:
+        if name in ckpt.tensors:
+            return name
+        for old, new in renames:
+            if new in name and name.replace(new, old) in ckpt.tensors:
+                return name.replace(new, old)
+        return stored(tied[name]) if name in tied else None
+
+    used, missing, plans = set(), [], []
+    for unit_name, unit in _units(model):
+        plan = []
+        for owner, local, is_param in _own_tensors(unit, recurse=type(unit).__name__ in (model._no_split_modules or ())):
+            name = f"{full[id(owner)]}.{local}".lstrip(".")
+            key = stored(name)
+            if key is None:
+                missing.append(name)
+                continue
+            plan.append((owner, local, is_param, key, tuple(getattr(owner, local).shape)))
+            used.add(key)
+        plans.append((unit, plan))
+    keep = sum(math.prod(shape) for _, plan in plans for *_, shape in plan) * dtype.itemsize <= keep_bytes
+    for unit, plan in plans:
+        unit.register_forward_pre_hook(_onload(ckpt, plan, dtype, path))
+        if not keep:  # also after a forward that raised: a failed layer does not stay in memory
+            unit.register_forward_hook(_offload(plan, dtype), always_call=True)
+    if missing:
+        raise CheckpointError(f"{path}: {len(missing)} weights of the model have no stored tensor, e.g. {missing[:3]}",
+                              "the checkpoint is incomplete or does not match its config.json; re-export it")
+    return used
+
+
+def _onload(ckpt: Checkpoint, plan: list, dtype: torch.dtype, path: Path):
+    def hook(module, args):
+        for owner, local, is_param, key, shape in plan:
+            if not getattr(owner, local).is_meta:
+                continue  # kept from an earlier forward (a small model)
+            t = ckpt.read(key)
+            if tuple(t.shape) != shape:
+                raise CheckpointError(f"{path}: {key} has shape {tuple(t.shape)}, the model expects {shape}",
+                                      "the checkpoint does not match its config.json")
+            t = t.to(dtype) if t.is_floating_point() else t
+            if is_param:
+                owner._parameters[local] = nn.Parameter(t, requires_grad=False)
+            else:
+                owner._buffers[local] = t
+    return hook
+
+
+def _offload(plan: list, dtype: torch.dtype):
+    def hook(module, args, output):
+        for owner, local, is_param, _, shape in plan:
+            t = torch.empty(shape, dtype=getattr(owner, local).dtype, device="meta")
+            if is_param:
+                owner._parameters[local] = nn.Parameter(t, requires_grad=False)
+            else:
+                owner._buffers[local] = t
+    return hook
+
+
+def batches(pairs: list[tuple[dict, torch.Tensor]], pad_id: int, vocab: int,
+            logits_bytes: int = 1 << 30) -> Iterator[tuple[dict, list[int]]]:
+    """Examples stacked into as few forwards as keep the logits under `logits_bytes`: (inputs,
+    indices of the examples). Every weight is read once per forward, so fewer is faster.
+
+    Decoder-only windows have one length; encoder-decoder examples are right-padded (inputs with
+    `pad_id` and an attention mask, labels with -100), which changes no real position's output."""
+    longest = max(int(t.numel()) + 1 for _, t in pairs)
+    per = max(1, logits_bytes // (4 * vocab * longest))
+    for start in range(0, len(pairs), per):
+        idx = list(range(start, min(start + per, len(pairs))))
+        chunk = [pairs[i][0] for i in idx]
+        if "labels" not in chunk[0]:  # no KV cache: it would hold every layer's keys and values
+            yield {"input_ids": torch.cat([c["input_ids"] for c in chunk]), "use_cache": False}, idx
+            continue
+        n_in = max(c["input_ids"].shape[1] for c in chunk)
+        n_out = max(c["labels"].shape[1] for c in chunk)
+        ids = torch.full((len(chunk), n_in), pad_id)
+        mask = torch.zeros(len(chunk), n_in, dtype=torch.long)
+        labels = torch.full((len(chunk), n_out), -100)
+        for b, c in enumerate(chunk):
+            ids[b, : c["input_ids"].shape[1]] = c["input_ids"][0]
+            mask[b, : c["input_ids"].shape[1]] = 1
+            labels[b, : c["labels"].shape[1]] = c["labels"][0]
+        yield {"input_ids": ids, "attention_mask": mask, "labels": labels, "use_cache": False}, idx

@@ -1,0 +1,117 @@
+"""Prefect tasks of the league flow (caching rules in `stage_io.py`; its first stages are `quantize_tasks.py`'s).
+
+    league        allocators × budgets × bit-width sets (and servable variants), each quantized and evaluated
+    publish       leagues/<id>/: tables, figures, one DuckDB, manifest.json last
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+
+import duckdb
+from prefect import task
+from prefect.logging import get_run_logger
+
+from ..measure import league, plots
+from ..records import CheckpointRecord, ReferenceChoice, RunManifest, StageOutput
+from ..store import publish, tables
+from ..store.storage import Store
+from .stage_io import (
+    local_copy,
+    miss_unless,
+    publish_stage,
+    read_calibration,
+    read_text,
+    stage_key,
+    text_digest,
+    transient,
+)
+
+
+def _league_key(ctx, p) -> str:
+    return miss_unless(ctx, Store(p["store"], p["storage_options"]), "league", stage_key(
+        "league", p["checkpoint"].digest, p["stats"].key, [c.key for c in p["calibrations"]],
+        p["grid"], text_digest(p["text_uri"], p["storage_options"]), p["seq_len"], p["windows"], p["task_name"],
+        p["task_examples"]))
+
+
+@task(name="league", cache_key_fn=_league_key, persist_result=True, result_serializer="json")
+def run_league(checkpoint: CheckpointRecord, stats: StageOutput, calibrations: list[StageOutput], grid: dict,
+               text_uri: str, seq_len: int, windows: int, task_name: str | None, task_examples: int,
+               cells: list[list[dict]], store: str, storage_options: dict, cache_dir: str | None) -> StageOutput:
+    """The tables and the figures of every cell of the grid (each quantized and evaluated by
+    `per_layer.league_cells`).
+
+    `calibrations` holds one calibration per quantizer of the grid, in `Grid.error_keys()` order."""
+    st = Store(store, storage_options)
+    text = read_text(text_uri, storage_options)
+    key = stage_key("league", checkpoint.digest, stats.key, [c.key for c in calibrations], grid,
+                    hashlib.sha256(text.encode()).hexdigest(), seq_len, windows, task_name, task_examples)
+    g = league.Grid.from_dict(grid)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        table = tables.read_stats(local_copy(st, stats, tmp) / "expert_stats.parquet")
+        calib, qerr = read_calibration(st, calibrations[0], tmp / "calibration")
+        rows, allocs = league.gather([cell for chunk in cells for cell in chunk])
+        summary = league.summarize(rows)
+        out = tmp / "out"
+        out.mkdir()
+        for name, frame in (("league", rows), ("league_summary", summary), ("league_allocation", allocs)):
+            tables.export_parquet(frame, out / f"{name}.parquet")
+        title = checkpoint.uri
+        corr = league.diagnostics(table, calib, qerr)
+        tables.export_parquet(corr.reset_index(names="signal"), out / "signal_correlation.parquet")
+        (out / "league.md").write_text(f"# League table: {title}\n\n{league.markdown(summary)}\n{league.correlation_markdown(corr)}")
+        plots.pareto(summary, out / "pareto.png", title)
+        if cell := g.heatmap_cell():
+            plots.heatmap(allocs, out / "heatmap.png", *cell, title)
+        best = summary[summary["rank"] == 1].groupby("variant").size().sort_values(ascending=False)
+        get_run_logger().info(f"league: {len(rows)} cells; allocators ranked first: {best.to_dict()}")
+        return publish_stage(st, "league", key, out, {"cells": len(rows), "ranked_first": best.to_dict(),
+                                                        "task": task_name, "text": text_uri})
+
+
+def league_database(path: Path, store: Store, outputs: dict[str, StageOutput], tmp: Path) -> None:
+    """Every parquet of the league's stages as a table of one DuckDB (schema tables by name)."""
+    con = duckdb.connect(str(path), config={"autoinstall_known_extensions": False})
+    try:
+        con.execute(tables.schema_sql())
+        schema = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+        for stage, out in outputs.items():
+            for rel in (r for r in out.files if r.endswith(".parquet")):
+                if stage.startswith("calibration-") and rel == "expert_calibration.parquet":
+                    continue  # routing statistics do not depend on the quantizer: one copy is enough
+                table, local = rel.removesuffix(".parquet"), store.get_file(f"{out.prefix}/{rel}", tmp / stage / rel)
+                # paths are parameters, never SQL text (a quote in a store path must not break or inject)
+                con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM read_parquet(?)" if table in schema
+                            else f"CREATE TABLE {table} AS SELECT * FROM read_parquet(?)", [str(local)])
+        con.execute("CHECKPOINT")
+    finally:
+        con.close()
+
+
+@task(name="publish-league", retries=3, retry_delay_seconds=[1, 4, 10], retry_condition_fn=transient)
+def publish_league(parameters: dict, reference: ReferenceChoice, stats: StageOutput, calibrations: list[StageOutput],
+                   result: StageOutput, store: str, storage_options: dict) -> RunManifest:
+    """leagues/<id>/ with every table, both figures, one DuckDB, and manifest.json written last."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    st = Store(store, storage_options)
+    outputs = {"statistics": stats, **{("calibration" if i == 0 else f"calibration-{i}"): c for i, c in enumerate(calibrations)},
+               "league": result}
+    manifest = publish.publish(st, publish.run_id(parameters["checkpoint"], list(outputs.values())), outputs,
+                               parameters, root="leagues", database=league_database,
+                               notes={"reference": reference.model_dump()})
+    rid = manifest.run_id
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = tables.read_parquet(st.get_file(f"{result.prefix}/league_summary.parquet", Path(tmp) / "summary.parquet"))
+        md = st.get_file(f"{result.prefix}/league.md", Path(tmp) / "league.md").read_text()
+    create_table_artifact(key=f"league-{rid}"[:100].lower(), table=json.loads(summary.to_json(orient="records")),
+                          description=f"League table of {parameters['checkpoint']}")
+    create_markdown_artifact(key=f"league-md-{rid}"[:100].lower(), description="League table", markdown=(
+        f"{md}\n\nFigures: `{manifest.uri}/league/pareto.png`, `{manifest.uri}/league/heatmap.png`\n"))
+    get_run_logger().info(f"league published: {manifest.uri}/manifest.json")
+    return manifest

@@ -1,0 +1,283 @@
+"""Units of work a Dask cluster runs in parallel: MoE layers of a stage, and cells of the league.
+
+A stage that works layer by layer (statistics, calibration error, quantization, kernel
+validation) is split in two: `layer_work` over lists of MoE layer positions, which the flow maps
+onto its task runner (all layers in one task in one process by default; one task per layer on
+a Dask cluster), then the stage's own task, which gathers the parts and publishes. The league
+maps `league_cells` the same way. Tasks pass records (URIs, digests, stage keys), never
+tensors: a worker without the whole checkpoint in its cache fetches only the shards its layers
+live in (stage_io.layer_path), and the per-layer results are the same bytes whichever worker
+computed them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import tempfile
+import threading
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.logging import get_run_logger
+
+from ..allocation import calibrate, statistics
+from ..checkpoints.adapters import detect
+from ..checkpoints.reader import Checkpoint
+from ..measure import kernel_check, league
+from ..meter import Meter, report
+from ..quantization import writer
+from ..quantization.method import QuantizerConfig
+from ..records import CheckpointRecord, StageOutput
+from ..store import tables
+from ..store.storage import Store, sha256_file
+from .stage_io import (
+    ckpt_path,
+    expert_bytes,
+    kernel_device,
+    layer_path,
+    local_copy,
+    progress_reporter,
+    read_calibration,
+    read_text,
+    stage_key,
+    text_digest,
+    transient,
+)
+
+
+def quantization_key(checkpoint: CheckpointRecord, allocation: StageOutput, group_size: int, quantizer: dict,
+                     text: dict | None, storage_options: dict) -> str:
+    """The quantization stage's key; a calibrated quantizer (GPTQ) adds its calibration text's
+    digest, windows and window length."""
+    calibration = None
+    if QuantizerConfig.from_dict(quantizer).calibrated:
+        calibration = [text_digest(text["text_uri"], storage_options), text["seq_len"], text["windows"]]
+    return stage_key("quantization", checkpoint.digest, allocation.key, group_size, quantizer, calibration)
+
+
+def _quantization_prefix(i: dict) -> str:
+    key = quantization_key(i["checkpoint"], i["allocation"], i["group_size"], i["quantizer"], i.get("text"),
+                           i["storage_options"])
+    return f"objects/quantization/{key}"
+
+
+def _statistics(position: int, checkpoint: CheckpointRecord, reference: CheckpointRecord | None,
+                cache_dir: str | None, storage_options: dict, **_) -> dict:
+    with Checkpoint.open(layer_path(checkpoint, [position], cache_dir, storage_options)) as ft:
+        if reference is None:
+            return {"rows": statistics.collect_layer(ft, None, position)}
+        with Checkpoint.open(layer_path(reference, [position], cache_dir, storage_options)) as ref:
+            return {"rows": statistics.collect_layer(ft, ref, position)}
+
+
+def _calibration(position: int, checkpoint: CheckpointRecord, routing: StageOutput, bit_widths: list[int],
+                 group_size: int, quantizer: dict, store: str, storage_options: dict, cache_dir: str | None) -> dict:
+    st = Store(store, storage_options)
+    with tempfile.TemporaryDirectory() as tmp, Checkpoint.open(layer_path(checkpoint, [position], cache_dir,
+                                                                           storage_options)) as ckpt:
+        moments = local_copy(st, routing, Path(tmp), only=["moments.safetensors"]) / "moments.safetensors"
+        layer = detect(ckpt).layers[position]
+        m = calibrate.load_moments(moments, layer.layer, layer.num_experts)
+        return {"rows": calibrate.layer_errors(ckpt, position, m, tuple(sorted(bit_widths)), group_size,
+                                               QuantizerConfig.from_dict(quantizer))}
+
+
+def _quantization(position: int, checkpoint: CheckpointRecord, allocation: StageOutput, group_size: int,
+                  quantizer: dict, store: str, storage_options: dict, cache_dir: str | None) -> dict:
+    """Write the layer's shard straight under the stage's prefix (the stage task publishes the rest)."""
+    q = QuantizerConfig.from_dict(quantizer)
+    with _shard_writer(checkpoint, allocation, group_size, quantizer, None, store, storage_options,
+                       layer_path(checkpoint, [position], cache_dir, storage_options)) as (ckpt, alloc, out, write):
+        return write(writer.quantize_layer(ckpt, position, alloc, group_size, q.symmetric, out,
+                                             quantizer=lambda m, w, bits: q.round_matrix(w, bits, group_size)))
+
+
+@contextmanager
+def _shard_writer(checkpoint: CheckpointRecord, allocation: StageOutput, group_size: int, quantizer: dict,
+                  text: dict | None, store: str, storage_options: dict, path: Path):
+    """(open checkpoint, allocation, out, write): `write(part)` checksums a layer shard written
+    into `out` and puts it under the stage's prefix (`out` is that prefix for a local store)."""
+    st = Store(store, storage_options)
+    prefix = _quantization_prefix(dict(checkpoint=checkpoint, allocation=allocation, group_size=group_size,
+                                       quantizer=quantizer, text=text, storage_options=storage_options))
+    with tempfile.TemporaryDirectory() as tmp, Checkpoint.open(path) as ckpt:
+        tmp = Path(tmp)
+        alloc = tables.read_stats(local_copy(st, allocation, tmp) / "bit_allocation.parquet")
+        out = Path(st.uri(prefix)) if st.is_local else tmp / "out"
+        out.mkdir(parents=True, exist_ok=True)
+
+        def write(part: dict) -> dict:
+            part["sha256"] = sha256_file(out / part["file"])
+            if not st.is_local:
+                st.put_file(out / part["file"], f"{prefix}/{part['file']}")
+                (out / part["file"]).unlink()
+            return part
+
+        yield ckpt, alloc, out, write
+
+
+def _gptq_quantization(checkpoint: CheckpointRecord, allocation: StageOutput, group_size: int, quantizer: dict,
+                       text: dict, store: str, storage_options: dict, cache_dir: str | None) -> list[dict]:
+    """Every MoE layer's shard by sequential GPTQ, each written as soon as its layer is done, with
+    the layer's calibration coverage."""
+    from ..quantization.gptq_sequential import sequential_gptq
+
+    q = QuantizerConfig.from_dict(quantizer)
+    path = ckpt_path(checkpoint, cache_dir, storage_options)
+    parts: list[dict] = []
+    with _shard_writer(checkpoint, allocation, group_size, quantizer, text, store, storage_options,
+                       path) as (ckpt, alloc, out, write):
+        def on_layer(position: int, packed: dict) -> None:
+            parts.append(write(writer.quantize_layer(ckpt, position, alloc, group_size, q.symmetric, out,
+                                                       quantizer=lambda m, w, bits: packed[m.name])))
+
+        _, coverage = sequential_gptq(path, read_text(text["text_uri"], storage_options), alloc, group_size, q,
+                                      seq_len=text["seq_len"], windows=text["windows"], on_layer=on_layer,
+                                      progress=progress_reporter("GPTQ quantization"))
+    layers = list(dict.fromkeys(coverage.layer))
+    for part, layer in zip(parts, layers):
+        part["coverage"] = coverage[coverage.layer == layer].to_dict(orient="records")
+    return parts
+
+
+def _gptq_calibration(checkpoint: CheckpointRecord, bit_widths: list[int], group_size: int, quantizer: dict,
+                      text: dict, storage_options: dict, cache_dir: str | None, **_) -> list[dict]:
+    """GPTQ's error of every expert at every width, one part per MoE layer."""
+    from ..quantization.gptq_sequential import gptq_errors
+
+    rows = gptq_errors(ckpt_path(checkpoint, cache_dir, storage_options), read_text(text["text_uri"], storage_options),
+                       tuple(sorted(bit_widths)), group_size, QuantizerConfig.from_dict(quantizer),
+                       seq_len=text["seq_len"], windows=text["windows"], progress=progress_reporter("GPTQ errors"))
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    return [{"rows": [r for r in rows if r["layer"] == layer]} for layer in layers]
+
+
+def _validation(position: int, quantized: StageOutput, checkpoint: CheckpointRecord, rtol: float, store: str,
+                storage_options: dict, cache_dir: str | None) -> dict:
+    """Fetch only the config, the index and the shards of the layer's packed matrices."""
+    st = Store(store, storage_options)
+    meta = ["config.json", "model.safetensors.index.json"]
+    with tempfile.TemporaryDirectory() as tmp, Checkpoint.open(layer_path(checkpoint, [position], cache_dir,
+                                                                           storage_options)) as src:
+        folder = local_copy(st, quantized, Path(tmp), only=meta)
+        qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+        weight_map = json.loads((folder / meta[1]).read_text())["weight_map"]
+        layer = int(sorted(qc["experts_modules"], key=int)[position])
+        shards = sorted({weight_map[f"{n}.qweight"] for n, info in qc["modules"].items() if info["layer"] == layer})
+        qpath = local_copy(st, quantized, Path(tmp), only=meta + shards)
+        return kernel_check.validate_layer(qpath, src, position, rtol=rtol)
+
+
+WORK = {"statistics": _statistics, "calibration": _calibration, "quantization": _quantization, "validation": _validation}
+SEQUENTIAL = {"calibration": _gptq_calibration, "quantization": _gptq_quantization}
+
+
+def _ident(v: Any) -> Any:
+    """What a cache key sees of an input: records by digest or key, everything else as is."""
+    if isinstance(v, CheckpointRecord):
+        return v.digest
+    if isinstance(v, StageOutput):
+        return v.key
+    if isinstance(v, (list, tuple)):
+        return [_ident(x) for x in v]
+    return v
+
+
+def _layer_key(ctx, p) -> str:
+    i = p["inputs"]
+    inputs = {k: _ident(v) for k, v in sorted(i.items()) if k not in ("cache_dir", "storage_options")}
+    if "text" in inputs:  # calibration text by content
+        inputs["text"] = dict(inputs["text"], text_uri=text_digest(i["text"]["text_uri"], i["storage_options"]))
+    if p["stage"] == "validation":  # interpreter checks sample rows; a GPU's check covers them all
+        inputs["kernel_device"] = kernel_device()
+    key = stage_key(p["stage"], "layers", p.get("positions", "sequential"), inputs)
+    if p["stage"] == "quantization":  # a record whose shards left the store is a miss
+        st = Store(i["store"], i["storage_options"])
+        prefix = _quantization_prefix(i)
+        if ctx.result_store is not None and ctx.result_store.exists(key):
+            record = ctx.result_store.read(key).result
+            if not all(st.exists(f"{prefix}/{part['file']}") for part in record):
+                return f"{key}-rebuild-{uuid.uuid4().hex}"
+    return key
+
+
+@task(name="layers", cache_key_fn=_layer_key, persist_result=True, result_serializer="json",
+      task_run_name="{stage}-layers-{positions}", retries=2, retry_delay_seconds=[1, 4], retry_condition_fn=transient)
+def layer_work(stage: str, positions: list[int], inputs: dict) -> list[dict]:
+    """One stage's work on some MoE layers (by position in the checkpoint's MoE layer order)."""
+    with Meter() as meter:
+        out = [WORK[stage](p, **inputs) for p in positions]
+    path = layer_path(inputs["checkpoint"], positions, inputs.get("cache_dir"), inputs["storage_options"])
+    report(stage, meter, expert_bytes(path, ("gate",) if stage == "statistics" else ("gate", "up", "down"), positions),
+           get_run_logger())
+    return out
+
+
+@task(name="sequential", cache_key_fn=_layer_key, persist_result=True, result_serializer="json",
+      task_run_name="{stage}-sequential-gptq", retries=2, retry_delay_seconds=[1, 4], retry_condition_fn=transient)
+def sequential_work(stage: str, inputs: dict) -> list[dict]:
+    """One stage's work on every MoE layer in one pass, in order (GPTQ: layer l+1 is calibrated on
+    the outputs of the quantized layer l, so the layers cannot be split across workers)."""
+    with Meter() as meter:
+        out = SEQUENTIAL[stage](**inputs)
+    path = ckpt_path(inputs["checkpoint"], inputs.get("cache_dir"), inputs["storage_options"])
+    report(f"{stage} (gptq)", meter, expert_bytes(path), get_run_logger())
+    return out
+
+
+_LEAGUE: dict[tuple, tuple] = {}  # per process: the tables, the reference, the cell writer and the task, made once
+
+
+@functools.cache
+def _league_lock() -> threading.Lock:
+    """A worker with several threads runs one cell at a time: they share the reference model. (Made
+    on first use: Dask pickles the task functions, and a module-level lock would go with them.)"""
+    return threading.Lock()
+
+
+def _league_env(checkpoint, stats, calibrations, grid, text_uri, seq_len, windows, task_name, task_examples, store,
+                storage_options, cache_dir, gptq_text):
+    ident = (checkpoint.digest, stats.key, tuple(c.key for c in calibrations), text_digest(text_uri, storage_options),
+             seq_len, windows, grid.group_size, task_name, task_examples)
+    if ident not in _LEAGUE:
+        for old in _LEAGUE.values():  # one league at a time per process: release the previous one first
+            old[3].close()
+        _LEAGUE.clear()
+        st = Store(store, storage_options)
+        path = ckpt_path(checkpoint, cache_dir, storage_options)
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            table = tables.read_stats(local_copy(st, stats, tmp) / "expert_stats.parquet")
+            read = [read_calibration(st, c, tmp / f"calibration-{i}") for i, c in enumerate(calibrations)]
+        reference = league.Reference(path, read_text(text_uri, storage_options), seq_len=seq_len, windows=windows)
+        calibration = None if gptq_text is None else dict(gptq_text, text=read_text(gptq_text["text_uri"], storage_options))
+        _LEAGUE[ident] = (table, read[0][0], {k: q for k, (_, q) in zip(grid.error_keys(), read)}, reference,
+                          league.CellWriter(path, grid.group_size, calibration=calibration),
+                          league.task(task_name, task_examples))
+    return _LEAGUE[ident]
+
+
+def _cells_key(ctx, p) -> str:
+    return stage_key("league", "cells", p["indices"], p["checkpoint"].digest, p["stats"].key,
+                     [c.key for c in p["calibrations"]], p["grid"], text_digest(p["text_uri"], p["storage_options"]),
+                     p["seq_len"], p["windows"], p["task_name"], p["task_examples"])
+
+
+@task(name="league-cells", cache_key_fn=_cells_key, persist_result=True, result_serializer="json",
+      task_run_name="league-cells-{indices}", retries=2, retry_delay_seconds=[1, 4], retry_condition_fn=transient)
+def league_cells(indices: list[int], checkpoint: CheckpointRecord, stats: StageOutput, calibrations: list[StageOutput],
+                 grid: dict, text_uri: str, seq_len: int, windows: int, task_name: str | None, task_examples: int,
+                 store: str, storage_options: dict, cache_dir: str | None, gptq_text: dict | None = None) -> list[dict]:
+    """Some cells of the league grid, each allocated, written and evaluated (see league.run_cell);
+    `calibrations` in `Grid.error_keys()` order; GPTQ cells calibrate on `gptq_text` (uri, seq_len,
+    windows: the routing stage's, which the calibrations' keys cover)."""
+    g = league.Grid.from_dict(grid)
+    with _league_lock():
+        table, calib, qerrors, reference, writer, task = _league_env(
+            checkpoint, stats, calibrations, g, text_uri, seq_len, windows, task_name, task_examples, store,
+            storage_options, cache_dir, gptq_text)
+        return [league.run_cell(i, table, calib, qerrors, g, reference, writer, task) for i in indices]

@@ -1,0 +1,400 @@
+"""Prefect task wrappers around the quantize flow's stage functions (the league flow shares the first
+four): caching, retries, progress and store I/O follow `stage_io.py`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+from prefect import task
+from prefect.logging import get_run_logger
+
+from ..allocation import allocate, budget, calibrate, statistics
+from ..checkpoints import fetch
+from ..checkpoints.adapters import detect
+from ..checkpoints.reader import Checkpoint
+from ..checkpoints.reference import check as check_routers
+from ..checkpoints.reference import choose
+from ..errors import ValidationFailed
+from ..measure import evaluate, fused_check, kernel_check
+from ..meter import Meter, report
+from ..quantization import writer
+from ..quantization.method import QuantizerConfig
+from ..records import CheckpointRecord, ReferenceChoice, RunManifest, StageOutput
+from ..store import publish, tables
+from ..store.storage import Store
+from .per_layer import quantization_key
+from .stage_io import (
+    ckpt_path,
+    expert_bytes,
+    kernel_device,
+    local_copy,
+    miss_unless,
+    progress_reporter,
+    publish_stage,
+    read_calibration,
+    read_text,
+    stage_key,
+    text_digest,
+    transient,
+)
+
+# ---- 0. preflight -------------------------------------------------------------------------------
+
+@task(name="check-store")
+def check_store(root: str, storage_options: dict) -> str:
+    """Fail fast, before any work, if the artifact store cannot be written."""
+    Store(root, storage_options).check_reachable()
+    return root
+
+
+# ---- 1. download --------------------------------------------------------------------------------
+
+@task(name="pin-revision", retries=3, retry_delay_seconds=[1, 4, 10], retry_condition_fn=transient)
+def pin_revision(uri: str | None) -> str | None:
+    """An hf:// branch or tag resolved to its commit, once, before the download's cache key and
+    the download itself read it (so both see one commit); other URIs as given."""
+    return fetch.pin(uri) if uri else uri
+
+
+def _download_key(ctx, p) -> str:
+    # A record whose cache folder was cleared since is still valid: consumers refetch by digest.
+    return stage_key("download", fetch.fingerprint(p["uri"], p["storage_options"]), p["cache_dir"])
+
+
+@task(name="download", cache_key_fn=_download_key, persist_result=True, result_serializer="json",
+      retries=3, retry_delay_seconds=[1, 4, 10], retry_condition_fn=transient)
+def fetch_checkpoint(uri: str, cache_dir: str | None, storage_options: dict) -> CheckpointRecord:
+    """Fetch a checkpoint into the content-addressed local cache and verify its sha256."""
+    logger = get_run_logger()
+    with Meter() as meter:
+        ckpt = fetch.download(uri, cache_dir, storage_options)
+    with Checkpoint.open(ckpt.path):  # header check: a truncated file fails here, by name
+        report("download", meter, sum(p.stat().st_size for p in Path(ckpt.path).glob("*.safetensors")), logger)
+    cache = Path(cache_dir or fetch.default_cache_dir())
+    fp = fetch.fingerprint(uri, storage_options)
+    (cache / "index").mkdir(parents=True, exist_ok=True)
+    (cache / "index" / f"{fp}.json").write_text(json.dumps({"uri": uri, "digest": ckpt.digest}))
+    logger.info(f"{uri} -> {ckpt.path} (sha256 {ckpt.digest[:12]})" + (f", commit {ckpt.uri}" if ckpt.uri != uri else ""))
+    # the record names what was fetched: for hf:// the commit, so workers refetch exactly it
+    return CheckpointRecord(uri=ckpt.uri, digest=ckpt.digest, path=str(ckpt.path), files=fetch.file_digests(ckpt.path))
+
+
+@task(name="choose-reference", retries=3, retry_delay_seconds=[1, 4, 10], retry_condition_fn=transient)
+def choose_reference(checkpoint: CheckpointRecord, given: str | None, cache_dir: str | None,
+                     storage_options: dict) -> ReferenceChoice:
+    """The checkpoint Λ compares with: as given, as the checkpoint declares it, or none (reference.py)."""
+    choice = choose(checkpoint.uri, ckpt_path(checkpoint, cache_dir, storage_options), given, storage_options)
+    logger = get_run_logger()
+    (logger.warning if choice.uri is None and choice.source != "none-given" else logger.info)(choice.note)
+    return choice
+
+
+@task(name="check-reference")
+def check_reference(checkpoint: CheckpointRecord, ref: CheckpointRecord | None, choice: ReferenceChoice,
+                    cache_dir: str | None, storage_options: dict) -> ReferenceChoice:
+    """A reference whose routers differ from the checkpoint's fails here, before any statistics."""
+    if ref is not None:
+        check_routers(checkpoint.uri, ckpt_path(checkpoint, cache_dir, storage_options), choice,
+                      ckpt_path(ref, cache_dir, storage_options))
+    return choice
+
+
+# ---- 2. statistics ------------------------------------------------------------------------------
+
+def _stats_key(ctx, p) -> str:
+    ref = p["reference"].digest if p["reference"] else None
+    return miss_unless(ctx, Store(p["store"], p["storage_options"]), "statistics",
+                        stage_key("statistics", p["checkpoint"].digest, ref, p["store"]))
+
+
+@task(name="statistics", cache_key_fn=_stats_key, persist_result=True, result_serializer="json")
+def extract_statistics(checkpoint: CheckpointRecord, reference: CheckpointRecord | None, parts: list[list[dict]],
+                       store: str, storage_options: dict, cache_dir: str | None) -> StageOutput:
+    """Router norms, Λ and MaxVar per expert (computed per layer by `per_layer.layer_work`), into parquet."""
+    st = Store(store, storage_options)
+    key = stage_key("statistics", checkpoint.digest, reference.digest if reference else None, store)
+    with tempfile.TemporaryDirectory() as tmp, Checkpoint.open(ckpt_path(checkpoint, cache_dir, storage_options)) as ft:
+        tmp = Path(tmp)
+        stats, info = statistics.frame([r for chunk in parts for part in chunk for r in part["rows"]]), statistics.info_of(detect(ft))
+        ckpts = [dict(info, digest=checkpoint.digest, uri=checkpoint.uri, role="finetuned")]
+        if reference:
+            ckpts.append(dict(info, digest=reference.digest, uri=reference.uri, role="reference"))
+        tables.export_parquet(stats, tmp / "expert_stats.parquet")
+        (tmp / "checkpoints.json").write_text(json.dumps(ckpts, indent=2, sort_keys=True))
+        summary = dict(info, lambda_source=str(stats.lambda_source.iloc[0]),
+                       lambda_min=float(stats["lambda_score"].min()), lambda_max=float(stats["lambda_score"].max()))
+        return publish_stage(st, "statistics", key, tmp, summary)
+
+
+# ---- 2b. calibration (allocators that use routing or quantization error) ----------------------
+
+def _routing_key(ctx, p) -> str:
+    return miss_unless(ctx, Store(p["store"], p["storage_options"]), "routing", stage_key(
+        "routing", p["checkpoint"].digest, text_digest(p["text_uri"], p["storage_options"]), p["seq_len"], p["windows"]))
+
+
+@task(name="routing", cache_key_fn=_routing_key, persist_result=True, result_serializer="json")
+def route_experts(checkpoint: CheckpointRecord, text_uri: str, seq_len: int, windows: int, store: str,
+                  storage_options: dict, cache_dir: str | None) -> StageOutput:
+    """What the router does on the calibration text: frequency, routing weight and input moments of
+    every expert, from one streamed forward pass of the full-precision model."""
+    st = Store(store, storage_options)
+    text = read_text(text_uri, storage_options)
+    key = stage_key("routing", checkpoint.digest, hashlib.sha256(text.encode()).hexdigest(), seq_len, windows)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        path = ckpt_path(checkpoint, cache_dir, storage_options)
+        with Meter() as meter:
+            calib, moments, info = calibrate.route(path, text, seq_len=seq_len, windows=windows,
+                                                   progress=progress_reporter("routing"))
+        report("routing", meter, expert_bytes(path), get_run_logger())
+        if info["uncalibrated_experts"]:
+            get_run_logger().warning(
+                f"{len(info['uncalibrated_experts'])} experts received no calibration token (layer/expert: "
+                f"{', '.join(info['uncalibrated_experts'][:8])}); routing-based allocators treat them as never "
+                "routed: give more --calibration-windows or text closer to what the model will serve")
+        tables.export_parquet(calib, tmp / "expert_calibration.parquet")
+        calibrate.save_moments(moments, tmp / "moments.safetensors")
+        return publish_stage(st, "routing", key, tmp, dict(info, text=text_uri))
+
+
+def _calib_key(ctx, p) -> str:
+    return miss_unless(ctx, Store(p["store"], p["storage_options"]), "calibration", stage_key(
+        "calibration", p["routing"].key, sorted(p["bit_widths"]), p["group_size"], p["quantizer"]))
+
+
+@task(name="calibration", cache_key_fn=_calib_key, persist_result=True, result_serializer="json")
+def calibrate_experts(routing: StageOutput, bit_widths: list[int], group_size: int, quantizer: dict,
+                      parts: list[list[dict]], store: str, storage_options: dict) -> StageOutput:
+    """The routing statistics beside the error of every expert at every width, measured with the
+    quantizer the run uses (computed per layer by `per_layer.layer_work`; GPTQ's by
+    `per_layer.sequential_work` on the routing stage's text, which its key covers)."""
+    st = Store(store, storage_options)
+    key = stage_key("calibration", routing.key, sorted(bit_widths), group_size, quantizer)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        calib = tables.read_stats(local_copy(st, routing, tmp, only=["expert_calibration.parquet"])
+                                      / "expert_calibration.parquet")
+        qerr = pd.DataFrame([r for chunk in parts for part in chunk for r in part["rows"]])
+        out = tmp / "out"
+        out.mkdir()
+        tables.export_parquet(calib, out / "expert_calibration.parquet")
+        tables.export_parquet(qerr, out / "expert_qerror.parquet")
+        summary = dict(routing.summary, quantizer=QuantizerConfig.from_dict(quantizer).label)
+        return publish_stage(st, "calibration", key, out, summary)
+
+
+# ---- 3. allocation ------------------------------------------------------------------------------
+
+def _alloc_key(ctx, p) -> str:
+    calib = p["calibration"].key if p["calibration"] else None
+    return miss_unless(ctx, Store(p["store"], p["storage_options"]), "allocation",
+                        stage_key("allocation", p["stats"].key, calib, p["config"]))
+
+
+@task(name="allocation", cache_key_fn=_alloc_key, persist_result=True, result_serializer="json")
+def allocate_bits(stats: StageOutput, calibration: StageOutput | None, config: dict, store: str,
+                  storage_options: dict) -> StageOutput:
+    """Per-expert bit-widths: tier counts from the budget, the order from the chosen allocator."""
+    st = Store(store, storage_options)
+    cfg = budget.AllocationConfig(**dict(config, bit_widths=tuple(config["bit_widths"])))
+    key = stage_key("allocation", stats.key, calibration.key if calibration else None, config)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        table = tables.read_stats(local_copy(st, stats, tmp) / "expert_stats.parquet")
+        calib, qerr = read_calibration(st, calibration, tmp)
+        start = time.perf_counter()
+        alloc = allocate.allocate(table, cfg, calib, qerr)
+        elapsed = time.perf_counter() - start
+        out = tmp / "out"
+        out.mkdir()
+        tables.export_parquet(alloc, out / "bit_allocation.parquet")
+        summary = dict(allocate.summarize(alloc, cfg), allocation_ms=round(1000 * elapsed, 3))
+        get_run_logger().info(f"allocation: {summary}")
+        return publish_stage(st, "allocation", key, out, summary)
+
+
+# ---- 4. quantization ----------------------------------------------------------------------------
+
+def _quant_key(ctx, p) -> str:
+    return miss_unless(ctx, Store(p["store"], p["storage_options"]), "quantization", quantization_key(
+        p["checkpoint"], p["allocation"], p["group_size"], p["quantizer"], p["text"], p["storage_options"]))
+
+
+@task(name="quantization", cache_key_fn=_quant_key, persist_result=True, result_serializer="json")
+def quantize_experts(checkpoint: CheckpointRecord, allocation: StageOutput, group_size: int, quantizer: dict,
+                     text: dict | None, parts: list[list[dict]], store: str, storage_options: dict,
+                     cache_dir: str | None) -> StageOutput:
+    """The quantized checkpoint: MoE layer shards (written by `per_layer.layer_work`, or by
+    `per_layer.sequential_work` for GPTQ, calibrated on `text`), then the rest shard, config.json,
+    the index and the side files."""
+    st = Store(store, storage_options)
+    key = quantization_key(checkpoint, allocation, group_size, quantizer, text, storage_options)
+    symmetric = QuantizerConfig.from_dict(quantizer).symmetric
+    layers = [part for chunk in parts for part in chunk]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        alloc = tables.read_stats(local_copy(st, allocation, tmp) / "bit_allocation.parquet")
+        path = ckpt_path(checkpoint, cache_dir, storage_options)
+        out = tmp / "checkpoint"
+        out.mkdir()
+        missing = [p["file"] for p in layers if not st.exists(f"objects/quantization/{key}/{p['file']}")]
+        if missing:
+            raise ValidationFailed(f"layer shards {missing[:3]} written by the per-layer tasks are not in the store {store}",
+                                   "Dask workers on other machines need a store they share with the flow: use s3:// "
+                                   "(or a shared filesystem mounted at the same path)")
+        with Meter() as meter, Checkpoint.open(path) as ckpt:
+            writer.check_allocation(ckpt, alloc)
+            if len(layers) != len(detect(ckpt).layers):
+                raise ValidationFailed(f"{len(layers)} quantized layer shards for {len(detect(ckpt).layers)} MoE layers",
+                                       "this is a bug; please report it")
+            rest = writer.write_rest(ckpt, out)
+            summary = writer.finish(path, alloc, group_size, symmetric, [*rest, *layers], out, quantizer)
+        report("quantization", meter, 0, get_run_logger())
+        if summary.get("fallback_experts"):
+            get_run_logger().warning(
+                f"{summary['fallback_experts']} experts received fewer than {quantizer['min_tokens']} calibration "
+                f"tokens and were rounded to nearest{' with the clipping search' if quantizer.get('clip') else ''} "
+                f"instead of GPTQ (least covered: {summary['least_covered']}); "
+                "give more --calibration-windows, text closer to what the model will serve, or a lower --gptq-min-tokens")
+        return publish_stage(st, "quantization", key, out, summary, present={p["file"]: p["sha256"] for p in layers})
+
+
+# ---- 5. kernel validation -----------------------------------------------------------------------
+
+def _valid_key(ctx, p) -> str:
+    return miss_unless(ctx, Store(p["store"], p["storage_options"]), "validation",
+                        stage_key("validation", p["quantized"].key, p["rtol"], text_digest(p["text_uri"], p["storage_options"]),
+                                  p["seq_len"], kernel_device()))
+
+
+@task(name="kernel-validation", cache_key_fn=_valid_key, persist_result=True, result_serializer="json")
+def validate_kernels(quantized: StageOutput, rtol: float, text_uri: str, seq_len: int, parts: list[list[dict]], store: str,
+                     storage_options: dict) -> StageOutput:
+    """Two checks, as one report: the dequantize-matmul kernel on every packed matrix against the
+    torch reference (run per layer by `per_layer.layer_work`), and the fused MoE kernel on every MoE
+    layer with the shipped model's own routing of a calibration window (fused_check.py)."""
+    st = Store(store, storage_options)
+    key = stage_key("validation", quantized.key, rtol, text_digest(text_uri, storage_options), seq_len, kernel_device())
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        table, summary = kernel_check.summarize([part for chunk in parts for part in chunk], rtol)
+        if summary["failed"]:
+            worst = table[~table.passed].iloc[0]
+            raise ValidationFailed(
+                f"{summary['failed']} of {summary['matrices']} quantized matrices failed validation, e.g. {worst['name']} "
+                f"(kernel rel error {worst.rel_error:.2e}, {worst.weight_check} weight check passed: "
+                f"{bool(worst.quant_error_ok)})",
+                "this is a bug or a corrupted quantized checkpoint, not a transient error; report it with this message",
+            )
+        with Meter() as meter:
+            fused = pd.DataFrame(fused_check.validate_fused(
+                local_copy(st, quantized, tmp), read_text(text_uri, storage_options), seq_len=seq_len, rtol=rtol,
+                progress=progress_reporter("fused kernel")))
+        report("validation (fused kernel)", meter, None, get_run_logger())
+        summary.update(fused_check.summarize(fused))
+        if summary["fused_failed"]:
+            bad = fused[fused.passed == False]  # noqa: E712  (None: not applicable)
+            raise ValidationFailed(
+                f"the fused MoE kernel failed {summary['fused_failed']} of {len(fused)} (layer, phase) checks: " + "; ".join(
+                    f"layer {r.layer} {r.phase}: rel error {r.rel_error:.2e} > {r.rtol:g}" for r in bad.head(4).itertuples()),
+                "this is a bug, not a transient error; report it with this message",
+            )
+        if summary["fused_not_applicable"]:
+            get_run_logger().warning(f"{summary['fused_not_applicable']} fused-kernel checks not applicable: an activation "
+                                     "the kernel has no fused form of (the loader runs those experts one by one)")
+        out = tmp / "out"
+        out.mkdir()
+        tables.export_parquet(table, out / "kernel_validation.parquet")
+        tables.export_parquet(fused, out / "fused_validation.parquet")
+        return publish_stage(st, "validation", key, out, summary)
+
+
+# ---- 6. evaluation ------------------------------------------------------------------------------
+
+def _eval_key(ctx, p) -> str:
+    text = hashlib.sha256(read_text(p["text_uri"], p["storage_options"]).encode()).hexdigest()
+    return miss_unless(ctx, Store(p["store"], p["storage_options"]), "evaluation",
+                        stage_key("evaluation", p["checkpoint"].digest, p["quantized"].key, text, p["seq_len"], p["windows"]))
+
+
+@task(name="evaluation", cache_key_fn=_eval_key, persist_result=True, result_serializer="json")
+def evaluate_model(checkpoint: CheckpointRecord, quantized: StageOutput, text_uri: str, seq_len: int, windows: int,
+                   store: str, storage_options: dict, cache_dir: str | None) -> StageOutput:
+    """KL divergence and perplexity of the quantized model vs full precision on held-out text."""
+    st = Store(store, storage_options)
+    text = read_text(text_uri, storage_options)
+    key = stage_key("evaluation", checkpoint.digest, quantized.key, hashlib.sha256(text.encode()).hexdigest(), seq_len, windows)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        path = ckpt_path(checkpoint, cache_dir, storage_options)
+        with Meter() as meter:
+            metrics = evaluate.evaluate(path, local_copy(st, quantized, tmp), text, seq_len=seq_len, windows=windows,
+                                        progress=progress_reporter("evaluation"))
+        report("evaluation", meter, expert_bytes(path), get_run_logger())
+        metrics["text"] = text_uri
+        out = tmp / "out"
+        out.mkdir()
+        (out / "evaluation.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        return publish_stage(st, "evaluation", key, out, metrics)
+
+# ---- publish ------------------------------------------------------------------------------------
+
+@task(name="publish-run", retries=3, retry_delay_seconds=[1, 4, 10], retry_condition_fn=transient)
+def publish_run(parameters: dict, reference: ReferenceChoice, stats: StageOutput, calibration: StageOutput | None,
+                allocation: StageOutput, quantized: StageOutput, validation: StageOutput, evaluation: StageOutput,
+                store: str, storage_options: dict) -> RunManifest:
+    """Copy every stage output under one run prefix, write the manifest last, show artifacts in the UI."""
+    st = Store(store, storage_options)
+    outputs = {"statistics": stats, **({"calibration": calibration} if calibration else {}), "allocation": allocation,
+               "quantization": quantized, "validation": validation, "evaluation": evaluation}
+    rid = publish.run_id(parameters["checkpoint"], list(outputs.values()), f"{parameters['avg_bits']:g}b")
+    manifest = publish.publish(st, rid, outputs, parameters, notes={"reference": reference.model_dump()})
+    _ui_artifacts(st, manifest, outputs)
+    get_run_logger().info(f"run published: {manifest.uri}/manifest.json")
+    return manifest
+
+
+def _e(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2e}"
+
+
+def _ui_artifacts(st: Store, manifest: RunManifest, outputs: dict[str, StageOutput]) -> None:
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    slug = re.sub(r"[^a-z0-9]+", "-", manifest.run_id.lower()).strip("-")
+    with tempfile.TemporaryDirectory() as tmp:
+        alloc = tables.read_stats(local_copy(st, outputs["allocation"], Path(tmp)) / "bit_allocation.parquet")
+    create_table_artifact(key=f"bit-allocation-{slug}"[:100], table=alloc.to_dict(orient="records"),
+                          description=f"Per-expert bit allocation of run {manifest.run_id}")
+    ev, al, q, v = (outputs[s].summary for s in ("evaluation", "allocation", "quantization", "validation"))
+    coverage = ""
+    if "least_covered" in q:  # a calibrated quantizer (GPTQ): how many tokens its experts saw
+        least = ", ".join(f"{r['layer']}/{r['expert']}: {r['calibration_tokens']}" for r in q["least_covered"])
+        coverage = (f"| experts rounded to nearest (too few calibration tokens) | {q['fallback_experts']} |\n"
+                    f"| least calibrated experts (layer/expert: tokens) | {least} |\n")
+        create_table_artifact(key=f"calibration-coverage-{slug}"[:100], table=q["least_covered"],
+                              description=f"The least calibrated experts of run {manifest.run_id} (all of them: "
+                                          "the calibration_coverage table of the run's DuckDB)")
+    create_markdown_artifact(key=f"quant-eval-{slug}"[:100], description="Quantized vs full precision", markdown=(
+        f"# {manifest.run_id}\n\n"
+        f"| metric | value |\n|---|---|\n"
+        f"| KL(fp ‖ quant) per token | {ev['kl']:.5f} |\n"
+        f"| perplexity fp / quant | {ev['ppl_fp']:.3f} / {ev['ppl_quant']:.3f} |\n"
+        f"| tokens evaluated | {ev['tokens']} |\n"
+        f"| avg bits requested / achieved | {al['requested_avg_bits']} / {al['achieved_avg_bits']} |\n"
+        f"| effective bits (with scales and zero points) | {q['effective_bits']} |\n"
+        f"| experts moved by MaxVar | {al['moved_by_maxvar']} |\n"
+        f"| quantizer | {q.get('quantizer', 'rtn')} |\n"
+        f"{coverage}"
+        f"| kernel check | {v['matrices']} matrices, max rel error {v['max_rel_error']:.2e} on {v['device']} |\n"
+        f"| fused MoE kernel | {v['fused_layers']} layers with the model's routing, max rel error "
+        f"{_e(v['fused_max_rel_error'])}, {v['fused_not_applicable']} checks not applicable |\n\n"
+        f"Artifacts: `{manifest.uri}`\n"))
