@@ -32,6 +32,13 @@ from expertbits.zoo.micro import MicroConfig, build_pair  # noqa: E402
 TINY = MicroConfig(hidden=32, intermediate=64, layers=2, heads=2, experts=4, top_k=2, vocab=300, seq_len=64, batch=8)
 
 
+def pytest_collection_modifyitems(items):
+    """A flow run end to end is never in the fast loop (`-m "not slow"`)."""
+    for item in items:
+        if item.get_closest_marker("integration"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def micro_pair(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny trained Mixtral pair (base, fine-tuned), built in seconds."""

@@ -101,10 +101,7 @@ def test_too_few_tokens_falls_back_to_rtn_and_says_so(micro_pair):
 
 
 def test_switch_is_refused(tmp_path):
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from archs import build
+    from support.archs import build
 
     path = build("switch_transformers", tmp_path / "m")
     with pytest.raises(Exception, match="decoder-only"):

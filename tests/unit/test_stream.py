@@ -7,8 +7,8 @@ import json
 import pandas as pd
 import pytest
 import torch
-from archs import ARCHS, FUSED_ON_DISK, build
 from safetensors.torch import load_file, save_file
+from support.archs import ARCHS, FUSED_ON_DISK, build
 
 from expertbits.kernels.modules import LazyExperts, LazyLinear
 from expertbits.tasks.checkpoints.texts import examples

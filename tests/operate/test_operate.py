@@ -151,7 +151,7 @@ def test_deployments_ui_run_watcher_trigger_dedup_and_schema(platform, s3, micro
         # 3. checkpoints uploaded into the watched prefix are announced, and their runs complete: the
         # micro Mixtral under m1/ against the reference the watch maps m1/ to, and a Qwen2-MoE (another
         # family, size and tokenizer, no known reference) without one
-        from archs import build
+        from support.archs import build
 
         fs.put(str(ft) + "/", f"{watched}/m1/", recursive=True)
         qwen = build("qwen2_moe", tmp_path / "qwen", tokenizer=ft)
@@ -214,13 +214,13 @@ def _no_secret_anywhere(platform, fs, store: str, watched: str) -> None:
     and no log line of the server or worker; values the runs do write are found by the same scan.
     A secret-looking storage option is refused by `expertbits deploy` before anything is registered."""
     from prefect.client.orchestration import get_client
-    from test_flow import _text_of
+    from support.flowruns import text_of
 
     from expertbits.flows.cli import main
 
     fs.invalidate_cache()
     objects = fs.find(store.removeprefix("s3://"))
-    texts = [_text_of(k, fs.cat(k), platform["home"]) for k in objects]
+    texts = [text_of(k, fs.cat(k), platform["home"]) for k in objects]
     assert len(objects) > 40 and not any(SECRET in t for t in texts)
     assert any(f"{watched}/m1" in t for t in texts)  # the triggered run's checkpoint, in its manifest and tables
     home = platform["home"]
@@ -260,7 +260,7 @@ def test_dev_up_and_down_start_and_stop_exactly_their_processes(tmp_path):
                                text=True, timeout=60)
         assert again.returncode == 1 and "already recorded" in again.stderr
         # the same deployments from infra/prefect.yaml, with Prefect's own command
-        repo = Path(__file__).resolve().parents[1]
+        repo = Path(__file__).resolve().parents[2]
         yaml_deploy = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all", "--prefect-file",
                                       str(repo / "infra" / "prefect.yaml")], cwd=repo, capture_output=True, text=True,
                                      env=dict(env, PREFECT_API_URL=state["api"]), timeout=180)

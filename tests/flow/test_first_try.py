@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from archs import build
+from support.archs import build
 
 from expertbits.tasks.checkpoints import reference as refs
 from expertbits.tasks.errors import CheckpointError, remember_source
@@ -142,6 +142,7 @@ def test_bad_options_are_one_line_each_naming_the_option_and_fix(capsys):
         assert "pydantic" not in err and "input_value" not in err and "[type=" not in err
 
 
+@pytest.mark.slow
 def test_local_problems_are_reported_before_prefect_starts(tmp_path, qwen):
     unknown = tmp_path / "unknown"
     shutil.copytree(qwen, unknown)

@@ -68,6 +68,7 @@ def test_mixed_widths_top1_and_topk(launch, top_k):
     assert _rel_error(*_routing(13, top_k, len(MIXED), seed=top_k), banks, launch=launch) < FP32_RTOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block_m", [1, 4, 16])
 def test_sync_free_grid_idles_the_blocks_past_the_end(block_m):
     """The CUDA default: the grid is sized for the worst case and idle blocks return at once."""
@@ -200,8 +201,8 @@ def test_gpu_real_width_bf16(tokens):
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "deepseek_v3", "switch_transformers"])
 def test_fused_check_runs_the_shipped_model_routing_on_every_layer(arch, tmp_path, monkeypatch):
-    from archs import build
-    from test_loader import quantize_mixed
+    from support.archs import build
+    from support.quantized import quantize_mixed
 
     import expertbits.tasks.measure.fused_check as vf
     from expertbits.zoo import text_path
@@ -225,7 +226,7 @@ def test_fused_check_runs_the_shipped_model_routing_on_every_layer(arch, tmp_pat
 
 
 def test_fused_check_fails_rows_over_the_bound_and_reports_unfusable_activations(micro_pair, tmp_path, monkeypatch):
-    from test_loader import quantize_mixed
+    from support.quantized import quantize_mixed
 
     import expertbits.tasks.measure.fused_check as vf
     from expertbits.zoo import text_path
@@ -255,12 +256,13 @@ def test_slicing_a_bank_keeps_exactly_the_leading_weights():
         assert torch.equal(cut.expert(e).dequantize(), down.expert(e).dequantize()[:30, :35])
 
 
+@pytest.mark.slow
 def test_benchmark_script_runs_and_refuses_figures_without_a_gpu(tmp_path):
     import subprocess
     import sys
     from pathlib import Path
 
-    script = Path(__file__).parents[1] / "benchmarks" / "bench_fused_moe.py"
+    script = Path(__file__).parents[2] / "benchmarks" / "bench_fused_moe.py"
     if not torch.cuda.is_available():
         plain = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
         assert plain.returncode == 2 and "timings need a GPU" in plain.stderr
@@ -277,6 +279,7 @@ def test_benchmark_script_runs_and_refuses_figures_without_a_gpu(tmp_path):
     assert all(mixed[t] < four[t] for t in mixed)  # a 2.5-bit layer holds fewer bytes than a 4-bit one
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_a_gpu_without_spills(tmp_path):
     """Compiled Triton refuses code the interpreter runs: compile both kernels for sm_90 (offline,
     Triton's own ptxas) at the smallest decode and the largest prefill launch the wrapper picks."""
@@ -284,7 +287,7 @@ def test_kernels_compile_for_a_gpu_without_spills(tmp_path):
     import sys
     from pathlib import Path
 
-    script = Path(__file__).parents[1] / "benchmarks" / "compile_fused_moe.py"
+    script = Path(__file__).parents[2] / "benchmarks" / "compile_fused_moe.py"
     out = tmp_path / "compiled.json"
     env = dict(__import__("os").environ, TRITON_CACHE_DIR=str(tmp_path / "triton-cache"))
     done = subprocess.run([sys.executable, str(script), "--quick", "--json", str(out)], capture_output=True, text=True,

@@ -8,32 +8,22 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
-from archs import ARCHS, FUSED_ON_DISK, build
-from reference import dequantize_checkpoint
+from support.archs import ARCHS, FUSED_ON_DISK, build
+from support.quantized import quantize_mixed
+from support.reference import dequantize_checkpoint
 
 from expertbits.kernels.modules import PackedExperts, PackedLinear
 from expertbits.tasks.checkpoints.adapters import detect
 from expertbits.tasks.checkpoints.reader import Checkpoint
 from expertbits.tasks.errors import CheckpointError
 from expertbits.tasks.model.load import load
-from expertbits.tasks.quantization.writer import quantize_checkpoint
 
 CASES = [(a, False) for a in ARCHS] + [(a, True) for a in FUSED_ON_DISK]
 
 
-def quantize_mixed(src: Path, out: Path, group_size: int = 32) -> pd.DataFrame:
-    """Every expert at one of 2/3/4 bits, neighbours differing, so a mix-up of experts shows."""
-    with Checkpoint.open(src) as c:
-        model = detect(c)
-    alloc = pd.DataFrame([{"layer": layer.layer, "expert": e, "bits": 2 + (e + layer.layer) % 3}
-                          for layer in model.layers for e in range(layer.num_experts)])
-    quantize_checkpoint(src, alloc, group_size, out)
-    return alloc
 
 
 def forward(model, ids):

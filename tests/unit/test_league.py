@@ -146,7 +146,7 @@ def test_league_flow_publishes_tables_figures_and_artifacts(prefect_api, micro_p
         assert con.execute("SELECT count(DISTINCT allocator) FROM league_summary").fetchone()[0] == 3
     finally:
         con.close()
-    from test_flow import artifacts
+    from support.flowruns import artifacts
 
     kinds = {kind for kind, _ in artifacts(state)}
     assert {"table", "markdown", "progress"} <= kinds
@@ -314,7 +314,7 @@ def test_published_zoo_league_tables_render(tmp_path):
 def test_deepseek_v3_is_calibrated_with_its_own_router(tmp_path, texts):
     """Sigmoid scores + e_score_correction_bias + group-limited top-k, worked out here from the
     router's weights, must be what calibration counts (softmax top-k over W·x would not be)."""
-    from archs import build
+    from support.archs import build
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = build("deepseek_v3", tmp_path / "ds")

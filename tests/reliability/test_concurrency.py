@@ -8,7 +8,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from runner import finish, quantize_args, run_files, start
+from support.runner import finish, quantize_args, run_files, start
 
 from expertbits.tasks.store import catalog
 from expertbits.tasks.store.publish import INCOMING
@@ -58,7 +58,7 @@ def test_two_watchers_at_once_never_announce_a_checkpoint_twice(prefect_api, mic
     import subprocess
     import sys
 
-    from runner import api_url
+    from support.runner import api_url
 
     _, ft = micro_pair
     for i in range(6):

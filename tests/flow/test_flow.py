@@ -7,6 +7,7 @@ import sys
 import duckdb
 import pytest
 import torch
+from support.flowruns import artifacts, task_states, text_of
 
 from expertbits.tasks.store.storage import Store
 
@@ -21,37 +22,8 @@ def run(prefect_api, **kw):
     return state
 
 
-def task_states(state, last: str = "publish-run", timeout: float = 60.0) -> dict[str, str]:
-    """Final state name of each task of a finished flow run, read back from the Prefect API.
-
-    Task-run states reach the API asynchronously (batched events), so on a loaded machine a read
-    right after the flow returns can miss the last tasks or see them without a state: poll until
-    `last` is there and every state is final."""
-    import time
-
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    deadline = time.monotonic() + timeout
-    with get_client(sync_client=True) as client:
-        while True:
-            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
-            states = {r.name.rsplit("-", 1)[0]: r.state for r in runs}
-            if last in states and all(s is not None and s.is_final() for s in states.values()):
-                return {name: s.name for name, s in states.items()}
-            if time.monotonic() > deadline:
-                raise AssertionError(f"task states not final after {timeout:.0f} s: {states}")
-            time.sleep(0.2)
 
 
-def artifacts(state) -> set[tuple[str, str | None]]:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-
-    with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(
-            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
-    return {(a.type, a.key) for a in found}
 
 
 def _verify_reports_what_differs(run_dir, tmp_path):
@@ -316,23 +288,6 @@ def test_a_store_path_with_a_quote_works_end_to_end(prefect_api, params, tmp_pat
     assert_catalog(Store(str(store)), {manifest.run_id: 2.5}, params["checkpoint"])
 
 
-def _text_of(name: str, data: bytes, tmp) -> str:
-    """What a file says, decoded the way its readers decode it (parquet and DuckDB compress strings)."""
-    if name.endswith(".parquet"):
-        path = tmp / "scan.parquet"
-        path.write_bytes(data)
-        return duckdb.execute("SELECT * FROM read_parquet(?)", [str(path)]).df().to_csv()
-    if name.endswith(".duckdb"):
-        path = tmp / "scan.duckdb"
-        path.write_bytes(data)
-        con = duckdb.connect(str(path), read_only=True)
-        try:
-            tables = [t for (t,) in con.execute("SELECT table_name FROM information_schema.tables").fetchall()]
-            return "\n".join(con.execute(f'SELECT * FROM "{t}"').df().to_csv() for t in tables)
-        finally:
-            con.close()
-            path.unlink()
-    return data.decode("latin-1")
 
 
 def test_a_planted_secret_reaches_no_store_file_table_parameter_log_or_artifact(prefect_api, params, s3, tmp_path,
@@ -366,7 +321,7 @@ def test_a_planted_secret_reaches_no_store_file_table_parameter_log_or_artifact(
     control = f"{fs.bucket}/in/ft"  # the checkpoint URI: a value the run does write, to show the scan sees values
     scanned, found = 0, False
     for key in fs.find(f"{fs.bucket}/store"):
-        text = _text_of(key, fs.cat(key), tmp_path)
+        text = text_of(key, fs.cat(key), tmp_path)
         assert secret not in text, key
         scanned, found = scanned + 1, found or control in text
     assert scanned > 20 and found and manifest.run_id

@@ -5,8 +5,8 @@ retries, with the same bytes as a run against the healthy server."""
 from __future__ import annotations
 
 import pytest
-from faultproxy import FaultProxy
-from runner import finish, quantize_args, run_files, run_tables, start
+from support.faultproxy import FaultProxy
+from support.runner import finish, quantize_args, run_files, run_tables, start
 
 from expertbits.tasks.store import catalog
 from expertbits.tasks.store.storage import Store

@@ -5,8 +5,8 @@ import json
 import pandas as pd
 import pytest
 import torch
-from reference import dequantize_checkpoint
 from safetensors.torch import load_file, save_file
+from support.reference import dequantize_checkpoint
 
 from expertbits.tasks.checkpoints.reader import Checkpoint
 from expertbits.tasks.measure.evaluate import evaluate

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from archs import build
+from support.archs import build
 
 from expertbits.flows.cli import main
 from expertbits.tasks.checkpoints.adapters import detect
@@ -90,6 +90,7 @@ def ours(qdir: Path) -> torch.Tensor:
         return model(ids, **extra).logits
 
 
+@pytest.mark.slow
 def test_what_the_export_says_is_what_transformers_does(tmp_path):
     """Uniform symmetric loads with our logits; across-layer widths load wrong (said beside it);
     zero points fail to load; Switch fails to load. Each export is lossless."""

@@ -57,7 +57,7 @@ def shards(store: Path, manifest) -> dict[str, bytes]:
 
 @pytest.mark.integration
 def test_gptq_run_reports_coverage_validates_caches_and_falls_back_to_exactly_rtn(prefect_api, params, tmp_path):
-    from test_flow import artifacts, task_states
+    from support.flowruns import artifacts, task_states
 
     store = tmp_path / "store"
     state = run(**params, quantizer="gptq", allocator="routed-error", avg_bits=2.5, bit_widths=[2, 3])

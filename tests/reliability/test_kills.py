@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from runner import (
+from support.runner import (
     STAGES,
     done_stages,
     finish,

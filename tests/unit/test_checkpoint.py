@@ -141,7 +141,7 @@ def test_nan_weights_are_rejected(tmp_path):
 
 def test_switch_transformers_encoder_and_decoder_experts(tmp_path):
     import pandas as pd
-    from reference import dequantize_checkpoint
+    from support.reference import dequantize_checkpoint
     from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
 
     from expertbits.tasks.quantization.writer import quantize_checkpoint
@@ -191,12 +191,8 @@ def test_row_variances_blockwise_match_the_definitions(block):
 
 def test_fp8_experts_are_refused_naming_the_file_and_the_fix(tmp_path):
     """DeepSeek-V3 ships experts as float8_e4m3fn with 128×128 weight_scale_inv blocks."""
-    import sys
-
     from safetensors.torch import load_file
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from archs import build
+    from support.archs import build
 
     path = build("deepseek_v3", tmp_path / "ds")
     tensors = load_file(path / "model.safetensors")

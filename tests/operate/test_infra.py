@@ -10,7 +10,7 @@ import yaml
 from expertbits.flows import deployments
 from expertbits.flows.cli import build_parser
 
-INFRA = Path(__file__).resolve().parents[1] / "infra"
+INFRA = Path(__file__).resolve().parents[2] / "infra"
 
 
 def test_prefect_yaml_matches_the_deployments_expertbits_registers():
