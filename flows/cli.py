@@ -8,16 +8,17 @@ default pair into ./expertbits-store.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import os
 import sys
-from contextlib import nullcontext
-from typing import Any, get_args
+from contextlib import contextmanager, nullcontext
+from typing import Any, Iterator, get_args
 
 from pydantic import BaseModel
 
-from .params import LeagueParams, QuantizeParams
+from .params import LeagueParams, QuantizeParams, local_problems
 
 
 def _prefect_defaults() -> None:
@@ -56,12 +57,14 @@ def _add_options(parser: argparse.ArgumentParser, model: type[BaseModel]) -> Non
             parser.add_argument(_option(name), dest=name, type=kind, metavar=name.upper(), help=help_text)
 
 
-def _params(args: argparse.Namespace, model: type[BaseModel]) -> BaseModel:
+def _given(args: argparse.Namespace, model: type[BaseModel]) -> dict[str, Any]:
+    """The options given on the command line, as the flow parameters' values (unvalidated)."""
     given: dict[str, Any] = {k: v for k, v in vars(args).items() if k in model.model_fields and v is not None}
     for name, value in list(given.items()):
         ann = model.model_fields[name].annotation
-        if ann == list[list[int]]:
-            given[name] = [[int(b) for b in s.split(",") if b.strip()] for s in value]
+        if ann == list[list[int]]:  # a word that is not a number stays a string, for pydantic to name
+            given[name] = [[int(b) if b.strip().lstrip("-").isdigit() else b for b in s.split(",") if b.strip()]
+                           for s in value]
         elif getattr(ann, "__origin__", None) is list:
             # pydantic parses each item ("false" to a bool too), with its own error for a bad one
             given[name] = [x.strip() for x in value.split(",") if x.strip()]
@@ -74,7 +77,7 @@ def _params(args: argparse.Namespace, model: type[BaseModel]) -> BaseModel:
             except json.JSONDecodeError:
                 opts[key] = value
         given["storage_options"] = opts
-    return model(**given)
+    return given
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,22 +183,53 @@ def _settings(args: argparse.Namespace):
     from .deployments import Settings
     from .params import WatchParams, refuse_secrets
 
-    options = refuse_secrets(dict(item.partition("=")[::2] for item in args.storage_option))
+    try:
+        options = refuse_secrets(dict(item.partition("=")[::2] for item in args.storage_option))
+    except ValueError as e:
+        raise DeployOptionError([f"--storage-option: {e}"]) from e
+    try:
+        quantize = json.loads(args.watch_quantize)
+        if not isinstance(quantize, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise DeployOptionError([f"--watch-quantize: {e}; fix: give a JSON object of quantize options, "
+                                 "e.g. '{\"avg_bits\": 2.5}'"]) from e
     references = {}
     for item in args.watch_reference:
-        prefix, sep, uri = item.partition("=")
+        prefix, sep, uri = item.rpartition("=")  # the last '=': a watched prefix may hold one (date=2024/)
         if not (sep and prefix and uri):
-            raise ValueError(f"--watch-reference {item!r}: expected PREFIX=URI")
+            raise DeployOptionError([f"--watch-reference: {item!r} is not PREFIX=URI; fix: e.g. "
+                                     "--watch-reference s3://models/incoming/mixtral=hf://mistralai/Mixtral-8x7B-v0.1"])
         references[prefix] = uri
     if references and not args.watch:
-        raise ValueError("--watch-reference maps prefixes inside a watched one: give --watch PREFIX too")
+        raise DeployOptionError(["--watch-reference: maps prefixes inside a watched one; fix: give --watch PREFIX too"])
     if args.watch:  # every watch setting checked before anything is registered
-        references = WatchParams(prefixes=args.watch, store=args.store, storage_options=options,
-                                 quantize=json.loads(args.watch_quantize), references=references).references
+        from pydantic import ValidationError
+
+        try:
+            QuantizeParams(**{k: v for k, v in quantize.items() if k not in ("checkpoint", "store", "storage_options")})
+        except ValidationError as e:  # named as given: inside --watch-quantize
+            raise DeployOptionError(option_errors(e, QuantizeParams, {
+                f: f"--watch-quantize {f}" for f in QuantizeParams.model_fields})) from e
+        try:
+            references = WatchParams(prefixes=args.watch, store=args.store, storage_options=options, quantize=quantize,
+                                     references=references).references
+        except ValidationError as e:
+            raise DeployOptionError(option_errors(e, WatchParams, {
+                "prefixes": "--watch", "references": "--watch-reference", "storage_options": "--storage-option",
+                "quantize": "--watch-quantize"})) from e
     return Settings(store=args.store, storage_options=options, watch_prefixes=tuple(args.watch),
-                    watch_interval_s=args.watch_interval, watch_quantize=json.loads(args.watch_quantize),
+                    watch_interval_s=args.watch_interval, watch_quantize=quantize,
                     watch_references=references,
                     nightly_cron=args.nightly_cron, nightly_checkpoint=args.nightly_checkpoint)
+
+
+class DeployOptionError(ValueError):
+    """Deployment options that cannot be used, one line per problem (option, problem, fix)."""
+
+    def __init__(self, lines: list[str]):
+        self.lines = lines
+        super().__init__("\n".join(lines))
 
 
 def operate(args: argparse.Namespace) -> int:
@@ -219,12 +253,8 @@ def operate(args: argparse.Namespace) -> int:
         return 0
     try:
         settings = _settings(args)
-    except ValueError as e:  # a JSONDecodeError and pydantic's ValidationError are ValueErrors
-        from .params import WatchParams
-
-        print("expertbits: invalid deployment options:\n" + "\n".join(f"  {line}" for line in option_errors(e, WatchParams))
-              .replace("--quantize", "--watch-quantize").replace("--prefixes", "--watch").replace("--references", "--watch-reference"),
-              file=sys.stderr)
+    except DeployOptionError as e:
+        print("expertbits: invalid deployment options:\n" + "\n".join(f"  {line}" for line in e.lines), file=sys.stderr)
         return 2
     if args.command == "deploy":
         ids = deployments.deploy(settings, args.work_pool)
@@ -353,20 +383,22 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def option_errors(error: Exception, model: type[BaseModel]) -> list[str]:
-    """One line per problem with the options, naming the option and the fix (not pydantic's report)."""
+def option_errors(error: Exception, model: type[BaseModel], flags: dict[str, str] | None = None) -> list[str]:
+    """One line per problem with the options, naming the option as the user wrote it (`flags`:
+    field -> how it is given, else its --option) and the fix (not pydantic's report)."""
     from pydantic import ValidationError
 
     from expertbits.tasks.errors import ExpertbitsError
 
+    flags = {**_FLAGS.get(model, {}), **(flags or {})}
     if not isinstance(error, ValidationError):
-        return [str(error).replace("\n  fix:", "; fix:")]
+        option = getattr(error, "option", None)
+        text = str(error).replace("\n  fix:", "; fix:")
+        return [f"{flags.get(option, _option(option))}: {text}" if option else text]
     lines = []
     for err in error.errors():
         cause = (err.get("ctx") or {}).get("error")
         name = next((str(x) for x in err["loc"] if isinstance(x, str)), None) or getattr(cause, "option", None)
-        if name and name not in model.model_fields and f"{name}s" in model.model_fields:
-            name += "s"  # the league's list of what a quantize run sets once
         if isinstance(cause, ExpertbitsError):
             problem, fix = cause.problem, cause.fix
         elif cause is not None:
@@ -377,11 +409,17 @@ def option_errors(error: Exception, model: type[BaseModel]) -> list[str]:
             fix = fix.format(command=_COMMAND.get(model, "deploy"), **ctx)
             if err["loc"] and err["type"] != "extra_forbidden":
                 problem = f"got {err['input']!r}: {problem}"
-        lines.append(f"{_option(name) if name else 'options'}: {problem}; fix: {fix}")
+        lines.append(f"{flags.get(name, _option(name)) if name else 'options'}: {problem}; fix: {fix}")
     return lines
 
 
 _COMMAND = {QuantizeParams: "quantize", LeagueParams: "league"}
+_FLAGS = {  # fields whose option is not simply --field-name (errors raised by a quantize run's checks name
+            # the quantize field; the league sets lists of them)
+    QuantizeParams: {"storage_options": "--storage-option"},
+    LeagueParams: {"storage_options": "--storage-option", "quantizer": "--quantizers", "allocator": "--allocators",
+                   "avg_bits": "--budgets", "bit_widths": "--bit-sets", "granularity": "--granularities"},
+}
 _FIXES = {  # pydantic's error types, as what to give instead
     "less_than_equal": "give at most {le}", "less_than": "give less than {lt}", "greater_than": "give more than {gt}",
     "greater_than_equal": "give at least {ge}", "int_parsing": "give a whole number", "int_from_float": "give a whole number",
@@ -407,10 +445,26 @@ class _NoTraceback(logging.Formatter):
             record.exc_info, record.exc_text, record.stack_info = saved
 
 
-def _quiet_tracebacks() -> None:
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.StreamHandler) and not isinstance(handler.formatter, _NoTraceback):
-            handler.setFormatter(_NoTraceback(handler.formatter))
+@contextmanager
+def _quiet_tracebacks(debug: bool) -> Iterator[None]:
+    """No tracebacks on the console while the flow runs (unless `debug`), and none of Prefect's
+    INFO lines once the process exits (the temporary server's goodbye would follow our last line).
+    The console's formatters are restored after the run; the log level changes only at exit."""
+    if debug:
+        yield
+        return
+    handlers = [h for h in logging.getLogger().handlers
+                if isinstance(h, logging.StreamHandler) and not isinstance(h.formatter, _NoTraceback)]
+    saved = [h.formatter for h in handlers]
+    for handler in handlers:
+        handler.setFormatter(_NoTraceback(handler.formatter))
+    try:
+        yield
+    finally:
+        for handler, formatter in zip(handlers, saved):
+            handler.setFormatter(formatter)
+        # registered after the temporary server's own stop, so (last in, first out) it runs first
+        atexit.register(logging.getLogger("prefect").setLevel, logging.WARNING)
 
 
 def _failure(e: BaseException, debug: bool) -> int:
@@ -433,11 +487,13 @@ def main(argv: list[str] | None = None) -> int:
         return {"generate": generate, "export": export, "runs": list_runs, "verify": verify, "gc": collect_garbage}.get(
             args.command, operate)(args)
     model = {"quantize": QuantizeParams, "league": LeagueParams}[args.command]
+    given = _given(args, model)
+    defaults = {n: f.get_default(call_default_factory=True) for n, f in model.model_fields.items()}
+    problems = local_problems({**defaults, **given})  # paths and names before Prefect starts, whatever else is wrong
     try:
-        params = _params(args, model)
-        problems = params.local_problems()  # paths and names, before Prefect starts
+        params = model(**given)
     except ValueError as e:  # pydantic's ValidationError is one
-        problems = option_errors(e, model)
+        problems = option_errors(e, model) + problems
     if problems:
         print("expertbits: invalid options:\n" + "\n".join(f"  {p}" for p in problems), file=sys.stderr)
         return 2
@@ -451,16 +507,11 @@ def main(argv: list[str] | None = None) -> int:
     api = nullcontext()
     if args.dask is not None or os.environ.get("EXPERTBITS_DASK"):
         flow, api = flow.with_options(task_runner=task_runner(args.dask)), shared_api(args.dask)
-    if not args.debug:
-        _quiet_tracebacks()
     try:
-        with api:
+        with _quiet_tracebacks(args.debug), api:
             manifest = flow(params)
     except Exception as e:
         return _failure(e, args.debug)
-    finally:
-        if not args.debug:  # the temporary server's goodbye would follow our last line
-            logging.getLogger("prefect").setLevel(logging.WARNING)
     s = manifest.summary
     lines = [f"Λ: {_reference_line(s.get('reference'))}", _text_line("calibration text", s.get("routing") or s.get("calibration")),
              _text_line("evaluation text", s.get("evaluation"))]
@@ -478,8 +529,8 @@ def _reference_line(ref: dict | None) -> str:
     if not ref:
         return "(no record of the reference in this run)"
     if ref["uri"]:
-        return f"router-norm change against {ref['uri']} ({ref['source']})"
-    return "final router norm, no reference: " + ref["note"].split(": Λ is the final router norm")[0]
+        return f"router-norm change against {ref['uri']} ({ref['reason']})"
+    return f"final router norm, no reference: {ref['reason']}"
 
 
 def _text_line(what: str, summary: dict | None) -> str | None:

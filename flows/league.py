@@ -20,11 +20,10 @@ from expertbits.tasks.stages.league_tasks import publish_league, run_league
 from expertbits.tasks.stages.per_layer import league_cells
 from expertbits.tasks.stages.quantize_tasks import (
     calibrate_experts,
-    check_reference,
     check_store,
-    choose_reference,
     extract_statistics,
     fetch_checkpoint,
+    fetch_reference,
     pin_revision,
     route_experts,
 )
@@ -43,9 +42,7 @@ def league_table(params: LeagueParams = LeagueParams()) -> RunManifest:
     check_store(store, p.storage_options)
 
     finetuned = fetch_checkpoint(pin_revision(p.checkpoint), p.cache_dir, p.storage_options)
-    choice = choose_reference(finetuned, p.reference, p.cache_dir, p.storage_options)
-    reference = fetch_checkpoint(choice.uri, p.cache_dir, p.storage_options) if choice.uri else None
-    choice = check_reference(finetuned, reference, choice, p.cache_dir, p.storage_options)
+    reference, choice = fetch_reference(finetuned, p.reference, p.cache_dir, p.storage_options)
     layers = layer_chunks(finetuned, **local)
     stats = extract_statistics(finetuned, reference, per_layer("statistics", layers, checkpoint=finetuned,
                                                                reference=reference, **local), cache_dir=p.cache_dir, **io)

@@ -52,15 +52,51 @@ def refuse_secrets(options: Any, where: str = "storage_options") -> Any:
     return options
 
 
-def _check_folder(where: str) -> None:
-    """A local store or cache folder: absent (it is created) or a folder, not a file."""
+def local_problems(values: dict[str, Any]) -> list[str]:
+    """What the command line can check on this machine before any work, one line per problem
+    naming the option and the fix: local checkpoints (with a tokenizer, except a reference's)
+    and texts exist, bundled names are known, URIs are well formed, the store can be a folder or
+    a bucket and the cache a local folder. Values are as given (checked even when other options
+    are invalid). The flow checks the rest as it fetches; it is not a check of the parameters, as a
+    worker may see other paths than the machine that starts a deployment."""
+    from expertbits.tasks.checkpoints.fetch import check_source
+    from expertbits.tasks.checkpoints.texts import check_text
+    from expertbits.tasks.errors import ExpertbitsError
+
+    reference = values.get("reference")
+    checks = [("checkpoint", check_source), ("reference", lambda uri: check_source(uri, tokenizer=False)),
+              ("calibration_text", check_text), ("eval_text", check_text), ("store", _check_store),
+              ("cache_dir", _check_cache)]
+    problems = []
+    for option, check_one in checks:
+        value = values.get(option)
+        if not isinstance(value, str) or not value or option == "reference" and reference.strip().lower() == "none":
+            continue
+        try:
+            check_one(value)
+        except ExpertbitsError as e:
+            problems.append(f"--{option.replace('_', '-')}: {e.problem}; fix: {e.fix}")
+    return problems
+
+
+def _check_store(where: str) -> None:
+    """A store: s3://bucket[/prefix], or a local folder that is absent (it is created) or a folder."""
     from expertbits.tasks.errors import ExpertbitsError
 
     if "://" in where and not where.startswith("file://"):
         if not where.startswith("s3://") or len(where.removeprefix("s3://").strip("/")) == 0:
             raise ExpertbitsError(f"{where}: not a local folder or s3://bucket[/prefix]", "e.g. ./expertbits-store or s3://bucket/store")
         return
-    path = Path(where.removeprefix("file://")).expanduser()
+    _check_cache(where.removeprefix("file://"))
+
+
+def _check_cache(where: str) -> None:
+    """A local folder, absent (it is created) or a folder, not a file."""
+    from expertbits.tasks.errors import ExpertbitsError
+
+    if "://" in where:
+        raise ExpertbitsError(f"{where}: the checkpoint cache is a local folder", "name a local folder, e.g. ~/.cache/expertbits")
+    path = Path(where).expanduser()
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
         raise ExpertbitsError(f"{where}: {existing} is a file, not a folder", "name a folder (it is created if absent)")
@@ -108,30 +144,6 @@ class CommonParams(BaseModel):
     @classmethod
     def _empty_is_none(cls, v):
         return v or None
-
-    def local_problems(self) -> list[str]:
-        """What can be checked on this machine before any work, one line per problem naming the
-        option and the fix: local checkpoints and texts exist, bundled names are known, URIs are
-        well formed, the store and the cache can be folders. The flow checks the rest as it fetches
-        (a worker may see other paths than the machine that starts a deployment, so this is the
-        command line's check, not the parameters')."""
-        from expertbits.tasks.checkpoints.fetch import check_source
-        from expertbits.tasks.checkpoints.texts import check_text
-        from expertbits.tasks.errors import ExpertbitsError
-
-        checks = [("checkpoint", check_source, self.checkpoint), ("calibration_text", check_text, self.calibration_text),
-                  ("eval_text", check_text, self.eval_text), ("store", _check_folder, self.store),
-                  ("cache_dir", _check_folder, self.cache_dir)]
-        if self.reference and self.reference.strip().lower() != "none":
-            checks.insert(1, ("reference", check_source, self.reference))
-        problems = []
-        for option, check_one, value in checks:
-            try:
-                if value:
-                    check_one(value)
-            except ExpertbitsError as e:
-                problems.append(f"--{option.replace('_', '-')}: {e.problem}; fix: {e.fix}")
-        return problems
 
     @field_validator("storage_options")
     @classmethod
@@ -288,27 +300,31 @@ class WatchParams(BaseModel):
     @field_validator("references")
     @classmethod
     def _absolute_keys(cls, v):
-        return {_absolute(p): ref for p, ref in v.items()}
+        """Local prefixes and references as absolute paths: runs may start in another folder."""
+        return {_absolute(p): _absolute(ref) if ref.strip().lower() != "none" else ref for p, ref in v.items()}
 
     @model_validator(mode="after")
     def _quantize_fits(self):
         from expertbits.tasks.checkpoints.watch import under
 
-        if under(self.store if "://" in self.store else str(Path(self.store).expanduser().resolve()), self.prefixes):
-            raise ValueError(f"the store {self.store} lies inside a watched prefix: every run would be announced as a "
-                             "new checkpoint and requantized again; put the store outside the prefixes")
+        from expertbits.tasks.errors import ExpertbitsError
+
         store = self.store if "://" in self.store else str(Path(self.store).expanduser().resolve())
+        if under(store, self.prefixes):
+            raise ExpertbitsError(f"the store {self.store} lies inside a watched prefix: every run would be announced "
+                                  "as a new checkpoint and requantized again", "put the store outside the prefixes", "store")
         inside = [p for p in self.prefixes if under(p, [store])]
         if inside:
-            raise ValueError(f"watched prefixes {inside} lie inside the store {self.store}: runs being published there "
-                             "would be announced as checkpoints; watch a prefix outside the store")
+            raise ExpertbitsError(f"watched prefixes {inside} lie inside the store {self.store}: runs being published "
+                                  "there would be announced as checkpoints", "watch a prefix outside the store", "prefixes")
         unwatched = [p for p in self.references if not under(p.rstrip("/"), self.prefixes)]
         if unwatched:
-            raise ValueError(f"references name prefixes {unwatched} outside the watched prefixes {self.prefixes}: "
-                             "map prefixes inside a watched one (or watch them too)")
+            raise ExpertbitsError(f"references name prefixes {unwatched} outside the watched prefixes {self.prefixes}",
+                                  "map prefixes inside a watched one (or watch them too)", "references")
         reserved = {"checkpoint", "store", "storage_options", "event_id"} & set(self.quantize)
         if reserved:
-            raise ValueError(f"quantize must not set {sorted(reserved)}: they come from the event and the watch")
+            raise ExpertbitsError(f"quantize must not set {sorted(reserved)}: they come from the event and the watch",
+                                  "leave them out", "quantize")
         self.quantize_params("zoo://mixtral-tiny/wordnet")  # every field valid before any run
         return self
 

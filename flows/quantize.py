@@ -25,12 +25,11 @@ from expertbits.tasks.records import RunManifest
 from expertbits.tasks.stages.quantize_tasks import (
     allocate_bits,
     calibrate_experts,
-    check_reference,
     check_store,
-    choose_reference,
     evaluate_model,
     extract_statistics,
     fetch_checkpoint,
+    fetch_reference,
     pin_revision,
     publish_run,
     quantize_experts,
@@ -52,9 +51,7 @@ def quantize_moe(params: QuantizeParams = QuantizeParams()) -> RunManifest:
     check_store(store, p.storage_options)
 
     finetuned = fetch_checkpoint(pin_revision(p.checkpoint), p.cache_dir, p.storage_options)
-    choice = choose_reference(finetuned, p.reference, p.cache_dir, p.storage_options)
-    reference = fetch_checkpoint(choice.uri, p.cache_dir, p.storage_options) if choice.uri else None
-    choice = check_reference(finetuned, reference, choice, p.cache_dir, p.storage_options)
+    reference, choice = fetch_reference(finetuned, p.reference, p.cache_dir, p.storage_options)
     layers = layer_chunks(finetuned, **local)
     stats = extract_statistics(finetuned, reference, per_layer("statistics", layers, checkpoint=finetuned,
                                                                reference=reference, **local), cache_dir=p.cache_dir, **io)

@@ -29,8 +29,8 @@ def in_user_words(text: str) -> tuple[str, list[str]]:
     replaced = []
     for path in sorted(_SOURCES, key=len, reverse=True):  # a longer folder first: never a prefix of it
         uri, cached = _SOURCES[path]
-        # the whole folder name only: /models/qwen is not the start of /models/qwen2
-        text, n = re.subn(re.escape(path) + r"(?![\w.-])", lambda _: uri, text)
+        # the whole folder name only: not the start of /models/qwen2, nor the end of /mnt/models/qwen
+        text, n = re.subn(r"(?<![\w./-])" + re.escape(path) + r"(?![\w.-])", lambda _: uri, text)
         if n and cached:
             replaced.append(path)
     return text, replaced
@@ -39,12 +39,16 @@ def in_user_words(text: str) -> tuple[str, list[str]]:
 class ExpertbitsError(ValueError):
     """Bad input. `fix` tells the user what to do about it."""
 
-    def __init__(self, problem: str, fix: str, option: str | None = None):
+    def __init__(self, problem: str, fix: str, option: str | None = None, cached: tuple[str, ...] = ()):
         self.problem, folders = in_user_words(problem)
         self.fix = fix
         self.option = option  # the flow parameter at fault, when one is (the CLI names its option)
-        detail = "".join(f"\n  cached copy: {folder}" for folder in folders)
+        self.cached = (*cached, *folders)  # the cache folders the problem was found in: a detail
+        detail = "".join(f"\n  cached copy: {folder}" for folder in self.cached)
         super().__init__(f"{self.problem}\n  fix: {fix}{detail}")
+
+    def __reduce__(self):  # whole across processes (a Dask worker's error reaches the CLI as it was)
+        return type(self), (self.problem, self.fix, self.option, self.cached)
 
 
 class CheckpointError(ExpertbitsError):

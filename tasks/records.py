@@ -39,7 +39,8 @@ class ReferenceChoice(BaseModel):
 
     uri: str | None  # None: no reference, Λ is the final router norm
     # "given", "declared in README.md" / "declared in config.json", "none-given" (--reference none)
-    # or "none" (nothing declared, or the declared base cannot be fetched)
+    # or "none" (nothing declared, or the declared base cannot be used)
     source: str
-    note: str  # one sentence for the user: what was chosen and why
+    reason: str  # why, in a few words: "as given", "declared in README.md", or why there is none
+    note: str  # what was chosen and why, with what to do about it, for the log and the manifest
     declared: str | None = None  # the checkpoint's own base_model value, as written

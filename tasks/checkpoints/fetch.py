@@ -26,8 +26,9 @@ from ..store.storage import open_fs, sha256_file
 from .adapters import detect
 from .reader import Checkpoint, read_safetensors_header
 
-# README.md is the model card: the base model a fine-tune declares (reference.py) is read from it
-PATTERNS = ("config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json", "README.md",
+# The model card (README.md) is not fetched: its prose is not the model, and an edited card must not
+# requantize. The base model it declares is read from the source itself (`read_card`).
+PATTERNS = ("config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt")
 MANIFEST = "expertbits-manifest.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # one of them holds the vocabulary
@@ -87,10 +88,12 @@ def _split(uri: str) -> tuple[str, str]:
     return "file", str(Path(uri.removeprefix("file://")).expanduser().resolve())
 
 
-def check_source(uri: str, storage_options: dict[str, Any] | None = None, remote: bool = False) -> None:
+def check_source(uri: str, storage_options: dict[str, Any] | None = None, remote: bool = False,
+                 tokenizer: bool = True) -> None:
     """What can be checked of a checkpoint source before any work, without fetching it: the URI's
-    form, a bundled name, a local folder holding config.json and safetensors; with `remote`, also
-    that an s3:// prefix holds a config.json and an hf:// repository resolves."""
+    form, a bundled name, a local folder holding config.json, safetensors, a MoE layout expertbits
+    knows and (unless `tokenizer` is False: a reference needs only its routers) a tokenizer; with
+    `remote`, also that an s3:// prefix holds a config.json and an hf:// repository resolves."""
     scheme, location = _split(uri)
     fix = "point at a checkpoint folder holding config.json and *.safetensors (what save_pretrained writes)"
     if scheme == "file":
@@ -106,7 +109,7 @@ def check_source(uri: str, storage_options: dict[str, Any] | None = None, remote
             pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
             raise CheckpointError(f"{shown}: no *.safetensors files" + (f" (found pickle files {pickles})" if pickles else ""),
                                   "expertbits reads safetensors only; convert with model.save_pretrained(dir)")
-        if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        if tokenizer and not any((folder / name).is_file() for name in TOKENIZER_FILES):
             raise CheckpointError(f"{shown}: no tokenizer ({' or '.join(TOKENIZER_FILES)})",
                                   "save the tokenizer beside the weights: tokenizer.save_pretrained(folder); the "
                                   "calibration and evaluation texts are cut into tokens with it")
@@ -126,6 +129,35 @@ def check_source(uri: str, storage_options: dict[str, Any] | None = None, remote
             fs, root = open_fs(location, storage_options or {})
             if not fs.exists(f"{root}/config.json"):
                 raise CheckpointError(f"{uri}: no config.json under this prefix", "check the bucket and prefix")
+
+
+def read_card(uri: str, storage_options: dict[str, Any] | None = None, limit: int = 1 << 16) -> str | None:
+    """The start (`limit` characters) of a checkpoint's model card, README.md, read from the source
+    (it is not part of the fetched checkpoint); None if it has none."""
+    scheme, location = _split(uri)
+    if scheme == "file":
+        card = Path(location) / "README.md"
+        if not card.is_file():
+            return None
+        with open(card, encoding="utf-8", errors="replace") as f:
+            return f.read(limit)
+    if scheme == "s3":
+        fs, root = open_fs(location, storage_options or {})
+        try:
+            with fs.open(f"{root}/README.md", "rb") as f:
+                return f.read(limit).decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            return None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    repo, commit = resolve_hf(location, uri)
+    try:
+        path = hf_hub_download(repo, "README.md", revision=commit)
+    except EntryNotFoundError:
+        return None
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read(limit)
 
 
 def download(uri: str, cache_dir: str | Path | None = None, storage_options: dict[str, Any] | None = None) -> LocalCheckpoint:

@@ -1,24 +1,23 @@
 """Which checkpoint Λ compares a fine-tune with: the one the user names, the base model the
 checkpoint declares, or none.
 
-    given      --reference URI (or the watch's `references` for the checkpoint's prefix)
+    given      --reference URI (or the watch's --watch-reference for the checkpoint's prefix)
     declared   `base_model` in the checkpoint's model card (README.md YAML front matter, as the
-               Hugging Face hub writes it) or in its config.json, when it can be fetched
-    none       --reference none, or nothing declared, or the declared base cannot be fetched:
+               Hugging Face hub writes it) or in its config.json
+    none       --reference none, or nothing declared, or the declared base cannot be used:
                Λ is then the final router norm (the paper's proxy), and the run says why
 
-A declared base is resolved like any other source: a URI as written (zoo://, hf://, s3://,
-file://), a hub id `org/name` as hf://org/name, and a path starting with ./ or ../ relative to
-the checkpoint's own location (a sibling folder, prefix or zoo variant). A declaration that
-cannot be resolved or fetched is reported, never an error: a checkpoint is quantized without a
-reference rather than not at all. A reference the user names must be fetchable (an error
-otherwise), and any reference whose routers differ from the checkpoint's is an error
-(`check`), since Λ would compare unrelated rows.
+A declared base is resolved like any other source: a URI as written, a hub id `org/name` as
+hf://org/name, and a path starting with ./ or ../ relative to the checkpoint's own location (a
+sibling folder, prefix or zoo variant). A checkpoint is data, not an instruction: one that is not
+on this machine may only name the hub, the bundled zoo or (from s3://) its own bucket, never a
+local path or another bucket. A declaration that cannot be resolved, fetched or used (its routers
+differ) is reported and the run goes on without a reference (stages/quantize_tasks.py,
+`fetch_reference`); a reference the user names must be fetchable and match, or the run fails.
 """
 
 from __future__ import annotations
 
-import json
 import posixpath
 import re
 from pathlib import Path
@@ -31,116 +30,130 @@ from .reader import Checkpoint
 NONE = "none"  # --reference none: no reference even if the checkpoint declares one
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 CARD_LIMIT = 1 << 16  # the front matter is at the top of the card; a huge card is not read whole
+_NULLS = {"", "null", "~", "none", "None", "Null", "NULL"}
 
 
-def declared_base(path: Path) -> tuple[str, str] | None:
-    """(value, where) of the base model a checkpoint folder declares, or None."""
-    card = path / "README.md"
-    if card.is_file():
-        with open(card, encoding="utf-8", errors="replace") as f:
-            value = front_matter_base(f.read(CARD_LIMIT))
-        if value:
-            return value, "README.md"
-    try:
-        value = json.loads((path / "config.json").read_text(encoding="utf-8")).get("base_model")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return (value, "config.json") if isinstance(value, str) and value.strip() else None
+def declared_base(card: str | None, config: dict) -> tuple[str, str] | None:
+    """(value, where) of the base model a checkpoint declares in its card or config, or None."""
+    value = front_matter_base(card) if card else None
+    if value:
+        return value, "README.md"
+    value = config.get("base_model")
+    return (value.strip(), "config.json") if isinstance(value, str) and value.strip() not in _NULLS else None
 
 
 def front_matter_base(text: str) -> str | None:
-    """`base_model` of a model card's YAML front matter (`base_model: x`, or a one-item list).
+    """`base_model` of a model card's YAML front matter: a scalar, a flow list `[a, b]` or a block
+    list (`- a`, indented or not, as huggingface_hub writes it); several values are returned one
+    per line (a merge, which `resolve` refuses).
 
     Read by hand rather than with a YAML library: the key is one scalar or list, and a card is
     untrusted input (no anchors, tags or other YAML machinery is needed to read it)."""
-    lines = text.splitlines()
+    lines = text.removeprefix("\ufeff").splitlines()
     if not lines or lines[0].strip() != "---":
         return None
     values: list[str] | None = None
     for line in lines[1:]:
-        if line.strip() == "---":
+        if line.strip() in ("---", "..."):
             break
-        if values is not None:
-            item = re.fullmatch(r"\s+-\s+(.+)", line)
+        if values is not None:  # inside `base_model:`'s block list
+            item = re.fullmatch(r"\s*-\s+(.+)", line)
             if item:
                 values.append(_scalar(item.group(1)))
                 continue
-            if line.strip() == "" or line.startswith((" ", "\t")):
+            if line.strip() == "" or line.lstrip().startswith("#"):
                 continue
             break
-        key = re.fullmatch(r"base_model\s*:\s*(.*)", line)
+        key = re.fullmatch(r"base_model\s*:(.*)", line)
         if key:
-            rest = key.group(1).strip()
+            rest = _scalar(key.group(1))
             if rest.startswith("[") and rest.endswith("]"):
-                values = [_scalar(v) for v in rest[1:-1].split(",") if v.strip()]
+                values = [_scalar(v) for v in rest[1:-1].split(",")]
                 break
-            if rest and not rest.startswith("#"):
-                values = [_scalar(rest)]
+            if rest:
+                values = [rest]
                 break
             values = []
     else:
-        return None
-    if not values:
-        return None
-    return values[0] if len(values) == 1 else "\n".join(values)  # several: a merge, reported by `resolve`
+        if values is None:
+            return None
+    values = [v for v in (values or []) if v not in _NULLS]
+    return "\n".join(values) or None
 
 
 def _scalar(text: str) -> str:
-    text = text.split(" #", 1)[0].strip()
-    return text[1:-1] if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"" else text
+    text = re.split(r"\s#", text, maxsplit=1)[0].strip()  # a comment after a space or a tab
+    return text[1:-1].strip() if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"" else text
 
 
 def resolve(value: str, checkpoint_uri: str) -> str:
-    """The URI a declared base names; ValueError saying why when it names none."""
+    """The URI a declared base names; ValueError saying why when it names none, or names what a
+    checkpoint from `checkpoint_uri` may not point at."""
     if "\n" in value:
         raise ValueError(f"several base models are declared ({', '.join(value.splitlines())}): a merge has no one base")
-    if "://" in value:
-        return value
+    scheme, sep, location = checkpoint_uri.partition("://")
+    local = not sep or scheme == "file"
     if value.startswith(("./", "../")):
-        scheme, sep, location = checkpoint_uri.partition("://")
-        if not sep:  # a plain folder
-            return str((Path(checkpoint_uri).expanduser() / value).resolve())
+        if local:
+            folder = Path(location if sep else checkpoint_uri).expanduser()
+            return ("file://" if sep else "") + str((folder / value).resolve())
         if scheme == "hf":
             raise ValueError(f"a relative path ({value}) in a hub repository names no other repository")
         joined = posixpath.normpath(posixpath.join(location.rstrip("/"), value))
-        if scheme in ("s3", "zoo") and (joined.startswith("..") or "/" not in joined.strip("/")):
-            raise ValueError(f"{value} leaves the {scheme}:// bucket or family of {checkpoint_uri}")
-        return f"{scheme}://{joined}"
-    if value.startswith(("/", "~")):
-        if "://" in checkpoint_uri and not checkpoint_uri.startswith("file://"):
-            raise ValueError(f"a local path ({value}) declared by a remote checkpoint is not followed")
-        return str(Path(value).expanduser())
-    if HUB_ID.fullmatch(value):
+        uri = f"{scheme}://{joined}"
+    elif "://" in value:
+        uri = value
+    elif HUB_ID.fullmatch(value):
         return f"hf://{value}"
-    raise ValueError(f"{value!r} is neither a URI, a hub id (org/name) nor a path starting with ./ or ../")
+    elif value.startswith(("/", "~")) and local:
+        return str(Path(value).expanduser())
+    elif value.startswith(("/", "~")):
+        raise ValueError(f"a local path ({value}) declared by a checkpoint that is not on this machine is not followed")
+    else:
+        raise ValueError(f"{value!r} is neither a URI, a hub id (org/name) nor a path starting with ./ or ../")
+    target = uri.partition("://")[0]
+    if local or target in ("hf", "zoo") and not (scheme == "zoo" and target == "zoo" and
+                                                   uri.removeprefix("zoo://").count("/") != 1):
+        return uri
+    if scheme == "s3" and target == "s3" and _bucket(uri) == _bucket(checkpoint_uri) and ".." not in uri.split("/"):
+        return uri
+    raise ValueError(f"{value} is not followed from {checkpoint_uri}: a checkpoint that is not on this machine may "
+                     "name the hub, the bundled zoo or its own bucket only")
 
 
-def choose(checkpoint_uri: str, path: Path, given: str | None, storage_options: dict) -> ReferenceChoice:
-    """The reference for the checkpoint at `path` (its cached copy), fetched from `checkpoint_uri`."""
-    from . import fetch
+def _bucket(uri: str) -> str:
+    return uri.removeprefix("s3://").split("/", 1)[0]
 
+
+def choose(checkpoint_uri: str, config: dict, card: str | None, given: str | None,
+           card_problem: str | None = None) -> ReferenceChoice:
+    """The reference for a checkpoint (its config and card as read from `checkpoint_uri`)."""
     if given and given.strip().lower() == NONE:
-        return ReferenceChoice(uri=None, source="none-given", note="--reference none: Λ is the final router norm")
+        return ReferenceChoice(uri=None, source="none-given", reason="--reference none",
+                               note="--reference none: Λ is the final router norm")
     if given:
-        return ReferenceChoice(uri=fetch.pin(given), source="given", note=f"Λ against {given}, as given")
-    declared = declared_base(path)
+        return ReferenceChoice(uri=given, source="given", reason="as given", note=f"Λ against {given}, as given")
+    declared = declared_base(card, config)
     if declared is None:
-        return ReferenceChoice(uri=None, source="none", note=(
-            f"{checkpoint_uri} declares no base model (base_model in README.md or config.json) and no --reference was "
-            "given: Λ is the final router norm. Name the checkpoint it was fine-tuned from with --reference for the "
-            "router-norm change"))
+        why = f"{checkpoint_uri} declares no base model (base_model in README.md or config.json)" + (
+            f"; its model card could not be read ({card_problem})" if card_problem else "")
+        return unusable(ReferenceChoice(uri=None, source="none", reason=why, note=""), why)
     value, where = declared
     try:
         uri = resolve(value, checkpoint_uri)
-        fetch.check_source(uri, storage_options, remote=True)
-        uri = fetch.pin(uri)
-    except Exception as e:  # anything, network failures included: a declaration is a hint, not an order
-        reason = e.problem if isinstance(e, CheckpointError) else str(e) or type(e).__name__
-        return ReferenceChoice(uri=None, source="none", declared=value, note=(
-            f"{checkpoint_uri} declares base_model {value!r} in {where}, which cannot be fetched ({reason}): Λ is the "
-            "final router norm. Give --reference to name a copy of it, or --reference none to silence this"))
-    return ReferenceChoice(uri=uri, source=f"declared in {where}", declared=value,
+    except ValueError as e:
+        return unusable(ReferenceChoice(uri=None, source="none", declared=value, reason="", note=""),
+                        f"{checkpoint_uri} declares base_model {value!r} in {where}, which is not used: {e}")
+    return ReferenceChoice(uri=uri, source=f"declared in {where}", declared=value, reason=f"declared in {where}",
                            note=f"Λ against {uri}, the base_model {checkpoint_uri} declares in {where}")
+
+
+def unusable(choice: ReferenceChoice, why: str) -> ReferenceChoice:
+    """No reference after all, saying why (a declared base that cannot be used)."""
+    return choice.model_copy(update={
+        "uri": None, "source": "none", "reason": why,
+        "note": f"{why}: Λ is the final router norm. Name the checkpoint it was fine-tuned from with --reference "
+                "(for a watched prefix: --watch-reference) for the router-norm change, or give --reference none"})
 
 
 def _shape(shape) -> str:
@@ -169,5 +182,5 @@ def check(checkpoint_uri: str, ckpt_path: Path, choice: ReferenceChoice, ref_pat
              f"the base_model {choice.declared!r} {checkpoint_uri} declares ({choice.source})")
     raise CheckpointError(
         f"reference {choice.uri} ({where}) does not match checkpoint {checkpoint_uri}: {why}",
-        "name the checkpoint this model was fine-tuned from with --reference, or give --reference none to use the "
-        "final router norm")
+        "name the checkpoint this model was fine-tuned from with --reference (for a watched prefix: "
+        "--watch-reference), or give --reference none to use the final router norm")

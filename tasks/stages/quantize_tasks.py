@@ -20,8 +20,8 @@ from ..checkpoints import fetch
 from ..checkpoints.adapters import detect
 from ..checkpoints.reader import Checkpoint
 from ..checkpoints.reference import check as check_routers
-from ..checkpoints.reference import choose
-from ..errors import ValidationFailed
+from ..checkpoints.reference import choose, unusable
+from ..errors import ExpertbitsError, ValidationFailed
 from ..measure import evaluate, fused_check, kernel_check
 from ..meter import Meter, report
 from ..quantization import writer
@@ -86,24 +86,53 @@ def fetch_checkpoint(uri: str, cache_dir: str | None, storage_options: dict) -> 
     return CheckpointRecord(uri=ckpt.uri, digest=ckpt.digest, path=str(ckpt.path), files=fetch.file_digests(ckpt.path))
 
 
-@task(name="choose-reference", retries=3, retry_delay_seconds=[1, 4, 10], retry_condition_fn=transient)
-def choose_reference(checkpoint: CheckpointRecord, given: str | None, cache_dir: str | None,
-                     storage_options: dict) -> ReferenceChoice:
-    """The checkpoint Λ compares with: as given, as the checkpoint declares it, or none (reference.py)."""
-    choice = choose(checkpoint.uri, ckpt_path(checkpoint, cache_dir, storage_options), given, storage_options)
+@task(name="reference")
+def fetch_reference(checkpoint: CheckpointRecord, given: str | None, cache_dir: str | None,
+                    storage_options: dict) -> tuple[CheckpointRecord | None, ReferenceChoice]:
+    """The checkpoint Λ compares with (checkpoints/reference.py), fetched and checked against the
+    checkpoint's routers before any statistics. One the user names must be fetchable and match;
+    one the checkpoint declares that cannot be fetched or does not match is reported, and the run
+    goes on without a reference. The download is the cached `download` task, its retries its own."""
     logger = get_run_logger()
-    (logger.warning if choice.uri is None and choice.source != "none-given" else logger.info)(choice.note)
-    return choice
-
-
-@task(name="check-reference")
-def check_reference(checkpoint: CheckpointRecord, ref: CheckpointRecord | None, choice: ReferenceChoice,
-                    cache_dir: str | None, storage_options: dict) -> ReferenceChoice:
-    """A reference whose routers differ from the checkpoint's fails here, before any statistics."""
-    if ref is not None:
+    config = json.loads((ckpt_path(checkpoint, cache_dir, storage_options) / "config.json").read_text())
+    try:
+        card, card_problem = fetch.read_card(checkpoint.uri, storage_options), None
+    except Exception as e:  # noqa: BLE001  the card is a hint: any failure to read it is reported, not fatal
+        if not unusable_because(e):
+            raise
+        card, card_problem = None, _why(e)
+    choice = choose(checkpoint.uri, config, card, given, card_problem)
+    if choice.uri is None:
+        (logger.info if choice.source == "none-given" else logger.warning)(choice.note)
+        return None, choice
+    try:
+        uri = pin_revision(choice.uri)
+        fetch.check_source(uri, storage_options, remote=True, tokenizer=False)
+        ref = fetch_checkpoint(uri, cache_dir, storage_options)
         check_routers(checkpoint.uri, ckpt_path(checkpoint, cache_dir, storage_options), choice,
                       ckpt_path(ref, cache_dir, storage_options))
-    return choice
+    except Exception as e:
+        if choice.source == "given" or not unusable_because(e):
+            raise
+        choice = unusable(choice, f"{checkpoint.uri} declares base_model {choice.declared!r} "
+                                  f"({choice.source}), which cannot be used: {_why(e)}")
+        logger.warning(choice.note)
+        return None, choice
+    choice = choice.model_copy(update={"uri": uri})
+    logger.info(choice.note)
+    return ref, choice
+
+
+def unusable_because(e: BaseException) -> bool:
+    """Whether an error makes a declared reference unusable (bad input, unreachable, refused),
+    rather than being a bug, which must surface."""
+    return isinstance(e, (ValueError, OSError, TimeoutError)) or type(e).__module__.split(".")[0] in (
+        "httpx", "httpx2", "httpcore", "huggingface_hub", "botocore", "aiobotocore", "requests", "urllib3")
+
+
+def _why(e: BaseException) -> str:
+    text = e.problem if isinstance(e, ExpertbitsError) else str(e) or type(e).__name__
+    return text.splitlines()[0][:300]
 
 
 # ---- 2. statistics ------------------------------------------------------------------------------

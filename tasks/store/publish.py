@@ -31,7 +31,7 @@ import pandas as pd
 
 from ..errors import StoreError
 from ..records import RunManifest, StageOutput
-from ..store.tables import schema_sql
+from .tables import schema_sql
 from .storage import Store, sha256_file
 from .visibility import INCOMING, LOCKS, check_copies, copy_in, intact, lock, swap_in
 
@@ -41,6 +41,10 @@ def run_id(checkpoint_uri: str, outputs: list[StageOutput], tag: str = "") -> st
     slug = re.sub(r"[^a-z0-9]+", "-", checkpoint_uri.lower().rstrip("/").split("://")[-1].replace("@", "-"))[-40:].strip("-")
     digest = hashlib.sha256("".join(o.key for o in outputs).encode()).hexdigest()[:10]
     return "-".join(part for part in (slug, tag, digest) if part)
+
+
+def _as_published_by(kept: RunManifest, parameters: dict, notes: dict | None) -> RunManifest:
+    return kept.model_copy(update={"summary": {**kept.summary, "parameters": parameters, **(notes or {})}})
 
 
 def build_database(path: Path, store: Store, outputs: dict[str, StageOutput], tmp: Path) -> None:
@@ -92,11 +96,15 @@ def publish(store: Store, rid: str, outputs: dict[str, StageOutput], parameters:
     stage output that changed since it was written is refused, and its `_stage.json` removed so the
     next run rebuilds it. On a local disk the complete folder is renamed into place (publishers of
     one run take turns, by a lock file); on S3 (no rename) its objects are copied in, the manifest
-    last, a damaged run's manifest having been removed first so it is not listed meanwhile."""
+    last, a damaged run's manifest having been removed first so it is not listed meanwhile.
+
+    `notes` go into the manifest's summary beside the parameters (how the flow resolved them). A
+    kept run is returned with this publisher's parameters and notes in its summary (what this run
+    asked for and found), its files (manifest.json included) as they were first published."""
     prefix = f"{root}/{rid}"
     kept, seen = intact(store, prefix)  # seen: the damaged manifest, if any; a different one later is news
     if kept is not None:
-        return kept
+        return _as_published_by(kept, parameters, notes)
     incoming = f"{INCOMING}/{root}-{rid}-{uuid.uuid4().hex[:12]}"
     with store.staging(incoming), tempfile.TemporaryDirectory() as tmp:
         for stage, out in outputs.items():

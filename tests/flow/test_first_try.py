@@ -16,7 +16,6 @@ from support.archs import build
 
 from expertbits.tasks.checkpoints import reference as refs
 from expertbits.tasks.errors import CheckpointError, remember_source
-from expertbits.tasks.store.tables import read_stats
 
 
 def cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -43,12 +42,21 @@ def qwen(micro_pair, tmp_path_factory) -> Path:
 
 # ---- declared base models ------------------------------------------------------------------------
 
+def _hub_card(base) -> str:
+    """A model card front matter as huggingface_hub writes it (block lists without indent)."""
+    from huggingface_hub import ModelCardData
+
+    return f"---\n{ModelCardData(base_model=base, license='apache-2.0').to_yaml()}\n---\n# card\n"
+
+
 @pytest.mark.parametrize("card, expected", [
     ("---\nbase_model: mistralai/Mixtral-8x7B-v0.1\nlicense: apache-2.0\n---\n# x", "mistralai/Mixtral-8x7B-v0.1"),
     ("---\nlicense: mit\nbase_model:\n  - ../base\ntags: [moe]\n---\n", "../base"),
     ("---\nbase_model: \"zoo://mixtral-tiny/base\"  # the parent\n---\n", "zoo://mixtral-tiny/base"),
+    ("---\nbase_model: org/name\t# a tab before the comment\n---\n", "org/name"),
+    ("\ufeff---\nbase_model: org/bom\n---\n", "org/bom"),  # a byte order mark
     ("---\nbase_model: [a/b, c/d]\n---\n", "a/b\nc/d"),  # a merge: resolve() refuses it
-    ("---\nbase_model:\n---\n", None),
+    ("---\nbase_model:\n---\n", None), ("---\nbase_model: null\n---\n", None), ("---\nbase_model: ~\n---\n", None),
     ("# no front matter\nbase_model: a/b\n", None),
     ("---\nlicense: mit\n---\nbase_model: a/b\n", None),  # after the front matter: prose, not metadata
 ])
@@ -56,59 +64,86 @@ def test_front_matter_base_model(card, expected):
     assert refs.front_matter_base(card) == expected
 
 
-def test_declared_base_in_card_before_config(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"base_model": "org/from-config"}))
-    assert refs.declared_base(tmp_path) == ("org/from-config", "config.json")
-    (tmp_path / "README.md").write_text("---\nbase_model: org/from-card\n---\n")
-    assert refs.declared_base(tmp_path) == ("org/from-card", "README.md")
-    (tmp_path / "README.md").write_text("just prose")
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mixtral"}))
-    assert refs.declared_base(tmp_path) is None
+def test_cards_as_the_hub_writes_them():
+    assert refs.front_matter_base(_hub_card("Qwen/Qwen2.5-7B")) == "Qwen/Qwen2.5-7B"
+    assert refs.front_matter_base(_hub_card(["Qwen/Qwen2.5-7B"])) == "Qwen/Qwen2.5-7B"  # `- x`, not indented
+    assert refs.front_matter_base(_hub_card(["a/b", "c/d"])) == "a/b\nc/d"
+
+
+def test_declared_base_in_card_before_config():
+    assert refs.declared_base(None, {"base_model": "org/from-config"}) == ("org/from-config", "config.json")
+    assert refs.declared_base("---\nbase_model: org/from-card\n---\n", {"base_model": "x/y"}) == ("org/from-card", "README.md")
+    assert refs.declared_base("just prose", {"model_type": "mixtral"}) is None
+    assert refs.declared_base(None, {"base_model": None}) is None and refs.declared_base(None, {"base_model": "null"}) is None
 
 
 def test_declared_values_resolve_like_any_source(tmp_path):
     assert refs.resolve("mistralai/Mixtral-8x7B-v0.1", "s3://b/ft") == "hf://mistralai/Mixtral-8x7B-v0.1"
     assert refs.resolve("zoo://mixtral-tiny/base", "/x/ft") == "zoo://mixtral-tiny/base"
+    assert refs.resolve("zoo://mixtral-tiny/base", "s3://b/ft") == "zoo://mixtral-tiny/base"
     assert refs.resolve("../base", "zoo://mixtral-tiny/wordnet") == "zoo://mixtral-tiny/base"
     assert refs.resolve("../base", "s3://bucket/incoming/ft/") == "s3://bucket/incoming/base"
+    assert refs.resolve("s3://bucket/bases/b", "s3://bucket/incoming/ft") == "s3://bucket/bases/b"
     assert refs.resolve("./base", str(tmp_path / "ft")) == str(tmp_path / "ft" / "base")
     assert refs.resolve("../base", f"file://{tmp_path}/ft") == f"file://{tmp_path}/base"
-    for value, ckpt, why in [("../../x", "s3://bucket/ft", "leaves"), ("../x", "zoo://fam/v", None),
-                             ("/etc/model", "s3://bucket/ft", "remote checkpoint"), ("../base", "hf://org/ft", "hub"),
-                             ("a/b\nc/d", "/x", "merge"), ("not a name", "/x", "neither")]:
-        if why is None:
-            assert refs.resolve(value, ckpt) == "zoo://fam/x"
-            continue
-        with pytest.raises(ValueError, match=why):
-            refs.resolve(value, ckpt)
+    assert refs.resolve("/models/base", str(tmp_path / "ft")) == "/models/base"  # the user's own machine
+    assert refs.resolve("../x", "zoo://fam/v") == "zoo://fam/x"
 
 
-def test_choose_given_declared_unfetchable_and_none(micro_pair, tmp_path):
-    base, ft = micro_pair
-    mine = tmp_path / "models" / "ft"
-    shutil.copytree(ft, mine)
-    none = refs.choose(str(mine), mine, None, {})
-    assert none.uri is None and none.source == "none" and str(mine) in none.note and "--reference" in none.note
-    assert refs.choose(str(mine), mine, "None", {}).source == "none-given"
-    assert refs.choose(str(mine), mine, str(base), {}).model_dump() == {
-        "uri": str(base), "source": "given", "note": f"Λ against {base}, as given", "declared": None}
+@pytest.mark.parametrize("value, checkpoint, why", [
+    ("../../x", "s3://bucket/ft", "not followed"),  # out of the bucket
+    ("../../other-bucket/x", "s3://bucket/ft", "not followed"),
+    ("s3://other-bucket/x", "s3://bucket/ft", "not followed"),
+    ("file:///etc/model", "s3://bucket/ft", "not followed"),
+    ("/etc/model", "s3://bucket/ft", "not on this machine"),
+    ("~/model", "hf://org/ft", "not on this machine"),
+    ("s3://bucket/x", "hf://org/ft", "not followed"),
+    ("../base", "hf://org/ft", "hub repository"),
+    ("../../x", "zoo://fam/v", "not followed"),
+    ("a/b\nc/d", "/x", "merge"),
+    ("not a name", "/x", "neither"),
+])
+def test_a_remote_checkpoint_may_not_point_at_local_files_or_other_buckets(value, checkpoint, why):
+    with pytest.raises(ValueError, match=why):
+        refs.resolve(value, checkpoint)
 
-    (mine / "README.md").write_text("---\nbase_model: ../base\n---\n")  # no sibling yet
-    missing = refs.choose(str(mine), mine, None, {})
-    assert missing.uri is None and missing.declared == "../base"
-    assert "cannot be fetched" in missing.note and str(tmp_path / "models" / "base") in missing.note
-    shutil.copytree(base, tmp_path / "models" / "base")
-    found = refs.choose(str(mine), mine, None, {})
-    assert found.uri == str(tmp_path / "models" / "base") and found.source == "declared in README.md"
+
+def test_choose_given_declared_and_none():
+    none = refs.choose("my/ft", {}, None, None)
+    assert none.uri is None and none.source == "none" and "my/ft declares no base model" in none.reason
+    assert "--reference" in none.note
+    assert refs.choose("my/ft", {}, None, "None").source == "none-given"
+    assert refs.choose("my/ft", {"base_model": "a/b"}, None, "/models/base").model_dump() == {
+        "uri": "/models/base", "source": "given", "reason": "as given", "note": "Λ against /models/base, as given",
+        "declared": None}
+    found = refs.choose("/m/ft", {}, "---\nbase_model: ../base\n---\n", None)
+    assert (found.uri, found.source, found.declared) == ("/m/base", "declared in README.md", "../base")
+    refused = refs.choose("s3://b/ft", {}, "---\nbase_model: /etc/secret-model\n---\n", None)
+    assert refused.uri is None and refused.declared == "/etc/secret-model" and "not on this machine" in refused.reason
+    unread = refs.choose("hf://org/ft", {}, None, None, card_problem="offline")
+    assert "could not be read (offline)" in unread.reason
 
 
 def test_zoo_fine_tunes_declare_their_base():
-    from expertbits.zoo import resolve
+    from expertbits.tasks.checkpoints.fetch import read_card
 
     for ft, base in (("mixtral-tiny/wordnet", "mixtral-tiny/base"), ("qwen-moe-tiny/wordnet", "qwen-moe-tiny/base"),
                      ("switch-tiny/wordnet", "switch-tiny/base")):
-        choice = refs.choose(f"zoo://{ft}", resolve(f"zoo://{ft}"), None, {})
+        choice = refs.choose(f"zoo://{ft}", {}, read_card(f"zoo://{ft}"), None)
         assert (choice.uri, choice.source) == (f"zoo://{base}", "declared in README.md")
+
+
+def test_the_card_is_read_from_the_source_not_part_of_the_digest(micro_pair, tmp_path):
+    """An edited card changes no checkpoint digest (nothing is requantized for prose)."""
+    from expertbits.tasks.checkpoints.fetch import download, read_card
+
+    mine = tmp_path / "ft"
+    shutil.copytree(micro_pair[1], mine)
+    assert read_card(str(mine)) is None
+    before = download(str(mine), tmp_path / "cache").digest
+    (mine / "README.md").write_text("---\nbase_model: ../base\n---\n" + "prose " * 30_000)
+    assert download(str(mine), tmp_path / "cache").digest == before
+    assert read_card(str(mine)).startswith("---\nbase_model: ../base") and len(read_card(str(mine))) == 1 << 16
 
 
 # ---- errors in the user's words ------------------------------------------------------------------
@@ -119,6 +154,12 @@ def test_errors_name_the_uri_not_the_cache_folder(tmp_path):
     e = CheckpointError(f"{cache}: layer 3 has NaN; {cache}2 is another folder; {cache}/model.safetensors", "use a healthy one")
     assert e.problem == f"s3://models/my-moe: layer 3 has NaN; {cache}2 is another folder; s3://models/my-moe/model.safetensors"
     assert str(e).splitlines()[-1] == f"  cached copy: {cache}"  # the folder only as a detail, after the fix
+    inside = CheckpointError(f"/mnt{cache}/x and {cache}", "fix")  # another folder that ends like it: kept
+    assert inside.problem == f"/mnt{cache}/x and s3://models/my-moe"
+    import pickle
+
+    back = pickle.loads(pickle.dumps(CheckpointError(f"{cache}: bad", "fix", "checkpoint")))  # from a Dask worker
+    assert (type(back), str(back), back.option) == (CheckpointError, str(CheckpointError(f"{cache}: bad", "fix")), "checkpoint")
 
 
 def test_bad_options_are_one_line_each_naming_the_option_and_fix(capsys):
@@ -134,6 +175,11 @@ def test_bad_options_are_one_line_each_naming_the_option_and_fix(capsys):
         (["quantize", "--group-size", "2", "--eval-windows", "0"], "  --group-size: got 2: input should be greater than "
          "or equal to 8; fix: give at least 8\n  --eval-windows: got 0:"),
         (["league", "--allocators", "paper,best"], "  --allocators: unknown allocators ['best']; fix: choose from"),
+        (["league", "--quantizers", "rtn,awq"], "  --quantizers: unknown quantizer 'awq'; fix: choose one of rtn, gptq"),
+        (["quantize", "--storage-option", "secret=x"], "  --storage-option: storage_options must not carry credentials"),
+        (["quantize", "--cache-dir", "s3://b/cache"], "  --cache-dir: s3://b/cache: the checkpoint cache is a local folder"),
+        (["quantize", "--avg-bits", "9", "--checkpoint", "no/such/folder"],  # both, though one option is invalid
+         "  --avg-bits: got 9.0: input should be less than or equal to 8; fix: give at most 8\n  --checkpoint: no/such/folder"),
     ]
     for argv, expected in cases:
         assert main(argv) == 2
@@ -143,6 +189,26 @@ def test_bad_options_are_one_line_each_naming_the_option_and_fix(capsys):
 
 
 @pytest.mark.slow
+def test_deployment_options_are_named_as_given(capsys):
+    from expertbits.flows.cli import main
+
+    base = ["deploy", "--work-pool", "p", "--watch", "s3://b/in"]
+    cases = [
+        (["--watch-quantize", '{"avg_bits": 9}'], "  --watch-quantize avg_bits: got 9: input should be less than or equal to 8"),
+        (["--watch-quantize", '{"quantizer": "awq"}'], "  --watch-quantize quantizer: unknown quantizer 'awq'"),
+        (["--watch-quantize", "{avg_bits: 2}"], "  --watch-quantize: Expecting property name"),
+        (["--watch-quantize", '{"checkpoint": "x"}'], "  --watch-quantize: quantize must not set ['checkpoint']"),
+        (["--watch-reference", "just-a-uri"], "  --watch-reference: 'just-a-uri' is not PREFIX=URI"),
+        (["--watch-reference", "s3://b/other=zoo://mixtral-tiny/base"], "  --watch-reference: references name prefixes"),
+        (["--storage-option", "token=x"], "  --storage-option: storage_options must not carry credentials"),
+    ]
+    for extra, expected in cases:
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("expertbits: invalid deployment options:\n") and expected in err, (extra, err)
+        assert "--watch-quantizer" not in err and "--prefixes" not in err and "--storage-options" not in err
+
+
 def test_local_problems_are_reported_before_prefect_starts(tmp_path, qwen):
     unknown = tmp_path / "unknown"
     shutil.copytree(qwen, unknown)
@@ -170,6 +236,10 @@ def test_local_problems_are_reported_before_prefect_starts(tmp_path, qwen):
         cli("quantize", "--checkpoint", "no-tokenizer", cwd=tmp_path, timeout=120).stderr
     assert "  --eval-text: held-out.txt: no such file" in \
         cli("quantize", "--eval-text", "held-out.txt", cwd=tmp_path, timeout=120).stderr
+    # a reference needs only its routers: no tokenizer asked of it
+    from expertbits.flows.params import local_problems
+
+    assert local_problems({"checkpoint": str(qwen), "reference": str(notok)}) == []
 
 
 def test_watch_maps_prefixes_to_references(tmp_path):
@@ -221,18 +291,27 @@ def test_a_declared_base_model_gives_lambda(prefect_api, params, micro_pair, tmp
     (mine / "README.md").write_text("---\nbase_model: ../base\n---\n# my fine-tune\n")
     declared = quantize_moe(QuantizeParams(**dict(params, checkpoint=str(mine), reference=None)))
     assert declared.summary["reference"] == {"uri": str(tmp_path / "models" / "base"), "source": "declared in README.md",
-                                             "declared": "../base", "note": declared.summary["reference"]["note"]}
+                                             "reason": "declared in README.md", "declared": "../base",
+                                             "note": declared.summary["reference"]["note"]}
     assert declared.summary["statistics"]["lambda_source"] == "norm-change"
-    # (another store: in one store the same stage keys are the same run, kept as first published)
-    given = quantize_moe(QuantizeParams(**dict(params, checkpoint=str(mine), reference=str(base),
-                                               store=str(tmp_path / "store-given"))))
-    assert given.summary["reference"]["source"] == "given"
-    # the same reference bytes: the same Λ whichever way the reference was found
-    lam = [read_stats(Path(m.uri) / "statistics" / "expert_stats.parquet").lambda_score for m in (declared, given)]
-    assert lam[0].tolist() == lam[1].tolist() and lam[0].abs().max() > 0
+    # the same reference bytes named by hand: the same run, kept as first published, and the run
+    # reports how it found its reference this time
+    given = quantize_moe(QuantizeParams(**dict(params, checkpoint=str(mine), reference=str(base))))
+    assert given.run_id == declared.run_id and given.summary["reference"]["source"] == "given"
+    assert given.summary["parameters"]["reference"] == str(base)
     unrelated = quantize_moe(QuantizeParams(**dict(params, checkpoint=str(mine), reference="none")))
     assert unrelated.summary["statistics"]["lambda_source"] == "final-norm-proxy"
     assert unrelated.summary["reference"]["source"] == "none-given"
+
+    # a declared base that cannot be used (its routers differ) is reported, and the run goes on
+    (mine / "README.md").write_text("---\nbase_model: zoo://mixtral-tiny/base\n---\n")
+    mismatched = quantize_moe(QuantizeParams(**dict(params, checkpoint=str(mine), reference=None)))
+    ref = mismatched.summary["reference"]
+    assert ref["uri"] is None and ref["declared"] == "zoo://mixtral-tiny/base" and "does not match" in ref["reason"]
+    assert mismatched.summary["statistics"]["lambda_source"] == "final-norm-proxy"
+    # named by hand, the same base is an error
+    with pytest.raises(CheckpointError, match="does not match checkpoint"):
+        quantize_moe(QuantizeParams(**dict(params, checkpoint=str(mine), reference="zoo://mixtral-tiny/base")))
 
 
 @pytest.mark.integration
@@ -246,8 +325,8 @@ def test_a_failed_run_ends_with_the_error_and_its_fix_in_the_users_words(qwen, t
     assert out.stderr.strip().splitlines()[-2:] == [
         "expertbits: reference zoo://mixtral-tiny/base (--reference) does not match checkpoint my-qwen: layer 0's router "
         "is 8×128 in the reference, 4×32 in the checkpoint (4 of 4 MoE layers differ)",
-        "  fix: name the checkpoint this model was fine-tuned from with --reference, or give --reference none to use "
-        "the final router norm"]
+        "  fix: name the checkpoint this model was fine-tuned from with --reference (for a watched prefix: "
+        "--watch-reference), or give --reference none to use the final router norm"]
     assert not (tmp_path / "store" / "runs").exists()
 
     # an error found deep in a stage, on the cached copy: named by the user's path, the cache as a detail

@@ -156,7 +156,7 @@ def test_league_on_dask_gives_the_same_table(micro_pair, cluster, tmp_path):
 
     from expertbits.flows.league import league_table
     from expertbits.flows.params import LeagueParams
-    from expertbits.tasks.allocation.statistics import read_parquet
+    from expertbits.tasks.store.tables import read_parquet
     from expertbits.zoo import text_path
 
     address, _ = cluster
