@@ -25,6 +25,7 @@ from expertbits.tasks.stages.quantize_tasks import (
     fetch_checkpoint,
     fetch_reference,
     pin_revision,
+    pin_text,
     route_experts,
 )
 
@@ -43,11 +44,13 @@ def league_table(params: LeagueParams = LeagueParams()) -> RunManifest:
 
     finetuned = fetch_checkpoint(pin_revision(p.checkpoint), p.cache_dir, p.storage_options)
     reference, choice = fetch_reference(finetuned, p.reference, p.cache_dir, p.storage_options)
+    calibration_text = pin_text(p.calibration_text, p.cache_dir, p.storage_options)
+    eval_text = pin_text(p.eval_text, p.cache_dir, p.storage_options)
     layers = layer_chunks(finetuned, **local)
     stats = extract_statistics(finetuned, reference, per_layer("statistics", layers, checkpoint=finetuned,
                                                                reference=reference, **local), cache_dir=p.cache_dir, **io)
-    routing = route_experts(finetuned, p.calibration_text, p.eval_seq_len, p.calibration_windows, cache_dir=p.cache_dir, **io)
-    text = dict(text_uri=p.calibration_text, seq_len=p.eval_seq_len, windows=p.calibration_windows)
+    routing = route_experts(finetuned, calibration_text, p.eval_seq_len, p.calibration_windows, cache_dir=p.cache_dir, **io)
+    text = dict(text=calibration_text, seq_len=p.eval_seq_len, windows=p.calibration_windows)
     calibrations = []
     for method, symmetric in p.grid().error_keys():  # errors of each quantizer the grid measures
         quantizer = p.grid().quantizer(method, symmetric).as_dict()
@@ -55,7 +58,7 @@ def league_table(params: LeagueParams = LeagueParams()) -> RunManifest:
             "calibration", layers, quantizer, text, checkpoint=finetuned, routing=routing, bit_widths=p.widths(symmetric),
             group_size=p.group_size, store=store, **local), **io))
     league = dict(checkpoint=finetuned, stats=stats, calibrations=calibrations, grid=asdict(p.grid()),
-                  text_uri=p.eval_text, seq_len=p.eval_seq_len, windows=p.eval_windows, task_name=p.task,
+                  text=eval_text, seq_len=p.eval_seq_len, windows=p.eval_windows, task_name=p.task,
                   task_examples=p.task_examples)
     cells = gather(league_cells.map(cell_chunks(len(p.grid().cells())), **{k: unmapped(v) for k, v in league.items()},
                                     store=unmapped(store), gptq_text=unmapped(text),

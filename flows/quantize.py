@@ -1,6 +1,7 @@
 """The expertbits flow: its stages are cached, retryable Prefect tasks passing URIs and digests.
 
-    download (the checkpoint, then its reference: given, declared by the checkpoint, or none)
+    download (the checkpoint, then its reference: given, declared by the checkpoint, or none;
+    the calibration and evaluation texts pinned by digest, what every later stage sees)
     → statistics (+ routing and calibration, for allocators that use routing or error)
     → allocation → quantization → kernel validation → evaluation → publish
 
@@ -31,6 +32,7 @@ from expertbits.tasks.stages.quantize_tasks import (
     fetch_checkpoint,
     fetch_reference,
     pin_revision,
+    pin_text,
     publish_run,
     quantize_experts,
     route_experts,
@@ -52,14 +54,16 @@ def quantize_moe(params: QuantizeParams = QuantizeParams()) -> RunManifest:
 
     finetuned = fetch_checkpoint(pin_revision(p.checkpoint), p.cache_dir, p.storage_options)
     reference, choice = fetch_reference(finetuned, p.reference, p.cache_dir, p.storage_options)
+    calibration_text = pin_text(p.calibration_text, p.cache_dir, p.storage_options)
+    eval_text = pin_text(p.eval_text, p.cache_dir, p.storage_options)
     layers = layer_chunks(finetuned, **local)
     stats = extract_statistics(finetuned, reference, per_layer("statistics", layers, checkpoint=finetuned,
                                                                reference=reference, **local), cache_dir=p.cache_dir, **io)
     quantizer = p.quantizer_config().as_dict()
-    text = dict(text_uri=p.calibration_text, seq_len=p.eval_seq_len, windows=p.calibration_windows)
+    text = dict(text=calibration_text, seq_len=p.eval_seq_len, windows=p.calibration_windows)
     calibration = None
     if p.allocator in NEEDS_CALIBRATION | NEEDS_ERROR:
-        routing = route_experts(finetuned, p.calibration_text, p.eval_seq_len, p.calibration_windows,
+        routing = route_experts(finetuned, calibration_text, p.eval_seq_len, p.calibration_windows,
                                 cache_dir=p.cache_dir, **io)
         measured = p.error_quantizer().as_dict()
         calibration = calibrate_experts(routing, p.bit_widths, p.group_size, measured, quantizer_parts(
@@ -69,9 +73,9 @@ def quantize_moe(params: QuantizeParams = QuantizeParams()) -> RunManifest:
     quantized = quantize_experts(finetuned, allocation, p.group_size, quantizer, text, quantizer_parts(
         "quantization", layers, checkpoint=finetuned, allocation=allocation, group_size=p.group_size,
         quantizer=quantizer, text=text, store=store, **local), cache_dir=p.cache_dir, **io)
-    validation = validate_kernels(quantized, p.validation_rtol, p.calibration_text, p.eval_seq_len, per_layer(
+    validation = validate_kernels(quantized, p.validation_rtol, calibration_text, p.eval_seq_len, per_layer(
         "validation", layers, quantized=quantized, checkpoint=finetuned, rtol=p.validation_rtol, store=store,
-        **local), **io)
-    evaluation = evaluate_model(finetuned, quantized, p.eval_text, p.eval_seq_len, p.eval_windows, cache_dir=p.cache_dir, **io)
+        **local), cache_dir=p.cache_dir, **io)
+    evaluation = evaluate_model(finetuned, quantized, eval_text, p.eval_seq_len, p.eval_windows, cache_dir=p.cache_dir, **io)
 
     return publish_run(p.model_dump(mode="json"), choice, stats, calibration, allocation, quantized, validation, evaluation, **io)

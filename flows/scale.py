@@ -134,7 +134,7 @@ def per_layer(stage: str, layers: list[list[int]], **inputs) -> list[list[dict]]
 def quantizer_parts(stage: str, layers: list[list[int]], quantizer: dict, text: dict, **inputs) -> list[list[dict]]:
     """A quantizer-dependent stage's parts: per layer for the data-free quantizers (RTN), one
     sequential pass over every layer for GPTQ (layer l+1 is calibrated on the quantized layer l's
-    outputs), run on a worker like any task; `text` is GPTQ's calibration (uri, seq_len, windows)."""
+    outputs), run on a worker like any task; `text` is GPTQ's calibration (the pinned text, seq_len, windows)."""
     if QuantizerConfig.from_dict(quantizer).calibrated:
         return [sequential_work.submit(stage, dict(inputs, quantizer=quantizer, text=text)).result()]
     return per_layer(stage, layers, quantizer=quantizer, **inputs)

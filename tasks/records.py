@@ -16,6 +16,14 @@ class CheckpointRecord(BaseModel):
     files: dict[str, str] = {}  # file name -> sha256: what a worker fetching only some shards verifies
 
 
+class TextRecord(BaseModel):
+    """A calibration or evaluation text, pinned once per flow (checkpoints/texts.py `pin`): every
+    key and every stage of the run sees these bytes, whatever happens to the URI meanwhile."""
+
+    uri: str
+    digest: str  # sha256 of its UTF-8 bytes; the local cache holds them as texts/<digest>.txt
+
+
 class StageOutput(BaseModel):
     """What a stage wrote: files under `objects/<stage>/<key>/` in the store, and a summary."""
 

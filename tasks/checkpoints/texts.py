@@ -6,11 +6,14 @@ examples or, for encoder-decoder models, span-corruption ones.
 
 from __future__ import annotations
 
+import hashlib
+import uuid
 from pathlib import Path
 
 import torch
 
 from ..errors import CheckpointError, ExpertbitsError
+from ..records import TextRecord
 from ..store.storage import open_fs
 
 
@@ -38,6 +41,46 @@ def read_text(uri: str, storage_options: dict) -> str:
         raise ExpertbitsError(f"{uri}: a folder, not a text file", _fix()) from e
     except UnicodeDecodeError as e:
         raise ExpertbitsError(f"{uri}: not UTF-8 text ({e.reason} at byte {e.start})", _fix()) from e
+
+
+def pin(uri: str, cache_dir: str | Path | None, storage_options: dict) -> TextRecord:
+    """Read a text once and keep its bytes in the local cache by digest: the record every stage
+    of a run is given, so a text rewritten during the run is keyed and used as it was pinned."""
+    data = read_text(uri, storage_options).encode()
+    record = TextRecord(uri=uri, digest=hashlib.sha256(data).hexdigest())
+    path = _cached(record, cache_dir)
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.incoming-{uuid.uuid4().hex}")
+        try:
+            tmp.write_bytes(data)
+            tmp.rename(path)  # whole or absent
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    return record
+
+
+def pinned(record: TextRecord, cache_dir: str | Path | None, storage_options: dict) -> str:
+    """The text a record pinned: from the local cache, or (a machine that has not cached it, a
+    Dask worker) read again from its URI, which must still hold the same bytes."""
+    path = _cached(record, cache_dir)
+    if path.is_file():
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() == record.digest:
+            return data.decode()
+    again = pin(record.uri, cache_dir, storage_options)
+    if again.digest != record.digest:
+        raise ExpertbitsError(f"{record.uri} changed since this run read it (sha256 {again.digest[:12]}, pinned "
+                              f"{record.digest[:12]}) and this machine has no copy of the text it pinned",
+                              "rerun the flow; keep a text unchanged while runs use it, or give a new name to a new text")
+    return _cached(record, cache_dir).read_bytes().decode()
+
+
+def _cached(record: TextRecord, cache_dir: str | Path | None) -> Path:
+    from .fetch import default_cache_dir
+
+    return Path(cache_dir or default_cache_dir()) / "texts" / f"{record.digest}.txt"
 
 
 def check_text(uri: str) -> None:

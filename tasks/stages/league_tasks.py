@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 from pathlib import Path
@@ -16,40 +15,35 @@ from prefect import task
 from prefect.logging import get_run_logger
 
 from ..measure import league, plots
-from ..records import CheckpointRecord, ReferenceChoice, RunManifest, StageOutput
+from ..records import CheckpointRecord, ReferenceChoice, RunManifest, StageOutput, TextRecord
 from ..store import publish, tables
 from ..store.storage import Store
 from .stage_io import (
+    cache_key,
     local_copy,
-    miss_unless,
     publish_stage,
     read_calibration,
-    read_text,
     stage_key,
-    text_digest,
     transient,
 )
 
 
-def _league_key(ctx, p) -> str:
-    return miss_unless(ctx, Store(p["store"], p["storage_options"]), "league", stage_key(
-        "league", p["checkpoint"].digest, p["stats"].key, [c.key for c in p["calibrations"]],
-        p["grid"], text_digest(p["text_uri"], p["storage_options"]), p["seq_len"], p["windows"], p["task_name"],
-        p["task_examples"]))
+def league_key(checkpoint: CheckpointRecord, stats: StageOutput, calibrations: list[StageOutput], grid: dict,
+               text: TextRecord, seq_len: int, windows: int, task_name: str | None, task_examples: int) -> str:
+    return stage_key("league", checkpoint.digest, stats.key, [c.key for c in calibrations], grid, text.digest, seq_len,
+                     windows, task_name, task_examples)
 
 
-@task(name="league", cache_key_fn=_league_key, persist_result=True, result_serializer="json")
+@task(name="league", cache_key_fn=cache_key("league", league_key), persist_result=True, result_serializer="json")
 def run_league(checkpoint: CheckpointRecord, stats: StageOutput, calibrations: list[StageOutput], grid: dict,
-               text_uri: str, seq_len: int, windows: int, task_name: str | None, task_examples: int,
+               text: TextRecord, seq_len: int, windows: int, task_name: str | None, task_examples: int,
                cells: list[list[dict]], store: str, storage_options: dict, cache_dir: str | None) -> StageOutput:
     """The tables and the figures of every cell of the grid (each quantized and evaluated by
     `per_layer.league_cells`).
 
     `calibrations` holds one calibration per quantizer of the grid, in `Grid.error_keys()` order."""
     st = Store(store, storage_options)
-    text = read_text(text_uri, storage_options)
-    key = stage_key("league", checkpoint.digest, stats.key, [c.key for c in calibrations], grid,
-                    hashlib.sha256(text.encode()).hexdigest(), seq_len, windows, task_name, task_examples)
+    key = league_key(checkpoint, stats, calibrations, grid, text, seq_len, windows, task_name, task_examples)
     g = league.Grid.from_dict(grid)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -71,7 +65,7 @@ def run_league(checkpoint: CheckpointRecord, stats: StageOutput, calibrations: l
         best = summary[summary["rank"] == 1].groupby("variant").size().sort_values(ascending=False)
         get_run_logger().info(f"league: {len(rows)} cells; allocators ranked first: {best.to_dict()}")
         return publish_stage(st, "league", key, out, {"cells": len(rows), "ranked_first": best.to_dict(),
-                                                        "task": task_name, "text": text_uri})
+                                                        "task": task_name, "text": text.uri})
 
 
 def league_database(path: Path, store: Store, outputs: dict[str, StageOutput], tmp: Path) -> None:

@@ -27,14 +27,16 @@ from prefect.logging import get_run_logger
 from ..allocation import calibrate, statistics
 from ..checkpoints.adapters import detect
 from ..checkpoints.reader import Checkpoint
+from ..checkpoints.texts import pinned
 from ..measure import kernel_check, league
 from ..meter import Meter, report
 from ..quantization import writer
 from ..quantization.method import QuantizerConfig
-from ..records import CheckpointRecord, StageOutput
+from ..records import CheckpointRecord, StageOutput, TextRecord
 from ..store import tables
 from ..store.storage import Store, sha256_file
 from .stage_io import (
+    cache_key,
     ckpt_path,
     expert_bytes,
     kernel_device,
@@ -42,26 +44,23 @@ from .stage_io import (
     local_copy,
     progress_reporter,
     read_calibration,
-    read_text,
     stage_key,
-    text_digest,
     transient,
 )
 
 
 def quantization_key(checkpoint: CheckpointRecord, allocation: StageOutput, group_size: int, quantizer: dict,
-                     text: dict | None, storage_options: dict) -> str:
+                     text: dict | None) -> str:
     """The quantization stage's key; a calibrated quantizer (GPTQ) adds its calibration text's
-    digest, windows and window length."""
+    digest, windows and window length (`text`: the pinned TextRecord, seq_len, windows)."""
     calibration = None
     if QuantizerConfig.from_dict(quantizer).calibrated:
-        calibration = [text_digest(text["text_uri"], storage_options), text["seq_len"], text["windows"]]
+        calibration = [text["text"].digest, text["seq_len"], text["windows"]]
     return stage_key("quantization", checkpoint.digest, allocation.key, group_size, quantizer, calibration)
 
 
 def _quantization_prefix(i: dict) -> str:
-    key = quantization_key(i["checkpoint"], i["allocation"], i["group_size"], i["quantizer"], i.get("text"),
-                           i["storage_options"])
+    key = quantization_key(i["checkpoint"], i["allocation"], i["group_size"], i["quantizer"], i.get("text"))
     return f"objects/quantization/{key}"
 
 
@@ -103,7 +102,7 @@ def _shard_writer(checkpoint: CheckpointRecord, allocation: StageOutput, group_s
     into `out` and puts it under the stage's prefix (`out` is that prefix for a local store)."""
     st = Store(store, storage_options)
     prefix = _quantization_prefix(dict(checkpoint=checkpoint, allocation=allocation, group_size=group_size,
-                                       quantizer=quantizer, text=text, storage_options=storage_options))
+                                       quantizer=quantizer, text=text))
     with tempfile.TemporaryDirectory() as tmp, Checkpoint.open(path) as ckpt:
         tmp = Path(tmp)
         alloc = tables.read_stats(local_copy(st, allocation, tmp) / "bit_allocation.parquet")
@@ -135,7 +134,7 @@ def _gptq_quantization(checkpoint: CheckpointRecord, allocation: StageOutput, gr
             parts.append(write(writer.quantize_layer(ckpt, position, alloc, group_size, q.symmetric, out,
                                                        quantizer=lambda m, w, bits: packed[m.name])))
 
-        _, coverage = sequential_gptq(path, read_text(text["text_uri"], storage_options), alloc, group_size, q,
+        _, coverage = sequential_gptq(path, pinned(text["text"], cache_dir, storage_options), alloc, group_size, q,
                                       seq_len=text["seq_len"], windows=text["windows"], on_layer=on_layer,
                                       progress=progress_reporter("GPTQ quantization"))
     layers = list(dict.fromkeys(coverage.layer))
@@ -149,7 +148,7 @@ def _gptq_calibration(checkpoint: CheckpointRecord, bit_widths: list[int], group
     """GPTQ's error of every expert at every width, one part per MoE layer."""
     from ..quantization.gptq_sequential import gptq_errors
 
-    rows = gptq_errors(ckpt_path(checkpoint, cache_dir, storage_options), read_text(text["text_uri"], storage_options),
+    rows = gptq_errors(ckpt_path(checkpoint, cache_dir, storage_options), pinned(text["text"], cache_dir, storage_options),
                        tuple(sorted(bit_widths)), group_size, QuantizerConfig.from_dict(quantizer),
                        seq_len=text["seq_len"], windows=text["windows"], progress=progress_reporter("GPTQ errors"))
     layers = list(dict.fromkeys(r["layer"] for r in rows))
@@ -178,20 +177,20 @@ SEQUENTIAL = {"calibration": _gptq_calibration, "quantization": _gptq_quantizati
 
 def _ident(v: Any) -> Any:
     """What a cache key sees of an input: records by digest or key, everything else as is."""
-    if isinstance(v, CheckpointRecord):
+    if isinstance(v, (CheckpointRecord, TextRecord)):
         return v.digest
     if isinstance(v, StageOutput):
         return v.key
     if isinstance(v, (list, tuple)):
         return [_ident(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _ident(x) for k, x in v.items()}
     return v
 
 
 def _layer_key(ctx, p) -> str:
     i = p["inputs"]
     inputs = {k: _ident(v) for k, v in sorted(i.items()) if k not in ("cache_dir", "storage_options")}
-    if "text" in inputs:  # calibration text by content
-        inputs["text"] = dict(inputs["text"], text_uri=text_digest(i["text"]["text_uri"], i["storage_options"]))
     if p["stage"] == "validation":  # interpreter checks sample rows; a GPU's check covers them all
         inputs["kernel_device"] = kernel_device()
     key = stage_key(p["stage"], "layers", p.get("positions", "sequential"), inputs)
@@ -239,10 +238,10 @@ def _league_lock() -> threading.Lock:
     return threading.Lock()
 
 
-def _league_env(checkpoint, stats, calibrations, grid, text_uri, seq_len, windows, task_name, task_examples, store,
+def _league_env(checkpoint, stats, calibrations, grid, text, seq_len, windows, task_name, task_examples, store,
                 storage_options, cache_dir, gptq_text):
-    ident = (checkpoint.digest, stats.key, tuple(c.key for c in calibrations), text_digest(text_uri, storage_options),
-             seq_len, windows, grid.group_size, task_name, task_examples)
+    ident = (checkpoint.digest, stats.key, tuple(c.key for c in calibrations), text.digest, seq_len, windows,
+             grid.group_size, task_name, task_examples)
     if ident not in _LEAGUE:
         for old in _LEAGUE.values():  # one league at a time per process: release the previous one first
             old[3].close()
@@ -253,31 +252,33 @@ def _league_env(checkpoint, stats, calibrations, grid, text_uri, seq_len, window
             tmp = Path(tmp)
             table = tables.read_stats(local_copy(st, stats, tmp) / "expert_stats.parquet")
             read = [read_calibration(st, c, tmp / f"calibration-{i}") for i, c in enumerate(calibrations)]
-        reference = league.Reference(path, read_text(text_uri, storage_options), seq_len=seq_len, windows=windows)
-        calibration = None if gptq_text is None else dict(gptq_text, text=read_text(gptq_text["text_uri"], storage_options))
+        reference = league.Reference(path, pinned(text, cache_dir, storage_options), seq_len=seq_len, windows=windows)
+        calibration = None if gptq_text is None else dict(gptq_text, text=pinned(gptq_text["text"], cache_dir,
+                                                                                  storage_options))
         _LEAGUE[ident] = (table, read[0][0], {k: q for k, (_, q) in zip(grid.error_keys(), read)}, reference,
                           league.CellWriter(path, grid.group_size, calibration=calibration),
                           league.task(task_name, task_examples))
     return _LEAGUE[ident]
 
 
-def _cells_key(ctx, p) -> str:
-    return stage_key("league", "cells", p["indices"], p["checkpoint"].digest, p["stats"].key,
-                     [c.key for c in p["calibrations"]], p["grid"], text_digest(p["text_uri"], p["storage_options"]),
-                     p["seq_len"], p["windows"], p["task_name"], p["task_examples"])
+def cells_key(indices: list[int], checkpoint: CheckpointRecord, stats: StageOutput, calibrations: list[StageOutput],
+              grid: dict, text: TextRecord, seq_len: int, windows: int, task_name: str | None, task_examples: int) -> str:
+    return stage_key("league", "cells", indices, checkpoint.digest, stats.key, [c.key for c in calibrations], grid,
+                     text.digest, seq_len, windows, task_name, task_examples)
 
 
-@task(name="league-cells", cache_key_fn=_cells_key, persist_result=True, result_serializer="json",
+@task(name="league-cells", cache_key_fn=cache_key("league", cells_key, in_store=False), persist_result=True,
+      result_serializer="json",
       task_run_name="league-cells-{indices}", retries=2, retry_delay_seconds=[1, 4], retry_condition_fn=transient)
 def league_cells(indices: list[int], checkpoint: CheckpointRecord, stats: StageOutput, calibrations: list[StageOutput],
-                 grid: dict, text_uri: str, seq_len: int, windows: int, task_name: str | None, task_examples: int,
+                 grid: dict, text: TextRecord, seq_len: int, windows: int, task_name: str | None, task_examples: int,
                  store: str, storage_options: dict, cache_dir: str | None, gptq_text: dict | None = None) -> list[dict]:
     """Some cells of the league grid, each allocated, written and evaluated (see league.run_cell);
-    `calibrations` in `Grid.error_keys()` order; GPTQ cells calibrate on `gptq_text` (uri, seq_len,
-    windows: the routing stage's, which the calibrations' keys cover)."""
+    `calibrations` in `Grid.error_keys()` order; GPTQ cells calibrate on `gptq_text` (the pinned
+    text, seq_len, windows: the routing stage's, which the calibrations' keys cover)."""
     g = league.Grid.from_dict(grid)
     with _league_lock():
         table, calib, qerrors, reference, writer, task = _league_env(
-            checkpoint, stats, calibrations, g, text_uri, seq_len, windows, task_name, task_examples, store,
+            checkpoint, stats, calibrations, g, text, seq_len, windows, task_name, task_examples, store,
             storage_options, cache_dir, gptq_text)
         return [league.run_cell(i, table, calib, qerrors, g, reference, writer, task) for i in indices]

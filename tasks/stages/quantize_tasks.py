@@ -4,7 +4,6 @@ four): caching, retries, progress and store I/O follow `stage_io.py`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import tempfile
@@ -16,32 +15,31 @@ from prefect import task
 from prefect.logging import get_run_logger
 
 from ..allocation import allocate, budget, calibrate, statistics
-from ..checkpoints import fetch
+from ..checkpoints import fetch, texts
 from ..checkpoints.adapters import detect
 from ..checkpoints.reader import Checkpoint
 from ..checkpoints.reference import check as check_routers
 from ..checkpoints.reference import choose, unusable
+from ..checkpoints.texts import pinned
 from ..errors import ExpertbitsError, ValidationFailed
 from ..measure import evaluate, fused_check, kernel_check
 from ..meter import Meter, report
 from ..quantization import writer
 from ..quantization.method import QuantizerConfig
-from ..records import CheckpointRecord, ReferenceChoice, RunManifest, StageOutput
+from ..records import CheckpointRecord, ReferenceChoice, RunManifest, StageOutput, TextRecord
 from ..store import publish, tables
 from ..store.storage import Store
 from .per_layer import quantization_key
 from .stage_io import (
+    cache_key,
     ckpt_path,
     expert_bytes,
     kernel_device,
     local_copy,
-    miss_unless,
     progress_reporter,
     publish_stage,
     read_calibration,
-    read_text,
     stage_key,
-    text_digest,
     transient,
 )
 
@@ -61,6 +59,15 @@ def pin_revision(uri: str | None) -> str | None:
     """An hf:// branch or tag resolved to its commit, once, before the download's cache key and
     the download itself read it (so both see one commit); other URIs as given."""
     return fetch.pin(uri) if uri else uri
+
+
+@task(name="pin-text", retries=3, retry_delay_seconds=[1, 4, 10], retry_condition_fn=transient)
+def pin_text(uri: str, cache_dir: str | None, storage_options: dict) -> TextRecord:
+    """A calibration or evaluation text read once, kept by digest: what every key and stage of the
+    run sees (checkpoints/texts.py)."""
+    text = texts.pin(uri, cache_dir, storage_options)
+    get_run_logger().info(f"{uri}: sha256 {text.digest[:12]}")
+    return text
 
 
 def _download_key(ctx, p) -> str:
@@ -137,18 +144,17 @@ def _why(e: BaseException) -> str:
 
 # ---- 2. statistics ------------------------------------------------------------------------------
 
-def _stats_key(ctx, p) -> str:
-    ref = p["reference"].digest if p["reference"] else None
-    return miss_unless(ctx, Store(p["store"], p["storage_options"]), "statistics",
-                        stage_key("statistics", p["checkpoint"].digest, ref, p["store"]))
+def statistics_key(checkpoint: CheckpointRecord, reference: CheckpointRecord | None, store: str) -> str:
+    return stage_key("statistics", checkpoint.digest, reference.digest if reference else None, store)
 
 
-@task(name="statistics", cache_key_fn=_stats_key, persist_result=True, result_serializer="json")
+@task(name="statistics", cache_key_fn=cache_key("statistics", statistics_key), persist_result=True,
+      result_serializer="json")
 def extract_statistics(checkpoint: CheckpointRecord, reference: CheckpointRecord | None, parts: list[list[dict]],
                        store: str, storage_options: dict, cache_dir: str | None) -> StageOutput:
     """Router norms, Λ and MaxVar per expert (computed per layer by `per_layer.layer_work`), into parquet."""
     st = Store(store, storage_options)
-    key = stage_key("statistics", checkpoint.digest, reference.digest if reference else None, store)
+    key = statistics_key(checkpoint, reference, store)
     with tempfile.TemporaryDirectory() as tmp, Checkpoint.open(ckpt_path(checkpoint, cache_dir, storage_options)) as ft:
         tmp = Path(tmp)
         stats, info = statistics.frame([r for chunk in parts for part in chunk for r in part["rows"]]), statistics.info_of(detect(ft))
@@ -164,24 +170,23 @@ def extract_statistics(checkpoint: CheckpointRecord, reference: CheckpointRecord
 
 # ---- 2b. calibration (allocators that use routing or quantization error) ----------------------
 
-def _routing_key(ctx, p) -> str:
-    return miss_unless(ctx, Store(p["store"], p["storage_options"]), "routing", stage_key(
-        "routing", p["checkpoint"].digest, text_digest(p["text_uri"], p["storage_options"]), p["seq_len"], p["windows"]))
+def routing_key(checkpoint: CheckpointRecord, text: TextRecord, seq_len: int, windows: int) -> str:
+    return stage_key("routing", checkpoint.digest, text.digest, seq_len, windows)
 
 
-@task(name="routing", cache_key_fn=_routing_key, persist_result=True, result_serializer="json")
-def route_experts(checkpoint: CheckpointRecord, text_uri: str, seq_len: int, windows: int, store: str,
+@task(name="routing", cache_key_fn=cache_key("routing", routing_key), persist_result=True, result_serializer="json")
+def route_experts(checkpoint: CheckpointRecord, text: TextRecord, seq_len: int, windows: int, store: str,
                   storage_options: dict, cache_dir: str | None) -> StageOutput:
     """What the router does on the calibration text: frequency, routing weight and input moments of
     every expert, from one streamed forward pass of the full-precision model."""
     st = Store(store, storage_options)
-    text = read_text(text_uri, storage_options)
-    key = stage_key("routing", checkpoint.digest, hashlib.sha256(text.encode()).hexdigest(), seq_len, windows)
+    key = routing_key(checkpoint, text, seq_len, windows)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         path = ckpt_path(checkpoint, cache_dir, storage_options)
         with Meter() as meter:
-            calib, moments, info = calibrate.route(path, text, seq_len=seq_len, windows=windows,
+            calib, moments, info = calibrate.route(path, pinned(text, cache_dir, storage_options), seq_len=seq_len,
+                                                   windows=windows,
                                                    progress=progress_reporter("routing"))
         report("routing", meter, expert_bytes(path), get_run_logger())
         if info["uncalibrated_experts"]:
@@ -191,22 +196,22 @@ def route_experts(checkpoint: CheckpointRecord, text_uri: str, seq_len: int, win
                 "routed: give more --calibration-windows or text closer to what the model will serve")
         tables.export_parquet(calib, tmp / "expert_calibration.parquet")
         calibrate.save_moments(moments, tmp / "moments.safetensors")
-        return publish_stage(st, "routing", key, tmp, dict(info, text=text_uri))
+        return publish_stage(st, "routing", key, tmp, dict(info, text=text.uri))
 
 
-def _calib_key(ctx, p) -> str:
-    return miss_unless(ctx, Store(p["store"], p["storage_options"]), "calibration", stage_key(
-        "calibration", p["routing"].key, sorted(p["bit_widths"]), p["group_size"], p["quantizer"]))
+def calibration_key(routing: StageOutput, bit_widths: list[int], group_size: int, quantizer: dict) -> str:
+    return stage_key("calibration", routing.key, sorted(bit_widths), group_size, quantizer)
 
 
-@task(name="calibration", cache_key_fn=_calib_key, persist_result=True, result_serializer="json")
+@task(name="calibration", cache_key_fn=cache_key("calibration", calibration_key), persist_result=True,
+      result_serializer="json")
 def calibrate_experts(routing: StageOutput, bit_widths: list[int], group_size: int, quantizer: dict,
                       parts: list[list[dict]], store: str, storage_options: dict) -> StageOutput:
     """The routing statistics beside the error of every expert at every width, measured with the
     quantizer the run uses (computed per layer by `per_layer.layer_work`; GPTQ's by
     `per_layer.sequential_work` on the routing stage's text, which its key covers)."""
     st = Store(store, storage_options)
-    key = stage_key("calibration", routing.key, sorted(bit_widths), group_size, quantizer)
+    key = calibration_key(routing, bit_widths, group_size, quantizer)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         calib = tables.read_stats(local_copy(st, routing, tmp, only=["expert_calibration.parquet"])
@@ -222,19 +227,18 @@ def calibrate_experts(routing: StageOutput, bit_widths: list[int], group_size: i
 
 # ---- 3. allocation ------------------------------------------------------------------------------
 
-def _alloc_key(ctx, p) -> str:
-    calib = p["calibration"].key if p["calibration"] else None
-    return miss_unless(ctx, Store(p["store"], p["storage_options"]), "allocation",
-                        stage_key("allocation", p["stats"].key, calib, p["config"]))
+def allocation_key(stats: StageOutput, calibration: StageOutput | None, config: dict) -> str:
+    return stage_key("allocation", stats.key, calibration.key if calibration else None, config)
 
 
-@task(name="allocation", cache_key_fn=_alloc_key, persist_result=True, result_serializer="json")
+@task(name="allocation", cache_key_fn=cache_key("allocation", allocation_key), persist_result=True,
+      result_serializer="json")
 def allocate_bits(stats: StageOutput, calibration: StageOutput | None, config: dict, store: str,
                   storage_options: dict) -> StageOutput:
     """Per-expert bit-widths: tier counts from the budget, the order from the chosen allocator."""
     st = Store(store, storage_options)
     cfg = budget.AllocationConfig(**dict(config, bit_widths=tuple(config["bit_widths"])))
-    key = stage_key("allocation", stats.key, calibration.key if calibration else None, config)
+    key = allocation_key(stats, calibration, config)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         table = tables.read_stats(local_copy(st, stats, tmp) / "expert_stats.parquet")
@@ -252,12 +256,8 @@ def allocate_bits(stats: StageOutput, calibration: StageOutput | None, config: d
 
 # ---- 4. quantization ----------------------------------------------------------------------------
 
-def _quant_key(ctx, p) -> str:
-    return miss_unless(ctx, Store(p["store"], p["storage_options"]), "quantization", quantization_key(
-        p["checkpoint"], p["allocation"], p["group_size"], p["quantizer"], p["text"], p["storage_options"]))
-
-
-@task(name="quantization", cache_key_fn=_quant_key, persist_result=True, result_serializer="json")
+@task(name="quantization", cache_key_fn=cache_key("quantization", quantization_key), persist_result=True,
+      result_serializer="json")
 def quantize_experts(checkpoint: CheckpointRecord, allocation: StageOutput, group_size: int, quantizer: dict,
                      text: dict | None, parts: list[list[dict]], store: str, storage_options: dict,
                      cache_dir: str | None) -> StageOutput:
@@ -265,7 +265,7 @@ def quantize_experts(checkpoint: CheckpointRecord, allocation: StageOutput, grou
     `per_layer.sequential_work` for GPTQ, calibrated on `text`), then the rest shard, config.json,
     the index and the side files."""
     st = Store(store, storage_options)
-    key = quantization_key(checkpoint, allocation, group_size, quantizer, text, storage_options)
+    key = quantization_key(checkpoint, allocation, group_size, quantizer, text)
     symmetric = QuantizerConfig.from_dict(quantizer).symmetric
     layers = [part for chunk in parts for part in chunk]
     with tempfile.TemporaryDirectory() as tmp:
@@ -298,20 +298,19 @@ def quantize_experts(checkpoint: CheckpointRecord, allocation: StageOutput, grou
 
 # ---- 5. kernel validation -----------------------------------------------------------------------
 
-def _valid_key(ctx, p) -> str:
-    return miss_unless(ctx, Store(p["store"], p["storage_options"]), "validation",
-                        stage_key("validation", p["quantized"].key, p["rtol"], text_digest(p["text_uri"], p["storage_options"]),
-                                  p["seq_len"], kernel_device()))
+def validation_key(quantized: StageOutput, rtol: float, text: TextRecord, seq_len: int) -> str:
+    return stage_key("validation", quantized.key, rtol, text.digest, seq_len, kernel_device())
 
 
-@task(name="kernel-validation", cache_key_fn=_valid_key, persist_result=True, result_serializer="json")
-def validate_kernels(quantized: StageOutput, rtol: float, text_uri: str, seq_len: int, parts: list[list[dict]], store: str,
-                     storage_options: dict) -> StageOutput:
+@task(name="kernel-validation", cache_key_fn=cache_key("validation", validation_key), persist_result=True,
+      result_serializer="json")
+def validate_kernels(quantized: StageOutput, rtol: float, text: TextRecord, seq_len: int, parts: list[list[dict]],
+                     store: str, storage_options: dict, cache_dir: str | None) -> StageOutput:
     """Two checks, as one report: the dequantize-matmul kernel on every packed matrix against the
     torch reference (run per layer by `per_layer.layer_work`), and the fused MoE kernel on every MoE
     layer with the shipped model's own routing of a calibration window (fused_check.py)."""
     st = Store(store, storage_options)
-    key = stage_key("validation", quantized.key, rtol, text_digest(text_uri, storage_options), seq_len, kernel_device())
+    key = validation_key(quantized, rtol, text, seq_len)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         table, summary = kernel_check.summarize([part for chunk in parts for part in chunk], rtol)
@@ -325,7 +324,7 @@ def validate_kernels(quantized: StageOutput, rtol: float, text_uri: str, seq_len
             )
         with Meter() as meter:
             fused = pd.DataFrame(fused_check.validate_fused(
-                local_copy(st, quantized, tmp), read_text(text_uri, storage_options), seq_len=seq_len, rtol=rtol,
+                local_copy(st, quantized, tmp), pinned(text, cache_dir, storage_options), seq_len=seq_len, rtol=rtol,
                 progress=progress_reporter("fused kernel")))
         report("validation (fused kernel)", meter, None, get_run_logger())
         summary.update(fused_check.summarize(fused))
@@ -348,27 +347,27 @@ def validate_kernels(quantized: StageOutput, rtol: float, text_uri: str, seq_len
 
 # ---- 6. evaluation ------------------------------------------------------------------------------
 
-def _eval_key(ctx, p) -> str:
-    text = hashlib.sha256(read_text(p["text_uri"], p["storage_options"]).encode()).hexdigest()
-    return miss_unless(ctx, Store(p["store"], p["storage_options"]), "evaluation",
-                        stage_key("evaluation", p["checkpoint"].digest, p["quantized"].key, text, p["seq_len"], p["windows"]))
+def evaluation_key(checkpoint: CheckpointRecord, quantized: StageOutput, text: TextRecord, seq_len: int,
+                   windows: int) -> str:
+    return stage_key("evaluation", checkpoint.digest, quantized.key, text.digest, seq_len, windows)
 
 
-@task(name="evaluation", cache_key_fn=_eval_key, persist_result=True, result_serializer="json")
-def evaluate_model(checkpoint: CheckpointRecord, quantized: StageOutput, text_uri: str, seq_len: int, windows: int,
+@task(name="evaluation", cache_key_fn=cache_key("evaluation", evaluation_key), persist_result=True,
+      result_serializer="json")
+def evaluate_model(checkpoint: CheckpointRecord, quantized: StageOutput, text: TextRecord, seq_len: int, windows: int,
                    store: str, storage_options: dict, cache_dir: str | None) -> StageOutput:
     """KL divergence and perplexity of the quantized model vs full precision on held-out text."""
     st = Store(store, storage_options)
-    text = read_text(text_uri, storage_options)
-    key = stage_key("evaluation", checkpoint.digest, quantized.key, hashlib.sha256(text.encode()).hexdigest(), seq_len, windows)
+    key = evaluation_key(checkpoint, quantized, text, seq_len, windows)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         path = ckpt_path(checkpoint, cache_dir, storage_options)
         with Meter() as meter:
-            metrics = evaluate.evaluate(path, local_copy(st, quantized, tmp), text, seq_len=seq_len, windows=windows,
+            metrics = evaluate.evaluate(path, local_copy(st, quantized, tmp), pinned(text, cache_dir, storage_options),
+                                        seq_len=seq_len, windows=windows,
                                         progress=progress_reporter("evaluation"))
         report("evaluation", meter, expert_bytes(path), get_run_logger())
-        metrics["text"] = text_uri
+        metrics["text"] = text.uri
         out = tmp / "out"
         out.mkdir()
         (out / "evaluation.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))

@@ -19,14 +19,13 @@ import json
 import uuid
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.logging import get_run_logger
 
 from ..checkpoints import fetch
-from ..checkpoints.texts import read_text  # noqa: F401  (the stage wrappers' reader)
 from ..errors import ExpertbitsError, ValidationFailed
 from ..records import CheckpointRecord, StageOutput
 from ..store import tables
@@ -39,14 +38,14 @@ _S, _P, _L = "expertbits.tasks.stages.quantize_tasks", "expertbits.tasks.stages.
 _LAYERS = ("layer_work", "sequential_work", "_layer_key")
 STAGE_ENTRIES: dict[str, dict[str, tuple[str, ...]]] = {
     "download": {_S: ("fetch_checkpoint", "_download_key")},
-    "statistics": {_S: ("extract_statistics", "_stats_key"), _P: (*_LAYERS, "_statistics")},
-    "routing": {_S: ("route_experts", "_routing_key")},
-    "calibration": {_S: ("calibrate_experts", "_calib_key"), _P: (*_LAYERS, "_calibration", "_gptq_calibration")},
-    "allocation": {_S: ("allocate_bits", "_alloc_key")},
-    "quantization": {_S: ("quantize_experts", "_quant_key"), _P: (*_LAYERS, "_quantization", "_gptq_quantization")},
-    "validation": {_S: ("validate_kernels", "_valid_key"), _P: (*_LAYERS, "_validation")},
-    "evaluation": {_S: ("evaluate_model", "_eval_key")},
-    "league": {_L: ("run_league", "_league_key"), _P: ("league_cells", "_cells_key")},
+    "statistics": {_S: ("extract_statistics", "statistics_key"), _P: (*_LAYERS, "_statistics")},
+    "routing": {_S: ("route_experts", "routing_key")},
+    "calibration": {_S: ("calibrate_experts", "calibration_key"), _P: (*_LAYERS, "_calibration", "_gptq_calibration")},
+    "allocation": {_S: ("allocate_bits", "allocation_key")},
+    "quantization": {_S: ("quantize_experts", "quantization_key"), _P: (*_LAYERS, "_quantization", "_gptq_quantization")},
+    "validation": {_S: ("validate_kernels", "validation_key"), _P: (*_LAYERS, "_validation")},
+    "evaluation": {_S: ("evaluate_model", "evaluation_key")},
+    "league": {_L: ("run_league", "league_key"), _P: ("league_cells", "cells_key")},
 }
 # Imported libraries that never change a stage's bytes: orchestration, transport, configuration.
 # Every other library the covered code imports (torch, transformers, triton, safetensors, duckdb,
@@ -234,6 +233,22 @@ def progress_reporter(stage: str):
     return report
 
 
+def cache_key(stage: str, key_of: Callable[..., str], in_store: bool = True) -> Callable:
+    """The Prefect cache_key_fn of a stage whose key `key_of` computes from the task's own
+    parameters, by name: the task body calls the same `key_of`, so the key Prefect looks up and
+    the key the stage writes under cannot differ. `in_store`: the stage's outputs are objects of
+    the store, and a key whose objects left it is a miss (`miss_unless`)."""
+    names = tuple(inspect.signature(key_of).parameters)
+
+    def key_fn(ctx, parameters) -> str:
+        key = key_of(**{n: parameters[n] for n in names})
+        if not in_store:
+            return key
+        return miss_unless(ctx, Store(parameters["store"], parameters["storage_options"]), stage, key)
+
+    return key_fn
+
+
 def miss_unless(ctx, store: Store, stage: str, key: str) -> str:
     """The key, unless Prefect holds a record for it whose objects left the store: then a one-off miss."""
     record = ctx.result_store is not None and ctx.result_store.exists(key)
@@ -312,10 +327,6 @@ def layer_path(rec: CheckpointRecord, positions: list[int], cache_dir: str | Non
             return sorted({info.file for k, info in c.tensors.items() if block_of(k) in blocks})
 
     return fetch.ensure_part(rec.uri, rec.digest, rec.files, wanted, cache_dir, storage_options)
-
-
-def text_digest(uri: str, storage_options: dict) -> str:
-    return hashlib.sha256(read_text(uri, storage_options).encode()).hexdigest()
 
 
 def read_calibration(st: Store, out: StageOutput | None, tmp: Path) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:

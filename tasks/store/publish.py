@@ -31,8 +31,8 @@ import pandas as pd
 
 from ..errors import StoreError
 from ..records import RunManifest, StageOutput
-from .tables import schema_sql
 from .storage import Store, sha256_file
+from .tables import schema_sql
 from .visibility import INCOMING, LOCKS, check_copies, copy_in, intact, lock, swap_in
 
 

@@ -18,7 +18,7 @@ def _edit(source: str, marker: str, insert: str) -> str:
 
 
 def test_comments_docstrings_and_layout_do_not_count():
-    cosmetic = SOURCE.replace("def _eval_key(ctx, p) -> str:\n", "# a new comment\n\n\ndef _eval_key(ctx, p) -> str:  # why\n")
+    cosmetic = SOURCE.replace("def evaluation_key(", "# a new comment\n\n\ndef evaluation_key(  # why\n")
     cosmetic = _edit(cosmetic, '    """KL divergence and perplexity', " (a reworded docstring)")
     assert cosmetic != SOURCE and normalized_source(cosmetic) == normalized_source(SOURCE)
     changed = _edit(SOURCE, EVAL_BODY, "    seq_len = seq_len + 0\n")
@@ -74,7 +74,7 @@ def test_statements_that_are_not_definitions_always_count():
 def test_the_code_a_key_covers_follows_the_import_graph():
     """A definition a stage reaches through an import is in its key; one it does not reach is not."""
     covered = dict(stage_io.covered("allocation")[0])
-    assert covered["expertbits.tasks.stages.quantize_tasks"] == ("_alloc_key", "allocate_bits")  # not the others
+    assert covered["expertbits.tasks.stages.quantize_tasks"] == ("allocate_bits", "allocation_key")  # not the others
     assert covered["expertbits.tasks.allocation.allocate"] is None  # imported as a module: all of it
     assert "expertbits.tasks.allocation.allocators" in covered  # reached through allocate
     assert "expertbits.tasks.measure.evaluate" not in covered and "expertbits.kernels.gptq" not in covered
