@@ -230,11 +230,11 @@ def test_league_cli_help_lists_every_parameter():
 
 
 def test_cli_parses_lists_and_bit_sets():
-    from expertbits.flows.cli import _params, build_parser
+    from expertbits.flows.cli import _given, build_parser
     from expertbits.flows.params import LeagueParams
 
     args = build_parser().parse_args(["league", "--budgets", "2,2.5", "--bit-sets", "2,3,4", "1,2,3", "--allocators", "paper,pmq"])
-    p = _params(args, LeagueParams)
+    p = LeagueParams(**_given(args, LeagueParams))
     assert p.budgets == [2.0, 2.5] and p.bit_sets == [[2, 3, 4], [1, 2, 3]] and p.allocators == ["paper", "pmq"]
 
 
