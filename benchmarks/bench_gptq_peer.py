@@ -63,7 +63,7 @@ def peer_run(peer_python: str, ft: Path, windows: Path, bits: int, tmp: Path, ro
     from expertbits.tasks.checkpoints.adapters import detect
     from expertbits.tasks.checkpoints.reader import Checkpoint
     from expertbits.tasks.measure.evaluate import evaluate
-    from expertbits.tasks.stages.stage_io import read_text
+    from expertbits.tasks.checkpoints.texts import read_text
 
     out = tmp / f"peer-{bits}{'-routed' if routed_only else ''}"
     cmd = [peer_python, str(Path(__file__).with_name("peer_llmcompressor.py")), "--model", str(ft), "--calibration",
@@ -119,7 +119,7 @@ def starved(peer_python: str, ft: Path, tmp: Path) -> dict:
     from expertbits.tasks.checkpoints.texts import token_windows
     from expertbits.tasks.quantization.gptq_sequential import sequential_gptq
     from expertbits.tasks.quantization.method import QuantizerConfig
-    from expertbits.tasks.stages.stage_io import read_text
+    from expertbits.tasks.checkpoints.texts import read_text
 
     text = read_text(CAL_TEXT, {})
     windows = tmp / "starved.json"
@@ -152,7 +152,7 @@ def main(argv=None) -> None:
     from expertbits.flows.cli import _prefect_defaults
     from expertbits.tasks.checkpoints import fetch
     from expertbits.tasks.checkpoints.texts import token_windows
-    from expertbits.tasks.stages.stage_io import read_text
+    from expertbits.tasks.checkpoints.texts import read_text
 
     _prefect_defaults()
     results = {}

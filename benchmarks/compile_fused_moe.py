@@ -4,7 +4,7 @@ Triton compiles to PTX and cubin offline (its bundled ptxas); no driver is neede
 (kernel, activation dtype, launch) this prints the registers per thread and the bytes spilled,
 from `ptxas -v`: a spill means local-memory traffic in a kernel that should be bound by the
 weight stream alone. It also proves the kernels compile (the Triton interpreter accepts code
-that compiled Triton refuses); tests/test_fused_moe.py runs it with `--quick`.
+that compiled Triton refuses); tests/unit/test_fused_moe.py runs it with `--quick`.
 
     python benchmarks/compile_fused_moe.py [--arch 90] [--quick] [--json out.json]
 """

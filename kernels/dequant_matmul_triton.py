@@ -4,7 +4,6 @@ Decorated by ``triton_mode.jit``: compiled on a CUDA device, interpreted elsewhe
 launch wrapper in :mod:`expertbits.kernels.dequant_matmul` launches it in the same mode.
 """
 
-import triton
 import triton.language as tl
 
 from .triton_mode import jit

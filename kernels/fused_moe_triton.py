@@ -20,10 +20,10 @@ Widths are runtime values, not constexpr: one compiled kernel serves every mix, 
 per-width index arithmetic (word of column k, shift) is a vector over the BLOCK_K columns of a
 step, computed once and broadcast across BLOCK_N rows.
 
-Import this module only after choosing compiled vs interpreted Triton (see dequant_matmul.py).
+Decorated by triton_mode.jit: compiled on a CUDA device, interpreted elsewhere (fused_moe.py launches
+them in the same mode).
 """
 
-import triton
 import triton.language as tl
 
 from .triton_mode import jit

@@ -17,7 +17,7 @@ The grid is quantize_rtn's: group-wise along K, fp16 scales rounded up, integer 
 reader of the format reads it. Each group's grid is fixed up front from the original weights
 ("static groups"): the updates cannot widen a group's range and coarsen its grid. The reference
 code sets a group's grid when its first column is reached, from the weights as updated so far
-(`static_groups=False`); on the random correlated layers of tests/test_gptq.py that was worse
+(`static_groups=False`); on the random correlated layers of tests/unit/test_gptq.py that was worse
 than RTN at 2 bits (1.1× RTN's output error) where static groups give 0.63×. `act_order` takes
 the columns in order of decreasing diag(H) (0.41–0.49× RTN's error there).
 

@@ -8,12 +8,15 @@ Triton decides between compiling and interpreting when a function is decorated
 imported. Setting TRITON_INTERPRET before that import would decide for the whole process, so
 instead our kernels are decorated (`jit`) and launched (`launching`) inside a scope that sets
 the knob and stands interpreted twins in for triton.language's compiled functions, restoring
-both on exit. An explicit TRITON_INTERPRET is obeyed, as Triton users expect.
+both on exit (one scope at a time in a process). An explicit TRITON_INTERPRET is obeyed, as
+Triton users expect. While an interpreted kernel runs, Triton itself patches
+`triton.language.core` and leaves that patch in place; harmless without CUDA.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from contextlib import contextmanager
 from functools import cache
 from typing import Iterator
@@ -35,22 +38,32 @@ def interpret() -> bool:
     return not torch.cuda.is_available()
 
 
+# One interpreted scope at a time in a process: the knob and triton.language's functions are
+# shared, and a thread leaving its scope must not restore them under another one's launch (the
+# interpreter holds the GIL anyway, so little is lost). Re-entrant: a thread's nested scope is its own.
+_SCOPE = threading.RLock()
+
+
 @contextmanager
 def launching() -> Iterator[None]:
     """The scope in which expertbits decorates and launches its kernels."""
-    if not interpret() or knobs.runtime.interpret:
+    if not interpret():
         yield
         return
-    with knobs.runtime.scope():  # restores the knob (and TRITON_INTERPRET) on exit
-        knobs.runtime.interpret = True
-        swapped = [(module, name, getattr(module, name)) for module, name, _ in _interpreted_language()]
-        try:
-            for module, name, twin in _interpreted_language():
-                setattr(module, name, twin)
+    with _SCOPE:
+        if knobs.runtime.interpret:  # TRITON_INTERPRET=1 for the whole process, or this thread's outer scope
             yield
-        finally:
-            for module, name, original in swapped:
-                setattr(module, name, original)
+            return
+        with knobs.runtime.scope():  # restores the knob (and TRITON_INTERPRET, which setting it sets meanwhile)
+            knobs.runtime.interpret = True
+            swapped = [(module, name, getattr(module, name)) for module, name, _ in _interpreted_language()]
+            try:
+                for module, name, twin in _interpreted_language():
+                    setattr(module, name, twin)
+                yield
+            finally:
+                for module, name, original in swapped:
+                    setattr(module, name, original)
 
 
 @cache

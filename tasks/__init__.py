@@ -1,5 +1,5 @@
 """expertbits.tasks: the library, by concern. Each subpackage may import only those listed
-before it (and kernels, the bundled zoo); tests/test_layering.py keeps the directions.
+before it (and kernels, the bundled zoo); tests/unit/test_layering.py keeps the directions.
 
     errors, records, meter   bad-input errors, the records tasks pass, wall time and memory
     store/                   the artifact store: URIs, tables, publishing runs whole, verify, gc, catalog

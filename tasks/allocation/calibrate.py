@@ -122,7 +122,7 @@ def calibrate(ft_path: Path, text: str, *, seq_len: int, windows: int, bit_width
               progress: Progress | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """(expert_calibration, expert_qerror, info) for the checkpoint at `ft_path`; errors are those of
     the quantizer the run will use (default: RTN, `symmetric` or not). `route`, then `layer_errors`
-    per layer (GPTQ: `sequential.gptq_errors`, one more forward)."""
+    per layer (GPTQ: `gptq_sequential.gptq_errors`, one more forward)."""
     quantizer = quantizer or QuantizerConfig(symmetric=symmetric)
     calib, moments, info = route(ft_path, text, seq_len=seq_len, windows=windows,
                                  progress=(lambda f, m: progress(0.5 * f, m)) if progress else None)

@@ -51,7 +51,7 @@ class Checkpoint:
             raise CheckpointError(f"{config_file}: not a JSON object", "re-export the checkpoint")
         _refuse_remote_code(config_file, config)
         files = sorted(p.name for p in path.glob("*.safetensors"))
-        # a partial copy (download.ensure_part) holds some shards and only the headers of the others
+        # a partial copy (fetch.ensure_part) holds some shards and only the headers of the others
         # (decided from the listing already taken: a shard renamed into place meanwhile is read later)
         stubs = sorted({p.name.removesuffix(HEADER) for p in path.glob("*.safetensors" + HEADER)} - set(files))
         if not files and not stubs:

@@ -49,12 +49,12 @@ def pin(uri: str, cache_dir: str | Path | None, storage_options: dict) -> TextRe
     data = read_text(uri, storage_options).encode()
     record = TextRecord(uri=uri, digest=hashlib.sha256(data).hexdigest())
     path = _cached(record, cache_dir)
-    if not path.is_file():
+    if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != record.digest:  # absent or damaged
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.incoming-{uuid.uuid4().hex}")
         try:
             tmp.write_bytes(data)
-            tmp.rename(path)  # whole or absent
+            tmp.replace(path)  # whole or absent
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -69,12 +69,14 @@ def pinned(record: TextRecord, cache_dir: str | Path | None, storage_options: di
         data = path.read_bytes()
         if hashlib.sha256(data).hexdigest() == record.digest:
             return data.decode()
-    again = pin(record.uri, cache_dir, storage_options)
-    if again.digest != record.digest:
-        raise ExpertbitsError(f"{record.uri} changed since this run read it (sha256 {again.digest[:12]}, pinned "
+    data = read_text(record.uri, storage_options).encode()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != record.digest:
+        raise ExpertbitsError(f"{record.uri} changed since this run read it (sha256 {digest[:12]}, pinned "
                               f"{record.digest[:12]}) and this machine has no copy of the text it pinned",
                               "rerun the flow; keep a text unchanged while runs use it, or give a new name to a new text")
-    return _cached(record, cache_dir).read_bytes().decode()
+    pin(record.uri, cache_dir, storage_options)  # cached for the next stage on this machine
+    return data.decode()
 
 
 def _cached(record: TextRecord, cache_dir: str | Path | None) -> Path:

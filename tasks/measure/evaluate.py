@@ -28,7 +28,7 @@ def log_probs(model, inputs: dict) -> torch.Tensor:
 
 
 def all_log_probs(model, pairs: list[tuple[dict, torch.Tensor]], pad_id: int | None) -> list[torch.Tensor]:
-    """`log_probs` of every example, from as few forwards as memory allows (see stream.batches):
+    """`log_probs` of every example, from as few forwards as memory allows (see streaming.batches):
     a streamed model reads each layer's weights once per forward."""
     from ..model.streaming import batches
 

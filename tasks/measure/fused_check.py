@@ -1,6 +1,6 @@
 """Stage 5, per layer: the fused MoE kernel on the shipped folder, with the model's own routing.
 
-One streamed forward of the quantized model (the shipped folder, read as `stream.streamed` reads
+One streamed forward of the quantized model (the shipped folder, read as `streaming.streamed` reads
 it) over one window of calibration text. At every MoE layer the experts module's inputs are
 captured: the hidden states and the router's decisions (top-k experts and weights; Switch's
 one-hot dispatch with its capacity drops). Then, per layer, the fused kernel

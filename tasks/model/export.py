@@ -56,7 +56,7 @@ def export_name(model_type: str, name: str) -> str:
 
 def consumers(qc: dict) -> dict[str, str]:
     """Which tools load this checkpoint's export correctly, in words; raises if none does (the
-    claims are tested in tests/test_export.py against transformers and compressed-tensors)."""
+    claims are tested in tests/unit/test_export.py against transformers and compressed-tensors)."""
     by_layer = {layer: sorted(set(bits)) for layer, bits in qc["expert_bits"].items()}
     mixed = {layer: bits for layer, bits in by_layer.items() if len(bits) > 1}
     if mixed:

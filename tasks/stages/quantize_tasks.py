@@ -102,12 +102,16 @@ def fetch_reference(checkpoint: CheckpointRecord, given: str | None, cache_dir: 
     goes on without a reference. The download is the cached `download` task, its retries its own."""
     logger = get_run_logger()
     config = json.loads((ckpt_path(checkpoint, cache_dir, storage_options) / "config.json").read_text())
-    try:
-        card, card_problem = fetch.read_card(checkpoint.uri, storage_options), None
-    except Exception as e:  # noqa: BLE001  the card is a hint: any failure to read it is reported, not fatal
-        if not unusable_because(e):
-            raise
-        card, card_problem = None, _why(e)
+    card, card_problem = None, None
+    for attempt in range(3 if not given else 0):  # a hint only: read when nothing is given, a few tries
+        try:
+            card, card_problem = fetch.read_card(checkpoint.uri, storage_options), None
+            break
+        except Exception as e:  # noqa: BLE001  a card that cannot be read is reported, not fatal
+            if not unusable_because(e):
+                raise
+            card_problem = _why(e)
+            time.sleep(2 ** attempt)
     choice = choose(checkpoint.uri, config, card, given, card_problem)
     if choice.uri is None:
         (logger.info if choice.source == "none-given" else logger.warning)(choice.note)

@@ -16,6 +16,7 @@ import importlib
 import importlib.util
 import inspect
 import json
+import pkgutil
 import uuid
 from functools import lru_cache
 from pathlib import Path
@@ -32,8 +33,8 @@ from ..store import tables
 from ..store.storage import Store, sha256_file
 
 # Each stage's entry points: its task, its key function and, for the per-layer stages, its unit of
-# work. The code a key covers is derived from them (`covered_modules`): in these wrapper modules only
-# the definitions the entries reach, and from there every expertbits module they import, whole.
+# work. The code a key covers is derived from them (`covered`): the definitions they reach, and
+# from there every definition or module those import, transitively.
 _S, _P, _L = "expertbits.tasks.stages.quantize_tasks", "expertbits.tasks.stages.per_layer", "expertbits.tasks.stages.league_tasks"
 _LAYERS = ("layer_work", "sequential_work", "_layer_key")
 STAGE_ENTRIES: dict[str, dict[str, tuple[str, ...]]] = {
@@ -50,6 +51,9 @@ STAGE_ENTRIES: dict[str, dict[str, tuple[str, ...]]] = {
 # Imported libraries that never change a stage's bytes: orchestration, transport, configuration.
 # Every other library the covered code imports (torch, transformers, triton, safetensors, duckdb,
 # pandas, numpy, scipy, matplotlib, ...) is in the key with its version.
+# Libraries that write a stage's bytes through another one: transformers' tokenizers cut the texts,
+# matplotlib writes its PNGs with Pillow, pandas holds its columns in numpy.
+IMPLIED = {"transformers": ("tokenizers",), "matplotlib": ("pillow",), "pandas": ("numpy",)}
 NOT_IN_KEYS = {"prefect", "prefect_dask", "distributed", "dask", "fsspec", "s3fs", "huggingface_hub", "pydantic",
                "botocore", "aiobotocore", "httpx", "httpx2", "filelock"}
 
@@ -76,7 +80,8 @@ def _tree(module: str) -> ast.Module:
 def _imported(module: str, nodes: list[ast.AST]) -> tuple[dict[str, tuple[str, str | None]], set[str]]:
     """The imports among `nodes` (walked: function-level imports count) of `module`: (bound name ->
     (the expertbits module it comes from, the name imported from it, or None for the module
-    itself), top-level names of the other libraries)."""
+    itself), top-level names of the other libraries). `import expertbits.a.b` and star imports
+    bind no name the code uses as such: they are keyed by their dotted name or `*module`."""
     package = module if inspect.getsourcefile(importlib.import_module(module)).endswith("__init__.py") \
         else module.rpartition(".")[0]
     bound, libraries = {}, set()
@@ -97,6 +102,9 @@ def _imported(module: str, nodes: list[ast.AST]) -> tuple[dict[str, tuple[str, s
                 libraries.add(base.split(".")[0])
                 continue
             for alias in node.names:  # `from package import module`, or a name from a module
+                if alias.name == "*":
+                    bound[f"*{base}"] = (base, None)
+                    continue
                 child = f"{base}.{alias.name}"
                 is_module = _is_package(base) and importlib.util.find_spec(child) is not None
                 bound[alias.asname or alias.name] = (child, None) if is_module else (base, alias.name)
@@ -151,22 +159,43 @@ def covered(stage: str) -> tuple[tuple[tuple[str, tuple[str, ...] | None], ...],
         done.add((module, name))
         if name is None:
             reached[module] = None
+            if _is_package(module):  # `package.sub.f` reaches submodules through attributes
+                spec = importlib.util.find_spec(module)
+                todo += [(f"{module}.{m.name}", None) for m in pkgutil.iter_modules(spec.submodule_search_locations)]
         elif reached.get(module, set()) is not None:
             reached.setdefault(module, set()).add(name)
         tree = _tree(module)
-        kept = tree.body if name is None else _reached(tree, (name,))
-        bound, libs = _imported(module, tree.body if name is None else kept)
-        if name is not None:  # module-level imports bind names the reached definitions use
-            top, top_libs = _imported(module, [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))])
-            bound, libs = {**top, **bound}, libs | top_libs
-        used = {n.id for node in kept if not isinstance(node, (ast.Import, ast.ImportFrom))
-                for n in ast.walk(node) if isinstance(n, ast.Name)}
-        if name is None:
-            used |= set(bound)
-        todo += [bound[n] for n in sorted(used) if n in bound]
-        libraries |= libs
+        tops = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        code = tree.body if name is None else [n for n in _reached(tree, (name,)) if n not in tops]
+        top_bound, top_libs = _imported(module, tops)
+        inner_bound, inner_libs = _imported(module, code)  # imports inside the covered definitions
+        used = {n.id for node in code for n in ast.walk(node) if isinstance(n, ast.Name)}
+        everywhere = {n.id for node in tree.body for n in ast.walk(node) if isinstance(n, ast.Name)}
+        follow = list(inner_bound.values())  # imported where the covered code runs: whatever they bind
+        for bound_name, target in top_bound.items():
+            # used by the covered code; this name itself (a re-export); imported for its side effects
+            # (used nowhere, e.g. registering a model type); dotted or star imports
+            if (name is None or bound_name in used or bound_name == name or bound_name not in everywhere
+                    or "." in bound_name or bound_name.startswith("*")):
+                follow.append(target)
+        todo += sorted(set(follow), key=lambda t: (t[0], t[1] or ""))
+        libraries |= (top_libs if name is None else set()) | inner_libs | _libraries_used(tops, used, name)
     return (tuple(sorted((m, None if d is None else tuple(sorted(d))) for m, d in reached.items())),
             tuple(sorted(libraries - NOT_IN_KEYS)))
+
+
+def _libraries_used(tops: list[ast.stmt], used: set[str], name: str | None) -> set[str]:
+    """The other libraries whose top-level imports bind a name the covered code uses."""
+    out = set()
+    for node in tops:
+        names = [a.asname or a.name.split(".")[0] for a in node.names]
+        root = (node.module or "").split(".")[0] if isinstance(node, ast.ImportFrom) else None
+        if isinstance(node, ast.ImportFrom) and (node.level or root == "expertbits"):
+            continue
+        for alias, bound in zip(node.names, names):
+            if name is None or bound in used:
+                out.add(root or alias.name.split(".")[0])
+    return out - {"__future__"}
 
 
 @lru_cache
@@ -186,8 +215,9 @@ def library_versions(stage: str) -> tuple[tuple[str, str], ...]:
     dists = packages_distributions()
     # the release, not the build label (2.13.0+cpu and +cu130 compute these stages alike), so
     # Dask workers of one release agree on the keys whatever their accelerator
-    return tuple(sorted({(d, version(d).split("+")[0]) for lib in covered(stage)[1] if lib in dists
-                         for d in dists[lib]}))
+    names = {d for lib in covered(stage)[1] if lib in dists for d in dists[lib]}
+    names |= {d for n in names for d in IMPLIED.get(n.lower(), ())}
+    return tuple(sorted((d, version(d).split("+")[0]) for d in names))
 
 
 def kernel_device() -> str:

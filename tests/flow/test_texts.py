@@ -80,3 +80,6 @@ def test_a_worker_without_the_pinned_copy_refuses_a_changed_text(tmp_path):
         pinned(record, tmp_path / "elsewhere", {})  # another machine's cache: read again, and refused
     text.write_text("first words")
     assert pinned(record, tmp_path / "elsewhere", {}) == "first words"
+    (tmp_path / "cache" / "texts" / f"{record.digest}.txt").write_text("damaged")  # the cached copy, damaged
+    assert pinned(record, tmp_path / "cache", {}) == "first words"  # read again from the URI, and repaired
+    assert (tmp_path / "cache" / "texts" / f"{record.digest}.txt").read_text() == "first words"

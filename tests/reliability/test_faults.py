@@ -1,4 +1,4 @@
-"""A flaky store: the flow against S3 through a fault-injecting proxy on loopback (tests/faultproxy.py:
+"""A flaky store: the flow against S3 through a fault-injecting proxy on loopback (tests/support/faultproxy.py:
 500s, 503s, connection resets before and after the server acted, delays) completes through
 retries, with the same bytes as a run against the healthy server."""
 

@@ -27,7 +27,7 @@ def api_url() -> str:
 
 
 def quantize_args(params: dict, store: str, storage_options: dict | None = None, **extra) -> list[str]:
-    """CLI arguments of the test flow's configuration (tests/test_flow.py `params`)."""
+    """CLI arguments of the test flow's configuration (tests/flow/test_flow.py `params`)."""
     p = dict(params, store=store, **extra)
     args = ["quantize"]
     for k, v in p.items():

@@ -51,9 +51,9 @@ def test_library_versions_are_in_the_keys_but_not_the_downloads(monkeypatch):
     before = {s: stage_io.stage_key(s, "same inputs") for s in ("download", "quantization", "evaluation")}
     # every library the stage's code imports that writes bytes: duckdb and pandas write its parquet
     assert dict(stage_io.library_versions("quantization")).keys() == {"torch", "transformers", "triton", "safetensors",
-                                                                      "duckdb", "pandas"}
+                                                                      "duckdb", "pandas", "numpy", "tokenizers"}
     assert {"scipy", "numpy"} <= dict(stage_io.library_versions("allocation")).keys()  # the MILP allocators
-    assert "matplotlib" in dict(stage_io.library_versions("league")).keys()  # its figures
+    assert {"matplotlib", "pillow"} <= dict(stage_io.library_versions("league")).keys()  # its figures
     assert not {"prefect", "s3fs", "fsspec"} & dict(stage_io.library_versions("league")).keys()
     real = stage_io.library_versions
     monkeypatch.setattr(stage_io, "library_versions",
@@ -81,3 +81,5 @@ def test_the_code_a_key_covers_follows_the_import_graph():
     evaluation = dict(stage_io.covered("evaluation")[0])
     assert "expertbits.tasks.measure.evaluate" in evaluation and "expertbits.kernels.modules" in evaluation
     assert "expertbits.tasks.allocation.allocators" not in evaluation
+    # imported only for its side effect (registering the packed format with transformers): covered
+    assert "expertbits.tasks.model.load" in dict(stage_io.covered("routing")[0])

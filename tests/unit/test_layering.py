@@ -103,7 +103,7 @@ def test_kernels_need_only_torch_and_triton():
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
             for n in names:
                 root = n.split(".")[0]
-                assert root in {"torch", "triton", "os", "math", "dataclasses", "typing", "__future__", "logging", "functools", "contextlib",
+                assert root in {"torch", "triton", "os", "math", "dataclasses", "typing", "__future__", "logging", "functools", "contextlib", "threading",
                                 "expertbits"} and not n.startswith(("expertbits.tasks", "expertbits.flows")), (path.name, n)
 
 

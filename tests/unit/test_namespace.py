@@ -72,6 +72,10 @@ banks = [ExpertBank.stack([quantize_rtn(torch.randn(*s), b, 16) for b in (2, 4)]
 idx, w = torch.tensor([[0, 1], [1, 0], [0, 1]]), torch.rand(3, 2)
 out, ref = fused_moe(x, idx, w, *banks), fused_moe_reference(x, idx, w, *banks)
 assert float((out.double() - ref).abs().max() / ref.abs().max()) < 1e-4
+from concurrent.futures import ThreadPoolExecutor
+with ThreadPoolExecutor(4) as pool:  # several threads launching at once (a Dask worker's threads)
+    outs = list(pool.map(lambda i: dequant_matmul(x * i, q), range(8)))
+assert all(torch.allclose(o, dequant_matmul_reference(x * i, q), atol=1e-4) for i, o in enumerate(outs))
 assert dict(os.environ) == before and not triton.knobs.runtime.interpret and tl.zeros is zeros
 print("ok")
 """
