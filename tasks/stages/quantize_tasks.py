@@ -101,17 +101,9 @@ def fetch_reference(checkpoint: CheckpointRecord, given: str | None, cache_dir: 
     one the checkpoint declares that cannot be fetched or does not match is reported, and the run
     goes on without a reference. The download is the cached `download` task, its retries its own."""
     logger = get_run_logger()
-    config = json.loads((ckpt_path(checkpoint, cache_dir, storage_options) / "config.json").read_text())
-    card, card_problem = None, None
-    for attempt in range(3 if not given else 0):  # a hint only: read when nothing is given, a few tries
-        try:
-            card, card_problem = fetch.read_card(checkpoint.uri, storage_options), None
-            break
-        except Exception as e:  # noqa: BLE001  a card that cannot be read is reported, not fatal
-            if not unusable_because(e):
-                raise
-            card_problem = _why(e)
-            time.sleep(2 ** attempt)
+    path = ckpt_path(checkpoint, cache_dir, storage_options)
+    config = json.loads((path / "config.json").read_text())
+    card, card_problem = (None, None) if given else _read_card(checkpoint.uri, storage_options)
     choice = choose(checkpoint.uri, config, card, given, card_problem)
     if choice.uri is None:
         (logger.info if choice.source == "none-given" else logger.warning)(choice.note)
@@ -120,8 +112,7 @@ def fetch_reference(checkpoint: CheckpointRecord, given: str | None, cache_dir: 
         uri = pin_revision(choice.uri)
         fetch.check_source(uri, storage_options, remote=True, tokenizer=False)
         ref = fetch_checkpoint(uri, cache_dir, storage_options)
-        check_routers(checkpoint.uri, ckpt_path(checkpoint, cache_dir, storage_options), choice,
-                      ckpt_path(ref, cache_dir, storage_options))
+        check_routers(checkpoint.uri, path, choice, ckpt_path(ref, cache_dir, storage_options))
     except Exception as e:
         if choice.source == "given" or not unusable_because(e):
             raise
@@ -132,6 +123,21 @@ def fetch_reference(checkpoint: CheckpointRecord, given: str | None, cache_dir: 
     choice = choice.model_copy(update={"uri": uri})
     logger.info(choice.note)
     return ref, choice
+
+
+def _read_card(uri: str, storage_options: dict) -> tuple[str | None, str | None]:
+    """(the model card, why it could not be read). The card is a hint: a transport failure is tried
+    twice more, bad input is not retried, and either leaves the run without it, reported."""
+    for attempt in range(3):
+        try:
+            return fetch.read_card(uri, storage_options), None
+        except Exception as e:  # noqa: BLE001  sorted below: bugs surface, the rest is reported
+            if not unusable_because(e):
+                raise
+            if isinstance(e, ValueError) or attempt == 2:
+                return None, _why(e)
+            time.sleep(2 ** attempt)
+    raise AssertionError("unreachable")
 
 
 def unusable_because(e: BaseException) -> bool:
