@@ -6,7 +6,6 @@ import sys
 
 import duckdb
 import pytest
-import torch
 from support.flowruns import artifacts, task_states, text_of
 
 from expertbits.tasks.store.storage import Store
@@ -94,6 +93,15 @@ def test_flow_runs_then_caches_then_recomputes_only_what_changed(prefect_api, pa
     con.close()
     assert 0 < kl < 1
     _verify_reports_what_differs(run_dir, tmp_path)
+    # the public API's quantize, without Prefect, writes the folder the flow published, byte for byte
+    import expertbits
+    from support.flowruns import sha256s
+
+    from expertbits.tasks.store.tables import read_stats
+
+    alloc = read_stats(run_dir / "allocation" / "bit_allocation.parquet")
+    expertbits.quantize(params["checkpoint"], alloc, tmp_path / "api", group_size=32)
+    assert sha256s(tmp_path / "api") == sha256s(run_dir / "quantization")
 
     states = task_states(first)
     # the download and the per-layer statistics (functions of the checkpoints alone, kept in no

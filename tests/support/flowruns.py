@@ -54,3 +54,10 @@ def text_of(name: str, data: bytes, tmp) -> str:
             con.close()
             path.unlink()
     return data.decode("latin-1")
+
+
+def sha256s(folder) -> dict[str, str]:
+    """{file name: sha256} of a folder's files (a quantized folder is flat)."""
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}

@@ -1,0 +1,141 @@
+"""expertbits: each routed expert of a Mixture-of-Experts model at its own bit-width.
+
+The repository root is the package `expertbits` (pyproject maps it here; `flows`, `tasks` and
+`kernels` are its subpackages), and this file is its public API: the quantized model, and the
+pipeline's steps on local folders without Prefect. The Prefect flow runs the same functions
+with caching, retries, a store and a Dask cluster (`expertbits quantize`).
+
+    import expertbits
+
+    stats = expertbits.statistics("my-moe", reference="my-base")         # Λ and MaxVar per expert
+    calib = expertbits.calibrate("my-moe", text)                          # routing and error per width
+    alloc = expertbits.allocate(stats, calibration=calib, avg_bits=2.5)  # bits per expert
+    expertbits.quantize("my-moe", alloc, "my-moe-2.5b")                   # the quantized folder
+    expertbits.evaluate("my-moe", "my-moe-2.5b", held_out)               # KL and perplexity
+    model, tokenizer = expertbits.load("my-moe-2.5b")
+
+Importing expertbits imports neither torch nor Prefect; each function imports what it needs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the annotations only: importing expertbits stays cheap
+    import pandas as pd
+
+__all__ = ["load", "statistics", "calibrate", "allocate", "quantize", "evaluate", "Calibration"]
+
+# The defaults of `expertbits quantize` (flows/params.py), so that the steps and the flow agree.
+BIT_WIDTHS = (2, 3, 4)
+GROUP_SIZE = 64
+SEQ_LEN = 256
+WINDOWS = 16
+
+
+def load(path: str | Path, *, dtype="auto", device=None):
+    """(model, tokenizer) of a quantized folder (a run's `quantization/`, or `quantize`'s `out`).
+
+    The model is a transformers model (causal LM, or seq2seq for Switch Transformers) whose routed
+    experts run from their packed weights; `dtype` and `device` are as in `from_pretrained`."""
+    from expertbits.tasks.model.load import load as _load
+
+    return _load(path, dtype=dtype, device=device)
+
+
+def statistics(checkpoint: str | Path, reference: str | Path | None = None) -> pd.DataFrame:
+    """Λ and MaxVar of every routed expert: one row per (layer, expert), the `expert_stats` table.
+
+    `reference` is the checkpoint the fine-tune started from (same routers); without it Λ is the
+    final router row's norm. Tensors are streamed from safetensors; the model is never built."""
+    from expertbits.tasks.allocation.statistics import collect
+    from expertbits.tasks.checkpoints.reader import Checkpoint
+    from expertbits.tasks.checkpoints.reference import check
+    from expertbits.tasks.records import ReferenceChoice
+
+    if reference is None:
+        with Checkpoint.open(checkpoint) as ft:
+            return collect(ft, None)[0]
+    given = ReferenceChoice(uri=str(reference), source="given", reason="as given", note="")
+    check(str(checkpoint), Path(checkpoint), given, Path(reference))  # the same routers, or a clear error
+    with Checkpoint.open(checkpoint) as ft, Checkpoint.open(reference) as ref:
+        return collect(ft, ref)[0]
+
+
+class Calibration(tuple):
+    """`calibrate`'s result, (routing, errors): `routing` has one row per expert (tokens routed,
+    routing weight, Hessian trace), `errors` one per expert and width (the quantizer's error)."""
+
+    @property
+    def routing(self) -> pd.DataFrame:
+        return self[0]
+
+    @property
+    def errors(self) -> pd.DataFrame:
+        return self[1]
+
+
+def calibrate(checkpoint: str | Path, text: str, *, bit_widths: tuple[int, ...] = BIT_WIDTHS,
+              group_size: int = GROUP_SIZE, quantizer: str = "rtn", symmetric: bool = False,
+              seq_len: int = SEQ_LEN, windows: int = WINDOWS) -> Calibration:
+    """What the routers do on `text` (the text itself, not a path) and what each expert loses at
+    each width with the quantizer the run will use: the input of the routing- and error-based
+    allocators (`routed-error`, the default, among them)."""
+    from expertbits.tasks.allocation.calibrate import calibrate as _calibrate
+    from expertbits.tasks.quantization.method import QuantizerConfig
+
+    q = QuantizerConfig(method=quantizer, symmetric=symmetric)
+    calib, qerr, _ = _calibrate(Path(checkpoint), text, seq_len=seq_len, windows=windows,
+                                bit_widths=tuple(sorted(bit_widths)), group_size=group_size, quantizer=q)
+    return Calibration((calib, qerr))
+
+
+def allocate(stats: pd.DataFrame, *, avg_bits: float = 2.5, allocator: str = "routed-error",
+             calibration: Calibration | None = None, bit_widths: tuple[int, ...] = BIT_WIDTHS,
+             **options) -> pd.DataFrame:
+    """Bits per routed expert: one row per (layer, expert) with its bits and why.
+
+    `allocator` is any of `expertbits quantize --allocator`'s choices; those that use routing or
+    error need `calibration`. `options` are the other fields of the allocation configuration
+    (`zeta`, `scheme`, `granularity`, `maxvar_definition`, `seed`)."""
+    from expertbits.tasks.allocation.allocate import allocate as _allocate
+    from expertbits.tasks.allocation.allocators import check
+    from expertbits.tasks.allocation.budget import AllocationConfig
+
+    cfg = check(AllocationConfig(avg_bits=avg_bits, bit_widths=tuple(bit_widths), allocator=allocator, **options))
+    calib, qerr = calibration if calibration is not None else (None, None)
+    return _allocate(stats, cfg, calib, qerr)
+
+
+def quantize(checkpoint: str | Path, allocation: pd.DataFrame, out: str | Path, *, group_size: int = GROUP_SIZE,
+             quantizer: str = "rtn", symmetric: bool = False, clip: bool = False, text: str | None = None,
+             seq_len: int = SEQ_LEN, windows: int = WINDOWS) -> dict:
+    """Write the quantized folder of `checkpoint` into `out` (which must not exist) and return its
+    summary. `quantizer="gptq"` calibrates each expert on the tokens its router sends it from
+    `text`, layer after layer. The folder is what `load` reads and `expertbits export` converts."""
+    from expertbits.tasks.quantization.method import QuantizerConfig
+    from expertbits.tasks.quantization.writer import quantize_checkpoint
+
+    q = QuantizerConfig(method=quantizer, symmetric=symmetric, clip=clip)
+    if q.calibrated:
+        if text is None:
+            from expertbits.tasks.errors import ExpertbitsError
+
+            raise ExpertbitsError("GPTQ needs calibration text", "pass text=..., or quantizer='rtn'", "text")
+        from expertbits.tasks.quantization.gptq_sequential import quantize_checkpoint_gptq
+
+        return quantize_checkpoint_gptq(Path(checkpoint), allocation, group_size, q, text, Path(out),
+                                        seq_len=seq_len, windows=windows)
+    return quantize_checkpoint(Path(checkpoint), allocation, group_size, Path(out),
+                               quantizer=lambda m, w, bits: q.round_matrix(w, bits, group_size),
+                               symmetric=q.symmetric, config=q.as_dict())
+
+
+def evaluate(checkpoint: str | Path, quantized: str | Path, text: str, *, seq_len: int = SEQ_LEN,
+             windows: int = WINDOWS) -> dict:
+    """Token-level KL(full precision ‖ quantized) and the perplexity of both on held-out `text`,
+    the quantized model run from its folder's own bytes."""
+    from expertbits.tasks.measure.evaluate import evaluate as _evaluate
+
+    return _evaluate(Path(checkpoint), Path(quantized), text, seq_len=seq_len, windows=windows)

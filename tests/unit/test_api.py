@@ -1,0 +1,51 @@
+"""The public API at the package root: the steps on local folders, without Prefect."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+def test_steps_run_without_prefect_and_the_model_loads(micro_pair, tmp_path):
+    """In a fresh interpreter: every step on the tiny pair, then load and generate; Prefect is
+    never imported, and importing expertbits alone imports neither torch nor Prefect."""
+    base, ft = micro_pair
+    code = f"""
+import sys
+import expertbits
+assert "torch" not in sys.modules and "prefect" not in sys.modules
+from expertbits.zoo import text_path
+text = text_path("code-heldout").read_text()
+stats = expertbits.statistics({str(ft)!r}, reference={str(base)!r})
+assert len(stats) == 8 and stats.lambda_source.eq("norm-change").all(), stats.lambda_source.unique()
+calib = expertbits.calibrate({str(ft)!r}, text, bit_widths=(2, 3), group_size=32, seq_len=64, windows=4)
+assert len(calib.routing) == 8 and len(calib.errors) == 16
+alloc = expertbits.allocate(stats, calibration=calib, avg_bits=2.5, bit_widths=(2, 3))
+assert alloc.bits.mean() == 2.5 and set(alloc.bits) == {{2, 3}}
+summary = expertbits.quantize({str(ft)!r}, alloc, {str(tmp_path / "q")!r}, group_size=32)
+metrics = expertbits.evaluate({str(ft)!r}, {str(tmp_path / "q")!r}, text, seq_len=64, windows=4)
+assert 0 < metrics["kl"] < 1, metrics
+model, tokenizer = expertbits.load({str(tmp_path / "q")!r})
+ids = tokenizer("def f(x):", return_tensors="pt").input_ids
+assert model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] == ids.shape[1] + 4
+assert "prefect" not in sys.modules, "a step imported Prefect"
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_steps_refuse_bad_input_clearly(micro_pair, tmp_path):
+    import expertbits
+    from expertbits.tasks.errors import BudgetError, CheckpointError, ExpertbitsError
+
+    base, ft = micro_pair
+    with pytest.raises(CheckpointError, match="no config.json"):
+        expertbits.statistics(tmp_path)
+    stats = expertbits.statistics(ft)
+    with pytest.raises(BudgetError, match="unknown allocator"):
+        expertbits.allocate(stats, allocator="nope")
+    with pytest.raises(ExpertbitsError, match="GPTQ needs calibration text"):
+        expertbits.quantize(ft, expertbits.allocate(stats, allocator="paper", bit_widths=(2, 3)), tmp_path / "q",
+                            quantizer="gptq")
+    assert not (tmp_path / "q").exists()
