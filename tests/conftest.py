@@ -18,6 +18,10 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+# Prefect binds its console log handler to sys.stderr when first imported; imported inside a
+# test that captures output (capsys), it would keep writing to that test's closed stream.
+from prefect import flow  # noqa: E402, F401  (its import sets Prefect's logging up)
+
 import json  # noqa: E402
 import logging  # noqa: E402
 import shutil  # noqa: E402

@@ -22,7 +22,6 @@ How it fits into transformers (5.x):
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -32,6 +31,7 @@ from expertbits.kernels.packing import QuantizedTensor, packed_width
 
 from ..errors import CheckpointError
 from ..store.verify import check_folder
+from .install import install
 from .packed_folder import FORMAT_VERSION, MODEL_TYPE, QUANT_METHOD, iter_quantized
 
 PACKED_SUFFIXES = ("qweight", "scales", "zeros")
@@ -71,75 +71,14 @@ def install_packed_experts(model: torch.nn.Module, qc: dict, packed: dict[str, Q
     """Replace every MoE layer's experts (or the packed modules a previous call installed) by packed
     modules holding `packed`; returns the number of matrices installed. A fused layer's matrices
     are removed from `packed` as they are stacked into its banks (so memory holds each once)."""
-    by_layer: dict[str, dict[tuple[int, str], str]] = defaultdict(dict)
-    for name, info in qc["modules"].items():
-        by_layer[str(info["layer"])][info["expert"], info["role"]] = name
-    installed, total = 0, len(packed)
-    for layer, module_name in sorted(qc["experts_modules"].items(), key=lambda kv: int(kv[0])):
-        try:
-            experts = model.get_submodule(module_name)
-        except AttributeError as e:
-            raise CheckpointError(f"{folder}: layer {layer}'s experts module {module_name} is not in the "
-                                  f"{type(model).__name__} transformers built", "this transformers version lays the "
-                                  "model out differently; use the version recorded in config.json") from e
-        names = by_layer[layer]
-        fused = isinstance(experts, PackedExperts) or isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor)
-        count = _expert_count(experts, fused, module_name, folder)
-        roles = ("gate", "up", "down") if fused else sorted({r for _, r in names} | {"gate", "down"})
-        missing = [(e, r) for e in range(count) for r in roles if (e, r) not in names]
-        if missing or len(qc["expert_bits"].get(layer, ())) != count:
-            raise CheckpointError(f"{folder}: layer {layer} has {count} experts in the model but the quantization config "
-                                  f"lacks (expert, matrix) {missing[:4]}", "the folder is incomplete or was edited; quantize again")
-        if fused:
-            act = getattr(experts, "act_fn", None)
-            if act is None or getattr(experts, "gate_up_proj_bias", None) is not None:
-                raise CheckpointError(f"{folder}: {type(experts).__name__} at {module_name} is not a bias-free gated MLP",
-                                      "this architecture's experts are not supported by the packed runtime yet")
-            # the layer's matrices leave `packed` as its banks are built: one layer is ever held twice
-            modules = [tuple(packed.pop(names[e, r]) for r in ("gate", "up", "down")) for e in range(count)]
-            model.set_submodule(module_name, PackedExperts(modules, act))
-            del modules
-            installed += 3 * count
-        else:  # per-expert nn.Linear modules (Switch Transformers)
-            for (e, role), name in sorted(names.items()):
-                target = f"{module_name}.{name.split('.experts.', 1)[1]}"
-                try:
-                    linear = model.get_submodule(target)
-                except AttributeError as err:
-                    raise CheckpointError(f"{folder}: {target} is not in the model transformers built",
-                                          "the quantization config does not match the model; quantize again") from err
-                if not isinstance(linear, PackedLinear) and (not isinstance(linear, torch.nn.Linear) or linear.bias is not None):
-                    raise CheckpointError(f"{folder}: {target} is {type(linear).__name__}, expected a bias-free Linear",
-                                          "this architecture's experts are not supported by the packed runtime yet")
-                model.set_submodule(target, PackedLinear(packed[name]))
-                installed += 1
-            left = [n for n, m in experts.named_modules(prefix=module_name) if type(m) is torch.nn.Linear]
-            if left:
-                raise CheckpointError(f"{folder}: expert matrices {left[:3]} have no packed weights",
-                                      "the folder is incomplete or was edited; quantize again")
-        # transformers (re)initialises every module it has not loaded; the MoE block and everything
-        # between it and the packed modules hold nothing it could initialise any more
-        parent = module_name.rpartition(".")[0]
-        for name, module in model.get_submodule(parent).named_modules(prefix=parent):
-            if name == parent or name.startswith(module_name):
-                module._is_hf_initialized = True
+    total = len(packed)
+    installed = install(model, qc, folder,
+                        fused=lambda names, act: PackedExperts([tuple(packed.pop(n) for n in trio) for trio in names], act),
+                        linear=lambda name: PackedLinear(packed[name]), installed=(PackedExperts, PackedLinear))
     if installed != total:
         raise CheckpointError(f"{folder}: installed {installed} of {total} packed matrices",
                               "the quantization config does not match the model; quantize again")
     return installed
-
-
-def _expert_count(experts: torch.nn.Module, fused: bool, module_name: str, folder: Path) -> int:
-    """How many routed experts the model's experts module has (the config must cover them all)."""
-    if isinstance(experts, PackedExperts):
-        return experts.num_experts
-    if fused:
-        return experts.gate_up_proj.shape[0]
-    count = getattr(experts, "num_experts", None)
-    if not isinstance(count, int):
-        raise CheckpointError(f"{folder}: cannot tell how many experts {module_name} ({type(experts).__name__}) holds",
-                              "this architecture's experts are not supported by the packed runtime yet")
-    return count
 
 
 def _register() -> None:

@@ -38,6 +38,7 @@ from expertbits.kernels.packing import QuantizedTensor
 from ..checkpoints.adapters import block_of, detect, load_renames
 from ..checkpoints.reader import Checkpoint
 from ..errors import CheckpointError
+from .install import install
 
 PACKED_SUFFIXES = ("qweight", "scales", "zeros")
 
@@ -167,10 +168,8 @@ def _install_fp(model: nn.Module, ckpt: Checkpoint, path: Path, dtype: torch.dty
 
 
 def _install_packed(model: nn.Module, ckpt: Checkpoint, qc: dict, path: Path) -> set[str]:
-    """Packed experts, read from the expertbits folder's shards exactly as stored."""
-    by_layer: dict[str, dict[tuple[int, str], str]] = defaultdict(dict)
-    for name, info in qc["modules"].items():
-        by_layer[str(info["layer"])][info["expert"], info["role"]] = name
+    """Packed experts, read from the expertbits folder's shards exactly as stored, when they run."""
+    for name in qc["modules"]:
         for s in PACKED_SUFFIXES:
             if f"{name}.{s}" not in ckpt.tensors:
                 raise CheckpointError(f"{path}: quantization_config lists {name} but no shard holds {name}.{s}",
@@ -181,27 +180,12 @@ def _install_packed(model: nn.Module, ckpt: Checkpoint, qc: dict, path: Path) ->
         return QuantizedTensor(*(ckpt.read(f"{name}.{s}") for s in PACKED_SUFFIXES), bits=info["bits"],
                                group_size=qc["group_size"], shape=tuple(info["shape"]))
 
-    for layer, module_name in qc["experts_modules"].items():
-        names = by_layer[layer]
-        experts = _fused_experts(model, module_name, path)
-        if experts is not None:
-            count = experts.gate_up_proj.shape[0]
-            missing = [(e, r) for e in range(count) for r in ("gate", "up", "down") if (e, r) not in names]
-            if missing:
-                raise CheckpointError(f"{path}: layer {layer} has {count} experts but the quantization config lacks "
-                                      f"(expert, matrix) {missing[:4]}", "the folder is incomplete or was edited; quantize again")
-            for e in range(count):
-                check_gated(e, *(qc["modules"][names[e, r]]["shape"] for r in ("gate", "up", "down")))
-            load = lambda e, names=names: tuple(read(names[e, r]) for r in ("gate", "up", "down"))  # noqa: E731
-            model.set_submodule(module_name, LazyExperts(count, experts.act_fn, load))
-        else:
-            for (e, role), name in sorted(names.items()):
-                target = f"{module_name}.{name.split('.experts.', 1)[1]}"
-                _set_linear(model, target, LazyLinear(lambda name=name: read(name), tuple(qc["modules"][name]["shape"])), path)
-            left = [n for n, m in model.get_submodule(module_name).named_modules(prefix=module_name) if type(m) is nn.Linear]
-            if left:
-                raise CheckpointError(f"{path}: expert matrices {left[:3]} have no packed weights",
-                                      "the folder is incomplete or was edited; quantize again")
+    def fused(names: list[tuple[str, str, str]], act) -> LazyExperts:
+        for e, trio in enumerate(names):
+            check_gated(e, *(qc["modules"][n]["shape"] for n in trio))
+        return LazyExperts(len(names), act, lambda e: tuple(read(n) for n in names[e]))
+
+    install(model, qc, path, fused, lambda name: LazyLinear(lambda: read(name), tuple(qc["modules"][name]["shape"])))
     return {f"{name}.{s}" for name in qc["modules"] for s in PACKED_SUFFIXES}
 
 

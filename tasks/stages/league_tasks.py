@@ -10,7 +10,6 @@ import json
 import tempfile
 from pathlib import Path
 
-import duckdb
 from prefect import task
 from prefect.logging import get_run_logger
 
@@ -20,10 +19,9 @@ from ..store import publish, tables
 from ..store.storage import Store
 from .stage_io import (
     cache_key,
-    local_copy,
-    publish_stage,
     read_calibration,
     stage_key,
+    stage_work,
     transient,
 )
 
@@ -42,17 +40,14 @@ def run_league(checkpoint: CheckpointRecord, stats: StageOutput, calibrations: l
     `per_layer.league_cells`).
 
     `calibrations` holds one calibration per quantizer of the grid, in `Grid.error_keys()` order."""
-    st = Store(store, storage_options)
     key = league_key(checkpoint, stats, calibrations, grid, text, seq_len, windows, task_name, task_examples)
     g = league.Grid.from_dict(grid)
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        table = tables.read_stats(local_copy(st, stats, tmp) / "expert_stats.parquet")
-        calib, qerr = read_calibration(st, calibrations[0], tmp / "calibration")
+    with stage_work("league", key, store, storage_options) as w:
+        table = tables.read_stats(w.read(stats) / "expert_stats.parquet")
+        calib, qerr = read_calibration(w.store, calibrations[0], w.tmp / "calibration")
         rows, allocs = league.gather([cell for chunk in cells for cell in chunk])
         summary = league.summarize(rows)
-        out = tmp / "out"
-        out.mkdir()
+        out = w.out
         for name, frame in (("league", rows), ("league_summary", summary), ("league_allocation", allocs)):
             tables.export_parquet(frame, out / f"{name}.parquet")
         title = checkpoint.uri
@@ -64,27 +59,7 @@ def run_league(checkpoint: CheckpointRecord, stats: StageOutput, calibrations: l
             plots.heatmap(allocs, out / "heatmap.png", *cell, title)
         best = summary[summary["rank"] == 1].groupby("variant").size().sort_values(ascending=False)
         get_run_logger().info(f"league: {len(rows)} cells; allocators ranked first: {best.to_dict()}")
-        return publish_stage(st, "league", key, out, {"cells": len(rows), "ranked_first": best.to_dict(),
-                                                        "task": task_name, "text": text.uri})
-
-
-def league_database(path: Path, store: Store, outputs: dict[str, StageOutput], tmp: Path) -> None:
-    """Every parquet of the league's stages as a table of one DuckDB (schema tables by name)."""
-    con = duckdb.connect(str(path), config={"autoinstall_known_extensions": False})
-    try:
-        con.execute(tables.schema_sql())
-        schema = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
-        for stage, out in outputs.items():
-            for rel in (r for r in out.files if r.endswith(".parquet")):
-                if stage.startswith("calibration-") and rel == "expert_calibration.parquet":
-                    continue  # routing statistics do not depend on the quantizer: one copy is enough
-                table, local = rel.removesuffix(".parquet"), store.get_file(f"{out.prefix}/{rel}", tmp / stage / rel)
-                # paths are parameters, never SQL text (a quote in a store path must not break or inject)
-                con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM read_parquet(?)" if table in schema
-                            else f"CREATE TABLE {table} AS SELECT * FROM read_parquet(?)", [str(local)])
-        con.execute("CHECKPOINT")
-    finally:
-        con.close()
+        return w.publish({"cells": len(rows), "ranked_first": best.to_dict(), "task": task_name, "text": text.uri})
 
 
 @task(name="publish-league", retries=3, retry_delay_seconds=[1, 4, 10], retry_condition_fn=transient)
@@ -97,7 +72,7 @@ def publish_league(parameters: dict, reference: ReferenceChoice, stats: StageOut
     outputs = {"statistics": stats, **{("calibration" if i == 0 else f"calibration-{i}"): c for i, c in enumerate(calibrations)},
                "league": result}
     manifest = publish.publish(st, publish.run_id(parameters["checkpoint"], list(outputs.values())), outputs,
-                               parameters, root="leagues", database=league_database,
+                               parameters, root="leagues",
                                notes={"reference": reference.model_dump()})
     rid = manifest.run_id
     with tempfile.TemporaryDirectory() as tmp:

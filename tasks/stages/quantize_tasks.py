@@ -37,9 +37,9 @@ from .stage_io import (
     kernel_device,
     local_copy,
     progress_reporter,
-    publish_stage,
     read_calibration,
     stage_key,
+    stage_work,
     transient,
 )
 
@@ -163,19 +163,17 @@ def statistics_key(checkpoint: CheckpointRecord, reference: CheckpointRecord | N
 def extract_statistics(checkpoint: CheckpointRecord, reference: CheckpointRecord | None, parts: list[list[dict]],
                        store: str, storage_options: dict, cache_dir: str | None) -> StageOutput:
     """Router norms, Λ and MaxVar per expert (computed per layer by `per_layer.layer_work`), into parquet."""
-    st = Store(store, storage_options)
-    key = statistics_key(checkpoint, reference, store)
-    with tempfile.TemporaryDirectory() as tmp, Checkpoint.open(ckpt_path(checkpoint, cache_dir, storage_options)) as ft:
-        tmp = Path(tmp)
+    with (stage_work("statistics", statistics_key(checkpoint, reference, store), store, storage_options) as w,
+          Checkpoint.open(ckpt_path(checkpoint, cache_dir, storage_options)) as ft):
         stats, info = statistics.frame([r for chunk in parts for part in chunk for r in part["rows"]]), statistics.info_of(detect(ft))
         ckpts = [dict(info, digest=checkpoint.digest, uri=checkpoint.uri, role="finetuned")]
         if reference:
             ckpts.append(dict(info, digest=reference.digest, uri=reference.uri, role="reference"))
-        tables.export_parquet(stats, tmp / "expert_stats.parquet")
-        (tmp / "checkpoints.json").write_text(json.dumps(ckpts, indent=2, sort_keys=True))
+        tables.export_parquet(stats, w.out / "expert_stats.parquet")
+        (w.out / "checkpoints.json").write_text(json.dumps(ckpts, indent=2, sort_keys=True))
         summary = dict(info, lambda_source=str(stats.lambda_source.iloc[0]),
                        lambda_min=float(stats["lambda_score"].min()), lambda_max=float(stats["lambda_score"].max()))
-        return publish_stage(st, "statistics", key, tmp, summary)
+        return w.publish(summary)
 
 
 # ---- 2b. calibration (allocators that use routing or quantization error) ----------------------
@@ -189,10 +187,7 @@ def route_experts(checkpoint: CheckpointRecord, text: TextRecord, seq_len: int, 
                   storage_options: dict, cache_dir: str | None) -> StageOutput:
     """What the router does on the calibration text: frequency, routing weight and input moments of
     every expert, from one streamed forward pass of the full-precision model."""
-    st = Store(store, storage_options)
-    key = routing_key(checkpoint, text, seq_len, windows)
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with stage_work("routing", routing_key(checkpoint, text, seq_len, windows), store, storage_options) as w:
         path = ckpt_path(checkpoint, cache_dir, storage_options)
         with Meter() as meter:
             calib, moments, info = calibrate.route(path, pinned(text, cache_dir, storage_options), seq_len=seq_len,
@@ -204,9 +199,9 @@ def route_experts(checkpoint: CheckpointRecord, text: TextRecord, seq_len: int, 
                 f"{len(info['uncalibrated_experts'])} experts received no calibration token (layer/expert: "
                 f"{', '.join(info['uncalibrated_experts'][:8])}); routing-based allocators treat them as never "
                 "routed: give more --calibration-windows or text closer to what the model will serve")
-        tables.export_parquet(calib, tmp / "expert_calibration.parquet")
-        calibrate.save_moments(moments, tmp / "moments.safetensors")
-        return publish_stage(st, "routing", key, tmp, dict(info, text=text.uri))
+        tables.export_parquet(calib, w.out / "expert_calibration.parquet")
+        calibrate.save_moments(moments, w.out / "moments.safetensors")
+        return w.publish(dict(info, text=text.uri))
 
 
 def calibration_key(routing: StageOutput, bit_widths: list[int], group_size: int, quantizer: dict) -> str:
@@ -220,19 +215,13 @@ def calibrate_experts(routing: StageOutput, bit_widths: list[int], group_size: i
     """The routing statistics beside the error of every expert at every width, measured with the
     quantizer the run uses (computed per layer by `per_layer.layer_work`; GPTQ's by
     `per_layer.sequential_work` on the routing stage's text, which its key covers)."""
-    st = Store(store, storage_options)
-    key = calibration_key(routing, bit_widths, group_size, quantizer)
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        calib = tables.read_stats(local_copy(st, routing, tmp, only=["expert_calibration.parquet"])
-                                      / "expert_calibration.parquet")
+    with stage_work("calibration", calibration_key(routing, bit_widths, group_size, quantizer), store,
+                    storage_options) as w:
+        calib = tables.read_stats(w.read(routing, only=["expert_calibration.parquet"]) / "expert_calibration.parquet")
         qerr = pd.DataFrame([r for chunk in parts for part in chunk for r in part["rows"]])
-        out = tmp / "out"
-        out.mkdir()
-        tables.export_parquet(calib, out / "expert_calibration.parquet")
-        tables.export_parquet(qerr, out / "expert_qerror.parquet")
-        summary = dict(routing.summary, quantizer=QuantizerConfig.from_dict(quantizer).label)
-        return publish_stage(st, "calibration", key, out, summary)
+        tables.export_parquet(calib, w.out / "expert_calibration.parquet")
+        tables.export_parquet(qerr, w.out / "expert_qerror.parquet")
+        return w.publish(dict(routing.summary, quantizer=QuantizerConfig.from_dict(quantizer).label))
 
 
 # ---- 3. allocation ------------------------------------------------------------------------------
@@ -246,22 +235,17 @@ def allocation_key(stats: StageOutput, calibration: StageOutput | None, config: 
 def allocate_bits(stats: StageOutput, calibration: StageOutput | None, config: dict, store: str,
                   storage_options: dict) -> StageOutput:
     """Per-expert bit-widths: tier counts from the budget, the order from the chosen allocator."""
-    st = Store(store, storage_options)
     cfg = budget.AllocationConfig(**dict(config, bit_widths=tuple(config["bit_widths"])))
-    key = allocation_key(stats, calibration, config)
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        table = tables.read_stats(local_copy(st, stats, tmp) / "expert_stats.parquet")
-        calib, qerr = read_calibration(st, calibration, tmp)
+    with stage_work("allocation", allocation_key(stats, calibration, config), store, storage_options) as w:
+        table = tables.read_stats(w.read(stats) / "expert_stats.parquet")
+        calib, qerr = read_calibration(w.store, calibration, w.tmp)
         start = time.perf_counter()
         alloc = allocate.allocate(table, cfg, calib, qerr)
         elapsed = time.perf_counter() - start
-        out = tmp / "out"
-        out.mkdir()
-        tables.export_parquet(alloc, out / "bit_allocation.parquet")
+        tables.export_parquet(alloc, w.out / "bit_allocation.parquet")
         summary = dict(allocate.summarize(alloc, cfg), allocation_ms=round(1000 * elapsed, 3))
         get_run_logger().info(f"allocation: {summary}")
-        return publish_stage(st, "allocation", key, out, summary)
+        return w.publish(summary)
 
 
 # ---- 4. quantization ----------------------------------------------------------------------------
@@ -274,17 +258,13 @@ def quantize_experts(checkpoint: CheckpointRecord, allocation: StageOutput, grou
     """The quantized checkpoint: MoE layer shards (written by `per_layer.layer_work`, or by
     `per_layer.sequential_work` for GPTQ, calibrated on `text`), then the rest shard, config.json,
     the index and the side files."""
-    st = Store(store, storage_options)
-    key = quantization_key(checkpoint, allocation, group_size, quantizer, text)
     symmetric = QuantizerConfig.from_dict(quantizer).symmetric
     layers = [part for chunk in parts for part in chunk]
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        alloc = tables.read_stats(local_copy(st, allocation, tmp) / "bit_allocation.parquet")
+    with stage_work("quantization", quantization_key(checkpoint, allocation, group_size, quantizer, text), store,
+                    storage_options) as w:
+        alloc = tables.read_stats(w.read(allocation) / "bit_allocation.parquet")
         path = ckpt_path(checkpoint, cache_dir, storage_options)
-        out = tmp / "checkpoint"
-        out.mkdir()
-        missing = [p["file"] for p in layers if not st.exists(f"objects/quantization/{key}/{p['file']}")]
+        missing = [p["file"] for p in layers if not w.store.exists(f"objects/quantization/{w.key}/{p['file']}")]
         if missing:
             raise ValidationFailed(f"layer shards {missing[:3]} written by the per-layer tasks are not in the store {store}",
                                    "Dask workers on other machines need a store they share with the flow: use s3:// "
@@ -294,8 +274,8 @@ def quantize_experts(checkpoint: CheckpointRecord, allocation: StageOutput, grou
             if len(layers) != len(detect(ckpt).layers):
                 raise ValidationFailed(f"{len(layers)} quantized layer shards for {len(detect(ckpt).layers)} MoE layers",
                                        "this is a bug; please report it")
-            rest = writer.write_rest(ckpt, out)
-            summary = writer.finish(path, alloc, group_size, symmetric, [*rest, *layers], out, quantizer)
+            rest = writer.write_rest(ckpt, w.out)
+            summary = writer.finish(path, alloc, group_size, symmetric, [*rest, *layers], w.out, quantizer)
         report("quantization", meter, 0, get_run_logger())
         if summary.get("fallback_experts"):
             get_run_logger().warning(
@@ -303,7 +283,7 @@ def quantize_experts(checkpoint: CheckpointRecord, allocation: StageOutput, grou
                 f"tokens and were rounded to nearest{' with the clipping search' if quantizer.get('clip') else ''} "
                 f"instead of GPTQ (least covered: {summary['least_covered']}); "
                 "give more --calibration-windows, text closer to what the model will serve, or a lower --gptq-min-tokens")
-        return publish_stage(st, "quantization", key, out, summary, present={p["file"]: p["sha256"] for p in layers})
+        return w.publish(summary, present={p["file"]: p["sha256"] for p in layers})
 
 
 # ---- 5. kernel validation -----------------------------------------------------------------------
@@ -319,10 +299,7 @@ def validate_kernels(quantized: StageOutput, rtol: float, text: TextRecord, seq_
     """Two checks, as one report: the dequantize-matmul kernel on every packed matrix against the
     torch reference (run per layer by `per_layer.layer_work`), and the fused MoE kernel on every MoE
     layer with the shipped model's own routing of a calibration window (fused_check.py)."""
-    st = Store(store, storage_options)
-    key = validation_key(quantized, rtol, text, seq_len)
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with stage_work("validation", validation_key(quantized, rtol, text, seq_len), store, storage_options) as w:
         table, summary = kernel_check.summarize([part for chunk in parts for part in chunk], rtol)
         if summary["failed"]:
             worst = table[~table.passed].iloc[0]
@@ -334,7 +311,7 @@ def validate_kernels(quantized: StageOutput, rtol: float, text: TextRecord, seq_
             )
         with Meter() as meter:
             fused = pd.DataFrame(fused_check.validate_fused(
-                local_copy(st, quantized, tmp), pinned(text, cache_dir, storage_options), seq_len=seq_len, rtol=rtol,
+                w.read(quantized), pinned(text, cache_dir, storage_options), seq_len=seq_len, rtol=rtol,
                 progress=progress_reporter("fused kernel")))
         report("validation (fused kernel)", meter, None, get_run_logger())
         summary.update(fused_check.summarize(fused))
@@ -348,11 +325,9 @@ def validate_kernels(quantized: StageOutput, rtol: float, text: TextRecord, seq_
         if summary["fused_not_applicable"]:
             get_run_logger().warning(f"{summary['fused_not_applicable']} fused-kernel checks not applicable: an activation "
                                      "the kernel has no fused form of (the loader runs those experts one by one)")
-        out = tmp / "out"
-        out.mkdir()
-        tables.export_parquet(table, out / "kernel_validation.parquet")
-        tables.export_parquet(fused, out / "fused_validation.parquet")
-        return publish_stage(st, "validation", key, out, summary)
+        tables.export_parquet(table, w.out / "kernel_validation.parquet")
+        tables.export_parquet(fused, w.out / "fused_validation.parquet")
+        return w.publish(summary)
 
 
 # ---- 6. evaluation ------------------------------------------------------------------------------
@@ -367,21 +342,17 @@ def evaluation_key(checkpoint: CheckpointRecord, quantized: StageOutput, text: T
 def evaluate_model(checkpoint: CheckpointRecord, quantized: StageOutput, text: TextRecord, seq_len: int, windows: int,
                    store: str, storage_options: dict, cache_dir: str | None) -> StageOutput:
     """KL divergence and perplexity of the quantized model vs full precision on held-out text."""
-    st = Store(store, storage_options)
-    key = evaluation_key(checkpoint, quantized, text, seq_len, windows)
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with stage_work("evaluation", evaluation_key(checkpoint, quantized, text, seq_len, windows), store,
+                    storage_options) as w:
         path = ckpt_path(checkpoint, cache_dir, storage_options)
         with Meter() as meter:
-            metrics = evaluate.evaluate(path, local_copy(st, quantized, tmp), pinned(text, cache_dir, storage_options),
+            metrics = evaluate.evaluate(path, w.read(quantized), pinned(text, cache_dir, storage_options),
                                         seq_len=seq_len, windows=windows,
                                         progress=progress_reporter("evaluation"))
         report("evaluation", meter, expert_bytes(path), get_run_logger())
         metrics["text"] = text.uri
-        out = tmp / "out"
-        out.mkdir()
-        (out / "evaluation.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        return publish_stage(st, "evaluation", key, out, metrics)
+        (w.out / "evaluation.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        return w.publish(metrics)
 
 # ---- publish ------------------------------------------------------------------------------------
 

@@ -17,10 +17,13 @@ import importlib.util
 import inspect
 import json
 import pkgutil
+import tempfile
 import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pandas as pd
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
@@ -319,6 +322,42 @@ def publish_stage(store: Store, stage: str, key: str, local: Path, summary: dict
     out = StageOutput(stage=stage, key=key, prefix=prefix, files=files, summary=summary)
     store.write_bytes(f"{prefix}/_stage.json", out.model_dump_json(indent=2).encode())
     return out
+
+
+@dataclass(frozen=True)
+class StageWork:
+    """What a stage task works with: the store, its key, a temporary folder for what it reads,
+    and `out`, the folder whose files it publishes as the stage's objects."""
+
+    store: Store
+    stage: str
+    key: str
+    tmp: Path
+    out: Path
+
+    def read(self, output: StageOutput, only: list[str] | None = None) -> Path:
+        """A local folder with an earlier stage's files (`local_copy`)."""
+        return local_copy(self.store, output, self.tmp, only)
+
+    def publish(self, summary: dict, present: dict[str, str] | None = None) -> StageOutput:
+        """`out` as the stage's objects, `_stage.json` last (`publish_stage`)."""
+        return publish_stage(self.store, self.stage, self.key, self.out, summary, present)
+
+
+@contextmanager
+def stage_work(stage: str, key: str, store: str, storage_options: dict) -> Iterator[StageWork]:
+    """The skeleton of every stage task: open the store, work in a temporary folder that is
+    removed however the task ends, publish `out` under `objects/<stage>/<key>/`.
+
+        with stage_work("allocation", allocation_key(...), store, storage_options) as w:
+            table = read_stats(w.read(stats) / "expert_stats.parquet")
+            export_parquet(allocate(table, ...), w.out / "bit_allocation.parquet")
+            return w.publish(summary)
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out"
+        out.mkdir()
+        yield StageWork(Store(store, storage_options), stage, key, Path(tmp), out)
 
 
 def local_copy(store: Store, out: StageOutput, tmp: Path, only: list[str] | None = None) -> Path:

@@ -48,34 +48,50 @@ def _as_published_by(kept: RunManifest, parameters: dict, notes: dict | None) ->
 
 
 def build_database(path: Path, store: Store, outputs: dict[str, StageOutput], tmp: Path) -> None:
-    """One DuckDB file with every table of the run, loaded from the stage outputs."""
-    def local(stage: str, rel: str) -> str:
-        return str(store.get_file(f"{outputs[stage].prefix}/{rel}", tmp / stage / rel))
+    """One DuckDB file with every table of a run or a league, loaded from its stage outputs.
 
+    Each `<table>.parquet` of a stage becomes the table of that name (the schema's columns by name;
+    a table the schema lacks is created as the file is). Beside them, from the JSON files:
+    `checkpoints` (statistics/checkpoints.json), `calibration_coverage` (a GPTQ folder's
+    config.json) and `evaluation` (evaluation.json, one row per numeric metric)."""
     con = duckdb.connect(str(path), config={"autoinstall_known_extensions": False})
+
+    def local(stage: str, rel: str) -> Path:
+        return store.get_file(f"{outputs[stage].prefix}/{rel}", tmp / stage / rel)
+
+    def has(stage: str, rel: str) -> bool:
+        return stage in outputs and rel in outputs[stage].files
+
+    def insert(table: str, rows: pd.DataFrame, columns: str) -> None:
+        con.register("rows", rows)
+        con.execute(f"INSERT INTO {table} SELECT {columns} FROM rows")
+        con.unregister("rows")
+
     try:
         con.execute(schema_sql())
-        ckpts = pd.DataFrame(json.loads(Path(local("statistics", "checkpoints.json")).read_text()))
-        con.execute("INSERT INTO checkpoints SELECT digest, uri, role, model_type, layout, moe_layers, experts FROM ckpts")
-        for table, stage, rel in (("expert_stats", "statistics", "expert_stats.parquet"),
-                                  ("bit_allocation", "allocation", "bit_allocation.parquet"),
-                                  ("kernel_validation", "validation", "kernel_validation.parquet"),
-                                  ("fused_validation", "validation", "fused_validation.parquet")):
-            con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM read_parquet(?)", [local(stage, rel)])
-        if "calibration" in outputs:
-            for table in ("expert_calibration", "expert_qerror"):
-                con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM read_parquet(?)",
-                            [local("calibration", table + ".parquet")])
-        qc = json.loads(Path(local("quantization", "config.json")).read_text())["quantization_config"]
-        if "calibration_coverage" in qc:
-            cov = qc["calibration_coverage"]
-            coverage = pd.DataFrame([{"layer": int(layer), "expert": e, "calibration_tokens": tokens,
-                                      "quantizer": cov["quantizer"][layer][e]}
-                                     for layer, per in cov["tokens"].items() for e, tokens in enumerate(per)])
-            con.execute("INSERT INTO calibration_coverage SELECT layer, expert, calibration_tokens, quantizer FROM coverage")
-        metrics = json.loads(Path(local("evaluation", "evaluation.json")).read_text())
-        rows = pd.DataFrame([{"metric": k, "value": float(v)} for k, v in sorted(metrics.items()) if isinstance(v, (int, float))])
-        con.execute("INSERT INTO evaluation SELECT * FROM rows")
+        schema = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+        for stage, out in outputs.items():
+            for rel in (r for r in out.files if r.endswith(".parquet") and "/" not in r):
+                table = rel.removesuffix(".parquet")
+                if stage.startswith("calibration-") and table == "expert_calibration":
+                    continue  # a league's later calibrations: routing does not depend on the quantizer, one copy is enough
+                # paths are parameters, never SQL text (a quote in a store path must not break or inject)
+                con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM read_parquet(?)" if table in schema
+                            else f"CREATE TABLE {table} AS SELECT * FROM read_parquet(?)", [str(local(stage, rel))])
+        if has("statistics", "checkpoints.json"):
+            insert("checkpoints", pd.DataFrame(json.loads(local("statistics", "checkpoints.json").read_text())),
+                   "digest, uri, role, model_type, layout, moe_layers, experts")
+        if has("quantization", "config.json"):
+            qc = json.loads(local("quantization", "config.json").read_text())["quantization_config"]
+            if cov := qc.get("calibration_coverage"):
+                insert("calibration_coverage", pd.DataFrame(
+                    [{"layer": int(layer), "expert": e, "calibration_tokens": tokens, "quantizer": cov["quantizer"][layer][e]}
+                     for layer, per in cov["tokens"].items() for e, tokens in enumerate(per)]),
+                       "layer, expert, calibration_tokens, quantizer")
+        if has("evaluation", "evaluation.json"):
+            metrics = json.loads(local("evaluation", "evaluation.json").read_text())
+            insert("evaluation", pd.DataFrame([{"metric": k, "value": float(v)} for k, v in sorted(metrics.items())
+                                               if isinstance(v, (int, float))]), "metric, value")
         con.execute("CHECKPOINT")
     finally:
         con.close()
