@@ -2,8 +2,9 @@
 
 The repository root is the package `expertbits` (pyproject maps it here; `flows`, `tasks` and
 `kernels` are its subpackages), and this file is its public API: the quantized model, and the
-pipeline's steps on local folders without Prefect. The Prefect flow runs the same functions
-with caching, retries, a store and a Dask cluster (`expertbits quantize`).
+pipeline's steps on local folders without Prefect. They call the library code the Prefect flow
+runs (`expertbits quantize` adds caching, retries, a store and a Dask cluster), and give the
+tables and the folder it publishes, byte for byte (tests/flow/test_steps.py).
 
     import expertbits
 
@@ -77,18 +78,31 @@ class Calibration(tuple):
 
 
 def calibrate(checkpoint: str | Path, text: str, *, bit_widths: tuple[int, ...] = BIT_WIDTHS,
-              group_size: int = GROUP_SIZE, quantizer: str = "rtn", symmetric: bool = False,
-              seq_len: int = SEQ_LEN, windows: int = WINDOWS) -> Calibration:
+              group_size: int = GROUP_SIZE, quantizer: str = "rtn", seq_len: int = SEQ_LEN,
+              windows: int = WINDOWS, **quantizer_options) -> Calibration:
     """What the routers do on `text` (the text itself, not a path) and what each expert loses at
-    each width with the quantizer the run will use: the input of the routing- and error-based
-    allocators (`routed-error`, the default, among them)."""
+    each width: the input of the routing- and error-based allocators (`routed-error`, the
+    default, among them).
+
+    Give the quantizer you will pass to `quantize`, with the same options (`symmetric`, `clip`,
+    and for GPTQ `damp`, `act_order`, `min_tokens`, `weighted`): the errors are that quantizer's,
+    as the flow measures them for the allocators that read errors."""
     from expertbits.tasks.allocation.calibrate import calibrate as _calibrate
+
+    calib, qerr, _ = _calibrate(Path(checkpoint), text, seq_len=seq_len, windows=windows,
+                                bit_widths=tuple(sorted(bit_widths)), group_size=group_size,
+                                quantizer=_quantizer(quantizer, quantizer_options))
+    return Calibration((calib, qerr))
+
+
+def _quantizer(method: str, options: dict):
+    from expertbits.tasks.errors import ExpertbitsError
     from expertbits.tasks.quantization.method import QuantizerConfig
 
-    q = QuantizerConfig(method=quantizer, symmetric=symmetric)
-    calib, qerr, _ = _calibrate(Path(checkpoint), text, seq_len=seq_len, windows=windows,
-                                bit_widths=tuple(sorted(bit_widths)), group_size=group_size, quantizer=q)
-    return Calibration((calib, qerr))
+    known = {"symmetric", "clip", "damp", "act_order", "min_tokens", "weighted"}
+    if unknown := sorted(set(options) - known):
+        raise ExpertbitsError(f"unknown quantizer options {unknown}", f"give any of {sorted(known)}", "quantizer")
+    return QuantizerConfig(method=method, **options)
 
 
 def allocate(stats: pd.DataFrame, *, avg_bits: float = 2.5, allocator: str = "routed-error",
@@ -100,36 +114,58 @@ def allocate(stats: pd.DataFrame, *, avg_bits: float = 2.5, allocator: str = "ro
     error need `calibration`. `options` are the other fields of the allocation configuration
     (`zeta`, `scheme`, `granularity`, `maxvar_definition`, `seed`)."""
     from expertbits.tasks.allocation.allocate import allocate as _allocate
-    from expertbits.tasks.allocation.allocators import check
+    from expertbits.tasks.allocation.allocators import NEEDS_CALIBRATION, NEEDS_ERROR, check
     from expertbits.tasks.allocation.budget import AllocationConfig
+    from expertbits.tasks.errors import BudgetError
 
     cfg = check(AllocationConfig(avg_bits=avg_bits, bit_widths=tuple(bit_widths), allocator=allocator, **options))
+    if calibration is None and allocator in NEEDS_CALIBRATION | NEEDS_ERROR:
+        raise BudgetError(f"allocator {allocator!r} reads routing{' and quantization error' if allocator in NEEDS_ERROR else ''}"
+                          ", and no calibration was given",
+                          "pass calibration=expertbits.calibrate(checkpoint, text, bit_widths=...), or choose an "
+                          "allocator that needs none (paper, uniform, random)", "calibration")
     calib, qerr = calibration if calibration is not None else (None, None)
+    if allocator in NEEDS_ERROR and not set(cfg.bit_widths) <= set(qerr.bits):
+        raise BudgetError(f"the calibration measured widths {sorted(set(qerr.bits))}, not all of {list(cfg.bit_widths)}",
+                          f"calibrate with bit_widths={tuple(cfg.bit_widths)}", "bit_widths")
     return _allocate(stats, cfg, calib, qerr)
 
 
 def quantize(checkpoint: str | Path, allocation: pd.DataFrame, out: str | Path, *, group_size: int = GROUP_SIZE,
-             quantizer: str = "rtn", symmetric: bool = False, clip: bool = False, text: str | None = None,
-             seq_len: int = SEQ_LEN, windows: int = WINDOWS) -> dict:
-    """Write the quantized folder of `checkpoint` into `out` (which must not exist) and return its
-    summary. `quantizer="gptq"` calibrates each expert on the tokens its router sends it from
-    `text`, layer after layer. The folder is what `load` reads and `expertbits export` converts."""
-    from expertbits.tasks.quantization.method import QuantizerConfig
+             quantizer: str = "rtn", text: str | None = None, seq_len: int = SEQ_LEN, windows: int = WINDOWS,
+             **quantizer_options) -> dict:
+    """Write the quantized folder of `checkpoint` into `out` and return its summary.
+
+    `quantizer="gptq"` calibrates each expert on the tokens its router sends it from `text`, layer
+    after layer; `quantizer_options` are as in `calibrate`. The folder is what `load` reads and
+    `expertbits export` converts. It is written beside `out` and renamed into place when complete:
+    `out` must not exist, and a failure leaves nothing there."""
+    import shutil
+    import uuid
+
+    from expertbits.tasks.errors import ExpertbitsError
     from expertbits.tasks.quantization.writer import quantize_checkpoint
 
-    q = QuantizerConfig(method=quantizer, symmetric=symmetric, clip=clip)
-    if q.calibrated:
-        if text is None:
-            from expertbits.tasks.errors import ExpertbitsError
+    q, out = _quantizer(quantizer, quantizer_options), Path(out)
+    if out.exists():
+        raise ExpertbitsError(f"{out} already exists", "name a new folder, or remove this one", "out")
+    if q.calibrated and text is None:
+        raise ExpertbitsError("GPTQ needs calibration text", "pass text=..., or quantizer='rtn'", "text")
+    partial = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
+    try:
+        if q.calibrated:
+            from expertbits.tasks.quantization.gptq_sequential import quantize_checkpoint_gptq
 
-            raise ExpertbitsError("GPTQ needs calibration text", "pass text=..., or quantizer='rtn'", "text")
-        from expertbits.tasks.quantization.gptq_sequential import quantize_checkpoint_gptq
-
-        return quantize_checkpoint_gptq(Path(checkpoint), allocation, group_size, q, text, Path(out),
-                                        seq_len=seq_len, windows=windows)
-    return quantize_checkpoint(Path(checkpoint), allocation, group_size, Path(out),
-                               quantizer=lambda m, w, bits: q.round_matrix(w, bits, group_size),
-                               symmetric=q.symmetric, config=q.as_dict())
+            summary = quantize_checkpoint_gptq(Path(checkpoint), allocation, group_size, q, text, partial,
+                                               seq_len=seq_len, windows=windows)
+        else:
+            summary = quantize_checkpoint(Path(checkpoint), allocation, group_size, partial,
+                                          quantizer=lambda m, w, bits: q.round_matrix(w, bits, group_size),
+                                          symmetric=q.symmetric, config=q.as_dict())
+        partial.rename(out)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return summary
 
 
 def evaluate(checkpoint: str | Path, quantized: str | Path, text: str, *, seq_len: int = SEQ_LEN,

@@ -176,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--dir", default=".expertbits-dev", help="state folder (default: .expertbits-dev)")
     dev.add_argument("--port", type=int, default=4200, help="Prefect server port (default: 4200)")
     dev.add_argument("--s3-port", type=int, default=9100, help="S3 server port (default: 9100)")
+    dev.add_argument("--auth", action="store_true", help="the Prefect server asks for basic authentication (a random "
+                                                         "string, printed with the variables a client needs)")
     return parser
 
 
@@ -240,9 +242,13 @@ def operate(args: argparse.Namespace) -> int:
     if args.command == "dev":
         try:
             if args.action == "up":
-                state = dev.up(Path(args.dir), args.port, args.s3_port)
+                state = dev.up(Path(args.dir), args.port, args.s3_port, auth=args.auth)
+                auth = ""
+                if "auth" in state:
+                    auth = (f"export PREFECT_API_AUTH_STRING='{Path(state['auth']).read_text()}'   (the UI asks for "
+                            f"it too; kept in {state['auth']})\n")
                 print(f"Prefect UI: {state['ui']}\nS3 endpoint: {state['s3']} (bucket {dev.BUCKET}; drop checkpoints "
-                      f"under s3://{dev.BUCKET}/incoming/<name>/)\nexport PREFECT_API_URL={state['api']}\n"
+                      f"under s3://{dev.BUCKET}/incoming/<name>/)\nexport PREFECT_API_URL={state['api']}\n{auth}"
                       f"stop everything with: expertbits dev down --dir {args.dir}")
             else:
                 stopped = dev.down(Path(args.dir))
@@ -256,12 +262,30 @@ def operate(args: argparse.Namespace) -> int:
     except DeployOptionError as e:
         print("expertbits: invalid deployment options:\n" + "\n".join(f"  {line}" for line in e.lines), file=sys.stderr)
         return 2
-    if args.command == "deploy":
-        ids = deployments.deploy(settings, args.work_pool)
-        print(f"registered {len(ids)} deployments for work pool {args.work_pool!r}")
-    else:
-        deployments.serve(settings)
+    try:
+        if args.command == "deploy":
+            ids = deployments.deploy(settings, args.work_pool)
+            print(f"registered {len(ids)} deployments for work pool {args.work_pool!r}")
+        else:
+            deployments.serve(settings)
+    except Exception as e:
+        if (message := _refused(e)) is None:
+            raise
+        print(message, file=sys.stderr)
+        return 1
     return 0
+
+
+def _refused(e: BaseException) -> str | None:
+    """The error and its fix when the Prefect API refused us for want of its auth string, else None."""
+    response = getattr(e, "response", None)
+    if getattr(response, "status_code", None) not in (401, 403):
+        return None
+    url = os.environ.get("PREFECT_API_URL", "the Prefect API")
+    given = "a wrong" if os.environ.get("PREFECT_API_AUTH_STRING") else "no"
+    return (f"expertbits: {url} refused the request ({response.status_code}): this process sends {given} auth string\n"
+            "  fix: set PREFECT_API_AUTH_STRING to the server's (compose: PREFECT_AUTH_STRING in infra/.env; the dev "
+            "set: printed by `expertbits dev up --auth`)")
 
 
 def list_runs(args: argparse.Namespace) -> int:
@@ -470,6 +494,9 @@ def _quiet_tracebacks(debug: bool) -> Iterator[None]:
 def _failure(e: BaseException, debug: bool) -> int:
     from expertbits.tasks.errors import ExpertbitsError
 
+    if (message := _refused(e)) is not None and not debug:
+        print(message, file=sys.stderr)
+        return 1
     if isinstance(e, ExpertbitsError):
         print(f"expertbits: {e}", file=sys.stderr)
         return 1

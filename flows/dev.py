@@ -6,6 +6,12 @@
           UI address and the environment to talk to it
     down  stops exactly the processes `up` started (their process groups, by the ids it recorded)
 
+Everything listens on 127.0.0.1 only. With `auth`, the Prefect server asks for basic
+authentication (`PREFECT_SERVER_API_AUTH_STRING`, a fresh random `expertbits:<token>`) and the
+worker and the deploy step send it (`PREFECT_API_AUTH_STRING`); the string is kept in `auth`
+(mode 0600) in the state folder, never in `dev.json` or a log. The S3 server (moto) accepts any
+credentials: it is a loopback test double, not a store to open to anyone.
+
 State lives in one folder (default `.expertbits-dev/`): the Prefect home, the checkpoint cache,
 the logs and `dev.json` with the process ids. The dev S3 credentials are moto's placeholders, set
 only for these processes; a real deployment takes credentials from the worker's environment.
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -23,6 +30,7 @@ import time
 from pathlib import Path
 
 STATE = "dev.json"
+AUTH = "auth"  # the auth string, when `up` was asked for one
 BUCKET = "expertbits"
 POOL = "expertbits"
 
@@ -55,8 +63,9 @@ def _http_ok(url: str) -> bool:
         return False
 
 
-def up(folder: Path, port: int = 4200, s3_port: int = 9100) -> dict:
-    """Start the set; returns the recorded state (pids, addresses)."""
+def up(folder: Path, port: int = 4200, s3_port: int = 9100, auth: bool = False) -> dict:
+    """Start the set; returns the recorded state (pids, addresses, and with `auth` the file that
+    holds the auth string)."""
     folder = folder.resolve()
     if (folder / STATE).exists():
         raise DevError(f"a dev set is already recorded in {folder / STATE}; run `expertbits dev down` first")
@@ -70,11 +79,23 @@ def up(folder: Path, port: int = 4200, s3_port: int = 9100) -> dict:
                AWS_DEFAULT_REGION=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
     env.setdefault("AWS_ACCESS_KEY_ID", "moto-placeholder")  # moto accepts anything; real stores use the env
     env.setdefault("AWS_SECRET_ACCESS_KEY", "moto-placeholder")
+    env.pop("PREFECT_SERVER_API_AUTH_STRING", None)  # the server's is set below, for the server alone
+    env.pop("PREFECT_API_AUTH_STRING", None)
     state = {"folder": str(folder), "ui": url.removesuffix("/api"), "api": url, "s3": endpoint, "pids": {}}
+    server_env = env
+    if auth:
+        string = f"expertbits:{secrets.token_urlsafe(18)}"
+        fd = os.open(folder / AUTH, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(string)
+        env = dict(env, PREFECT_API_AUTH_STRING=string)  # the worker, its flow runs, the deploy step
+        server_env = dict(server_env, PREFECT_SERVER_API_AUTH_STRING=string)
+        state["auth"] = str(folder / AUTH)
 
     def start(name: str, args: list[str]) -> None:
         log = open(folder / f"{name}.log", "w")
-        proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(args, env=server_env if name == "server" else env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
         state["pids"][name] = proc.pid
         state.setdefault("started", {})[name] = _start_time(proc.pid)
         (folder / STATE).write_text(json.dumps(state, indent=2))  # recorded at once: `down` can stop a half-up set
@@ -124,6 +145,7 @@ def down(folder: Path, timeout: float = 20.0) -> list[str]:
             os.killpg(pid, signal.SIGKILL)
         stopped.append(f"{name} ({pid})")
     (folder / STATE).unlink()
+    (folder / AUTH).unlink(missing_ok=True)
     return stopped
 
 

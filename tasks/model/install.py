@@ -90,9 +90,10 @@ def _submodule(model: nn.Module, name: str, folder: Path, what: str) -> nn.Modul
     try:
         return model.get_submodule(name)
     except AttributeError as e:
+        fix = ("the quantization config does not match the model; quantize again" if what == "expert matrix" else
+               "this transformers version lays the model out differently; use the version recorded in config.json")
         raise CheckpointError(f"{folder}: {what} {name} is not in the {type(model).__name__} transformers built",
-                              "this transformers version lays the model out differently, or the folder does not "
-                              "match its config.json; use the transformers version recorded in config.json") from e
+                              fix) from e
 
 
 def _expert_count(experts: nn.Module, fused: bool, module_name: str, folder: Path) -> int:

@@ -76,6 +76,7 @@ def normalized_source(source: str, entries: tuple[str, ...] | None = None) -> st
     return "\n".join(ast.unparse(n) for n in nodes)
 
 
+@lru_cache(maxsize=None)  # parsed once per process: most modules are reached by several stages (read only)
 def _tree(module: str) -> ast.Module:
     return ast.parse(inspect.getsource(importlib.import_module(module)))
 
@@ -114,6 +115,7 @@ def _imported(module: str, nodes: list[ast.AST]) -> tuple[dict[str, tuple[str, s
     return bound, libraries - {"__future__"}
 
 
+@lru_cache(maxsize=None)
 def _is_package(module: str) -> bool:
     spec = importlib.util.find_spec(module)
     return spec is not None and spec.submodule_search_locations is not None
@@ -211,16 +213,24 @@ def code_version(stage: str) -> str:
 
 @lru_cache
 def library_versions(stage: str) -> tuple[tuple[str, str], ...]:
-    from importlib.metadata import packages_distributions, version
+    from importlib.metadata import version
 
     if stage == "download":  # copies and hashes: no library changes its bytes
         return ()
-    dists = packages_distributions()
+    dists = _distributions()
     # the release, not the build label (2.13.0+cpu and +cu130 compute these stages alike), so
     # Dask workers of one release agree on the keys whatever their accelerator
     names = {d for lib in covered(stage)[1] if lib in dists for d in dists[lib]}
     names |= {d for n in names for d in IMPLIED.get(n.lower(), ())}
     return tuple(sorted((d, version(d).split("+")[0]) for d in names))
+
+
+@lru_cache(maxsize=1)
+def _distributions() -> dict[str, list[str]]:
+    """{top-level import name: distributions}: a scan of every installed package, done once."""
+    from importlib.metadata import packages_distributions
+
+    return packages_distributions()
 
 
 def kernel_device() -> str:

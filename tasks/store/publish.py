@@ -51,16 +51,14 @@ def build_database(path: Path, store: Store, outputs: dict[str, StageOutput], tm
     """One DuckDB file with every table of a run or a league, loaded from its stage outputs.
 
     Each `<table>.parquet` of a stage becomes the table of that name (the schema's columns by name;
-    a table the schema lacks is created as the file is). Beside them, from the JSON files:
+    a table the schema lacks is created as the file is; a run's quantized folder holds no table).
+    Beside them, from the JSON files, which a stage that wrote them must have:
     `checkpoints` (statistics/checkpoints.json), `calibration_coverage` (a GPTQ folder's
     config.json) and `evaluation` (evaluation.json, one row per numeric metric)."""
     con = duckdb.connect(str(path), config={"autoinstall_known_extensions": False})
 
     def local(stage: str, rel: str) -> Path:
         return store.get_file(f"{outputs[stage].prefix}/{rel}", tmp / stage / rel)
-
-    def has(stage: str, rel: str) -> bool:
-        return stage in outputs and rel in outputs[stage].files
 
     def insert(table: str, rows: pd.DataFrame, columns: str) -> None:
         con.register("rows", rows)
@@ -71,24 +69,27 @@ def build_database(path: Path, store: Store, outputs: dict[str, StageOutput], tm
         con.execute(schema_sql())
         schema = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
         for stage, out in outputs.items():
+            if stage == "quantization":
+                continue  # the quantized folder: its side files are the source checkpoint's, not tables
             for rel in (r for r in out.files if r.endswith(".parquet") and "/" not in r):
                 table = rel.removesuffix(".parquet")
                 if stage.startswith("calibration-") and table == "expert_calibration":
                     continue  # a league's later calibrations: routing does not depend on the quantizer, one copy is enough
                 # paths are parameters, never SQL text (a quote in a store path must not break or inject)
-                con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM read_parquet(?)" if table in schema
-                            else f"CREATE TABLE {table} AS SELECT * FROM read_parquet(?)", [str(local(stage, rel))])
-        if has("statistics", "checkpoints.json"):
+                quoted = '"' + table.replace('"', '""') + '"'
+                con.execute(f"INSERT INTO {quoted} BY NAME SELECT * FROM read_parquet(?)" if table in schema
+                            else f"CREATE TABLE {quoted} AS SELECT * FROM read_parquet(?)", [str(local(stage, rel))])
+        if "statistics" in outputs:
             insert("checkpoints", pd.DataFrame(json.loads(local("statistics", "checkpoints.json").read_text())),
                    "digest, uri, role, model_type, layout, moe_layers, experts")
-        if has("quantization", "config.json"):
+        if "quantization" in outputs:
             qc = json.loads(local("quantization", "config.json").read_text())["quantization_config"]
             if cov := qc.get("calibration_coverage"):
                 insert("calibration_coverage", pd.DataFrame(
                     [{"layer": int(layer), "expert": e, "calibration_tokens": tokens, "quantizer": cov["quantizer"][layer][e]}
                      for layer, per in cov["tokens"].items() for e, tokens in enumerate(per)]),
                        "layer, expert, calibration_tokens, quantizer")
-        if has("evaluation", "evaluation.json"):
+        if "evaluation" in outputs:
             metrics = json.loads(local("evaluation", "evaluation.json").read_text())
             insert("evaluation", pd.DataFrame([{"metric": k, "value": float(v)} for k, v in sorted(metrics.items())
                                                if isinstance(v, (int, float))]), "metric, value")

@@ -32,6 +32,9 @@ def test_steps_give_the_flows_tables_and_folder(prefect_api, params, tmp_path):
                                  seq_len=64)
     published = read_stats(run_dir / "calibration" / "expert_calibration.parquet")
     pd.testing.assert_frame_equal(calib.routing, published)
+    errors = read_stats(run_dir / "calibration" / "expert_qerror.parquet").sort_values(["layer", "expert", "bits"])
+    pd.testing.assert_frame_equal(calib.errors.sort_values(["layer", "expert", "bits"]).reset_index(drop=True),
+                                  errors.reset_index(drop=True), check_like=True)
     alloc = expertbits.allocate(stats, calibration=calib, avg_bits=2.5, bit_widths=(2, 3))
     pd.testing.assert_frame_equal(alloc, read_stats(run_dir / "allocation" / "bit_allocation.parquet"))
 

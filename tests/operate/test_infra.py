@@ -56,3 +56,53 @@ def test_compose_names_only_our_commands_and_listed_credentials():
 
     assert NO_MALLOC_TRIM.items() <= services["dask-worker"]["environment"].items()
     assert not re.search(r"(?i)(secret|password|key)\s*[:=]\s*[^$\s{]", text), "a literal credential in compose.yaml"
+
+
+LOOPBACK = ("127.0.0.1", "${EXPERTBITS_BIND:-127.0.0.1}")  # the opt-in variable defaults to loopback
+AUTH = "${PREFECT_AUTH_STRING:?set PREFECT_AUTH_STRING in infra/.env}"
+
+
+def open_doors(compose: dict) -> list[str]:
+    """What a compose file leaves open: ports published on all interfaces (`4200:4200`, `4200`,
+    `0.0.0.0:…`, an opt-in defaulting to anything but loopback), a Prefect server started without
+    the required auth string, a client of it without the string."""
+    problems = []
+    for name, service in compose["services"].items():
+        for port in map(str, service.get("ports", [])):
+            host = port.rsplit(":", 2)[0] if port.count(":") >= 2 else None
+            if host not in LOOPBACK:
+                problems.append(f"{name} publishes {port!r} on all interfaces")
+        env = service.get("environment") or {}
+        command = str(service.get("command", ""))
+        if "prefect server start" in command and env.get("PREFECT_SERVER_API_AUTH_STRING") != AUTH:
+            problems.append(f"{name} starts the Prefect server without authentication")
+        if "PREFECT_API_URL" in env and env.get("PREFECT_API_AUTH_STRING") != AUTH:
+            problems.append(f"{name} talks to the Prefect API without the auth string")
+    return problems
+
+
+def test_compose_is_closed_by_default():
+    """Every published port binds to loopback unless the operator opts in (EXPERTBITS_BIND); the
+    Prefect server starts with an auth string compose requires, and every client sends it; the
+    MinIO console, Postgres and the Dask scheduler are not published."""
+    compose = yaml.safe_load((INFRA / "compose.yaml").read_text())
+    assert open_doors(compose) == []
+    published = {str(p).rsplit(":", 1)[-1] for s in compose["services"].values() for p in s.get("ports", [])}
+    assert published == {"4200", "9000"}  # the API/UI and S3; never the console, Postgres or Dask
+    clients = [n for n, s in compose["services"].items() if "PREFECT_API_URL" in (s.get("environment") or {})]
+    assert {"worker", "gpu-worker", "dask-worker", "dask-scheduler", "deploy"} <= set(clients)
+    example = (INFRA / "compose.env.example").read_text()
+    assert re.search(r"^PREFECT_AUTH_STRING=\w+:\S+$", example, re.M)
+    assert re.search(r"^EXPERTBITS_BIND=127\.0\.0\.1$", example, re.M)
+
+
+def test_the_compose_check_catches_open_doors():
+    """`open_doors` on the mistakes it exists for, so that its silence above means something."""
+    server = {"command": "prefect server start --host 0.0.0.0", "environment": {"PREFECT_SERVER_API_AUTH_STRING": AUTH}}
+    for port in ("4200:4200", "4200", "0.0.0.0:4200:4200", "${EXPERTBITS_BIND:-0.0.0.0}:4200:4200", "${X}:4200:4200"):
+        assert open_doors({"services": {"s": dict(server, ports=[port])}}) == [f"s publishes {port!r} on all interfaces"]
+    assert open_doors({"services": {"s": dict(server, ports=["127.0.0.1:4200:4200"])}}) == []
+    assert open_doors({"services": {"s": {"command": "prefect server start", "environment": {}}}}) == [
+        "s starts the Prefect server without authentication"]
+    assert open_doors({"services": {"w": {"command": "prefect worker start", "environment": {"PREFECT_API_URL": "x"}}}}) == [
+        "w talks to the Prefect API without the auth string"]

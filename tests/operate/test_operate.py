@@ -18,6 +18,8 @@ pytestmark = pytest.mark.integration
 # In the environment of the server, the worker and every flow run it starts (where credentials
 # belong): the tests below find it in nothing the deployments write.
 SECRET = f"planted-{os.urandom(8).hex()}"
+# The Prefect API's basic authentication, as compose sets it: the server asks for it, every client sends it.
+AUTH = f"expertbits:auth-{os.urandom(8).hex()}"
 SMALL = {"reference": None, "avg_bits": 2.5, "bit_widths": [2, 3], "group_size": 32, "eval_windows": 2,
          "calibration_windows": 2, "eval_seq_len": 64}
 
@@ -38,8 +40,9 @@ def _until(what: str, check, timeout: float, every: float = 0.5):
 
 
 @contextlib.contextmanager
-def prefect_server(home: Path):
-    """A real `prefect server start` on a free loopback port, and the environment to reach it."""
+def prefect_server(home: Path, auth: str | None = None):
+    """A real `prefect server start` on a free loopback port (asking for `auth`, if given), and the
+    environment to reach it (sending `auth`)."""
     import httpx
 
     url = f"http://127.0.0.1:{_port()}/api"
@@ -47,8 +50,10 @@ def prefect_server(home: Path):
                EXPERTBITS_CACHE=str(home / "cache"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                AWS_SECRET_ACCESS_KEY=SECRET)
     env.pop("PREFECT_LOCAL_STORAGE_PATH", None)
+    server_env = dict(env, PREFECT_SERVER_API_AUTH_STRING=auth) if auth else env
+    env = dict(env, PREFECT_API_AUTH_STRING=auth) if auth else env
     server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
-                               url.split(":")[-1][:-4]], env=env, stdout=open(home / "server.log", "w"),
+                               url.split(":")[-1][:-4]], env=server_env, stdout=open(home / "server.log", "w"),
                               stderr=subprocess.STDOUT)
     try:
         _until("prefect server health", lambda: _healthy(httpx, url), 120)
@@ -67,18 +72,19 @@ def _stop(proc) -> None:
 
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory, s3_endpoint):
-    """`prefect server start`, a process work pool with `prefect worker start`, the deployments."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    """`prefect server start` asking for basic authentication (as compose runs it), a process work
+    pool with `prefect worker start`, the deployments; this process sends the auth string too."""
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
     home = tmp_path_factory.mktemp("platform")
     prefect = [sys.executable, "-m", "prefect"]
-    with prefect_server(home) as (url, env):
+    with prefect_server(home, AUTH) as (url, env):
         subprocess.run([*prefect, "work-pool", "create", "expertbits-test", "--type", "process"], env=env, check=True,
                        capture_output=True)
         worker = subprocess.Popen([*prefect, "worker", "start", "--pool", "expertbits-test", "--limit", "2"],
                                   env=env, stdout=open(home / "worker.log", "w"), stderr=subprocess.STDOUT)
         try:
-            with temporary_settings({PREFECT_API_URL: url}):
+            with temporary_settings({PREFECT_API_URL: url, PREFECT_API_AUTH_STRING: AUTH}):
                 yield {"url": url, "home": home, "env": env}
         finally:
             _stop(worker)
@@ -112,6 +118,7 @@ def test_deployments_ui_run_watcher_trigger_dedup_and_schema(platform, s3, micro
     fs, options = s3
     store, watched = f"s3://{fs.bucket}/store", f"s3://{fs.bucket}/incoming"
     started = time.monotonic()
+    _locked(platform["url"])
 
     # 1. the deployments, from the project's own definition
     # checkpoints under m1/ have a known base; any other checkpoint is quantized without one
@@ -204,10 +211,28 @@ def test_deployments_ui_run_watcher_trigger_dedup_and_schema(platform, s3, micro
         assert sorted(fs.find(f"{fs.bucket}/store/runs")) == before
     elapsed = time.monotonic() - started
     print(f"\noperate end to end: {elapsed:.0f} s")
-    _no_secret_anywhere(platform, fs, store, watched)
+    _no_secret_anywhere(platform, fs, store, watched, options)
 
 
-def _no_secret_anywhere(platform, fs, store: str, watched: str) -> None:
+def _locked(url: str) -> None:
+    """Without the auth string (or with a wrong one) the API answers 401 to reads and writes alike;
+    only the health probe is open. With it, the same request succeeds."""
+    import base64
+
+    import httpx
+
+    def basic(s: str) -> dict:
+        return {"Authorization": "Basic " + base64.b64encode(s.encode()).decode()}
+
+    for headers in ({}, basic("expertbits:wrong"), basic(AUTH + "x")):
+        assert httpx.post(f"{url}/deployments/filter", json={}, headers=headers, timeout=10).status_code == 401
+        assert httpx.post(f"{url}/work_pools/", json={"name": "intruder"}, headers=headers, timeout=10).status_code == 401
+        assert httpx.get(f"{url}/admin/settings", headers=headers, timeout=10).status_code == 401
+    assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+    assert httpx.post(f"{url}/deployments/filter", json={}, headers=basic(AUTH), timeout=10).status_code == 200
+
+
+def _no_secret_anywhere(platform, fs, store: str, watched: str, options: dict) -> None:
     """The worker's secret is in no store object (parquet and DuckDB read as their readers read
     them), no row of the server's database (deployments and their parameters, flow runs started by
     the UI, the schedule and the trigger, events with their payloads, logs, artifacts, variables)
@@ -218,16 +243,26 @@ def _no_secret_anywhere(platform, fs, store: str, watched: str) -> None:
 
     from expertbits.flows.cli import main
 
+    # `expertbits deploy`, as compose's deploy job runs it: with the auth string it registers, without it
+    # the server refuses, and the error says so
+    deploy = [sys.executable, "-m", "expertbits.flows.cli", "deploy", "--work-pool", "expertbits-test", "--store", store,
+              "--storage-option", f"endpoint_url={options['endpoint_url']}", "--watch", watched]
+    ok = subprocess.run(deploy, env=platform["env"], capture_output=True, text=True, timeout=180)
+    assert ok.returncode == 0 and "registered 5 deployments" in ok.stdout, ok.stderr[-2000:]
+    anonymous = {k: v for k, v in platform["env"].items() if k != "PREFECT_API_AUTH_STRING"}
+    refused = subprocess.run(deploy, env=anonymous, capture_output=True, text=True, timeout=180)
+    assert refused.returncode == 1 and "refused the request (401)" in refused.stderr, refused.stderr[-2000:]
+    assert "fix: set PREFECT_API_AUTH_STRING" in refused.stderr and "Traceback" not in refused.stderr
     fs.invalidate_cache()
     objects = fs.find(store.removeprefix("s3://"))
     texts = [text_of(k, fs.cat(k), platform["home"]) for k in objects]
-    assert len(objects) > 40 and not any(SECRET in t for t in texts)
+    assert len(objects) > 40 and not any(SECRET in t or AUTH in t for t in texts)
     assert any(f"{watched}/m1" in t for t in texts)  # the triggered run's checkpoint, in its manifest and tables
     home = platform["home"]
     db = [f for f in (home / "prefect").glob("prefect.db*") if f.is_file()]  # the database and its WAL
     logs = [home / "server.log", home / "worker.log"]
     data = [f.read_bytes() for f in db + logs]
-    assert db and not any(SECRET.encode() in d for d in data)
+    assert db and not any(SECRET.encode() in d or AUTH.encode() in d for d in data)
     assert any(b"expertbits.checkpoint.published" in d for d in data)  # events are in what was scanned
     assert any(f"{watched}/m1".encode() in d for d in data)  # and the event payloads and run parameters
     with get_client(sync_client=True) as client:
@@ -238,8 +273,12 @@ def _no_secret_anywhere(platform, fs, store: str, watched: str) -> None:
 
 
 def test_dev_up_and_down_start_and_stop_exactly_their_processes(tmp_path):
-    """`expertbits dev up` brings the whole local set up (UI answering, deployments registered);
-    `dev down` stops the processes it recorded and nothing else."""
+    """`expertbits dev up --auth` brings the whole local set up on loopback (UI answering,
+    deployments registered by a worker and a deploy step that send the printed auth string, which
+    the API asks for); `dev down` stops the processes it recorded and nothing else."""
+    import base64
+    import stat
+
     import httpx
 
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
@@ -248,13 +287,21 @@ def test_dev_up_and_down_start_and_stop_exactly_their_processes(tmp_path):
     env = dict(os.environ)
     env.pop("PREFECT_API_URL", None)
     try:
-        up = subprocess.run([*cli, "up", "--dir", str(tmp_path / "dev"), *ports], env=env, capture_output=True, text=True,
-                            timeout=240)
+        up = subprocess.run([*cli, "up", "--dir", str(tmp_path / "dev"), *ports, "--auth"], env=env, capture_output=True,
+                            text=True, timeout=240)
         assert up.returncode == 0, up.stderr[-3000:]
         state = json.loads((tmp_path / "dev" / "dev.json").read_text())
-        assert f"Prefect UI: {state['ui']}" in up.stdout
-        assert httpx.get(state["ui"], timeout=5).status_code == 200
-        found = httpx.post(f"{state['api']}/deployments/filter", json={}, timeout=5).json()
+        assert f"Prefect UI: {state['ui']}" in up.stdout and state["ui"].startswith("http://127.0.0.1:")
+        auth_file = tmp_path / "dev" / "auth"
+        auth = auth_file.read_text()
+        assert stat.S_IMODE(auth_file.stat().st_mode) == 0o600 and auth.startswith("expertbits:") and len(auth) > 30
+        assert f"export PREFECT_API_AUTH_STRING='{auth}'" in up.stdout
+        assert auth not in (tmp_path / "dev" / "dev.json").read_text()
+        assert not any(auth in log.read_text(errors="replace") for log in (tmp_path / "dev").glob("*.log"))
+        headers = {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()}
+        assert httpx.post(f"{state['api']}/deployments/filter", json={}, timeout=5).status_code == 401
+        assert httpx.get(state["ui"], timeout=5).status_code == 200  # the UI's page; it asks for the string itself
+        found = httpx.post(f"{state['api']}/deployments/filter", json={}, headers=headers, timeout=5).json()
         assert {d["name"] for d in found} == {"quantize", "league", "quantize-nightly", "watch", "requantize"}
         again = subprocess.run([*cli, "up", "--dir", str(tmp_path / "dev"), *ports], env=env, capture_output=True,
                                text=True, timeout=60)
@@ -263,9 +310,9 @@ def test_dev_up_and_down_start_and_stop_exactly_their_processes(tmp_path):
         repo = Path(__file__).resolve().parents[2]
         yaml_deploy = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all", "--prefect-file",
                                       str(repo / "infra" / "prefect.yaml")], cwd=repo, capture_output=True, text=True,
-                                     env=dict(env, PREFECT_API_URL=state["api"]), timeout=180)
+                                     env=dict(env, PREFECT_API_URL=state["api"], PREFECT_API_AUTH_STRING=auth), timeout=180)
         assert yaml_deploy.returncode == 0, yaml_deploy.stdout[-2000:] + yaml_deploy.stderr[-2000:]
-        redeployed = httpx.post(f"{state['api']}/deployments/filter", json={}, timeout=5).json()
+        redeployed = httpx.post(f"{state['api']}/deployments/filter", json={}, headers=headers, timeout=5).json()
         assert sorted(d["name"] for d in redeployed) == sorted(d["name"] for d in found)
     finally:
         down = subprocess.run([*cli, "down", "--dir", str(tmp_path / "dev")], env=env, capture_output=True, text=True,
@@ -276,7 +323,7 @@ def test_dev_up_and_down_start_and_stop_exactly_their_processes(tmp_path):
                or "zombie" in Path(f"/proc/{pid}/status").read_text().lower(), 30)
     assert bystander.poll() is None
     bystander.kill()
-    assert not (tmp_path / "dev" / "dev.json").exists()
+    assert not (tmp_path / "dev" / "dev.json").exists() and not auth_file.exists()
 
 
 def test_serve_runs_the_deployments_from_one_process_without_a_work_pool(micro_pair, tmp_path):

@@ -36,6 +36,7 @@ print("ok")
 
 
 def test_steps_refuse_bad_input_clearly(micro_pair, tmp_path):
+    """Errors in the API's own words, and a quantization that fails leaves no folder behind."""
     import expertbits
     from expertbits.tasks.errors import BudgetError, CheckpointError, ExpertbitsError
 
@@ -45,7 +46,17 @@ def test_steps_refuse_bad_input_clearly(micro_pair, tmp_path):
     stats = expertbits.statistics(ft)
     with pytest.raises(BudgetError, match="unknown allocator"):
         expertbits.allocate(stats, allocator="nope")
+    with pytest.raises(BudgetError, match=r"reads routing and quantization error.*expertbits\.calibrate"):
+        expertbits.allocate(stats)  # routed-error, the default, without a calibration
+    alloc = expertbits.allocate(stats, allocator="paper", bit_widths=(2, 3))
     with pytest.raises(ExpertbitsError, match="GPTQ needs calibration text"):
-        expertbits.quantize(ft, expertbits.allocate(stats, allocator="paper", bit_widths=(2, 3)), tmp_path / "q",
-                            quantizer="gptq")
-    assert not (tmp_path / "q").exists()
+        expertbits.quantize(ft, alloc, tmp_path / "q", quantizer="gptq")
+    with pytest.raises(ExpertbitsError, match="unknown quantizer options"):
+        expertbits.quantize(ft, alloc, tmp_path / "q", clipping=True)
+    with pytest.raises(ValueError, match="1-bit"):  # fails while writing: nothing is left behind
+        expertbits.quantize(ft, expertbits.allocate(stats, allocator="paper", bit_widths=(1, 2), avg_bits=1.5),
+                            tmp_path / "q", symmetric=True)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(ExpertbitsError, match="already exists"):
+        expertbits.quantize(ft, alloc, tmp_path / "taken")
