@@ -114,7 +114,7 @@ def allocate(stats: pd.DataFrame, *, avg_bits: float = 2.5, allocator: str = "ro
     error need `calibration`. `options` are the other fields of the allocation configuration
     (`zeta`, `scheme`, `granularity`, `maxvar_definition`, `seed`)."""
     from expertbits.tasks.allocation.allocate import allocate as _allocate
-    from expertbits.tasks.allocation.allocators import NEEDS_CALIBRATION, NEEDS_ERROR, check
+    from expertbits.tasks.allocation.allocators import ALLOCATORS, NEEDS_CALIBRATION, NEEDS_ERROR, check
     from expertbits.tasks.allocation.budget import AllocationConfig
     from expertbits.tasks.errors import BudgetError
 
@@ -123,7 +123,8 @@ def allocate(stats: pd.DataFrame, *, avg_bits: float = 2.5, allocator: str = "ro
         raise BudgetError(f"allocator {allocator!r} reads routing{' and quantization error' if allocator in NEEDS_ERROR else ''}"
                           ", and no calibration was given",
                           "pass calibration=expertbits.calibrate(checkpoint, text, bit_widths=...), or choose an "
-                          "allocator that needs none (paper, uniform, random)", "calibration")
+                          f"allocator that needs none ({', '.join(sorted(ALLOCATORS.keys() - NEEDS_CALIBRATION - NEEDS_ERROR))})",
+                          "calibration")
     calib, qerr = calibration if calibration is not None else (None, None)
     if allocator in NEEDS_ERROR and not set(cfg.bit_widths) <= set(qerr.bits):
         raise BudgetError(f"the calibration measured widths {sorted(set(qerr.bits))}, not all of {list(cfg.bit_widths)}",

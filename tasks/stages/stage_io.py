@@ -116,6 +116,19 @@ def _imported(module: str, nodes: list[ast.AST]) -> tuple[dict[str, tuple[str, s
 
 
 @lru_cache(maxsize=None)
+def _top_imports(module: str) -> tuple[list[ast.stmt], dict[str, tuple[str, str | None]], set[str]]:
+    """The module's top-level import statements, and what they bind (`_imported`); read only."""
+    tops = [n for n in _tree(module).body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    return (tops, *_imported(module, tops))
+
+
+@lru_cache(maxsize=None)
+def _names(module: str) -> frozenset[str]:
+    """Every name the module's code uses anywhere."""
+    return frozenset(n.id for n in ast.walk(_tree(module)) if isinstance(n, ast.Name))
+
+
+@lru_cache(maxsize=None)
 def _is_package(module: str) -> bool:
     spec = importlib.util.find_spec(module)
     return spec is not None and spec.submodule_search_locations is not None
@@ -170,12 +183,11 @@ def covered(stage: str) -> tuple[tuple[tuple[str, tuple[str, ...] | None], ...],
         elif reached.get(module, set()) is not None:
             reached.setdefault(module, set()).add(name)
         tree = _tree(module)
-        tops = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        tops, top_bound, top_libs = _top_imports(module)
         code = tree.body if name is None else [n for n in _reached(tree, (name,)) if n not in tops]
-        top_bound, top_libs = _imported(module, tops)
         inner_bound, inner_libs = _imported(module, code)  # imports inside the covered definitions
         used = {n.id for node in code for n in ast.walk(node) if isinstance(n, ast.Name)}
-        everywhere = {n.id for node in tree.body for n in ast.walk(node) if isinstance(n, ast.Name)}
+        everywhere = _names(module)
         follow = list(inner_bound.values())  # imported where the covered code runs: whatever they bind
         for bound_name, target in top_bound.items():
             # used by the covered code; this name itself (a re-export); imported for its side effects
@@ -203,11 +215,16 @@ def _libraries_used(tops: list[ast.stmt], used: set[str], name: str | None) -> s
     return out - {"__future__"}
 
 
+@lru_cache(maxsize=None)  # modules covered whole are shared by most stages
+def _normalized(module: str, definitions: tuple[str, ...] | None) -> str:
+    return normalized_source(inspect.getsource(importlib.import_module(module)), definitions)
+
+
 @lru_cache
 def code_version(stage: str) -> str:
     h = hashlib.sha256()
     for module, definitions in covered(stage)[0]:
-        h.update(normalized_source(inspect.getsource(importlib.import_module(module)), definitions).encode())
+        h.update(_normalized(module, definitions).encode())
     return h.hexdigest()[:16]
 
 

@@ -46,7 +46,7 @@ def test_steps_refuse_bad_input_clearly(micro_pair, tmp_path):
     stats = expertbits.statistics(ft)
     with pytest.raises(BudgetError, match="unknown allocator"):
         expertbits.allocate(stats, allocator="nope")
-    with pytest.raises(BudgetError, match=r"reads routing and quantization error.*expertbits\.calibrate"):
+    with pytest.raises(BudgetError, match=r"(?s)reads routing and quantization error.*expertbits\.calibrate"):
         expertbits.allocate(stats)  # routed-error, the default, without a calibration
     alloc = expertbits.allocate(stats, allocator="paper", bit_widths=(2, 3))
     with pytest.raises(ExpertbitsError, match="GPTQ needs calibration text"):
