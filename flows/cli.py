@@ -12,6 +12,7 @@ import atexit
 import json
 import logging
 import os
+import shlex
 import sys
 from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator, get_args
@@ -245,8 +246,8 @@ def operate(args: argparse.Namespace) -> int:
                 state = dev.up(Path(args.dir), args.port, args.s3_port, auth=args.auth)
                 auth = ""
                 if "auth" in state:
-                    auth = (f"export PREFECT_API_AUTH_STRING='{Path(state['auth']).read_text()}'   (the UI asks for "
-                            f"it too; kept in {state['auth']})\n")
+                    auth = (f"export PREFECT_API_AUTH_STRING=\"$(cat {shlex.quote(state['auth'])})\"   "
+                            "# the UI asks for the same string\n")
                 print(f"Prefect UI: {state['ui']}\nS3 endpoint: {state['s3']} (bucket {dev.BUCKET}; drop checkpoints "
                       f"under s3://{dev.BUCKET}/incoming/<name>/)\nexport PREFECT_API_URL={state['api']}\n{auth}"
                       f"stop everything with: expertbits dev down --dir {args.dir}")
@@ -277,15 +278,26 @@ def operate(args: argparse.Namespace) -> int:
 
 
 def _refused(e: BaseException) -> str | None:
-    """The error and its fix when the Prefect API refused us for want of its auth string, else None."""
-    response = getattr(e, "response", None)
-    if getattr(response, "status_code", None) not in (401, 403):
+    """The error and its fix when the Prefect API refused us for want of its auth string, else None
+    (a 401 from anyone else, the hub for one, is not this: only Prefect's own client errors for a
+    request to the configured API count)."""
+    from prefect.exceptions import PrefectHTTPStatusError
+    from prefect.settings import get_current_settings
+
+    seen = set()
+    while e is not None and id(e) not in seen:  # the error itself, or what it was raised from
+        seen.add(id(e))
+        if isinstance(e, PrefectHTTPStatusError):
+            break
+        e = e.__cause__ or e.__context__
+    api = get_current_settings().api
+    if (not isinstance(e, PrefectHTTPStatusError) or e.response.status_code != 401 or not api.url
+            or not str(e.request.url).startswith(api.url.rstrip("/"))):
         return None
-    url = os.environ.get("PREFECT_API_URL", "the Prefect API")
-    given = "a wrong" if os.environ.get("PREFECT_API_AUTH_STRING") else "no"
-    return (f"expertbits: {url} refused the request ({response.status_code}): this process sends {given} auth string\n"
+    given = "a wrong" if api.auth_string else "no"
+    return (f"expertbits: {api.url} refused the request (401): this process sends {given} auth string\n"
             "  fix: set PREFECT_API_AUTH_STRING to the server's (compose: PREFECT_AUTH_STRING in infra/.env; the dev "
-            "set: printed by `expertbits dev up --auth`)")
+            "set: `expertbits dev up --auth` prints it)")
 
 
 def list_runs(args: argparse.Namespace) -> int:

@@ -82,19 +82,20 @@ def up(folder: Path, port: int = 4200, s3_port: int = 9100, auth: bool = False) 
     env.pop("PREFECT_SERVER_API_AUTH_STRING", None)  # the server's is set below, for the server alone
     env.pop("PREFECT_API_AUTH_STRING", None)
     state = {"folder": str(folder), "ui": url.removesuffix("/api"), "api": url, "s3": endpoint, "pids": {}}
-    server_env = env
+    envs = {"s3": env, "server": env}  # moto never sees the string; the server gets its own variable
     if auth:
         string = f"expertbits:{secrets.token_urlsafe(18)}"
         fd = os.open(folder / AUTH, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_TRUNC
         with os.fdopen(fd, "w") as f:
             f.write(string)
+        envs["server"] = dict(env, PREFECT_SERVER_API_AUTH_STRING=string)
         env = dict(env, PREFECT_API_AUTH_STRING=string)  # the worker, its flow runs, the deploy step
-        server_env = dict(server_env, PREFECT_SERVER_API_AUTH_STRING=string)
         state["auth"] = str(folder / AUTH)
 
     def start(name: str, args: list[str]) -> None:
         log = open(folder / f"{name}.log", "w")
-        proc = subprocess.Popen(args, env=server_env if name == "server" else env, stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(args, env=envs.get(name, env), stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         state["pids"][name] = proc.pid
         state.setdefault("started", {})[name] = _start_time(proc.pid)
@@ -119,6 +120,7 @@ def up(folder: Path, port: int = 4200, s3_port: int = 9100, auth: bool = False) 
                         "--watch", f"s3://{BUCKET}/incoming"], env=env, check=True, capture_output=True)
     except BaseException:
         down(folder)
+        (folder / AUTH).unlink(missing_ok=True)  # also when nothing was recorded yet
         raise
     return state
 

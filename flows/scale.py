@@ -48,7 +48,9 @@ def task_runner(address: str | None = None):
         # process). Unset, glibc's adaptive default applies. Remote workers: NO_MALLOC_TRIM below.
         dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
         # one thread per worker process: each task is already as parallel as torch makes it
-        return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True})
+        return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
+                                                 # loopback only: no dashboard on every interface
+                                                 "host": "127.0.0.1", "dashboard_address": None})
     return DaskTaskRunner(address=address)
 
 

@@ -106,7 +106,7 @@ def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)  # never the code a checkpoint ships
     except (OSError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: no usable tokenizer ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
                               "save the tokenizer beside the weights: tokenizer.save_pretrained(folder)") from e

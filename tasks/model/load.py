@@ -157,9 +157,9 @@ def load(path: str | Path, *, dtype: torch.dtype | str = "auto", device: str | t
         raise CheckpointError(f"{path}: no config.json", "point at the quantization/ folder of an expertbits run")
     base_config_dict(json.loads(config_file.read_text()))  # a clear error for a folder that is not ours
     hf_logging.disable_progress_bar()
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)  # a checkpoint is data, never code
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-    model = auto.from_pretrained(path, config=config, dtype=dtype)
+    model = auto.from_pretrained(path, config=config, dtype=dtype, trust_remote_code=False)
     if device is not None:
         model.to(device)
-    return model.eval(), AutoTokenizer.from_pretrained(path)
+    return model.eval(), AutoTokenizer.from_pretrained(path, trust_remote_code=False)

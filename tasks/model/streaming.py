@@ -62,7 +62,7 @@ def streamed(path: Path, *, dtype: torch.dtype = torch.float32, keep_bytes: int 
 def is_seq2seq(path: Path) -> bool:
     from transformers import AutoConfig
 
-    return bool(getattr(AutoConfig.from_pretrained(path), "is_encoder_decoder", False))
+    return bool(getattr(AutoConfig.from_pretrained(path, trust_remote_code=False), "is_encoder_decoder", False))
 
 
 def _build(path: Path, ckpt: Checkpoint, dtype: torch.dtype, keep_bytes: int) -> nn.Module:
@@ -75,7 +75,7 @@ def _build(path: Path, ckpt: Checkpoint, dtype: torch.dtype, keep_bytes: int) ->
         from .packed_folder import quantization_config
 
         quantization_config(path)  # a clear error for another format version
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)  # a checkpoint is data, never code
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the skeleton is plain; the experts are installed below
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM

@@ -251,4 +251,4 @@ def copy_side_files(src: Path, out: Path) -> None:
     if not (out / "generation_config.json").exists():
         from transformers import AutoConfig, GenerationConfig
 
-        GenerationConfig.from_model_config(AutoConfig.from_pretrained(src)).save_pretrained(out)
+        GenerationConfig.from_model_config(AutoConfig.from_pretrained(src, trust_remote_code=False)).save_pretrained(out)

@@ -90,9 +90,11 @@ def test_compose_is_closed_by_default():
     published = {str(p).rsplit(":", 1)[-1] for s in compose["services"].values() for p in s.get("ports", [])}
     assert published == {"4200", "9000"}  # the API/UI and S3; never the console, Postgres or Dask
     clients = [n for n, s in compose["services"].items() if "PREFECT_API_URL" in (s.get("environment") or {})]
-    assert {"worker", "gpu-worker", "dask-worker", "dask-scheduler", "deploy"} <= set(clients)
+    assert {"worker", "gpu-worker", "dask-worker", "deploy"} <= set(clients)
+    scheduler = compose["services"]["dask-scheduler"].get("environment") or {}
+    assert not {"AWS_SECRET_ACCESS_KEY", "PREFECT_API_AUTH_STRING"} & set(scheduler)  # it needs neither
     example = (INFRA / "compose.env.example").read_text()
-    assert re.search(r"^PREFECT_AUTH_STRING=\w+:\S+$", example, re.M)
+    assert re.search(r"^PREFECT_AUTH_STRING=$", example, re.M)  # no known password: compose refuses to start
     assert re.search(r"^EXPERTBITS_BIND=127\.0\.0\.1$", example, re.M)
 
 
@@ -106,3 +108,36 @@ def test_the_compose_check_catches_open_doors():
         "s starts the Prefect server without authentication"]
     assert open_doors({"services": {"w": {"command": "prefect worker start", "environment": {"PREFECT_API_URL": "x"}}}}) == [
         "w talks to the Prefect API without the auth string"]
+
+
+def test_only_the_prefect_apis_own_401_is_called_a_missing_auth_string():
+    """A 401 from the configured Prefect API (also when another error was raised from it) gets the
+    auth-string fix; a 401 from anyone else (the hub for a gated model) or another status does not."""
+    import httpx
+    from prefect.exceptions import PrefectHTTPStatusError
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    from expertbits.flows.cli import _refused
+
+    def error(url: str, status: int, kind=PrefectHTTPStatusError):
+        request = httpx.Request("POST", url)
+        return kind(f"{status}", request=request, response=httpx.Response(status, request=request))
+
+    api = "http://127.0.0.1:4200/api"
+    with temporary_settings({PREFECT_API_URL: api}):
+        message = _refused(error(f"{api}/deployments/filter", 401))
+        assert message.startswith(f"expertbits: {api} refused the request (401): this process sends no auth string")
+        assert "fix: set PREFECT_API_AUTH_STRING" in message
+        try:
+            try:
+                raise error(f"{api}/flows/", 401)
+            except PrefectHTTPStatusError as inner:
+                raise RuntimeError("deploy failed") from inner
+        except RuntimeError as outer:
+            assert _refused(outer) is not None
+        assert _refused(error("https://huggingface.co/api/models/org/gated", 401, httpx.HTTPStatusError)) is None
+        assert _refused(error("https://huggingface.co/api/models/org/gated", 401)) is None  # not our API
+        assert _refused(error(f"{api}/deployments/filter", 404)) is None
+        assert _refused(ValueError("x")) is None
+    with temporary_settings({PREFECT_API_URL: api, PREFECT_API_AUTH_STRING: "a:b"}):
+        assert "sends a wrong auth string" in _refused(error(f"{api}/flows/", 401))

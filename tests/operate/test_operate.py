@@ -295,13 +295,21 @@ def test_dev_up_and_down_start_and_stop_exactly_their_processes(tmp_path):
         auth_file = tmp_path / "dev" / "auth"
         auth = auth_file.read_text()
         assert stat.S_IMODE(auth_file.stat().st_mode) == 0o600 and auth.startswith("expertbits:") and len(auth) > 30
-        assert f"export PREFECT_API_AUTH_STRING='{auth}'" in up.stdout
+        # the printed lines are shell a client pastes; the string itself is never printed
+        exports = "\n".join(line.split("   #")[0] for line in up.stdout.splitlines() if line.startswith("export "))
+        pasted = subprocess.run(["bash", "-c", f'{exports}\nprintf "%s|%s" "$PREFECT_API_URL" "$PREFECT_API_AUTH_STRING"'],
+                                capture_output=True, text=True, check=True).stdout
+        assert pasted == f"{state['api']}|{auth}" and auth not in up.stdout
         assert auth not in (tmp_path / "dev" / "dev.json").read_text()
         assert not any(auth in log.read_text(errors="replace") for log in (tmp_path / "dev").glob("*.log"))
         headers = {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()}
         assert httpx.post(f"{state['api']}/deployments/filter", json={}, timeout=5).status_code == 401
         assert httpx.get(state["ui"], timeout=5).status_code == 200  # the UI's page; it asks for the string itself
         found = httpx.post(f"{state['api']}/deployments/filter", json={}, headers=headers, timeout=5).json()
+        # the worker got in with the string: it polls the pool and is online
+        _until("the dev worker online", lambda: any(
+            w["status"] == "ONLINE" for w in httpx.post(f"{state['api']}/work_pools/expertbits/workers/filter", json={},
+                                                         headers=headers, timeout=5).json()), 60)
         assert {d["name"] for d in found} == {"quantize", "league", "quantize-nightly", "watch", "requantize"}
         again = subprocess.run([*cli, "up", "--dir", str(tmp_path / "dev"), *ports], env=env, capture_output=True,
                                text=True, timeout=60)
