@@ -246,8 +246,8 @@ def operate(args: argparse.Namespace) -> int:
                 state = dev.up(Path(args.dir), args.port, args.s3_port, auth=args.auth)
                 auth = ""
                 if "auth" in state:
-                    auth = (f"export PREFECT_API_AUTH_STRING=\"$(cat {shlex.quote(state['auth'])})\"   "
-                            "# the UI asks for the same string\n")
+                    auth = (f"export PREFECT_API_AUTH_STRING=\"$(cat {shlex.quote(state['auth'])})\"\n"
+                            "(the UI asks for the same string)\n")
                 print(f"Prefect UI: {state['ui']}\nS3 endpoint: {state['s3']} (bucket {dev.BUCKET}; drop checkpoints "
                       f"under s3://{dev.BUCKET}/incoming/<name>/)\nexport PREFECT_API_URL={state['api']}\n{auth}"
                       f"stop everything with: expertbits dev down --dir {args.dir}")
@@ -291,13 +291,18 @@ def _refused(e: BaseException) -> str | None:
             break
         e = e.__cause__ or e.__context__
     api = get_current_settings().api
-    if (not isinstance(e, PrefectHTTPStatusError) or e.response.status_code != 401 or not api.url
-            or not str(e.request.url).startswith(api.url.rstrip("/"))):
+    if not isinstance(e, PrefectHTTPStatusError) or e.response.status_code != 401 or not api.url:
+        return None
+    import httpx
+
+    ours, asked = httpx.URL(api.url), e.request.url  # compared normalised: host case, default ports
+    if (asked.scheme, asked.host, asked.port) != (ours.scheme, ours.host, ours.port) or not (
+            asked.path + "/").startswith(ours.path.rstrip("/") + "/"):
         return None
     given = "a wrong" if api.auth_string else "no"
     return (f"expertbits: {api.url} refused the request (401): this process sends {given} auth string\n"
             "  fix: set PREFECT_API_AUTH_STRING to the server's (compose: PREFECT_AUTH_STRING in infra/.env; the dev "
-            "set: `expertbits dev up --auth` prints it)")
+            "set: `expertbits dev up --auth` prints how)")
 
 
 def list_runs(args: argparse.Namespace) -> int:

@@ -72,7 +72,7 @@ def up(folder: Path, port: int = 4200, s3_port: int = 9100, auth: bool = False) 
     for p in (port, s3_port):
         if not _free(p):
             raise DevError(f"port {p} on 127.0.0.1 is in use; pass --port / --s3-port")
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # its database holds every run's logs and parameters
     url, endpoint = f"http://127.0.0.1:{port}/api", f"http://127.0.0.1:{s3_port}"
     env = dict(os.environ, PREFECT_HOME=str(folder / "prefect"), PREFECT_API_URL=url,
                PREFECT_SERVER_ANALYTICS_ENABLED="false", EXPERTBITS_CACHE=str(folder / "cache"),

@@ -295,6 +295,7 @@ def test_dev_up_and_down_start_and_stop_exactly_their_processes(tmp_path):
         auth_file = tmp_path / "dev" / "auth"
         auth = auth_file.read_text()
         assert stat.S_IMODE(auth_file.stat().st_mode) == 0o600 and auth.startswith("expertbits:") and len(auth) > 30
+        assert stat.S_IMODE((tmp_path / "dev").stat().st_mode) == 0o700  # its database holds every run's logs
         # the printed lines are shell a client pastes; the string itself is never printed
         exports = "\n".join(line.split("   #")[0] for line in up.stdout.splitlines() if line.startswith("export "))
         pasted = subprocess.run(["bash", "-c", f'{exports}\nprintf "%s|%s" "$PREFECT_API_URL" "$PREFECT_API_AUTH_STRING"'],
