@@ -96,10 +96,12 @@ def calibrate(checkpoint: str | Path, text: str, *, bit_widths: tuple[int, ...] 
 
 
 def _quantizer(method: str, options: dict):
+    from dataclasses import fields
+
     from expertbits.tasks.errors import ExpertbitsError
     from expertbits.tasks.quantization.method import QuantizerConfig
 
-    known = {"symmetric", "clip", "damp", "act_order", "min_tokens", "weighted"}
+    known = {f.name for f in fields(QuantizerConfig)} - {"method"}
     if unknown := sorted(set(options) - known):
         raise ExpertbitsError(f"unknown quantizer options {unknown}", f"give any of {sorted(known)}", "quantizer")
     return QuantizerConfig(method=method, **options)

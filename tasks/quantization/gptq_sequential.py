@@ -223,25 +223,37 @@ def sequential_gptq(ft_path: Path, text: str, alloc: pd.DataFrame, group_size: i
     return out, pd.DataFrame(coverage)
 
 
+def gptq_shards(ckpt: Checkpoint, src: Path, text: str, alloc: pd.DataFrame, group_size: int,
+                quantizer: QuantizerConfig, out: Path, *, seq_len: int, windows: int,
+                write: Callable[[dict], dict] = lambda part: part, progress: Progress | None = None) -> list[dict]:
+    """Every MoE layer's shard of `ckpt` (open, stored at `src`) by sequential GPTQ, written into
+    `out` as soon as its layer is calibrated and handed to `write` (the flow puts it in the store);
+    each part carries its layer's calibration coverage."""
+    from . import writer
+
+    parts: list[dict] = []
+
+    def on_layer(position: int, packed: dict) -> None:
+        parts.append(write(writer.quantize_layer(ckpt, position, alloc, group_size, quantizer.symmetric, out,
+                                                 quantizer=lambda m, w, bits: packed[m.name])))
+
+    _, coverage = sequential_gptq(src, text, alloc, group_size, quantizer, seq_len=seq_len, windows=windows,
+                                  on_layer=on_layer, progress=progress)
+    for part, layer in zip(parts, dict.fromkeys(coverage.layer)):
+        part["coverage"] = coverage[coverage.layer == layer].to_dict(orient="records")
+    return parts
+
+
 def quantize_checkpoint_gptq(src: Path, alloc: pd.DataFrame, group_size: int, quantizer: QuantizerConfig, text: str,
                              out: Path, *, seq_len: int, windows: int, progress: Progress | None = None) -> dict:
-    """`writer.quantize_checkpoint` with sequential GPTQ: each MoE layer's shard written as soon as
-    its layer is calibrated, with the layer's coverage; then the rest shard and `finish`."""
+    """`writer.quantize_checkpoint` with sequential GPTQ: `gptq_shards`, then the rest shard and `finish`."""
     from . import writer
 
     out.mkdir(parents=True)
-    parts: list[dict] = []
     with Checkpoint.open(src) as ckpt:
         writer.check_allocation(ckpt, alloc)
-
-        def on_layer(position: int, packed: dict) -> None:
-            parts.append(writer.quantize_layer(ckpt, position, alloc, group_size, quantizer.symmetric, out,
-                                               quantizer=lambda m, w, bits: packed[m.name]))
-
-        _, coverage = sequential_gptq(src, text, alloc, group_size, quantizer, seq_len=seq_len, windows=windows,
-                                      on_layer=on_layer, progress=progress)
-        for part, layer in zip(parts, dict.fromkeys(coverage.layer)):
-            part["coverage"] = coverage[coverage.layer == layer].to_dict(orient="records")
+        parts = gptq_shards(ckpt, src, text, alloc, group_size, quantizer, out, seq_len=seq_len, windows=windows,
+                            progress=progress)
         parts = writer.write_rest(ckpt, out) + parts
     return writer.finish(src, alloc, group_size, quantizer.symmetric, parts, out, quantizer.as_dict())
 

@@ -123,24 +123,14 @@ def _gptq_quantization(checkpoint: CheckpointRecord, allocation: StageOutput, gr
                        text: dict, store: str, storage_options: dict, cache_dir: str | None) -> list[dict]:
     """Every MoE layer's shard by sequential GPTQ, each written as soon as its layer is done, with
     the layer's calibration coverage."""
-    from ..quantization.gptq_sequential import sequential_gptq
+    from ..quantization.gptq_sequential import gptq_shards
 
-    q = QuantizerConfig.from_dict(quantizer)
     path = ckpt_path(checkpoint, cache_dir, storage_options)
-    parts: list[dict] = []
     with _shard_writer(checkpoint, allocation, group_size, quantizer, text, store, storage_options,
                        path) as (ckpt, alloc, out, write):
-        def on_layer(position: int, packed: dict) -> None:
-            parts.append(write(writer.quantize_layer(ckpt, position, alloc, group_size, q.symmetric, out,
-                                                       quantizer=lambda m, w, bits: packed[m.name])))
-
-        _, coverage = sequential_gptq(path, pinned(text["text"], cache_dir, storage_options), alloc, group_size, q,
-                                      seq_len=text["seq_len"], windows=text["windows"], on_layer=on_layer,
-                                      progress=progress_reporter("GPTQ quantization"))
-    layers = list(dict.fromkeys(coverage.layer))
-    for part, layer in zip(parts, layers):
-        part["coverage"] = coverage[coverage.layer == layer].to_dict(orient="records")
-    return parts
+        return gptq_shards(ckpt, path, pinned(text["text"], cache_dir, storage_options), alloc, group_size,
+                           QuantizerConfig.from_dict(quantizer), out, seq_len=text["seq_len"], windows=text["windows"],
+                           write=write, progress=progress_reporter("GPTQ quantization"))
 
 
 def _gptq_calibration(checkpoint: CheckpointRecord, bit_widths: list[int], group_size: int, quantizer: dict,

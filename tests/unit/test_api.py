@@ -60,3 +60,28 @@ def test_steps_refuse_bad_input_clearly(micro_pair, tmp_path):
     (tmp_path / "taken").mkdir()
     with pytest.raises(ExpertbitsError, match="already exists"):
         expertbits.quantize(ft, alloc, tmp_path / "taken")
+
+
+def test_the_steps_defaults_are_the_flows():
+    """The steps' defaults are written in their signatures (importing expertbits stays cheap), so a
+    test keeps them equal to `expertbits quantize`'s."""
+    import inspect
+
+    import expertbits
+    from expertbits.flows.params import QuantizeParams
+    from expertbits.tasks.quantization.method import QuantizerConfig
+
+    flow = {n: f.get_default(call_default_factory=True) for n, f in QuantizeParams.model_fields.items()}
+    steps = {n: {k: p.default for k, p in inspect.signature(getattr(expertbits, n)).parameters.items()}
+             for n in ("calibrate", "allocate", "quantize", "evaluate")}
+    assert tuple(flow["bit_widths"]) == steps["calibrate"]["bit_widths"] == steps["allocate"]["bit_widths"]
+    assert flow["group_size"] == steps["calibrate"]["group_size"] == steps["quantize"]["group_size"]
+    assert flow["eval_seq_len"] == steps["calibrate"]["seq_len"] == steps["quantize"]["seq_len"] == steps["evaluate"]["seq_len"]
+    assert flow["calibration_windows"] == steps["calibrate"]["windows"] == steps["quantize"]["windows"]
+    assert flow["eval_windows"] == steps["evaluate"]["windows"]
+    assert (flow["avg_bits"], flow["allocator"]) == (steps["allocate"]["avg_bits"], steps["allocate"]["allocator"])
+    assert flow["quantizer"] == steps["calibrate"]["quantizer"] == steps["quantize"]["quantizer"]
+    # the quantizer options a step takes are QuantizerConfig's, whose defaults the flow's fields repeat
+    q = QuantizerConfig()
+    assert (flow["symmetric"], flow["clip"], flow["gptq_damp"], flow["gptq_act_order"], flow["gptq_min_tokens"],
+            flow["gptq_weighted"]) == (q.symmetric, q.clip, q.damp, q.act_order, q.min_tokens, q.weighted)
