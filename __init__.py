@@ -79,19 +79,22 @@ class Calibration(tuple):
 
 def calibrate(checkpoint: str | Path, text: str, *, bit_widths: tuple[int, ...] = BIT_WIDTHS,
               group_size: int = GROUP_SIZE, quantizer: str = "rtn", seq_len: int = SEQ_LEN,
-              windows: int = WINDOWS, **quantizer_options) -> Calibration:
+              windows: int = WINDOWS, device: str = "auto", **quantizer_options) -> Calibration:
     """What the routers do on `text` (the text itself, not a path) and what each expert loses at
     each width: the input of the routing- and error-based allocators (`routed-error`, the
     default, among them).
 
     Give the quantizer you will pass to `quantize`, with the same options (`symmetric`, `clip`,
     and for GPTQ `damp`, `act_order`, `min_tokens`, `weighted`): the errors are that quantizer's,
-    as the flow measures them for the allocators that read errors."""
+    as the flow measures them for the allocators that read errors. `device` is as in
+    `expertbits quantize --device`: auto (a GPU if there is one), cpu, cuda or cuda:N."""
     from expertbits.tasks.allocation.calibrate import calibrate as _calibrate
+    from expertbits.tasks.placement import of_checkpoint
 
     calib, qerr, _ = _calibrate(Path(checkpoint), text, seq_len=seq_len, windows=windows,
                                 bit_widths=tuple(sorted(bit_widths)), group_size=group_size,
-                                quantizer=_quantizer(quantizer, quantizer_options))
+                                quantizer=_quantizer(quantizer, quantizer_options),
+                                placement=of_checkpoint(device, checkpoint))
     return Calibration((calib, qerr))
 
 
@@ -136,17 +139,18 @@ def allocate(stats: pd.DataFrame, *, avg_bits: float = 2.5, allocator: str = "ro
 
 def quantize(checkpoint: str | Path, allocation: pd.DataFrame, out: str | Path, *, group_size: int = GROUP_SIZE,
              quantizer: str = "rtn", text: str | None = None, seq_len: int = SEQ_LEN, windows: int = WINDOWS,
-             **quantizer_options) -> dict:
+             device: str = "auto", **quantizer_options) -> dict:
     """Write the quantized folder of `checkpoint` into `out` and return its summary.
 
     `quantizer="gptq"` calibrates each expert on the tokens its router sends it from `text`, layer
     after layer; `quantizer_options` are as in `calibrate`. The folder is what `load` reads and
     `expertbits export` converts. It is written beside `out` and renamed into place when complete:
-    `out` must not exist, and a failure leaves nothing there."""
+    `out` must not exist, and a failure leaves nothing there. `device` is as in `calibrate`."""
     import shutil
     import uuid
 
     from expertbits.tasks.errors import ExpertbitsError
+    from expertbits.tasks.placement import of_checkpoint
     from expertbits.tasks.quantization.writer import quantize_checkpoint
 
     q, out = _quantizer(quantizer, quantizer_options), Path(out)
@@ -154,16 +158,18 @@ def quantize(checkpoint: str | Path, allocation: pd.DataFrame, out: str | Path, 
         raise ExpertbitsError(f"{out} already exists", "name a new folder, or remove this one", "out")
     if q.calibrated and text is None:
         raise ExpertbitsError("GPTQ needs calibration text", "pass text=..., or quantizer='rtn'", "text")
+    placement = of_checkpoint(device, checkpoint)
     partial = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
     try:
         if q.calibrated:
             from expertbits.tasks.quantization.gptq_sequential import quantize_checkpoint_gptq
 
             summary = quantize_checkpoint_gptq(Path(checkpoint), allocation, group_size, q, text, partial,
-                                               seq_len=seq_len, windows=windows)
+                                               seq_len=seq_len, windows=windows, placement=placement)
         else:
             summary = quantize_checkpoint(Path(checkpoint), allocation, group_size, partial,
-                                          quantizer=lambda m, w, bits: q.round_matrix(w, bits, group_size),
+                                          quantizer=lambda m, w, bits: q.round_matrix(w.to(placement.device), bits,
+                                                                                      group_size),
                                           symmetric=q.symmetric, config=q.as_dict())
         partial.rename(out)
     finally:
@@ -172,9 +178,12 @@ def quantize(checkpoint: str | Path, allocation: pd.DataFrame, out: str | Path, 
 
 
 def evaluate(checkpoint: str | Path, quantized: str | Path, text: str, *, seq_len: int = SEQ_LEN,
-             windows: int = WINDOWS) -> dict:
+             windows: int = WINDOWS, device: str = "auto") -> dict:
     """Token-level KL(full precision ‖ quantized) and the perplexity of both on held-out `text`,
-    the quantized model run from its folder's own bytes."""
+    the quantized model run from its folder's own bytes (on a GPU as it is served: loaded, its
+    experts through the fused kernel). `device` is as in `calibrate`."""
     from expertbits.tasks.measure.evaluate import evaluate as _evaluate
+    from expertbits.tasks.placement import of_checkpoint
 
-    return _evaluate(Path(checkpoint), Path(quantized), text, seq_len=seq_len, windows=windows)
+    return _evaluate(Path(checkpoint), Path(quantized), text, seq_len=seq_len, windows=windows,
+                     placement=of_checkpoint(device, checkpoint))

@@ -19,7 +19,11 @@ measured against. The 32-layer projection scales
 each stage linearly with the number of MoE layers (every stage's work is per layer).
 
     python benchmarks/bench_realsize.py [--model mixtral-8x7b] [--model qwen3-30b-a3b] [--layers 2]
-        [--workdir DIR] [--json results.json] [--windows 16] [--quantizer gptq]
+        [--workdir DIR] [--json results.json] [--windows 16] [--quantizer gptq] [--device cuda]
+
+`--device` is the flow's (auto, cpu, cuda, cuda:N); on a GPU each stage's peak GPU memory
+(torch.cuda.max_memory_allocated) is reported beside the host's. `--model mixtral-smoke` is
+Mixtral's layout at a tiny size (benchmarks/gpu_check.sh --dry-run): its figures mean nothing.
 
 Needs ~12 GB of disk per 2-layer Mixtral-8x7B-shaped pair plus its cached copies.
 """
@@ -39,7 +43,7 @@ import torch
 from expertbits.tasks.checkpoints.adapters import detect
 from expertbits.tasks.checkpoints.reader import Checkpoint
 
-FULL_LAYERS = {"mixtral-8x7b": 32, "qwen3-30b-a3b": 48, "deepseek-v3": 61}
+FULL_LAYERS = {"mixtral-8x7b": 32, "qwen3-30b-a3b": 48, "deepseek-v3": 61, "mixtral-smoke": 32}
 STAGES = ("download", "statistics", "routing", "calibration (gptq)", "calibration", "quantization (gptq)", "quantization",
           "validation", "validation (fused kernel)", "evaluation")
 
@@ -51,6 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--windows", type=int, default=16, help="calibration and evaluation windows of 256 tokens")
     p.add_argument("--workdir", type=Path, default=Path("bench-realsize"))
     p.add_argument("--quantizer", default="rtn", help="rtn or gptq (routed, sequential GPTQ)")
+    p.add_argument("--device", default="auto", help="the flow's --device: auto, cpu, cuda or cuda:N")
     p.add_argument("--json", type=Path)
     return p.parse_args(argv)
 
@@ -91,14 +96,15 @@ def layer_fp32_bytes(ft: Path) -> int:
     return max(sizes.values())
 
 
-def run_flow(base: Path, ft: Path, root: Path, windows: int, quantizer: str = "rtn") -> tuple[list[dict], float]:
+def run_flow(base: Path, ft: Path, root: Path, windows: int, quantizer: str = "rtn",
+             device: str = "auto") -> tuple[list[dict], float]:
     measure = root / "measure.jsonl"
     measure.unlink(missing_ok=True)
     store = root / f"store-{int(time.time())}"  # a fresh store: every stage computes
     env = dict(os.environ, EXPERTBITS_MEASURE_FILE=str(measure), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     cmd = ["expertbits", "quantize", "--checkpoint", str(ft), "--reference", str(base), "--store", str(store),
            "--cache-dir", str(root / "cache"), "--calibration-windows", str(windows), "--eval-windows", str(windows),
-           "--quantizer", quantizer]
+           "--quantizer", quantizer, "--device", device]
     start = time.perf_counter()
     subprocess.run(cmd, check=True, env=env)
     wall = time.perf_counter() - start
@@ -109,8 +115,8 @@ def table(name: str, layers: int, rows: list[dict], read: dict, bound: int, wall
     full = FULL_LAYERS[name]
     lines = [f"**{name}-shaped, {layers} MoE layers** (bound: one decoder layer in fp32 + 1 GiB = "
              f"{(bound + 2**30) / 2**30:.1f} GiB; whole flow {wall:.0f} s including Prefect and downloads)", "",
-             "| stage | seconds | peak anon GiB | peak RSS GiB | expert GB/s | projected seconds, all "
-             f"{full} layers |", "|---|---|---|---|---|---|"]
+             "| stage | seconds | peak anon GiB | peak RSS GiB | peak GPU GiB | expert GB/s | projected seconds, all "
+             f"{full} layers |", "|---|---|---|---|---|---|---|"]
     by_stage = {}
     for r in rows:  # the reference checkpoint's download is a second `download` line: add them up
         s = by_stage.setdefault(r["stage"], dict(r, seconds=0.0, weight_bytes=0))
@@ -118,16 +124,17 @@ def table(name: str, layers: int, rows: list[dict], read: dict, bound: int, wall
         s["weight_bytes"] += r.get("weight_bytes") or 0
         s["peak_anon_bytes"] = max(s["peak_anon_bytes"] or 0, r["peak_anon_bytes"] or 0)
         s["peak_rss_bytes"] = max(s["peak_rss_bytes"] or 0, r["peak_rss_bytes"] or 0)
+        if r.get("peak_gpu_bytes") is not None:
+            s["peak_gpu_bytes"] = max(s.get("peak_gpu_bytes") or 0, r["peak_gpu_bytes"])
     for stage in STAGES:
         if stage not in by_stage:
             continue
         r = by_stage[stage]
         gbs = (r["weight_bytes"] / 1e9 / r["seconds"]) if r.get("weight_bytes") and r["seconds"] else None
-        lines.append(f"| {stage} | {r['seconds']:.1f} | {r['peak_anon_bytes'] / 2**30:.2f} | "
-                     f"{r['peak_rss_bytes'] / 2**30:.2f} | {gbs:.2f} | {r['seconds'] * full / layers:.0f} |"
-                     if gbs is not None else
-                     f"| {stage} | {r['seconds']:.1f} | {r['peak_anon_bytes'] / 2**30:.2f} | "
-                     f"{r['peak_rss_bytes'] / 2**30:.2f} | | {r['seconds'] * full / layers:.0f} |")
+        gpu = f"{r['peak_gpu_bytes'] / 2**30:.2f}" if r.get("peak_gpu_bytes") is not None else ""
+        lines.append(f"| {stage} | {r['seconds']:.1f} | {(r['peak_anon_bytes'] or 0) / 2**30:.2f} | "
+                     f"{(r['peak_rss_bytes'] or 0) / 2**30:.2f} | {gpu} | {'' if gbs is None else f'{gbs:.2f}'} | "
+                     f"{r['seconds'] * full / layers:.0f} |")
     stats = by_stage.get("statistics")
     if stats:
         ratio = stats["weight_bytes"] / 1e9 / stats["seconds"] / read["gb_per_s"]
@@ -144,11 +151,11 @@ def main(argv=None) -> None:
         root = args.workdir / f"{name}-{args.layers}"
         base, ft = generate(name, args.layers, root)
         read = plain_read(ft)
-        rows, wall = run_flow(base, ft, root, args.windows, args.quantizer)
+        rows, wall = run_flow(base, ft, root, args.windows, args.quantizer, args.device)
         bound = layer_fp32_bytes(ft)
         md = table(name, args.layers, rows, read, bound, wall)
         print(md, flush=True)
-        results[name] = {"layers": args.layers, "quantizer": args.quantizer, "stages": rows, "plain_read": read, "layer_fp32_bytes": bound,
+        results[name] = {"layers": args.layers, "quantizer": args.quantizer, "device": args.device, "stages": rows, "plain_read": read, "layer_fp32_bytes": bound,
                          "wall_seconds": wall, "markdown": md}
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

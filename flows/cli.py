@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--debug", action="store_true", help="show Prefect's log tracebacks and the full error")
     q.add_argument("--dask", metavar="ADDRESS", default=None,
                    help="run the per-layer work on a Dask cluster: a scheduler address (tcp://host:8786) or "
-                        "local[:N] for N local worker processes (default: $EXPERTBITS_DASK, else one process)")
+                        "local[:N] for N local worker processes, local-cuda[:N] for one per GPU "
+                        "(default: $EXPERTBITS_DASK, else one process)")
     lg = sub.add_parser("league", help="compare allocators × budgets on one checkpoint pair",
                         description="Run download → statistics → calibration → league as a Prefect flow: every "
                                     "allocator at every budget and bit-width set is quantized and evaluated, and the table, "
@@ -101,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--debug", action="store_true", help="show Prefect's log tracebacks and the full error")
     lg.add_argument("--dask", metavar="ADDRESS", default=None,
                     help="run the per-layer work and the league's cells on a Dask cluster: a scheduler address "
-                         "or local[:N] (default: $EXPERTBITS_DASK, else one process)")
+                         "or local[:N], or local-cuda[:N] for one worker per GPU (default: $EXPERTBITS_DASK, else "
+                         "one process)")
     gen = sub.add_parser("generate", help="load a quantized model and continue a prompt",
                          description="Load an expertbits-quantized folder (a run's quantization/ folder) the way a user "
                                      "does, experts running from their packed weights, and print what it generates. "
@@ -549,9 +551,9 @@ def main(argv: list[str] | None = None) -> int:
 
     flow = quantize_moe if args.command == "quantize" else league_table
     api = nullcontext()
-    if args.dask is not None or os.environ.get("EXPERTBITS_DASK"):
-        flow, api = flow.with_options(task_runner=task_runner(args.dask)), shared_api(args.dask)
     try:
+        if args.dask is not None or os.environ.get("EXPERTBITS_DASK"):
+            flow, api = flow.with_options(task_runner=task_runner(args.dask)), shared_api(args.dask)
         with _quiet_tracebacks(args.debug), api:
             manifest = flow(params)
     except Exception as e:
@@ -564,7 +566,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         ev, al = s["evaluation"], s["allocation"]
         print(f"\nrun {manifest.run_id}: {al['achieved_avg_bits']} avg bits, KL {ev['kl']:.5f}, "
-              f"ppl {ev['ppl_fp']:.2f} -> {ev['ppl_quant']:.2f}")
+              f"ppl {ev['ppl_fp']:.2f} -> {ev['ppl_quant']:.2f}, evaluated on {ev.get('device', 'cpu')} "
+              f"({ev.get('dtype', 'float32')})")
     print("\n".join(line for line in lines if line) + f"\nartifacts: {manifest.uri}")
     return 0
 

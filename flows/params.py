@@ -139,6 +139,11 @@ class CommonParams(BaseModel):
     gptq_weighted: bool = Field(True, description=(
         "GPTQ: weight each token's Hessian term by the routing weight the router gave it (the expert's share of "
         "that token's output)"))
+    device: str = Field("auto", description=(
+        "Where the heavy stages compute (routing, calibration error, GPTQ, quantization, evaluation, league cells): "
+        "'auto' (a CUDA GPU when the machine running them has one, else the CPU; a worker's EXPERTBITS_DEVICE "
+        "overrides it), 'cpu', 'cuda' or 'cuda:N'. On a GPU the model computes in its own dtype (bf16/fp16), GPTQ's "
+        "Hessians in fp32"))
 
     @field_validator("reference", mode="before")
     @classmethod
@@ -149,6 +154,13 @@ class CommonParams(BaseModel):
     @classmethod
     def _no_secrets(cls, v):
         return refuse_secrets(v)
+
+    @field_validator("device")
+    @classmethod
+    def _device_form(cls, v):
+        from expertbits.tasks.placement import check
+
+        return check(v)  # a well-formed name; whether the machine has it is checked where the stages run
 
 
 class QuantizeParams(CommonParams):

@@ -2,7 +2,16 @@
 
     EXPERTBITS_DASK unset          one process; each stage's layers run in order in one task
     EXPERTBITS_DASK=local[:N]      a local Dask cluster of N worker processes (default 2)
+    EXPERTBITS_DASK=local-cuda[:N] a local Dask cluster of one worker process per GPU (the first N)
     EXPERTBITS_DASK=tcp://host:8786  an existing Dask scheduler
+
+`local-cuda` is what dask-cuda's LocalCUDACluster does, built on distributed's own SpecCluster:
+each worker's nanny starts it with CUDA_VISIBLE_DEVICES naming its own GPU first, so `--device
+auto` (or `cuda`) in a worker means that worker's GPU and the layers spread over the GPUs.
+(dask-cuda 26.10 itself pins dask 2026.7.1, below the project's pin.) What runs in parallel
+there: the per-layer stages (RTN calibration error, RTN quantization, kernel validation) and the
+league's RTN cells; sequential GPTQ is one task (layer l+1 is calibrated on the quantized layer
+l), and so are the routing and evaluation forwards (each one streamed pass over the layers).
 
 The flows read it when they are imported (`expertbits quantize --dask ...` sets it; a deployment
 sets it as a job variable: `--job-variable env='{"EXPERTBITS_DASK": "tcp://..."}'`). On Dask,
@@ -41,6 +50,9 @@ def task_runner(address: str | None = None):
     import dask
     from prefect_dask import DaskTaskRunner
 
+    if address == "local-cuda" or address.startswith("local-cuda:"):
+        return DaskTaskRunner(cluster_class="distributed.SpecCluster",
+                              cluster_kwargs=cuda_cluster(address.partition(":")[2]))
     if address == "local" or address.startswith("local:"):
         workers = int(address.partition(":")[2] or 2)
         # Dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536 in its workers; with this workload's large
@@ -52,6 +64,34 @@ def task_runner(address: str | None = None):
                                                  # loopback only: no dashboard on every interface
                                                  "host": "127.0.0.1", "dashboard_address": None})
     return DaskTaskRunner(address=address)
+
+
+def cuda_cluster(count: str = "", visible: list[int] | None = None) -> dict:
+    """SpecCluster arguments for one worker process per GPU (the first `count`, default all): worker
+    i's CUDA_VISIBLE_DEVICES lists its GPU first (then the others, as dask-cuda does, so peer
+    access still works). A machine without a GPU is refused here, before any process starts."""
+    from distributed import Nanny, Scheduler
+
+    from expertbits.tasks.errors import ExpertbitsError
+
+    if visible is None:
+        import torch
+
+        visible = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    if not visible:
+        raise ExpertbitsError("--dask local-cuda: this machine has no CUDA device", "use --dask local[:N] for CPU "
+                              "worker processes, or run on a machine with GPUs", "dask")
+    if count and (not count.isdigit() or not 1 <= int(count) <= len(visible)):
+        raise ExpertbitsError(f"--dask local-cuda:{count}: this machine has {len(visible)} GPUs",
+                              f"give a count from 1 to {len(visible)}, or local-cuda for all of them", "dask")
+    gpus = visible[: int(count)] if count else visible
+    # one thread per worker: a task's kernels already fill its GPU; loopback only, no dashboard
+    workers = {f"gpu-{g}": {"cls": Nanny, "options": {
+        "nthreads": 1, "host": "127.0.0.1", "dashboard_address": None,
+        "env": {"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus[i:] + gpus[:i])), "EXPERTBITS_DEVICE": "cuda"}}}
+        for i, g in enumerate(gpus)}
+    return {"workers": workers, "scheduler": {"cls": Scheduler, "options": {"host": "127.0.0.1",
+                                                                               "dashboard_address": None}}}
 
 
 def absolute_store(store: str) -> str:

@@ -24,6 +24,9 @@ the columns in order of decreasing diag(H) (0.41–0.49× RTN's error there).
 An input dimension the calibration tokens never used (diag(H) = 0) gets unit curvature: its
 weights are rounded like RTN, never set to zero (zeroing them, as the reference code does, is
 wrong for inputs that are merely rare).
+
+Everything runs on w's device; W, H, the Cholesky factor and the error updates are float32
+whatever w's dtype (a GPU computing the model in bf16 still factorises in fp32).
 """
 
 from __future__ import annotations
@@ -46,15 +49,16 @@ def gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, *, symmet
     n, k = w.shape
     qmax = (1 << bits) - 1
     groups = -(-k // group_size)
+    device = w.device
     W = w.to(torch.float32).clone()
-    H = h.to(torch.float32).clone()
+    H = h.to(device, torch.float32).clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
-    H += damp * torch.diag(H).mean() * torch.eye(k)
+    H += damp * torch.diag(H).mean() * torch.eye(k, device=device)
 
-    scales16 = torch.empty(n, groups, dtype=torch.float16)
-    s32 = torch.empty(n, groups)
-    zeros = torch.empty(n, groups)
+    scales16 = torch.empty(n, groups, dtype=torch.float16, device=device)
+    s32 = torch.empty(n, groups, device=device)
+    zeros = torch.empty(n, groups, device=device)
     static_groups = static_groups or act_order or clip
     if clip:  # the clipped grid of each group, its error weighted by how much each input is used
         g = quantize_clipped(W, bits, group_size, symmetric, importance=torch.diag(h.to(torch.float32)))
@@ -64,16 +68,17 @@ def gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, *, symmet
         scales16, s32, zeros = grid(padded.amin(-1), padded.amax(-1), bits, symmetric)
     else:
         block = group_size * max(1, block // group_size)  # a group's first column opens its block
-    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(k)
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(k, device=device)
     W, H = W[:, perm], H[perm][:, perm]
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    columns = perm.tolist()  # once, on the host: an item read per column would wait for the GPU each time
 
-    codes = torch.empty(n, k, dtype=torch.uint8)
+    codes = torch.empty(n, k, dtype=torch.uint8, device=device)
     for b0 in range(0, k, block):
         b1 = min(b0 + block, k)
-        W1, E1 = W[:, b0:b1].clone(), torch.zeros(n, b1 - b0)
+        W1, E1 = W[:, b0:b1].clone(), torch.zeros(n, b1 - b0, device=device)
         for i in range(b1 - b0):
-            col = int(perm[b0 + i])
+            col = columns[b0 + i]
             g = col // group_size
             if not static_groups and col % group_size == 0:
                 span = W1[:, i : min(i + group_size, b1 - b0)]

@@ -242,7 +242,7 @@ def quantize_clipped(w: torch.Tensor, bits: int, group_size: int, symmetric: boo
     _, grouped = _grouped(w, group_size)
     groups = grouped.shape[1]
     pad = groups * group_size - k
-    imp = torch.ones(k) if importance is None else importance.to(torch.float32).flatten()
+    imp = torch.ones(k, device=w.device) if importance is None else importance.to(w.device, torch.float32).flatten()
     imp = torch.nn.functional.pad(imp, (0, pad)).view(groups, group_size)  # padding weighs nothing
     lo, hi = grouped.amin(-1), grouped.amax(-1)
     qmax = (1 << bits) - 1

@@ -2,6 +2,7 @@
 before it (and kernels, the bundled zoo); tests/unit/test_layering.py keeps the directions.
 
     errors, records, meter   bad-input errors, the records tasks pass, wall time and memory
+    placement                where the heavy stages compute: --device resolved, dtype, free GPU memory
     store/                   the artifact store: URIs, tables, publishing runs whole, verify, gc, catalog
     checkpoints/             reading checkpoints: fetch, safetensors reader, adapters, reference, texts, watch
     model/                   the quantized folder and running it: packed folder, loader, streaming, export

@@ -11,6 +11,10 @@ Two peaks are kept apart, because they mean different things:
 Off Linux both are None. Sampling can miss a peak shorter than `interval`; VmHWM cannot, but it
 is per process: blocks metered at once in threads of one process share it.
 
+* `peak_gpu_bytes`: where the block used CUDA, the most GPU memory torch held allocated at once
+  (`torch.cuda.max_memory_allocated`, reset at the start; the largest over the devices used),
+  else None. It counts tensors, not the CUDA context nor the allocator's cached free blocks.
+
 Stage figures are logged, never written into the content-addressed artifacts (which stay
 byte-identical across reruns); with EXPERTBITS_MEASURE_FILE set, each stage also appends one
 JSON line there (benchmarks/bench_realsize.py reads them).
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -59,6 +64,7 @@ class Meter:
             Path("/proc/self/clear_refs").write_text("5")
         except OSError:
             self._reset = False  # VmHWM would be the process's lifetime peak: not reported
+        self._cuda_reset()
         self.start = time.perf_counter()
         self._thread = threading.Thread(target=self._sample, daemon=True, name="expertbits-meter")
         self._thread.start()
@@ -69,10 +75,28 @@ class Meter:
         self._stop.set()
         self._thread.join()
         self.peak_rss = _status("VmHWM") if self._reset else None
+        self.peak_gpu = self._cuda_peak()
+
+    @staticmethod
+    def _cuda():
+        """torch.cuda if this process has initialised CUDA (never initialises it, never imports torch)."""
+        torch = sys.modules.get("torch")
+        return torch.cuda if torch is not None and torch.cuda.is_initialized() else None
+
+    def _cuda_reset(self) -> None:
+        if cuda := self._cuda():
+            for d in range(cuda.device_count()):
+                cuda.reset_peak_memory_stats(d)
+
+    def _cuda_peak(self) -> int | None:
+        # CUDA first used inside the block starts its peak at zero: no reset needed
+        if cuda := self._cuda():
+            return max(cuda.max_memory_allocated(d) for d in range(cuda.device_count()))
+        return None
 
     def figures(self) -> dict:
         return {"seconds": round(self.seconds, 3), "peak_anon_bytes": self.peak_anon,
-                "peak_rss_bytes": getattr(self, "peak_rss", None)}
+                "peak_rss_bytes": getattr(self, "peak_rss", None), "peak_gpu_bytes": getattr(self, "peak_gpu", None)}
 
 
 def report(stage: str, meter: Meter, weight_bytes: int | None = None, logger=None) -> dict:
@@ -84,7 +108,8 @@ def report(stage: str, meter: Meter, weight_bytes: int | None = None, logger=Non
     gib = lambda b: f"{b / 2**30:.2f} GiB" if b is not None else "n/a"  # noqa: E731
     if logger is not None:
         logger.info(f"{stage}: {meter.seconds:.1f} s, peak anonymous memory {gib(meter.peak_anon)}, "
-                    f"peak resident {gib(fig['peak_rss_bytes'])}")
+                    f"peak resident {gib(fig['peak_rss_bytes'])}"
+                    + (f", peak GPU memory {gib(fig['peak_gpu_bytes'])}" if fig["peak_gpu_bytes"] is not None else ""))
     if path := os.environ.get("EXPERTBITS_MEASURE_FILE"):
         with open(path, "a") as f:
             f.write(json.dumps(fig) + "\n")

@@ -87,8 +87,9 @@ def perplexity_and_usage(model, tok, text: str) -> tuple[float, torch.Tensor]:
     return math.exp(nll / count), usage.float() / usage.sum(1, keepdim=True) * experts
 
 
-def supersense_accuracy(model, tok, limit: int | None = None) -> float:
-    """Share of test glosses whose most likely label (summed label-token log-prob) is right."""
+def supersense_accuracy(model, tok, limit: int | None = None, device: str = "cpu") -> float:
+    """Share of test glosses whose most likely label (summed label-token log-prob) is right
+    (the model runs on `device`; its scores are read on the host)."""
     labels = corpora.SUPERSENSE_LABELS
     seq2seq = model.config.is_encoder_decoder
     answers = [tok(f" {label}", add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if seq2seq else [])
@@ -100,7 +101,8 @@ def supersense_accuracy(model, tok, limit: int | None = None) -> float:
             if seq2seq:
                 x = tok(f"supersense: {gloss}", add_special_tokens=False)["input_ids"]
                 targets = torch.tensor([a + [-100] * (max(map(len, answers)) - len(a)) for a in answers])
-                logp = model(input_ids=torch.tensor([x] * len(labels)), labels=targets, use_cache=False).logits.float().log_softmax(-1)
+                logp = model(input_ids=torch.tensor([x] * len(labels)).to(device), labels=targets.to(device),
+                             use_cache=False).logits.float().log_softmax(-1).cpu()
                 scores = [sum(float(logp[i, j, t]) for j, t in enumerate(a)) for i, a in enumerate(answers)]
             else:
                 prompt = tok(f"{gloss} =>", add_special_tokens=False)["input_ids"]
@@ -108,7 +110,7 @@ def supersense_accuracy(model, tok, limit: int | None = None) -> float:
                 batch = torch.full((len(labels), width), tok.pad_token_id)
                 for i, a in enumerate(answers):
                     batch[i, : len(prompt) + len(a)] = torch.tensor(prompt + a)
-                logp = model(batch, use_cache=False).logits.float().log_softmax(-1)
+                logp = model(batch.to(device), use_cache=False).logits.float().log_softmax(-1).cpu()
                 scores = [sum(float(logp[i, len(prompt) - 1 + j, t]) for j, t in enumerate(a)) for i, a in enumerate(answers)]
             correct += labels[max(range(len(labels)), key=scores.__getitem__)] == gold
     return correct / len(examples_)

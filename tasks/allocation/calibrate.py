@@ -42,6 +42,7 @@ from expertbits.kernels.modules import GatedExperts
 from ..checkpoints.adapters import detect
 from ..checkpoints.reader import Checkpoint
 from ..errors import CheckpointError
+from ..placement import CPU, Placement
 from ..quantization.method import QuantizerConfig
 
 Progress = Callable[[float, str], None]
@@ -73,25 +74,26 @@ class ExpertsTap:
         self.valid: torch.Tensor | None = None
 
     def routing(self, index: torch.Tensor, weights: torch.Tensor, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(routed mask, combine weight), both [T, E]."""
+        """(routed mask, combine weight), both [T, E], on the routing's device."""
         if index.dim() == 3:  # Switch: a one-hot mask [T, 1, E] (all zero for a token over capacity), weights [T, 1]
             mask = index.reshape(tokens, self.num_experts).float()
             return mask, mask * weights.reshape(tokens, 1).float()
         index = index.reshape(tokens, -1)
         valid = (index >= 0) & (index < self.num_experts)  # some routers mark dropped slots out of range
         safe = torch.where(valid, index, 0)
-        mask = torch.zeros(tokens, self.num_experts).scatter_add_(1, safe, valid.float())
-        combine = torch.zeros(tokens, self.num_experts).scatter_add_(1, safe, weights.reshape(tokens, -1).float() * valid)
+        mask = torch.zeros(tokens, self.num_experts, device=index.device).scatter_add_(1, safe, valid.float())
+        combine = torch.zeros(tokens, self.num_experts, device=index.device).scatter_add_(
+            1, safe, weights.reshape(tokens, -1).float() * valid)
         return mask, combine
 
     def __call__(self, module, args):
         x, index, weights = args[:3]
         x = x.detach().reshape(-1, x.shape[-1]).float()
         mask, combine = self.routing(index.detach(), weights.detach(), x.shape[0])
-        real = torch.ones(x.shape[0]) if self.valid is None else self.valid.reshape(-1).float()
+        real = torch.ones(x.shape[0], device=x.device) if self.valid is None else self.valid.reshape(-1).float().to(x.device)
         mask, combine = mask * real[:, None], combine * real[:, None]
-        self.count += mask.sum(0).double()
-        self.weight_sum += combine.sum(0).double()
+        self.count += mask.sum(0).double().cpu()  # counts on the host; sums of x² stay on x's device
+        self.weight_sum += combine.sum(0).double().cpu()
         with torch.no_grad():
             for e in mask.sum(0).nonzero().flatten().tolist():
                 xe = x[mask[:, e] > 0]
@@ -103,14 +105,14 @@ class ExpertsTap:
 
     def add_hidden(self, e: int, token: torch.Tensor, hidden: torch.Tensor) -> None:
         if self.valid is not None:
-            hidden = hidden[self.valid.reshape(-1)[token] > 0]
+            hidden = hidden[self.valid.reshape(-1).to(token.device)[token] > 0]
         self.a2[e] = self.a2.get(e, 0) + hidden.detach().float().square().sum(0).double()
 
     def moments(self, e: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(E[x² | routed], E[a² | routed]) for expert e, or None if it saw no token."""
         if self.count[e] == 0:
             return None
-        return (self.x2[e] / self.count[e]).float(), (self.a2[e] / self.count[e]).float()
+        return (self.x2[e].cpu() / self.count[e]).float(), (self.a2[e].cpu() / self.count[e]).float()
 
 
 ERROR_ROWS = 128
@@ -119,43 +121,44 @@ Moments = dict[int, tuple[torch.Tensor, torch.Tensor] | None]  # expert -> (E[x�
 
 def calibrate(ft_path: Path, text: str, *, seq_len: int, windows: int, bit_widths: tuple[int, ...],
               group_size: int, symmetric: bool = False, quantizer: QuantizerConfig | None = None,
-              progress: Progress | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+              progress: Progress | None = None, placement: Placement = CPU) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """(expert_calibration, expert_qerror, info) for the checkpoint at `ft_path`; errors are those of
     the quantizer the run will use (default: RTN, `symmetric` or not). `route`, then `layer_errors`
     per layer (GPTQ: `gptq_sequential.gptq_errors`, one more forward)."""
     quantizer = quantizer or QuantizerConfig(symmetric=symmetric)
-    calib, moments, info = route(ft_path, text, seq_len=seq_len, windows=windows,
+    calib, moments, info = route(ft_path, text, seq_len=seq_len, windows=windows, placement=placement,
                                  progress=(lambda f, m: progress(0.5 * f, m)) if progress else None)
     if quantizer.calibrated:
         from ..quantization.gptq_sequential import gptq_errors
 
         qerr = gptq_errors(ft_path, text, bit_widths, group_size, quantizer, seq_len=seq_len, windows=windows,
-                           progress=(lambda f, m: progress(0.5 + 0.5 * f, m)) if progress else None)
+                           placement=placement, progress=(lambda f, m: progress(0.5 + 0.5 * f, m)) if progress else None)
         return calib, pd.DataFrame(qerr), info
     qerr = []
     with Checkpoint.open(ft_path) as ckpt:
         layers = detect(ckpt).layers
         for n, layer in enumerate(layers):
-            qerr += layer_errors(ckpt, n, moments[layer.layer], bit_widths, group_size, quantizer)
+            qerr += layer_errors(ckpt, n, moments[layer.layer], bit_widths, group_size, quantizer, placement)
             if progress:
                 progress(0.5 + 0.5 * (n + 1) / len(layers), f"quantization error: layer {layer.layer} done")
     return calib, pd.DataFrame(qerr), info
 
 
-def route(ft_path: Path, text: str, *, seq_len: int, windows: int,
-          progress: Progress | None = None) -> tuple[pd.DataFrame, dict[int, Moments], dict]:
+def route(ft_path: Path, text: str, *, seq_len: int, windows: int, progress: Progress | None = None,
+          placement: Placement = CPU) -> tuple[pd.DataFrame, dict[int, Moments], dict]:
     """What the router does on the calibration text: (expert_calibration, per-layer moments, info),
-    from streamed forwards of the full-precision model, as few as keep the logits under 1 GiB
-    (one for every window on the zoo's models and on real shapes at the default 16 × 256 tokens)."""
+    from streamed forwards of the full-precision model on the placement's device, as few as keep
+    the logits under 1 GiB (one for every window on the zoo's models and on real shapes at the
+    default 16 × 256 tokens)."""
     from ..checkpoints.texts import text_examples
-    from ..model.streaming import batches, is_seq2seq, streamed
+    from ..model.streaming import batches, is_seq2seq, streamed, to_device
 
     with Checkpoint.open(ft_path) as ckpt:
         model_info = detect(ckpt)
         k = top_k(ckpt.config)
     seq2seq = is_seq2seq(ft_path)
     tokenizer, pairs = text_examples(ft_path, text, seq_len, windows, seq2seq)
-    with streamed(ft_path) as model:
+    with streamed(ft_path, dtype=placement.torch_dtype, device=placement.device) as model:
         taps = {}
         for layer in model_info.layers:
             experts = model.get_submodule(layer.experts_module)  # the streaming runner checked it exists
@@ -167,7 +170,7 @@ def route(ft_path: Path, text: str, *, seq_len: int, windows: int,
                 for tap in taps.values():  # padding of encoder-decoder batches is not calibration text
                     tap.valid = ((inputs["labels"] != -100) if tap.decoder else inputs["attention_mask"]) \
                         if "labels" in inputs else None
-                model(**inputs)
+                model(**to_device(inputs, placement.device))
                 if progress:
                     progress((idx[-1] + 1) / len(pairs), f"calibration: window {idx[-1] + 1}/{len(pairs)}")
 
@@ -193,17 +196,18 @@ def route(ft_path: Path, text: str, *, seq_len: int, windows: int,
 
 
 def layer_errors(ckpt: Checkpoint, position: int, moments: Moments, bit_widths: tuple[int, ...], group_size: int,
-                 quantizer: QuantizerConfig) -> list[dict]:
+                 quantizer: QuantizerConfig, placement: Placement = CPU) -> list[dict]:
     """expert_qerror rows of the `position`-th MoE layer: every expert matrix quantized at every
     width by the data-free quantizer, its weight error and its routed-input error (one unit of
-    work: a Dask task)."""
+    work: a Dask task), on the placement's device (one matrix there at a time)."""
     layer = detect(ckpt).layers[position]
     errors: dict[tuple[int, int], list[float]] = {}
+    device = placement.device
     for m in layer.matrices:
-        w = ckpt.read(m.key, m.index, m.rows)
-        h = None if moments[m.expert] is None else moments[m.expert][1 if m.role == "down" else 0]
+        w = ckpt.read(m.key, m.index, m.rows).to(device)
+        h = None if moments[m.expert] is None else moments[m.expert][1 if m.role == "down" else 0].to(device)
         for b in bit_widths:
-            col = torch.zeros(w.shape[1], dtype=torch.float64)  # Σ over rows of the squared error, per column
+            col = torch.zeros(w.shape[1], dtype=torch.float64, device=device)  # Σ over rows of the squared error, per column
             for i in range(0, w.shape[0], ERROR_ROWS):  # row blocks: temporaries stay in cache
                 rows = w[i : i + ERROR_ROWS].float()
                 col += (rows - quantizer.round_matrix(rows, b, group_size).dequantize()).square().sum(0)

@@ -28,6 +28,7 @@ from ..allocation.allocate import allocate
 from ..allocation.allocators import ALLOCATORS, check
 from ..allocation.budget import AllocationConfig
 from ..errors import BudgetError
+from ..placement import CPU, Placement
 from ..quantization.gptq_sequential import sequential_gptq
 from ..quantization.method import QuantizerConfig
 from ..quantization.writer import quantize_checkpoint
@@ -161,8 +162,9 @@ class CellWriter:
     to `cache_bytes` (least recently used out first), so a real-size model's league never holds
     every matrix at every width."""
 
-    def __init__(self, path: Path, group_size: int, cache_bytes: int = 1 << 30, calibration: dict | None = None):
-        self.path, self.group_size, self.cache_bytes = path, group_size, cache_bytes
+    def __init__(self, path: Path, group_size: int, cache_bytes: int = 1 << 30, calibration: dict | None = None,
+                 placement: Placement = CPU):
+        self.path, self.group_size, self.cache_bytes, self.placement = path, group_size, cache_bytes, placement
         self.calibration = calibration  # GPTQ's: {"text", "seq_len", "windows"}
         self._cache: OrderedDict[tuple[str, int, QuantizerConfig], QuantizedTensor] = OrderedDict()
         self._bytes = 0
@@ -174,7 +176,7 @@ class CellWriter:
                 raise BudgetError("a GPTQ league cell needs calibration text", "this is a bug; please report it")
             c = self.calibration
             packed, _ = sequential_gptq(self.path, c["text"], alloc, self.group_size, quantizer, seq_len=c["seq_len"],
-                                        windows=c["windows"])
+                                        windows=c["windows"], placement=self.placement)
             return quantize_checkpoint(self.path, alloc, self.group_size, out, quantizer=lambda m, w, bits: packed[m.name],
                                        symmetric=quantizer.symmetric, config=quantizer.as_dict())
 
@@ -183,7 +185,7 @@ class CellWriter:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-            q = quantizer.round_matrix(w, bits, self.group_size)
+            q = quantizer.round_matrix(w.to(self.placement.device), bits, self.group_size).to("cpu")
             self._cache[key] = q
             self._bytes += _nbytes(q)
             while self._bytes > self.cache_bytes and len(self._cache) > 1:
@@ -208,7 +210,7 @@ def task(name: str | None, examples: int) -> Callable | None:
     if name == "wordnet-supersense":
         from expertbits.zoo.cards import supersense_accuracy
 
-        return lambda model, tok: supersense_accuracy(model, tok, limit=examples)
+        return lambda model, tok, device="cpu": supersense_accuracy(model, tok, limit=examples, device=device)
     raise BudgetError(f"unknown task {name!r}", f"choose one of {', '.join(TASKS)}, or none")
 
 
@@ -220,7 +222,7 @@ def run(ft_path: Path, stats: pd.DataFrame, calibration: pd.DataFrame | None,
     quantization errors measured with each quantizer, by (method, symmetric) as in
     `grid.error_keys()`; `gptq_calibration` ({"text", "seq_len", "windows"}) is what GPTQ cells
     calibrate on."""
-    writer = CellWriter(ft_path, grid.group_size, calibration=gptq_calibration)
+    writer = CellWriter(ft_path, grid.group_size, calibration=gptq_calibration, placement=reference.placement)
     cells = grid.cells()
     parts = []
     for i in range(len(cells)):
@@ -253,7 +255,7 @@ def run_cell(index: int, stats: pd.DataFrame, calibration: pd.DataFrame | None,
         written = writer.write(alloc, Path(tmp) / "cell", grid.quantizer(c.quantizer, c.symmetric))
         with reference.quantized(Path(tmp) / "cell") as model:
             metrics = reference.compare(model)
-            accuracy = task(model, reference.tokenizer) if task else None
+            accuracy = task(model, reference.tokenizer, device=reference.placement.device) if task else None
     cell = {"bit_set": ",".join(map(str, cfg.bit_widths)), "scheme": cfg.scheme, "budget": cfg.avg_bits,
             "allocator": cfg.allocator, "granularity": cfg.granularity, "symmetric_quant": c.symmetric,
             "quantizer": c.quantizer + ("+clip" if grid.clip else ""), "variant": c.variant, "seed": cfg.seed, "avg_bits": float(alloc.bits.mean()),

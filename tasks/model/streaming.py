@@ -15,6 +15,10 @@ layer over all of them, keeping only the hidden states in between:
 
     memory ≈ one layer's non-expert weights + one expert + activations of the batch
 
+With `device` (a CUDA device), every weight is read from the files on the host and copied to
+the device right before its layer runs, and dropped after it in the same way: the GPU holds one
+decoder layer, one expert and the activations (tasks/placement.py says which device and dtype).
+
 Every tensor of the model is resolved to a stored tensor before anything runs; a parameter with
 no tensor, or a stored tensor nothing uses, is an error naming the file, never a random or a
 silently dropped weight. One code path serves every model, from the zoo's to Mixtral-8x7B.
@@ -47,16 +51,23 @@ KEEP_BYTES = 256 << 20
 
 
 @contextmanager
-def streamed(path: Path, *, dtype: torch.dtype = torch.float32, keep_bytes: int = KEEP_BYTES) -> Iterator[nn.Module]:
+def streamed(path: Path, *, dtype: torch.dtype = torch.float32, keep_bytes: int = KEEP_BYTES,
+             device: str = "cpu") -> Iterator[nn.Module]:
     """The model at `path` (a checkpoint folder or an expertbits-quantized folder), in eval mode,
-    with its weights read layer by layer while it runs. Files stay open until the block exits.
+    with its weights read layer by layer onto `device` while it runs (its inputs go there too:
+    `to_device`). Files stay open until the block exits.
 
     A model whose non-expert weights fit in `keep_bytes` (in `dtype`) keeps each layer's weights
     once read, so many small forwards (a task's examples) do not reread them; a larger one drops
     them after every forward of the layer. Experts are read when used either way."""
     path = Path(path)
     with Checkpoint.open(path) as ckpt:
-        yield _build(path, ckpt, dtype, keep_bytes)
+        yield _build(path, ckpt, dtype, keep_bytes, torch.device(device))
+
+
+def to_device(inputs: dict, device: torch.device | str) -> dict:
+    """A batch's tensors on the model's device (`batches` builds them on the host)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
 def is_seq2seq(path: Path) -> bool:
@@ -65,7 +76,7 @@ def is_seq2seq(path: Path) -> bool:
     return bool(getattr(AutoConfig.from_pretrained(path, trust_remote_code=False), "is_encoder_decoder", False))
 
 
-def _build(path: Path, ckpt: Checkpoint, dtype: torch.dtype, keep_bytes: int) -> nn.Module:
+def _build(path: Path, ckpt: Checkpoint, dtype: torch.dtype, keep_bytes: int, device: torch.device) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     qc = ckpt.config.get("quantization_config") or {}
@@ -82,9 +93,9 @@ def _build(path: Path, ckpt: Checkpoint, dtype: torch.dtype, keep_bytes: int) ->
     with torch.device("meta"):
         model = auto.from_config(config, dtype=dtype)
     model.eval().requires_grad_(False)
-    _init_meta_buffers(model, path)
-    used = _install_packed(model, ckpt, qc, path) if packed else _install_fp(model, ckpt, path, dtype)
-    used |= _hook_units(model, ckpt, path, dtype, load_renames(config.model_type), keep_bytes)
+    _init_meta_buffers(model, path, device)
+    used = _install_packed(model, ckpt, qc, path, device) if packed else _install_fp(model, ckpt, path, dtype, device)
+    used |= _hook_units(model, ckpt, path, dtype, load_renames(config.model_type), keep_bytes, device)
     ignore = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())]
     # decoder layers beyond num_hidden_layers (DeepSeek-V3's multi-token prediction) are not the model's
     beyond = set(qc.get("kept_as_stored") or ()) if packed else set(detect(ckpt).kept_as_stored)
@@ -97,7 +108,7 @@ def _build(path: Path, ckpt: Checkpoint, dtype: torch.dtype, keep_bytes: int) ->
     return model
 
 
-def _init_meta_buffers(model: nn.Module, path: Path) -> None:
+def _init_meta_buffers(model: nn.Module, path: Path, device: torch.device) -> None:
     """Non-persistent buffers (rotary frequencies) are computed, not stored: compute them for real."""
     for name, module in model.named_modules():
         meta = [b for b in module._non_persistent_buffers_set if getattr(module, b, None) is not None
@@ -110,6 +121,9 @@ def _init_meta_buffers(model: nn.Module, path: Path) -> None:
                 raise CheckpointError(f"{path}: {type(module).__name__} at {name or 'the model'} has computed buffers "
                                       f"{meta} that the layer-by-layer runner cannot derive",
                                       "this architecture is not supported by the streaming runner; please report it")
+            if device.type != "cpu":  # computed on the host as always, then kept where the layers run
+                for b in meta:
+                    module._buffers[b] = module._buffers[b].to(device)
 
 
 def _fused_experts(model: nn.Module, module_name: str, path: Path) -> nn.Module:
@@ -140,7 +154,7 @@ def _set_linear(model: nn.Module, target: str, lazy: LazyLinear, path: Path) -> 
     model.set_submodule(target, lazy)
 
 
-def _install_fp(model: nn.Module, ckpt: Checkpoint, path: Path, dtype: torch.dtype) -> set[str]:
+def _install_fp(model: nn.Module, ckpt: Checkpoint, path: Path, dtype: torch.dtype, device: torch.device) -> set[str]:
     """Floating-point experts, read from the checkpoint (fused slices or per-expert tensors)."""
     used = set()
     for layer in detect(ckpt).layers:
@@ -151,7 +165,7 @@ def _install_fp(model: nn.Module, ckpt: Checkpoint, path: Path, dtype: torch.dty
         experts = _fused_experts(model, layer.experts_module, path)
 
         def read(m, ckpt=ckpt):
-            return ckpt.read(m.key, m.index, m.rows).to(dtype)
+            return _place(ckpt.read(m.key, m.index, m.rows), dtype, device)
 
         if experts is not None:
             if experts.gate_up_proj.shape[0] != layer.num_experts:
@@ -167,7 +181,7 @@ def _install_fp(model: nn.Module, ckpt: Checkpoint, path: Path, dtype: torch.dty
     return used
 
 
-def _install_packed(model: nn.Module, ckpt: Checkpoint, qc: dict, path: Path) -> set[str]:
+def _install_packed(model: nn.Module, ckpt: Checkpoint, qc: dict, path: Path, device: torch.device) -> set[str]:
     """Packed experts, read from the expertbits folder's shards exactly as stored, when they run."""
     for name in qc["modules"]:
         for s in PACKED_SUFFIXES:
@@ -177,7 +191,7 @@ def _install_packed(model: nn.Module, ckpt: Checkpoint, qc: dict, path: Path) ->
 
     def read(name: str) -> QuantizedTensor:
         info = qc["modules"][name]
-        return QuantizedTensor(*(ckpt.read(f"{name}.{s}") for s in PACKED_SUFFIXES), bits=info["bits"],
+        return QuantizedTensor(*(ckpt.read(f"{name}.{s}").to(device) for s in PACKED_SUFFIXES), bits=info["bits"],
                                group_size=qc["group_size"], shape=tuple(info["shape"]))
 
     def fused(names: list[tuple[str, str, str]], act) -> LazyExperts:
@@ -219,7 +233,7 @@ def _own_tensors(module: nn.Module, recurse: bool = False) -> list[tuple[nn.Modu
 
 
 def _hook_units(model: nn.Module, ckpt: Checkpoint, path: Path, dtype: torch.dtype,
-                renames: tuple[tuple[str, str], ...], keep_bytes: int) -> set[str]:
+                renames: tuple[tuple[str, str], ...], keep_bytes: int, device: torch.device) -> set[str]:
     tied = model.get_expanded_tied_weights_keys() if hasattr(model, "get_expanded_tied_weights_keys") else {}
     full = {id(m): n for n, m in model.named_modules()}
 
@@ -245,7 +259,7 @@ def _hook_units(model: nn.Module, ckpt: Checkpoint, path: Path, dtype: torch.dty
         plans.append((unit, plan))
     keep = sum(math.prod(shape) for _, plan in plans for *_, shape in plan) * dtype.itemsize <= keep_bytes
     for unit, plan in plans:
-        unit.register_forward_pre_hook(_onload(ckpt, plan, dtype, path))
+        unit.register_forward_pre_hook(_onload(ckpt, plan, dtype, path, device))
         if not keep:  # also after a forward that raised: a failed layer does not stay in memory
             unit.register_forward_hook(_offload(plan, dtype), always_call=True)
     if missing:
@@ -254,7 +268,7 @@ def _hook_units(model: nn.Module, ckpt: Checkpoint, path: Path, dtype: torch.dty
     return used
 
 
-def _onload(ckpt: Checkpoint, plan: list, dtype: torch.dtype, path: Path):
+def _onload(ckpt: Checkpoint, plan: list, dtype: torch.dtype, path: Path, device: torch.device):
     def hook(module, args):
         for owner, local, is_param, key, shape in plan:
             if not getattr(owner, local).is_meta:
@@ -263,7 +277,7 @@ def _onload(ckpt: Checkpoint, plan: list, dtype: torch.dtype, path: Path):
             if tuple(t.shape) != shape:
                 raise CheckpointError(f"{path}: {key} has shape {tuple(t.shape)}, the model expects {shape}",
                                       "the checkpoint does not match its config.json")
-            t = t.to(dtype) if t.is_floating_point() else t
+            t = _place(t, dtype, device) if t.is_floating_point() else t.to(device)
             if is_param:
                 owner._parameters[local] = nn.Parameter(t, requires_grad=False)
             else:
@@ -280,6 +294,60 @@ def _offload(plan: list, dtype: torch.dtype):
             else:
                 owner._buffers[local] = t
     return hook
+
+
+def device_bytes(path: Path, dtype: torch.dtype, windows: int, seq_len: int, *, head: bool,
+                 hessians: bool = False) -> int:
+    """What a streamed forward of `windows` windows of `seq_len` tokens holds on its device at most, from the tensors'
+    headers alone (nothing is read):
+
+    * weights: every non-expert weight if they fit in `KEEP_BYTES` (kept), else the largest unit
+      (a decoder layer's own weights, or the embeddings, or the head), in `dtype`;
+    * one expert in `dtype`, and with `hessians` (GPTQ) its float32 copy and the Hessians of
+      gate/up [H, H] and down [F, F] with their Cholesky factors;
+    * activations: the hidden states and attention of every token (eager attention's scores
+      included), and one expert's hidden activation for every token;
+    * with `head`, the float32 logits and their log-probabilities.
+
+    tasks/placement.MARGIN_BYTES comes on top (the CUDA context and the allocator)."""
+    from ..checkpoints.adapters import DTYPE_BYTES
+
+    floating = ("F64", "F32", "F16", "BF16")
+    with Checkpoint.open(path) as ckpt:
+        layers = detect(ckpt).layers
+        config = ckpt.config
+        experts = {m.key for layer in layers for m in layer.matrices}
+        units: dict[str, int] = defaultdict(int)
+        for k, info in ckpt.tensors.items():
+            if k not in experts:
+                units[block_of(k)] += math.prod(info.shape) * (dtype.itemsize if info.dtype in floating
+                                                               else DTYPE_BYTES.get(info.dtype, 4))
+        elements, ffn = 0, 0
+        for layer in layers:
+            ffn = max([ffn] + [ckpt.tensors[m.key].shape[-1] for m in layer.matrices if m.role == "down"])
+            first = [m for m in layer.matrices if m.expert == 0]
+            elements = max(elements, sum((m.rows[1] - m.rows[0] if m.rows else ckpt.tensors[m.key].shape[-2])
+                                         * ckpt.tensors[m.key].shape[-1] for m in first))
+    hidden = int(config.get("hidden_size") or config.get("d_model") or 0)
+    total = sum(units.values())
+    weights = total if total <= KEEP_BYTES else max(units.values(), default=0)
+    expert = elements * (dtype.itemsize + (4 if hessians else 0))
+    if hessians:
+        expert += 2 * 4 * (hidden * hidden + ffn * ffn)
+    heads = int(config.get("num_attention_heads") or config.get("num_heads") or 1)
+    tokens = windows * seq_len
+    activations = 4 * tokens * (12 * hidden + 3 * ffn) + 4 * heads * tokens * seq_len
+    logits = 2 * 4 * tokens * int(config.get("vocab_size") or 0) if head else 0
+    return weights + expert + activations + logits
+
+
+def _place(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A stored tensor in the compute dtype on the device: on the host exactly `t.to(dtype)`;
+    to a GPU the stored bytes are copied first and cast there (fewer bytes cross the bus when the
+    stored dtype is the narrower, and the GPU casts faster)."""
+    if device.type == "cpu":
+        return t.to(dtype)
+    return t.to(device, non_blocking=False).to(dtype)
 
 
 def batches(pairs: list[tuple[dict, torch.Tensor]], pad_id: int, vocab: int,

@@ -25,6 +25,10 @@ diagonal would not see). Which experts fall back is decided there by the full-pr
 the quantized model routes a few tokens differently, so an expert right at `min_tokens` may be
 costed with one quantizer and quantized with the other.
 
+With a CUDA placement (tasks/placement.py) the forward, the Hessians (float32) and their
+factorisations run on the GPU, one decoder layer and one expert's weights there at a time; the
+packed matrices come back to the host as each layer is written.
+
 Only the routed experts of fused-layout gated MoE layers (Mixtral, Qwen, OLMoE, DeepSeek) are
 supported; Switch's per-expert modules are refused.
 """
@@ -44,6 +48,7 @@ from expertbits.kernels.packing import QuantizedTensor
 from ..checkpoints.adapters import MoELayer, detect
 from ..checkpoints.reader import Checkpoint
 from ..errors import CheckpointError
+from ..placement import CPU, Placement
 from .method import QuantizerConfig
 
 Progress = Callable[[float, str], None]
@@ -157,18 +162,18 @@ class _Measuring(_Routed):
 
 
 def _run(ft_path: Path, text: str, seq_len: int, windows: int, wrap: Callable[[int, MoELayer, LazyExperts], _Routed],
-         on_layer: Callable[[int, _Routed], None], progress: Progress | None) -> list[MoELayer]:
+         on_layer: Callable[[int, _Routed], None], progress: Progress | None, placement: Placement) -> list[MoELayer]:
     """One streamed forward of the decoder over every window, each MoE layer's experts wrapped;
     `on_layer(position, experts)` once each layer's forward is done."""
     from ..checkpoints.texts import text_examples
-    from ..model.streaming import batches, is_seq2seq, streamed
+    from ..model.streaming import batches, is_seq2seq, streamed, to_device
 
     if is_seq2seq(ft_path):
         raise CheckpointError(f"{ft_path}: GPTQ supports decoder-only MoE models", "use --quantizer rtn for Switch")
     with Checkpoint.open(ft_path) as ckpt:
         layers = detect(ckpt).layers
     tokenizer, pairs = text_examples(ft_path, text, seq_len, windows, False)
-    with streamed(ft_path, keep_bytes=0) as model:
+    with streamed(ft_path, keep_bytes=0, dtype=placement.torch_dtype, device=placement.device) as model:
         for position, layer in enumerate(layers):
             experts = model.get_submodule(layer.experts_module)
             if not isinstance(experts, LazyExperts):
@@ -185,14 +190,15 @@ def _run(ft_path: Path, text: str, seq_len: int, windows: int, wrap: Callable[[i
             model.set_submodule(layer.experts_module, wrapped)
         inputs = next(iter(batches(pairs, tokenizer.pad_token_id or 0, 1, logits_bytes=1 << 62)))[0]  # one batch
         with torch.no_grad():
-            model.base_model(**inputs)  # the decoder only: the head's logits are not needed
+            model.base_model(**to_device(inputs, placement.device))  # the decoder only: the head's logits are not needed
     return layers
 
 
 def sequential_gptq(ft_path: Path, text: str, alloc: pd.DataFrame, group_size: int,
                     quantizer: QuantizerConfig = QuantizerConfig("gptq"), *, seq_len: int, windows: int,
                     on_layer: Callable[[int, dict[str, QuantizedTensor]], None] | None = None,
-                    progress: Progress | None = None) -> tuple[dict[str, QuantizedTensor], pd.DataFrame]:
+                    progress: Progress | None = None,
+                    placement: Placement = CPU) -> tuple[dict[str, QuantizedTensor], pd.DataFrame]:
     """(packed matrix by module name, coverage: one row per expert with its calibration tokens and
     the quantizer it got). With `on_layer(position, packed)`, each layer's matrices go there as
     soon as the layer is done, and are not kept (memory: one layer's packed weights)."""
@@ -214,9 +220,9 @@ def sequential_gptq(ft_path: Path, text: str, alloc: pd.DataFrame, group_size: i
         if on_layer:
             on_layer(position, packed)
         else:
-            out.update(packed)
+            out.update({name: q.to("cpu") for name, q in packed.items()})
 
-    layers = _run(ft_path, text, seq_len, windows, wrap, done, progress)
+    layers = _run(ft_path, text, seq_len, windows, wrap, done, progress, placement)
     if len({r["layer"] for r in coverage}) != len(layers):
         raise CheckpointError(f"{ft_path}: GPTQ calibration reached {len({r['layer'] for r in coverage})} of "
                               f"{len(layers)} MoE layers", "this architecture is not supported by GPTQ; use --quantizer rtn")
@@ -225,7 +231,8 @@ def sequential_gptq(ft_path: Path, text: str, alloc: pd.DataFrame, group_size: i
 
 def gptq_shards(ckpt: Checkpoint, src: Path, text: str, alloc: pd.DataFrame, group_size: int,
                 quantizer: QuantizerConfig, out: Path, *, seq_len: int, windows: int,
-                write: Callable[[dict], dict] = lambda part: part, progress: Progress | None = None) -> list[dict]:
+                write: Callable[[dict], dict] = lambda part: part, progress: Progress | None = None,
+                placement: Placement = CPU) -> list[dict]:
     """Every MoE layer's shard of `ckpt` (open, stored at `src`) by sequential GPTQ, written into
     `out` as soon as its layer is calibrated and handed to `write` (the flow puts it in the store);
     each part carries its layer's calibration coverage."""
@@ -238,14 +245,15 @@ def gptq_shards(ckpt: Checkpoint, src: Path, text: str, alloc: pd.DataFrame, gro
                                                  quantizer=lambda m, w, bits: packed[m.name])))
 
     _, coverage = sequential_gptq(src, text, alloc, group_size, quantizer, seq_len=seq_len, windows=windows,
-                                  on_layer=on_layer, progress=progress)
+                                  on_layer=on_layer, progress=progress, placement=placement)
     for part, layer in zip(parts, dict.fromkeys(coverage.layer)):
         part["coverage"] = coverage[coverage.layer == layer].to_dict(orient="records")
     return parts
 
 
 def quantize_checkpoint_gptq(src: Path, alloc: pd.DataFrame, group_size: int, quantizer: QuantizerConfig, text: str,
-                             out: Path, *, seq_len: int, windows: int, progress: Progress | None = None) -> dict:
+                             out: Path, *, seq_len: int, windows: int, progress: Progress | None = None,
+                             placement: Placement = CPU) -> dict:
     """`writer.quantize_checkpoint` with sequential GPTQ: `gptq_shards`, then the rest shard and `finish`."""
     from . import writer
 
@@ -253,19 +261,20 @@ def quantize_checkpoint_gptq(src: Path, alloc: pd.DataFrame, group_size: int, qu
     with Checkpoint.open(src) as ckpt:
         writer.check_allocation(ckpt, alloc)
         parts = gptq_shards(ckpt, src, text, alloc, group_size, quantizer, out, seq_len=seq_len, windows=windows,
-                            progress=progress)
+                            progress=progress, placement=placement)
         parts = writer.write_rest(ckpt, out) + parts
     return writer.finish(src, alloc, group_size, quantizer.symmetric, parts, out, quantizer.as_dict())
 
 
 def gptq_errors(ft_path: Path, text: str, bit_widths: tuple[int, ...], group_size: int, quantizer: QuantizerConfig,
-                *, seq_len: int, windows: int, progress: Progress | None = None) -> list[dict]:
+                *, seq_len: int, windows: int, progress: Progress | None = None,
+                placement: Placement = CPU) -> list[dict]:
     """expert_qerror rows measured with GPTQ: weight error and routed output error per token, every
     expert at every width (see the module docstring)."""
     rows: list[dict] = []
     layers = _run(ft_path, text, seq_len, windows,
                   lambda position, layer, experts: _Measuring(experts, layer, tuple(bit_widths), group_size, quantizer),
-                  lambda position, module: rows.extend(module.finish()), progress)
+                  lambda position, module: rows.extend(module.finish()), progress, placement)
     if len({r["layer"] for r in rows}) != len(layers):
         raise CheckpointError(f"{ft_path}: GPTQ calibration reached {len({r['layer'] for r in rows})} of {len(layers)} "
                               "MoE layers", "this architecture is not supported by GPTQ; use --quantizer rtn")

@@ -170,7 +170,7 @@ def quantize_layer(ckpt: Checkpoint, position: int, alloc: pd.DataFrame, group_s
         w = ckpt.read(m.key, m.index, m.rows)
         require_finite(w, f"{ckpt.path}: {m.name}")
         bits = bits_of[(m.layer, m.expert)]
-        q = quantizer(m, w, bits)
+        q = quantizer(m, w, bits).to("cpu")  # a GPU's packed matrix is written from the host
         if symmetric and not q.symmetric:
             raise CheckpointError(f"{m.name}: the quantizer returned zero points for a symmetric run",
                                   "this is a bug; please report it")

@@ -14,6 +14,7 @@ from prefect import task
 from prefect.logging import get_run_logger
 
 from ..measure import league, plots
+from ..placement import key as placement_key
 from ..records import CheckpointRecord, ReferenceChoice, RunManifest, StageOutput, TextRecord
 from ..store import publish, tables
 from ..store.storage import Store
@@ -27,20 +28,21 @@ from .stage_io import (
 
 
 def league_key(checkpoint: CheckpointRecord, stats: StageOutput, calibrations: list[StageOutput], grid: dict,
-               text: TextRecord, seq_len: int, windows: int, task_name: str | None, task_examples: int) -> str:
+               text: TextRecord, seq_len: int, windows: int, task_name: str | None, task_examples: int,
+               device: str) -> str:
     return stage_key("league", checkpoint.digest, stats.key, [c.key for c in calibrations], grid, text.digest, seq_len,
-                     windows, task_name, task_examples)
+                     windows, task_name, task_examples, placement_key(device))
 
 
 @task(name="league", cache_key_fn=cache_key("league", league_key), persist_result=True, result_serializer="json")
 def run_league(checkpoint: CheckpointRecord, stats: StageOutput, calibrations: list[StageOutput], grid: dict,
-               text: TextRecord, seq_len: int, windows: int, task_name: str | None, task_examples: int,
+               text: TextRecord, seq_len: int, windows: int, task_name: str | None, task_examples: int, device: str,
                cells: list[list[dict]], store: str, storage_options: dict, cache_dir: str | None) -> StageOutput:
     """The tables and the figures of every cell of the grid (each quantized and evaluated by
     `per_layer.league_cells`).
 
     `calibrations` holds one calibration per quantizer of the grid, in `Grid.error_keys()` order."""
-    key = league_key(checkpoint, stats, calibrations, grid, text, seq_len, windows, task_name, task_examples)
+    key = league_key(checkpoint, stats, calibrations, grid, text, seq_len, windows, task_name, task_examples, device)
     g = league.Grid.from_dict(grid)
     with stage_work("league", key, store, storage_options) as w:
         table = tables.read_stats(w.read(stats) / "expert_stats.parquet")

@@ -30,6 +30,8 @@ from ..checkpoints.reader import Checkpoint
 from ..checkpoints.texts import pinned
 from ..measure import kernel_check, league
 from ..meter import Meter, report
+from ..placement import of_checkpoint, require_free
+from ..placement import key as placement_key
 from ..quantization import writer
 from ..quantization.method import QuantizerConfig
 from ..records import CheckpointRecord, StageOutput, TextRecord
@@ -50,17 +52,18 @@ from .stage_io import (
 
 
 def quantization_key(checkpoint: CheckpointRecord, allocation: StageOutput, group_size: int, quantizer: dict,
-                     text: dict | None) -> str:
+                     text: dict | None, device: str) -> str:
     """The quantization stage's key; a calibrated quantizer (GPTQ) adds its calibration text's
     digest, windows and window length (`text`: the pinned TextRecord, seq_len, windows)."""
     calibration = None
     if QuantizerConfig.from_dict(quantizer).calibrated:
         calibration = [text["text"].digest, text["seq_len"], text["windows"]]
-    return stage_key("quantization", checkpoint.digest, allocation.key, group_size, quantizer, calibration)
+    return stage_key("quantization", checkpoint.digest, allocation.key, group_size, quantizer, calibration,
+                     placement_key(device))
 
 
 def _quantization_prefix(i: dict) -> str:
-    key = quantization_key(i["checkpoint"], i["allocation"], i["group_size"], i["quantizer"], i.get("text"))
+    key = quantization_key(i["checkpoint"], i["allocation"], i["group_size"], i["quantizer"], i.get("text"), i["device"])
     return f"objects/quantization/{key}"
 
 
@@ -74,35 +77,39 @@ def _statistics(position: int, checkpoint: CheckpointRecord, reference: Checkpoi
 
 
 def _calibration(position: int, checkpoint: CheckpointRecord, routing: StageOutput, bit_widths: list[int],
-                 group_size: int, quantizer: dict, store: str, storage_options: dict, cache_dir: str | None) -> dict:
+                 group_size: int, quantizer: dict, device: str, store: str, storage_options: dict,
+                 cache_dir: str | None) -> dict:
     st = Store(store, storage_options)
-    with tempfile.TemporaryDirectory() as tmp, Checkpoint.open(layer_path(checkpoint, [position], cache_dir,
-                                                                           storage_options)) as ckpt:
+    path = layer_path(checkpoint, [position], cache_dir, storage_options)
+    with tempfile.TemporaryDirectory() as tmp, Checkpoint.open(path) as ckpt:
         moments = local_copy(st, routing, Path(tmp), only=["moments.safetensors"]) / "moments.safetensors"
         layer = detect(ckpt).layers[position]
         m = calibrate.load_moments(moments, layer.layer, layer.num_experts)
         return {"rows": calibrate.layer_errors(ckpt, position, m, tuple(sorted(bit_widths)), group_size,
-                                               QuantizerConfig.from_dict(quantizer))}
+                                               QuantizerConfig.from_dict(quantizer), of_checkpoint(device, path))}
 
 
 def _quantization(position: int, checkpoint: CheckpointRecord, allocation: StageOutput, group_size: int,
-                  quantizer: dict, store: str, storage_options: dict, cache_dir: str | None) -> dict:
-    """Write the layer's shard straight under the stage's prefix (the stage task publishes the rest)."""
+                  quantizer: dict, device: str, store: str, storage_options: dict, cache_dir: str | None) -> dict:
+    """Write the layer's shard straight under the stage's prefix (the stage task publishes the rest).
+    Each matrix is rounded on the device and written from the host."""
     q = QuantizerConfig.from_dict(quantizer)
-    with _shard_writer(checkpoint, allocation, group_size, quantizer, None, store, storage_options,
-                       layer_path(checkpoint, [position], cache_dir, storage_options)) as (ckpt, alloc, out, write):
+    path = layer_path(checkpoint, [position], cache_dir, storage_options)
+    on = of_checkpoint(device, path).device
+    with _shard_writer(checkpoint, allocation, group_size, quantizer, None, device, store, storage_options,
+                       path) as (ckpt, alloc, out, write):
         return write(writer.quantize_layer(ckpt, position, alloc, group_size, q.symmetric, out,
-                                             quantizer=lambda m, w, bits: q.round_matrix(w, bits, group_size)))
+                                             quantizer=lambda m, w, bits: q.round_matrix(w.to(on), bits, group_size)))
 
 
 @contextmanager
 def _shard_writer(checkpoint: CheckpointRecord, allocation: StageOutput, group_size: int, quantizer: dict,
-                  text: dict | None, store: str, storage_options: dict, path: Path):
+                  text: dict | None, device: str, store: str, storage_options: dict, path: Path):
     """(open checkpoint, allocation, out, write): `write(part)` checksums a layer shard written
     into `out` and puts it under the stage's prefix (`out` is that prefix for a local store)."""
     st = Store(store, storage_options)
     prefix = _quantization_prefix(dict(checkpoint=checkpoint, allocation=allocation, group_size=group_size,
-                                       quantizer=quantizer, text=text))
+                                       quantizer=quantizer, text=text, device=device))
     with tempfile.TemporaryDirectory() as tmp, Checkpoint.open(path) as ckpt:
         tmp = Path(tmp)
         alloc = tables.read_stats(local_copy(st, allocation, tmp) / "bit_allocation.parquet")
@@ -120,27 +127,43 @@ def _shard_writer(checkpoint: CheckpointRecord, allocation: StageOutput, group_s
 
 
 def _gptq_quantization(checkpoint: CheckpointRecord, allocation: StageOutput, group_size: int, quantizer: dict,
-                       text: dict, store: str, storage_options: dict, cache_dir: str | None) -> list[dict]:
+                       text: dict, device: str, store: str, storage_options: dict, cache_dir: str | None) -> list[dict]:
     """Every MoE layer's shard by sequential GPTQ, each written as soon as its layer is done, with
     the layer's calibration coverage."""
     from ..quantization.gptq_sequential import gptq_shards
 
     path = ckpt_path(checkpoint, cache_dir, storage_options)
-    with _shard_writer(checkpoint, allocation, group_size, quantizer, text, store, storage_options,
+    placement = _gptq_placement(device, path, text)
+    with _shard_writer(checkpoint, allocation, group_size, quantizer, text, device, store, storage_options,
                        path) as (ckpt, alloc, out, write):
         return gptq_shards(ckpt, path, pinned(text["text"], cache_dir, storage_options), alloc, group_size,
                            QuantizerConfig.from_dict(quantizer), out, seq_len=text["seq_len"], windows=text["windows"],
-                           write=write, progress=progress_reporter("GPTQ quantization"))
+                           write=write, progress=progress_reporter("GPTQ quantization"), placement=placement)
+
+
+def _gptq_placement(device: str, path: Path, text: dict):
+    """Where sequential GPTQ runs, refused first if its layer, expert, Hessians and activations
+    would not fit in the device's free memory."""
+    from ..model.streaming import device_bytes
+    from ..placement import MARGIN_BYTES
+
+    placement = of_checkpoint(device, path)
+    if placement.is_cuda:
+        need = device_bytes(path, placement.torch_dtype, text["windows"], text["seq_len"], head=False, hessians=True)
+        require_free(placement, need + MARGIN_BYTES, "sequential GPTQ")
+    return placement
 
 
 def _gptq_calibration(checkpoint: CheckpointRecord, bit_widths: list[int], group_size: int, quantizer: dict,
-                      text: dict, storage_options: dict, cache_dir: str | None, **_) -> list[dict]:
+                      text: dict, device: str, storage_options: dict, cache_dir: str | None, **_) -> list[dict]:
     """GPTQ's error of every expert at every width, one part per MoE layer."""
     from ..quantization.gptq_sequential import gptq_errors
 
-    rows = gptq_errors(ckpt_path(checkpoint, cache_dir, storage_options), pinned(text["text"], cache_dir, storage_options),
+    path = ckpt_path(checkpoint, cache_dir, storage_options)
+    rows = gptq_errors(path, pinned(text["text"], cache_dir, storage_options),
                        tuple(sorted(bit_widths)), group_size, QuantizerConfig.from_dict(quantizer),
-                       seq_len=text["seq_len"], windows=text["windows"], progress=progress_reporter("GPTQ errors"))
+                       seq_len=text["seq_len"], windows=text["windows"], progress=progress_reporter("GPTQ errors"),
+                       placement=_gptq_placement(device, path, text))
     layers = list(dict.fromkeys(r["layer"] for r in rows))
     return [{"rows": [r for r in rows if r["layer"] == layer]} for layer in layers]
 
@@ -181,6 +204,8 @@ def _ident(v: Any) -> Any:
 def _layer_key(ctx, p) -> str:
     i = p["inputs"]
     inputs = {k: _ident(v) for k, v in sorted(i.items()) if k not in ("cache_dir", "storage_options")}
+    if "device" in inputs:  # where it computes, resolved here: `auto` and `cpu` on a CPU-only host share keys
+        inputs["device"] = placement_key(inputs["device"])
     if p["stage"] == "validation":  # interpreter checks sample rows; a GPU's check covers them all
         inputs["kernel_device"] = kernel_device()
     key = stage_key(p["stage"], "layers", p.get("positions", "sequential"), inputs)
@@ -228,10 +253,10 @@ def _league_lock() -> threading.Lock:
     return threading.Lock()
 
 
-def _league_env(checkpoint, stats, calibrations, grid, text, seq_len, windows, task_name, task_examples, store,
+def _league_env(checkpoint, stats, calibrations, grid, text, seq_len, windows, task_name, task_examples, device, store,
                 storage_options, cache_dir, gptq_text):
     ident = (checkpoint.digest, stats.key, tuple(c.key for c in calibrations), text.digest, seq_len, windows,
-             grid.group_size, task_name, task_examples)
+             grid.group_size, task_name, task_examples, device)
     if ident not in _LEAGUE:
         for old in _LEAGUE.values():  # one league at a time per process: release the previous one first
             old[3].close()
@@ -242,19 +267,22 @@ def _league_env(checkpoint, stats, calibrations, grid, text, seq_len, windows, t
             tmp = Path(tmp)
             table = tables.read_stats(local_copy(st, stats, tmp) / "expert_stats.parquet")
             read = [read_calibration(st, c, tmp / f"calibration-{i}") for i, c in enumerate(calibrations)]
-        reference = league.Reference(path, pinned(text, cache_dir, storage_options), seq_len=seq_len, windows=windows)
+        placement = of_checkpoint(device, path)
+        reference = league.Reference(path, pinned(text, cache_dir, storage_options), seq_len=seq_len, windows=windows,
+                                     placement=placement)
         calibration = None if gptq_text is None else dict(gptq_text, text=pinned(gptq_text["text"], cache_dir,
                                                                                   storage_options))
         _LEAGUE[ident] = (table, read[0][0], {k: q for k, (_, q) in zip(grid.error_keys(), read)}, reference,
-                          league.CellWriter(path, grid.group_size, calibration=calibration),
+                          league.CellWriter(path, grid.group_size, calibration=calibration, placement=placement),
                           league.task(task_name, task_examples))
     return _LEAGUE[ident]
 
 
 def cells_key(indices: list[int], checkpoint: CheckpointRecord, stats: StageOutput, calibrations: list[StageOutput],
-              grid: dict, text: TextRecord, seq_len: int, windows: int, task_name: str | None, task_examples: int) -> str:
+              grid: dict, text: TextRecord, seq_len: int, windows: int, task_name: str | None, task_examples: int,
+              device: str) -> str:
     return stage_key("league", "cells", indices, checkpoint.digest, stats.key, [c.key for c in calibrations], grid,
-                     text.digest, seq_len, windows, task_name, task_examples)
+                     text.digest, seq_len, windows, task_name, task_examples, placement_key(device))
 
 
 @task(name="league-cells", cache_key_fn=cache_key("league", cells_key, in_store=False), persist_result=True,
@@ -262,13 +290,14 @@ def cells_key(indices: list[int], checkpoint: CheckpointRecord, stats: StageOutp
       task_run_name="league-cells-{indices}", retries=2, retry_delay_seconds=[1, 4], retry_condition_fn=transient)
 def league_cells(indices: list[int], checkpoint: CheckpointRecord, stats: StageOutput, calibrations: list[StageOutput],
                  grid: dict, text: TextRecord, seq_len: int, windows: int, task_name: str | None, task_examples: int,
-                 store: str, storage_options: dict, cache_dir: str | None, gptq_text: dict | None = None) -> list[dict]:
+                 device: str, store: str, storage_options: dict, cache_dir: str | None,
+                 gptq_text: dict | None = None) -> list[dict]:
     """Some cells of the league grid, each allocated, written and evaluated (see league.run_cell);
     `calibrations` in `Grid.error_keys()` order; GPTQ cells calibrate on `gptq_text` (the pinned
     text, seq_len, windows: the routing stage's, which the calibrations' keys cover)."""
     g = league.Grid.from_dict(grid)
     with _league_lock():
         table, calib, qerrors, reference, writer, task = _league_env(
-            checkpoint, stats, calibrations, g, text, seq_len, windows, task_name, task_examples, store,
+            checkpoint, stats, calibrations, g, text, seq_len, windows, task_name, task_examples, device, store,
             storage_options, cache_dir, gptq_text)
         return [league.run_cell(i, table, calib, qerrors, g, reference, writer, task) for i in indices]

@@ -24,6 +24,8 @@ from ..checkpoints.texts import pinned
 from ..errors import ExpertbitsError, ValidationFailed
 from ..measure import evaluate, fused_check, kernel_check
 from ..meter import Meter, report
+from ..placement import of_checkpoint, require_free
+from ..placement import key as placement_key
 from ..quantization import writer
 from ..quantization.method import QuantizerConfig
 from ..records import CheckpointRecord, ReferenceChoice, RunManifest, StageOutput, TextRecord
@@ -50,6 +52,18 @@ def check_store(root: str, storage_options: dict) -> str:
     """Fail fast, before any work, if the artifact store cannot be written."""
     Store(root, storage_options).check_reachable()
     return root
+
+
+@task(name="check-device")
+def check_device(device: str) -> str:
+    """Fail fast, before any work, if the device asked for is not on the machine that runs the
+    stages (a task: on Dask it runs on a worker), and say where the heavy stages will compute."""
+    from ..placement import resolve
+
+    placement = resolve(device)
+    get_run_logger().info(f"--device {device}: the heavy stages compute on {placement}"
+                          + ("" if placement.is_cuda else " in float32"))
+    return placement.device
 
 
 # ---- 1. download --------------------------------------------------------------------------------
@@ -178,20 +192,22 @@ def extract_statistics(checkpoint: CheckpointRecord, reference: CheckpointRecord
 
 # ---- 2b. calibration (allocators that use routing or quantization error) ----------------------
 
-def routing_key(checkpoint: CheckpointRecord, text: TextRecord, seq_len: int, windows: int) -> str:
-    return stage_key("routing", checkpoint.digest, text.digest, seq_len, windows)
+def routing_key(checkpoint: CheckpointRecord, text: TextRecord, seq_len: int, windows: int, device: str) -> str:
+    return stage_key("routing", checkpoint.digest, text.digest, seq_len, windows, placement_key(device))
 
 
 @task(name="routing", cache_key_fn=cache_key("routing", routing_key), persist_result=True, result_serializer="json")
-def route_experts(checkpoint: CheckpointRecord, text: TextRecord, seq_len: int, windows: int, store: str,
+def route_experts(checkpoint: CheckpointRecord, text: TextRecord, seq_len: int, windows: int, device: str, store: str,
                   storage_options: dict, cache_dir: str | None) -> StageOutput:
     """What the router does on the calibration text: frequency, routing weight and input moments of
-    every expert, from one streamed forward pass of the full-precision model."""
-    with stage_work("routing", routing_key(checkpoint, text, seq_len, windows), store, storage_options) as w:
+    every expert, from one streamed forward pass of the full-precision model on `device`."""
+    with stage_work("routing", routing_key(checkpoint, text, seq_len, windows, device), store, storage_options) as w:
         path = ckpt_path(checkpoint, cache_dir, storage_options)
+        placement = of_checkpoint(device, path)
+        require_free(placement, streamed_need(path, placement, windows, seq_len, head=True), "the routing stage")
         with Meter() as meter:
             calib, moments, info = calibrate.route(path, pinned(text, cache_dir, storage_options), seq_len=seq_len,
-                                                   windows=windows,
+                                                   windows=windows, placement=placement,
                                                    progress=progress_reporter("routing"))
         report("routing", meter, expert_bytes(path), get_run_logger())
         if info["uncalibrated_experts"]:
@@ -201,21 +217,21 @@ def route_experts(checkpoint: CheckpointRecord, text: TextRecord, seq_len: int, 
                 "routed: give more --calibration-windows or text closer to what the model will serve")
         tables.export_parquet(calib, w.out / "expert_calibration.parquet")
         calibrate.save_moments(moments, w.out / "moments.safetensors")
-        return w.publish(dict(info, text=text.uri))
+        return w.publish(dict(info, text=text.uri, **placement.summary()))
 
 
-def calibration_key(routing: StageOutput, bit_widths: list[int], group_size: int, quantizer: dict) -> str:
-    return stage_key("calibration", routing.key, sorted(bit_widths), group_size, quantizer)
+def calibration_key(routing: StageOutput, bit_widths: list[int], group_size: int, quantizer: dict, device: str) -> str:
+    return stage_key("calibration", routing.key, sorted(bit_widths), group_size, quantizer, placement_key(device))
 
 
 @task(name="calibration", cache_key_fn=cache_key("calibration", calibration_key), persist_result=True,
       result_serializer="json")
-def calibrate_experts(routing: StageOutput, bit_widths: list[int], group_size: int, quantizer: dict,
+def calibrate_experts(routing: StageOutput, bit_widths: list[int], group_size: int, quantizer: dict, device: str,
                       parts: list[list[dict]], store: str, storage_options: dict) -> StageOutput:
     """The routing statistics beside the error of every expert at every width, measured with the
     quantizer the run uses (computed per layer by `per_layer.layer_work`; GPTQ's by
     `per_layer.sequential_work` on the routing stage's text, which its key covers)."""
-    with stage_work("calibration", calibration_key(routing, bit_widths, group_size, quantizer), store,
+    with stage_work("calibration", calibration_key(routing, bit_widths, group_size, quantizer, device), store,
                     storage_options) as w:
         calib = tables.read_stats(w.read(routing, only=["expert_calibration.parquet"]) / "expert_calibration.parquet")
         qerr = pd.DataFrame([r for chunk in parts for part in chunk for r in part["rows"]])
@@ -253,14 +269,14 @@ def allocate_bits(stats: StageOutput, calibration: StageOutput | None, config: d
 @task(name="quantization", cache_key_fn=cache_key("quantization", quantization_key), persist_result=True,
       result_serializer="json")
 def quantize_experts(checkpoint: CheckpointRecord, allocation: StageOutput, group_size: int, quantizer: dict,
-                     text: dict | None, parts: list[list[dict]], store: str, storage_options: dict,
+                     text: dict | None, device: str, parts: list[list[dict]], store: str, storage_options: dict,
                      cache_dir: str | None) -> StageOutput:
     """The quantized checkpoint: MoE layer shards (written by `per_layer.layer_work`, or by
     `per_layer.sequential_work` for GPTQ, calibrated on `text`), then the rest shard, config.json,
     the index and the side files."""
     symmetric = QuantizerConfig.from_dict(quantizer).symmetric
     layers = [part for chunk in parts for part in chunk]
-    with stage_work("quantization", quantization_key(checkpoint, allocation, group_size, quantizer, text), store,
+    with stage_work("quantization", quantization_key(checkpoint, allocation, group_size, quantizer, text, device), store,
                     storage_options) as w:
         alloc = tables.read_stats(w.read(allocation) / "bit_allocation.parquet")
         path = ckpt_path(checkpoint, cache_dir, storage_options)
@@ -333,26 +349,46 @@ def validate_kernels(quantized: StageOutput, rtol: float, text: TextRecord, seq_
 # ---- 6. evaluation ------------------------------------------------------------------------------
 
 def evaluation_key(checkpoint: CheckpointRecord, quantized: StageOutput, text: TextRecord, seq_len: int,
-                   windows: int) -> str:
-    return stage_key("evaluation", checkpoint.digest, quantized.key, text.digest, seq_len, windows)
+                   windows: int, device: str) -> str:
+    return stage_key("evaluation", checkpoint.digest, quantized.key, text.digest, seq_len, windows, placement_key(device))
 
 
 @task(name="evaluation", cache_key_fn=cache_key("evaluation", evaluation_key), persist_result=True,
       result_serializer="json")
 def evaluate_model(checkpoint: CheckpointRecord, quantized: StageOutput, text: TextRecord, seq_len: int, windows: int,
-                   store: str, storage_options: dict, cache_dir: str | None) -> StageOutput:
-    """KL divergence and perplexity of the quantized model vs full precision on held-out text."""
-    with stage_work("evaluation", evaluation_key(checkpoint, quantized, text, seq_len, windows), store,
+                   device: str, store: str, storage_options: dict, cache_dir: str | None) -> StageOutput:
+    """KL divergence and perplexity of the quantized model vs full precision on held-out text; on a
+    GPU also the served model's prefill and decode speed beside full precision's (throughput.json)."""
+    with stage_work("evaluation", evaluation_key(checkpoint, quantized, text, seq_len, windows, device), store,
                     storage_options) as w:
         path = ckpt_path(checkpoint, cache_dir, storage_options)
+        placement = of_checkpoint(device, path)
+        require_free(placement, streamed_need(path, placement, windows, seq_len, head=True), "the evaluation stage")
+        qpath = w.read(quantized)
         with Meter() as meter:
-            metrics = evaluate.evaluate(path, w.read(quantized), pinned(text, cache_dir, storage_options),
-                                        seq_len=seq_len, windows=windows,
+            metrics = evaluate.evaluate(path, qpath, pinned(text, cache_dir, storage_options),
+                                        seq_len=seq_len, windows=windows, placement=placement,
                                         progress=progress_reporter("evaluation"))
         report("evaluation", meter, expert_bytes(path), get_run_logger())
-        metrics["text"] = text.uri
+        metrics.update(text=text.uri, **placement.summary())
         (w.out / "evaluation.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        if placement.is_cuda:  # a GPU's speed is what a user serves at; a streamed CPU model's is not
+            from ..measure import speed
+
+            figures = speed.compare(path, qpath, placement)
+            get_run_logger().info(speed.describe(figures))
+            (w.out / "throughput.json").write_text(json.dumps(figures, indent=2, sort_keys=True))
         return w.publish(metrics)
+
+
+def streamed_need(path: Path, placement, windows: int, seq_len: int, *, head: bool, hessians: bool = False) -> int:
+    """Device bytes a streamed stage needs (streaming.device_bytes plus the CUDA margin); 0 on the CPU."""
+    if not placement.is_cuda:
+        return 0
+    from ..model.streaming import device_bytes
+    from ..placement import MARGIN_BYTES
+
+    return device_bytes(path, placement.torch_dtype, windows, seq_len, head=head, hessians=hessians) + MARGIN_BYTES
 
 # ---- publish ------------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from expertbits.tasks.stages.stage_io import STAGE_ENTRIES, normalized_source
 
 SOURCE = inspect.getsource(stages)
 S = "expertbits.tasks.stages.quantize_tasks"
-EVAL_BODY = '    """KL divergence and perplexity of the quantized model vs full precision on held-out text."""\n'
+EVAL_BODY = '    GPU also the served model\'s prefill and decode speed beside full precision\'s (throughput.json)."""\n'
 
 
 def _edit(source: str, marker: str, insert: str) -> str:
