@@ -76,7 +76,7 @@ CPU = Placement()
 def check(request: str) -> str:
     """The request itself, if it is well formed (what the flow parameters accept)."""
     if not isinstance(request, str) or not PATTERN.match(request.strip()):
-        raise ValueError(f"--device {request!r} is not a device: give {CHOICES}")
+        raise ValueError(f"{request!r} is not a device: give {CHOICES}")
     return request.strip()
 
 
@@ -85,8 +85,10 @@ def resolve(request: str = "auto", config: dict | None = None) -> Placement:
     (its dtype is the GPU's compute dtype). A device this machine does not have is an error
     naming it and what there is, never a silent fall back to the CPU."""
     request = check(request)
-    if request == "auto":
-        request = check(os.environ.get(ENV) or "auto")
+    if request == "auto" and os.environ.get(ENV):
+        if not PATTERN.match(os.environ[ENV].strip()):
+            raise ValueError(f"{ENV}={os.environ[ENV]!r} is not a device: give {CHOICES}")
+        request = os.environ[ENV].strip()
     import torch
 
     if request == "cpu" or request == "auto" and not torch.cuda.is_available():

@@ -114,7 +114,10 @@ def test_flow_runs_then_caches_then_recomputes_only_what_changed(prefect_api, pa
     assert any(k and k.startswith("bit-allocation-") for t, k in kinds if t == "table")
     assert any(k and k.startswith("quant-eval-") for t, k in kinds if t == "markdown")
 
-    second = run(prefect_api, **params)
+    # --device cpu is what the default (auto) means on a CPU-only host: the same keys, so the same
+    # objects and run, byte for byte (the fourth run below recomputes under cpu and compares bytes)
+    cpu_only = not __import__("torch").cuda.is_available()
+    second = run(prefect_api, **dict(params, device="cpu" if cpu_only else "auto"))
     assert second.result().run_id == manifest.run_id
     states = task_states(second)
     cached = {k for k, v in states.items() if v == "Cached"}
@@ -134,7 +137,7 @@ def test_flow_runs_then_caches_then_recomputes_only_what_changed(prefect_api, pa
 
     shutil.rmtree(tmp_path / "store" / "objects")
     shutil.rmtree(run_dir)
-    fourth = run(prefect_api, **params)
+    fourth = run(prefect_api, **dict(params, device="cpu" if cpu_only else "auto"))
     states = task_states(fourth)
     # per-layer results that are numbers stay cached; quantized shards that left the store are rewritten
     assert {k for k, v in states.items() if v == "Cached"} == {
@@ -209,6 +212,18 @@ def test_nan_in_an_expert_fails_quantization_without_a_run(prefect_api, params, 
     assert not list((tmp_path / "store" / "objects").glob("quantization/*"))
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks a CPU-only host")
+def test_a_device_the_machine_lacks_fails_the_flow_first_and_leaves_nothing(prefect_api, params, tmp_path):
+    from expertbits.tasks.errors import ExpertbitsError
+
+    state = run(prefect_api, **dict(params, device="cuda:1"))
+    assert state.is_failed()
+    with pytest.raises(ExpertbitsError, match=r"--device cuda:1: this machine has no CUDA device") as e:
+        state.result()
+    assert "--device cpu" in e.value.fix
+    assert not (tmp_path / "store" / "objects").exists() and not (tmp_path / "store" / "runs").exists()
+
+
 def test_budget_outside_the_bit_widths_is_refused_before_any_work():
     from pydantic import ValidationError
 
@@ -228,8 +243,13 @@ def test_cli_help_explains_every_option():
     out = subprocess.run([sys.executable, "-m", "expertbits.flows.cli", "quantize", "--help"],
                          capture_output=True, text=True, check=True).stdout
     for opt in ("--checkpoint", "--reference", "--avg-bits", "--bit-widths", "--group-size", "--zeta", "--store",
-                "--storage-option", "--eval-text", "--eval-windows", "--eval-seq-len", "--validation-rtol", "--cache-dir"):
+                "--storage-option", "--eval-text", "--eval-windows", "--eval-seq-len", "--validation-rtol", "--cache-dir",
+                "--device", "--dask"):
         assert opt in out
+    assert "local-cuda" in out and "cuda:N" in out
+    bad = subprocess.run([sys.executable, "-m", "expertbits.flows.cli", "quantize", "--device", "gpu"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--device: 'gpu' is not a device: give auto, cpu, cuda or cuda:N" in bad.stderr
     bad = subprocess.run([sys.executable, "-m", "expertbits.flows.cli", "quantize", "--avg-bits", "9"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "--avg-bits: got 9.0" in bad.stderr and "fix: give at most 8" in bad.stderr

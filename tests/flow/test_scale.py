@@ -194,6 +194,30 @@ def test_task_runner_choice():
     assert chunks(5, 2) == [[0, 1], [2, 3], [4]] and chunks(3, 3) == [[0, 1, 2]]
 
 
+def test_local_cuda_gives_each_worker_process_its_own_gpu():
+    """--dask local-cuda: one worker process per GPU, each seeing its own first (as dask-cuda does),
+    so a task's `--device auto` is its worker's GPU. Started for real here with two pretend GPU ids
+    (the workers only report their environment); without a GPU it is refused before any process."""
+    from distributed import Client, SpecCluster
+
+    from expertbits.flows.scale import cuda_cluster, task_runner
+    from expertbits.tasks.errors import ExpertbitsError
+
+    if not torch.cuda.is_available():
+        for address in ("local-cuda", "local-cuda:2"):
+            with pytest.raises(ExpertbitsError, match="--dask local-cuda: this machine has no CUDA device") as e:
+                task_runner(address)
+            assert "--dask local" in e.value.fix
+    with pytest.raises(ExpertbitsError, match="local-cuda:3: this machine has 2 GPUs"):
+        cuda_cluster("3", visible=[0, 1])
+    spec = cuda_cluster("", visible=[0, 1])
+    assert [w["options"]["env"]["CUDA_VISIBLE_DEVICES"] for w in spec["workers"].values()] == ["0,1", "1,0"]
+    assert cuda_cluster("1", visible=[0, 1])["workers"].keys() == {"gpu-0"}
+    with SpecCluster(**spec, asynchronous=False) as cluster, Client(cluster) as client:
+        seen = client.run(lambda: (os.environ["CUDA_VISIBLE_DEVICES"], os.environ["EXPERTBITS_DEVICE"]))
+    assert sorted(seen.values()) == [("0,1", "cuda"), ("1,0", "cuda")]
+
+
 def test_a_worker_fetches_only_the_shards_of_its_layers(slow_pair, tmp_path):
     from expertbits.tasks.allocation import statistics
     from expertbits.tasks.checkpoints import fetch
