@@ -428,12 +428,20 @@ def _ui_artifacts(st: Store, manifest: RunManifest, outputs: dict[str, StageOutp
         create_table_artifact(key=f"calibration-coverage-{slug}"[:100], table=q["least_covered"],
                               description=f"The least calibrated experts of run {manifest.run_id} (all of them: "
                                           "the calibration_coverage table of the run's DuckDB)")
+    speed = ""
+    if "throughput.json" in outputs["evaluation"].files:  # evaluated on a GPU: the served model's speed
+        from ..measure.speed import describe
+
+        figures = json.loads(st.read_bytes(outputs["evaluation"].prefix + "/throughput.json"))
+        speed = f"| speed | {describe(figures)} |\n"
     create_markdown_artifact(key=f"quant-eval-{slug}"[:100], description="Quantized vs full precision", markdown=(
         f"# {manifest.run_id}\n\n"
         f"| metric | value |\n|---|---|\n"
         f"| KL(fp ‖ quant) per token | {ev['kl']:.5f} |\n"
         f"| perplexity fp / quant | {ev['ppl_fp']:.3f} / {ev['ppl_quant']:.3f} |\n"
         f"| tokens evaluated | {ev['tokens']} |\n"
+        f"| computed on | {ev.get('device', 'cpu')} ({ev.get('dtype', 'float32')}) |\n"
+        f"{speed}"
         f"| avg bits requested / achieved | {al['requested_avg_bits']} / {al['achieved_avg_bits']} |\n"
         f"| effective bits (with scales and zero points) | {q['effective_bits']} |\n"
         f"| experts moved by MaxVar | {al['moved_by_maxvar']} |\n"

@@ -48,6 +48,7 @@ def test_compose_names_only_our_commands_and_listed_credentials():
     worker_images = {s.get("image") for n, s in services.items() if n in ("worker", "gpu-worker", "dask-worker", "deploy")}
     assert len(worker_images) == 1 and (INFRA / "Dockerfile").is_file()
     assert services["gpu-worker"]["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+    assert services["gpu-worker"]["environment"]["EXPERTBITS_DASK"] == "local-cuda"  # one Dask worker per GPU
     # the Dask services are used: the worker's flow runs map their per-layer work onto them
     scheduler = services["dask-scheduler"]["command"].split("--port ")[1].split()[0]
     assert services["worker"]["environment"]["EXPERTBITS_DASK"] == f"tcp://dask-scheduler:{scheduler}"
