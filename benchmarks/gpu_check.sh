@@ -68,10 +68,10 @@ step() {
     printf '{"step": "%s", "rc": %d, "seconds": %d, "limit": %d}\n' "$name" "$rc" $(( $(date +%s) - start )) "$limit" >> "$STEPS"
 }
 
-step pytest 100 "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUT/pytest.xml" "$HERE/../tests"
-step fused_moe 140 "$PY" "$HERE/bench_fused_moe.py" "${FUSED[@]}" --json "$OUT/fused_moe.json"
-step gptq 170 "$PY" "$HERE/bench_realsize.py" --model "$MODEL" --layers 2 --windows "$WINDOWS" --quantizer gptq \
+step pytest 130 "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUT/pytest.xml" "$HERE/../tests"
+step fused_moe 130 "$PY" "$HERE/bench_fused_moe.py" "${FUSED[@]}" --json "$OUT/fused_moe.json"
+step gptq 150 "$PY" "$HERE/bench_realsize.py" --model "$MODEL" --layers 2 --windows "$WINDOWS" --quantizer gptq \
     --device "$DEVICE" --workdir "$WORK" --json "$OUT/gptq.json"
-step rtn 90 "$PY" "$HERE/bench_realsize.py" --model "$MODEL" --layers 2 --windows "$WINDOWS" --quantizer rtn \
+step rtn 60 "$PY" "$HERE/bench_realsize.py" --model "$MODEL" --layers 2 --windows "$WINDOWS" --quantizer rtn \
     --device "$DEVICE" --workdir "$WORK" --json "$OUT/rtn.json"
 "$PY" "$HERE/gpu_report.py" "$OUT" $([ "$DRY" = 1 ] && echo --dry-run)

@@ -42,7 +42,7 @@ def league_table(params: LeagueParams = LeagueParams()) -> RunManifest:
     io = dict(store=store, storage_options=p.storage_options)
     local = dict(cache_dir=p.cache_dir, storage_options=p.storage_options)
     check_store(store, p.storage_options)
-    check_device(p.device)
+    device = check_device(p.device)  # auto resolved once: every process keys alike
 
     finetuned = fetch_checkpoint(pin_revision(p.checkpoint), p.cache_dir, p.storage_options)
     reference, choice = fetch_reference(finetuned, p.reference, p.cache_dir, p.storage_options)
@@ -51,20 +51,20 @@ def league_table(params: LeagueParams = LeagueParams()) -> RunManifest:
     layers = layer_chunks(finetuned, **local)
     stats = extract_statistics(finetuned, reference, per_layer("statistics", layers, checkpoint=finetuned,
                                                                reference=reference, **local), cache_dir=p.cache_dir, **io)
-    routing = route_experts(finetuned, calibration_text, p.eval_seq_len, p.calibration_windows, p.device,
+    routing = route_experts(finetuned, calibration_text, p.eval_seq_len, p.calibration_windows, device,
                             cache_dir=p.cache_dir, **io)
     text = dict(text=calibration_text, seq_len=p.eval_seq_len, windows=p.calibration_windows)
     calibrations = []
     for method, symmetric in p.grid().error_keys():  # errors of each quantizer the grid measures
         quantizer = p.grid().quantizer(method, symmetric).as_dict()
-        calibrations.append(calibrate_experts(routing, p.widths(symmetric), p.group_size, quantizer, p.device,
+        calibrations.append(calibrate_experts(routing, p.widths(symmetric), p.group_size, quantizer, device,
                                               quantizer_parts("calibration", layers, quantizer, text, checkpoint=finetuned,
                                                               routing=routing, bit_widths=p.widths(symmetric),
-                                                              group_size=p.group_size, device=p.device, store=store,
+                                                              group_size=p.group_size, device=device, store=store,
                                                               **local), **io))
     league = dict(checkpoint=finetuned, stats=stats, calibrations=calibrations, grid=asdict(p.grid()),
                   text=eval_text, seq_len=p.eval_seq_len, windows=p.eval_windows, task_name=p.task,
-                  task_examples=p.task_examples, device=p.device)
+                  task_examples=p.task_examples, device=device)
     cells = gather(league_cells.map(cell_chunks(len(p.grid().cells())), **{k: unmapped(v) for k, v in league.items()},
                                     store=unmapped(store), gptq_text=unmapped(text),
                                     **{k: unmapped(v) for k, v in local.items()}))

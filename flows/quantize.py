@@ -52,7 +52,7 @@ def quantize_moe(params: QuantizeParams = QuantizeParams()) -> RunManifest:
     io = dict(store=store, storage_options=p.storage_options)
     local = dict(cache_dir=p.cache_dir, storage_options=p.storage_options)
     check_store(store, p.storage_options)
-    check_device(p.device)
+    device = check_device(p.device)  # auto resolved once: every process keys alike
 
     finetuned = fetch_checkpoint(pin_revision(p.checkpoint), p.cache_dir, p.storage_options)
     reference, choice = fetch_reference(finetuned, p.reference, p.cache_dir, p.storage_options)
@@ -65,20 +65,20 @@ def quantize_moe(params: QuantizeParams = QuantizeParams()) -> RunManifest:
     text = dict(text=calibration_text, seq_len=p.eval_seq_len, windows=p.calibration_windows)
     calibration = None
     if p.allocator in NEEDS_CALIBRATION | NEEDS_ERROR:
-        routing = route_experts(finetuned, calibration_text, p.eval_seq_len, p.calibration_windows, p.device,
+        routing = route_experts(finetuned, calibration_text, p.eval_seq_len, p.calibration_windows, device,
                                 cache_dir=p.cache_dir, **io)
         measured = p.error_quantizer().as_dict()
-        calibration = calibrate_experts(routing, p.bit_widths, p.group_size, measured, p.device, quantizer_parts(
+        calibration = calibrate_experts(routing, p.bit_widths, p.group_size, measured, device, quantizer_parts(
             "calibration", layers, checkpoint=finetuned, routing=routing, bit_widths=p.bit_widths,
-            group_size=p.group_size, quantizer=measured, text=text, device=p.device, store=store, **local), **io)
+            group_size=p.group_size, quantizer=measured, text=text, device=device, store=store, **local), **io)
     allocation = allocate_bits(stats, calibration, asdict(p.allocation_config()), **io)
-    quantized = quantize_experts(finetuned, allocation, p.group_size, quantizer, text, p.device, quantizer_parts(
+    quantized = quantize_experts(finetuned, allocation, p.group_size, quantizer, text, device, quantizer_parts(
         "quantization", layers, checkpoint=finetuned, allocation=allocation, group_size=p.group_size,
-        quantizer=quantizer, text=text, device=p.device, store=store, **local), cache_dir=p.cache_dir, **io)
+        quantizer=quantizer, text=text, device=device, store=store, **local), cache_dir=p.cache_dir, **io)
     validation = validate_kernels(quantized, p.validation_rtol, calibration_text, p.eval_seq_len, per_layer(
         "validation", layers, quantized=quantized, checkpoint=finetuned, rtol=p.validation_rtol, store=store,
         **local), cache_dir=p.cache_dir, **io)
-    evaluation = evaluate_model(finetuned, quantized, eval_text, p.eval_seq_len, p.eval_windows, p.device,
+    evaluation = evaluate_model(finetuned, quantized, eval_text, p.eval_seq_len, p.eval_windows, device,
                                 cache_dir=p.cache_dir, **io)
 
     return publish_run(p.model_dump(mode="json"), choice, stats, calibration, allocation, quantized, validation, evaluation, **io)

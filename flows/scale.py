@@ -6,8 +6,8 @@
     EXPERTBITS_DASK=tcp://host:8786  an existing Dask scheduler
 
 `local-cuda` is what dask-cuda's LocalCUDACluster does, built on distributed's own SpecCluster:
-each worker's nanny starts it with CUDA_VISIBLE_DEVICES naming its own GPU first, so `--device
-auto` (or `cuda`) in a worker means that worker's GPU and the layers spread over the GPUs.
+each worker's nanny starts it with CUDA_VISIBLE_DEVICES naming its own GPU first, so the flow's
+`--device auto` (resolved to `cuda`) means that worker's GPU there and the layers spread over the GPUs.
 (dask-cuda 26.10 itself pins dask 2026.7.1, below the project's pin.) What runs in parallel
 there: the per-layer stages (RTN calibration error, RTN quantization, kernel validation) and the
 league's RTN cells; sequential GPTQ is one task (layer l+1 is calibrated on the quantized layer
@@ -50,15 +50,16 @@ def task_runner(address: str | None = None):
     import dask
     from prefect_dask import DaskTaskRunner
 
+    if address.startswith("local"):
+        # Dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536 in its workers; with this workload's large
+        # short-lived tensors that halves the speed (league cells: 156 s instead of 86 s in one
+        # process). Unset, glibc's adaptive default applies. Remote workers: NO_MALLOC_TRIM below.
+        dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
     if address == "local-cuda" or address.startswith("local-cuda:"):
         return DaskTaskRunner(cluster_class="distributed.SpecCluster",
                               cluster_kwargs=cuda_cluster(address.partition(":")[2]))
     if address == "local" or address.startswith("local:"):
         workers = int(address.partition(":")[2] or 2)
-        # Dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536 in its workers; with this workload's large
-        # short-lived tensors that halves the speed (league cells: 156 s instead of 86 s in one
-        # process). Unset, glibc's adaptive default applies. Remote workers: NO_MALLOC_TRIM below.
-        dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
         # one thread per worker process: each task is already as parallel as torch makes it
         return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
                                                  # loopback only: no dashboard on every interface
@@ -66,10 +67,12 @@ def task_runner(address: str | None = None):
     return DaskTaskRunner(address=address)
 
 
-def cuda_cluster(count: str = "", visible: list[int] | None = None) -> dict:
+def cuda_cluster(count: str = "", visible: list[str] | None = None) -> dict:
     """SpecCluster arguments for one worker process per GPU (the first `count`, default all): worker
     i's CUDA_VISIBLE_DEVICES lists its GPU first (then the others, as dask-cuda does, so peer
-    access still works). A machine without a GPU is refused here, before any process starts."""
+    access still works). The GPUs are those this process may use: its own CUDA_VISIBLE_DEVICES
+    (indices or UUIDs, e.g. a scheduler's allocation) when set. A machine without a GPU is refused
+    here, before any process starts."""
     from distributed import Nanny, Scheduler
 
     from expertbits.tasks.errors import ExpertbitsError
@@ -77,7 +80,9 @@ def cuda_cluster(count: str = "", visible: list[int] | None = None) -> dict:
     if visible is None:
         import torch
 
-        visible = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        count_here = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        inherited = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        visible = inherited[:count_here] if inherited else [str(i) for i in range(count_here)]
     if not visible:
         raise ExpertbitsError("--dask local-cuda: this machine has no CUDA device", "use --dask local[:N] for CPU "
                               "worker processes, or run on a machine with GPUs", "dask")
@@ -88,10 +93,11 @@ def cuda_cluster(count: str = "", visible: list[int] | None = None) -> dict:
     # one thread per worker: a task's kernels already fill its GPU; loopback only, no dashboard
     workers = {f"gpu-{g}": {"cls": Nanny, "options": {
         "nthreads": 1, "host": "127.0.0.1", "dashboard_address": None,
-        "env": {"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus[i:] + gpus[:i])), "EXPERTBITS_DEVICE": "cuda"}}}
+        "env": {"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus[i:] + gpus[:i]))}}}
         for i, g in enumerate(gpus)}
+    # loopback only; its HTTP endpoints (health, dashboard) on a free loopback port
     return {"workers": workers, "scheduler": {"cls": Scheduler, "options": {"host": "127.0.0.1",
-                                                                               "dashboard_address": None}}}
+                                                                               "dashboard_address": "127.0.0.1:0"}}}
 
 
 def absolute_store(store: str) -> str:

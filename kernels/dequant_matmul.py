@@ -98,7 +98,7 @@ def dequant_matmul(x: torch.Tensor, q: QuantizedTensor, *,
     def grid(meta):
         return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"])
 
-    with launching():
+    with launching(x.device):
         dequant_matmul_kernel[grid](
             x, q.packed, scales, zeros, y,
             m, n, k,

@@ -220,7 +220,7 @@ def fused_moe(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.T
     precision = input_precision if x.dtype == torch.float32 else None
     common = dict(num_warps=launch.num_warps, num_stages=launch.num_stages)
 
-    with launching():  # compiled or interpreted, as the kernels were decorated (triton_mode)
+    with launching(x.device):  # compiled or interpreted, as the kernels were decorated (triton_mode)
         h = torch.empty((pairs, f), dtype=x.dtype, device=x.device)
         bn, bk = launch.up_blocks
         expert_up_kernel[(aligned.blocks, -(-f // bn))](

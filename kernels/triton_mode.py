@@ -45,10 +45,16 @@ _SCOPE = threading.RLock()
 
 
 @contextmanager
-def launching() -> Iterator[None]:
-    """The scope in which expertbits decorates and launches its kernels."""
+def launching(device: torch.device | None = None) -> Iterator[None]:
+    """The scope in which expertbits decorates and launches its kernels. On CUDA, `device` (the
+    tensors' own) is made current for the launch: Triton launches on the current device and its
+    stream, which need not be the tensors' (`--device cuda:1`)."""
     if not interpret():
-        yield
+        if device is not None and device.type == "cuda":
+            with torch.cuda.device(device):
+                yield
+        else:
+            yield
         return
     with _SCOPE:
         if knobs.runtime.interpret:  # TRITON_INTERPRET=1 for the whole process, or this thread's outer scope

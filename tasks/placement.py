@@ -5,16 +5,19 @@
     --device cuda      the current CUDA device (on a dask-cuda worker: that worker's own GPU)
     --device cuda:N    CUDA device N
 
-A request is resolved where the stage runs (a Dask worker resolves it on its own machine), so
-`auto` on a GPU worker means its GPU even when the flow runs on a laptop. `EXPERTBITS_DEVICE`, set
-in a worker's environment (a work pool's job variable), is what `auto` means there.
+The flow resolves `auto` once, on the machine its process runs on (the routing and evaluation
+stages run there too), into `cpu`, `cuda` or `cuda:N`, and passes that to every stage; a Dask
+worker then takes `cuda` as its own current GPU (one per worker with `--dask local-cuda`).
+`EXPERTBITS_DEVICE`, set in the flow run's environment (a work pool's job variable), is what
+`auto` means there.
 
 On the CPU every stage computes in float32, exactly as it always has. On a GPU the model runs in
 its own dtype (bfloat16 or float16 as stored; float32 for a float32 checkpoint), while GPTQ's
 Hessians and Cholesky factors stay in float32 (kernels/gptq.py). A stage's cache key holds the
-resolved placement (`Placement.key`): `auto` and `cpu` on a CPU-only host are one placement, so
-they share keys and artifacts byte for byte; two GPUs of one model compute alike and share them
-too, while a CPU result is never served to a GPU run, nor the reverse.
+resolved device's kind and dtype (`key`), from the resolved name alone, so every process computes
+the same key whatever hardware it has: `auto` and `cpu` on a CPU-only host are one placement, so
+they share keys and artifacts byte for byte; a CPU result is never served to a GPU run, nor the
+reverse (GPUs share results: the dtype follows the model, which the key's checkpoint digest fixes).
 """
 
 from __future__ import annotations
@@ -52,12 +55,6 @@ class Placement:
 
         return getattr(torch, self.dtype)
 
-    @property
-    def key(self) -> list[str]:
-        """What a cache key sees: the hardware and the dtype, not the index (cuda:0 and cuda:1 of
-        one model compute alike; `auto` and `cpu` on a CPU-only host are the same placement)."""
-        return [self.name, self.dtype]
-
     def as_dict(self) -> dict:
         return asdict(self)
 
@@ -80,15 +77,22 @@ def check(request: str) -> str:
     return request.strip()
 
 
+def _effective(request: str) -> str:
+    """The request, with `auto` as the environment pins it (`EXPERTBITS_DEVICE`), if it does."""
+    request = check(request)
+    pinned = os.environ.get(ENV, "").strip()
+    if request != "auto" or not pinned:
+        return request
+    if not PATTERN.match(pinned):
+        raise ValueError(f"{ENV}={os.environ[ENV]!r} is not a device: give {CHOICES}")
+    return pinned
+
+
 def resolve(request: str = "auto", config: dict | None = None) -> Placement:
     """The placement `request` means on this machine, for a model whose config.json is `config`
     (its dtype is the GPU's compute dtype). A device this machine does not have is an error
     naming it and what there is, never a silent fall back to the CPU."""
-    request = check(request)
-    if request == "auto" and os.environ.get(ENV):
-        if not PATTERN.match(os.environ[ENV].strip()):
-            raise ValueError(f"{ENV}={os.environ[ENV]!r} is not a device: give {CHOICES}")
-        request = os.environ[ENV].strip()
+    request = _effective(request)
     import torch
 
     if request == "cpu" or request == "auto" and not torch.cuda.is_available():
@@ -107,6 +111,16 @@ def resolve(request: str = "auto", config: dict | None = None) -> Placement:
     return Placement(f"cuda:{index}", gpu_dtype(config), torch.cuda.get_device_name(index))
 
 
+def resolved(request: str) -> str:
+    """What the flow passes its stages: the request made `cpu`, `cuda` or `cuda:N` on this machine
+    (`auto` resolved, the environment's pin applied), checked: a device the machine lacks is an
+    error here, before any work. A Dask worker takes `cuda` as its own current GPU."""
+    request = _effective(request)
+    if not resolve(request).is_cuda:
+        return "cpu"
+    return request if request.startswith("cuda:") else "cuda"
+
+
 def gpu_dtype(config: dict | None) -> str:
     """The dtype a GPU computes a model in: the one it is stored in (bf16 when it does not say)."""
     stored = (config or {}).get("dtype") or (config or {}).get("torch_dtype") or "bfloat16"
@@ -121,11 +135,14 @@ def of_checkpoint(request: str, path) -> Placement:
     return resolve(request, json.loads((Path(path) / "config.json").read_text()))
 
 
-def key(request: str) -> list[str]:
-    """The cache-key part of a request on this machine, before any checkpoint is read: the
-    hardware and, on a GPU, "model" (the dtype follows the model, whose digest the key holds)."""
-    p = resolve(request)
-    return p.key if not p.is_cuda else [p.name, "model-dtype"]
+def key(device: str) -> list[str]:
+    """The cache-key part of a resolved device (`resolved`), from its name alone: the same in every
+    process whatever its hardware. A GPU computes in the model's dtype, which the checkpoint's
+    digest in the same key fixes; the CPU in float32."""
+    device = check(device)
+    if device == "auto":
+        raise ValueError("a cache key needs a resolved device (cpu, cuda, cuda:N), not auto: this is a bug")
+    return ["cpu", "float32"] if device == "cpu" else ["cuda", "model-dtype"]
 
 
 def require_free(placement: Placement, need: int, what: str) -> None:
@@ -134,7 +151,9 @@ def require_free(placement: Placement, need: int, what: str) -> None:
         return
     import torch
 
-    free, total = torch.cuda.mem_get_info(torch.device(placement.device))
+    device = torch.device(placement.device)
+    free, total = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # this process's cached blocks
     if need > free:
         gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
         raise ExpertbitsError(f"{what} needs about {gib(need)} on {placement} and {gib(free)} of its {gib(total)} "

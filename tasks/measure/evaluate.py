@@ -123,6 +123,7 @@ def served(path: Path, placement: Placement):
     from ..placement import MARGIN_BYTES, require_free
 
     need = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))  # packed, and the rest as stored
+    torch.cuda.empty_cache()  # the reference's cached activations are free for it
     require_free(placement, need + MARGIN_BYTES, f"the quantized model of {path}")
     model, _ = load(path, dtype=placement.torch_dtype, device=placement.device)
     try:

@@ -68,18 +68,32 @@ def compare(fp_path: Path, q_path: Path, placement: Placement, *, prompt: int = 
 def _full_precision(path: Path, placement: Placement, prompt: int, new: int) -> dict:
     from transformers import AutoModelForCausalLM
 
-    need = sum(f.stat().st_size for f in Path(path).glob("*.safetensors")) // _stored_itemsize(path) \
-        * placement.torch_dtype.itemsize + MARGIN_BYTES
+    weights = sum(f.stat().st_size for f in Path(path).glob("*.safetensors")) // _stored_itemsize(path) \
+        * placement.torch_dtype.itemsize
     free = torch.cuda.mem_get_info(torch.device(placement.device))[0] if placement.is_cuda else None
-    if free is not None and need > free:
-        return {"measured": False, "why": f"needs about {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free on "
-                                          f"{placement.device}"}
+    if free is not None and weights + MARGIN_BYTES > free:
+        return {"measured": False, "why": f"needs about {(weights + MARGIN_BYTES) / 2**30:.1f} GiB, "
+                                          f"{free / 2**30:.1f} GiB free on {placement.device}"}
+    host = _host_available()  # transformers builds it on the host first, then it is moved
+    if host is not None and weights > host:
+        return {"measured": False, "why": f"needs about {weights / 2**30:.1f} GiB of host memory to load, "
+                                          f"{host / 2**30:.1f} GiB available"}
     model = AutoModelForCausalLM.from_pretrained(path, dtype=placement.torch_dtype, trust_remote_code=False)
     try:
         return measure(model.to(placement.device).eval(), placement, prompt=prompt, new=new)
     finally:
         del model
         _release(placement)
+
+
+def _host_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def _stored_itemsize(path: Path) -> int:

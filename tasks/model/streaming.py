@@ -303,8 +303,10 @@ def device_bytes(path: Path, dtype: torch.dtype, windows: int, seq_len: int, *, 
 
     * weights: every non-expert weight if they fit in `KEEP_BYTES` (kept), else the largest unit
       (a decoder layer's own weights, or the embeddings, or the head), in `dtype`;
-    * one expert in `dtype`, and with `hessians` (GPTQ) its float32 copy and the Hessians of
-      gate/up [H, H] and down [F, F] with their Cholesky factors;
+    * one expert in `dtype`, and with `hessians` (GPTQ) its float32 copy, the Hessians of gate/up
+      [H, H] and down [F, F] with what `kernels/gptq.py` holds beside each at its factorisation
+      (the damped copy, the factor, its inverse, the upper factor: five of the larger in float32),
+      and the float64 copies the error measurement makes (the Hessian, a matrix's error);
     * activations: the hidden states and attention of every token (eager attention's scores
       included), and one expert's hidden activation for every token;
     * with `head`, the float32 logits and their log-probabilities.
@@ -333,7 +335,8 @@ def device_bytes(path: Path, dtype: torch.dtype, windows: int, seq_len: int, *, 
     weights = total if total <= KEEP_BYTES else max(units.values(), default=0)
     expert = elements * (dtype.itemsize + (4 if hessians else 0))
     if hessians:
-        expert += 2 * 4 * (hidden * hidden + ffn * ffn)
+        big = max(hidden, ffn)
+        expert += 4 * (hidden * hidden + ffn * ffn) + 4 * 4 * big * big + 8 * (big * big + hidden * ffn)
     heads = int(config.get("num_attention_heads") or config.get("num_heads") or 1)
     tokens = windows * seq_len
     activations = 4 * tokens * (12 * hidden + 3 * ffn) + 4 * heads * tokens * seq_len

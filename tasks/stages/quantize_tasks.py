@@ -56,14 +56,16 @@ def check_store(root: str, storage_options: dict) -> str:
 
 @task(name="check-device")
 def check_device(device: str) -> str:
-    """Fail fast, before any work, if the device asked for is not on the machine that runs the
-    stages (a task: on Dask it runs on a worker), and say where the heavy stages will compute."""
-    from ..placement import resolve
+    """Fail fast, before any work, if the device asked for is not on this machine (where the flow
+    and its routing and evaluation stages run), and resolve it once for every stage: `auto` becomes
+    `cpu` or `cuda` here, so every process computes the same cache keys (a Dask worker takes `cuda`
+    as its own GPU)."""
+    from ..placement import resolve, resolved
 
-    placement = resolve(device)
-    get_run_logger().info(f"--device {device}: the heavy stages compute on {placement}"
-                          + ("" if placement.is_cuda else " in float32"))
-    return placement.device
+    placement, device = resolve(device), resolved(device)
+    get_run_logger().info(f"the heavy stages compute on {placement}" + ("" if placement.is_cuda else " in float32")
+                          + (f" (--device {device})" if device != placement.device else ""))
+    return device
 
 
 # ---- 1. download --------------------------------------------------------------------------------

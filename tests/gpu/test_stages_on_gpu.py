@@ -1,7 +1,8 @@
 """Every heavy stage on a CUDA device against the same stage on the CPU, within a stated tolerance
-(`pytest -m gpu`; benchmarks/gpu_check.sh runs them). The micro pair is stored in float32, so the
-GPU computes in float32 too (the dtype follows the model): differences are float rounding and
-the order of sums (TF32 is off in torch by default for matmuls), not precision.
+(`pytest -m gpu`; benchmarks/gpu_check.sh runs them). The micro pair is stored in float16; the
+stage-level tests here place the GPU in float32 (`gpu()`), so differences are float rounding and
+the order of sums (TF32 is off in torch by default for matmuls), not precision; the flow test
+lets the dtype follow the model (float16).
 
 Tolerances, and why:
 * routing: the router's choices can flip only for near-ties: frequencies within 1/100 of every
@@ -12,7 +13,8 @@ Tolerances, and why:
   the quantized model's KL within 20 %;
 * evaluation: KL within 5 % and perplexities within 1e-4 relative, the quantized model through the
   fused kernel on the GPU and the torch path on the CPU;
-* the flow: `--device cuda` publishes a run whose summaries name the GPU and whose KL is within 20 %.
+* the flow: `--device cuda` (float16, as the model is stored) publishes a run whose summaries name
+  the GPU and whose KL is within 25 % of the CPU run's (float32).
 """
 
 from __future__ import annotations
@@ -166,7 +168,7 @@ def test_the_flow_on_the_gpu(prefect_api, params):
     assert cuda.run_id != cpu.run_id  # a CPU result is never served to a GPU run
     ev = json.loads((Path(cuda.uri) / "evaluation" / "evaluation.json").read_text())
     ev_cpu = json.loads((Path(cpu.uri) / "evaluation" / "evaluation.json").read_text())
-    assert ev["device"] == torch.cuda.get_device_name() and ev["dtype"] == "float32" and ev_cpu["device"] == "cpu"
-    assert abs(ev["kl"] - ev_cpu["kl"]) <= 0.2 * ev_cpu["kl"]
+    assert ev["device"] == torch.cuda.get_device_name() and ev["dtype"] == "float16" and ev_cpu["device"] == "cpu"
+    assert abs(ev["kl"] - ev_cpu["kl"]) <= 0.25 * ev_cpu["kl"]
     speed = json.loads((Path(cuda.uri) / "evaluation" / "throughput.json").read_text())
     assert speed["quantized"]["decode_tokens_per_s"] > 0
