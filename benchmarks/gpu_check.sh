@@ -42,7 +42,7 @@ DEADLINE=$(( $(date +%s) + 470 ))  # 8 minutes, less the report's few seconds
 if [ "$DRY" = 1 ]; then
     export CUDA_VISIBLE_DEVICES=""  # everything but CUDA
     FUSED=(--smoke --tokens 1 4)
-    MODEL=mixtral-smoke; WINDOWS=2; DEVICE=cpu
+    MODEL=mixtral-smoke; WINDOWS=1; DEVICE=cpu
 else
     FUSED=()
     MODEL=mixtral-8x7b; WINDOWS=4; DEVICE=cuda
