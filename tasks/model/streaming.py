@@ -344,6 +344,16 @@ def device_bytes(path: Path, dtype: torch.dtype, windows: int, seq_len: int, *, 
     return weights + expert + activations + logits
 
 
+def device_need(path: Path, placement, windows: int, seq_len: int, *, head: bool, hessians: bool = False) -> int:
+    """What a streamed stage needs of its placement's GPU: `device_bytes` in its dtype plus the CUDA
+    margin; 0 on the CPU (the host's memory is the meter's business)."""
+    from ..placement import MARGIN_BYTES
+
+    if not placement.is_cuda:
+        return 0
+    return device_bytes(path, placement.torch_dtype, windows, seq_len, head=head, hessians=hessians) + MARGIN_BYTES
+
+
 def _place(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A stored tensor in the compute dtype on the device: on the host exactly `t.to(dtype)`;
     to a GPU the stored bytes are copied first and cast there (fewer bytes cross the bus when the

@@ -144,13 +144,11 @@ def _gptq_quantization(checkpoint: CheckpointRecord, allocation: StageOutput, gr
 def _gptq_placement(device: str, path: Path, text: dict):
     """Where sequential GPTQ runs, refused first if its layer, expert, Hessians and activations
     would not fit in the device's free memory."""
-    from ..model.streaming import device_bytes
-    from ..placement import MARGIN_BYTES
+    from ..model.streaming import device_need
 
     placement = of_checkpoint(device, path)
-    if placement.is_cuda:
-        need = device_bytes(path, placement.torch_dtype, text["windows"], text["seq_len"], head=False, hessians=True)
-        require_free(placement, need + MARGIN_BYTES, "sequential GPTQ")
+    require_free(placement, device_need(path, placement, text["windows"], text["seq_len"], head=False, hessians=True),
+                 "sequential GPTQ")
     return placement
 
 
@@ -267,7 +265,13 @@ def _league_env(checkpoint, stats, calibrations, grid, text, seq_len, windows, t
             tmp = Path(tmp)
             table = tables.read_stats(local_copy(st, stats, tmp) / "expert_stats.parquet")
             read = [read_calibration(st, c, tmp / f"calibration-{i}") for i, c in enumerate(calibrations)]
+        from ..model.streaming import device_need
+
         placement = of_checkpoint(device, path)
+        # the reference streams as evaluation does; GPTQ cells calibrate as the GPTQ stage does
+        require_free(placement, device_need(path, placement, windows, seq_len, head=True,
+                                            hessians=gptq_text is not None and "gptq" in grid.quantizers),
+                     "the league's cells")
         reference = league.Reference(path, pinned(text, cache_dir, storage_options), seq_len=seq_len, windows=windows,
                                      placement=placement)
         calibration = None if gptq_text is None else dict(gptq_text, text=pinned(gptq_text["text"], cache_dir,

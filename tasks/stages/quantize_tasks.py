@@ -24,6 +24,7 @@ from ..checkpoints.texts import pinned
 from ..errors import ExpertbitsError, ValidationFailed
 from ..measure import evaluate, fused_check, kernel_check
 from ..meter import Meter, report
+from ..model.streaming import device_need
 from ..placement import of_checkpoint, require_free
 from ..placement import key as placement_key
 from ..quantization import writer
@@ -206,7 +207,7 @@ def route_experts(checkpoint: CheckpointRecord, text: TextRecord, seq_len: int, 
     with stage_work("routing", routing_key(checkpoint, text, seq_len, windows, device), store, storage_options) as w:
         path = ckpt_path(checkpoint, cache_dir, storage_options)
         placement = of_checkpoint(device, path)
-        require_free(placement, streamed_need(path, placement, windows, seq_len, head=True), "the routing stage")
+        require_free(placement, device_need(path, placement, windows, seq_len, head=True), "the routing stage")
         with Meter() as meter:
             calib, moments, info = calibrate.route(path, pinned(text, cache_dir, storage_options), seq_len=seq_len,
                                                    windows=windows, placement=placement,
@@ -365,7 +366,7 @@ def evaluate_model(checkpoint: CheckpointRecord, quantized: StageOutput, text: T
                     storage_options) as w:
         path = ckpt_path(checkpoint, cache_dir, storage_options)
         placement = of_checkpoint(device, path)
-        require_free(placement, streamed_need(path, placement, windows, seq_len, head=True), "the evaluation stage")
+        require_free(placement, device_need(path, placement, windows, seq_len, head=True), "the evaluation stage")
         qpath = w.read(quantized)
         with Meter() as meter:
             metrics = evaluate.evaluate(path, qpath, pinned(text, cache_dir, storage_options),
@@ -382,15 +383,6 @@ def evaluate_model(checkpoint: CheckpointRecord, quantized: StageOutput, text: T
             (w.out / "throughput.json").write_text(json.dumps(figures, indent=2, sort_keys=True))
         return w.publish(metrics)
 
-
-def streamed_need(path: Path, placement, windows: int, seq_len: int, *, head: bool, hessians: bool = False) -> int:
-    """Device bytes a streamed stage needs (streaming.device_bytes plus the CUDA margin); 0 on the CPU."""
-    if not placement.is_cuda:
-        return 0
-    from ..model.streaming import device_bytes
-    from ..placement import MARGIN_BYTES
-
-    return device_bytes(path, placement.torch_dtype, windows, seq_len, head=head, hessians=hessians) + MARGIN_BYTES
 
 # ---- publish ------------------------------------------------------------------------------------
 
