@@ -31,7 +31,8 @@ from expertbits.tasks.stages.quantize_tasks import (
 )
 
 from .params import LeagueParams
-from .scale import absolute_store, cell_chunks, gather, layer_chunks, per_layer, quantizer_parts, task_runner
+from .scale import (absolute_store, cell_chunks, gather, layer_chunks, on_workers, per_layer, quantizer_parts,
+                    task_runner)
 
 
 @flow(name="expertbits-league", log_prints=True, task_runner=task_runner())
@@ -65,7 +66,8 @@ def league_table(params: LeagueParams = LeagueParams()) -> RunManifest:
     league = dict(checkpoint=finetuned, stats=stats, calibrations=calibrations, grid=asdict(p.grid()),
                   text=eval_text, seq_len=p.eval_seq_len, windows=p.eval_windows, task_name=p.task,
                   task_examples=p.task_examples, device=device)
-    cells = gather(league_cells.map(cell_chunks(len(p.grid().cells())), **{k: unmapped(v) for k, v in league.items()},
+    cells = gather(league_cells.map(cell_chunks(len(p.grid().cells())),
+                                    **{k: unmapped(v) for k, v in dict(league, device=on_workers(device)).items()},
                                     store=unmapped(store), gptq_text=unmapped(text),
                                     **{k: unmapped(v) for k, v in local.items()}))
     result = run_league(**league, cells=cells, cache_dir=p.cache_dir, **io)

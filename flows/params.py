@@ -141,9 +141,9 @@ class CommonParams(BaseModel):
         "that token's output)"))
     device: str = Field("auto", description=(
         "Where the heavy stages compute (routing, calibration error, GPTQ, quantization, evaluation, league cells): "
-        "'auto' (a CUDA GPU when the machine running them has one, else the CPU; a worker's EXPERTBITS_DEVICE "
-        "overrides it), 'cpu', 'cuda' or 'cuda:N'. On a GPU the model computes in its own dtype (bf16/fp16), GPTQ's "
-        "Hessians in fp32"))
+        "'auto' (a CUDA GPU when the machine the flow runs on has one, else the CPU; EXPERTBITS_DEVICE in the flow "
+        "run's environment overrides it), 'cpu', 'cuda' or 'cuda:N'. On a GPU the model computes in its own dtype "
+        "(bf16/fp16), GPTQ's Hessians in fp32"))
 
     @field_validator("reference", mode="before")
     @classmethod
@@ -160,7 +160,7 @@ class CommonParams(BaseModel):
     def _device_form(cls, v):
         from expertbits.tasks.placement import check
 
-        return check(v)  # a well-formed name; whether the machine has it is checked where the stages run
+        return check(v)  # a well-formed name; whether the machine has it, the flow checks first (check-device)
 
 
 class QuantizeParams(CommonParams):

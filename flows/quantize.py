@@ -39,6 +39,7 @@ from expertbits.tasks.stages.quantize_tasks import (
     route_experts,
     validate_kernels,
 )
+from expertbits.tasks.stages.stage_io import kernel_device
 
 from .params import QuantizeParams
 from .scale import absolute_store, layer_chunks, per_layer, quantizer_parts, task_runner
@@ -75,9 +76,10 @@ def quantize_moe(params: QuantizeParams = QuantizeParams()) -> RunManifest:
     quantized = quantize_experts(finetuned, allocation, p.group_size, quantizer, text, device, quantizer_parts(
         "quantization", layers, checkpoint=finetuned, allocation=allocation, group_size=p.group_size,
         quantizer=quantizer, text=text, device=device, store=store, **local), cache_dir=p.cache_dir, **io)
-    validation = validate_kernels(quantized, p.validation_rtol, calibration_text, p.eval_seq_len, per_layer(
-        "validation", layers, quantized=quantized, checkpoint=finetuned, rtol=p.validation_rtol, store=store,
-        **local), cache_dir=p.cache_dir, **io)
+    kernels = kernel_device()  # where the Triton kernels run, decided here once (the keys say it)
+    validation = validate_kernels(quantized, p.validation_rtol, calibration_text, p.eval_seq_len, kernels, per_layer(
+        "validation", layers, quantized=quantized, checkpoint=finetuned, rtol=p.validation_rtol, kernels=kernels,
+        store=store, **local), cache_dir=p.cache_dir, **io)
     evaluation = evaluate_model(finetuned, quantized, eval_text, p.eval_seq_len, p.eval_windows, device,
                                 cache_dir=p.cache_dir, **io)
 

@@ -150,6 +150,16 @@ def on_dask() -> bool:
     return ctx is not None and type(ctx.task_runner).__name__ == "DaskTaskRunner"
 
 
+def on_workers(device: str) -> str:
+    """The flow's resolved device as the Dask workers' tasks get it: on a `local-cuda` cluster each
+    worker sees its own GPU first, so `cuda:N` (which the flow's own stages use) becomes `cuda`
+    there, that worker's GPU; the keys are the same (placement.key)."""
+    runner = FlowRunContext.get().task_runner if FlowRunContext.get() else None
+    local_cuda = on_dask() and any(str(w).startswith("gpu-") for w in
+                                   (getattr(runner, "cluster_kwargs", None) or {}).get("workers", {}))
+    return "cuda" if local_cuda and device.startswith("cuda:") else device
+
+
 def chunks(n: int, size: int) -> list[list[int]]:
     return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
 
@@ -176,6 +186,8 @@ def cell_chunks(n: int) -> list[list[int]]:
 def per_layer(stage: str, layers: list[list[int]], **inputs) -> list[list[dict]]:
     """The stage's `layer_work` mapped over the chunks of layers, waited for: a layer that fails
     fails the flow with its own error, before the stage's gathering task runs."""
+    if "device" in inputs:
+        inputs = dict(inputs, device=on_workers(inputs["device"]))
     return gather(layer_work.map(unmapped(stage), layers, unmapped(inputs)))
 
 
@@ -184,6 +196,7 @@ def quantizer_parts(stage: str, layers: list[list[int]], quantizer: dict, text: 
     sequential pass over every layer for GPTQ (layer l+1 is calibrated on the quantized layer l's
     outputs), run on a worker like any task; `text` is GPTQ's calibration (the pinned text, seq_len, windows)."""
     if QuantizerConfig.from_dict(quantizer).calibrated:
+        inputs = dict(inputs, device=on_workers(inputs["device"]))
         return [sequential_work.submit(stage, dict(inputs, quantizer=quantizer, text=text)).result()]
     return per_layer(stage, layers, quantizer=quantizer, **inputs)
 

@@ -112,8 +112,8 @@ class Launch:
 
 
 @functools.lru_cache
-def _sm_count() -> int:
-    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+def _sm_count(index: int | None = None) -> int:
+    return torch.cuda.get_device_properties(torch.cuda.current_device() if index is None else index).multi_processor_count
 
 
 def _pow2(v: int, lo: int, hi: int) -> int:
@@ -136,8 +136,8 @@ GPU_LAUNCHES = {
 
 
 def choose_launch(pairs: int, num_experts: int, shapes: tuple[tuple[int, int], tuple[int, int]],
-                  per_expert_max: int | None = None) -> Launch:
-    """Tile sizes for `pairs` routed pairs. On a GPU by the expected pairs per active expert
+                  per_expert_max: int | None = None, device_index: int | None = None) -> Launch:
+    """Tile sizes for `pairs` routed pairs (on CUDA device `device_index`, default the current one). On a GPU by the expected pairs per active expert
     (decode: GEMV-style rows, split-K on down when the rows leave too few programs; prefill:
     tensor-core tiles); in the interpreter, which pays per program and loop step, the largest
     blocks the shapes allow (`per_expert_max` known exactly there)."""
@@ -152,7 +152,7 @@ def choose_launch(pairs: int, num_experts: int, shapes: tuple[tuple[int, int], t
     launch = GPU_LAUNCHES[_pow2(per_expert, 1, 8)]
     bn, bk = launch.down_blocks
     programs = max(1, -(-pairs // launch.block_m) * -(-n_down // bn))
-    split = min(8, max(1, -(-2 * _sm_count() // programs)), max(1, k_down // bk))
+    split = min(8, max(1, -(-2 * _sm_count(device_index) // programs)), max(1, k_down // bk))
     return dataclasses.replace(launch, split_k=split)
 
 
@@ -214,7 +214,7 @@ def fused_moe(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.T
         if interpreted():
             valid = top_k_index[(top_k_index >= 0) & (top_k_index < gate.num_experts)]
             per_expert = int(torch.bincount(valid.reshape(-1)).max()) if valid.numel() else 1
-        launch = choose_launch(pairs, gate.num_experts, ((f, hidden), (n_out, f)), per_expert)
+        launch = choose_launch(pairs, gate.num_experts, ((f, hidden), (n_out, f)), per_expert, x.device.index)
     aligned = moe_align(top_k_index, gate.num_experts, launch.block_m,
                         exact=interpreted() if sync_free is None else not sync_free)
     precision = input_precision if x.dtype == torch.float32 else None

@@ -101,7 +101,7 @@ def resolve(request: str = "auto", config: dict | None = None) -> Placement:
         build = f"torch {torch.__version__} was built without CUDA" if torch.version.cuda is None else \
             f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no CUDA device"
         raise ExpertbitsError(f"--device {request}: this machine has no CUDA device ({build})",
-                              "use --device cpu (or auto, which picks the CPU here), or run on a machine with a GPU", "device")
+                              "use --device cpu (or auto), or run on a machine with a GPU", "device")
     count = torch.cuda.device_count()
     index = torch.cuda.current_device() if request in ("auto", "cuda") else int(request.split(":")[1])
     if index >= count:

@@ -87,13 +87,22 @@ def _full_precision(path: Path, placement: Placement, prompt: int, new: int) -> 
 
 
 def _host_available() -> int | None:
+    """Host memory this process may still take: the machine's available memory, capped by its
+    cgroup's limit (a container's) where there is one."""
+    found = []
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+                found.append(int(line.split()[1]) * 1024)
     except OSError:
-        return None
-    return None
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
 
 
 def _stored_itemsize(path: Path) -> int:

@@ -41,11 +41,11 @@ from .stage_io import (
     cache_key,
     ckpt_path,
     expert_bytes,
-    kernel_device,
     layer_path,
     local_copy,
     progress_reporter,
     read_calibration,
+    same_kernels,
     stage_key,
     transient,
 )
@@ -166,9 +166,10 @@ def _gptq_calibration(checkpoint: CheckpointRecord, bit_widths: list[int], group
     return [{"rows": [r for r in rows if r["layer"] == layer]} for layer in layers]
 
 
-def _validation(position: int, quantized: StageOutput, checkpoint: CheckpointRecord, rtol: float, store: str,
-                storage_options: dict, cache_dir: str | None) -> dict:
+def _validation(position: int, quantized: StageOutput, checkpoint: CheckpointRecord, rtol: float, kernels: str,
+                store: str, storage_options: dict, cache_dir: str | None) -> dict:
     """Fetch only the config, the index and the shards of the layer's packed matrices."""
+    same_kernels(kernels)
     st = Store(store, storage_options)
     meta = ["config.json", "model.safetensors.index.json"]
     with tempfile.TemporaryDirectory() as tmp, Checkpoint.open(layer_path(checkpoint, [position], cache_dir,
@@ -202,10 +203,8 @@ def _ident(v: Any) -> Any:
 def _layer_key(ctx, p) -> str:
     i = p["inputs"]
     inputs = {k: _ident(v) for k, v in sorted(i.items()) if k not in ("cache_dir", "storage_options")}
-    if "device" in inputs:  # where it computes, resolved here: `auto` and `cpu` on a CPU-only host share keys
+    if "device" in inputs:  # the flow's resolved device (never auto): its kind and dtype, as every key holds it
         inputs["device"] = placement_key(inputs["device"])
-    if p["stage"] == "validation":  # interpreter checks sample rows; a GPU's check covers them all
-        inputs["kernel_device"] = kernel_device()
     key = stage_key(p["stage"], "layers", p.get("positions", "sequential"), inputs)
     if p["stage"] == "quantization":  # a record whose shards left the store is a miss
         st = Store(i["store"], i["storage_options"])
@@ -221,6 +220,8 @@ def _layer_key(ctx, p) -> str:
       task_run_name="{stage}-layers-{positions}", retries=2, retry_delay_seconds=[1, 4], retry_condition_fn=transient)
 def layer_work(stage: str, positions: list[int], inputs: dict) -> list[dict]:
     """One stage's work on some MoE layers (by position in the checkpoint's MoE layer order)."""
+    if "device" in inputs:  # a bug if unresolved: a key function's error would only make Prefect skip the cache
+        placement_key(inputs["device"])
     with Meter() as meter:
         out = [WORK[stage](p, **inputs) for p in positions]
     path = layer_path(inputs["checkpoint"], positions, inputs.get("cache_dir"), inputs["storage_options"])
@@ -234,6 +235,7 @@ def layer_work(stage: str, positions: list[int], inputs: dict) -> list[dict]:
 def sequential_work(stage: str, inputs: dict) -> list[dict]:
     """One stage's work on every MoE layer in one pass, in order (GPTQ: layer l+1 is calibrated on
     the outputs of the quantized layer l, so the layers cannot be split across workers)."""
+    placement_key(inputs["device"])  # resolved by the flow, never auto (see layer_work)
     with Meter() as meter:
         out = SEQUENTIAL[stage](**inputs)
     path = ckpt_path(inputs["checkpoint"], inputs.get("cache_dir"), inputs["storage_options"])
@@ -269,9 +271,11 @@ def _league_env(checkpoint, stats, calibrations, grid, text, seq_len, windows, t
 
         placement = of_checkpoint(device, path)
         # the reference streams as evaluation does; GPTQ cells calibrate as the GPTQ stage does
-        require_free(placement, device_need(path, placement, windows, seq_len, head=True,
-                                            hessians=gptq_text is not None and "gptq" in grid.quantizers),
-                     "the league's cells")
+        need = device_need(path, placement, windows, seq_len, head=True)
+        if gptq_text is not None and "gptq" in grid.quantizers:
+            need = max(need, device_need(path, placement, gptq_text["windows"], gptq_text["seq_len"], head=False,
+                                         hessians=True))
+        require_free(placement, need, "the league's cells")
         reference = league.Reference(path, pinned(text, cache_dir, storage_options), seq_len=seq_len, windows=windows,
                                      placement=placement)
         calibration = None if gptq_text is None else dict(gptq_text, text=pinned(gptq_text["text"], cache_dir,

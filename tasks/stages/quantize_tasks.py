@@ -37,10 +37,10 @@ from .stage_io import (
     cache_key,
     ckpt_path,
     expert_bytes,
-    kernel_device,
     local_copy,
     progress_reporter,
     read_calibration,
+    same_kernels,
     stage_key,
     stage_work,
     transient,
@@ -63,10 +63,10 @@ def check_device(device: str) -> str:
     as its own GPU)."""
     from ..placement import resolve, resolved
 
-    placement, device = resolve(device), resolved(device)
-    get_run_logger().info(f"the heavy stages compute on {placement}" + ("" if placement.is_cuda else " in float32")
-                          + (f" (--device {device})" if device != placement.device else ""))
-    return device
+    placement, chosen = resolve(device), resolved(device)
+    get_run_logger().info(f"--device {device} -> {chosen}: the heavy stages compute on {placement}"
+                          + ("" if placement.is_cuda else " in float32"))
+    return chosen
 
 
 # ---- 1. download --------------------------------------------------------------------------------
@@ -307,18 +307,21 @@ def quantize_experts(checkpoint: CheckpointRecord, allocation: StageOutput, grou
 
 # ---- 5. kernel validation -----------------------------------------------------------------------
 
-def validation_key(quantized: StageOutput, rtol: float, text: TextRecord, seq_len: int) -> str:
-    return stage_key("validation", quantized.key, rtol, text.digest, seq_len, kernel_device())
+def validation_key(quantized: StageOutput, rtol: float, text: TextRecord, seq_len: int, kernels: str) -> str:
+    """`kernels`: where the Triton kernels run (`stage_io.kernel_device`), decided once by the flow,
+    so the key cannot say GPU while a worker sampled rows in the interpreter, nor the reverse."""
+    return stage_key("validation", quantized.key, rtol, text.digest, seq_len, kernels)
 
 
 @task(name="kernel-validation", cache_key_fn=cache_key("validation", validation_key), persist_result=True,
       result_serializer="json")
-def validate_kernels(quantized: StageOutput, rtol: float, text: TextRecord, seq_len: int, parts: list[list[dict]],
+def validate_kernels(quantized: StageOutput, rtol: float, text: TextRecord, seq_len: int, kernels: str, parts: list[list[dict]],
                      store: str, storage_options: dict, cache_dir: str | None) -> StageOutput:
     """Two checks, as one report: the dequantize-matmul kernel on every packed matrix against the
     torch reference (run per layer by `per_layer.layer_work`), and the fused MoE kernel on every MoE
     layer with the shipped model's own routing of a calibration window (fused_check.py)."""
-    with stage_work("validation", validation_key(quantized, rtol, text, seq_len), store, storage_options) as w:
+    with stage_work("validation", validation_key(quantized, rtol, text, seq_len, kernels), store, storage_options) as w:
+        same_kernels(kernels)
         table, summary = kernel_check.summarize([part for chunk in parts for part in chunk], rtol)
         if summary["failed"]:
             worst = table[~table.passed].iloc[0]

@@ -260,6 +260,15 @@ def kernel_device() -> str:
     return "triton-interpreter" if interpreted() else f"cuda:{torch.cuda.get_device_name()}"
 
 
+def same_kernels(kernels: str) -> None:
+    """Refuse to validate where the kernels run otherwise than the flow decided (and keyed): e.g. a
+    worker without a GPU would sample rows in the interpreter under a key that says every row on a GPU."""
+    here = kernel_device()
+    if here != kernels:
+        raise ExpertbitsError(f"the kernels run on {here} in this process, and the flow validates them on {kernels}",
+                              "run the flow and its Dask workers on machines with the same accelerator (or none)")
+
+
 def stage_key(stage: str, *parts: Any) -> str:
     blob = json.dumps([stage, code_version(stage), library_versions(stage), parts], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]

@@ -196,7 +196,7 @@ def test_task_runner_choice():
 
 def test_local_cuda_gives_each_worker_process_its_own_gpu():
     """--dask local-cuda: one worker process per GPU, each seeing its own first (as dask-cuda does),
-    so a task's `--device auto` is its worker's GPU. Started for real here with two pretend GPU ids
+    so the flow's `--device auto` (made `cuda`) is each worker's own GPU. Started for real here with two pretend GPU ids
     (the workers only report their environment); without a GPU it is refused before any process."""
     from distributed import Client, SpecCluster
 

@@ -29,18 +29,19 @@ def test_a_device_this_machine_lacks_is_refused_naming_it_and_the_fix(request_):
     for fn in (resolve, resolved):
         with pytest.raises(ExpertbitsError) as e:
             fn(request_)
-    assert f"--device {request_}: this machine has no CUDA device" in e.value.problem
-    assert "--device cpu" in e.value.fix and e.value.option == "device"
+        assert f"--device {request_}: this machine has no CUDA device" in e.value.problem
+        assert "--device cpu" in e.value.fix and e.value.option == "device"
 
 
 @no_cuda
-def test_the_workers_environment_says_what_auto_means_there(monkeypatch):
+def test_the_flow_runs_environment_says_what_auto_means_there(monkeypatch):
     monkeypatch.setenv(ENV, "cpu")
-    assert resolve("auto") == CPU
+    assert resolve("auto") == CPU and resolved("auto") == "cpu"
     monkeypatch.setenv(ENV, "cuda:1")  # a job variable naming a GPU this machine lacks: refused, not ignored
-    with pytest.raises(ExpertbitsError, match="--device cuda:1: this machine has no CUDA device"):
-        resolve("auto")
-    assert resolve("cpu") == CPU  # an explicit request wins over the environment
+    for fn in (resolve, resolved):
+        with pytest.raises(ExpertbitsError, match="--device cuda:1: this machine has no CUDA device"):
+            fn("auto")
+    assert resolve("cpu") == CPU and resolved("cpu") == "cpu"  # an explicit request wins over the environment
     monkeypatch.setenv(ENV, "gpu")
     with pytest.raises(ValueError, match="'gpu' is not a device"):
         resolve("auto")
