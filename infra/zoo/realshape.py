@@ -21,7 +21,7 @@ import json
 import re
 import shutil
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -63,14 +63,11 @@ FAMILIES = {
              qk_nope_head_dim=128, routed_scaling_factor=2.5),
         "model.layers.{layer}.mlp.experts.{expert}.{proj}.weight",
         {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}, "model.layers.{layer}.mlp.gate.weight"),
-    # Mixtral's layout at a tiny size: what benchmarks/gpu_check.sh --dry-run runs in seconds on a CPU
-    "mixtral-smoke": Family(
-        "MixtralForCausalLM", "MixtralConfig",
-        dict(hidden_size=128, intermediate_size=256, num_local_experts=8, num_experts_per_tok=2,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096),
-        "model.layers.{layer}.block_sparse_moe.experts.{expert}.{proj}.weight", {"gate": "w1", "up": "w3", "down": "w2"},
-        "model.layers.{layer}.block_sparse_moe.gate.weight"),
 }
+# Mixtral's layout at a tiny size: what benchmarks/gpu_check.sh --dry-run runs in seconds on a CPU
+FAMILIES["mixtral-smoke"] = replace(FAMILIES["mixtral-8x7b"], config=dict(
+    FAMILIES["mixtral-8x7b"].config, hidden_size=128, intermediate_size=256, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=4096))
 _FUSED = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 _DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 
