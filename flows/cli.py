@@ -568,6 +568,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nrun {manifest.run_id}: {al['achieved_avg_bits']} avg bits, KL {ev['kl']:.5f}, "
               f"ppl {ev['ppl_fp']:.2f} -> {ev['ppl_quant']:.2f}, evaluated on {ev.get('device', 'cpu')} "
               f"({ev.get('dtype', 'float32')})")
+        if "fraction_of_bf16" in (q := s["quantization"]):
+            lines.insert(0, f"size: {q['bytes'] / 1e6:.2f} MB, {100 * q['fraction_of_bf16']:.1f}% of bf16, "
+                            f"{q['model_bits_per_parameter']:.2f} bits per parameter over the whole model "
+                            f"({q['effective_bits']:.2f} in the routed experts)")
     print("\n".join(line for line in lines if line) + f"\nartifacts: {manifest.uri}")
     return 0
 

@@ -194,6 +194,7 @@ def finish(src: Path, alloc: pd.DataFrame, group_size: int, symmetric: bool, par
     with Checkpoint.open(src) as ckpt:
         model = detect(ckpt)
         config = dict(ckpt.config)
+        parameters = sum(math.prod(info.shape) for info in ckpt.tensors.values())  # every stored tensor
     modules = {k: v for part in parts for k, v in part["modules"].items()}
     weight_map = {k: part["file"] for part in parts for k in part["keys"]}
     stored_bits, numel = sum(p["stored_bits"] for p in parts), sum(p["numel"] for p in parts)
@@ -237,7 +238,18 @@ def finish(src: Path, alloc: pd.DataFrame, group_size: int, symmetric: bool, par
     copy_side_files(src, out)
     return {"matrices": len(modules), "moe_layers": len(model.layers), "avg_bits": qconfig["avg_bits"], "effective_bits": qconfig["effective_bits"],
             "group_size": group_size, "bytes": total, "source_bytes": sum(p.stat().st_size for p in src.glob("*.safetensors")),
-            "quantizer": QuantizerConfig.from_dict(qconfig["quantizer"]).label, **summary_extra}
+            "quantizer": QuantizerConfig.from_dict(qconfig["quantizer"]).label,
+            # the whole model, not only its routed experts: what a user stores and loads
+            **whole_model(total, parameters), **summary_extra}
+
+
+def whole_model(stored_bytes: int, parameters: int) -> dict:
+    """The whole model's size: its shards' bytes against the same parameters in bf16, and the bits
+    per parameter they amount to (scales, zero points, the parts kept as stored and the shards'
+    headers included)."""
+    return {"model_parameters": parameters, "bf16_bytes": 2 * parameters,
+            "fraction_of_bf16": round(stored_bytes / (2 * parameters), 6),
+            "model_bits_per_parameter": round(8 * stored_bytes / parameters, 6)}
 
 
 def copy_side_files(src: Path, out: Path) -> None:

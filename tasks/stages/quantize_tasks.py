@@ -441,6 +441,8 @@ def _ui_artifacts(st: Store, manifest: RunManifest, outputs: dict[str, StageOutp
         f"{speed}"
         f"| avg bits requested / achieved | {al['requested_avg_bits']} / {al['achieved_avg_bits']} |\n"
         f"| effective bits (with scales and zero points) | {q['effective_bits']} |\n"
+        f"| whole model: bytes against bf16, bits per parameter | {100 * q.get('fraction_of_bf16', 0):.1f}%, "
+        f"{q.get('model_bits_per_parameter', 0):.2f} |\n"
         f"| experts moved by MaxVar | {al['moved_by_maxvar']} |\n"
         f"| quantizer | {q.get('quantizer', 'rtn')} |\n"
         f"{coverage}"

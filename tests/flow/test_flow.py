@@ -92,6 +92,21 @@ def test_flow_runs_then_caches_then_recomputes_only_what_changed(prefect_api, pa
     kl = con.execute("SELECT value FROM evaluation WHERE metric = 'kl'").fetchone()[0]
     con.close()
     assert 0 < kl < 1
+    # the whole model's size against bf16, counted here from the files: the source's parameters, the shipped bytes
+    import math
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    count = 0
+    for f in Path(params["checkpoint"]).glob("*.safetensors"):
+        with safe_open(f, "pt") as st:
+            count += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())
+    shipped = sum(f.stat().st_size for f in (run_dir / "quantization").glob("*.safetensors"))
+    q = manifest.summary["quantization"]
+    assert q["model_parameters"] == count and q["bf16_bytes"] == 2 * count
+    assert q["fraction_of_bf16"] == round(shipped / (2 * count), 6) < 1
+    assert q["model_bits_per_parameter"] == round(8 * shipped / count, 6) > q["effective_bits"]
     _verify_reports_what_differs(run_dir, tmp_path)
     # the public API's quantize, without Prefect, writes the folder the flow published, byte for byte
     import expertbits
@@ -289,6 +304,11 @@ def test_readme_command_quantizes_the_bundled_model(tmp_path):
     assert "Λ: router-norm change against zoo://mixtral-tiny/base (declared in README.md)" in out.stdout
     assert manifest["summary"]["allocation"]["achieved_avg_bits"] == 2.5
     assert f"artifacts: {tmp_path / 'expertbits-store' / 'runs' / runs[0].name}" in out.stdout
+    q = manifest["summary"]["quantization"]  # the line the README shows, from the run's own figures
+    assert (f"size: {q['bytes'] / 1e6:.2f} MB, {100 * q['fraction_of_bf16']:.1f}% of bf16, "
+            f"{q['model_bits_per_parameter']:.2f} bits per parameter over the whole model") in out.stdout
+    if not __import__("torch").cuda.is_available():
+        assert "evaluated on cpu (float32)" in out.stdout
 
 
 def test_credentials_in_storage_options_are_refused_with_the_fix():
