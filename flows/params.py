@@ -178,6 +178,10 @@ class QuantizeParams(CommonParams):
     granularity: str = Field("expert", description=(
         "'expert': every routed expert its own width; 'layer': one width per MoE layer (widths vary across layers), "
         "what vLLM can serve; needs a cost-based allocator (pmq, weight-error, routed-error) or uniform"))
+    budget_scope: str = Field("layer", description=(
+        "Where --avg-bits holds: 'layer' (every MoE layer at that average, the paper's rule) or 'model' (one solve "
+        "over every routed expert of the model: a layer whose experts lose more per bit takes bits from one that "
+        "loses less; cost-based allocators, per-expert widths)"))
     symmetric: bool = Field(False, description=(
         "Symmetric quantization (every zero point at the middle code): exports without zero points, which plain "
         "transformers loads; asymmetric (default) is more accurate"))
@@ -212,7 +216,8 @@ class QuantizeParams(CommonParams):
     def allocation_config(self) -> AllocationConfig:
         return check(AllocationConfig(avg_bits=self.avg_bits, bit_widths=tuple(self.bit_widths), zeta=self.zeta,
                                 allocator=self.allocator, scheme=self.scheme,
-                                maxvar_definition=self.maxvar_definition, seed=self.seed, granularity=self.granularity))
+                                maxvar_definition=self.maxvar_definition, seed=self.seed, granularity=self.granularity,
+                                scope=self.budget_scope))
 
 
 class LeagueParams(CommonParams):

@@ -18,6 +18,8 @@ def allocate(stats: pd.DataFrame, cfg: AllocationConfig, calibration: pd.DataFra
     inputs = Inputs.build(stats, cfg, calibration, qerror)
     if cfg.granularity == "layer" and cfg.allocator != "uniform":
         return _allocate_layers(stats, cfg, inputs)
+    if cfg.scope == "model":
+        return _allocate_model(stats, cfg, inputs)
     rows = []
     for layer in sorted(stats.layer.unique()):
         experts = sorted(int(e) for e in stats.expert[stats.layer == layer])
@@ -53,6 +55,33 @@ def _allocate_layers(stats: pd.DataFrame, cfg: AllocationConfig, inputs) -> pd.D
     return pd.DataFrame(rows).sort_values(["layer", "expert"]).reset_index(drop=True)
 
 
+def _allocate_model(stats: pd.DataFrame, cfg: AllocationConfig, inputs) -> pd.DataFrame:
+    """One budget over every routed expert of the model: minimise the allocator's cost summed over
+    all (layer, expert) pairs with Σ bits equal to the budget over all of them (rounded half to even),
+    so a layer whose experts lose more per bit takes bits from one that loses less."""
+    costs_of = ALLOCATORS[cfg.allocator].costs
+    layers = sorted(int(v) for v in stats.layer.unique())
+    cost, importance, errors = {}, {}, {}
+    for layer in layers:
+        w, err = costs_of(inputs.layer(layer), cfg)
+        importance[layer], errors[layer] = w, err
+        for e in w:
+            for b in cfg.bit_widths:
+                cost[(layer, e), b] = w[e] * err[e, b]
+    items = [(layer, e) for layer in layers for e in sorted(importance[layer])]
+    bits = solve(cost, items, list(cfg.bit_widths), round(cfg.avg_bits * len(items)))
+    rows = []
+    for layer in layers:
+        w = importance[layer]
+        order = sorted(w, key=lambda e: (-bits[layer, e], -w[e], e))
+        for pos, e in enumerate(order):
+            b = bits[layer, e]
+            rows.append({"layer": layer, "expert": e, "bits": b, "position": pos,
+                         "reason": f"{cfg.allocator}, model-wide budget: importance {w[e]:.4g}, error at {b} bits "
+                                   f"{errors[layer][e, b]:.4g}"})
+    return pd.DataFrame(rows).sort_values(["layer", "expert"]).reset_index(drop=True)
+
+
 def summarize(alloc: pd.DataFrame, cfg: AllocationConfig) -> dict:
     counts = alloc.groupby("bits").size().to_dict()
     return {
@@ -65,4 +94,5 @@ def summarize(alloc: pd.DataFrame, cfg: AllocationConfig) -> dict:
         "bit_widths": list(cfg.bit_widths),
         "zeta": cfg.zeta,
         "granularity": cfg.granularity,
+        "scope": cfg.scope,
     }

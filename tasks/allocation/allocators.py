@@ -117,11 +117,12 @@ def random_order(x: LayerInputs, counts, cfg) -> Decision:
     return _ranked(order, counts, lambda e: f"random draw (seed {cfg.seed})")
 
 
-def solve(costs: dict[tuple[int, int], float], experts: list[int], widths: list[int], total_bits: int,
-          sizes: dict[int, int] | None = None) -> dict[int, int]:
+def solve(costs: dict[tuple, float], experts: list, widths: list[int], total_bits: int,
+          sizes: dict | None = None) -> dict:
     """Minimise Σ cost[e, b]·x[e, b] with one width per item and Σ size_e·b·x = total_bits (scipy MILP).
 
-    Items are experts (size 1) or, for layer granularity, whole layers (size = their experts)."""
+    Items are experts of a layer (size 1), (layer, expert) pairs for a model-wide budget, or, for
+    layer granularity, whole layers (size = their experts)."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     pairs = [(e, b) for e in experts for b in widths]
@@ -131,7 +132,11 @@ def solve(costs: dict[tuple[int, int], float], experts: list[int], widths: list[
         raise ExpertbitsError(f"non-finite allocation cost for (expert, bits) {bad[:4]}",
                               "the calibration or error statistics are damaged; recompute them")
     scale = max(float(np.abs(c).max()), 1e-300)  # HiGHS tolerances are absolute; keep costs O(1)
-    one_each = np.array([[1.0 if pe == e else 0.0 for pe, _ in pairs] for e in experts])
+    from scipy.sparse import csr_matrix
+
+    row = {e: i for i, e in enumerate(experts)}  # sparse: a model-wide solve has thousands of items
+    one_each = csr_matrix((np.ones(len(pairs)), ([row[e] for e, _ in pairs], np.arange(len(pairs)))),
+                          shape=(len(experts), len(pairs)))
     budget = np.array([[float(b * (sizes[e] if sizes else 1)) for e, b in pairs]])
     res = milp(c / scale, integrality=np.ones(len(pairs)), bounds=Bounds(0, 1),
                constraints=[LinearConstraint(one_each, 1, 1), LinearConstraint(budget, total_bits, total_bits)])
@@ -203,4 +208,12 @@ def check(cfg: AllocationConfig) -> AllocationConfig:
         raise BudgetError(f"allocator {cfg.allocator!r} ranks experts within a layer and cannot choose one width "
                           "per layer", f"with --granularity layer use {', '.join(solvers)} or uniform",
                           "allocator")
+    if cfg.scope == "model":
+        solvers = [n for n, x in ALLOCATORS.items() if hasattr(x, "costs")]
+        if not hasattr(ALLOCATORS[cfg.allocator], "costs"):
+            raise BudgetError(f"allocator {cfg.allocator!r} ranks experts within a layer and cannot spend one budget "
+                              "over the whole model", f"with --budget-scope model use {', '.join(solvers)}", "allocator")
+        if cfg.granularity != "expert":
+            raise BudgetError("--granularity layer already spends one budget over the whole model (one width per "
+                              "layer)", "leave --budget-scope at layer, or use --granularity expert", "budget_scope")
     return cfg

@@ -27,6 +27,9 @@ from ..errors import BudgetError
 
 SCHEMES = ("two-tier", "three-tier")
 GRANULARITIES = ("expert", "layer")  # one width per expert, or per MoE layer (what vLLM serves)
+# where the budget holds: in each MoE layer (the same counts per layer), or over the whole model (a
+# cost-based allocator's one solve over every routed expert: sensitive layers may take bits from others)
+SCOPES = ("layer", "model")
 MAXVAR_DEFINITIONS = {"max-row": "maxvar", "max-norm-row": "maxvar_max_norm_row"}  # paper | reference code
 
 
@@ -40,6 +43,7 @@ class AllocationConfig:
     maxvar_definition: str = "max-row"
     seed: int = 0  # for the random allocator
     granularity: str = "expert"
+    scope: str = "layer"
     version: int = 3
 
     def __post_init__(self):
@@ -61,6 +65,8 @@ class AllocationConfig:
                               "e.g. --bit-widths 1,2,3 or 2,3,4, or --scheme two-tier", "scheme")
         if self.granularity not in GRANULARITIES:
             raise BudgetError(f"unknown granularity {self.granularity!r}", f"choose one of {', '.join(GRANULARITIES)}", "granularity")
+        if self.scope not in SCOPES:
+            raise BudgetError(f"unknown budget scope {self.scope!r}", f"choose one of {', '.join(SCOPES)}", "budget_scope")
         if self.maxvar_definition not in MAXVAR_DEFINITIONS:
             raise BudgetError(f"unknown MaxVar definition {self.maxvar_definition!r}",
                               f"choose one of {', '.join(MAXVAR_DEFINITIONS)}", "maxvar_definition")

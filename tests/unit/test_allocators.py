@@ -150,3 +150,36 @@ def test_layer_granularity_refuses_ranking_allocators():
     with pytest.raises(BudgetError, match="cannot choose one width per layer"):
         check(AllocationConfig(avg_bits=2.5, bit_widths=(2, 3), allocator="paper", granularity="layer"))
     check(AllocationConfig(avg_bits=3, bit_widths=(2, 3), allocator="uniform", granularity="layer"))
+
+
+def test_a_model_wide_budget_is_the_cheapest_assignment_over_every_expert():
+    """--budget-scope model against brute force over all 3^8 widths of two layers' eight experts:
+    layer 1 loses ten times more per bit, so it takes bits from layer 0 (whose own average drops
+    below the budget), and the cost is never above the per-layer allocation's."""
+    stats, calib, qerr = _tables()
+    stats = pd.concat([stats, stats.assign(layer=1)])
+    calib = pd.concat([calib, calib.assign(layer=1)])
+    qerr = pd.concat([qerr, qerr.assign(layer=1, routed_input_error=qerr.routed_input_error * 10)])
+    model = allocate(stats, AllocationConfig(avg_bits=2.5, bit_widths=(2, 3, 4), allocator="routed-error", scope="model"),
+                     calib, qerr)
+    layer = allocate(stats, AllocationConfig(avg_bits=2.5, bit_widths=(2, 3, 4), allocator="routed-error"), calib, qerr)
+    freq = {(int(r.layer), int(r.expert)): r.frequency for r in calib.itertuples()}
+    err = {(int(r.layer), int(r.expert), int(r.bits)): r.routed_input_error for r in qerr.itertuples()}
+    items = sorted(freq)
+    costs = {(i, b): freq[i] * err[(*i, b)] for i in items for b in (2, 3, 4)}
+    want = _brute_force(costs, items, [2, 3, 4], 20)
+    got = {(int(r.layer), int(r.expert)): int(r.bits) for r in model.itertuples()}
+    cost = lambda bits: sum(costs[i, bits[i]] for i in items)  # noqa: E731
+    assert sum(got.values()) == 20 and cost(got) == pytest.approx(cost(want))
+    assert model.groupby("layer").bits.mean().to_dict() == {0: 2.0, 1: 3.0}  # the sensitive layer took the bits
+    assert cost(got) < cost({(int(r.layer), int(r.expert)): int(r.bits) for r in layer.itertuples()})
+    assert model.reason.str.contains("model-wide budget").all()
+
+
+def test_a_model_wide_budget_refuses_ranking_allocators_and_layer_widths():
+    with pytest.raises(BudgetError, match="cannot spend one budget over the whole model"):
+        check(AllocationConfig(avg_bits=2.5, bit_widths=(2, 3), allocator="paper", scope="model"))
+    with pytest.raises(BudgetError, match="already spends one budget over the whole model"):
+        check(AllocationConfig(avg_bits=2.5, bit_widths=(2, 3), allocator="pmq", scope="model", granularity="layer"))
+    with pytest.raises(BudgetError, match="unknown budget scope"):
+        AllocationConfig(avg_bits=2.5, scope="network")
