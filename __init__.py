@@ -117,7 +117,7 @@ def allocate(stats: pd.DataFrame, *, avg_bits: float = 2.5, allocator: str = "ro
 
     `allocator` is any of `expertbits quantize --allocator`'s choices; those that use routing or
     error need `calibration`. `options` are the other fields of the allocation configuration
-    (`zeta`, `scheme`, `granularity`, `maxvar_definition`, `seed`)."""
+    (`zeta`, `scheme`, `granularity`, `scope`, `maxvar_definition`, `seed`)."""
     from expertbits.tasks.allocation.allocate import allocate as _allocate
     from expertbits.tasks.allocation.allocators import ALLOCATORS, NEEDS_CALIBRATION, NEEDS_ERROR, check
     from expertbits.tasks.allocation.budget import AllocationConfig

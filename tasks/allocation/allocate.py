@@ -18,7 +18,7 @@ def allocate(stats: pd.DataFrame, cfg: AllocationConfig, calibration: pd.DataFra
     inputs = Inputs.build(stats, cfg, calibration, qerror)
     if cfg.granularity == "layer" and cfg.allocator != "uniform":
         return _allocate_layers(stats, cfg, inputs)
-    if cfg.scope == "model":
+    if cfg.scope == "model" and cfg.allocator != "uniform":  # uniform is the same whatever the scope
         return _allocate_model(stats, cfg, inputs)
     rows = []
     for layer in sorted(stats.layer.unique()):
@@ -69,7 +69,9 @@ def _allocate_model(stats: pd.DataFrame, cfg: AllocationConfig, inputs) -> pd.Da
             for b in cfg.bit_widths:
                 cost[(layer, e), b] = w[e] * err[e, b]
     items = [(layer, e) for layer in layers for e in sorted(importance[layer])]
-    bits = solve(cost, items, list(cfg.bit_widths), round(cfg.avg_bits * len(items)))
+    # the tier counts over every expert at once: a total the widths can reach, rounded as per layer
+    total = sum(b * n for b, n in tier_counts(len(items), cfg).items())
+    bits = solve(cost, items, list(cfg.bit_widths), total)
     rows = []
     for layer in layers:
         w = importance[layer]

@@ -129,7 +129,7 @@ def solve(costs: dict[tuple, float], experts: list, widths: list[int], total_bit
     c = np.array([costs[p] for p in pairs], dtype=float)
     if not np.isfinite(c).all():
         bad = [p for p, v in zip(pairs, c) if not np.isfinite(v)]
-        raise ExpertbitsError(f"non-finite allocation cost for (expert, bits) {bad[:4]}",
+        raise ExpertbitsError(f"non-finite allocation cost for (item, bits) {bad[:4]}",
                               "the calibration or error statistics are damaged; recompute them")
     scale = max(float(np.abs(c).max()), 1e-300)  # HiGHS tolerances are absolute; keep costs O(1)
     from scipy.sparse import csr_matrix
@@ -141,7 +141,7 @@ def solve(costs: dict[tuple, float], experts: list, widths: list[int], total_bit
     res = milp(c / scale, integrality=np.ones(len(pairs)), bounds=Bounds(0, 1),
                constraints=[LinearConstraint(one_each, 1, 1), LinearConstraint(budget, total_bits, total_bits)])
     if not res.success:
-        raise BudgetError(f"no assignment of widths {widths} to {len(experts)} experts uses exactly {total_bits} bits "
+        raise BudgetError(f"no assignment of widths {widths} to {len(experts)} items uses exactly {total_bits} bits "
                           f"({res.message})", "choose a budget the bit-widths can reach")
     return {e: b for (e, b), v in zip(pairs, res.x) if v > 0.5}
 
@@ -208,7 +208,7 @@ def check(cfg: AllocationConfig) -> AllocationConfig:
         raise BudgetError(f"allocator {cfg.allocator!r} ranks experts within a layer and cannot choose one width "
                           "per layer", f"with --granularity layer use {', '.join(solvers)} or uniform",
                           "allocator")
-    if cfg.scope == "model":
+    if cfg.scope == "model" and cfg.allocator != "uniform":
         solvers = [n for n, x in ALLOCATORS.items() if hasattr(x, "costs")]
         if not hasattr(ALLOCATORS[cfg.allocator], "costs"):
             raise BudgetError(f"allocator {cfg.allocator!r} ranks experts within a layer and cannot spend one budget "

@@ -194,7 +194,11 @@ def finish(src: Path, alloc: pd.DataFrame, group_size: int, symmetric: bool, par
     with Checkpoint.open(src) as ckpt:
         model = detect(ckpt)
         config = dict(ckpt.config)
-        parameters = sum(math.prod(info.shape) for info in ckpt.tensors.values())  # every stored tensor
+        # the model transformers builds: layers kept as stored beyond it (DeepSeek-V3's multi-token
+        # prediction) are shipped, but counted apart
+        beyond = [k for k in ckpt.tensors if block_of(k) in set(model.kept_as_stored)]
+        parameters = sum(math.prod(info.shape) for k, info in ckpt.tensors.items() if k not in beyond)
+        beyond_bytes = sum(_stored_bytes(ckpt, k) for k in beyond)
     modules = {k: v for part in parts for k, v in part["modules"].items()}
     weight_map = {k: part["file"] for part in parts for k in part["keys"]}
     stored_bits, numel = sum(p["stored_bits"] for p in parts), sum(p["numel"] for p in parts)
@@ -240,13 +244,13 @@ def finish(src: Path, alloc: pd.DataFrame, group_size: int, symmetric: bool, par
             "group_size": group_size, "bytes": total, "source_bytes": sum(p.stat().st_size for p in src.glob("*.safetensors")),
             "quantizer": QuantizerConfig.from_dict(qconfig["quantizer"]).label,
             # the whole model, not only its routed experts: what a user stores and loads
-            **whole_model(total, parameters), **summary_extra}
+            **whole_model(total - beyond_bytes, parameters), "kept_as_stored_bytes": beyond_bytes, **summary_extra}
 
 
 def whole_model(stored_bytes: int, parameters: int) -> dict:
     """The whole model's size: its shards' bytes against the same parameters in bf16, and the bits
-    per parameter they amount to (scales, zero points, the parts kept as stored and the shards'
-    headers included)."""
+    per parameter they amount to (scales, zero points, the non-expert weights as stored and the
+    shards' headers included; layers beyond the model, kept as stored, left out of both)."""
     return {"model_parameters": parameters, "bf16_bytes": 2 * parameters,
             "fraction_of_bf16": round(stored_bytes / (2 * parameters), 6),
             "model_bits_per_parameter": round(8 * stored_bytes / parameters, 6)}

@@ -183,3 +183,16 @@ def test_a_model_wide_budget_refuses_ranking_allocators_and_layer_widths():
         check(AllocationConfig(avg_bits=2.5, bit_widths=(2, 3), allocator="pmq", scope="model", granularity="layer"))
     with pytest.raises(BudgetError, match="unknown budget scope"):
         AllocationConfig(avg_bits=2.5, scope="network")
+
+
+def test_a_model_wide_budget_is_reachable_with_gapped_widths():
+    """Widths {2, 4} at 3 bits over seven experts: the total comes from the tier counts (4 at 4 bits,
+    3 at 2), which the widths reach, never 3·7 = 21, which no mix of 2s and 4s makes."""
+    stats, calib, qerr = _tables()
+    stats = pd.concat([stats, stats.assign(layer=1)[stats.expert < 3]])
+    qerr = pd.concat([qerr, qerr.assign(layer=1)[qerr.expert < 3]])
+    alloc = allocate(stats, AllocationConfig(avg_bits=3, bit_widths=(2, 4), allocator="weight-error", scope="model"),
+                     None, qerr)
+    assert len(alloc) == 7 and alloc.bits.sum() == 4 * 4 + 3 * 2
+    uniform = allocate(stats, AllocationConfig(avg_bits=3, bit_widths=(2, 3, 4), allocator="uniform", scope="model"))
+    assert set(uniform.bits) == {3}  # uniform is uniform whatever the scope

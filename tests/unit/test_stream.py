@@ -228,10 +228,16 @@ def test_a_layer_beyond_the_config_is_kept_as_stored(tmp_path):
         model = detect(ckpt)
         assert [layer.layer for layer in model.layers] == [1] and model.kept_as_stored == ("model.layers.2",)
         alloc = pd.DataFrame([{"layer": 1, "expert": e, "bits": 4} for e in range(model.layers[0].num_experts)])
-    quantize_checkpoint(path, alloc, 16, tmp_path / "q")
+    summary = quantize_checkpoint(path, alloc, 16, tmp_path / "q")
     with Checkpoint.open(tmp_path / "q") as q:
         for k, v in extra.items():
             assert torch.equal(q.read(k), v)
+    # the whole model's size counts the model transformers builds; the extra layer is reported apart
+    extra_bytes = sum(v.numel() * v.element_size() for v in extra.values())
+    assert summary["kept_as_stored_bytes"] == extra_bytes
+    assert summary["model_parameters"] == sum(v.numel() for k, v in tensors.items())
+    shipped = sum(f.stat().st_size for f in (tmp_path / "q").glob("*.safetensors"))
+    assert summary["fraction_of_bf16"] == round((shipped - extra_bytes) / (2 * summary["model_parameters"]), 6)
     inputs = _inputs("deepseek_v3")
     with torch.no_grad():
         want = loader.load(tmp_path / "q", dtype=torch.float32)[0](**inputs).logits
