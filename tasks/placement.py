@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from .errors import ExpertbitsError
 
@@ -32,7 +32,7 @@ ENV = "EXPERTBITS_DEVICE"
 PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 CHOICES = "auto, cpu, cuda or cuda:N"
 # the dtypes a GPU computes in, by the checkpoint's config.json `dtype` (or `torch_dtype`)
-GPU_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
+GPU_DTYPES = ("bfloat16", "float16", "float32")
 MARGIN_BYTES = 2 << 30  # CUDA context, the allocator's caching and fragmentation, cuBLAS workspaces
 
 
@@ -54,9 +54,6 @@ class Placement:
         import torch
 
         return getattr(torch, self.dtype)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
     def summary(self) -> dict:
         """What a stage's summary records of where it computed (the same for `auto` and `cpu` on a
@@ -123,8 +120,8 @@ def resolved(request: str) -> str:
 
 def gpu_dtype(config: dict | None) -> str:
     """The dtype a GPU computes a model in: the one it is stored in (bf16 when it does not say)."""
-    stored = (config or {}).get("dtype") or (config or {}).get("torch_dtype") or "bfloat16"
-    return GPU_DTYPES.get(str(stored).removeprefix("torch."), "bfloat16")
+    stored = str((config or {}).get("dtype") or (config or {}).get("torch_dtype") or "bfloat16").removeprefix("torch.")
+    return stored if stored in GPU_DTYPES else "bfloat16"
 
 
 def of_checkpoint(request: str, path) -> Placement:

@@ -133,8 +133,18 @@ def served(path: Path, placement: Placement):
         torch.cuda.empty_cache()
 
 
-def evaluate(fp_path: Path, q_path: Path, text: str, *, seq_len: int = 256, windows: int = 16,
-             progress: Progress | None = None, placement: Placement = CPU) -> dict:
+@contextmanager
+def evaluated(fp_path: Path, q_path: Path, text: str, *, seq_len: int = 256, windows: int = 16,
+              progress: Progress | None = None, placement: Placement = CPU):
+    """(metrics, the quantized model as evaluated), the model kept until the block exits: the
+    evaluation stage times the same served model on a GPU instead of loading it again."""
     with (Reference(fp_path, text, seq_len=seq_len, windows=windows, placement=placement) as ref,
           ref.quantized(q_path) as q_model):
-        return ref.compare(q_model, progress)
+        yield ref.compare(q_model, progress), q_model
+
+
+def evaluate(fp_path: Path, q_path: Path, text: str, *, seq_len: int = 256, windows: int = 16,
+             progress: Progress | None = None, placement: Placement = CPU) -> dict:
+    with evaluated(fp_path, q_path, text, seq_len=seq_len, windows=windows, progress=progress,
+                   placement=placement) as (metrics, _):
+        return metrics

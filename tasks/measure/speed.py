@@ -13,6 +13,7 @@ they go into throughput.json and the logs, never into a cache key.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -35,32 +36,28 @@ def measure(model, placement: Placement, *, prompt: int = PROMPT, new: int = NEW
         out = model(ids, use_cache=True)
         synchronize(placement)
         prefill = time.perf_counter() - start
-        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        cache, token = out.cache, out.logits[:, -1:].argmax(-1)  # transformers 5's KV cache
         start = time.perf_counter()
         for _ in range(new):
-            out = model(token, past_key_values=past, use_cache=True)
-            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(token, cache=cache, use_cache=True)
+            cache, token = out.cache, out.logits[:, -1:].argmax(-1)
         synchronize(placement)
         decode = time.perf_counter() - start
     return {"prefill_tokens_per_s": round(prompt / prefill, 1), "decode_tokens_per_s": round(new / decode, 2),
             "prompt_tokens": prompt, "decode_tokens": new}
 
 
-def compare(fp_path: Path, q_path: Path, placement: Placement, *, prompt: int = PROMPT, new: int = NEW) -> dict:
-    """{"device", "quantized": figures, "full_precision": figures or why not measured}."""
-    from ..model.load import load
+def compare(fp_path: Path, quantized, placement: Placement, *, prompt: int = PROMPT, new: int = NEW) -> dict:
+    """{"device", "quantized": figures, "full_precision": figures or why not measured}: `quantized`
+    is the served model already on the placement's device (the one evaluation ran), the full-precision
+    checkpoint at `fp_path` is loaded here."""
     from ..model.streaming import is_seq2seq
 
     out = {"device": placement.name, "dtype": placement.dtype, "batch": 1}
     if is_seq2seq(fp_path):
         return dict(out, measured=False, why="encoder-decoder models (Switch) are not timed: their decode is the "
                                              "decoder's alone, no figure a user serves by")
-    model, _ = load(q_path, dtype=placement.torch_dtype, device=placement.device)
-    try:
-        out["quantized"] = measure(model, placement, prompt=prompt, new=new)
-    finally:
-        del model
-        _release(placement)
+    out["quantized"] = measure(quantized, placement, prompt=prompt, new=new)
     out["full_precision"] = _full_precision(fp_path, placement, prompt, new)
     return out
 
@@ -68,8 +65,10 @@ def compare(fp_path: Path, q_path: Path, placement: Placement, *, prompt: int = 
 def _full_precision(path: Path, placement: Placement, prompt: int, new: int) -> dict:
     from transformers import AutoModelForCausalLM
 
-    weights = sum(f.stat().st_size for f in Path(path).glob("*.safetensors")) // _stored_itemsize(path) \
-        * placement.torch_dtype.itemsize
+    from ..checkpoints.reader import Checkpoint
+
+    with Checkpoint.open(path) as ckpt:  # the headers: every stored tensor in the compute dtype
+        weights = sum(math.prod(info.shape) for info in ckpt.tensors.values()) * placement.torch_dtype.itemsize
     free = torch.cuda.mem_get_info(torch.device(placement.device))[0] if placement.is_cuda else None
     if free is not None and weights + MARGIN_BYTES > free:
         return {"measured": False, "why": f"needs about {(weights + MARGIN_BYTES) / 2**30:.1f} GiB, "
@@ -103,14 +102,6 @@ def _host_available() -> int | None:
     except (OSError, ValueError):
         pass
     return min(found) if found else None
-
-
-def _stored_itemsize(path: Path) -> int:
-    import json
-
-    stored = json.loads((Path(path) / "config.json").read_text())
-    dtype = str(stored.get("dtype") or stored.get("torch_dtype") or "float32").removeprefix("torch.")
-    return getattr(torch, dtype, torch.float32).itemsize
 
 
 def _release(placement: Placement) -> None:

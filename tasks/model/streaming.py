@@ -344,14 +344,18 @@ def device_bytes(path: Path, dtype: torch.dtype, windows: int, seq_len: int, *, 
     return weights + expert + activations + logits
 
 
-def device_need(path: Path, placement, windows: int, seq_len: int, *, head: bool, hessians: bool = False) -> int:
-    """What a streamed stage needs of its placement's GPU: `device_bytes` in its dtype plus the CUDA
-    margin; 0 on the CPU (the host's memory is the meter's business)."""
-    from ..placement import MARGIN_BYTES
+def place_stage(device: str, path: Path, what: str, windows: int, seq_len: int, *, head: bool,
+                hessians: bool = False):
+    """The placement a streamed stage over the checkpoint at `path` runs on (placement.of_checkpoint),
+    refused before it starts if `device_bytes` plus the CUDA margin would not fit in the GPU's free
+    memory (on the CPU the host's memory is the meter's business)."""
+    from ..placement import MARGIN_BYTES, of_checkpoint, require_free
 
-    if not placement.is_cuda:
-        return 0
-    return device_bytes(path, placement.torch_dtype, windows, seq_len, head=head, hessians=hessians) + MARGIN_BYTES
+    placement = of_checkpoint(device, path)
+    if placement.is_cuda:
+        need = device_bytes(path, placement.torch_dtype, windows, seq_len, head=head, hessians=hessians)
+        require_free(placement, need + MARGIN_BYTES, what)
+    return placement
 
 
 def _place(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

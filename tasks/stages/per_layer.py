@@ -30,7 +30,7 @@ from ..checkpoints.reader import Checkpoint
 from ..checkpoints.texts import pinned
 from ..measure import kernel_check, league
 from ..meter import Meter, report
-from ..placement import of_checkpoint, require_free
+from ..placement import of_checkpoint
 from ..placement import key as placement_key
 from ..quantization import writer
 from ..quantization.method import QuantizerConfig
@@ -144,12 +144,9 @@ def _gptq_quantization(checkpoint: CheckpointRecord, allocation: StageOutput, gr
 def _gptq_placement(device: str, path: Path, text: dict):
     """Where sequential GPTQ runs, refused first if its layer, expert, Hessians and activations
     would not fit in the device's free memory."""
-    from ..model.streaming import device_need
+    from ..model.streaming import place_stage
 
-    placement = of_checkpoint(device, path)
-    require_free(placement, device_need(path, placement, text["windows"], text["seq_len"], head=False, hessians=True),
-                 "sequential GPTQ")
-    return placement
+    return place_stage(device, path, "sequential GPTQ", text["windows"], text["seq_len"], head=False, hessians=True)
 
 
 def _gptq_calibration(checkpoint: CheckpointRecord, bit_widths: list[int], group_size: int, quantizer: dict,
@@ -267,15 +264,13 @@ def _league_env(checkpoint, stats, calibrations, grid, text, seq_len, windows, t
             tmp = Path(tmp)
             table = tables.read_stats(local_copy(st, stats, tmp) / "expert_stats.parquet")
             read = [read_calibration(st, c, tmp / f"calibration-{i}") for i, c in enumerate(calibrations)]
-        from ..model.streaming import device_need
+        from ..model.streaming import place_stage
 
-        placement = of_checkpoint(device, path)
         # the reference streams as evaluation does; GPTQ cells calibrate as the GPTQ stage does
-        need = device_need(path, placement, windows, seq_len, head=True)
+        placement = place_stage(device, path, "the league's reference", windows, seq_len, head=True)
         if gptq_text is not None and "gptq" in grid.quantizers:
-            need = max(need, device_need(path, placement, gptq_text["windows"], gptq_text["seq_len"], head=False,
-                                         hessians=True))
-        require_free(placement, need, "the league's cells")
+            place_stage(device, path, "the league's GPTQ cells", gptq_text["windows"], gptq_text["seq_len"], head=False,
+                        hessians=True)
         reference = league.Reference(path, pinned(text, cache_dir, storage_options), seq_len=seq_len, windows=windows,
                                      placement=placement)
         calibration = None if gptq_text is None else dict(gptq_text, text=pinned(gptq_text["text"], cache_dir,

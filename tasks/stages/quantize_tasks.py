@@ -8,6 +8,7 @@ import json
 import re
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import pandas as pd
@@ -24,8 +25,7 @@ from ..checkpoints.texts import pinned
 from ..errors import ExpertbitsError, ValidationFailed
 from ..measure import evaluate, fused_check, kernel_check
 from ..meter import Meter, report
-from ..model.streaming import device_need
-from ..placement import of_checkpoint, require_free
+from ..model.streaming import place_stage
 from ..placement import key as placement_key
 from ..quantization import writer
 from ..quantization.method import QuantizerConfig
@@ -206,8 +206,7 @@ def route_experts(checkpoint: CheckpointRecord, text: TextRecord, seq_len: int, 
     every expert, from one streamed forward pass of the full-precision model on `device`."""
     with stage_work("routing", routing_key(checkpoint, text, seq_len, windows, device), store, storage_options) as w:
         path = ckpt_path(checkpoint, cache_dir, storage_options)
-        placement = of_checkpoint(device, path)
-        require_free(placement, device_need(path, placement, windows, seq_len, head=True), "the routing stage")
+        placement = place_stage(device, path, "the routing stage", windows, seq_len, head=True)
         with Meter() as meter:
             calib, moments, info = calibrate.route(path, pinned(text, cache_dir, storage_options), seq_len=seq_len,
                                                    windows=windows, placement=placement,
@@ -368,22 +367,21 @@ def evaluate_model(checkpoint: CheckpointRecord, quantized: StageOutput, text: T
     with stage_work("evaluation", evaluation_key(checkpoint, quantized, text, seq_len, windows, device), store,
                     storage_options) as w:
         path = ckpt_path(checkpoint, cache_dir, storage_options)
-        placement = of_checkpoint(device, path)
-        require_free(placement, device_need(path, placement, windows, seq_len, head=True), "the evaluation stage")
-        qpath = w.read(quantized)
-        with Meter() as meter:
-            metrics = evaluate.evaluate(path, qpath, pinned(text, cache_dir, storage_options),
-                                        seq_len=seq_len, windows=windows, placement=placement,
-                                        progress=progress_reporter("evaluation"))
-        report("evaluation", meter, expert_bytes(path), get_run_logger())
+        placement = place_stage(device, path, "the evaluation stage", windows, seq_len, head=True)
+        with ExitStack() as held:
+            with Meter() as meter:
+                metrics, q_model = held.enter_context(evaluate.evaluated(
+                    path, w.read(quantized), pinned(text, cache_dir, storage_options), seq_len=seq_len,
+                    windows=windows, placement=placement, progress=progress_reporter("evaluation")))
+            report("evaluation", meter, expert_bytes(path), get_run_logger())
+            if placement.is_cuda:  # a GPU's speed is what a user serves at; a streamed CPU model's is not
+                from ..measure import speed
+
+                figures = speed.compare(path, q_model, placement)  # the served model evaluation loaded
+                get_run_logger().info(speed.describe(figures))
+                (w.out / "throughput.json").write_text(json.dumps(figures, indent=2, sort_keys=True))
         metrics.update(text=text.uri, **placement.summary())
         (w.out / "evaluation.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        if placement.is_cuda:  # a GPU's speed is what a user serves at; a streamed CPU model's is not
-            from ..measure import speed
-
-            figures = speed.compare(path, qpath, placement)
-            get_run_logger().info(speed.describe(figures))
-            (w.out / "throughput.json").write_text(json.dumps(figures, indent=2, sort_keys=True))
         return w.publish(metrics)
 
 

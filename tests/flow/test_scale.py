@@ -218,6 +218,23 @@ def test_local_cuda_gives_each_worker_process_its_own_gpu():
         assert cluster.scheduler.address.startswith("tcp://127.0.0.1:")  # loopback only
         assert cluster.dashboard_link.startswith("http://127.0.0.1:")
     assert sorted(seen.values()) == ["2,3", "3,2"]
+    # a flow's cuda:N is GPU N for its own stages; its local-cuda workers get cuda, each its own GPU
+    from types import SimpleNamespace
+
+    from prefect_dask import DaskTaskRunner
+
+    import expertbits.flows.scale as scale
+
+    runner = DaskTaskRunner(cluster_class="distributed.SpecCluster", cluster_kwargs=spec)
+    ctx = SimpleNamespace(task_runner=runner)
+    original = scale.FlowRunContext
+    try:
+        scale.FlowRunContext = SimpleNamespace(get=lambda: ctx)
+        assert [scale.on_workers(d) for d in ("cuda:1", "cuda", "cpu")] == ["cuda", "cuda", "cpu"]
+        ctx.task_runner = DaskTaskRunner(cluster_kwargs={"n_workers": 2})  # a CPU cluster: as given
+        assert scale.on_workers("cuda:1") == "cuda:1"
+    finally:
+        scale.FlowRunContext = original
 
 
 def test_a_worker_fetches_only_the_shards_of_its_layers(slow_pair, tmp_path):

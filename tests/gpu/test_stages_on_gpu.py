@@ -117,7 +117,10 @@ def test_speed_is_measured_on_the_gpu(micro_pair, tmp_path):
 
     _, ft = micro_pair
     quantize_checkpoint(ft, uniform(3), 32, tmp_path / "q")
-    figures = speed.compare(ft, tmp_path / "q", gpu(), prompt=64, new=8)
+    from expertbits.tasks.model.load import load
+
+    model, _ = load(tmp_path / "q", dtype=torch.float32, device="cuda")
+    figures = speed.compare(ft, model, gpu(), prompt=64, new=8)
     assert figures["device"] == torch.cuda.get_device_name()
     for model in ("quantized", "full_precision"):
         assert figures[model]["prefill_tokens_per_s"] > 0 and figures[model]["decode_tokens_per_s"] > 0

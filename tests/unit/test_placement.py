@@ -136,3 +136,12 @@ def test_a_bf16_stream_computes_what_the_fp32_one_does_to_bf16_rounding(micro_pa
         assert q.dtype == torch.float32 and q.device.type == "cpu"
         kl = float((p.exp() * (p - q)).sum(-1).mean())
         assert 0 < kl < 5e-3  # bf16 differs, a little
+
+
+def test_validation_refuses_a_process_whose_kernels_run_elsewhere_than_the_flow_decided():
+    from expertbits.tasks.stages.stage_io import kernel_device, same_kernels
+
+    same_kernels(kernel_device())
+    with pytest.raises(ExpertbitsError, match="the flow validates them on cuda:NVIDIA H100") as e:
+        same_kernels("cuda:NVIDIA H100" if kernel_device() == "triton-interpreter" else "triton-interpreter")
+    assert "same accelerator" in e.value.fix
