@@ -131,6 +131,10 @@ class CommonParams(BaseModel):
     clip: bool = Field(False, description=(
         "Clipping search of each group's range (shrink factors 1 to 0.5, least error kept): for rtn by weight "
         "error, for gptq weighted by the expert's Hessian diagonal"))
+    rotate: bool = Field(False, description=(
+        "Quantize each expert matrix in a rotated basis, W R with R a random-signed Hadamard on its inputs, and rotate "
+        "its inputs when it runs (kernels/hadamard.py): outliers spread over the group, less error at 2-3 bits; "
+        "format version 3, not exportable"))
     gptq_damp: float = Field(0.01, gt=0, lt=1, description="GPTQ dampening, a fraction of the mean Hessian diagonal")
     gptq_act_order: bool = Field(True, description="GPTQ: quantize columns in order of decreasing Hessian diagonal")
     gptq_min_tokens: int = Field(16, ge=1, description=(
@@ -203,7 +207,8 @@ class QuantizeParams(CommonParams):
 
     def quantizer_config(self) -> QuantizerConfig:
         return QuantizerConfig(method=self.quantizer, symmetric=self.symmetric, clip=self.clip, damp=self.gptq_damp,
-                               act_order=self.gptq_act_order, min_tokens=self.gptq_min_tokens, weighted=self.gptq_weighted)
+                               act_order=self.gptq_act_order, min_tokens=self.gptq_min_tokens, weighted=self.gptq_weighted,
+                               rotate=self.rotate)
 
     def error_quantizer(self) -> QuantizerConfig:
         """Whose errors the calibration stage measures: the run's quantizer for the allocators that
@@ -261,7 +266,7 @@ class LeagueParams(CommonParams):
                     random_draws=self.random_draws, zeta=self.zeta, maxvar_definition=self.maxvar_definition,
                     group_size=self.group_size, granularities=tuple(dict.fromkeys(self.granularities)),
                     symmetric=tuple(dict.fromkeys(self.symmetric)), quantizers=tuple(dict.fromkeys(self.quantizers)),
-                    clip=self.clip, **self._gptq_options())
+                    clip=self.clip, **({"rotate": True} if self.rotate else {}), **self._gptq_options())
 
     def _gptq_options(self) -> dict:
         """GPTQ's options, only when the grid has GPTQ cells (they must not touch an RTN league's keys)."""

@@ -28,6 +28,9 @@ class ExpertBank:
 
     Expert e's block is exactly the [N, words] / [N, G] arrays of its QuantizedTensor (see
     packing.py), so `expert(e)` is a view, and a bank holds no byte twice.
+
+    A rotated bank (`signs`, int8 [K]: every expert's codes are of W R, hadamard.py) shares one
+    rotation across its experts, so the kernel's caller rotates each input row once for all of them.
     """
 
     packed: torch.Tensor        # int32 [Σₑ N·words(bₑ)]
@@ -39,6 +42,7 @@ class ExpertBank:
     bits: tuple[int, ...]       # the same widths, on the host
     group_size: int
     shape: tuple[int, int]      # (N, K) of every expert's matrix
+    signs: torch.Tensor | None = None  # int8 [K]: the input rotation every expert's codes were taken in
 
     @classmethod
     def stack(cls, experts: Sequence[QuantizedTensor]) -> "ExpertBank":
@@ -50,6 +54,10 @@ class ExpertBank:
             if tuple(q.shape) != shape or q.group_size != group_size:
                 raise ValueError(f"expert {e} is {tuple(q.shape)} with group size {q.group_size}; every expert of a bank "
                                  f"must match expert 0's {shape} with group size {group_size}")
+            if (q.signs is None) != (experts[0].signs is None) or (q.signs is not None and not q.signs.is_meta and
+                                                                    not torch.equal(q.signs.to(experts[0].signs.device),
+                                                                                    experts[0].signs)):
+                raise ValueError(f"expert {e}'s input rotation differs from expert 0's; a bank's experts share one")
         n, k = shape
         words = [n * packed_width(k, q.bits) for q in experts]
         device = experts[0].packed.device
@@ -60,7 +68,7 @@ class ExpertBank:
                    torch.cat([q.zeros.reshape(-1) for q in experts]),
                    word_offset.to(device), (torch.arange(len(experts), dtype=torch.int64) * groups).to(device),
                    torch.tensor([q.bits for q in experts], dtype=torch.int32, device=device),
-                   tuple(q.bits for q in experts), group_size, shape)
+                   tuple(q.bits for q in experts), group_size, shape, experts[0].signs)
 
     @property
     def num_experts(self) -> int:
@@ -73,12 +81,25 @@ class ExpertBank:
         w0, words = n * sum(packed_width(k, b) for b in self.bits[:e]), packed_width(k, bits)  # host-side: no sync
         return QuantizedTensor(self.packed[w0: w0 + n * words].view(n, words),
                                self.scales[e * n * g: (e + 1) * n * g].view(n, g),
-                               self.zeros[e * n * g: (e + 1) * n * g].view(n, g), bits, self.group_size, self.shape)
+                               self.zeros[e * n * g: (e + 1) * n * g].view(n, g), bits, self.group_size, self.shape,
+                               self.signs)
 
     TENSORS = ("packed", "scales", "zeros", "word_offset", "group_offset", "bits_table")
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {f: getattr(self, f) for f in self.TENSORS}
+        """The bank's tensors by field name (and `signs` when rotated)."""
+        out = {f: getattr(self, f) for f in self.TENSORS}
+        if self.signs is not None:
+            out["signs"] = self.signs
+        return out
+
+    def rotate_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x R for the bank's rotation (x itself when it has none)."""
+        if self.signs is None:
+            return x
+        from .hadamard import rotate
+
+        return rotate(x, self.signs)
 
     def with_tensors(self, tensors: dict[str, torch.Tensor]) -> "ExpertBank":
         """The same bank over other storage of the same tensors (e.g. moved to another device)."""

@@ -71,7 +71,11 @@ def dequant_matmul(x: torch.Tensor, q: QuantizedTensor, *,
 
     ``blocks`` overrides (BLOCK_M, BLOCK_N, BLOCK_K), each a power of two >= 16 (tests use it
     to force many K steps).  ``input_precision`` "tf32" is faster on GPUs and less exact.
+    A rotated q (packing.QuantizedTensor.signs) is computed as (x R)(W R)ᵀ: x is rotated here,
+    and the kernel reads the codes as stored.
     """
+    if q.signs is not None:
+        x, q = q.rotate_input(x), q.stored()
     _check(x, q)
     if input_precision not in PRECISIONS:
         raise ValueError(f"input_precision must be one of {PRECISIONS}, got {input_precision!r}")

@@ -174,8 +174,11 @@ def _check(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tens
                          "do not form an [F, H] (gate, up), [H', F] (down) expert MLP over x")
     if len({b.num_experts for _, b in banks}) != 1 or len({b.group_size for _, b in banks}) != 1:
         raise ValueError("gate, up and down must hold the same experts with one group size")
+    if up is not None and ((gate.signs is None) != (up.signs is None) or
+                           (gate.signs is not None and not torch.equal(gate.signs, up.signs))):
+        raise ValueError("gate and up read the same input and must share its rotation")
     want = dict(packed=torch.int32, scales=torch.float16, zeros=torch.uint8, word_offset=torch.int64,
-                group_offset=torch.int64, bits_table=torch.int32)
+                group_offset=torch.int64, bits_table=torch.int32, signs=torch.int8)
     for role, b in banks:
         wrong = {f: t.dtype for f, t in b.tensors().items() if t.dtype != want[f]}
         if wrong:
@@ -207,7 +210,7 @@ def fused_moe(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.T
         x = x.float()  # the interpreter multiplies bf16 bit patterns
     if pairs == 0:
         return torch.zeros((tokens, n_out), dtype=out_dtype, device=x.device)
-    x = x.contiguous()
+    x = gate.rotate_input(x).contiguous()  # a rotated layer: x R once for every expert (hadamard.py)
     weights = top_k_weights.reshape(-1).contiguous()
     if launch is None:
         per_expert = None
@@ -230,6 +233,7 @@ def fused_moe(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.T
             TOP_K=top_k, GROUP_SIZE=gate.group_size, GATED=up is not None, ACT=ACTIVATIONS[activation],
             USE_DOT=launch.use_dot, BLOCK_M=launch.block_m, BLOCK_N=bn, BLOCK_K=bk, INPUT_PRECISION=precision, **common)
 
+        h = down.rotate_input(h)  # the hidden activation into down's basis, between the two launches
         out = torch.zeros((pairs, n_out), dtype=torch.float32, device=x.device)
         bn, bk = launch.down_blocks
         expert_down_kernel[(aligned.blocks, -(-n_out // bn), launch.split_k)](

@@ -39,9 +39,11 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantizedTensor) -> torch.Tensor:
 
 
 def packed_linear(x: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
-    """``x[..., K] @ dequantize(q)[N, K]ᵀ`` in x's dtype."""
+    """``x[..., K] @ dequantize(q)[N, K]ᵀ`` in x's dtype; a rotated q as (x R)(W R)ᵀ, its input
+    rotated first (hadamard.py) and its codes read as stored."""
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
+    x2 = q.rotate_input(x.reshape(-1, shape[-1]))
+    q = q.stored()
     if x2.is_cuda:
         from .dequant_matmul import dequant_matmul
 
@@ -66,14 +68,14 @@ class _Packed(nn.Module):
     `state_dict()` never pretends they are floating-point weights."""
 
     def _store(self, prefix: str, q: QuantizedTensor) -> None:
-        for part in ("packed", "scales", "zeros"):
+        for part in ("packed", "scales", "zeros", "signs"):
             self.register_buffer(f"{prefix}_{part}", _as_buffer(part, getattr(q, part)), persistent=False)
         self._meta[prefix] = (q.bits, q.group_size, q.shape)
 
     def _load(self, prefix: str) -> QuantizedTensor:
         bits, group_size, shape = self._meta[prefix]
         return QuantizedTensor(*(_from_buffer(p, getattr(self, f"{prefix}_{p}")) for p in ("packed", "scales", "zeros")),
-                               bits, group_size, shape)
+                               bits, group_size, shape, getattr(self, f"{prefix}_signs"))
 
 
 class PackedLinear(_Packed):
@@ -195,7 +197,7 @@ class PackedExperts(GatedExperts):
 
     def bank(self, role: str) -> ExpertBank:
         return ExpertBank(**{f: _from_buffer(f, getattr(self, f"{role}_{f}")) for f in ExpertBank.TENSORS},
-                          **self._layout[role])
+                          signs=getattr(self, f"{role}_signs", None), **self._layout[role])
 
     def expert(self, e: int) -> tuple[QuantizedTensor, QuantizedTensor, QuantizedTensor]:
         return tuple(self.bank(role).expert(e) for role in self.ROLES)

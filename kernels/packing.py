@@ -34,7 +34,7 @@ int32 is arithmetic.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -112,7 +112,12 @@ def dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
 
 @dataclass(frozen=True)
 class QuantizedTensor:
-    """A packed weight matrix and what is needed to dequantize it."""
+    """A packed weight matrix and what is needed to dequantize it.
+
+    With `signs`, the codes are of the rotated matrix W R (hadamard.py: R = diag(signs) ·
+    blockdiag(H_b)), and x Wᵀ is computed as (x R)(W R)ᵀ: `dequantize` gives W back (the
+    matrix in the model's own basis), `stored` the codes' own matrix W R, as kernels read it.
+    """
 
     packed: torch.Tensor  # int32 [N, packed_width(K, bits)]
     scales: torch.Tensor  # fp16 [N, ceil(K / group_size)]
@@ -120,10 +125,32 @@ class QuantizedTensor:
     bits: int
     group_size: int
     shape: tuple[int, int]  # (N, K) of the original matrix
+    signs: torch.Tensor | None = None  # int8 ±1 [K]: the input rotation's signs, or None (not rotated)
 
     def dequantize(self) -> torch.Tensor:
-        """fp32 [N, K] reconstruction."""
+        """fp32 [N, K] reconstruction of the matrix, in the model's basis (rotated back)."""
+        w = self.dequantize_stored()
+        if self.signs is None:
+            return w
+        from .hadamard import unrotate
+
+        return unrotate(w, self.signs)
+
+    def dequantize_stored(self) -> torch.Tensor:
+        """fp32 [N, K]: the codes' own matrix, by the format's definition (W R when rotated)."""
         return dequantize(self.packed, self.scales, self.zeros, self.bits, self.group_size, self.shape[1])
+
+    def stored(self) -> QuantizedTensor:
+        """The same codes without the rotation: what a kernel multiplies the rotated input by."""
+        return replace(self, signs=None)
+
+    def rotate_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x R for this matrix's rotation (x itself when it has none)."""
+        if self.signs is None:
+            return x
+        from .hadamard import rotate
+
+        return rotate(x, self.signs)
 
     @property
     def symmetric(self) -> bool:
@@ -131,8 +158,9 @@ class QuantizedTensor:
 
     @property
     def nbytes(self) -> int:
-        """Stored bytes: packed words plus scales plus zero points."""
-        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales, self.zeros))
+        """Stored bytes: packed words plus scales plus zero points (and the signs of a rotated matrix)."""
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales, self.zeros, self.signs)
+                   if t is not None)
 
     @property
     def device(self) -> torch.device:
@@ -141,7 +169,8 @@ class QuantizedTensor:
     def to(self, device: torch.device | str) -> QuantizedTensor:
         """The same tensor with its three buffers on ``device``."""
         return QuantizedTensor(self.packed.to(device), self.scales.to(device), self.zeros.to(device),
-                               self.bits, self.group_size, self.shape)
+                               self.bits, self.group_size, self.shape,
+                               None if self.signs is None else self.signs.to(device))
 
 
 def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = False) -> QuantizedTensor:

@@ -187,6 +187,9 @@ def _slice(bank: ExpertBank, role: str, ffn: int, hidden: int) -> ExpertBank:
     for e in range(bank.num_experts):
         q = bank.expert(e)
         packed = q.packed[:rows] if cols == k else pack(unpack(q.packed[:rows], q.bits, k)[:, :cols], q.bits)
+        # a rotated matrix cut to fewer inputs is rotated by the first `cols` signs, in the cut's own
+        # blocks: a different R, but orthogonal, so kernel and reference must still agree
         cut.append(QuantizedTensor(packed.contiguous(), q.scales[:rows, :groups].contiguous(),
-                                   q.zeros[:rows, :groups].contiguous(), q.bits, q.group_size, (rows, cols)))
+                                   q.zeros[:rows, :groups].contiguous(), q.bits, q.group_size, (rows, cols),
+                                   None if q.signs is None else q.signs[:cols].contiguous()))
     return ExpertBank.stack(cut)

@@ -5,6 +5,7 @@ Two checks per quantized matrix, both against independent references:
     seeded random x; relative error max|Δy| / max|y_ref| must stay under `rtol`;
   * weights, by the quantizer config.json names, so a corrupted or mis-packed file is caught,
     not just a bad kernel:
+      (a rotated matrix, codes of W R, is checked against W R: kernels/hadamard.py)
       'half-step' (rtn): every dequantized weight lies within half a quantization step (+ fp16
                   rounding) of the original fp weight;
       'grid' (gptq, clipping search: codes are chosen, not rounded): no group's scale exceeds
@@ -76,6 +77,8 @@ def validate_layer(qpath: Path, src: Checkpoint, position: int, *, batch: int = 
         rel = err / max(float(ref.abs().max()), 1e-30)
         original = src.read(info["source"]["key"], info["source"]["index"],
                             tuple(info["source"]["rows"]) if info["source"]["rows"] else None).float()
+        if q.signs is not None:  # the codes are of W R: the weight checks hold in that basis
+            original, q = q.rotate_input(original), q.stored()
         quant_ok = (_within_half_step(original, q) if check == "half-step"
                     else _on_grid(original, q, bool(quantizer.get("symmetric"))))
         rows.append({"name": name, "bits": q.bits, "rows": n, "cols": k, "kernel_rows": kq.shape[0], "max_abs_error": err,
@@ -112,7 +115,8 @@ def _rows(q: QuantizedTensor, count: int) -> QuantizedTensor:
     if n <= count:
         return q
     idx = torch.linspace(0, n - 1, count).round().long().unique()
-    return QuantizedTensor(q.packed[idx], q.scales[idx], q.zeros[idx], q.bits, q.group_size, (len(idx), q.shape[1]))
+    return QuantizedTensor(q.packed[idx], q.scales[idx], q.zeros[idx], q.bits, q.group_size, (len(idx), q.shape[1]),
+                           q.signs)
 
 
 def _within_half_step(original: torch.Tensor, q) -> bool:

@@ -77,6 +77,7 @@ class Grid:
     gptq_act_order: bool = True
     gptq_min_tokens: int = 16
     gptq_weighted: bool = True
+    rotate: bool = False  # every cell's matrices quantized in the Hadamard-rotated basis (kernels/hadamard.py)
 
     def __post_init__(self):
         unknown = [a for a in self.allocators if a not in ALLOCATORS]
@@ -114,7 +115,8 @@ class Grid:
 
     def quantizer(self, method: str, symmetric: bool) -> QuantizerConfig:
         return QuantizerConfig(method=method, symmetric=symmetric, clip=self.clip, damp=self.gptq_damp,
-                               act_order=self.gptq_act_order, min_tokens=self.gptq_min_tokens, weighted=self.gptq_weighted)
+                               act_order=self.gptq_act_order, min_tokens=self.gptq_min_tokens, weighted=self.gptq_weighted,
+                               rotate=self.rotate)
 
     def error_keys(self) -> list[tuple[str, bool]]:
         """(quantizer, symmetric) of every kind of cell, in order: each needs its own calibration errors."""
@@ -258,7 +260,7 @@ def run_cell(index: int, stats: pd.DataFrame, calibration: pd.DataFrame | None,
             accuracy = task(model, reference.tokenizer, device=reference.placement.device) if task else None
     cell = {"bit_set": ",".join(map(str, cfg.bit_widths)), "scheme": cfg.scheme, "budget": cfg.avg_bits,
             "allocator": cfg.allocator, "granularity": cfg.granularity, "symmetric_quant": c.symmetric,
-            "quantizer": c.quantizer + ("+clip" if grid.clip else ""), "variant": c.variant, "seed": cfg.seed, "avg_bits": float(alloc.bits.mean()),
+            "quantizer": c.quantizer + ("+rot" if grid.rotate else "") + ("+clip" if grid.clip else ""), "variant": c.variant, "seed": cfg.seed, "avg_bits": float(alloc.bits.mean()),
             "effective_bits": written["effective_bits"], "kl": metrics["kl"], "ppl": metrics["ppl_quant"],
             "ppl_fp": metrics["ppl_fp"], "accuracy": accuracy,
             "accuracy_fp": reference.task_accuracy(task) if task else None, "allocation_ms": alloc_ms}

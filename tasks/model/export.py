@@ -57,6 +57,12 @@ def export_name(model_type: str, name: str) -> str:
 def consumers(qc: dict) -> dict[str, str]:
     """Which tools load this checkpoint's export correctly, in words; raises if none does (the
     claims are tested in tests/unit/test_export.py against transformers and compressed-tensors)."""
+    rotated = [name for name, info in qc["modules"].items() if info.get("rotation")]
+    if rotated:
+        raise CheckpointError(
+            f"{len(rotated)} expert matrices were quantized in a rotated basis (e.g. {rotated[0]}): compressed-tensors "
+            "has no input rotation, so every consumer would multiply the raw inputs by W R and compute garbage",
+            "quantize without --rotate for an export, or keep the native expertbits output, which rotates the inputs")
     by_layer = {layer: sorted(set(bits)) for layer, bits in qc["expert_bits"].items()}
     mixed = {layer: bits for layer, bits in by_layer.items() if len(bits) > 1}
     if mixed:

@@ -32,9 +32,8 @@ from expertbits.kernels.packing import QuantizedTensor, packed_width
 from ..errors import CheckpointError
 from ..store.verify import check_folder
 from .install import install
-from .packed_folder import FORMAT_VERSION, MODEL_TYPE, QUANT_METHOD, iter_quantized
-
-PACKED_SUFFIXES = ("qweight", "scales", "zeros")
+from .packed_folder import (FORMAT_VERSION, MODEL_TYPE, PACKED_SUFFIXES, QUANT_METHOD, SIGNS_KEY, check_version,
+                            iter_quantized, stored_keys)
 
 
 __all__ = ["base_config_dict", "install_packed_experts", "load", "read_packed"]
@@ -45,9 +44,7 @@ def base_config_dict(config: dict) -> dict:
     if qc.get("quant_method") != QUANT_METHOD or "base_model_type" not in qc:
         raise CheckpointError("config.json is not an expertbits-quantized config (or one from before format version "
                               f"{FORMAT_VERSION})", "quantize the model with this expertbits")
-    if qc.get("version") != FORMAT_VERSION:
-        raise CheckpointError(f"config.json is expertbits format version {qc.get('version')}, this expertbits reads "
-                              f"version {FORMAT_VERSION}", "quantize the checkpoint again with this version")
+    check_version(qc, "config.json")
     return dict(config, model_type=qc["base_model_type"])
 
 
@@ -59,10 +56,11 @@ def read_packed(folder: Path, qc: dict, device: str | torch.device = "cpu") -> d
         for name, info in qc["modules"].items():
             n, k = info["shape"]
             groups = -(-k // qc["group_size"])
+            signs = torch.empty(k, dtype=torch.int8, device="meta") if len(stored_keys(name, info)) > 3 else None
             out[name] = QuantizedTensor(torch.empty(n, packed_width(k, info["bits"]), dtype=torch.int32, device="meta"),
                                         torch.empty(n, groups, dtype=torch.float16, device="meta"),
                                         torch.empty(n, groups, dtype=torch.uint8, device="meta"),
-                                        bits=info["bits"], group_size=qc["group_size"], shape=(n, k))
+                                        bits=info["bits"], group_size=qc["group_size"], shape=(n, k), signs=signs)
         return out
     return {name: q for name, _, q in iter_quantized(folder, device)}
 
@@ -124,7 +122,7 @@ def _register() -> None:
             install_packed_experts(model, qc, read_packed(self.folder, qc, "meta"), self.folder)
             # the packed tensors are ours, already loaded: not "unexpected" weights for transformers
             model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | {
-                rf"\.{s}$" for s in PACKED_SUFFIXES}
+                rf"\.{s}$" for s in PACKED_SUFFIXES} | {SIGNS_KEY}
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):

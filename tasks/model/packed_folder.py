@@ -21,7 +21,13 @@ QUANT_METHOD = "expertbits"
 MODEL_TYPE = ("expertbits (per-expert packed MoE weights that only expertbits can run; pip install expertbits, then "
               "`import expertbits.tasks.loader` before from_pretrained, or run `expertbits generate --model <folder>`)")
 FORMAT = "expertbits-int32-packed-groupwise"
-FORMAT_VERSION = 2  # 1 stored fp16 offsets; 2 stores integer zero points
+# 1 stored fp16 offsets; 2 stores integer zero points; 3 may rotate a matrix's inputs ("rotation"
+# and "signs", the name of its sign tensor). A folder with no rotated matrix is written as 2, so older readers keep
+# reading everything they can; a rotated one as 3, which they refuse instead of misreading it.
+FORMAT_VERSION = 3
+READ_VERSIONS = (2, 3)
+ROTATION = "hadamard"  # kernels/hadamard.py: x ↦ fwht(x ⊙ signs), blocks of the largest power of two dividing K
+PACKED_SUFFIXES = ("qweight", "scales", "zeros")
 # the files besides the weights that a quantized folder carries over from its source, by name prefix
 SIDE_FILES = ("tokenizer", "special_tokens", "vocab", "merges", "generation_config", "chat_template")
 
@@ -31,10 +37,50 @@ def quantization_config(path: Path) -> dict:
     qc = config.get("quantization_config")
     if not qc or qc.get("quant_method") != "expertbits":
         raise CheckpointError(f"{path}: not an expertbits-quantized checkpoint", "run the quantization stage first")
-    if qc.get("version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: written in expertbits format version {qc.get('version')}, this expertbits reads "
-                              f"version {FORMAT_VERSION}", "quantize the checkpoint again with this version")
+    check_version(qc, path)
     return qc
+
+
+def check_version(qc: dict, where: object) -> None:
+    if qc.get("version") not in READ_VERSIONS:
+        raise CheckpointError(f"{where}: written in expertbits format version {qc.get('version')}, this expertbits reads "
+                              f"versions {', '.join(map(str, READ_VERSIONS))}",
+                              "quantize the checkpoint again with this version, or upgrade expertbits")
+
+
+def version_for(modules: dict) -> int:
+    """The version a folder with these `modules` entries is written as (see FORMAT_VERSION)."""
+    return FORMAT_VERSION if any("rotation" in info for info in modules.values()) else 2
+
+
+def signs_key(name: str, k: int) -> str:
+    """Where the rotation signs of a K-input matrix named `name` are stored: one int8 [K] tensor per
+    decoder layer and input width, shared by every expert matrix of that layer that reads it."""
+    from ..checkpoints.adapters import block_of
+
+    return f"{block_of(name)}.expertbits_signs_{k}"
+
+
+SIGNS_KEY = r"\.expertbits_signs_\d+$"  # what transformers must not mistake for a model weight
+
+
+def stored_keys(name: str, info: dict) -> tuple[str, ...]:
+    """The tensors a quantized matrix is stored as: codes, scales, zero points, and a rotated one's signs."""
+    keys = tuple(f"{name}.{s}" for s in PACKED_SUFFIXES)
+    rotation = info.get("rotation")
+    if rotation is None:
+        return keys
+    if rotation != ROTATION or not isinstance(info.get("signs"), str):
+        raise CheckpointError(f"{name}: unknown input rotation {rotation!r} (this expertbits knows {ROTATION!r}, with "
+                              "the name of its `signs` tensor)", "upgrade expertbits, or quantize the checkpoint again")
+    return (*keys, info["signs"])
+
+
+def packed_tensor(name: str, info: dict, group_size: int, get) -> QuantizedTensor:
+    """The QuantizedTensor of module `name` from `get(tensor name)`, by its config entry."""
+    parts = [get(key) for key in stored_keys(name, info)]
+    return QuantizedTensor(*parts[:3], bits=info["bits"], group_size=group_size, shape=tuple(info["shape"]),
+                           signs=parts[3] if len(parts) > 3 else None)
 
 
 def iter_quantized(path: Path, device: str = "cpu", layer: int | None = None) -> Iterator[tuple[str, dict, QuantizedTensor]]:
@@ -58,7 +104,4 @@ def iter_quantized(path: Path, device: str = "cpu", layer: int | None = None) ->
         with safe_open(path / shard, framework="pt", device=str(device)) as f:
             for name in by_shard[shard]:
                 info = qc["modules"][name]
-                yield name, info, QuantizedTensor(
-                    packed=f.get_tensor(f"{name}.qweight"), scales=f.get_tensor(f"{name}.scales"),
-                    zeros=f.get_tensor(f"{name}.zeros"), bits=info["bits"], group_size=qc["group_size"],
-                    shape=tuple(info["shape"]))
+                yield name, info, packed_tensor(name, info, qc["group_size"], f.get_tensor)

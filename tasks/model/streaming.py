@@ -43,8 +43,7 @@ from ..checkpoints.adapters import block_of, detect, load_renames
 from ..checkpoints.reader import Checkpoint
 from ..errors import CheckpointError
 from .install import install
-
-PACKED_SUFFIXES = ("qweight", "scales", "zeros")
+from .packed_folder import packed_tensor, stored_keys
 
 
 KEEP_BYTES = 256 << 20
@@ -183,16 +182,14 @@ def _install_fp(model: nn.Module, ckpt: Checkpoint, path: Path, dtype: torch.dty
 
 def _install_packed(model: nn.Module, ckpt: Checkpoint, qc: dict, path: Path, device: torch.device) -> set[str]:
     """Packed experts, read from the expertbits folder's shards exactly as stored, when they run."""
-    for name in qc["modules"]:
-        for s in PACKED_SUFFIXES:
-            if f"{name}.{s}" not in ckpt.tensors:
-                raise CheckpointError(f"{path}: quantization_config lists {name} but no shard holds {name}.{s}",
+    for name, info in qc["modules"].items():
+        for key in stored_keys(name, info):
+            if key not in ckpt.tensors:
+                raise CheckpointError(f"{path}: quantization_config lists {name} but no shard holds {key}",
                                       "the quantized checkpoint is incomplete or was edited; quantize again")
 
     def read(name: str) -> QuantizedTensor:
-        info = qc["modules"][name]
-        return QuantizedTensor(*(ckpt.read(f"{name}.{s}").to(device) for s in PACKED_SUFFIXES), bits=info["bits"],
-                               group_size=qc["group_size"], shape=tuple(info["shape"]))
+        return packed_tensor(name, qc["modules"][name], qc["group_size"], lambda key: ckpt.read(key).to(device))
 
     def fused(names: list[tuple[str, str, str]], act) -> LazyExperts:
         for e, trio in enumerate(names):
@@ -200,7 +197,7 @@ def _install_packed(model: nn.Module, ckpt: Checkpoint, qc: dict, path: Path, de
         return LazyExperts(len(names), act, lambda e: tuple(read(n) for n in names[e]))
 
     install(model, qc, path, fused, lambda name: LazyLinear(lambda: read(name), tuple(qc["modules"][name]["shape"])))
-    return {f"{name}.{s}" for name in qc["modules"] for s in PACKED_SUFFIXES}
+    return {key for name, info in qc["modules"].items() for key in stored_keys(name, info)}
 
 
 def _units(model: nn.Module) -> list[tuple[str, nn.Module]]:

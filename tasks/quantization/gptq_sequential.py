@@ -41,7 +41,6 @@ from typing import Callable
 import pandas as pd
 import torch
 
-from expertbits.kernels.gptq import gptq
 from expertbits.kernels.modules import LazyExperts
 from expertbits.kernels.packing import QuantizedTensor
 
@@ -81,8 +80,7 @@ class _Routed(LazyExperts):
         return a.T @ a
 
     def gptq(self, w: torch.Tensor, h: torch.Tensor, bits: int) -> QuantizedTensor:
-        c = self.cfg
-        return gptq(w, h, bits, self.group_size, symmetric=c.symmetric, damp=c.damp, act_order=c.act_order, clip=c.clip)
+        return self.cfg.gptq_matrix(w, h, bits, self.group_size)
 
 
 def _dense(w) -> torch.Tensor:

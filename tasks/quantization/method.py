@@ -4,6 +4,12 @@
     gptq   GPTQ per expert matrix with a Hessian from the tokens the router sends that expert, run
            sequentially over the layers (tasks/quantization/gptq_sequential.py); needs calibration text
 
+`rotate` quantizes each expert matrix in a rotated basis, W R with R a signed Hadamard on its
+input dimension (kernels/hadamard.py), and the model rotates that matrix's input at run time;
+the codes carry the rotation's signs, so every reader computes x Wᵀ = (x R)(W R)ᵀ. For GPTQ the
+Hessian is rotated with it (Rᵀ H R). An input dimension with no power-of-two block of at least
+16 is left unrotated.
+
 `clip` adds the clipping search to the grid of each group (scan a shrink factor of the group's
 range, keep the least-error one; the paper's reference code does this for RTN): for `rtn` by
 the squared weight error, for `gptq` by the squared weight error weighted per input column by
@@ -15,10 +21,11 @@ An expert that GPTQ cannot calibrate (fewer than `min_tokens` routed tokens) is 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
+from expertbits.kernels import hadamard
 from expertbits.kernels.packing import QuantizedTensor, quantize_clipped, quantize_rtn
 
 from ..errors import ExpertbitsError
@@ -38,6 +45,7 @@ class QuantizerConfig:
     act_order: bool = True  # GPTQ: columns in order of decreasing Hessian diagonal
     min_tokens: int = 16  # GPTQ: experts routed fewer calibration tokens fall back to `round_matrix`
     weighted: bool = True  # GPTQ: each token's Hessian term weighted by its routing weight
+    rotate: bool = False  # every expert matrix quantized as W R, R a signed Hadamard on its inputs
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -56,26 +64,52 @@ class QuantizerConfig:
     @property
     def label(self) -> str:
         """Short name for tables: 'rtn', 'gptq', 'rtn+clip+sym', ..."""
-        return self.method + ("+clip" if self.clip else "") + ("+sym" if self.symmetric else "")
+        return (self.method + ("+rot" if self.rotate else "") + ("+clip" if self.clip else "")
+                + ("+sym" if self.symmetric else ""))
 
     @property
     def data_free(self) -> "QuantizerConfig":
-        """What this quantizer falls back to without calibration data: RTN, with its clip and symmetry."""
-        return QuantizerConfig(symmetric=self.symmetric, clip=self.clip)
+        """What this quantizer falls back to without calibration data: RTN, with its rotation, clip and symmetry."""
+        return QuantizerConfig(symmetric=self.symmetric, clip=self.clip, rotate=self.rotate)
+
+    def signs(self, k: int) -> torch.Tensor | None:
+        """The rotation signs of an input dimension of k, or None where this quantizer does not rotate it."""
+        return hadamard.signs(k) if self.rotate and hadamard.rotatable(k) else None
 
     def round_matrix(self, w: torch.Tensor, bits: int, group_size: int,
                      importance: torch.Tensor | None = None) -> QuantizedTensor:
-        """The data-free quantizer: RTN, or RTN with the clipping search (weighted by `importance`)."""
+        """The data-free quantizer: RTN, or RTN with the clipping search (weighted by `importance`,
+        per input column; a rotated matrix's columns are mixed, so its search is unweighted)."""
+        s = self.signs(w.shape[1])
+        if s is not None:
+            return replace(self._round(hadamard.rotate(w, s), bits, group_size, None), signs=s.to(w.device))
+        return self._round(w, bits, group_size, importance)
+
+    def gptq_matrix(self, w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int) -> QuantizedTensor:
+        """GPTQ of w [N, K] against its inputs' Gram matrix h [K, K]; rotated, of W R against Rᵀ H R."""
+        from expertbits.kernels.gptq import gptq
+
+        s = self.signs(w.shape[1])
+        if s is not None:
+            s = s.to(w.device)
+            w, h = hadamard.rotate(w, s), hadamard.rotate_hessian(h, s)
+        q = gptq(w, h, bits, group_size, symmetric=self.symmetric, damp=self.damp, act_order=self.act_order, clip=self.clip)
+        return q if s is None else replace(q, signs=s)
+
+    def _round(self, w, bits, group_size, importance) -> QuantizedTensor:
         if self.clip:
             return quantize_clipped(w, bits, group_size, self.symmetric, importance=importance)
         return quantize_rtn(w, bits, group_size, self.symmetric)
 
     def as_dict(self) -> dict:
-        """What changes the codes this quantizer writes (cache keys, config.json): GPTQ's options only for GPTQ."""
+        """What changes the codes this quantizer writes (cache keys, config.json): GPTQ's options only
+        for GPTQ; `rotate` only when set, so an unrotated run's keys and files are what they were."""
         d = asdict(self)
         if not self.calibrated:
             for name in GPTQ_OPTIONS:
                 del d[name]
+        if not self.rotate:
+            del d["rotate"]
         return d
 
     @classmethod

@@ -37,7 +37,7 @@ from expertbits.kernels.packing import QuantizedTensor, effective_bits, quantize
 from ..checkpoints.adapters import DTYPE_BYTES, ExpertMatrix, block_of, detect
 from ..checkpoints.reader import Checkpoint, require_finite
 from ..errors import CheckpointError
-from ..model.packed_folder import FORMAT, FORMAT_VERSION, MODEL_TYPE, QUANT_METHOD, SIDE_FILES
+from ..model.packed_folder import FORMAT, MODEL_TYPE, QUANT_METHOD, ROTATION, SIDE_FILES, signs_key, version_for
 from ..store.storage import TMP_MARK
 from .method import QuantizerConfig
 
@@ -178,6 +178,15 @@ def quantize_layer(ckpt: Checkpoint, position: int, alloc: pd.DataFrame, group_s
         modules[m.name] = {"bits": bits, "layer": m.layer, "expert": m.expert, "role": m.role,
                            "shape": list(q.shape), "source": {"key": m.key, "index": m.index,
                                                               "rows": list(m.rows) if m.rows else None}}
+        if q.signs is not None:  # codes of W R: readers rotate this matrix's inputs (format version 3)
+            key = signs_key(m.name, q.shape[1])
+            if key not in tensors:
+                tensors[key] = q.signs.to(torch.int8).contiguous()
+                stored_bits += 8 * q.shape[1]
+            elif not torch.equal(tensors[key], q.signs.to(torch.int8)):
+                raise CheckpointError(f"{m.name}: rotation signs differ from those of its layer's other experts",
+                                      "this is a bug; please report it")
+            modules[m.name].update(rotation=ROTATION, signs=key)
         stored_bits += effective_bits(bits, group_size, q.shape[1]) * w.numel()
         numel += w.numel()
     name = _save(tensors, out, shard_name(len(rest) + position, len(rest) + len(own)))
@@ -205,7 +214,7 @@ def finish(src: Path, alloc: pd.DataFrame, group_size: int, symmetric: bool, par
     expert_bits = {str(layer.layer): [bits_of[(layer.layer, e)] for e in range(layer.num_experts)] for layer in model.layers}
     nominal = sum(sum(v) for v in expert_bits.values()) / sum(len(v) for v in expert_bits.values())
     qconfig = {
-        "quant_method": QUANT_METHOD, "format": FORMAT, "version": FORMAT_VERSION,
+        "quant_method": QUANT_METHOD, "format": FORMAT, "version": version_for(modules),
         "group_size": group_size, "layout": model.layout,
         "dequantize": "w[n, k] = (code[n, k] - zeros[n, k // group_size]) * scales[n, k // group_size]",
         "symmetric": symmetric,  # every zero point at 2**(bits-1): exports without zero points
