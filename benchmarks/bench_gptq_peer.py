@@ -18,6 +18,13 @@ This script installs nothing. The peer's environment, once:
     python -m venv peer && peer/bin/pip install torch==2.13.0 llmcompressor==0.14.0.1
 
     python benchmarks/bench_gptq_peer.py --peer-python peer/bin/python [--json out.json]
+
+`--frontier` runs the quality issue's side-by-side instead, on all four zoo fine-tunes (each on its
+own calibration and held-out text): the peer at uniform 4/3/2 bits in both of its modes, and
+expertbits' GPTQ variants (plain, --rotate, --rotate with 5% dampening) at those widths and at
+2.25/2.5/2.75 average bits:
+
+    python benchmarks/bench_gptq_peer.py --peer-python peer/bin/python --frontier --json frontier.json
 """
 
 from __future__ import annotations
@@ -34,6 +41,15 @@ from pathlib import Path
 
 PAIRS = ("mixtral-tiny/wordnet", "qwen-moe-tiny/wordnet")
 CAL_TEXT, EVAL_TEXT = "zoo://text/wordnet-supersense-train", "zoo://text/wordnet-supersense-test"
+# each zoo fine-tune's own calibration and held-out text (as its league: infra/zoo/leagues.py)
+TEXTS = {"mixtral-tiny/wordnet": (CAL_TEXT, EVAL_TEXT), "qwen-moe-tiny/wordnet": (CAL_TEXT, EVAL_TEXT),
+         "mixtral-tiny/code": ("zoo://text/python-train", "zoo://text/python-heldout"),
+         "mixtral-tiny/control": ("zoo://text/web-train", "zoo://text/web-heldout")}
+FRONTIER_PAIRS = tuple(TEXTS)
+# the quality issue's levers as quantize options: each row of the frontier table
+VARIANTS = {"gptq": {}, "gptq+rot": {"rotate": True}, "gptq+rot+damp.05": {"rotate": True, "gptq_damp": 0.05},
+            "gptq+rot+output-error+model": {"rotate": True, "allocator": "output-error", "budget_scope": "model"}}
+ALLOCATION = ("allocator", "budget_scope")  # a variant's allocation options, which a uniform width has no use for
 ROLE = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
 SOLVERS = ("routed-error", "pmq", "weight-error")
 
@@ -43,8 +59,9 @@ def expertbits_run(pair: str, store: Path, **params) -> dict:
     from expertbits.flows.quantize import quantize_moe
 
     family = pair.split("/")[0]
+    cal, held_out = TEXTS.get(pair, (CAL_TEXT, EVAL_TEXT))
     p = QuantizeParams(checkpoint=f"zoo://{pair}", reference=f"zoo://{family}/base", store=str(store),
-                       calibration_text=CAL_TEXT, eval_text=EVAL_TEXT, group_size=64, **params)
+                       calibration_text=cal, eval_text=held_out, group_size=64, **params)
     measures = store / "measure.jsonl"
     os.environ["EXPERTBITS_MEASURE_FILE"] = str(measures)
     measures.unlink(missing_ok=True)
@@ -56,7 +73,8 @@ def expertbits_run(pair: str, store: Path, **params) -> dict:
             "least_covered": q.get("least_covered"), "fallback_experts": q.get("fallback_experts")}
 
 
-def peer_run(peer_python: str, ft: Path, windows: Path, bits: int, tmp: Path, routed_only: bool = False) -> dict:
+def peer_run(peer_python: str, ft: Path, windows: Path, bits: int, tmp: Path, routed_only: bool = False,
+             eval_text: str = EVAL_TEXT) -> dict:
     """llm-compressor's GPTQ of the routed experts, evaluated by expertbits' evaluation code."""
     from safetensors.torch import load_file, save_file
 
@@ -101,7 +119,7 @@ def peer_run(peer_python: str, ft: Path, windows: Path, bits: int, tmp: Path, ro
         f.unlink()
     save_file({k: v.contiguous() for k, v in tensors.items()}, dense / "model.safetensors", metadata={"format": "pt"})
     (dense / "expertbits-manifest.json").unlink(missing_ok=True)
-    metrics = evaluate(ft, dense, read_text(EVAL_TEXT, {}), seq_len=256, windows=16)
+    metrics = evaluate(ft, dense, read_text(eval_text, {}), seq_len=256, windows=16)
     shutil.rmtree(dense)
     return {"kl": metrics["kl"], "seconds": json.loads((out / "modules.json").read_text())["seconds"], "wall": wall,
             "zeroed_matrices": zeroed}
@@ -139,14 +157,84 @@ def starved(peer_python: str, ft: Path, tmp: Path) -> dict:
             "experts_without_tokens": int((coverage.calibration_tokens == 0).sum())}
 
 
+def frontier(peer_python: str | None, pairs: list[str], budgets: list[float], bits: list[int], tmp: Path,
+             variants: dict[str, dict] = VARIANTS) -> dict:
+    """The quality issue's side-by-side: per pair, the peer at uniform `bits` in both of its modes
+    (all experts calibrated, and routed tokens only: its better one is the bar), expertbits' GPTQ
+    variants at uniform `bits`, and at each of `budgets` average bits over {2, 3, 4}."""
+    from transformers import AutoTokenizer
+
+    from expertbits.tasks.checkpoints import fetch
+    from expertbits.tasks.checkpoints.texts import read_text, token_windows
+
+    results = {}
+    for pair in pairs:
+        cal, held_out = TEXTS[pair]
+        ft = fetch.download(f"zoo://{pair}", None, {}).path
+        windows = tmp / f"{pair.replace('/', '-')}-windows.json"
+        windows.write_text(json.dumps(token_windows(read_text(cal, {}), AutoTokenizer.from_pretrained(ft), 256, 16).tolist()))
+        store = tmp / f"store-{pair.replace('/', '-')}"
+        row = results[pair] = {}
+        for b in bits:
+            for routed in (False, True) if peer_python else ():
+                row[f"peer{'-routed' if routed else ''}-{b}"] = peer_run(peer_python, ft, windows, b, tmp, routed, held_out)
+            for name, options in variants.items():
+                quantizing = {k: v for k, v in options.items() if k not in ALLOCATION}
+                row[f"{name}-{b}"] = expertbits_run(pair, store, quantizer="gptq", allocator="uniform", avg_bits=b,
+                                                    bit_widths=[b], **quantizing)
+            print(pair, b, {k: round(v["kl"], 5) for k, v in row.items() if k.endswith(f"-{b}")}, flush=True)
+        for budget in budgets:
+            for name, options in variants.items():
+                row[f"{name}-{budget:g}"] = expertbits_run(pair, store, quantizer="gptq", avg_bits=budget,
+                                                           bit_widths=[2, 3, 4], **options)
+            print(pair, budget, {k: round(v["kl"], 5) for k, v in row.items() if k.endswith(f"-{budget:g}")}, flush=True)
+    return results
+
+
+def frontier_table(results: dict, budgets: list[float], bits: list[int], variants=VARIANTS) -> str:
+    """Markdown: one row per (pair, width or budget), the peer's two modes beside each variant."""
+    lines = ["| pair | bits | llm-compressor (all / routed-only) | " + " | ".join(variants) + " |",
+             "|---|---|---|" + "---|" * len(variants)]
+    for pair, row in results.items():
+        for b in [*bits, *budgets]:
+            key = f"{b:g}"
+            peer = (f"{row[f'peer-{key}']['kl']:.4f} / {row[f'peer-routed-{key}']['kl']:.4f}"
+                    if f"peer-{key}" in row else "")
+            lines.append(f"| {pair} | {key} | {peer} | " + " | ".join(
+                f"{row[f'{n}-{key}']['kl']:.4f}" if f"{n}-{key}" in row else "" for n in variants) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--peer-python", required=True, help="python of llm-compressor's environment (see above)")
+    ap.add_argument("--peer-python", help="python of llm-compressor's environment (see above)")
     ap.add_argument("--pairs", nargs="+", default=list(PAIRS))
     ap.add_argument("--bits", default="4,3,2")
     ap.add_argument("--budget", type=float, default=2.5)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--frontier", action="store_true",
+                    help="the quality issue's table instead: --pairs (default all four zoo fine-tunes) at uniform --bits "
+                         "and at --budgets, the peer's two modes beside expertbits' GPTQ variants")
+    ap.add_argument("--budgets", default="2.25,2.5,2.75")
+    ap.add_argument("--variants", help=f"comma-separated subset of {', '.join(VARIANTS)} (default all)")
+    ap.add_argument("--skip-peer", action="store_true", help="--frontier without the peer's runs (no --peer-python needed)")
     args = ap.parse_args(argv)
+    if not args.peer_python and not (args.frontier and args.skip_peer):
+        ap.error("--peer-python is required (only --frontier --skip-peer runs without the peer)")
+    if args.frontier:
+        from expertbits.flows.cli import _prefect_defaults
+
+        _prefect_defaults()
+        pairs = FRONTIER_PAIRS if args.pairs == list(PAIRS) else args.pairs
+        budgets, bits = [float(b) for b in args.budgets.split(",")], [int(b) for b in args.bits.split(",")]
+        variants = {n: VARIANTS[n] for n in args.variants.split(",")} if args.variants else VARIANTS
+        with tempfile.TemporaryDirectory(prefix="bench-frontier-") as tmp:
+            results = frontier(None if args.skip_peer else args.peer_python, list(pairs), budgets, bits, Path(tmp),
+                               variants)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1))
+        print(frontier_table(results, budgets, bits, variants))
+        return
     from transformers import AutoTokenizer
 
     from expertbits.flows.cli import _prefect_defaults

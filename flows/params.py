@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from expertbits.tasks.allocation.allocators import ALLOCATORS, NEEDS_ERROR, check
+from expertbits.tasks.allocation.allocators import ALLOCATORS, NEEDS_ERROR, NEEDS_GPTQ, check
 from expertbits.tasks.allocation.budget import GRANULARITIES, AllocationConfig
 from expertbits.tasks.measure.league import DEFAULT_ALLOCATORS, TASKS, Grid
 from expertbits.tasks.quantization.method import METHODS, QuantizerConfig
@@ -200,6 +200,9 @@ class QuantizeParams(CommonParams):
     def _budget_fits(self):
         self.allocation_config()  # fail before any work: unknown allocator, unreachable budget, bad scheme
         self.quantizer_config()
+        if self.allocator in NEEDS_GPTQ and self.quantizer != "gptq":
+            raise ValueError(f"allocator {self.allocator!r} reads the error GPTQ's calibration pass measures; give "
+                             "--quantizer gptq, or use routed-error with rtn")
         if self.symmetric and 1 in self.bit_widths:
             raise ValueError("symmetric quantization cannot use 1 bit (its codes are -scale and 0, every weight "
                              "rounds to 0); drop 1 from --bit-widths or quantize asymmetrically")

@@ -19,6 +19,10 @@ integer program whose only budget constraint is the same total of nominal bits p
     routed-error    min Σ f·Σ_i h_i ‖W[:, i] − Q_b(W)[:, i]‖²          calibration + error
                     h = E[u_i² | routed] of each matrix's own input u (tokens for gate/up,
                     hidden activations for down): f × the expected output error per routed token
+    output-error    min Σ f·E[r² ‖y_b(x) − y(x)‖² | routed]             calibration + GPTQ error
+                    the expert's whole output (act(x Gᵀ) ⊙ x Uᵀ) Dᵀ at width b against full
+                    precision, times its routing weight r: residual-stream units, so one budget
+                    over the whole model compares layers fairly (--budget-scope model)
 """
 
 from __future__ import annotations
@@ -153,6 +157,10 @@ def _solver(weight: Callable[[LayerInputs, str], dict[int, float]], error_column
             raise ExpertbitsError(f"allocator {label!r} needs per-expert quantization errors, which this run does not have",
                                   "run the statistics stage with error measurement enabled")
         w = weight(x, label)
+        if error_column not in x.error or x.error[error_column].isna().any():
+            raise ExpertbitsError(f"allocator {label!r} needs {error_column!r}, which only GPTQ's calibration pass "
+                                  "measures (it runs every expert's routed tokens through it)",
+                                  "use --quantizer gptq with this allocator, or routed-error with rtn", "allocator")
         err = {(int(r.expert), int(r.bits)): float(getattr(r, error_column)) for r in x.error.itertuples()}
         missing = [(e, b) for e in sorted(w) for b in cfg.bit_widths if (e, b) not in err]
         if missing:
@@ -194,9 +202,11 @@ ALLOCATORS: dict[str, Allocator] = {
     "pmq": _solver(_freq_times_weight, "weight_error", "pmq"),
     "weight-error": _solver(_ones, "weight_error", "weight-error"),
     "routed-error": _solver(lambda x, label: x.column("frequency", label), "routed_input_error", "routed-error"),
+    "output-error": _solver(lambda x, label: x.column("frequency", label), "output_error", "output-error"),
 }
-NEEDS_CALIBRATION = {"frequency", "routing-weight", "pmq", "routed-error"}
-NEEDS_ERROR = {"pmq", "weight-error", "routed-error"}
+NEEDS_CALIBRATION = {"frequency", "routing-weight", "pmq", "routed-error", "output-error"}
+NEEDS_ERROR = {"pmq", "weight-error", "routed-error", "output-error"}
+NEEDS_GPTQ = {"output-error"}  # its error is measured by GPTQ's calibration pass only
 
 
 def check(cfg: AllocationConfig) -> AllocationConfig:

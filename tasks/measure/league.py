@@ -25,7 +25,7 @@ import torch
 from expertbits.kernels.packing import QuantizedTensor
 
 from ..allocation.allocate import allocate
-from ..allocation.allocators import ALLOCATORS, check
+from ..allocation.allocators import ALLOCATORS, NEEDS_GPTQ, check
 from ..allocation.budget import AllocationConfig
 from ..errors import BudgetError
 from ..placement import CPU, Placement
@@ -111,6 +111,8 @@ class Grid:
             out += [Cell(cfg, False, method) for method in self.quantizers if method != "rtn"]
         if "rtn" not in self.quantizers:
             out = [c for c in out if c.quantizer != "rtn"]
+        # an allocator that reads GPTQ's own error has no RTN cells
+        out = [c for c in out if c.quantizer != "rtn" or c.config.allocator not in NEEDS_GPTQ]
         return out
 
     def quantizer(self, method: str, symmetric: bool) -> QuantizerConfig:

@@ -21,7 +21,9 @@ llm-compressor's routed-only GPTQ did).
 before any bits are chosen: the same per-expert Hessians, from the full-precision model (the
 quantized layers do not exist yet), and the error a matrix's output suffers per routed token,
 tr(ΔW H ΔWᵀ) / T_e with the full Hessian (GPTQ trades errors between correlated inputs, which a
-diagonal would not see). Which experts fall back is decided there by the full-precision routing;
+diagonal would not see), and what the expert's contribution to the layer output loses per routed
+token with all three matrices quantized, Σ_t r_t² ‖y_q(x_t) − y(x_t)‖² / T_e (`output_error`: through
+the activation and down, in the residual stream's units, so comparable across layers). Which experts fall back is decided there by the full-precision routing;
 the quantized model routes a few tokens differently, so an expert right at `min_tokens` may be
 costed with one quantizer and quantized with the other.
 
@@ -133,15 +135,24 @@ class _Measuring(_Routed):
         gate, up, down = ws = tuple(w.float() for w in self._read(e))
         self.tokens[e] = tokens = x.shape[0]
         hs = self.h_in(x, weight), self.h_out(x, weight, gate, up)
+        xf, r2 = x.float(), weight.double().square()
+        y = self._mlp(xf, *ws)
         for b in self.widths:
             we = re = 0.0
+            deq = []
             for w, h in zip(ws, (hs[0], hs[0], hs[1])):
                 q = self.gptq(w, h, b) if tokens >= self.cfg.min_tokens else self.cfg.round_matrix(w, b, self.group_size)
-                d = (w - q.dequantize()).double()
+                deq.append(q.dequantize())
+                d = (w - deq[-1]).double()
                 we += float(d.square().sum())
                 re += float(torch.einsum("nk,kl,nl->", d, h.double(), d)) / tokens
-            self.rows.append(self._row(e, b, we, re))
+            # what the layer's output loses per routed token: through the activation and down, times r
+            oe = float(((self._mlp(xf, *deq) - y).double().square().sum(1) * r2).sum()) / tokens
+            self.rows.append(self._row(e, b, we, re, oe))
         return ws
+
+    def _mlp(self, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        return (self.act_fn(x @ gate.T) * (x @ up.T)) @ down.T
 
     def finish(self) -> list[dict]:
         for e in range(self.num_experts):
@@ -151,12 +162,12 @@ class _Measuring(_Routed):
                 for b in self.widths:
                     we = sum(float((w - self.cfg.round_matrix(w, b, self.group_size).dequantize()).double().square().sum())
                              for w in ws)
-                    self.rows.append(self._row(e, b, we, 0.0))
+                    self.rows.append(self._row(e, b, we, 0.0, 0.0))
         return sorted(self.rows, key=lambda r: (r["expert"], r["bits"]))
 
-    def _row(self, e: int, bits: int, we: float, re: float) -> dict:
+    def _row(self, e: int, bits: int, we: float, re: float, oe: float) -> dict:
         return {"layer": self.layer.layer, "expert": e, "bits": bits, "symmetric_quant": self.cfg.symmetric,
-                "quantizer": self.cfg.label, "weight_error": we, "routed_input_error": re}
+                "quantizer": self.cfg.label, "weight_error": we, "routed_input_error": re, "output_error": oe}
 
 
 def _run(ft_path: Path, text: str, seq_len: int, windows: int, wrap: Callable[[int, MoELayer, LazyExperts], _Routed],

@@ -81,8 +81,8 @@ class QuantizerConfig:
         """The data-free quantizer: RTN, or RTN with the clipping search (weighted by `importance`,
         per input column; a rotated matrix's columns are mixed, so its search is unweighted)."""
         s = self.signs(w.shape[1])
-        if s is not None:
-            return replace(self._round(hadamard.rotate(w, s), bits, group_size, None), signs=s.to(w.device))
+        if s is not None:  # rotated in fp32 whatever w's dtype: the codes are of the exact W R, as validation checks
+            return replace(self._round(hadamard.rotate(w.float(), s), bits, group_size, None), signs=s.to(w.device))
         return self._round(w, bits, group_size, importance)
 
     def gptq_matrix(self, w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int) -> QuantizedTensor:
@@ -92,7 +92,7 @@ class QuantizerConfig:
         s = self.signs(w.shape[1])
         if s is not None:
             s = s.to(w.device)
-            w, h = hadamard.rotate(w, s), hadamard.rotate_hessian(h, s)
+            w, h = hadamard.rotate(w.float(), s), hadamard.rotate_hessian(h, s)
         q = gptq(w, h, bits, group_size, symmetric=self.symmetric, damp=self.damp, act_order=self.act_order, clip=self.clip)
         return q if s is None else replace(q, signs=s)
 

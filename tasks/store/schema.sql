@@ -98,8 +98,10 @@ CREATE TABLE IF NOT EXISTS expert_qerror (
     symmetric_quant    BOOLEAN NOT NULL,  -- measured with the symmetric quantizer (no zero points)
     quantizer          VARCHAR NOT NULL,  -- 'rtn', 'rtn+clip', 'gptq', ... ('+sym': symmetric)
     weight_error       DOUBLE  NOT NULL,  -- ||W - Q(W)||_F^2 over the expert's matrices
-    routed_input_error DOUBLE  NOT NULL   -- output error per routed token: RTN sum_i h_i ||dW[:, i]||^2
+    routed_input_error DOUBLE  NOT NULL,  -- output error per routed token: RTN sum_i h_i ||dW[:, i]||^2
                                           -- (allocation/calibrate.py), GPTQ tr(dW H dW^T) / tokens (quantization/gptq_sequential.py)
+    output_error       DOUBLE             -- the expert's output error per routed token, sum_t r_t^2 ||y_q - y||^2 / tokens,
+                                          -- measured by GPTQ's calibration pass only (NULL for RTN's per-layer errors)
 );
 
 -- One row per (layer, expert) of a run quantized by GPTQ: the calibration tokens its router sent it

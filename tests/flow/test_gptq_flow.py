@@ -130,12 +130,18 @@ def test_gptq_errors_match_an_independent_capture_of_the_routed_tokens(micro_pai
         h_in = (x * r.sqrt()[:, None]).T @ (x * r.sqrt()[:, None])
         a = experts.act_fn(x @ gate.T) * (x @ up.T)
         h_out = (a * r.sqrt()[:, None]).T @ (a * r.sqrt()[:, None])
+        y = a @ down.T
         for bits in (2, 3):
-            want = sum(output_error(w, gptq(w, h, bits, 32, act_order=True), h)
-                       for w, h in ((gate, h_in), (up, h_in), (down, h_out))) / len(token)
-            got = rows[(rows.layer == 0) & (rows.expert == e) & (rows.bits == bits)].routed_input_error.item()
-            assert got == pytest.approx(want, rel=1e-3)
-    assert (rows.groupby(["layer", "expert"]).routed_input_error.apply(lambda s: s.is_monotonic_decreasing)).all()
+            qg, qu, qd = (gptq(w, h, bits, 32, act_order=True) for w, h in ((gate, h_in), (up, h_in), (down, h_out)))
+            want = sum(output_error(w, q, h) for w, q, h in ((gate, qg, h_in), (up, qu, h_in), (down, qd, h_out))) / len(token)
+            row = rows[(rows.layer == 0) & (rows.expert == e) & (rows.bits == bits)]
+            assert row.routed_input_error.item() == pytest.approx(want, rel=1e-3)
+            # the expert's whole output through its quantized matrices, times the routing weight
+            y_q = (experts.act_fn(x @ qg.dequantize().T) * (x @ qu.dequantize().T)) @ qd.dequantize().T
+            want_out = float(((y_q - y).double().square().sum(1) * r.double().square()).sum()) / len(token)
+            assert row.output_error.item() == pytest.approx(want_out, rel=1e-3)
+    for column in ("routed_input_error", "output_error"):
+        assert (rows.groupby(["layer", "expert"])[column].apply(lambda s: s.is_monotonic_decreasing)).all()
 
 
 def test_league_runs_gptq_cells_ranked_among_themselves_and_each_is_the_shipped_path(micro_pair):

@@ -24,7 +24,8 @@ def _tables():
                           for e, (_, _, _, f, w) in enumerate(EXPERTS)])
     # error halves per extra bit; expert e's error scale is 1 + e
     qerr = pd.DataFrame([{"layer": 0, "expert": e, "bits": b, "weight_error": (1 + e) * 2.0 ** -b,
-                          "routed_input_error": (4 - e) * 2.0 ** -b} for e in range(4) for b in (2, 3, 4)])
+                          "routed_input_error": (4 - e) * 2.0 ** -b, "output_error": (1 + (e % 2)) * 2.0 ** -b}
+                         for e in range(4) for b in (2, 3, 4)])
     return stats, calib, qerr
 
 
@@ -97,6 +98,24 @@ def test_solver_allocators_hand_computed():
     assert _bits("routed-error") == [2, 3, 3, 2]
     # pmq: f·w·(1+e)·2^-b -> 0.05, 0.16, 0.27, 0.48: experts 3 and 2
     assert _bits("pmq") == [2, 2, 3, 3]
+    # output-error: f_e·(1 + e mod 2)·2^-b -> importance 0.1, 0.8, 0.3, 0.4: experts 1 and 3
+    assert _bits("output-error") == [2, 3, 2, 3]
+
+
+def test_output_error_needs_gptqs_measurement():
+    """RTN's per-layer errors have no output_error column (NULL in the table): a clear error, and
+    the parameters refuse the combination before any work."""
+    from pydantic import ValidationError
+
+    from expertbits.flows.params import QuantizeParams
+
+    stats, calib, qerr = _tables()
+    with pytest.raises(ExpertbitsError, match="only GPTQ's calibration pass") as e:
+        allocate(stats, AllocationConfig(avg_bits=2.5, bit_widths=(2, 3), allocator="output-error"), calib,
+                 qerr.drop(columns="output_error"))
+    assert "--quantizer gptq" in e.value.fix
+    with pytest.raises(ValidationError, match="give --quantizer gptq"):
+        QuantizeParams(allocator="output-error", quantizer="rtn")
 
 
 def test_solver_may_use_every_width_at_the_same_total():
@@ -117,7 +136,7 @@ def test_missing_calibration_is_a_clear_error(name):
 
 
 def test_every_allocator_is_covered():
-    covered = set(RANKED) | {"uniform", "random", "pmq", "weight-error", "routed-error"}
+    covered = set(RANKED) | {"uniform", "random", "pmq", "weight-error", "routed-error", "output-error"}
     assert covered == set(ALLOCATORS)
 
 

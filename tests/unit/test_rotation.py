@@ -65,9 +65,10 @@ def _outlier_matrix(n=64, k=128, seed=0):
     return w
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # the zoo stores fp16: W R is taken in fp32
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
-def test_rotated_codes_are_of_w_r_and_dequantize_to_w(method):
-    w = _outlier_matrix()
+def test_rotated_codes_are_of_w_r_and_dequantize_to_w(method, dtype):
+    w = _outlier_matrix().to(dtype)
     h = torch.eye(w.shape[1]) * 512
     rotated = QuantizerConfig(method, rotate=True)
     qr = rotated.gptq_matrix(w, h, 3, 32) if method == "gptq" else rotated.round_matrix(w, 3, 32)
@@ -77,7 +78,7 @@ def test_rotated_codes_are_of_w_r_and_dequantize_to_w(method):
     # RTN of W R: every stored weight within half a step of W R's
     if method == "rtn":
         step = qr.scales.float().repeat_interleave(32, dim=1)
-        assert bool(((qr.dequantize_stored() - (w.double() @ r).float()).abs() <= step * 0.5 + 1e-6).all())
+        assert bool(((qr.dequantize_stored() - (w.double() @ r).float()).abs() <= step * (0.5 + 1e-5) + 1e-6).all())
 
 
 def test_gptq_in_the_rotated_basis_spreads_outlier_inputs():
