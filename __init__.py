@@ -78,15 +78,16 @@ class Calibration(tuple):
 
 
 def calibrate(checkpoint: str | Path, text: str, *, bit_widths: tuple[int, ...] = BIT_WIDTHS,
-              group_size: int = GROUP_SIZE, quantizer: str = "rtn", seq_len: int = SEQ_LEN,
+              group_size: int = GROUP_SIZE, quantizer: str = "gptq", seq_len: int = SEQ_LEN,
               windows: int = WINDOWS, device: str = "auto", **quantizer_options) -> Calibration:
     """What the routers do on `text` (the text itself, not a path) and what each expert loses at
     each width: the input of the routing- and error-based allocators (`routed-error`, the
     default, among them).
 
     Give the quantizer you will pass to `quantize`, with the same options (`symmetric`, `clip`,
-    and for GPTQ `damp`, `act_order`, `min_tokens`, `weighted`): the errors are that quantizer's,
-    as the flow measures them for the allocators that read errors. `device` is as in
+    `rotate`, and for GPTQ `damp`, `act_order`, `min_tokens`, `weighted`): the errors are that
+    quantizer's, as the flow measures them for the allocators that read errors. As in the flow,
+    GPTQ is the default and rotates unless `rotate=False`; RTN does not unless `rotate=True`. `device` is as in
     `expertbits quantize --device`: auto (a GPU if there is one), cpu, cuda or cuda:N."""
     from expertbits.tasks.allocation.calibrate import calibrate as _calibrate
     from expertbits.tasks.placement import of_checkpoint
@@ -107,22 +108,30 @@ def _quantizer(method: str, options: dict):
     known = {f.name for f in fields(QuantizerConfig)} - {"method"}
     if unknown := sorted(set(options) - known):
         raise ExpertbitsError(f"unknown quantizer options {unknown}", f"give any of {sorted(known)}", "quantizer")
-    return QuantizerConfig(method=method, **options)
+    return QuantizerConfig(method=method, **{"rotate": method == "gptq", **options})  # the flow's default rotation
 
 
-def allocate(stats: pd.DataFrame, *, avg_bits: float = 2.5, allocator: str = "routed-error",
+def allocate(stats: pd.DataFrame, *, avg_bits: float = 2.5, allocator: str = "auto",
              calibration: Calibration | None = None, bit_widths: tuple[int, ...] = BIT_WIDTHS,
              **options) -> pd.DataFrame:
     """Bits per routed expert: one row per (layer, expert) with its bits and why.
 
     `allocator` is any of `expertbits quantize --allocator`'s choices; those that use routing or
-    error need `calibration`. `options` are the other fields of the allocation configuration
-    (`zeta`, `scheme`, `granularity`, `scope`, `maxvar_definition`, `seed`)."""
+    error need `calibration`. `auto`, as in the flow: `output-error` when the calibration's errors
+    are GPTQ's (they carry the expert output error), else `routed-error`. `options` are the other
+    fields of the allocation configuration (`zeta`, `scheme`, `granularity`, `scope`,
+    `maxvar_definition`, `seed`); `scope` defaults as the flow's `--budget-scope auto`: `model`
+    for `output-error`, else `layer`."""
     from expertbits.tasks.allocation.allocate import allocate as _allocate
-    from expertbits.tasks.allocation.allocators import ALLOCATORS, NEEDS_CALIBRATION, NEEDS_ERROR, check
+    from expertbits.tasks.allocation.allocators import ALLOCATORS, NEEDS_CALIBRATION, NEEDS_ERROR, NEEDS_GPTQ, check
     from expertbits.tasks.allocation.budget import AllocationConfig
     from expertbits.tasks.errors import BudgetError
 
+    if allocator == "auto":
+        errors = calibration.errors if calibration is not None else None
+        gptq = errors is not None and "output_error" in errors and errors["output_error"].notna().all()
+        allocator = "output-error" if gptq else "routed-error"
+    options.setdefault("scope", "model" if allocator in NEEDS_GPTQ else "layer")
     cfg = check(AllocationConfig(avg_bits=avg_bits, bit_widths=tuple(bit_widths), allocator=allocator, **options))
     if calibration is None and allocator in NEEDS_CALIBRATION | NEEDS_ERROR:
         raise BudgetError(f"allocator {allocator!r} reads routing{' and quantization error' if allocator in NEEDS_ERROR else ''}"
@@ -138,12 +147,13 @@ def allocate(stats: pd.DataFrame, *, avg_bits: float = 2.5, allocator: str = "ro
 
 
 def quantize(checkpoint: str | Path, allocation: pd.DataFrame, out: str | Path, *, group_size: int = GROUP_SIZE,
-             quantizer: str = "rtn", text: str | None = None, seq_len: int = SEQ_LEN, windows: int = WINDOWS,
+             quantizer: str = "gptq", text: str | None = None, seq_len: int = SEQ_LEN, windows: int = WINDOWS,
              device: str = "auto", **quantizer_options) -> dict:
     """Write the quantized folder of `checkpoint` into `out` and return its summary.
 
-    `quantizer="gptq"` calibrates each expert on the tokens its router sends it from `text`, layer
-    after layer; `quantizer_options` are as in `calibrate`. The folder is what `load` reads and
+    `quantizer="gptq"` (the default, as in the flow) calibrates each expert on the tokens its router
+    sends it from `text`, layer after layer; `quantizer="rtn"` needs no text. `quantizer_options`
+    are as in `calibrate` (GPTQ rotates unless `rotate=False`). The folder is what `load` reads and
     `expertbits export` converts. It is written beside `out` and renamed into place when complete:
     `out` must not exist, and a failure leaves nothing there. `device` is as in `calibrate`."""
     import shutil

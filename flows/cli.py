@@ -50,7 +50,7 @@ def _add_options(parser: argparse.ArgumentParser, model: type[BaseModel]) -> Non
                                 help=help_text + "; each set comma-separated, sets separated by spaces")
         elif getattr(ann, "__origin__", None) is list:
             parser.add_argument(_option(name), dest=name, metavar="X,X,...", help=help_text + "; comma-separated")
-        elif ann is bool:
+        elif ann is bool or set(get_args(ann)) == {bool, type(None)}:  # an optional bool: unset means auto
             parser.add_argument(_option(name), dest=name, action=argparse.BooleanOptionalAction, default=None,
                                 help=help_text)
         else:

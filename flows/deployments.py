@@ -57,13 +57,13 @@ def build(settings: Settings = Settings()) -> list:
     common = dict(entrypoint_type=EntrypointType.MODULE_PATH, tags=["expertbits"])
     io = dict(store=settings.store, storage_options=settings.storage_options)
     out = [
-        quantize_moe.to_deployment(name="quantize", parameters={"params": QuantizeParams(**io).model_dump(mode="json")},
+        quantize_moe.to_deployment(name="quantize", parameters={"params": QuantizeParams.form(**io)},
                                    description="Quantize a MoE checkpoint with per-expert bit-widths", **common),
         league_table.to_deployment(name="league", parameters={"params": LeagueParams(**io).model_dump(mode="json")},
                                    description="Compare allocators on one checkpoint pair", **common),
         quantize_moe.to_deployment(
             name="quantize-nightly", schedule=Cron(settings.nightly_cron, timezone=settings.timezone),
-            parameters={"params": QuantizeParams(checkpoint=settings.nightly_checkpoint, **io).model_dump(mode="json")},
+            parameters={"params": QuantizeParams.form(checkpoint=settings.nightly_checkpoint, **io)},
             description=f"Requantize {settings.nightly_checkpoint} on a schedule", **common),
     ]
     if settings.watch_prefixes:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from expertbits.tasks.allocation.allocators import ALLOCATORS, NEEDS_ERROR, NEEDS_GPTQ, check
 from expertbits.tasks.allocation.budget import GRANULARITIES, AllocationConfig
+from expertbits.tasks.errors import ExpertbitsError
 from expertbits.tasks.measure.league import DEFAULT_ALLOCATORS, TASKS, Grid
 from expertbits.tasks.quantization.method import METHODS, QuantizerConfig
 
@@ -172,9 +173,11 @@ class QuantizeParams(CommonParams):
 
     avg_bits: float = Field(2.5, gt=0, le=8, description="Average bits per routed expert, between the smallest and largest bit-width")
     bit_widths: list[int] = Field([2, 3, 4], min_length=1, description="Available expert bit-widths")
-    # routed-error ranks first across the zoo's league tables (README, "League table"), pmq a close
-    # second; "paper" is the paper's method
-    allocator: str = Field("routed-error", description=f"Who gets the bits: {', '.join(ALLOCATORS)} (see tasks/allocation/allocators.py)")
+    # 'auto' is the best measured on the zoo (docs/results/2026-12-07-quality-levers.md): output-error
+    # under GPTQ, routed-error (first across the RTN league tables) under RTN; "paper" is the paper's method
+    allocator: str = Field("auto", description=(
+        f"Who gets the bits: {', '.join(ALLOCATORS)} (see tasks/allocation/allocators.py), or 'auto': output-error "
+        "with --quantizer gptq, routed-error with rtn"))
     scheme: str = Field("two-tier", description=(
         "Tier counts for ranking allocators: 'two-tier' (the two widths around the budget) or 'three-tier' "
         "(three equally spaced widths, the paper's region rules)"))
@@ -182,31 +185,74 @@ class QuantizeParams(CommonParams):
     granularity: str = Field("expert", description=(
         "'expert': every routed expert its own width; 'layer': one width per MoE layer (widths vary across layers), "
         "what vLLM can serve; needs a cost-based allocator (pmq, weight-error, routed-error) or uniform"))
-    budget_scope: str = Field("layer", description=(
+    budget_scope: str = Field("auto", description=(
         "Where --avg-bits holds: 'layer' (every MoE layer at that average, the paper's rule) or 'model' (one solve "
         "over every routed expert of the model: a layer whose experts lose more per bit takes bits from one that "
-        "loses less; cost-based allocators, per-expert widths)"))
+        "loses less; cost-based allocators, per-expert widths), or 'auto': model for output-error, whose costs "
+        "compare across layers, else layer"))
     symmetric: bool = Field(False, description=(
         "Symmetric quantization (every zero point at the middle code): exports without zero points, which plain "
         "transformers loads; asymmetric (default) is more accurate"))
-    quantizer: str = Field("rtn", description=(
+    quantizer: str = Field("auto", description=(
         f"How each expert matrix is quantized: {', '.join(METHODS)} ('gptq': routed, sequential GPTQ on the "
-        "calibration text, see tasks/quantization/gptq_sequential.py)"))
+        "calibration text, see tasks/quantization/gptq_sequential.py; 'rtn': data-free, much faster at real size), "
+        "or 'auto': gptq for decoder-only MoE models, rtn for encoder-decoder ones (Switch), which GPTQ does not support"))
+    rotate: bool | None = Field(None, description=(
+        "Quantize each expert matrix in a rotated basis, W R with R a random-signed Hadamard on its inputs, and rotate "
+        "its inputs when it runs (kernels/hadamard.py); format version 3, not exportable. Default: on with gptq "
+        "(less KL on the zoo), off with rtn (no gain measured)"))
     validation_rtol: float = Field(1e-4, gt=0, description="Largest kernel-vs-reference relative error accepted")
     event_id: str | None = Field(None, description=(
         "The Prefect event that started this run (set by the requantize trigger; recorded in the manifest)"))
 
     @model_validator(mode="after")
     def _budget_fits(self):
-        self.allocation_config()  # fail before any work: unknown allocator, unreachable budget, bad scheme
-        self.quantizer_config()
-        if self.allocator in NEEDS_GPTQ and self.quantizer != "gptq":
+        # an 'auto' quantizer is chosen with the checkpoint (for_checkpoint); until then the options
+        # are checked as GPTQ's, the choice for every decoder-only model
+        probe = self if self.quantizer != "auto" else self.model_copy(update={"quantizer": "gptq"})
+        probe._resolve_defaults()
+        probe.allocation_config()  # fail before any work: unknown allocator, unreachable budget, bad scheme
+        probe.quantizer_config()
+        if self.allocator in NEEDS_GPTQ and self.quantizer == "rtn":
             raise ValueError(f"allocator {self.allocator!r} reads the error GPTQ's calibration pass measures; give "
                              "--quantizer gptq, or use routed-error with rtn")
         if self.symmetric and 1 in self.bit_widths:
             raise ValueError("symmetric quantization cannot use 1 bit (its codes are -scale and 0, every weight "
                              "rounds to 0); drop 1 from --bit-widths or quantize asymmetrically")
         return self
+
+    AUTO: ClassVar[tuple[str, ...]] = ("quantizer", "allocator", "budget_scope", "rotate")  # chosen for the checkpoint
+
+    @classmethod
+    def form(cls, **values) -> dict:
+        """The parameters as a deployment's form shows them: validated, with the choices made by the
+        quantizer left as 'auto' unless given (so switching the form's quantizer to rtn works)."""
+        dumped = cls(**values).model_dump(mode="json")
+        return {**dumped, **{k: cls.model_fields[k].default for k in cls.AUTO if k not in values}}
+
+    def for_checkpoint(self, encoder_decoder: bool) -> "QuantizeParams":
+        """These parameters with the quantizer chosen for the checkpoint ('auto': GPTQ, or RTN for an
+        encoder-decoder model), and with it every choice left to the quantizer: what the run records."""
+        if self.quantizer != "auto":
+            return self
+        values = self.model_dump()
+        if encoder_decoder and values["allocator"] in NEEDS_GPTQ:
+            raise ExpertbitsError(f"allocator {values['allocator']!r} reads GPTQ's error, and GPTQ does not support "
+                                  "this encoder-decoder model", "give --allocator routed-error (or auto)", "allocator")
+        return QuantizeParams(**dict(values, quantizer="rtn" if encoder_decoder else "gptq"))
+
+    def _resolve_defaults(self) -> None:
+        """'auto' and unset choices become the best measured for the quantizer, so the manifest, the
+        keys and the UI record what ran (docs/results/2026-12-07-quality-levers.md)."""
+        if self.quantizer == "auto":
+            return  # chosen with the checkpoint (for_checkpoint)
+        gptq = self.quantizer == "gptq"
+        if self.allocator == "auto":
+            self.allocator = "output-error" if gptq else "routed-error"
+        if self.budget_scope == "auto":
+            self.budget_scope = "model" if self.allocator in NEEDS_GPTQ else "layer"
+        if self.rotate is None:
+            self.rotate = gptq
 
     def quantizer_config(self) -> QuantizerConfig:
         return QuantizerConfig(method=self.quantizer, symmetric=self.symmetric, clip=self.clip, damp=self.gptq_damp,

@@ -25,9 +25,11 @@ from expertbits.tasks.allocation.allocators import NEEDS_CALIBRATION, NEEDS_ERRO
 from expertbits.tasks.records import RunManifest
 from expertbits.tasks.stages.quantize_tasks import (
     allocate_bits,
+    announce_gptq,
     calibrate_experts,
     check_device,
     check_store,
+    choose_quantizer,
     evaluate_model,
     extract_statistics,
     fetch_checkpoint,
@@ -56,10 +58,13 @@ def quantize_moe(params: QuantizeParams = QuantizeParams()) -> RunManifest:
     device = check_device(p.device)  # auto resolved once: every process keys alike
 
     finetuned = fetch_checkpoint(pin_revision(p.checkpoint), p.cache_dir, p.storage_options)
+    p = choose_quantizer(p, finetuned, p.cache_dir, p.storage_options)  # --quantizer auto: GPTQ, or RTN for Switch
     reference, choice = fetch_reference(finetuned, p.reference, p.cache_dir, p.storage_options)
     calibration_text = pin_text(p.calibration_text, p.cache_dir, p.storage_options)
     eval_text = pin_text(p.eval_text, p.cache_dir, p.storage_options)
     layers = layer_chunks(finetuned, **local)
+    announce_gptq(finetuned, p.quantizer_config().as_dict(), len(p.bit_widths) * (p.allocator in NEEDS_ERROR), device,
+                  **local)  # on a CPU, how long GPTQ will take, before it starts
     stats = extract_statistics(finetuned, reference, per_layer("statistics", layers, checkpoint=finetuned,
                                                                reference=reference, **local), cache_dir=p.cache_dir, **io)
     quantizer = p.quantizer_config().as_dict()

@@ -113,9 +113,10 @@ def read_json(path: Path) -> dict:
 
 @pytest.fixture
 def params(micro_pair, tmp_path):
-    """The flow tests' quantize configuration: the tiny pair at 2.5 bits of {2, 3}, a local store."""
+    """The flow tests' quantize configuration: the tiny pair at 2.5 bits of {2, 3}, a local store; RTN,
+    the fast quantizer (the default, GPTQ, is the no-option run's and tests/flow/test_gptq_flow.py's)."""
     base, ft = micro_pair
     text = tmp_path / "heldout.txt"
     text.write_text(text_path("code-heldout").read_text())
-    return dict(checkpoint=str(ft), reference=str(base), avg_bits=2.5, bit_widths=[2, 3], group_size=32,
+    return dict(checkpoint=str(ft), reference=str(base), avg_bits=2.5, bit_widths=[2, 3], group_size=32, quantizer="rtn",
                 store=str(tmp_path / "store"), eval_text=str(text), eval_windows=4, eval_seq_len=64)

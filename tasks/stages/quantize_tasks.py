@@ -71,6 +71,54 @@ def check_device(device: str) -> str:
 
 # ---- 1. download --------------------------------------------------------------------------------
 
+@task(name="choose-quantizer")
+def choose_quantizer(params, checkpoint: CheckpointRecord, cache_dir: str | None, storage_options: dict):
+    """The run's parameters with `--quantizer auto` decided for this checkpoint (flows/params.py
+    `for_checkpoint`): GPTQ, or RTN for an encoder-decoder model, said in the log."""
+    from ..model.streaming import is_seq2seq
+
+    if params.quantizer != "auto":
+        return params
+    encoder_decoder = is_seq2seq(ckpt_path(checkpoint, cache_dir, storage_options))
+    chosen = params.for_checkpoint(encoder_decoder)
+    get_run_logger().info("quantizer auto: %s%s, allocator %s (budget per %s), rotation %s", chosen.quantizer,
+                          " (GPTQ supports decoder-only MoE models; this one is encoder-decoder)" if encoder_decoder else "",
+                          chosen.allocator, chosen.budget_scope, "on" if chosen.rotate else "off")
+    return chosen
+
+
+@task(name="gptq-estimate")
+def announce_gptq(checkpoint: CheckpointRecord, quantizer: dict, widths_measured: int, device: str,
+                  cache_dir: str | None, storage_options: dict) -> float | None:
+    """On a CPU, how long the run's GPTQ will take, said up front (quantization/gptq_time.py): the
+    quantization pass, and the calibration pass at each width for the error-based allocators.
+    Seconds, or None where it does not apply (RTN, or a GPU)."""
+    from ..quantization import gptq_time
+
+    if not QuantizerConfig.from_dict(quantizer).calibrated or device != "cpu":
+        return None
+    with Checkpoint.open(ckpt_path(checkpoint, cache_dir, storage_options)) as ckpt:
+        shapes = [_matrix_shape(ckpt, m) for m in detect(ckpt).matrices]
+    passes = 1 + widths_measured
+    seconds = gptq_time.estimate_seconds(shapes, passes, gptq_time.probe_rate())
+    largest = max(shapes, key=lambda s: gptq_time.flops(*s))
+    text = (f"GPTQ on this CPU: about {gptq_time.human(seconds)} ({len(shapes)} expert matrices, the largest "
+            f"{largest[0]} × {largest[1]}; {passes} pass{'es' if passes > 1 else ''}: "
+            + (f"{widths_measured} to measure each width, then " if widths_measured else "") + "the quantization)")
+    log = get_run_logger()
+    if seconds > 600:
+        log.warning("%s; --device cuda, or --quantizer rtn (data-free, no GPTQ), is much faster", text)
+    else:
+        log.info(text)
+    return seconds
+
+
+def _matrix_shape(ckpt: Checkpoint, m) -> tuple[int, int]:
+    """(N, K) of an expert matrix, from its tensor's header (a fused tensor's expert and row slice)."""
+    n, k = ckpt.tensors[m.key].shape[-2:]
+    return (m.rows[1] - m.rows[0], k) if m.rows else (n, k)
+
+
 @task(name="pin-revision", retries=3, retry_delay_seconds=[1, 4, 10], retry_condition_fn=transient)
 def pin_revision(uri: str | None) -> str | None:
     """An hf:// branch or tag resolved to its commit, once, before the download's cache key and

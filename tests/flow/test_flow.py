@@ -115,7 +115,7 @@ def test_flow_runs_then_caches_then_recomputes_only_what_changed(prefect_api, pa
     from expertbits.tasks.store.tables import read_stats
 
     alloc = read_stats(run_dir / "allocation" / "bit_allocation.parquet")
-    expertbits.quantize(params["checkpoint"], alloc, tmp_path / "api", group_size=32)
+    expertbits.quantize(params["checkpoint"], alloc, tmp_path / "api", group_size=32, quantizer=params["quantizer"])
     assert sha256s(tmp_path / "api") == sha256s(run_dir / "quantization")
 
     states = task_states(first)

@@ -60,7 +60,7 @@ def test_gptq_run_reports_coverage_validates_caches_and_falls_back_to_exactly_rt
     from support.flowruns import artifacts, task_states
 
     store = tmp_path / "store"
-    state = run(**params, quantizer="gptq", allocator="routed-error", avg_bits=2.5, bit_widths=[2, 3])
+    state = run(**dict(params, quantizer="gptq", allocator="routed-error", avg_bits=2.5, bit_widths=[2, 3]))
     m = state.result()
     assert m.summary["quantization"]["quantizer"] == "gptq" and m.summary["calibration"]["quantizer"] == "gptq"
     run_dir = store / "runs" / m.run_id
@@ -82,16 +82,16 @@ def test_gptq_run_reports_coverage_validates_caches_and_falls_back_to_exactly_rt
     assert checks == [("grid", True)] and qerr == [("gptq",)]
     assert any(key and key.startswith("calibration-coverage-") for _, key in artifacts(state))
 
-    again = run(**params, quantizer="gptq", allocator="routed-error", avg_bits=2.5, bit_widths=[2, 3])
+    again = run(**dict(params, quantizer="gptq", allocator="routed-error", avg_bits=2.5, bit_widths=[2, 3]))
     states = task_states(again)
     assert states["calibration-sequential"] == states["quantization-sequential"] == "Cached"
 
     # at 3 bits uniform: GPTQ beats RTN; with every expert under --gptq-min-tokens, GPTQ's output is
     # RTN's, tensor for tensor, and says so
     uniform = dict(params, allocator="uniform", avg_bits=3, bit_widths=[3])
-    rtn, gq = run(**uniform).result(), run(**uniform, quantizer="gptq").result()
+    rtn, gq = run(**uniform).result(), run(**dict(uniform, quantizer="gptq")).result()
     assert gq.summary["evaluation"]["kl"] < 0.9 * rtn.summary["evaluation"]["kl"]
-    fallback = run(**uniform, quantizer="gptq", gptq_min_tokens=10**6).result()
+    fallback = run(**dict(uniform, quantizer="gptq", rotate=False, gptq_min_tokens=10**6)).result()
     assert fallback.summary["quantization"]["fallback_experts"] == 8
     a, b = shards(store, rtn), shards(store, fallback)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -208,9 +208,11 @@ def test_quantizer_options_are_checked_before_any_work():
         LeagueParams(quantizers=["rtn", "awq"])
     with pytest.raises(ValueError):
         QuantizeParams(quantizer="gptq", gptq_damp=0)
-    assert QuantizeParams(quantizer="gptq", clip=True).quantizer_config().label == "gptq+clip"
+    assert QuantizeParams(quantizer="gptq", clip=True).quantizer_config().label == "gptq+rot+clip"
+    assert QuantizeParams(quantizer="gptq", clip=True, rotate=False).quantizer_config().label == "gptq+clip"
     # GPTQ's options do not touch an RTN run's keys or config; routing-only allocators skip GPTQ errors
-    assert QuantizeParams(gptq_damp=0.05).quantizer_config().as_dict() == QuantizeParams().quantizer_config().as_dict()
+    rtn = QuantizeParams(quantizer="rtn")
+    assert QuantizeParams(quantizer="rtn", gptq_damp=0.05).quantizer_config().as_dict() == rtn.quantizer_config().as_dict()
     assert QuantizeParams(quantizer="gptq", gptq_damp=0.05).quantizer_config().as_dict()["damp"] == 0.05
     assert QuantizeParams(quantizer="gptq", allocator="frequency").error_quantizer().method == "rtn"
     assert QuantizeParams(quantizer="gptq", allocator="pmq").error_quantizer().method == "gptq"
