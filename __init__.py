@@ -121,7 +121,7 @@ def allocate(stats: pd.DataFrame, *, avg_bits: float = 2.5, allocator: str = "au
     are GPTQ's (they carry the expert output error), else `routed-error`. `options` are the other
     fields of the allocation configuration (`zeta`, `scheme`, `granularity`, `scope`,
     `maxvar_definition`, `seed`); `scope` defaults as the flow's `--budget-scope auto`: `model`
-    for `output-error`, else `layer`."""
+    for `output-error` with per-expert widths, else `layer`."""
     from expertbits.tasks.allocation.allocate import allocate as _allocate
     from expertbits.tasks.allocation.allocators import ALLOCATORS, NEEDS_CALIBRATION, NEEDS_ERROR, NEEDS_GPTQ, check
     from expertbits.tasks.allocation.budget import AllocationConfig
@@ -131,7 +131,8 @@ def allocate(stats: pd.DataFrame, *, avg_bits: float = 2.5, allocator: str = "au
         errors = calibration.errors if calibration is not None else None
         gptq = errors is not None and "output_error" in errors and errors["output_error"].notna().all()
         allocator = "output-error" if gptq else "routed-error"
-    options.setdefault("scope", "model" if allocator in NEEDS_GPTQ else "layer")
+    options.setdefault("scope", "model" if allocator in NEEDS_GPTQ and options.get("granularity", "expert") == "expert"
+                       else "layer")
     cfg = check(AllocationConfig(avg_bits=avg_bits, bit_widths=tuple(bit_widths), allocator=allocator, **options))
     if calibration is None and allocator in NEEDS_CALIBRATION | NEEDS_ERROR:
         raise BudgetError(f"allocator {allocator!r} reads routing{' and quantization error' if allocator in NEEDS_ERROR else ''}"

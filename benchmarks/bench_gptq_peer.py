@@ -47,7 +47,8 @@ TEXTS = {"mixtral-tiny/wordnet": (CAL_TEXT, EVAL_TEXT), "qwen-moe-tiny/wordnet":
          "mixtral-tiny/control": ("zoo://text/web-train", "zoo://text/web-heldout")}
 FRONTIER_PAIRS = tuple(TEXTS)
 # the quality issue's levers as quantize options: each row of the frontier table
-VARIANTS = {"gptq": {}, "gptq+rot": {"rotate": True}, "gptq+rot+damp.05": {"rotate": True, "gptq_damp": 0.05},
+PLAIN = {"rotate": False, "allocator": "routed-error", "budget_scope": "layer"}  # the defaults before the levers
+VARIANTS = {"gptq": PLAIN, "gptq+rot": dict(PLAIN, rotate=True), "gptq+rot+damp.05": dict(PLAIN, rotate=True, gptq_damp=0.05),
             "gptq+rot+output-error+model": {"rotate": True, "allocator": "output-error", "budget_scope": "model"}}
 ALLOCATION = ("allocator", "budget_scope")  # a variant's allocation options, which a uniform width has no use for
 ROLE = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
@@ -256,13 +257,14 @@ def main(argv=None) -> None:
             for bits in (int(b) for b in args.bits.split(",")):
                 uniform = dict(allocator="uniform", avg_bits=bits, bit_widths=[bits])
                 row[f"rtn-{bits}"] = expertbits_run(pair, store, quantizer="rtn", **uniform)
-                row[f"gptq-{bits}"] = expertbits_run(pair, store, quantizer="gptq", **uniform)
+                row[f"gptq-{bits}"] = expertbits_run(pair, store, quantizer="gptq", rotate=False, **uniform)
                 row[f"peer-{bits}"] = peer_run(args.peer_python, ft, windows, bits, tmp)
                 print(pair, bits, {k: round(v["kl"], 5) for k, v in row.items() if k.endswith(f"-{bits}")}, flush=True)
             row["peer-routed-only-2"] = peer_run(args.peer_python, ft, windows, 2, tmp, routed_only=True)
             for allocator in SOLVERS:
                 row[f"gptq-{args.budget:g}-{allocator}"] = expertbits_run(
-                    pair, store, quantizer="gptq", allocator=allocator, avg_bits=args.budget, bit_widths=[2, 3, 4])
+                    pair, store, quantizer="gptq", rotate=False, budget_scope="layer", allocator=allocator,
+                    avg_bits=args.budget, bit_widths=[2, 3, 4])
                 row[f"rtn-{args.budget:g}-{allocator}"] = expertbits_run(
                     pair, store, quantizer="rtn", allocator=allocator, avg_bits=args.budget, bit_widths=[2, 3, 4])
             print(pair, {k: round(v["kl"], 5) for k, v in row.items()}, flush=True)

@@ -188,8 +188,8 @@ class QuantizeParams(CommonParams):
     budget_scope: str = Field("auto", description=(
         "Where --avg-bits holds: 'layer' (every MoE layer at that average, the paper's rule) or 'model' (one solve "
         "over every routed expert of the model: a layer whose experts lose more per bit takes bits from one that "
-        "loses less; cost-based allocators, per-expert widths), or 'auto': model for output-error, whose costs "
-        "compare across layers, else layer"))
+        "loses less; cost-based allocators, per-expert widths), or 'auto': model for output-error with per-expert "
+        "widths (its costs compare across layers), else layer"))
     symmetric: bool = Field(False, description=(
         "Symmetric quantization (every zero point at the middle code): exports without zero points, which plain "
         "transformers loads; asymmetric (default) is more accurate"))
@@ -249,8 +249,8 @@ class QuantizeParams(CommonParams):
         gptq = self.quantizer == "gptq"
         if self.allocator == "auto":
             self.allocator = "output-error" if gptq else "routed-error"
-        if self.budget_scope == "auto":
-            self.budget_scope = "model" if self.allocator in NEEDS_GPTQ else "layer"
+        if self.budget_scope == "auto":  # one width per layer is model-wide already
+            self.budget_scope = "model" if self.allocator in NEEDS_GPTQ and self.granularity == "expert" else "layer"
         if self.rotate is None:
             self.rotate = gptq
 

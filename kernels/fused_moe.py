@@ -174,8 +174,11 @@ def _check(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tens
                          "do not form an [F, H] (gate, up), [H', F] (down) expert MLP over x")
     if len({b.num_experts for _, b in banks}) != 1 or len({b.group_size for _, b in banks}) != 1:
         raise ValueError("gate, up and down must hold the same experts with one group size")
-    if up is not None and ((gate.signs is None) != (up.signs is None) or
-                           (gate.signs is not None and not torch.equal(gate.signs, up.signs))):
+    # gate and up read one rotated x, so they must share its signs; compared by value only off the GPU
+    # (on it a comparison would wait for the device every call; PackedExperts compares once, at load)
+    if up is not None and ((gate.signs is None) != (up.signs is None) or (
+            gate.signs is not None and gate.signs is not up.signs and
+            (gate.signs.shape != up.signs.shape or (not x.is_cuda and not torch.equal(gate.signs, up.signs))))):
         raise ValueError("gate and up read the same input and must share its rotation")
     want = dict(packed=torch.int32, scales=torch.float16, zeros=torch.uint8, word_offset=torch.int64,
                 group_offset=torch.int64, bits_table=torch.int32, signs=torch.int8)

@@ -42,14 +42,13 @@ def packed_linear(x: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
     """``x[..., K] @ dequantize(q)[N, K]ᵀ`` in x's dtype; a rotated q as (x R)(W R)ᵀ, its input
     rotated first (hadamard.py) and its codes read as stored."""
     shape = x.shape
-    x2 = q.rotate_input(x.reshape(-1, shape[-1]))
-    q = q.stored()
+    x2 = x.reshape(-1, shape[-1])
     if x2.is_cuda:
-        from .dequant_matmul import dequant_matmul
+        from .dequant_matmul import dequant_matmul  # rotates a rotated q's input itself
 
         y = dequant_matmul(x2.contiguous(), q)
-    else:
-        y = x2.float() @ q.dequantize().T
+    else:  # rotated in fp32, as the codes were taken
+        y = q.rotate_input(x2.float()) @ q.stored().dequantize().T
     return y.to(x.dtype).reshape(*shape[:-1], q.shape[0])
 
 
@@ -194,6 +193,10 @@ class PackedExperts(GatedExperts):
             for field, t in bank.tensors().items():  # buffers, so `.to(device)` moves them
                 self.register_buffer(f"{role}_{field}", _as_buffer(field, t), persistent=False)
             self._layout[role] = dict(bits=bank.bits, group_size=bank.group_size, shape=bank.shape)
+        gate_signs, up_signs = (getattr(self, f"{role}_signs", None) for role in ("gate", "up"))
+        if (gate_signs is None) != (up_signs is None) or (
+                gate_signs is not None and not gate_signs.is_meta and not torch.equal(gate_signs, up_signs)):
+            raise ValueError("gate and up read the same input and must share its rotation")
 
     def bank(self, role: str) -> ExpertBank:
         return ExpertBank(**{f: _from_buffer(f, getattr(self, f"{role}_{f}")) for f in ExpertBank.TENSORS},

@@ -62,7 +62,8 @@ def consumers(qc: dict) -> dict[str, str]:
         raise CheckpointError(
             f"{len(rotated)} expert matrices were quantized in a rotated basis (e.g. {rotated[0]}): compressed-tensors "
             "has no input rotation, so every consumer would multiply the raw inputs by W R and compute garbage",
-            "quantize without --rotate for an export, or keep the native expertbits output, which rotates the inputs")
+            "quantize with --no-rotate (GPTQ rotates by default) or --quantizer rtn for an export, or keep the native "
+            "expertbits output, which rotates the inputs")
     by_layer = {layer: sorted(set(bits)) for layer, bits in qc["expert_bits"].items()}
     mixed = {layer: bits for layer, bits in by_layer.items() if len(bits) > 1}
     if mixed:

@@ -32,8 +32,8 @@ from expertbits.kernels.packing import QuantizedTensor, packed_width
 from ..errors import CheckpointError
 from ..store.verify import check_folder
 from .install import install
-from .packed_folder import (FORMAT_VERSION, MODEL_TYPE, PACKED_SUFFIXES, QUANT_METHOD, SIGNS_KEY, check_version,
-                            iter_quantized, stored_keys)
+from .packed_folder import (MODEL_TYPE, PACKED_SUFFIXES, QUANT_METHOD, SIGNS_KEY, check_version, iter_quantized,
+                            stored_keys)
 
 
 __all__ = ["base_config_dict", "install_packed_experts", "load", "read_packed"]
@@ -42,8 +42,8 @@ def base_config_dict(config: dict) -> dict:
     """The original model's config.json from an expertbits config.json."""
     qc = config.get("quantization_config") or {}
     if qc.get("quant_method") != QUANT_METHOD or "base_model_type" not in qc:
-        raise CheckpointError("config.json is not an expertbits-quantized config (or one from before format version "
-                              f"{FORMAT_VERSION})", "quantize the model with this expertbits")
+        raise CheckpointError("config.json is not an expertbits-quantized config (or one from before format version 2)",
+                              "quantize the model with this expertbits")
     check_version(qc, "config.json")
     return dict(config, model_type=qc["base_model_type"])
 

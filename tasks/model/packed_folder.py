@@ -95,11 +95,11 @@ def iter_quantized(path: Path, device: str = "cpu", layer: int | None = None) ->
     for name, info in qc["modules"].items():
         if layer is not None and info["layer"] != layer:
             continue
-        key = f"{name}.qweight"
-        if key not in weight_map:
-            raise CheckpointError(f"{path}: quantization_config lists {name} but no shard holds {key}",
-                                  "the quantized checkpoint is incomplete or was edited; quantize again")
-        by_shard.setdefault(weight_map[key], []).append(name)
+        for key in stored_keys(name, info):  # codes, scales, zeros and a rotated matrix's signs
+            if key not in weight_map:
+                raise CheckpointError(f"{path}: quantization_config lists {name} but no shard holds {key}",
+                                      "the quantized checkpoint is incomplete or was edited; quantize again")
+        by_shard.setdefault(weight_map[f"{name}.qweight"], []).append(name)
     for shard in sorted(by_shard):
         with safe_open(path / shard, framework="pt", device=str(device)) as f:
             for name in by_shard[shard]:

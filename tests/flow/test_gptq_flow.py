@@ -62,24 +62,26 @@ def test_gptq_run_reports_coverage_validates_caches_and_falls_back_to_exactly_rt
     store = tmp_path / "store"
     state = run(**dict(params, quantizer="gptq", allocator="routed-error", avg_bits=2.5, bit_widths=[2, 3]))
     m = state.result()
-    assert m.summary["quantization"]["quantizer"] == "gptq" and m.summary["calibration"]["quantizer"] == "gptq"
+    # GPTQ rotates by default (flows/params.py): the labels say so
+    assert m.summary["quantization"]["quantizer"] == "gptq+rot" and m.summary["calibration"]["quantizer"] == "gptq+rot"
     run_dir = store / "runs" / m.run_id
     qc = json.loads((run_dir / "quantization" / "config.json").read_text())["quantization_config"]
     assert qc["quantizer"]["method"] == "gptq" and qc["quantizer"]["act_order"] and qc["quantizer"]["weighted"]
+    assert qc["quantizer"]["rotate"] and qc["version"] == 3
     con = duckdb.connect(str(run_dir / "expertbits.duckdb"), read_only=True)
     cov = con.execute("SELECT layer, expert, calibration_tokens, quantizer FROM calibration_coverage ORDER BY 1, 2").df()
     routed = con.execute("SELECT layer, expert, routed_tokens, tokens FROM expert_calibration ORDER BY 1, 2").df()
     checks = con.execute("SELECT DISTINCT weight_check, passed FROM kernel_validation").fetchall()
     qerr = con.execute("SELECT DISTINCT quantizer FROM expert_qerror").fetchall()
     con.close()
-    assert len(cov) == 8 and set(cov.quantizer) == {"gptq"}
+    assert len(cov) == 8 and set(cov.quantizer) == {"gptq+rot"}
     # layer 0 sees the embeddings, which are not quantized: exactly what the routing stage's
     # full-precision forward counted; every layer routes each of its tokens to top-2 experts
     assert cov[cov.layer == 0].calibration_tokens.tolist() == routed[routed.layer == 0].routed_tokens.tolist()
     assert (cov.groupby("layer").calibration_tokens.sum() == 2 * routed.tokens.iloc[0]).all()
     least = m.summary["quantization"]["least_covered"]
     assert least[0]["calibration_tokens"] == cov.calibration_tokens.min() and m.summary["quantization"]["fallback_experts"] == 0
-    assert checks == [("grid", True)] and qerr == [("gptq",)]
+    assert checks == [("grid", True)] and qerr == [("gptq+rot",)]
     assert any(key and key.startswith("calibration-coverage-") for _, key in artifacts(state))
 
     again = run(**dict(params, quantizer="gptq", allocator="routed-error", avg_bits=2.5, bit_widths=[2, 3]))
@@ -88,7 +90,7 @@ def test_gptq_run_reports_coverage_validates_caches_and_falls_back_to_exactly_rt
 
     # at 3 bits uniform: GPTQ beats RTN; with every expert under --gptq-min-tokens, GPTQ's output is
     # RTN's, tensor for tensor, and says so
-    uniform = dict(params, allocator="uniform", avg_bits=3, bit_widths=[3])
+    uniform = dict(params, allocator="uniform", avg_bits=3, bit_widths=[3], quantizer="rtn")
     rtn, gq = run(**uniform).result(), run(**dict(uniform, quantizer="gptq")).result()
     assert gq.summary["evaluation"]["kl"] < 0.9 * rtn.summary["evaluation"]["kl"]
     fallback = run(**dict(uniform, quantizer="gptq", rotate=False, gptq_min_tokens=10**6)).result()
@@ -208,6 +210,11 @@ def test_quantizer_options_are_checked_before_any_work():
         LeagueParams(quantizers=["rtn", "awq"])
     with pytest.raises(ValueError):
         QuantizeParams(quantizer="gptq", gptq_damp=0)
+    # the defaults' choices: one width per layer keeps its own (model-wide) budget, under auto and Switch alike
+    for quantizer in ("auto", "gptq", "rtn"):
+        layer = QuantizeParams(quantizer=quantizer, granularity="layer")
+        for chosen in ([layer.for_checkpoint(False), layer.for_checkpoint(True)] if quantizer == "auto" else [layer]):
+            assert chosen.budget_scope == "layer" and chosen.allocation_config().granularity == "layer"
     assert QuantizeParams(quantizer="gptq", clip=True).quantizer_config().label == "gptq+rot+clip"
     assert QuantizeParams(quantizer="gptq", clip=True, rotate=False).quantizer_config().label == "gptq+clip"
     # GPTQ's options do not touch an RTN run's keys or config; routing-only allocators skip GPTQ errors

@@ -93,7 +93,8 @@ def _params(pair, store: Path, cache: Path | None):
     text.write_text(text_path("code-heldout").read_text())
     return QuantizeParams(checkpoint=str(pair[1]), reference=str(pair[0]), store=str(store),
                           cache_dir=str(cache) if cache else None,
-                          avg_bits=2.5, bit_widths=[2, 3], group_size=64, eval_text=str(text), calibration_text=str(text),
+                          avg_bits=2.5, bit_widths=[2, 3], group_size=64, quantizer="rtn", eval_text=str(text),
+                          calibration_text=str(text),
                           eval_windows=4, calibration_windows=4, eval_seq_len=64)
 
 

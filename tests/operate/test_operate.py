@@ -21,7 +21,7 @@ SECRET = f"planted-{os.urandom(8).hex()}"
 # The Prefect API's basic authentication, as compose sets it: the server asks for it, every client sends it.
 AUTH = f"expertbits:auth-{os.urandom(8).hex()}"
 SMALL = {"reference": None, "avg_bits": 2.5, "bit_widths": [2, 3], "group_size": 32, "eval_windows": 2,
-         "calibration_windows": 2, "eval_seq_len": 64}
+         "calibration_windows": 2, "eval_seq_len": 64, "quantizer": "rtn"}  # per-layer Dask tasks: RTN
 
 
 def _port() -> int:

@@ -186,7 +186,7 @@ def test_a_rotated_folder_loads_streams_validates_and_is_not_exported(arch, tmp_
 
     with pytest.raises(CheckpointError, match="rotated basis") as e:
         export(tmp_path / "q", tmp_path / "export")
-    assert "without --rotate" in e.value.fix and not (tmp_path / "export").exists()
+    assert "--no-rotate" in e.value.fix and not (tmp_path / "export").exists()
 
 
 def test_unknown_rotations_and_versions_are_refused_by_name(micro_pair, tmp_path):
