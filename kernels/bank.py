@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from . import hadamard
 from .packing import QuantizedTensor, packed_width
 
 FUSED_ACTIVATIONS = {"silu": torch.nn.functional.silu, "relu": torch.relu}
@@ -95,11 +96,7 @@ class ExpertBank:
 
     def rotate_input(self, x: torch.Tensor) -> torch.Tensor:
         """x R for the bank's rotation (x itself when it has none)."""
-        if self.signs is None:
-            return x
-        from .hadamard import rotate
-
-        return rotate(x, self.signs)
+        return hadamard.rotate_input(x, self.signs)
 
     def with_tensors(self, tensors: dict[str, torch.Tensor]) -> "ExpertBank":
         """The same bank over other storage of the same tensors (e.g. moved to another device)."""

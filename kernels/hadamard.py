@@ -39,7 +39,7 @@ def signs(k: int, seed: int = 0) -> torch.Tensor:
     """The random signs s of an input dimension of k: int8 ±1, the same for every (k, seed) on
     every machine (torch's CPU generator)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + k)
-    return (torch.randint(0, 2, (k,), generator=g, dtype=torch.int8) * 2 - 1).to(torch.int8)
+    return torch.randint(0, 2, (k,), generator=g, dtype=torch.int8) * 2 - 1
 
 
 def _fwht(x: torch.Tensor, b: int) -> torch.Tensor:
@@ -63,6 +63,11 @@ def rotate(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     (float64 for float64)."""
     wide = _wide(x)
     return _fwht(x.to(wide) * s.to(x.device, wide), block(x.shape[-1])).to(x.dtype)
+
+
+def rotate_input(x: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
+    """x R for a matrix rotated by signs `s`, x itself for one that is not (s None)."""
+    return x if s is None else rotate(x, s)
 
 
 def unrotate(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

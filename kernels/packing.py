@@ -38,6 +38,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from . import hadamard
 SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
 FP16_MAX = 65504.0
 
@@ -128,17 +129,10 @@ class QuantizedTensor:
     signs: torch.Tensor | None = None  # int8 ±1 [K]: the input rotation's signs, or None (not rotated)
 
     def dequantize(self) -> torch.Tensor:
-        """fp32 [N, K] reconstruction of the matrix, in the model's basis (rotated back)."""
-        w = self.dequantize_stored()
-        if self.signs is None:
-            return w
-        from .hadamard import unrotate
-
-        return unrotate(w, self.signs)
-
-    def dequantize_stored(self) -> torch.Tensor:
-        """fp32 [N, K]: the codes' own matrix, by the format's definition (W R when rotated)."""
-        return dequantize(self.packed, self.scales, self.zeros, self.bits, self.group_size, self.shape[1])
+        """fp32 [N, K] reconstruction of the matrix, in the model's basis (rotated back; the codes'
+        own matrix W R is `stored().dequantize()`)."""
+        w = dequantize(self.packed, self.scales, self.zeros, self.bits, self.group_size, self.shape[1])
+        return w if self.signs is None else hadamard.unrotate(w, self.signs)
 
     def stored(self) -> QuantizedTensor:
         """The same codes without the rotation: what a kernel multiplies the rotated input by."""
@@ -146,11 +140,7 @@ class QuantizedTensor:
 
     def rotate_input(self, x: torch.Tensor) -> torch.Tensor:
         """x R for this matrix's rotation (x itself when it has none)."""
-        if self.signs is None:
-            return x
-        from .hadamard import rotate
-
-        return rotate(x, self.signs)
+        return hadamard.rotate_input(x, self.signs)
 
     @property
     def symmetric(self) -> bool:

@@ -43,12 +43,17 @@ def block_of(key: str) -> str:
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I8": 1, "U8": 1}
 
 
+def matrix_shape(ckpt: Checkpoint, m: ExpertMatrix) -> tuple[int, int]:
+    """(N, K) of one expert matrix, from its tensor's header (its slice of a fused tensor)."""
+    shape = ckpt.tensors[m.key].shape
+    shape = shape[1:] if m.index is not None else shape
+    return (m.rows[1] - m.rows[0] if m.rows else shape[0]), shape[-1]
+
+
 def matrix_bytes(ckpt: Checkpoint, m: ExpertMatrix) -> int:
     """Stored bytes of one expert matrix (its slice of a fused tensor)."""
-    info = ckpt.tensors[m.key]
-    shape = info.shape[1:] if m.index is not None else info.shape
-    rows = m.rows[1] - m.rows[0] if m.rows else shape[0]
-    return rows * shape[-1] * DTYPE_BYTES.get(info.dtype, 4)
+    n, k = matrix_shape(ckpt, m)
+    return n * k * DTYPE_BYTES.get(ckpt.tensors[m.key].dtype, 4)
 
 
 @dataclass(frozen=True)

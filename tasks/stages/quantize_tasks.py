@@ -17,7 +17,7 @@ from prefect.logging import get_run_logger
 
 from ..allocation import allocate, budget, calibrate, statistics
 from ..checkpoints import fetch, texts
-from ..checkpoints.adapters import detect
+from ..checkpoints.adapters import detect, matrix_shape
 from ..checkpoints.reader import Checkpoint
 from ..checkpoints.reference import check as check_routers
 from ..checkpoints.reference import choose, unusable
@@ -98,7 +98,7 @@ def announce_gptq(checkpoint: CheckpointRecord, quantizer: dict, widths_measured
     if not QuantizerConfig.from_dict(quantizer).calibrated or device != "cpu":
         return None
     with Checkpoint.open(ckpt_path(checkpoint, cache_dir, storage_options)) as ckpt:
-        shapes = [_matrix_shape(ckpt, m) for m in detect(ckpt).matrices]
+        shapes = [matrix_shape(ckpt, m) for m in detect(ckpt).matrices]
     passes = 1 + widths_measured
     seconds = gptq_time.estimate_seconds(shapes, passes, gptq_time.probe_rate())
     largest = max(shapes, key=lambda s: gptq_time.flops(*s))
@@ -111,12 +111,6 @@ def announce_gptq(checkpoint: CheckpointRecord, quantizer: dict, widths_measured
     else:
         log.info(text)
     return seconds
-
-
-def _matrix_shape(ckpt: Checkpoint, m) -> tuple[int, int]:
-    """(N, K) of an expert matrix, from its tensor's header (a fused tensor's expert and row slice)."""
-    n, k = ckpt.tensors[m.key].shape[-2:]
-    return (m.rows[1] - m.rows[0], k) if m.rows else (n, k)
 
 
 @task(name="pin-revision", retries=3, retry_delay_seconds=[1, 4, 10], retry_condition_fn=transient)

@@ -303,6 +303,9 @@ def test_readme_command_quantizes_the_bundled_model(tmp_path):
     assert manifest["summary"]["statistics"]["lambda_source"] == "norm-change"
     assert "Λ: router-norm change against zoo://mixtral-tiny/base (declared in README.md)" in out.stdout
     assert manifest["summary"]["allocation"]["achieved_avg_bits"] == 2.5
+    # the default quantizer is GPTQ here (auto): on a CPU the run says up front how long it will take
+    assert "GPTQ on this CPU: about" in out.stdout + out.stderr
+    assert manifest["summary"]["parameters"]["quantizer"] == "gptq" and manifest["summary"]["parameters"]["rotate"]
     assert f"artifacts: {tmp_path / 'expertbits-store' / 'runs' / runs[0].name}" in out.stdout
     q = manifest["summary"]["quantization"]  # the line the README shows, from the run's own figures
     assert (f"size: {q['bytes'] / 1e6:.2f} MB, {100 * q['fraction_of_bf16']:.1f}% of bf16, "

@@ -74,11 +74,11 @@ def test_rotated_codes_are_of_w_r_and_dequantize_to_w(method, dtype):
     qr = rotated.gptq_matrix(w, h, 3, 32) if method == "gptq" else rotated.round_matrix(w, 3, 32)
     assert torch.equal(qr.signs, hadamard.signs(w.shape[1]))
     r = dense_r(qr.signs)
-    assert torch.allclose(qr.dequantize().double(), qr.dequantize_stored().double() @ r.T, atol=1e-5)
+    assert torch.allclose(qr.dequantize().double(), qr.stored().dequantize().double() @ r.T, atol=1e-5)
     # RTN of W R: every stored weight within half a step of W R's
     if method == "rtn":
         step = qr.scales.float().repeat_interleave(32, dim=1)
-        assert bool(((qr.dequantize_stored() - (w.double() @ r).float()).abs() <= step * (0.5 + 1e-5) + 1e-6).all())
+        assert bool(((qr.stored().dequantize() - (w.double() @ r).float()).abs() <= step * (0.5 + 1e-5) + 1e-6).all())
 
 
 def test_gptq_in_the_rotated_basis_spreads_outlier_inputs():
