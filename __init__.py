@@ -149,12 +149,15 @@ def allocate(stats: pd.DataFrame, *, avg_bits: float = 2.5, allocator: str = "au
 
 def quantize(checkpoint: str | Path, allocation: pd.DataFrame, out: str | Path, *, group_size: int = GROUP_SIZE,
              quantizer: str = "gptq", text: str | None = None, seq_len: int = SEQ_LEN, windows: int = WINDOWS,
-             device: str = "auto", **quantizer_options) -> dict:
+             device: str = "auto", dense_bits: int | None = None, dense_override: tuple[str, ...] = (),
+             **quantizer_options) -> dict:
     """Write the quantized folder of `checkpoint` into `out` and return its summary.
 
     `quantizer="gptq"` (the default, as in the flow) calibrates each expert on the tokens its router
     sends it from `text`, layer after layer; `quantizer="rtn"` needs no text. `quantizer_options`
-    are as in `calibrate` (GPTQ rotates unless `rotate=False`). The folder is what `load` reads and
+    are as in `calibrate` (GPTQ rotates unless `rotate=False`). `dense_bits` and `dense_override`
+    (GPTQ only) quantize the dense linear layers too, as `--dense-bits` and `--dense-override`
+    (tasks/quantization/dense.py). The folder is what `load` reads and
     `expertbits export` converts. It is written beside `out` and renamed into place when complete:
     `out` must not exist, and a failure leaves nothing there. `device` is as in `calibrate`."""
     import shutil
@@ -164,7 +167,13 @@ def quantize(checkpoint: str | Path, allocation: pd.DataFrame, out: str | Path, 
     from expertbits.tasks.placement import of_checkpoint
     from expertbits.tasks.quantization.writer import quantize_checkpoint
 
+    from expertbits.tasks.quantization.dense import DenseWidths
+
     q, out = _quantizer(quantizer, quantizer_options), Path(out)
+    dense = DenseWidths.parse(dense_bits, dense_override)
+    if dense.active and not q.calibrated:
+        raise ExpertbitsError("dense_bits quantizes the dense layers with GPTQ", "pass quantizer='gptq', or drop dense_bits",
+                              "dense_bits")
     if out.exists():
         raise ExpertbitsError(f"{out} already exists", "name a new folder, or remove this one", "out")
     if q.calibrated and text is None:
@@ -176,7 +185,7 @@ def quantize(checkpoint: str | Path, allocation: pd.DataFrame, out: str | Path, 
             from expertbits.tasks.quantization.gptq_sequential import quantize_checkpoint_gptq
 
             summary = quantize_checkpoint_gptq(Path(checkpoint), allocation, group_size, q, text, partial,
-                                               seq_len=seq_len, windows=windows, placement=placement)
+                                               seq_len=seq_len, windows=windows, dense=dense, placement=placement)
         else:
             summary = quantize_checkpoint(Path(checkpoint), allocation, group_size, partial,
                                           quantizer=lambda m, w, bits: q.round_matrix(w.to(placement.device), bits,

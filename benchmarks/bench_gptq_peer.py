@@ -151,7 +151,7 @@ def starved(peer_python: str, ft: Path, tmp: Path) -> dict:
     with Checkpoint.open(ft) as ckpt:
         experts = sorted({(m.layer, m.expert) for m in detect(ckpt).matrices})
     alloc = pd.DataFrame([{"layer": layer, "expert": e, "bits": 3} for layer, e in experts])
-    packed, coverage = sequential_gptq(ft, text, alloc, 64, QuantizerConfig("gptq"), seq_len=8, windows=1)
+    packed, coverage, _ = sequential_gptq(ft, text, alloc, 64, QuantizerConfig("gptq"), seq_len=8, windows=1)
     return {"peer_zeroed_matrices": peer_zeroed, "matrices": len(packed),
             "expertbits_zeroed_matrices": sum(int((q.dequantize() == 0).all()) for q in packed.values()),
             "expertbits_fallback_experts": int((coverage.calibration_tokens < 16).sum()),

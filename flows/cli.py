@@ -571,7 +571,9 @@ def main(argv: list[str] | None = None) -> int:
         if "fraction_of_bf16" in (q := s["quantization"]):
             lines.insert(0, f"size: {q['bytes'] / 1e6:.2f} MB, {100 * q['fraction_of_bf16']:.1f}% of bf16, "
                             f"{q['model_bits_per_parameter']:.2f} bits per parameter over the whole model "
-                            f"({q['effective_bits']:.2f} in the routed experts)")
+                            f"({q['effective_bits']:.2f} in the routed experts"
+                            + (f"; {q['dense_matrices']} dense layers packed at {'/'.join(map(str, q['dense_bits']))} bits"
+                               if q.get("dense_matrices") else "; dense layers as stored") + ")")
     print("\n".join(line for line in lines if line) + f"\nartifacts: {manifest.uri}")
     return 0
 

@@ -12,6 +12,7 @@ from expertbits.tasks.allocation.allocators import ALLOCATORS, NEEDS_ERROR, NEED
 from expertbits.tasks.allocation.budget import GRANULARITIES, AllocationConfig
 from expertbits.tasks.errors import ExpertbitsError
 from expertbits.tasks.measure.league import DEFAULT_ALLOCATORS, TASKS, Grid
+from expertbits.tasks.quantization.dense import DenseWidths
 from expertbits.tasks.quantization.method import METHODS, QuantizerConfig
 
 # The bundled default: the zoo's Mixtral fine-tuned on WordNet supersenses. Its model card declares
@@ -201,6 +202,13 @@ class QuantizeParams(CommonParams):
         "Quantize each expert matrix in a rotated basis, W R with R a random-signed Hadamard on its inputs, and rotate "
         "its inputs when it runs (kernels/hadamard.py); format version 3, not exportable. Default: on with gptq "
         "(less KL on the zoo), off with rtn (no gain measured)"))
+    dense_bits: int | None = Field(None, description=(
+        "Also quantize every linear layer of the decoder layers (attention, shared experts, dense MLPs; not the "
+        "routers) with GPTQ at this width, into the same packed format (tasks/quantization/dense.py); default: only "
+        "the routed experts, like for like with other tools"))
+    dense_override: list[str] = Field([], description=(
+        "GLOB=BITS or GLOB=keep: a width for the dense linear layers whose module names the glob matches (the last "
+        "match wins), e.g. '*.o_proj=8'; 'lm_head=8' quantizes the head too (not when tied to the embeddings)"))
     validation_rtol: float = Field(1e-4, gt=0, description="Largest kernel-vs-reference relative error accepted")
     event_id: str | None = Field(None, description=(
         "The Prefect event that started this run (set by the requantize trigger; recorded in the manifest)"))
@@ -216,6 +224,9 @@ class QuantizeParams(CommonParams):
         if self.allocator in NEEDS_GPTQ and self.quantizer == "rtn":
             raise ValueError(f"allocator {self.allocator!r} reads the error GPTQ's calibration pass measures; give "
                              "--quantizer gptq, or use routed-error with rtn")
+        if self.dense_widths().active and self.quantizer == "rtn":
+            raise ValueError("--dense-bits and --dense-override quantize the dense layers with GPTQ; give --quantizer "
+                             "gptq (or auto), or drop them for an RTN run")
         if self.symmetric and 1 in self.bit_widths:
             raise ValueError("symmetric quantization cannot use 1 bit (its codes are -scale and 0, every weight "
                              "rounds to 0); drop 1 from --bit-widths or quantize asymmetrically")
@@ -236,6 +247,9 @@ class QuantizeParams(CommonParams):
         if self.quantizer != "auto":
             return self
         values = self.model_dump()
+        if encoder_decoder and self.dense_widths().active:
+            raise ExpertbitsError("--dense-bits quantizes the dense layers with GPTQ, which does not support this "
+                                  "encoder-decoder model", "drop --dense-bits and --dense-override", "dense_bits")
         if encoder_decoder and values["allocator"] in NEEDS_GPTQ:
             raise ExpertbitsError(f"allocator {values['allocator']!r} reads GPTQ's error, and GPTQ does not support "
                                   "this encoder-decoder model", "give --allocator routed-error (or auto)", "allocator")
@@ -258,6 +272,15 @@ class QuantizeParams(CommonParams):
         return QuantizerConfig(method=self.quantizer, symmetric=self.symmetric, clip=self.clip, damp=self.gptq_damp,
                                act_order=self.gptq_act_order, min_tokens=self.gptq_min_tokens, weighted=self.gptq_weighted,
                                rotate=self.rotate)
+
+    def dense_widths(self) -> DenseWidths:
+        return DenseWidths.parse(self.dense_bits, self.dense_override)
+
+    def dense_config(self) -> dict | None:
+        """The dense layers' widths for the quantization stage, or None: only the routed experts (the
+        stage's key and files are then what they were before the option existed)."""
+        widths = self.dense_widths()
+        return widths.as_dict() if widths.active else None
 
     def error_quantizer(self) -> QuantizerConfig:
         """Whose errors the calibration stage measures: the run's quantizer for the allocators that

@@ -78,9 +78,11 @@ def quantize_moe(params: QuantizeParams = QuantizeParams()) -> RunManifest:
             "calibration", layers, checkpoint=finetuned, routing=routing, bit_widths=p.bit_widths,
             group_size=p.group_size, quantizer=measured, text=text, device=device, store=store, **local), **io)
     allocation = allocate_bits(stats, calibration, asdict(p.allocation_config()), **io)
+    dense = p.dense_config()  # None: only the routed experts
     quantized = quantize_experts(finetuned, allocation, p.group_size, quantizer, text, device, quantizer_parts(
         "quantization", layers, checkpoint=finetuned, allocation=allocation, group_size=p.group_size,
-        quantizer=quantizer, text=text, device=device, store=store, **local), cache_dir=p.cache_dir, **io)
+        quantizer=quantizer, text=text, device=device, store=store, **({"dense": dense} if dense else {}), **local),
+        cache_dir=p.cache_dir, dense=dense, **io)
     kernels = kernel_device()  # where the Triton kernels run, decided here once (the keys say it)
     validation = validate_kernels(quantized, p.validation_rtol, calibration_text, p.eval_seq_len, kernels, per_layer(
         "validation", layers, quantized=quantized, checkpoint=finetuned, rtol=p.validation_rtol, kernels=kernels,

@@ -78,23 +78,34 @@ class _Packed(nn.Module):
 
 
 class PackedLinear(_Packed):
-    """A bias-free `nn.Linear` whose weight is a QuantizedTensor."""
+    """An `nn.Linear` whose weight is a QuantizedTensor; its bias, if any, an ordinary parameter
+    (loaded with the model's other weights, as stored)."""
 
     # models that peek at `linear.weight.dtype` to cast activations (T5/Switch) skip it for non-tensors
     weight = None
 
-    def __init__(self, q: QuantizedTensor):
+    def __init__(self, q: QuantizedTensor, bias: torch.Tensor | None = None):
         super().__init__()
         self._meta: dict[str, tuple] = {}
         self._store("w", q)
         self.bits = q.bits
         self.out_features, self.in_features = q.shape
+        self.bias = _bias(bias, q.shape[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return packed_linear(x, self._load("w"))
+        y = packed_linear(x, self._load("w"))
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
+
+
+def _bias(bias: torch.Tensor | None, n: int) -> nn.Parameter | None:
+    if bias is None:
+        return None
+    if tuple(bias.shape) != (n,):
+        raise ValueError(f"a bias of shape {tuple(bias.shape)} for a linear layer of {n} outputs")
+    return nn.Parameter(bias, requires_grad=False)
 
 
 class GatedExperts(nn.Module):
@@ -153,17 +164,21 @@ class LazyExperts(GatedExperts):
 
 
 class LazyLinear(nn.Module):
-    """A bias-free `nn.Linear` whose weight (a tensor or a QuantizedTensor) is read when used."""
+    """An `nn.Linear` whose weight (a tensor or a QuantizedTensor) is read when used; its bias, if
+    any, an ordinary parameter (the layer-by-layer runner loads it with its decoder layer)."""
 
     weight = None  # see PackedLinear
 
-    def __init__(self, load: Callable[[], torch.Tensor | QuantizedTensor], shape: tuple[int, int]):
+    def __init__(self, load: Callable[[], torch.Tensor | QuantizedTensor], shape: tuple[int, int],
+                 bias: torch.Tensor | None = None):
         super().__init__()
         self._read = load
         self.out_features, self.in_features = shape
+        self.bias = _bias(bias, shape[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self._read())
+        y = linear(x, self._read())
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weight read when used"

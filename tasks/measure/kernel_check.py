@@ -22,6 +22,7 @@ Speed is measured only where a GPU exists.
 
 from __future__ import annotations
 
+import itertools
 import time
 import zlib
 from pathlib import Path
@@ -53,8 +54,9 @@ def validate(qpath: Path, source: Path, *, batch: int = 8, rtol: float = 1e-4, s
 
 def validate_layer(qpath: Path, src: Checkpoint, position: int, *, batch: int = 8, rtol: float = 1e-4,
                    seed: int = 0) -> dict:
-    """Check every packed matrix of the `position`-th MoE layer (one unit of work: a Dask task);
-    x is seeded per matrix, so a layer's result does not depend on which worker ran the others."""
+    """Check every packed matrix of the `position`-th MoE layer (one unit of work: a Dask task), and
+    with the first the packed dense layers (the whole-model budget); x is seeded per matrix, so a
+    layer's result does not depend on which worker ran the others."""
     from expertbits.kernels.dequant_matmul import dequant_matmul, dequant_matmul_reference, interpreted
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -63,7 +65,10 @@ def validate_layer(qpath: Path, src: Checkpoint, position: int, *, batch: int = 
     quantizer = qc.get("quantizer", {"method": "rtn"})
     check = "half-step" if quantizer["method"] == "rtn" and not quantizer.get("clip") else "grid"
     rows, kernel_s = [], 0.0
-    for name, info, q in iter_quantized(qpath, layer=int(layer)):  # one packed matrix in memory at a time
+    matrices = iter_quantized(qpath, layer=int(layer))
+    if position == 0:
+        matrices = itertools.chain(matrices, iter_quantized(qpath, dense=True))
+    for name, info, q in matrices:  # one packed matrix in memory at a time
         n, k = q.shape
         gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
         x = torch.randn(batch, k, generator=gen)

@@ -179,7 +179,7 @@ class CellWriter:
             if self.calibration is None:
                 raise BudgetError("a GPTQ league cell needs calibration text", "this is a bug; please report it")
             c = self.calibration
-            packed, _ = sequential_gptq(self.path, c["text"], alloc, self.group_size, quantizer, seq_len=c["seq_len"],
+            packed, _, _ = sequential_gptq(self.path, c["text"], alloc, self.group_size, quantizer, seq_len=c["seq_len"],
                                         windows=c["windows"], placement=self.placement)
             return quantize_checkpoint(self.path, alloc, self.group_size, out, quantizer=lambda m, w, bits: packed[m.name],
                                        symmetric=quantizer.symmetric, config=quantizer.as_dict())

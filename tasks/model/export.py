@@ -57,6 +57,12 @@ def export_name(model_type: str, name: str) -> str:
 def consumers(qc: dict) -> dict[str, str]:
     """Which tools load this checkpoint's export correctly, in words; raises if none does (the
     claims are tested in tests/unit/test_export.py against transformers and compressed-tensors)."""
+    if qc.get("dense_modules"):
+        first = next(iter(qc["dense_modules"]))
+        raise CheckpointError(
+            f"{len(qc['dense_modules'])} dense linear layers are packed too (e.g. {first}, from --dense-bits): the "
+            "export writes the routed experts only, and would ship those layers without their weights",
+            "quantize without --dense-bits and --dense-override for an export, or keep the native expertbits output")
     rotated = [name for name, info in qc["modules"].items() if info.get("rotation")]
     if rotated:
         raise CheckpointError(

@@ -13,6 +13,9 @@ What is installed where, and every check that the folder and the model agree, is
     per-expert nn.Linear modules (Switch Transformers: experts.expert_<e>.wi / .wo)
         -> linear(matrix name)                                             one module per matrix
 
+    quantization_config.dense_modules     {module name: {shape, bits}}   (the whole-model budget)
+        -> dense(module name, its bias or None)                            one module per nn.Linear
+
 An experts module the folder does not cover, a matrix the model does not have, or an expert
 Linear left in floating point is an error naming the folder: never a model with random experts.
 """
@@ -31,6 +34,7 @@ from ..errors import CheckpointError
 ROLES = ("gate", "up", "down")
 Fused = Callable[[list[tuple[str, str, str]], nn.Module], nn.Module]  # (names per expert, act_fn) -> experts module
 Linear = Callable[[str], nn.Module]  # matrix name -> module
+Dense = Callable[[str, "torch.Tensor | None"], nn.Module]  # (module name, its bias) -> module
 
 
 def install(model: nn.Module, qc: dict, folder: Path, fused: Fused, linear: Linear,
@@ -90,7 +94,7 @@ def _submodule(model: nn.Module, name: str, folder: Path, what: str) -> nn.Modul
     try:
         return model.get_submodule(name)
     except AttributeError as e:
-        fix = ("the quantization config does not match the model; quantize again" if what == "expert matrix" else
+        fix = ("the quantization config does not match the model; quantize again" if what in ("expert matrix", "dense layer") else
                "this transformers version lays the model out differently; use the version recorded in config.json")
         raise CheckpointError(f"{folder}: {what} {name} is not in the {type(model).__name__} transformers built",
                               fix) from e
@@ -105,3 +109,21 @@ def _expert_count(experts: nn.Module, fused: bool, module_name: str, folder: Pat
         return experts.gate_up_proj.shape[0]
     raise CheckpointError(f"{folder}: cannot tell how many experts {module_name} ({type(experts).__name__}) holds",
                           "this architecture's experts are not supported by the packed runtime yet")
+
+
+def install_dense(model: nn.Module, qc: dict, folder: Path, dense: Dense, installed: tuple[type, ...] = ()) -> int:
+    """Replace every linear layer `dense_modules` lists (attention, shared experts, dense MLPs, the
+    head) as `dense` builds it, handing over the layer's bias (loaded as stored, with the model's
+    other weights); returns how many. `installed`: module types an earlier call put there."""
+    for name, info in qc.get("dense_modules", {}).items():
+        current = _submodule(model, name, folder, "dense layer")
+        shape = tuple(info["shape"])
+        have = (current.out_features, current.in_features) if isinstance(current, installed) else tuple(
+            getattr(getattr(current, "weight", None), "shape", ()))
+        if not isinstance(current, (nn.Linear, *installed)) or have != shape:
+            raise CheckpointError(f"{folder}: {name} is {type(current).__name__} {have}, the folder packs a "
+                                  f"Linear {shape} there", "the folder does not match the model; quantize again")
+        bias = current.bias.data if isinstance(current.bias, torch.Tensor) else None
+        model.set_submodule(name, dense(name, bias))
+        model.get_submodule(name)._is_hf_initialized = True  # its bias is loaded, its weight is ours
+    return len(qc.get("dense_modules", {}))

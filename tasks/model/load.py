@@ -31,7 +31,7 @@ from expertbits.kernels.packing import QuantizedTensor, packed_width
 
 from ..errors import CheckpointError
 from ..store.verify import check_folder
-from .install import install
+from .install import install, install_dense
 from .packed_folder import (MODEL_TYPE, PACKED_SUFFIXES, QUANT_METHOD, SIGNS_KEY, check_version, iter_quantized,
                             stored_keys)
 
@@ -49,11 +49,11 @@ def base_config_dict(config: dict) -> dict:
 
 
 def read_packed(folder: Path, qc: dict, device: str | torch.device = "cpu") -> dict[str, QuantizedTensor]:
-    """Every packed matrix of the checkpoint by module name, read from its shard; on the meta
-    device only shapes are derived (no bytes are read)."""
+    """Every packed matrix of the checkpoint by module name (routed experts and dense layers), read
+    from its shard; on the meta device only shapes are derived (no bytes are read)."""
     if str(device) == "meta":
         out = {}
-        for name, info in qc["modules"].items():
+        for name, info in {**qc["modules"], **qc.get("dense_modules", {})}.items():
             n, k = info["shape"]
             groups = -(-k // qc["group_size"])
             signs = torch.empty(k, dtype=torch.int8, device="meta") if len(stored_keys(name, info)) > 3 else None
@@ -62,17 +62,20 @@ def read_packed(folder: Path, qc: dict, device: str | torch.device = "cpu") -> d
                                         torch.empty(n, groups, dtype=torch.uint8, device="meta"),
                                         bits=info["bits"], group_size=qc["group_size"], shape=(n, k), signs=signs)
         return out
-    return {name: q for name, _, q in iter_quantized(folder, device)}
+    return {name: q for dense in (False, True) for name, _, q in iter_quantized(folder, device, dense=dense)}
 
 
 def install_packed_experts(model: torch.nn.Module, qc: dict, packed: dict[str, QuantizedTensor], folder: Path) -> int:
     """Replace every MoE layer's experts (or the packed modules a previous call installed) by packed
-    modules holding `packed`; returns the number of matrices installed. A fused layer's matrices
-    are removed from `packed` as they are stacked into its banks (so memory holds each once)."""
+    modules holding `packed`, and every packed dense layer too; returns the number of matrices
+    installed. A fused layer's matrices are removed from `packed` as they are stacked into its banks
+    (so memory holds each once)."""
     total = len(packed)
     installed = install(model, qc, folder,
                         fused=lambda names, act: PackedExperts([tuple(packed.pop(n) for n in trio) for trio in names], act),
                         linear=lambda name: PackedLinear(packed[name]), installed=(PackedExperts, PackedLinear))
+    installed += install_dense(model, qc, folder, lambda name, bias: PackedLinear(packed[name], bias),
+                               installed=(PackedLinear,))
     if installed != total:
         raise CheckpointError(f"{folder}: installed {installed} of {total} packed matrices",
                               "the quantization config does not match the model; quantize again")

@@ -22,8 +22,9 @@ MODEL_TYPE = ("expertbits (per-expert packed MoE weights that only expertbits ca
               "`import expertbits.tasks.loader` before from_pretrained, or run `expertbits generate --model <folder>`)")
 FORMAT = "expertbits-int32-packed-groupwise"
 # 1 stored fp16 offsets; 2 stores integer zero points; 3 may rotate a matrix's inputs ("rotation"
-# and "signs", the name of its sign tensor). A folder with no rotated matrix is written as 2, so older readers keep
-# reading everything they can; a rotated one as 3, which they refuse instead of misreading it.
+# and "signs", the name of its sign tensor) and may pack dense linear layers ("dense_modules").
+# A folder with neither is written as 2, so older readers keep reading everything they can; one
+# with either as 3, which they refuse instead of misreading it.
 FORMAT_VERSION = 3
 READ_VERSIONS = (2, 3)
 ROTATION = "hadamard"  # kernels/hadamard.py: x ↦ fwht(x ⊙ signs), blocks of the largest power of two dividing K
@@ -48,9 +49,9 @@ def check_version(qc: dict, where: object) -> None:
                               "quantize the checkpoint again with this version, or upgrade expertbits")
 
 
-def version_for(modules: dict) -> int:
-    """The version a folder with these `modules` entries is written as (see FORMAT_VERSION)."""
-    return FORMAT_VERSION if any("rotation" in info for info in modules.values()) else 2
+def version_for(modules: dict, dense_modules: dict | None = None) -> int:
+    """The version a folder with these `modules` (and `dense_modules`) entries is written as (see FORMAT_VERSION)."""
+    return FORMAT_VERSION if dense_modules or any("rotation" in info for info in modules.values()) else 2
 
 
 def signs_key(name: str, k: int) -> str:
@@ -58,7 +59,7 @@ def signs_key(name: str, k: int) -> str:
     decoder layer and input width, shared by every expert matrix of that layer that reads it."""
     from ..checkpoints.adapters import block_of
 
-    return f"{block_of(name)}.expertbits_signs_{k}"
+    return f"{block_of(name) or name}.expertbits_signs_{k}"  # the head is in no decoder layer
 
 
 SIGNS_KEY = r"\.expertbits_signs_\d+$"  # what transformers must not mistake for a model weight
@@ -83,16 +84,19 @@ def packed_tensor(name: str, info: dict, group_size: int, get) -> QuantizedTenso
                            signs=parts[3] if len(parts) > 3 else None)
 
 
-def iter_quantized(path: Path, device: str = "cpu", layer: int | None = None) -> Iterator[tuple[str, dict, QuantizedTensor]]:
-    """(module name, its config entry, packed tensor) for every quantized matrix (of one MoE layer,
-    if given), in shard order; only the shards holding them are opened."""
+def iter_quantized(path: Path, device: str = "cpu", layer: int | None = None,
+                   dense: bool = False) -> Iterator[tuple[str, dict, QuantizedTensor]]:
+    """(module name, its config entry, packed tensor) for every quantized expert matrix (of one MoE
+    layer, if given), or with `dense` every packed dense layer, in shard order; only the shards
+    holding them are opened."""
     qc = quantization_config(path)
     index_file = path / "model.safetensors.index.json"
     if not index_file.is_file():
         raise CheckpointError(f"{path}: no model.safetensors.index.json", "the quantized checkpoint is incomplete; quantize again")
     weight_map = json.loads(index_file.read_text())["weight_map"]
+    entries = qc.get("dense_modules", {}) if dense else qc["modules"]
     by_shard: dict[str, list[str]] = {}
-    for name, info in qc["modules"].items():
+    for name, info in entries.items():
         if layer is not None and info["layer"] != layer:
             continue
         for key in stored_keys(name, info):  # codes, scales, zeros and a rotated matrix's signs
@@ -103,5 +107,5 @@ def iter_quantized(path: Path, device: str = "cpu", layer: int | None = None) ->
     for shard in sorted(by_shard):
         with safe_open(path / shard, framework="pt", device=str(device)) as f:
             for name in by_shard[shard]:
-                info = qc["modules"][name]
+                info = entries[name]
                 yield name, info, packed_tensor(name, info, qc["group_size"], f.get_tensor)

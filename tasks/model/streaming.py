@@ -42,7 +42,7 @@ from expertbits.kernels.packing import QuantizedTensor
 from ..checkpoints.adapters import block_of, detect, load_renames
 from ..checkpoints.reader import Checkpoint
 from ..errors import CheckpointError
-from .install import install
+from .install import install, install_dense
 from .packed_folder import packed_tensor, stored_keys
 
 
@@ -182,14 +182,15 @@ def _install_fp(model: nn.Module, ckpt: Checkpoint, path: Path, dtype: torch.dty
 
 def _install_packed(model: nn.Module, ckpt: Checkpoint, qc: dict, path: Path, device: torch.device) -> set[str]:
     """Packed experts, read from the expertbits folder's shards exactly as stored, when they run."""
-    for name, info in qc["modules"].items():
+    entries = {**qc["modules"], **qc.get("dense_modules", {})}
+    for name, info in entries.items():
         for key in stored_keys(name, info):
             if key not in ckpt.tensors:
                 raise CheckpointError(f"{path}: quantization_config lists {name} but no shard holds {key}",
                                       "the quantized checkpoint is incomplete or was edited; quantize again")
 
     def read(name: str) -> QuantizedTensor:
-        return packed_tensor(name, qc["modules"][name], qc["group_size"], lambda key: ckpt.read(key).to(device))
+        return packed_tensor(name, entries[name], qc["group_size"], lambda key: ckpt.read(key).to(device))
 
     def fused(names: list[tuple[str, str, str]], act) -> LazyExperts:
         for e, trio in enumerate(names):
@@ -197,7 +198,10 @@ def _install_packed(model: nn.Module, ckpt: Checkpoint, qc: dict, path: Path, de
         return LazyExperts(len(names), act, lambda e: tuple(read(n) for n in names[e]))
 
     install(model, qc, path, fused, lambda name: LazyLinear(lambda: read(name), tuple(qc["modules"][name]["shape"])))
-    return {key for name, info in qc["modules"].items() for key in stored_keys(name, info)}
+    # a dense layer's bias stays a parameter, read with its decoder layer's other weights
+    install_dense(model, qc, path, lambda name, bias: LazyLinear(lambda: read(name), tuple(entries[name]["shape"]), bias),
+                  installed=(LazyLinear,))
+    return {key for name, info in entries.items() for key in stored_keys(name, info)}
 
 
 def _units(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -222,7 +226,7 @@ def _own_tensors(module: nn.Module, recurse: bool = False) -> list[tuple[nn.Modu
     """(owner, local name, is_parameter) of the weights a unit loads: parameters and persistent buffers."""
     out = []
     for _, m in (module.named_modules() if recurse else [("", module)]):
-        if isinstance(m, (LazyExperts, LazyLinear)):
+        if isinstance(m, LazyExperts):
             continue
         out += [(m, n, True) for n, p in m._parameters.items() if p is not None]
         out += [(m, n, False) for n, b in m._buffers.items() if b is not None and n not in m._non_persistent_buffers_set]

@@ -42,14 +42,16 @@ from typing import Callable
 
 import pandas as pd
 import torch
+from torch import nn
 
 from expertbits.kernels.modules import LazyExperts
 from expertbits.kernels.packing import QuantizedTensor
 
-from ..checkpoints.adapters import MoELayer, detect
+from ..checkpoints.adapters import MoELayer, block_of, detect
 from ..checkpoints.reader import Checkpoint
 from ..errors import CheckpointError
 from ..placement import CPU, Placement
+from .dense import Dense, DenseGPTQ, DenseWidths, dense_linears
 from .method import QuantizerConfig
 
 Progress = Callable[[float, str], None]
@@ -171,18 +173,21 @@ class _Measuring(_Routed):
 
 
 def _run(ft_path: Path, text: str, seq_len: int, windows: int, wrap: Callable[[int, MoELayer, LazyExperts], _Routed],
-         on_layer: Callable[[int, _Routed], None], progress: Progress | None, placement: Placement) -> list[MoELayer]:
+         on_layer: Callable[[int, _Routed], None], progress: Progress | None, placement: Placement,
+         dense: Callable[[nn.Module, list[MoELayer]], DenseGPTQ] | None = None) -> list[MoELayer]:
     """One streamed forward of the decoder over every window, each MoE layer's experts wrapped;
-    `on_layer(position, experts)` once each layer's forward is done."""
+    `on_layer(position, experts)` once each MoE layer's decoder layer is done (its attention,
+    routed and shared experts). `dense(model, layers)`: the hooks that quantize the dense layers."""
     from ..checkpoints.texts import text_examples
     from ..model.streaming import batches, is_seq2seq, streamed, to_device
 
     if is_seq2seq(ft_path):
         raise CheckpointError(f"{ft_path}: GPTQ supports decoder-only MoE models", "use --quantizer rtn for Switch")
     with Checkpoint.open(ft_path) as ckpt:
-        layers = detect(ckpt).layers
+        layers = list(detect(ckpt).layers)
     tokenizer, pairs = text_examples(ft_path, text, seq_len, windows, False)
     with streamed(ft_path, keep_bytes=0, dtype=placement.torch_dtype, device=placement.device) as model:
+        hooks = dense(model, layers) if dense else None
         for position, layer in enumerate(layers):
             experts = model.get_submodule(layer.experts_module)
             if not isinstance(experts, LazyExperts):
@@ -190,30 +195,53 @@ def _run(ft_path: Path, text: str, seq_len: int, windows: int, wrap: Callable[[i
                                       "use --quantizer rtn for this architecture")
             wrapped = wrap(position, layer, experts)
 
-            def done(module, args, output, position=position):
-                on_layer(position, module)
+            def done(module, args, output, position=position, wrapped=wrapped):
+                on_layer(position, wrapped)
                 if progress:
                     progress((position + 1) / len(layers), f"GPTQ: layer {layers[position].layer} done")
 
-            wrapped.register_forward_hook(done)
+            model.get_submodule(block_of(layer.experts_module)).register_forward_hook(done)
             model.set_submodule(layer.experts_module, wrapped)
         inputs = next(iter(batches(pairs, tokenizer.pad_token_id or 0, 1, logits_bytes=1 << 62)))[0]  # one batch
         with torch.no_grad():
-            model.base_model(**to_device(inputs, placement.device))  # the decoder only: the head's logits are not needed
+            # the decoder only: the head's logits are not needed (a quantized head takes the final hidden states)
+            hidden = model.base_model(**to_device(inputs, placement.device))[0]
+            if hooks is not None:
+                hooks.quantize_head(model, hidden)
     return layers
 
 
 def sequential_gptq(ft_path: Path, text: str, alloc: pd.DataFrame, group_size: int,
                     quantizer: QuantizerConfig = QuantizerConfig("gptq"), *, seq_len: int, windows: int,
-                    on_layer: Callable[[int, dict[str, QuantizedTensor]], None] | None = None,
+                    dense: DenseWidths = DenseWidths(),
+                    on_layer: Callable[[int, dict[str, QuantizedTensor], dict[str, Dense]], None] | None = None,
                     progress: Progress | None = None,
-                    placement: Placement = CPU) -> tuple[dict[str, QuantizedTensor], pd.DataFrame]:
-    """(packed matrix by module name, coverage: one row per expert with its calibration tokens and
-    the quantizer it got). With `on_layer(position, packed)`, each layer's matrices go there as
-    soon as the layer is done, and are not kept (memory: one layer's packed weights)."""
+                    placement: Placement = CPU) -> tuple[dict[str, QuantizedTensor], pd.DataFrame, dict[str, Dense]]:
+    """(packed expert matrix by module name, coverage: one row per expert with its calibration
+    tokens and the quantizer it got, packed dense layers by module name with their stored weight's
+    key). With `on_layer(position, packed, dense)`, each MoE layer's matrices and its decoder
+    layer's dense ones go there as soon as the layer is done, and are not kept (memory: one layer's
+    packed weights); the dense layers of other decoder layers and the head are returned."""
     bits_of = {(int(r.layer), int(r.expert)): int(r.bits) for r in alloc.itertuples()}
     out: dict[str, QuantizedTensor] = {}
     coverage: list[dict] = []
+    state: dict[str, DenseGPTQ] = {}
+
+    def hooks(model, layers):
+        from ..checkpoints.adapters import load_renames
+
+        with Checkpoint.open(ft_path) as ckpt:
+            stored = set(ckpt.tensors)
+        targets = dense_linears(model, layers, dense, stored, load_renames(model.config.model_type), ft_path)
+        state["dense"] = DenseGPTQ(targets, quantizer, group_size)
+        state["dense"].attach(model)
+        return state["dense"]
+
+    def take(block: str | None) -> dict[str, Dense]:
+        if "dense" not in state:
+            return {}
+        d = state["dense"]
+        return {n: (q, d.targets[n].key) for n, q in d.take(block).items()}
 
     def wrap(position, layer, experts):
         return _Calibrating(experts, layer, {e: bits_of[layer.layer, e] for e in range(layer.num_experts)}, group_size,
@@ -226,53 +254,61 @@ def sequential_gptq(ft_path: Path, text: str, alloc: pd.DataFrame, group_size: i
             coverage.append({"layer": module.layer.layer, "expert": e, "bits": module.bits[e], "calibration_tokens": tokens,
                              "quantizer": quantizer.label if tokens >= quantizer.min_tokens else
                              quantizer.data_free.label + "-fallback"})
+        own = take(block_of(module.layer.experts_module))
         if on_layer:
-            on_layer(position, packed)
+            on_layer(position, packed, own)
         else:
             out.update({name: q.to("cpu") for name, q in packed.items()})
+            rest.update(own)
 
-    layers = _run(ft_path, text, seq_len, windows, wrap, done, progress, placement)
+    rest: dict[str, Dense] = {}
+    layers = _run(ft_path, text, seq_len, windows, wrap, done, progress, placement, hooks if dense.active else None)
     if len({r["layer"] for r in coverage}) != len(layers):
         raise CheckpointError(f"{ft_path}: GPTQ calibration reached {len({r['layer'] for r in coverage})} of "
                               f"{len(layers)} MoE layers", "this architecture is not supported by GPTQ; use --quantizer rtn")
-    return out, pd.DataFrame(coverage)
+    if "dense" in state and state["dense"].missing():
+        missing = state["dense"].missing()
+        raise CheckpointError(f"{ft_path}: {len(missing)} dense layers never ran in the calibration forward, e.g. "
+                              f"{missing[:3]}", "this architecture is not supported by --dense-bits; drop the option")
+    rest.update(take(None))
+    return out, pd.DataFrame(coverage), rest
 
 
 def gptq_shards(ckpt: Checkpoint, src: Path, text: str, alloc: pd.DataFrame, group_size: int,
-                quantizer: QuantizerConfig, out: Path, *, seq_len: int, windows: int,
+                quantizer: QuantizerConfig, out: Path, *, seq_len: int, windows: int, dense: DenseWidths = DenseWidths(),
                 write: Callable[[dict], dict] = lambda part: part, progress: Progress | None = None,
                 placement: Placement = CPU) -> list[dict]:
-    """Every MoE layer's shard of `ckpt` (open, stored at `src`) by sequential GPTQ, written into
-    `out` as soon as its layer is calibrated and handed to `write` (the flow puts it in the store);
-    each part carries its layer's calibration coverage."""
+    """Every shard of `ckpt` (open, stored at `src`) with sequential GPTQ: each MoE layer's written
+    into `out` as soon as its layer is calibrated and handed to `write` (the flow puts it in the
+    store), each part with its layer's calibration coverage; then the other shards (embeddings,
+    head, dense decoder layers: as stored, or with the dense layers `dense` quantizes)."""
     from . import writer
 
     parts: list[dict] = []
 
-    def on_layer(position: int, packed: dict) -> None:
+    def on_layer(position: int, packed: dict, own: dict) -> None:
         parts.append(write(writer.quantize_layer(ckpt, position, alloc, group_size, quantizer.symmetric, out,
-                                                 quantizer=lambda m, w, bits: packed[m.name])))
+                                                 quantizer=lambda m, w, bits: packed[m.name], dense=own)))
 
-    _, coverage = sequential_gptq(src, text, alloc, group_size, quantizer, seq_len=seq_len, windows=windows,
-                                  on_layer=on_layer, progress=progress, placement=placement)
+    _, coverage, rest = sequential_gptq(src, text, alloc, group_size, quantizer, seq_len=seq_len, windows=windows,
+                                        dense=dense, on_layer=on_layer, progress=progress, placement=placement)
     for part, layer in zip(parts, dict.fromkeys(coverage.layer)):
         part["coverage"] = coverage[coverage.layer == layer].to_dict(orient="records")
-    return parts
+    return parts + [write(p) for p in writer.write_rest(ckpt, out, rest)]
 
 
 def quantize_checkpoint_gptq(src: Path, alloc: pd.DataFrame, group_size: int, quantizer: QuantizerConfig, text: str,
-                             out: Path, *, seq_len: int, windows: int, progress: Progress | None = None,
-                             placement: Placement = CPU) -> dict:
-    """`writer.quantize_checkpoint` with sequential GPTQ: `gptq_shards`, then the rest shard and `finish`."""
+                             out: Path, *, seq_len: int, windows: int, dense: DenseWidths = DenseWidths(),
+                             progress: Progress | None = None, placement: Placement = CPU) -> dict:
+    """`writer.quantize_checkpoint` with sequential GPTQ: `gptq_shards` (every shard), then `finish`."""
     from . import writer
 
     out.mkdir(parents=True)
     with Checkpoint.open(src) as ckpt:
         writer.check_allocation(ckpt, alloc)
         parts = gptq_shards(ckpt, src, text, alloc, group_size, quantizer, out, seq_len=seq_len, windows=windows,
-                            progress=progress, placement=placement)
-        parts = writer.write_rest(ckpt, out) + parts
-    return writer.finish(src, alloc, group_size, quantizer.symmetric, parts, out, quantizer.as_dict())
+                            dense=dense, progress=progress, placement=placement)
+    return writer.finish(src, alloc, group_size, quantizer.symmetric, parts, out, quantizer.as_dict(), dense.as_dict())
 
 
 def gptq_errors(ft_path: Path, text: str, bit_widths: tuple[int, ...], group_size: int, quantizer: QuantizerConfig,

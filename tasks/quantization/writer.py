@@ -39,6 +39,7 @@ from ..checkpoints.reader import Checkpoint, require_finite
 from ..errors import CheckpointError
 from ..model.packed_folder import FORMAT, MODEL_TYPE, QUANT_METHOD, ROTATION, SIDE_FILES, signs_key, version_for
 from ..store.storage import TMP_MARK
+from .dense import Dense
 from .method import QuantizerConfig
 
 Progress = Callable[[float, str], None]
@@ -142,29 +143,64 @@ def _save(tensors: dict, out: Path, name: str) -> str:
     return name
 
 
-def write_rest(ckpt: Checkpoint, out: Path) -> list[dict]:
-    """The shards of everything not quantized (embeddings, head, norms, dense decoder layers),
-    byte-for-byte as stored, one block at a time."""
+def write_rest(ckpt: Checkpoint, out: Path, dense: dict[str, Dense] | None = None) -> list[dict]:
+    """The shards of everything outside the MoE layers (embeddings, head, norms, dense decoder
+    layers), byte-for-byte as stored, one block at a time; the linear layers in `dense` (module
+    name -> (packed, the stored weight it replaces)) packed instead of their weight."""
     rest, own = _plan(ckpt)
     parts = []
     for i, keys in enumerate(rest):
-        name = _save({k: ckpt.read(k).contiguous() for k in keys}, out, shard_name(i, len(rest) + len(own)))
-        parts.append({"file": name, "bytes": (out / name).stat().st_size, "keys": keys, "modules": {},
-                      "stored_bits": 0.0, "numel": 0})
+        tensors, dense_modules = _with_dense(ckpt, keys, dense or {})
+        name = _save(tensors, out, shard_name(i, len(rest) + len(own)))
+        parts.append({"file": name, "bytes": (out / name).stat().st_size, "keys": sorted(tensors), "modules": {},
+                      "dense_modules": dense_modules, "stored_bits": 0.0, "numel": 0})
     return parts
 
 
+def _with_dense(ckpt: Checkpoint, keys: list[str], dense: dict[str, Dense]) -> tuple[dict, dict]:
+    """A shard's tensors as stored, but for the weights of the dense layers in `dense`, written
+    packed under their module names; and those modules' config entries."""
+    replaced = {key: (name, q) for name, (q, key) in dense.items() if key in keys}
+    tensors, modules = {}, {}
+    for k in keys:
+        if k not in replaced:
+            tensors[k] = ckpt.read(k).contiguous()
+            continue
+        name, q = replaced[k]
+        if tuple(ckpt.tensors[k].shape) != tuple(q.shape):
+            raise CheckpointError(f"{ckpt.path}: {k} has shape {ckpt.tensors[k].shape}, its packed layer {tuple(q.shape)}",
+                                  "this is a bug; please report it")
+        modules[name] = {"bits": q.bits, "shape": list(q.shape), "source": {"key": k, "index": None, "rows": None},
+                         **_put_packed(tensors, name, q)}
+    return tensors, modules
+
+
+def _put_packed(tensors: dict, name: str, q: QuantizedTensor) -> dict:
+    """A packed matrix's codes, scales and zero points into a shard's `tensors`, and a rotated one's
+    signs, once per decoder layer and input width; returns the rotation's config entries."""
+    tensors[f"{name}.qweight"], tensors[f"{name}.scales"], tensors[f"{name}.zeros"] = q.packed, q.scales, q.zeros
+    if q.signs is None:
+        return {}
+    key = signs_key(name, q.shape[1])  # codes of W R: readers rotate this matrix's inputs (format version 3)
+    if key not in tensors:
+        tensors[key] = q.signs.to(torch.int8).contiguous()
+    elif not torch.equal(tensors[key], q.signs.to(torch.int8)):
+        raise CheckpointError(f"{name}: rotation signs differ from those of its layer's other matrices",
+                              "this is a bug; please report it")
+    return {"rotation": ROTATION, "signs": key}
+
+
 def quantize_layer(ckpt: Checkpoint, position: int, alloc: pd.DataFrame, group_size: int, symmetric: bool, out: Path,
-                   quantizer: Quantizer | None = None) -> dict:
-    """Shard of the `position`-th MoE layer: its decoder layer's other tensors as stored, and each
-    expert matrix packed at its allocated width (one unit of work: a Dask task). Memory: one
-    layer's packed weights and one matrix in floating point."""
+                   quantizer: Quantizer | None = None, dense: dict[str, Dense] | None = None) -> dict:
+    """Shard of the `position`-th MoE layer: its decoder layer's other tensors as stored (the dense
+    layers in `dense` packed), and each expert matrix packed at its allocated width (one unit of
+    work: a Dask task). Memory: one layer's packed weights and one matrix in floating point."""
     quantizer = quantizer or (lambda m, w, bits: quantize_rtn(w, bits, group_size, symmetric))
     model = detect(ckpt)
     layer = model.layers[position]
     bits_of = {(int(r.layer), int(r.expert)): int(r.bits) for r in alloc.itertuples() if int(r.layer) == layer.layer}
     rest, own = _plan(ckpt)
-    tensors = {k: ckpt.read(k).contiguous() for k in own[position]}
+    tensors, dense_modules = _with_dense(ckpt, own[position], dense or {})
     modules, stored_bits, numel = {}, 0.0, 0
     for m in layer.matrices:
         w = ckpt.read(m.key, m.index, m.rows)
@@ -174,31 +210,24 @@ def quantize_layer(ckpt: Checkpoint, position: int, alloc: pd.DataFrame, group_s
         if symmetric and not q.symmetric:
             raise CheckpointError(f"{m.name}: the quantizer returned zero points for a symmetric run",
                                   "this is a bug; please report it")
-        tensors[f"{m.name}.qweight"], tensors[f"{m.name}.scales"], tensors[f"{m.name}.zeros"] = q.packed, q.scales, q.zeros
+        new_signs = q.signs is not None and signs_key(m.name, q.shape[1]) not in tensors
         modules[m.name] = {"bits": bits, "layer": m.layer, "expert": m.expert, "role": m.role,
                            "shape": list(q.shape), "source": {"key": m.key, "index": m.index,
-                                                              "rows": list(m.rows) if m.rows else None}}
-        if q.signs is not None:  # codes of W R: readers rotate this matrix's inputs (format version 3)
-            key = signs_key(m.name, q.shape[1])
-            if key not in tensors:
-                tensors[key] = q.signs.to(torch.int8).contiguous()
-                stored_bits += 8 * q.shape[1]
-            elif not torch.equal(tensors[key], q.signs.to(torch.int8)):
-                raise CheckpointError(f"{m.name}: rotation signs differ from those of its layer's other experts",
-                                      "this is a bug; please report it")
-            modules[m.name].update(rotation=ROTATION, signs=key)
-        stored_bits += effective_bits(bits, group_size, q.shape[1]) * w.numel()
+                                                              "rows": list(m.rows) if m.rows else None},
+                           **_put_packed(tensors, m.name, q)}
+        stored_bits += effective_bits(bits, group_size, q.shape[1]) * w.numel() + (8 * q.shape[1] if new_signs else 0)
         numel += w.numel()
     name = _save(tensors, out, shard_name(len(rest) + position, len(rest) + len(own)))
     return {"file": name, "bytes": (out / name).stat().st_size, "keys": sorted(tensors), "modules": modules,
-            "stored_bits": stored_bits, "numel": numel}
+            "dense_modules": dense_modules, "stored_bits": stored_bits, "numel": numel}
 
 
 def finish(src: Path, alloc: pd.DataFrame, group_size: int, symmetric: bool, parts: list[dict], out: Path,
-           quantizer: dict | None = None) -> dict:
+           quantizer: dict | None = None, dense: dict | None = None) -> dict:
     """config.json (with the quantization config), the index and the side files, once every shard is
     written; returns the stage summary. Parts of a calibrated quantizer (GPTQ) carry their layer's
-    calibration coverage, which goes into the config and the summary."""
+    calibration coverage, which goes into the config and the summary; `dense`: the DenseWidths (as
+    a dict) of a run that packed dense layers too."""
     bits_of = {(int(r.layer), int(r.expert)): int(r.bits) for r in alloc.itertuples()}
     with Checkpoint.open(src) as ckpt:
         model = detect(ckpt)
@@ -209,12 +238,13 @@ def finish(src: Path, alloc: pd.DataFrame, group_size: int, symmetric: bool, par
         parameters = sum(math.prod(info.shape) for k, info in ckpt.tensors.items() if k not in beyond)
         beyond_bytes = sum(_stored_bytes(ckpt, k) for k in beyond)
     modules = {k: v for part in parts for k, v in part["modules"].items()}
+    dense_modules = {k: v for part in parts for k, v in part.get("dense_modules", {}).items()}
     weight_map = {k: part["file"] for part in parts for k in part["keys"]}
     stored_bits, numel = sum(p["stored_bits"] for p in parts), sum(p["numel"] for p in parts)
     expert_bits = {str(layer.layer): [bits_of[(layer.layer, e)] for e in range(layer.num_experts)] for layer in model.layers}
     nominal = sum(sum(v) for v in expert_bits.values()) / sum(len(v) for v in expert_bits.values())
     qconfig = {
-        "quant_method": QUANT_METHOD, "format": FORMAT, "version": version_for(modules),
+        "quant_method": QUANT_METHOD, "format": FORMAT, "version": version_for(modules, dense_modules),
         "group_size": group_size, "layout": model.layout,
         "dequantize": "w[n, k] = (code[n, k] - zeros[n, k // group_size]) * scales[n, k // group_size]",
         "symmetric": symmetric,  # every zero point at 2**(bits-1): exports without zero points
@@ -231,6 +261,9 @@ def finish(src: Path, alloc: pd.DataFrame, group_size: int, symmetric: bool, par
         # how the codes were chosen (rtn, gptq; clipping search): tells validation which check applies
         "quantizer": QuantizerConfig.from_dict(quantizer or {"symmetric": symmetric}).as_dict(),
     }
+    if dense_modules:  # the whole-model budget (quantization/dense.py); absent otherwise, so such folders are unchanged
+        qconfig.update(dense_modules=dense_modules, dense=dense or {},
+                       not_quantized="routers, embeddings, norms, and the linear layers not in dense_modules (kept as stored)")
     coverage = sorted((r for part in parts for r in part.get("coverage", ())), key=lambda r: (r["layer"], r["expert"]))
     summary_extra = {}
     if coverage:
@@ -252,6 +285,8 @@ def finish(src: Path, alloc: pd.DataFrame, group_size: int, symmetric: bool, par
     return {"matrices": len(modules), "moe_layers": len(model.layers), "avg_bits": qconfig["avg_bits"], "effective_bits": qconfig["effective_bits"],
             "group_size": group_size, "bytes": total, "source_bytes": sum(p.stat().st_size for p in src.glob("*.safetensors")),
             "quantizer": QuantizerConfig.from_dict(qconfig["quantizer"]).label,
+            **({"dense_matrices": len(dense_modules),
+                "dense_bits": sorted({v["bits"] for v in dense_modules.values()})} if dense_modules else {}),
             # the whole model, not only its routed experts: what a user stores and loads
             **whole_model(total - beyond_bytes, parameters), "kept_as_stored_bytes": beyond_bytes, **summary_extra}
 

@@ -52,18 +52,20 @@ from .stage_io import (
 
 
 def quantization_key(checkpoint: CheckpointRecord, allocation: StageOutput, group_size: int, quantizer: dict,
-                     text: dict | None, device: str) -> str:
+                     text: dict | None, device: str, dense: dict | None = None) -> str:
     """The quantization stage's key; a calibrated quantizer (GPTQ) adds its calibration text's
-    digest, windows and window length (`text`: the pinned TextRecord, seq_len, windows)."""
+    digest, windows and window length (`text`: the pinned TextRecord, seq_len, windows), and a
+    whole-model run its dense layers' widths (`dense`; absent otherwise, so other keys stay as they were)."""
     calibration = None
     if QuantizerConfig.from_dict(quantizer).calibrated:
         calibration = [text["text"].digest, text["seq_len"], text["windows"]]
     return stage_key("quantization", checkpoint.digest, allocation.key, group_size, quantizer, calibration,
-                     placement_key(device))
+                     placement_key(device), *([dense] if dense else []))
 
 
 def _quantization_prefix(i: dict) -> str:
-    key = quantization_key(i["checkpoint"], i["allocation"], i["group_size"], i["quantizer"], i.get("text"), i["device"])
+    key = quantization_key(i["checkpoint"], i["allocation"], i["group_size"], i["quantizer"], i.get("text"), i["device"],
+                           i.get("dense"))
     return f"objects/quantization/{key}"
 
 
@@ -104,12 +106,12 @@ def _quantization(position: int, checkpoint: CheckpointRecord, allocation: Stage
 
 @contextmanager
 def _shard_writer(checkpoint: CheckpointRecord, allocation: StageOutput, group_size: int, quantizer: dict,
-                  text: dict | None, device: str, store: str, storage_options: dict, path: Path):
+                  text: dict | None, device: str, store: str, storage_options: dict, path: Path, dense: dict | None = None):
     """(open checkpoint, allocation, out, write): `write(part)` checksums a layer shard written
     into `out` and puts it under the stage's prefix (`out` is that prefix for a local store)."""
     st = Store(store, storage_options)
     prefix = _quantization_prefix(dict(checkpoint=checkpoint, allocation=allocation, group_size=group_size,
-                                       quantizer=quantizer, text=text, device=device))
+                                       quantizer=quantizer, text=text, device=device, dense=dense))
     with tempfile.TemporaryDirectory() as tmp, Checkpoint.open(path) as ckpt:
         tmp = Path(tmp)
         alloc = tables.read_stats(local_copy(st, allocation, tmp) / "bit_allocation.parquet")
@@ -127,18 +129,21 @@ def _shard_writer(checkpoint: CheckpointRecord, allocation: StageOutput, group_s
 
 
 def _gptq_quantization(checkpoint: CheckpointRecord, allocation: StageOutput, group_size: int, quantizer: dict,
-                       text: dict, device: str, store: str, storage_options: dict, cache_dir: str | None) -> list[dict]:
-    """Every MoE layer's shard by sequential GPTQ, each written as soon as its layer is done, with
-    the layer's calibration coverage."""
+                       text: dict, device: str, store: str, storage_options: dict, cache_dir: str | None,
+                       dense: dict | None = None) -> list[dict]:
+    """Every shard by sequential GPTQ: each MoE layer's written as soon as its layer is done, with the
+    layer's calibration coverage, then the others (with `dense`, their dense layers packed too)."""
+    from ..quantization.dense import DenseWidths
     from ..quantization.gptq_sequential import gptq_shards
 
     path = ckpt_path(checkpoint, cache_dir, storage_options)
     placement = _gptq_placement(device, path, text)
     with _shard_writer(checkpoint, allocation, group_size, quantizer, text, device, store, storage_options,
-                       path) as (ckpt, alloc, out, write):
+                       path, dense) as (ckpt, alloc, out, write):
         return gptq_shards(ckpt, path, pinned(text["text"], cache_dir, storage_options), alloc, group_size,
                            QuantizerConfig.from_dict(quantizer), out, seq_len=text["seq_len"], windows=text["windows"],
-                           write=write, progress=progress_reporter("GPTQ quantization"), placement=placement)
+                           dense=DenseWidths.from_dict(dense), write=write,
+                           progress=progress_reporter("GPTQ quantization"), placement=placement)
 
 
 def _gptq_placement(device: str, path: Path, text: dict):
@@ -175,7 +180,8 @@ def _validation(position: int, quantized: StageOutput, checkpoint: CheckpointRec
         qc = json.loads((folder / "config.json").read_text())["quantization_config"]
         weight_map = json.loads((folder / meta[1]).read_text())["weight_map"]
         layer = int(sorted(qc["experts_modules"], key=int)[position])
-        shards = sorted({weight_map[f"{n}.qweight"] for n, info in qc["modules"].items() if info["layer"] == layer})
+        shards = sorted({weight_map[f"{n}.qweight"] for n, info in qc["modules"].items() if info["layer"] == layer}
+                        | ({weight_map[f"{n}.qweight"] for n in qc.get("dense_modules", {})} if position == 0 else set()))
         qpath = local_copy(st, quantized, Path(tmp), only=meta + shards)
         return kernel_check.validate_layer(qpath, src, position, rtol=rtol)
 

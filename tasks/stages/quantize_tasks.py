@@ -314,17 +314,19 @@ def allocate_bits(stats: StageOutput, calibration: StageOutput | None, config: d
       result_serializer="json")
 def quantize_experts(checkpoint: CheckpointRecord, allocation: StageOutput, group_size: int, quantizer: dict,
                      text: dict | None, device: str, parts: list[list[dict]], store: str, storage_options: dict,
-                     cache_dir: str | None) -> StageOutput:
+                     cache_dir: str | None, dense: dict | None = None) -> StageOutput:
     """The quantized checkpoint: MoE layer shards (written by `per_layer.layer_work`, or by
-    `per_layer.sequential_work` for GPTQ, calibrated on `text`), then the rest shard, config.json,
-    the index and the side files."""
+    `per_layer.sequential_work` for GPTQ, calibrated on `text`, which writes the other shards too:
+    with `dense`, their dense layers are packed), the other shards where no task wrote them,
+    config.json, the index and the side files."""
     symmetric = QuantizerConfig.from_dict(quantizer).symmetric
-    layers = [part for chunk in parts for part in chunk]
-    with stage_work("quantization", quantization_key(checkpoint, allocation, group_size, quantizer, text, device), store,
-                    storage_options) as w:
+    written = [part for chunk in parts for part in chunk]
+    layers = [part for part in written if part["modules"]]
+    with stage_work("quantization", quantization_key(checkpoint, allocation, group_size, quantizer, text, device, dense),
+                    store, storage_options) as w:
         alloc = tables.read_stats(w.read(allocation) / "bit_allocation.parquet")
         path = ckpt_path(checkpoint, cache_dir, storage_options)
-        missing = [p["file"] for p in layers if not w.store.exists(f"objects/quantization/{w.key}/{p['file']}")]
+        missing = [p["file"] for p in written if not w.store.exists(f"objects/quantization/{w.key}/{p['file']}")]
         if missing:
             raise ValidationFailed(f"layer shards {missing[:3]} written by the per-layer tasks are not in the store {store}",
                                    "Dask workers on other machines need a store they share with the flow: use s3:// "
@@ -334,8 +336,8 @@ def quantize_experts(checkpoint: CheckpointRecord, allocation: StageOutput, grou
             if len(layers) != len(detect(ckpt).layers):
                 raise ValidationFailed(f"{len(layers)} quantized layer shards for {len(detect(ckpt).layers)} MoE layers",
                                        "this is a bug; please report it")
-            rest = writer.write_rest(ckpt, w.out)
-            summary = writer.finish(path, alloc, group_size, symmetric, [*rest, *layers], w.out, quantizer)
+            rest = [part for part in written if not part["modules"]] or writer.write_rest(ckpt, w.out)
+            summary = writer.finish(path, alloc, group_size, symmetric, [*rest, *layers], w.out, quantizer, dense)
         report("quantization", meter, 0, get_run_logger())
         if summary.get("fallback_experts"):
             get_run_logger().warning(
@@ -343,7 +345,7 @@ def quantize_experts(checkpoint: CheckpointRecord, allocation: StageOutput, grou
                 f"tokens and were rounded to nearest{' with the clipping search' if quantizer.get('clip') else ''} "
                 f"instead of GPTQ (least covered: {summary['least_covered']}); "
                 "give more --calibration-windows, text closer to what the model will serve, or a lower --gptq-min-tokens")
-        return w.publish(summary, present={p["file"]: p["sha256"] for p in layers})
+        return w.publish(summary, present={p["file"]: p["sha256"] for p in written})
 
 
 # ---- 5. kernel validation -----------------------------------------------------------------------

@@ -169,7 +169,7 @@ def test_league_runs_gptq_cells_ranked_among_themselves_and_each_is_the_shipped_
     assert kl["uniform+gptq", 3.0] < kl["uniform", 3.0]
     cell = allocs[(allocs.variant == "routed-error+gptq") & (allocs.budget == 2.5)][["layer", "expert", "bits"]]
     cell = cell.reset_index(drop=True)
-    packed, _ = sequential_gptq(ft, CAL, cell, 32, grid.quantizer("gptq", False), seq_len=64, windows=4)
+    packed, _, _ = sequential_gptq(ft, CAL, cell, 32, grid.quantizer("gptq", False), seq_len=64, windows=4)
     with tempfile.TemporaryDirectory() as tmp:
         quantize_checkpoint(ft, cell, 32, Path(tmp) / "q", quantizer=lambda m, w, b: packed[m.name])
         want = evaluate(ft, Path(tmp) / "q", HELD, seq_len=64, windows=4)["kl"]

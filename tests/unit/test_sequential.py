@@ -32,7 +32,7 @@ def write(ft: Path, alloc: pd.DataFrame, packed: dict, out: Path) -> Path:
 def test_gptq_beats_rtn_and_layers_see_the_quantized_layers_before_them(micro_pair, tmp_path):
     _, ft = micro_pair
     alloc = uniform(2)
-    packed, coverage = sequential_gptq(ft, CAL, alloc, 32, seq_len=64, windows=8)
+    packed, coverage, _ = sequential_gptq(ft, CAL, alloc, 32, seq_len=64, windows=8)
     assert len(packed) == 24 and all(q.bits == 2 for q in packed.values())
     assert (coverage.calibration_tokens > 0).all() and set(coverage.quantizer) == {"gptq"}
     gptq_kl = evaluate(ft, write(ft, alloc, packed, tmp_path / "gptq"), HELD, seq_len=64, windows=4)["kl"]
@@ -89,7 +89,7 @@ def test_gptq_beats_rtn_and_layers_see_the_quantized_layers_before_them(micro_pa
 def test_too_few_tokens_falls_back_to_rtn_and_says_so(micro_pair):
     _, ft = micro_pair
     alloc = uniform(3)
-    packed, coverage = sequential_gptq(ft, CAL, alloc, 32, QuantizerConfig("gptq", min_tokens=10**9), seq_len=64, windows=2)
+    packed, coverage, _ = sequential_gptq(ft, CAL, alloc, 32, QuantizerConfig("gptq", min_tokens=10**9), seq_len=64, windows=2)
     assert set(coverage.quantizer) == {"rtn-fallback"} and (coverage.calibration_tokens > 0).any()
     from expertbits.tasks.checkpoints.adapters import detect
     from expertbits.tasks.checkpoints.reader import Checkpoint
