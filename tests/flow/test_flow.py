@@ -309,7 +309,8 @@ def test_readme_command_quantizes_the_bundled_model(tmp_path):
     assert f"artifacts: {tmp_path / 'expertbits-store' / 'runs' / runs[0].name}" in out.stdout
     q = manifest["summary"]["quantization"]  # the line the README shows, from the run's own figures
     assert (f"size: {q['bytes'] / 1e6:.2f} MB, {100 * q['fraction_of_bf16']:.1f}% of bf16, "
-            f"{q['model_bits_per_parameter']:.2f} bits per parameter over the whole model") in out.stdout
+            f"{q['model_bits_per_parameter']:.2f} bits per parameter over the whole model "
+            f"({q['effective_bits']:.2f} in the routed experts; dense layers as stored)") in out.stdout
     if not __import__("torch").cuda.is_available():
         assert "evaluated on cpu (float32)" in out.stdout
 

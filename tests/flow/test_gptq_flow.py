@@ -88,6 +88,19 @@ def test_gptq_run_reports_coverage_validates_caches_and_falls_back_to_exactly_rt
     states = task_states(again)
     assert states["calibration-sequential"] == states["quantization-sequential"] == "Cached"
 
+    # the whole-model budget: the same allocation, the attention layers packed too, validated, published
+    whole = run(**dict(params, quantizer="gptq", allocator="routed-error", avg_bits=2.5, bit_widths=[2, 3],
+                       dense_bits=8, dense_override=["*.o_proj=4"]))
+    w = whole.result()
+    assert task_states(whole)["calibration-sequential"] == "Cached" and w.run_id != m.run_id
+    q = w.summary["quantization"]
+    assert q["dense_matrices"] == 8 and q["dense_bits"] == [4, 8] and q["bytes"] < m.summary["quantization"]["bytes"]
+    assert w.summary["validation"]["matrices"] == m.summary["validation"]["matrices"] + 8
+    con = duckdb.connect(str(store / "runs" / w.run_id / "expertbits.duckdb"), read_only=True)
+    attention = con.execute("SELECT count(*), bool_and(passed) FROM kernel_validation WHERE name LIKE '%self_attn%'").fetchone()
+    con.close()
+    assert attention == (8, True) and w.summary["evaluation"]["kl"] < 2 * m.summary["evaluation"]["kl"]
+
     # at 3 bits uniform: GPTQ beats RTN; with every expert under --gptq-min-tokens, GPTQ's output is
     # RTN's, tensor for tensor, and says so
     uniform = dict(params, allocator="uniform", avg_bits=3, bit_widths=[3], quantizer="rtn")

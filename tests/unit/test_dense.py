@@ -121,6 +121,34 @@ def test_a_folder_whose_dense_layer_was_edited_is_refused(qwen_whole, tmp_path):
             pass
 
 
+def test_a_dense_layer_is_gptq_of_its_own_inputs_as_a_plain_model_computes_them(micro_pair, tmp_path):
+    """Layer 0's q_proj sees the embeddings through the first norm, which nothing quantized
+    changes: its packed codes equal GPTQ run by hand on the inputs a plain transformers model gives
+    it (its own hook), and o_proj, after the quantized q/k/v, differs from GPTQ on the fp inputs."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from expertbits.tasks.checkpoints.texts import token_windows
+    from expertbits.tasks.quantization.method import QuantizerConfig
+
+    _, ft = micro_pair
+    out = tmp_path / "q"
+    expertbits.quantize(ft, uniform(ft, 4), out, text=MICRO_CAL, group_size=32, windows=4, seq_len=64, dense_bits=3)
+    packed = {name: q for name, _, q in iter_quantized(out, dense=True)}
+    model = AutoModelForCausalLM.from_pretrained(ft, dtype=torch.float32)
+    seen = {}
+    attn = model.model.layers[0].self_attn
+    for name in ("q_proj", "o_proj"):
+        getattr(attn, name).register_forward_pre_hook(lambda mod, args, name=name: seen.update({name: args[0]}))
+    with torch.no_grad():
+        model(input_ids=token_windows(MICRO_CAL, AutoTokenizer.from_pretrained(ft), 64, 4))
+    cfg = QuantizerConfig("gptq", rotate=True)
+    for name, same in (("q_proj", True), ("o_proj", False)):
+        x = seen[name].reshape(-1, seen[name].shape[-1])
+        want = cfg.gptq_matrix(getattr(attn, name).weight.detach(), x.T @ x, 3, 32)
+        got = packed[f"model.layers.0.self_attn.{name}"]
+        assert torch.equal(got.packed, want.packed) == same and torch.equal(got.signs, want.signs)
+
+
 def untied(ft: Path, out: Path) -> Path:
     """A copy of `ft` whose head is its own tensor (a copy of the embeddings), not tied to them."""
     shutil.copytree(ft, out)
