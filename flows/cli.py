@@ -21,6 +21,10 @@ from pydantic import BaseModel
 
 from .params import LeagueParams, QuantizeParams, local_problems
 
+# `serve` once served the Prefect deployments; vLLM serves models now (docs/serving.md), so the old
+# name stays only as a deprecated alias
+DEPRECATED_SERVE = "it serves Prefect deployments, not models; use `expertbits serve-deployments`"
+
 
 def _prefect_defaults() -> None:
     # An ephemeral Prefect API starts in ~17 s on a fresh machine; the default 20 s timeout is too tight.
@@ -152,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the checkpoint cache to clean too (default: $EXPERTBITS_CACHE, else ~/.cache/expertbits)")
     gc.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
     for name, text in (("deploy", "register the deployments on the current Prefect API (PREFECT_API_URL) for a work pool"),
-                       ("serve", "serve the deployments from this process (no work pool needed); blocks")):
+                       ("serve-deployments", "serve the Prefect deployments from this process (no work pool needed); "
+                                             "blocks. To serve a quantized model, see vLLM in docs/serving.md"),
+                       ("serve", f"deprecated: the old name of serve-deployments ({DEPRECATED_SERVE})")):
         d = sub.add_parser(name, help=text, description=f"{text[0].upper()}{text[1:]}: quantize and league (UI forms), "
                            "quantize-nightly (cron), watch (interval) and requantize (triggered by the watcher's events).")
         if name == "deploy":
@@ -241,6 +247,9 @@ def operate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from . import deployments, dev
+
+    if args.command == "serve":
+        print(f"expertbits: `expertbits serve` is deprecated: {DEPRECATED_SERVE}", file=sys.stderr)
 
     if args.command == "dev":
         try:
@@ -528,7 +537,7 @@ def _failure(e: BaseException, debug: bool) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("generate", "export", "runs", "verify", "gc", "deploy", "serve", "dev"):
+    if args.command in ("generate", "export", "runs", "verify", "gc", "deploy", "serve-deployments", "serve", "dev"):
         _prefect_defaults()
         return {"generate": generate, "export": export, "runs": list_runs, "verify": verify, "gc": collect_garbage}.get(
             args.command, operate)(args)

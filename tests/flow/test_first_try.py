@@ -207,6 +207,12 @@ def test_deployment_options_are_named_as_given(capsys):
         err = capsys.readouterr().err
         assert err.startswith("expertbits: invalid deployment options:\n") and expected in err, (extra, err)
         assert "--watch-quantizer" not in err and "--prefixes" not in err and "--storage-options" not in err
+    # serving the deployments checks them alike; its old name `serve` still does, and says it is deprecated
+    for command in ("serve-deployments", "serve"):
+        assert main([command, "--watch", "s3://b/in", "--watch-quantize", '{"avg_bits": 9}']) == 2
+        err = capsys.readouterr().err
+        assert "--watch-quantize avg_bits: got 9" in err
+        assert ("`expertbits serve` is deprecated" in err) == (command == "serve")
 
 
 def test_local_problems_are_reported_before_prefect_starts(tmp_path, qwen):

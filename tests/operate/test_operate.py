@@ -336,7 +336,7 @@ def test_dev_up_and_down_start_and_stop_exactly_their_processes(tmp_path):
 
 
 def test_serve_runs_the_deployments_from_one_process_without_a_work_pool(micro_pair, tmp_path):
-    """`expertbits serve` registers the deployments on a server with no work pool and runs them itself."""
+    """`expertbits serve-deployments` registers the deployments on a server with no work pool and runs them itself."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -348,7 +348,7 @@ def test_serve_runs_the_deployments_from_one_process_without_a_work_pool(micro_p
             return None
 
     with prefect_server(tmp_path) as (url, env), temporary_settings({PREFECT_API_URL: url}):
-        serve = subprocess.Popen([sys.executable, "-m", "expertbits.flows.cli", "serve", "--store", str(tmp_path / "store")],
+        serve = subprocess.Popen([sys.executable, "-m", "expertbits.flows.cli", "serve-deployments", "--store", str(tmp_path / "store")],
                                  env=env, stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT)
         try:
             with get_client(sync_client=True) as client:
