@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     gen.add_argument("--seed", type=int, default=0, help="seed for --sample (default: 0)")
     gen.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
+    gen.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                     help="the non-expert weights' and activations' dtype (default: auto, as stored)")
     exp = sub.add_parser("export", help="write a run's quantized model in a format other tools load",
                          description="Re-encode a run's quantized experts losslessly as compressed-tensors "
                                      "(pack-quantized, group-wise) and say which consumers load that export "
@@ -419,7 +421,8 @@ def generate(args: argparse.Namespace) -> int:
         print("expertbits: --max-new-tokens must be at least 1", file=sys.stderr)
         return 2
     try:
-        model, tokenizer = load(args.model, device=args.device)
+        model, tokenizer = load(args.model, device=args.device,
+                                dtype=args.dtype if args.dtype == "auto" else getattr(torch, args.dtype))
     except ExpertbitsError as e:
         print(f"expertbits: {e}", file=sys.stderr)
         return 1

@@ -42,19 +42,22 @@ ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_
 FUSED_ON_DISK = tuple(a for a in ARCHS if a != "switch_transformers")  # Switch keeps per-expert modules
 
 
-def build(arch: str, out: Path, *, fused: bool = False, seed: int = 0, tokenizer: Path | None = None) -> Path:
+def build(arch: str, out: Path, *, fused: bool = False, seed: int = 0, tokenizer: Path | None = None,
+          **config: object) -> Path:
     """A random `arch` model with the zoo tokenizer (or the one in the folder `tokenizer`, its
     vocabulary the model's), in the per-expert layout save_pretrained writes by default, or
-    (fused=True) transformers 5's fused 3-D expert tensors."""
+    (fused=True) transformers 5's fused 3-D expert tensors; `config` overrides config fields."""
     source = tokenizer or ROOT / "tokenizer"
     vocab = V
     if tokenizer is not None:
         from transformers import AutoTokenizer
 
         vocab = len(AutoTokenizer.from_pretrained(tokenizer))
-    cls, config = _configs(vocab)[arch]
+    cls, base = _configs(vocab)[arch]
+    for key, value in config.items():
+        setattr(base, key, value)
     torch.manual_seed(seed)
-    model = cls(config).eval()
+    model = cls(base).eval()
     with torch.no_grad():  # routers whose bias starts at zero would not exercise it
         for name, buf in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
