@@ -8,7 +8,7 @@
                    digest, revision and id and the watch's configuration from its payload
 
 `expertbits deploy` registers them on the current Prefect API against a process work pool (the
-same definitions as `infra/prefect.yaml`), `expertbits serve` serves them from one process.
+same definitions as `infra/prefect.yaml`), `expertbits serve-deployments` serves them from one process.
 Entry points are module paths (`expertbits.flows.quantize.quantize_moe`), so a worker needs
 expertbits installed and nothing else. Credentials never appear here: workers read them from
 their environment (AWS_*, HF_TOKEN) or a Prefect secret block.

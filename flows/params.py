@@ -227,7 +227,8 @@ class QuantizeParams(CommonParams):
         if self.dense_widths().active and self.quantizer == "rtn":
             raise ValueError("--dense-bits and --dense-override quantize the dense layers with GPTQ; give --quantizer "
                              "gptq (or auto), or drop them for an RTN run")
-        if self.symmetric and 1 in self.bit_widths:
+        if self.symmetric and (1 in self.bit_widths or 1 in {b for _, b in self.dense_widths().overrides}
+                               or self.dense_bits == 1):
             raise ValueError("symmetric quantization cannot use 1 bit (its codes are -scale and 0, every weight "
                              "rounds to 0); drop 1 from --bit-widths or quantize asymmetrically")
         return self

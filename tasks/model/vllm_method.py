@@ -3,15 +3,18 @@
 How an expertbits folder meets vLLM's model classes (vLLM 0.32):
 
 * vLLM builds each MoE layer's routed experts as a `RoutedExperts` layer and asks
-  `ExpertbitsConfig.get_quant_method` for its method: `ExpertbitsMoE` here. Every other linear
-  layer runs unquantized, as stored (a folder with packed dense layers is refused, see `check`).
+  `ExpertbitsConfig.get_quant_method` for its method: `ExpertbitsMoE` here. A linear layer whose
+  parts the folder packs (--dense-bits: vLLM fuses q/k/v into qkv_proj and gate/up into
+  gate_up_proj, `packed_modules_mapping`) gets `ExpertbitsLinear`; every other one runs as stored.
 * Loading: vLLM's own expert mapping routes a checkpoint tensor named
   `<experts prefix>.<e>.<w1|w2|w3 or gate_proj|down_proj|up_proj>.<suffix>` to the layer's
   parameter `w13_<suffix>` / `w2_<suffix>` with (expert, shard). `checkpoint_weight_mapper` renames
   each packed tensor of `quantization_config.modules` (and each rotation's sign tensor) to that
   form, so vLLM's loader hands every one to `ExpertbitsMoE`'s placeholders, whose `weight_loader`
   keeps it per (expert, shard, suffix): the experts of one layer have different widths, so their
-  codes cannot share one stacked tensor.
+  codes cannot share one stacked tensor. Packed dense layers keep their names, which vLLM's own
+  stacking maps to its fused layers' shards. A sign tensor goes to the first matrix that reads it
+  and is shared from there by name (`sign_values`).
 * `process_weights_after_loading` checks that every matrix arrived with the shapes its entry
   says, and builds the layer's `PackedExperts` (kernels/modules.py): one ExpertBank per role.
 * `apply` gets the router's top-k experts and weights (vLLM routes; shared experts run beside) and
@@ -33,12 +36,12 @@ from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 from vllm.model_executor.layers.fused_moe.config import FUSED_MOE_UNQUANTIZED_CONFIG
 from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
 from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
-from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+from vllm.model_executor.layers.linear import LinearBase, LinearMethodBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 from vllm.model_executor.utils import set_weight_attrs
 
-from expertbits.kernels.modules import PackedExperts
+from expertbits.kernels.modules import PackedExperts, packed_linear
 from expertbits.kernels.packing import QuantizedTensor, packed_width
 
 from ..errors import CheckpointError
@@ -59,10 +62,6 @@ _OURS = re.compile(r"^.*(?:\.(?:qweight|scales|zeros)|\.expertbits_signs_\d+)$")
 def check(qc: dict, where: str) -> None:
     """What this method serves, or a CheckpointError naming the fix."""
     check_version(qc, where)
-    if qc.get("dense_modules"):
-        raise CheckpointError(f"{where}: {len(qc['dense_modules'])} dense linear layers are packed (--dense-bits); the "
-                              "vLLM plugin runs packed routed experts only", "quantize without --dense-bits and "
-                              "--dense-override to serve the folder with vLLM, or run it with expertbits.load")
     if qc.get("layout") == "per-expert" and qc.get("base_model_type") == "switch_transformers":
         raise CheckpointError(f"{where}: Switch Transformers is an encoder-decoder model vLLM does not run",
                               "run it with expertbits.load (AutoModelForSeq2SeqLM)")
@@ -79,9 +78,14 @@ class ExpertbitsConfig(QuantizationConfig):
         self.by_layer: dict[int, dict[int, dict[str, tuple[str, dict]]]] = {}  # layer -> expert -> role -> entry
         for name, info in qc["modules"].items():
             self.by_layer.setdefault(int(info["layer"]), {}).setdefault(int(info["expert"]), {})[info["role"]] = (name, info)
+        self.dense: dict[str, dict] = qc.get("dense_modules", {})
         # filled while vLLM builds the model: MoE layer -> (vLLM's experts prefix, role -> its checkpoint name)
         self.experts_at: dict[int, tuple[str, dict[str, str]]] = {}
-        self.signs_slot: dict[tuple[int, str], tuple[int, str]] = {}  # (layer, sign tensor) -> (expert, shard)
+        self.slot_signs: dict[tuple[int, int, str], str] = {}  # (layer, expert, shard) -> the sign tensor loaded there
+        # every rotation's signs by tensor name, from whichever layer vLLM handed them to: a sign tensor
+        # is shared by the matrices of a decoder layer that read one width (experts and dense layers);
+        # vLLM processes layers only once every weight is loaded
+        self.sign_values: dict[str, torch.Tensor] = {}
 
     def __repr__(self) -> str:
         return f"ExpertbitsConfig(group_size={self.group_size}, matrices={len(self.qc['modules'])})"
@@ -118,7 +122,15 @@ class ExpertbitsConfig(QuantizationConfig):
                                              "down": layer.ckpt_down_proj_name})
             return ExpertbitsMoE(layer.moe_config, self, idx)
         if isinstance(layer, LinearBase):
-            return UnquantizedLinearMethod()
+            parent, _, last = prefix.rpartition(".")
+            parts = [f"{parent}.{p}" if parent else p for p in self.packed_modules_mapping.get(last, [last])]
+            packed = [p for p in parts if p in self.dense]
+            if not packed:
+                return UnquantizedLinearMethod()
+            if len(packed) != len(parts):
+                raise CheckpointError(f"vLLM computes {parts} as one layer ({prefix}), and the folder packs only "
+                                      f"{packed}", "give them one width: a --dense-override that matches all of them")
+            return ExpertbitsLinear(self, parts)
         return None
 
     def get_checkpoint_weight_mapper(self):  # an instance method here: the table is this folder's
@@ -135,7 +147,10 @@ class ExpertbitsConfig(QuantizationConfig):
                     table.update({f"{name}.{s}": f"{target}.{s}" for s in PACKED_SUFFIXES})
                     if info.get("rotation") and info["signs"] not in table:
                         table[info["signs"]] = f"{target}.signs"
-                        self.signs_slot[idx, info["signs"]] = (e, SHARD[role])
+                        self.slot_signs[idx, e, SHARD[role]] = info["signs"]
+        for name, info in self.dense.items():  # their own names reach vLLM's linear layers as they are
+            if info.get("rotation") and info["signs"] not in table:
+                table[info["signs"]] = f"{name}.signs"
         return QuantizationConfig.get_checkpoint_weight_mapper() | WeightsMapper(
             orig_to_new_regex={_OURS: lambda m: table.get(m.group(0), m.group(0))})
 
@@ -167,7 +182,11 @@ class ExpertbitsMoE(FusedMoEMethodBase):
                 if shard_id is None or expert_id is None:
                     raise CheckpointError(f"{weight_name} reached MoE layer {self.layer} without its expert",
                                           "this is a bug; please report it")
-                layer.expertbits_parts[int(expert_id), shard_id, suffix] = loaded_weight.detach().clone()
+                t = loaded_weight.detach().clone()
+                if suffix == "signs":
+                    self.config.sign_values[self.config.slot_signs[self.layer, int(expert_id), shard_id]] = t
+                else:
+                    layer.expertbits_parts[int(expert_id), shard_id, suffix] = t
                 return True if return_success else None
             return weight_loader
 
@@ -196,8 +215,7 @@ class ExpertbitsMoE(FusedMoEMethodBase):
                 stored = [parts.pop((e, SHARD[role], s), None) for s in PACKED_SUFFIXES]
                 signs = None
                 if info.get("rotation"):
-                    slot = cfg.signs_slot.get((self.layer, info["signs"]))
-                    signs = parts.get((*slot, "signs")) if slot else None
+                    signs = cfg.sign_values.get(info["signs"])
                     stored.append(signs)
                 if any(t is None for t in stored):
                     raise CheckpointError(f"the quantized checkpoint lists {name} but not all of its tensors were "
@@ -222,3 +240,56 @@ class ExpertbitsMoE(FusedMoEMethodBase):
             raise CheckpointError("this model applies the routing weight to the experts' input, which the packed "
                                   "experts do not", "serve it unquantized, or report the architecture")
         return layer.expertbits_experts(x, topk_ids.long(), topk_weights.to(x.dtype))
+
+
+class ExpertbitsLinear(LinearMethodBase):
+    """Dense linear layers packed by --dense-bits: vLLM's layer (one of q/k/v, or their fused
+    qkv_proj, gate_up_proj...) computed as each packed part's x Wᵀ, concatenated, plus the bias."""
+
+    SHARDS = {"q": 0, "k": 1, "v": 2}  # QKVParallelLinear's shard ids; merged layers number theirs
+
+    def __init__(self, config: ExpertbitsConfig, names: list[str]):
+        self.config, self.names = config, names
+
+    def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
+                       params_dtype, **extra_weight_attrs):
+        if input_size_per_partition != input_size or sum(output_partition_sizes) != output_size:
+            raise CheckpointError(f"{self.names}: tensor parallelism splits the dense layers, which the packed layout "
+                                  "does not support yet", "serve with --tensor-parallel-size 1")
+        layer.expertbits_parts = {}
+
+        def loader(suffix: str):
+            def weight_loader(param, loaded_weight, loaded_shard_id=None, *_, **__):
+                index = self.SHARDS.get(loaded_shard_id, loaded_shard_id) if loaded_shard_id is not None else 0
+                t = loaded_weight.detach().clone()
+                if suffix == "signs":
+                    self.config.sign_values[self.config.dense[self.names[index]]["signs"]] = t
+                else:
+                    layer.expertbits_parts[int(index), suffix] = t
+            return weight_loader
+
+        for suffix, dtype in DTYPES.items():
+            p = nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
+            set_weight_attrs(p, {"weight_loader": loader(suffix)})
+            layer.register_parameter(suffix, p)
+
+    def process_weights_after_loading(self, layer) -> None:
+        cfg, parts, device = self.config, layer.expertbits_parts, layer.qweight.device
+        packed = []
+        for i, name in enumerate(self.names):
+            info = cfg.dense[name]
+            stored = [parts.pop((i, s), None) for s in PACKED_SUFFIXES]
+            signs = cfg.sign_values.get(info["signs"]) if info.get("rotation") else None
+            if any(t is None for t in stored) or (info.get("rotation") and signs is None):
+                raise CheckpointError(f"the quantized checkpoint lists {name} but not all of its tensors were loaded",
+                                      "the quantized checkpoint is incomplete or was edited; quantize again")
+            n, k = info["shape"]
+            packed.append(QuantizedTensor(*(t.to(device) for t in stored), bits=int(info["bits"]),
+                                          group_size=cfg.group_size, shape=(n, k),
+                                          signs=None if signs is None else signs.to(device)))
+        layer.expertbits_parts = {}
+        layer.expertbits_packed = packed
+
+    def apply(self, layer, x, bias=None):
+        y = torch.cat([packed_linear(x, q) for q in layer.expertbits_packed], dim=-1)
+        return y if bias is None else y + bias.to(y.dtype)

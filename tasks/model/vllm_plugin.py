@@ -1,7 +1,7 @@
 """vLLM runs expertbits folders: the plugin vLLM loads through its `vllm.general_plugins` entry point.
 
     pip install expertbits into vLLM's environment (infra/vllm_env.sh does it, see docs/serving.md), then
-    vllm serve RUN/quantization            or    LLM(model="RUN/quantization")
+    LLM(model="RUN/quantization")    or the OpenAI-compatible server on RUN/quantization
 
 with no extra flag. vLLM calls `register` in each of its processes (the front end, the engine
 core, the workers) before it reads the model's config. It does two things:
@@ -12,7 +12,7 @@ core, the workers) before it reads the model's config. It does two things:
 * registers the quantization method `expertbits` (vllm_method.py): the routed experts of every MoE
   layer run from the packed weights, each expert at its own width, through the same code the
   loader runs (kernels/modules.py: the fused Triton kernel on CUDA, the per-expert torch path
-  elsewhere); everything else runs as vLLM runs it.
+  elsewhere), and so do packed dense layers (--dense-bits); everything else runs as vLLM runs it.
 
 This module imports nothing from vLLM itself, so expertbits installs and imports without it.
 """

@@ -2,12 +2,14 @@
 when asked, the head) quantized by GPTQ beside the routed experts, into the same packed format.
 
     --dense-bits 4                          every linear layer of every decoder layer at 4 bits,
-                                            except the routers (kept as stored: the allocation
-                                            reads them, and they are a few thousand weights)
-    --dense-override '*.o_proj=8'           a width for the modules a glob matches (the module
-    --dense-override '*.shared_expert.*=keep'   names of the model transformers builds); `keep`
-    --dense-override lm_head=8              leaves them as stored; the last match wins. The head
-                                            is quantized only when an override names it.
+                                            except the gates (kept as stored: the routers, which the
+                                            allocation reads, and Qwen's shared-expert gate; they
+                                            decide routing and are a few thousand weights)
+    --dense-override '*.o_proj=8,*.shared_expert.*=keep,lm_head=8'
+                                            a width for the modules a glob matches (the module
+                                            names of the model transformers builds); `keep` leaves
+                                            them as stored; the last match wins. The head is
+                                            quantized only when an override names it.
 
 Without any of these only the routed experts are quantized (the default), so comparisons with
 other tools stay like for like. GPTQ runs each dense layer on its first forward, on the inputs
@@ -19,6 +21,7 @@ layer's output is then computed from the quantized weights. The head sees the fi
 from __future__ import annotations
 
 import fnmatch
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,11 +98,12 @@ def dense_linears(model: nn.Module, layers: list[MoELayer], widths: DenseWidths,
     routers or routed experts, and the head if an override names it. A tied head is refused
     (quantizing it would quantize the embeddings it shares its weight with)."""
     routers = {_loaded(layer.router_key.removesuffix(".weight"), renames) for layer in layers}
+    gates = re.compile(r".*[._]gate$")  # routers and gates like Qwen's shared_expert_gate: kept as stored
     experts = tuple(layer.experts_module + "." for layer in layers)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     out = []
     for name, module in model.named_modules():
-        if type(module) is not nn.Linear or name in routers or name.startswith(experts):
+        if type(module) is not nn.Linear or name in routers or gates.fullmatch(name) or name.startswith(experts):
             continue
         is_head = module is head
         if not is_head and not block_of(name + "."):
@@ -108,9 +112,10 @@ def dense_linears(model: nn.Module, layers: list[MoELayer], widths: DenseWidths,
         if bits is None:
             continue
         if is_head and getattr(model.config, "tie_word_embeddings", False):
+            glob = next(p for p, _ in reversed(widths.overrides) if fnmatch.fnmatchcase(name, p))
             raise CheckpointError(f"{path}: the head ({name}) shares its weight with the token embeddings "
                                   "(tie_word_embeddings), so it cannot be quantized alone",
-                                  f"drop the override that names {name}")
+                                  f"keep it: add {name}=keep after the override {glob!r} that matches it")
         key = _stored(name + ".weight", stored, renames)
         if key is None:
             raise CheckpointError(f"{path}: {name} has no stored weight", "the checkpoint does not match its config.json")
@@ -164,14 +169,17 @@ class DenseGPTQ:
             return self.quantize(target, module, args[0])
         return hook
 
-    def quantize(self, target: DenseLinear, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        """GPTQ of `module` against the Gram matrix of inputs x; returns its quantized output on x."""
+    def quantize(self, target: DenseLinear, module: nn.Linear, x: torch.Tensor, output: bool = True) -> torch.Tensor | None:
+        """GPTQ of `module` against the Gram matrix of inputs x; returns its quantized output on x
+        (with `output`: the head's logits are never needed)."""
         if self._gram is None or self._gram[0] is not x:
             xf = x.reshape(-1, x.shape[-1]).float()
             self._gram = (x, xf.T @ xf)  # the input is held, so `is` cannot match a reused address
         q = self.cfg.gptq_matrix(module.weight.float(), self._gram[1], target.bits, self.group_size)
         self.packed[target.name] = q.to("cpu")
         self.done.add(target.name)
+        if not output:
+            return None
         y = packed_linear(x, q)
         return y if module.bias is None else y + module.bias.to(y.dtype)
 
@@ -183,7 +191,7 @@ class DenseGPTQ:
             onload = [h for h in head._forward_pre_hooks.values()]  # the runner reads its weight right before it runs
             for h in onload:
                 h(head, (hidden,))
-            self.quantize(self.targets[name], head, hidden)
+            self.quantize(self.targets[name], head, hidden, output=False)
 
     def take(self, block: str | None = None) -> dict[str, QuantizedTensor]:
         """The packed layers of decoder layer `block` (all that are left, if None), handed over once."""

@@ -154,7 +154,16 @@ def write_rest(ckpt: Checkpoint, out: Path, dense: dict[str, Dense] | None = Non
         name = _save(tensors, out, shard_name(i, len(rest) + len(own)))
         parts.append({"file": name, "bytes": (out / name).stat().st_size, "keys": sorted(tensors), "modules": {},
                       "dense_modules": dense_modules, "stored_bits": 0.0, "numel": 0})
+    _all_written(dense or {}, parts)
     return parts
+
+
+def _all_written(dense: dict[str, Dense], parts: list[dict]) -> None:
+    """Every packed dense layer handed to the writer is in a shard it wrote, never silently left out."""
+    left = sorted(set(dense) - {name for part in parts for name in part["dense_modules"]})
+    if left:
+        raise CheckpointError(f"packed dense layers {left[:3]} belong to no shard being written",
+                              "this is a bug; please report it")
 
 
 def _with_dense(ckpt: Checkpoint, keys: list[str], dense: dict[str, Dense]) -> tuple[dict, dict]:
@@ -201,7 +210,8 @@ def quantize_layer(ckpt: Checkpoint, position: int, alloc: pd.DataFrame, group_s
     bits_of = {(int(r.layer), int(r.expert)): int(r.bits) for r in alloc.itertuples() if int(r.layer) == layer.layer}
     rest, own = _plan(ckpt)
     tensors, dense_modules = _with_dense(ckpt, own[position], dense or {})
-    modules, stored_bits, numel = {}, 0.0, 0
+    _all_written(dense or {}, [{"dense_modules": dense_modules}])
+    modules, stored_bits, numel, counted = {}, 0.0, 0, set()
     for m in layer.matrices:
         w = ckpt.read(m.key, m.index, m.rows)
         require_finite(w, f"{ckpt.path}: {m.name}")
@@ -210,7 +220,10 @@ def quantize_layer(ckpt: Checkpoint, position: int, alloc: pd.DataFrame, group_s
         if symmetric and not q.symmetric:
             raise CheckpointError(f"{m.name}: the quantizer returned zero points for a symmetric run",
                                   "this is a bug; please report it")
-        new_signs = q.signs is not None and signs_key(m.name, q.shape[1]) not in tensors
+        # a sign tensor counts once toward the experts' bits, also when a dense layer stored it first
+        key = signs_key(m.name, q.shape[1]) if q.signs is not None else None
+        new_signs = key is not None and key not in counted
+        counted.add(key)
         modules[m.name] = {"bits": bits, "layer": m.layer, "expert": m.expert, "role": m.role,
                            "shape": list(q.shape), "source": {"key": m.key, "index": m.index,
                                                               "rows": list(m.rows) if m.rows else None},

@@ -170,20 +170,25 @@ def _gptq_calibration(checkpoint: CheckpointRecord, bit_widths: list[int], group
 
 def _validation(position: int, quantized: StageOutput, checkpoint: CheckpointRecord, rtol: float, kernels: str,
                 store: str, storage_options: dict, cache_dir: str | None) -> dict:
-    """Fetch only the config, the index and the shards of the layer's packed matrices."""
+    """Fetch only the config, the index and the shards of the layer's packed matrices (and, for the
+    first layer of a run with packed dense layers, theirs, checked against the whole source)."""
     same_kernels(kernels)
     st = Store(store, storage_options)
     meta = ["config.json", "model.safetensors.index.json"]
-    with tempfile.TemporaryDirectory() as tmp, Checkpoint.open(layer_path(checkpoint, [position], cache_dir,
-                                                                           storage_options)) as src:
+    with tempfile.TemporaryDirectory() as tmp:
         folder = local_copy(st, quantized, Path(tmp), only=meta)
         qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+        # the first layer's unit also checks the packed dense layers, whose sources are anywhere in the model
+        whole = position == 0 and qc.get("dense_modules")
+        source = (ckpt_path(checkpoint, cache_dir, storage_options) if whole
+                  else layer_path(checkpoint, [position], cache_dir, storage_options))
         weight_map = json.loads((folder / meta[1]).read_text())["weight_map"]
         layer = int(sorted(qc["experts_modules"], key=int)[position])
         shards = sorted({weight_map[f"{n}.qweight"] for n, info in qc["modules"].items() if info["layer"] == layer}
                         | ({weight_map[f"{n}.qweight"] for n in qc.get("dense_modules", {})} if position == 0 else set()))
         qpath = local_copy(st, quantized, Path(tmp), only=meta + shards)
-        return kernel_check.validate_layer(qpath, src, position, rtol=rtol)
+        with Checkpoint.open(source) as src:
+            return kernel_check.validate_layer(qpath, src, position, rtol=rtol)
 
 
 WORK = {"statistics": _statistics, "calibration": _calibration, "quantization": _quantization, "validation": _validation}

@@ -68,14 +68,14 @@ def generate(folder: Path) -> str:
     return out.stdout.rstrip("\n")
 
 
-def zoo_folder(pair: str, out: Path) -> Path:
+def zoo_folder(pair: str, out: Path, **options) -> Path:
     """A zoo fine-tune at 2.5 average bits, experts at {2, 3, 4} (rotated GPTQ: the default)."""
     import pandas as pd
 
     ft = resolve(f"zoo://{pair}")
     alloc = pd.DataFrame([{"layer": layer, "expert": e, "bits": (2, 3, 4, 2)[(layer + e) % 4]}
                           for layer in range(4) for e in range(8)])
-    expertbits.quantize(ft, alloc, out, text=CAL[:30_000], windows=8, seq_len=128)
+    expertbits.quantize(ft, alloc, out, text=CAL[:30_000], windows=8, seq_len=128, **options)
     return out
 
 
@@ -97,6 +97,8 @@ VLLM_SHAPES = {"qwen3_moe": dict(_ONE_HEAD, head_dim=32), "olmoe": _ONE_HEAD,
                "deepseek_v2": dict(_MLA, n_group=1, topk_group=1), "deepseek_v3": dict(_MLA, topk_method="noaux_tc", head_dim=64)}  # its rotary width is head_dim
 SOURCES = {"mixtral": lambda out: zoo_folder("mixtral-tiny/wordnet", out),
            "qwen2_moe": lambda out: zoo_folder("qwen-moe-tiny/wordnet", out),
+           # attention (vLLM's fused qkv_proj, with biases) and shared experts (its gate_up_proj) packed too
+           "qwen2_moe+dense": lambda out: zoo_folder("qwen-moe-tiny/wordnet", out, dense_bits=4),
            **{arch: (lambda out, arch=arch: random_folder(arch, out)) for arch in ("qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")}}
 
 
