@@ -137,7 +137,7 @@ def _gptq_quantization(checkpoint: CheckpointRecord, allocation: StageOutput, gr
     from ..quantization.gptq_sequential import gptq_shards
 
     path = ckpt_path(checkpoint, cache_dir, storage_options)
-    placement = _gptq_placement(device, path, text)
+    placement = _gptq_placement(device, path, text, dense)
     with _shard_writer(checkpoint, allocation, group_size, quantizer, text, device, store, storage_options,
                        path, dense) as (ckpt, alloc, out, write):
         return gptq_shards(ckpt, path, pinned(text["text"], cache_dir, storage_options), alloc, group_size,
@@ -146,12 +146,13 @@ def _gptq_quantization(checkpoint: CheckpointRecord, allocation: StageOutput, gr
                            progress=progress_reporter("GPTQ quantization"), placement=placement)
 
 
-def _gptq_placement(device: str, path: Path, text: dict):
+def _gptq_placement(device: str, path: Path, text: dict, dense: dict | None = None):
     """Where sequential GPTQ runs, refused first if its layer, expert, Hessians and activations
     would not fit in the device's free memory."""
     from ..model.streaming import place_stage
 
-    return place_stage(device, path, "sequential GPTQ", text["windows"], text["seq_len"], head=False, hessians=True)
+    return place_stage(device, path, "sequential GPTQ", text["windows"], text["seq_len"], head=False, hessians=True,
+                       dense=dense)
 
 
 def _gptq_calibration(checkpoint: CheckpointRecord, bit_widths: list[int], group_size: int, quantizer: dict,

@@ -213,3 +213,14 @@ def test_widths_parse_and_bad_options_are_refused_before_any_work(micro_pair, tm
                             dense_override=("*.qkv_proj=4",))
     with pytest.raises(ExpertbitsError, match="GPTQ"):
         expertbits.quantize(ft, uniform(ft, 4), tmp_path / "y", quantizer="rtn", dense_bits=4)
+
+
+def test_the_gpu_memory_estimate_counts_the_dense_layers_and_a_quantized_head(micro_pair):
+    from expertbits.tasks.model.streaming import device_bytes
+
+    _, ft = micro_pair
+    base = device_bytes(ft, torch.float32, 4, 64, head=False, hessians=True)
+    dense = device_bytes(ft, torch.float32, 4, 64, head=False, hessians=True, dense={"bits": 4, "overrides": []})
+    head = device_bytes(ft, torch.float32, 4, 64, head=False, hessians=True,
+                        dense={"bits": 4, "overrides": [["lm_head", 8]]})
+    assert base <= dense < head
