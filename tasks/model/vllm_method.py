@@ -62,6 +62,13 @@ _OURS = re.compile(r"^.*(?:\.(?:qweight|scales|zeros)|\.expertbits_signs_\d+)$")
 def check(qc: dict, where: str) -> None:
     """What this method serves, or a CheckpointError naming the fix."""
     check_version(qc, where)
+    from ..checkpoints.adapters import block_of
+
+    outside = [name for name in qc.get("dense_modules", {}) if not block_of(name + ".")]
+    if outside:
+        raise CheckpointError(f"{where}: the folder packs {outside[0]}, outside the decoder layers; the vLLM plugin "
+                              "serves packed dense layers inside them (vLLM's head is no linear layer a quantization "
+                              "method can take)", f"quantize without the override that names {outside[0]}")
     if qc.get("layout") == "per-expert" and qc.get("base_model_type") == "switch_transformers":
         raise CheckpointError(f"{where}: Switch Transformers is an encoder-decoder model vLLM does not run",
                               "run it with expertbits.load (AutoModelForSeq2SeqLM)")
@@ -257,6 +264,11 @@ class ExpertbitsLinear(LinearMethodBase):
             raise CheckpointError(f"{self.names}: tensor parallelism splits the dense layers, which the packed layout "
                                   "does not support yet", "serve with --tensor-parallel-size 1")
         layer.expertbits_parts = {}
+        expected = [(n, input_size) for n in output_partition_sizes]
+        shapes = [tuple(self.config.dense[name]["shape"]) for name in self.names]
+        if shapes != expected:
+            raise CheckpointError(f"{self.names}: shapes {shapes} in config.json, vLLM's layer has {expected}",
+                                  "the folder does not match the model; quantize again")
 
         def loader(suffix: str):
             def weight_loader(param, loaded_weight, loaded_shard_id=None, *_, **__):
