@@ -298,7 +298,7 @@ def _offload(plan: list, dtype: torch.dtype):
 
 
 def device_bytes(path: Path, dtype: torch.dtype, windows: int, seq_len: int, *, head: bool,
-                 hessians: bool = False, dense: dict | None = None) -> int:
+                 hessians: bool = False, dense: bool = False, dense_head: bool = False) -> int:
     """What a streamed forward of `windows` windows of `seq_len` tokens holds on its device at most, from the tensors'
     headers alone (nothing is read):
 
@@ -311,9 +311,9 @@ def device_bytes(path: Path, dtype: torch.dtype, windows: int, seq_len: int, *, 
     * activations: the hidden states and attention of every token (eager attention's scores
       included), and one expert's hidden activation for every token;
     * with `head`, the float32 logits and their log-probabilities;
-    * with `dense` (the widths of --dense-bits, quantization/dense.py), GPTQ's copies for the widest
-      dense layer's input (a dense MLP's or shared expert's down projection can be wider than an
-      expert's), and for a quantized head its float32 weight and copies of its [H, H] Hessian.
+    * with `dense` (--dense-bits, quantization/dense.py), GPTQ's copies for the widest dense layer's
+      input (a dense MLP's or shared expert's down projection can be wider than an expert's), and
+      with `dense_head` (the head quantized too) its float32 weight and copies of its [H, H] Hessian.
 
     tasks/placement.MARGIN_BYTES comes on top (the CUDA context and the allocator)."""
     from ..checkpoints.adapters import DTYPE_BYTES
@@ -344,11 +344,8 @@ def device_bytes(path: Path, dtype: torch.dtype, windows: int, seq_len: int, *, 
     if hessians:
         big = max(hidden, ffn, dense_k)
         expert += 4 * (hidden * hidden + ffn * ffn) + 4 * 4 * big * big + 8 * (big * big + hidden * ffn)
-    if dense:
-        from ..quantization.dense import DenseWidths
-
-        if DenseWidths.from_dict(dense).width("lm_head", head=True) is not None:
-            expert += 4 * int(config.get("vocab_size") or 0) * hidden + 5 * 4 * hidden * hidden
+    if dense_head:
+        expert += 4 * int(config.get("vocab_size") or 0) * hidden + 5 * 4 * hidden * hidden
     heads = int(config.get("num_attention_heads") or config.get("num_heads") or 1)
     tokens = windows * seq_len
     activations = 4 * tokens * (12 * hidden + 3 * ffn) + 4 * heads * tokens * seq_len
@@ -357,7 +354,7 @@ def device_bytes(path: Path, dtype: torch.dtype, windows: int, seq_len: int, *, 
 
 
 def place_stage(device: str, path: Path, what: str, windows: int, seq_len: int, *, head: bool,
-                hessians: bool = False, dense: dict | None = None):
+                hessians: bool = False, dense: bool = False, dense_head: bool = False):
     """The placement a streamed stage over the checkpoint at `path` runs on (placement.of_checkpoint),
     refused before it starts if `device_bytes` plus the CUDA margin would not fit in the GPU's free
     memory (on the CPU the host's memory is the meter's business)."""
@@ -365,7 +362,8 @@ def place_stage(device: str, path: Path, what: str, windows: int, seq_len: int, 
 
     placement = of_checkpoint(device, path)
     if placement.is_cuda:
-        need = device_bytes(path, placement.torch_dtype, windows, seq_len, head=head, hessians=hessians, dense=dense)
+        need = device_bytes(path, placement.torch_dtype, windows, seq_len, head=head, hessians=hessians, dense=dense,
+                            dense_head=dense_head)
         require_free(placement, need + MARGIN_BYTES, what)
     return placement
 

@@ -151,8 +151,11 @@ def _gptq_placement(device: str, path: Path, text: dict, dense: dict | None = No
     would not fit in the device's free memory."""
     from ..model.streaming import place_stage
 
+    from ..quantization.dense import DenseWidths
+
+    head = dense is not None and DenseWidths.from_dict(dense).width("lm_head", head=True) is not None
     return place_stage(device, path, "sequential GPTQ", text["windows"], text["seq_len"], head=False, hessians=True,
-                       dense=dense)
+                       dense=dense is not None, dense_head=head)
 
 
 def _gptq_calibration(checkpoint: CheckpointRecord, bit_widths: list[int], group_size: int, quantizer: dict,

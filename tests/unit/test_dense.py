@@ -220,7 +220,6 @@ def test_the_gpu_memory_estimate_counts_the_dense_layers_and_a_quantized_head(mi
 
     _, ft = micro_pair
     base = device_bytes(ft, torch.float32, 4, 64, head=False, hessians=True)
-    dense = device_bytes(ft, torch.float32, 4, 64, head=False, hessians=True, dense={"bits": 4, "overrides": []})
-    head = device_bytes(ft, torch.float32, 4, 64, head=False, hessians=True,
-                        dense={"bits": 4, "overrides": [["lm_head", 8]]})
+    dense = device_bytes(ft, torch.float32, 4, 64, head=False, hessians=True, dense=True)
+    head = device_bytes(ft, torch.float32, 4, 64, head=False, hessians=True, dense=True, dense_head=True)
     assert base <= dense < head
