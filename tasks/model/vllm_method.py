@@ -44,6 +44,7 @@ from vllm.model_executor.utils import set_weight_attrs
 from expertbits.kernels.modules import PackedExperts, packed_linear
 from expertbits.kernels.packing import QuantizedTensor, packed_width
 
+from ..checkpoints.adapters import block_of
 from ..errors import CheckpointError
 from ..store.verify import check_folder
 from .packed_folder import PACKED_SUFFIXES, QUANT_METHOD, check_version
@@ -62,8 +63,6 @@ _OURS = re.compile(r"^.*(?:\.(?:qweight|scales|zeros)|\.expertbits_signs_\d+)$")
 def check(qc: dict, where: str) -> None:
     """What this method serves, or a CheckpointError naming the fix."""
     check_version(qc, where)
-    from ..checkpoints.adapters import block_of
-
     outside = [name for name in qc.get("dense_modules", {}) if not block_of(name + ".")]
     if outside:
         raise CheckpointError(f"{where}: the folder packs {outside[0]}, outside the decoder layers; the vLLM plugin "

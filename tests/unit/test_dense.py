@@ -204,6 +204,9 @@ def test_widths_parse_and_bad_options_are_refused_before_any_work(micro_pair, tm
 
     with pytest.raises(ValueError, match="--quantizer gptq"):
         QuantizeParams(quantizer="rtn", dense_bits=4)
+    for widths in ({"dense_bits": 1}, {"dense_override": ["*.o_proj=1"]}):  # symmetric 1-bit rounds every weight to 0
+        with pytest.raises(ValueError, match="symmetric quantization cannot use 1 bit"):
+            QuantizeParams(symmetric=True, **widths)
     assert QuantizeParams(dense_bits=4).dense_config() == {"bits": 4, "overrides": []}
     assert QuantizeParams().dense_config() is None  # the key and the files of an experts-only run are unchanged
 
