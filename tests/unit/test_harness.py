@@ -1,0 +1,132 @@
+"""lm-evaluation-harness through the shipped model: the zoo's offline tasks agree with the project's
+own scorer and with a hand-computed perplexity, both columns are real evaluations, and a task that
+cannot run is a clear error before any model loads."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from expertbits.tasks.errors import ExpertbitsError
+from expertbits.tasks.measure import harness
+from expertbits.tasks.model.load import load
+from expertbits.zoo import resolve, text_path
+from tests.support.quantized import quantize_mixed
+
+pytestmark = pytest.mark.slow  # each test loads lm-eval's task index (seconds) and runs models
+
+SUPERSENSE = harness.HarnessConfig(tasks=("expertbits_supersense",), limit=48, batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def wordnet_pair(tmp_path_factory) -> tuple[Path, Path]:
+    """The zoo's WordNet fine-tune and a mixed-width (2/3/4-bit) quantized folder of it."""
+    fp = resolve("zoo://mixtral-tiny/wordnet")
+    q = tmp_path_factory.mktemp("harness") / "q"
+    quantize_mixed(fp, q)
+    return fp, q
+
+
+def test_lm_eval_supersense_equals_the_projects_scorer_on_the_shipped_model(wordnet_pair):
+    from expertbits.zoo.cards import supersense_accuracy
+
+    model, tok = load(wordnet_pair[1])
+    rows, _ = harness.run(model, tok, SUPERSENSE)
+    (acc,) = [r for r in rows if r["metric"] == "acc"]
+    assert acc["samples"] == 48 and acc["stderr"] > 0
+    with torch.no_grad():
+        assert acc["value"] == pytest.approx(supersense_accuracy(model, tok, limit=48), abs=1e-12)
+
+
+def test_fp_and_quantized_columns_are_each_models_own_evaluation(wordnet_pair):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from expertbits.zoo.cards import supersense_accuracy
+
+    config = harness.HarnessConfig(tasks=("expertbits_supersense", "expertbits_ppl_wordnet"), limit=48, batch_size=16)
+    table, raw = harness.compare(*wordnet_pair, config)
+    by = {(r.task, r.metric): r for r in table.itertuples()}
+    assert set(by) == {("expertbits_supersense", "acc"), ("expertbits_ppl_wordnet", "bits_per_byte"),
+                       ("expertbits_ppl_wordnet", "byte_perplexity"), ("expertbits_ppl_wordnet", "word_perplexity")}
+    bpb = by[("expertbits_ppl_wordnet", "bits_per_byte")]
+    assert bpb.quant != bpb.fp and bpb.diff == pytest.approx(bpb.quant - bpb.fp)
+    assert bpb.quant > bpb.fp  # 2-4-bit experts predict their own fine-tuning text worse
+    fp_model = AutoModelForCausalLM.from_pretrained(wordnet_pair[0], dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(wordnet_pair[0])
+    q_model, _ = load(wordnet_pair[1])
+    with torch.no_grad():
+        assert by[("expertbits_supersense", "acc")].fp == pytest.approx(supersense_accuracy(fp_model, tok, limit=48))
+        assert by[("expertbits_supersense", "acc")].quant == pytest.approx(supersense_accuracy(q_model, tok, limit=48))
+    assert set(raw["seconds"]) == {"fp", "quant"} and raw["config"]["tasks"] == list(config.tasks)
+    md = harness.markdown(table)
+    assert "expertbits_supersense | acc |" in md and "±" in md
+
+
+def _bits_per_byte(model, tok, docs: list[str], window: int) -> float:
+    """The stated perplexity protocol, by hand: each document's tokens in disjoint windows of
+    `window` tokens, the first token predicted from the prefix token (EOS), the others from
+    the tokens before them in their window; bits summed over documents over their UTF-8 bytes."""
+    nll = 0.0
+    for doc in docs:
+        ids = tok(doc, add_special_tokens=False)["input_ids"]
+        targets = torch.tensor(ids)
+        for start in range(0, len(ids), window):
+            chunk = targets[start:start + window]
+            ctx = torch.cat([torch.tensor([tok.eos_token_id]), chunk[:-1]]) if start == 0 else \
+                targets[start - 1:start + len(chunk) - 1]
+            logp = model(ctx[None]).logits[0].float().log_softmax(-1)
+            nll -= float(logp.gather(1, chunk[:, None]).sum())
+    return nll / math.log(2) / sum(len(d.encode()) for d in docs)
+
+
+def test_the_zoo_perplexity_task_follows_its_stated_protocol(wordnet_pair):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("zoo_data", harness.zoo_tasks() / "expertbits_zoo_data.py")
+    data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(data)
+    docs = [row["text"] for row in data.code()["test"]][:3]
+    text = text_path("code-heldout").read_text()
+    assert "".join(data.documents(text)) == text  # the documents cover the text, whole lines, in order
+    assert all(len(d) >= data.DOC_CHARS and d.endswith("\n") for d in data.documents(text)[:-1])
+    model, tok = load(wordnet_pair[1])
+    rows, _ = harness.run(model, tok, harness.HarnessConfig(tasks=("expertbits_ppl_code",), limit=3, batch_size=4))
+    got = {r["metric"]: r["value"] for r in rows}
+    window = model.config.max_position_embeddings
+    with torch.no_grad():
+        assert got["bits_per_byte"] == pytest.approx(_bits_per_byte(model, tok, docs, window), rel=1e-4)
+    assert got["byte_perplexity"] == pytest.approx(2 ** got["bits_per_byte"], rel=1e-6)
+
+
+def test_a_users_task_folder_over_local_json_files(wordnet_pair, tmp_path):
+    """The documented way to bring one's own task: `dataset_path: json` over a local file."""
+    rows = [{"q": "a large cat of the forest", "a": 0}, {"q": "a tool for cutting wood", "a": 1}]
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "mine.yaml").write_text(
+        "task: my_animals\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {data}\ntest_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{q}} =>"\ndoc_to_choice: ["animal", "artifact"]\ndoc_to_target: a\n'
+        "metric_list:\n  - metric: acc\n")
+    model, tok = load(wordnet_pair[1])
+    got, _ = harness.run(model, tok, harness.HarnessConfig(tasks=("my_animals",), include_path=str(tmp_path / "tasks")))
+    assert [(r["task"], r["metric"], r["samples"]) for r in got] == [("my_animals", "acc", 2)]
+
+
+def test_unknown_and_unreachable_tasks_are_clear_errors(monkeypatch, tmp_path):
+    with pytest.raises(ExpertbitsError, match=r"lm-eval task 'no_such_task': not among(.|\n)*--include-path"):
+        harness.check_tasks(harness.HarnessConfig(tasks=("no_such_task",)))
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # as HF_DATASETS_OFFLINE=1 sets it
+    with pytest.raises(ExpertbitsError, match=r"lm-eval task 'arc_easy': its dataset could not be loaded"
+                                              r"(.|\n)*HF_DATASETS_OFFLINE=1") as e:
+        harness.check_tasks(harness.HarnessConfig(tasks=("arc_easy",)))
+    assert "Traceback" not in str(e.value)
+    with pytest.raises(ExpertbitsError, match="no such folder"):
+        harness.task_manager(str(tmp_path / "absent"))
+    with pytest.raises(ExpertbitsError, match="give one or more task names"):
+        harness.HarnessConfig(tasks=())
