@@ -128,6 +128,25 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("run", help="a run folder of the store (runs/<id>) or its quantization/ folder")
     exp.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors"], help="export format")
     exp.add_argument("--out", required=True, help="folder to create (must not exist)")
+    ev = sub.add_parser("evaluate", help="run lm-evaluation-harness tasks on a run's quantized model and its checkpoint",
+                        description="Run lm-evaluation-harness tasks on a run's shipped quantized model (loaded by "
+                                    "expertbits.load) and on the full-precision checkpoint it was made from, side by side. "
+                                    "A published run never changes: this publishes the same run with its lm-eval results "
+                                    "(DuckDB table lm_eval, lm-eval/lm_eval.parquet, the model card) as a new run, every "
+                                    "other stage a cache hit, and prints its id. Tasks: lm-eval's own (offline, their "
+                                    "datasets must be in the datasets cache), the zoo's (expertbits_supersense, "
+                                    "expertbits_ppl_<text>), or --include-path's. See docs/evaluation.md.")
+    ev.add_argument("run", help="a run id (with --store), or the run's folder or s3:// URI")
+    ev.add_argument("--tasks", required=True, metavar="T1,T2", help="comma-separated lm-eval task names")
+    ev.add_argument("--limit", type=int, default=None, help="at most this many examples per task (default: all)")
+    ev.add_argument("--num-fewshot", type=int, default=None, help="examples in each prompt (default: each task's own)")
+    ev.add_argument("--batch-size", type=int, default=8, help="requests per forward pass (default: 8)")
+    ev.add_argument("--include-path", default=None, help="a folder of your own lm-eval task YAMLs")
+    ev.add_argument("--store", default="expertbits-store", help="a local folder or s3://bucket/prefix")
+    ev.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="fsspec/s3fs option, e.g. endpoint_url=http://127.0.0.1:9000; repeatable")
+    ev.add_argument("--debug", action="store_true", help="show Prefect's log tracebacks and the full error")
+    ev.set_defaults(dask=None)
     runs = sub.add_parser("runs", help="list the published runs of a store",
                           description="Every published run of a store (a prefix with its manifest), newest first: "
                                       "checkpoint, content digest, budget, allocator, KL and when. Read from the runs "
@@ -411,6 +430,39 @@ def export(args: argparse.Namespace) -> int:
     return 0
 
 
+def evaluate_params(args: argparse.Namespace) -> dict[str, Any]:
+    """The quantize flow's parameters that remake the run `args.run` with --lm-eval-tasks: its own
+    recorded parameters (every stage a cache hit), the store it was read from, the lm-eval options."""
+    from expertbits.tasks.errors import ExpertbitsError
+    from expertbits.tasks.store.storage import Store
+
+    options = dict(item.partition("=")[::2] for item in args.storage_option)
+    if "/" in args.run:  # the run's own folder or URI: its store is two levels up (<store>/runs/<id>)
+        run = args.run.rstrip("/")
+        store, rid = run.rsplit("/", 2)[0], run.rsplit("/", 1)[1]
+        if run.rsplit("/", 2)[1] != "runs":
+            raise ExpertbitsError(f"{args.run}: not a run folder (<store>/runs/<id>)",
+                                  "name a run by its id with --store, or give its runs/<id> folder")
+    else:
+        store, rid = args.store, args.run
+    try:
+        manifest = json.loads(Store(store, options).read_bytes(f"runs/{rid}/manifest.json"))
+        parameters = dict(manifest["summary"]["parameters"])
+    except FileNotFoundError as e:
+        raise ExpertbitsError(f"{store}/runs/{rid}: no published run (no manifest.json)",
+                              "`expertbits runs --store STORE` lists the runs") from e
+    except (ValueError, KeyError, TypeError) as e:
+        raise ExpertbitsError(f"{store}/runs/{rid}/manifest.json is not a run manifest ({type(e).__name__}: {e})",
+                              "republish the run (rerun the flow: every stage is cached)") from e
+    if "avg_bits" not in parameters:
+        raise ExpertbitsError(f"{store}/runs/{rid}: not a quantize run", "name a run of `expertbits quantize`")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    parameters = {k: v for k, v in parameters.items() if k in QuantizeParams.model_fields}
+    return {**parameters, "store": store, "storage_options": options, "lm_eval_tasks": tasks,
+            "lm_eval_limit": args.limit, "lm_eval_num_fewshot": args.num_fewshot,
+            "lm_eval_batch_size": args.batch_size, "lm_eval_include_path": args.include_path}
+
+
 def generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -544,8 +596,16 @@ def main(argv: list[str] | None = None) -> int:
         _prefect_defaults()
         return {"generate": generate, "export": export, "runs": list_runs, "verify": verify, "gc": collect_garbage}.get(
             args.command, operate)(args)
-    model = {"quantize": QuantizeParams, "league": LeagueParams}[args.command]
-    given = _given(args, model)
+    if args.command == "evaluate":
+        try:
+            given = evaluate_params(args)
+        except ValueError as e:  # ExpertbitsError: no such run, a damaged manifest
+            print(f"expertbits: {e}", file=sys.stderr)
+            return 1
+        model = QuantizeParams
+    else:
+        model = {"quantize": QuantizeParams, "league": LeagueParams}[args.command]
+        given = _given(args, model)
     defaults = {n: f.get_default(call_default_factory=True) for n, f in model.model_fields.items()}
     problems = local_problems({**defaults, **given})  # paths and names before Prefect starts, whatever else is wrong
     try:
@@ -561,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     from .quantize import quantize_moe
     from .scale import shared_api, task_runner
 
-    flow = quantize_moe if args.command == "quantize" else league_table
+    flow = league_table if args.command == "league" else quantize_moe
     api = nullcontext()
     try:
         if args.dask is not None or os.environ.get("EXPERTBITS_DASK"):
@@ -580,6 +640,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nrun {manifest.run_id}: {al['achieved_avg_bits']} avg bits, KL {ev['kl']:.5f}, "
               f"ppl {ev['ppl_fp']:.2f} -> {ev['ppl_quant']:.2f}, evaluated on {ev.get('device', 'cpu')} "
               f"({ev.get('dtype', 'float32')})")
+        if "lm-eval" in s:
+            from expertbits.tasks.store.storage import Store
+
+            lines.insert(0, "lm-eval, full precision vs quantized:\n"
+                         + Store(params.store, params.storage_options).read_bytes(
+                             f"runs/{manifest.run_id}/lm-eval/lm_eval.md").decode().rstrip())
         if "fraction_of_bf16" in (q := s["quantization"]):
             lines.insert(0, f"size: {q['bytes'] / 1e6:.2f} MB, {100 * q['fraction_of_bf16']:.1f}% of bf16, "
                             f"{q['model_bits_per_parameter']:.2f} bits per parameter over the whole model "

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from expertbits.tasks.allocation.allocators import ALLOCATORS, NEEDS_ERROR, NEEDS_GPTQ, check
 from expertbits.tasks.allocation.budget import GRANULARITIES, AllocationConfig
 from expertbits.tasks.errors import ExpertbitsError
+from expertbits.tasks.measure.harness import HarnessConfig
 from expertbits.tasks.measure.league import DEFAULT_ALLOCATORS, TASKS, Grid
 from expertbits.tasks.quantization.dense import DenseWidths
 from expertbits.tasks.quantization.method import METHODS, QuantizerConfig
@@ -210,6 +211,16 @@ class QuantizeParams(CommonParams):
         "GLOB=BITS or GLOB=keep: a width for the dense linear layers whose module names the glob matches (the last "
         "match wins), e.g. '*.o_proj=8'; 'lm_head=8' quantizes the head too (not when tied to the embeddings)"))
     validation_rtol: float = Field(1e-4, gt=0, description="Largest kernel-vs-reference relative error accepted")
+    lm_eval_tasks: list[str] = Field([], description=(
+        "lm-evaluation-harness tasks to run on the shipped quantized model and on the full-precision checkpoint, side "
+        "by side (an optional last stage, tasks/measure/harness.py): lm-eval's own (their datasets must be in the "
+        "datasets cache offline), the zoo's expertbits_supersense and expertbits_ppl_<text>, or an include path's; "
+        "default: none"))
+    lm_eval_limit: int | None = Field(None, ge=1, description="lm-eval: at most this many examples per task (default: all)")
+    lm_eval_num_fewshot: int | None = Field(None, ge=0, description="lm-eval: examples in each prompt (default: each task's own)")
+    lm_eval_batch_size: int = Field(8, ge=1, description="lm-eval: requests per forward pass")
+    lm_eval_include_path: str | None = Field(None, description=(
+        "lm-eval: a folder of the user's own task YAMLs (on the machine the flow runs on), e.g. over local JSON files"))
     event_id: str | None = Field(None, description=(
         "The Prefect event that started this run (set by the requantize trigger; recorded in the manifest)"))
 
@@ -221,6 +232,7 @@ class QuantizeParams(CommonParams):
         probe._resolve_defaults()
         probe.allocation_config()  # fail before any work: unknown allocator, unreachable budget, bad scheme
         probe.quantizer_config()
+        self.harness_config()  # task names well formed (whether lm-eval knows them, the stage checks first)
         if self.allocator in NEEDS_GPTQ and self.quantizer == "rtn":
             raise ValueError(f"allocator {self.allocator!r} reads the error GPTQ's calibration pass measures; give "
                              "--quantizer gptq, or use routed-error with rtn")
@@ -282,6 +294,14 @@ class QuantizeParams(CommonParams):
         stage's key and files are then what they were before the option existed)."""
         widths = self.dense_widths()
         return widths.as_dict() if widths.active else None
+
+    def harness_config(self) -> HarnessConfig | None:
+        """The lm-eval stage's configuration, or None: no --lm-eval-tasks, no stage."""
+        if not self.lm_eval_tasks:
+            return None
+        return HarnessConfig(tasks=tuple(self.lm_eval_tasks), limit=self.lm_eval_limit,
+                             num_fewshot=self.lm_eval_num_fewshot, batch_size=self.lm_eval_batch_size,
+                             include_path=self.lm_eval_include_path)
 
     def error_quantizer(self) -> QuantizerConfig:
         """Whose errors the calibration stage measures: the run's quantizer for the allocators that

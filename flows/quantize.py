@@ -3,7 +3,8 @@
     download (the checkpoint, then its reference: given, declared by the checkpoint, or none;
     the calibration and evaluation texts pinned by digest, what every later stage sees)
     → statistics (+ routing and calibration, for allocators that use routing or error)
-    → allocation → quantization → kernel validation → evaluation → publish
+    → allocation → quantization → kernel validation → evaluation
+    → lm-eval (with --lm-eval-tasks: lm-evaluation-harness on both models) → publish
 
 Statistics, calibration error, quantization and validation work layer by layer: `per_layer`
 maps their per-layer task over the MoE layers, in order in one process or on a Dask cluster
@@ -31,6 +32,7 @@ from expertbits.tasks.stages.quantize_tasks import (
     check_store,
     choose_quantizer,
     evaluate_model,
+    evaluate_tasks,
     extract_statistics,
     fetch_checkpoint,
     fetch_reference,
@@ -90,4 +92,9 @@ def quantize_moe(params: QuantizeParams = QuantizeParams()) -> RunManifest:
     evaluation = evaluate_model(finetuned, quantized, eval_text, p.eval_seq_len, p.eval_windows, device,
                                 cache_dir=p.cache_dir, **io)
 
-    return publish_run(p.model_dump(mode="json"), choice, stats, calibration, allocation, quantized, validation, evaluation, **io)
+    lm_eval = None
+    if (harness := p.harness_config()) is not None:  # --lm-eval-tasks: standard benchmarks, both models
+        lm_eval = evaluate_tasks(finetuned, quantized, harness.as_dict(), device, cache_dir=p.cache_dir, **io)
+
+    return publish_run(p.model_dump(mode="json"), choice, stats, calibration, allocation, quantized, validation, evaluation,
+                       checkpoint=finetuned, lm_eval=lm_eval, cache_dir=p.cache_dir, **io)

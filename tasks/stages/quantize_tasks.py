@@ -4,6 +4,7 @@ four): caching, retries, progress and store I/O follow `stage_io.py`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import tempfile
@@ -23,7 +24,7 @@ from ..checkpoints.reference import check as check_routers
 from ..checkpoints.reference import choose, unusable
 from ..checkpoints.texts import pinned
 from ..errors import ExpertbitsError, ValidationFailed
-from ..measure import evaluate, fused_check, kernel_check
+from ..measure import evaluate, fused_check, harness, kernel_check
 from ..meter import Meter, report
 from ..model.streaming import place_stage
 from ..placement import key as placement_key
@@ -429,21 +430,97 @@ def evaluate_model(checkpoint: CheckpointRecord, quantized: StageOutput, text: T
         return w.publish(metrics)
 
 
+# ---- 7. lm-eval (optional) ----------------------------------------------------------------------
+
+def _folder_digest(folder: str | None) -> str | None:
+    """The task YAMLs (and their data) a folder holds, by content: an edited task is a new key."""
+    if folder is None:
+        return None
+    root = Path(folder)
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def lm_eval_key(checkpoint: CheckpointRecord, quantized: StageOutput, harness_config: dict, device: str) -> str:
+    return stage_key("lm-eval", checkpoint.digest, quantized.key, harness_config, placement_key(device),
+                     _folder_digest(str(harness.zoo_tasks())), _folder_digest(harness_config.get("include_path")))
+
+
+@task(name="lm-eval", cache_key_fn=cache_key("lm-eval", lm_eval_key), persist_result=True, result_serializer="json")
+def evaluate_tasks(checkpoint: CheckpointRecord, quantized: StageOutput, harness_config: dict, device: str, store: str,
+                   storage_options: dict, cache_dir: str | None) -> StageOutput:
+    """lm-evaluation-harness tasks on the full-precision checkpoint and on the shipped quantized
+    folder, side by side (lm_eval.parquet, lm_eval.json with lm-eval's own results, lm_eval.md)."""
+    from ..placement import MARGIN_BYTES, of_checkpoint, require_free
+
+    config = harness.HarnessConfig(**{**harness_config, "tasks": tuple(harness_config["tasks"])})
+    with stage_work("lm-eval", lm_eval_key(checkpoint, quantized, harness_config, device), store, storage_options) as w:
+        path = ckpt_path(checkpoint, cache_dir, storage_options)
+        placement = of_checkpoint(device, path)
+        if placement.is_cuda:  # lm-eval runs each model whole on the GPU, one after the other
+            require_free(placement, sum(f.stat().st_size for f in path.glob("*.safetensors")) + MARGIN_BYTES,
+                         "lm-eval on the full-precision model")
+        with Meter() as meter:
+            table, raw = harness.compare(path, w.read(quantized), config, placement, progress_reporter("lm-eval"))
+        report("lm-eval", meter, expert_bytes(path), get_run_logger())
+        tables.export_parquet(table, w.out / "lm_eval.parquet")
+        (w.out / "lm_eval.json").write_text(json.dumps(raw, indent=2, sort_keys=True, default=str))
+        md = harness.markdown(table)
+        (w.out / "lm_eval.md").write_text(md)
+        get_run_logger().info("lm-eval, full precision vs quantized:\n" + md)
+        return w.publish({"tasks": list(config.tasks), "seconds": raw["seconds"], **placement.summary(),
+                          "results": table.to_dict(orient="records")})
+
+
 # ---- publish ------------------------------------------------------------------------------------
 
 @task(name="publish-run", retries=3, retry_delay_seconds=[1, 4, 10], retry_condition_fn=transient)
 def publish_run(parameters: dict, reference: ReferenceChoice, stats: StageOutput, calibration: StageOutput | None,
                 allocation: StageOutput, quantized: StageOutput, validation: StageOutput, evaluation: StageOutput,
-                store: str, storage_options: dict) -> RunManifest:
-    """Copy every stage output under one run prefix, write the manifest last, show artifacts in the UI."""
+                store: str, storage_options: dict, checkpoint: CheckpointRecord | None = None,
+                lm_eval: StageOutput | None = None, cache_dir: str | None = None) -> RunManifest:
+    """Copy every stage output under one run prefix with the quantized folder's model card, write
+    the manifest last, show artifacts in the UI."""
     st = Store(store, storage_options)
     outputs = {"statistics": stats, **({"calibration": calibration} if calibration else {}), "allocation": allocation,
-               "quantization": quantized, "validation": validation, "evaluation": evaluation}
+               "quantization": quantized, "validation": validation, "evaluation": evaluation,
+               **({"lm-eval": lm_eval} if lm_eval else {})}
     rid = publish.run_id(parameters["checkpoint"], list(outputs.values()), f"{parameters['avg_bits']:g}b")
-    manifest = publish.publish(st, rid, outputs, parameters, notes={"reference": reference.model_dump()})
+    readme = model_card(st, rid, parameters, outputs, checkpoint, cache_dir, storage_options)
+    manifest = publish.publish(st, rid, outputs, parameters, notes={"reference": reference.model_dump()},
+                               extra={"quantization/README.md": readme.encode()})
     _ui_artifacts(st, manifest, outputs)
     get_run_logger().info(f"run published: {manifest.uri}/manifest.json")
     return manifest
+
+
+def model_card(st: Store, rid: str, parameters: dict, outputs: dict[str, StageOutput],
+               checkpoint: CheckpointRecord | None, cache_dir: str | None, storage_options: dict) -> str:
+    """The quantized folder's README.md (tasks/store/card.py), from the run's own records."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from ..store.card import render
+
+    def read(stage: str, rel: str) -> bytes:
+        return st.read_bytes(f"{outputs[stage].prefix}/{rel}")
+
+    config = json.loads(read("quantization", "config.json"))
+    source = None
+    if checkpoint is not None:  # the source's card, for its license
+        card = ckpt_path(checkpoint, cache_dir, storage_options) / "README.md"
+        source = card.read_text(errors="replace")[:1 << 16] if card.is_file() else None
+    try:
+        ours = version("expertbits")
+    except PackageNotFoundError:
+        ours = ""
+    return render(run_id=rid, parameters=parameters, quantization_config=config["quantization_config"],
+                  summaries={s: o.summary for s, o in outputs.items()},
+                  evaluation=json.loads(read("evaluation", "evaluation.json")),
+                  lm_eval=read("lm-eval", "lm_eval.md").decode() if "lm-eval" in outputs else None,
+                  source_card=source, encoder_decoder=bool(config.get("is_encoder_decoder")),
+                  model_type=config["quantization_config"].get("base_model_type", ""), version=ours)
 
 
 def _e(v: float | None) -> str:
@@ -492,3 +569,7 @@ def _ui_artifacts(st: Store, manifest: RunManifest, outputs: dict[str, StageOutp
         f"| fused MoE kernel | {v['fused_layers']} layers with the model's routing, max rel error "
         f"{_e(v['fused_max_rel_error'])}, {v['fused_not_applicable']} checks not applicable |\n\n"
         f"Artifacts: `{manifest.uri}`\n"))
+    if "lm-eval" in outputs:
+        create_markdown_artifact(key=f"lm-eval-{slug}"[:100], description="lm-evaluation-harness: full precision vs quantized",
+                                 markdown=f"# {manifest.run_id}: lm-eval\n\n"
+                                          + st.read_bytes(outputs["lm-eval"].prefix + "/lm_eval.md").decode())

@@ -49,6 +49,7 @@ STAGE_ENTRIES: dict[str, dict[str, tuple[str, ...]]] = {
     "quantization": {_S: ("quantize_experts", "quantization_key"), _P: (*_LAYERS, "_quantization", "_gptq_quantization")},
     "validation": {_S: ("validate_kernels", "validation_key"), _P: (*_LAYERS, "_validation")},
     "evaluation": {_S: ("evaluate_model", "evaluation_key")},
+    "lm-eval": {_S: ("evaluate_tasks", "lm_eval_key")},
     "league": {_L: ("run_league", "league_key"), _P: ("league_cells", "cells_key")},
 }
 # Imported libraries that never change a stage's bytes: orchestration, transport, configuration.

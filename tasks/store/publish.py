@@ -102,7 +102,8 @@ Database = Callable[[Path, Store, dict[str, StageOutput], Path], None]
 
 
 def publish(store: Store, rid: str, outputs: dict[str, StageOutput], parameters: dict,
-            root: str = "runs", database: Database = build_database, notes: dict | None = None) -> RunManifest:
+            root: str = "runs", database: Database = build_database, notes: dict | None = None,
+            extra: dict[str, bytes] | None = None) -> RunManifest:
     """Publish the run `<root>/<rid>/`: every stage's files under `<stage>/`, the DuckDB, and the
     manifest last, all first written under `INCOMING` and made visible only when complete.
 
@@ -117,7 +118,10 @@ def publish(store: Store, rid: str, outputs: dict[str, StageOutput], parameters:
 
     `notes` go into the manifest's summary beside the parameters (how the flow resolved them). A
     kept run is returned with this publisher's parameters and notes in its summary (what this run
-    asked for and found), its files (manifest.json included) as they were first published."""
+    asked for and found), its files (manifest.json included) as they were first published.
+
+    `extra`: files the run holds beside its stages' (the quantized folder's model card), by
+    relative path; listed in the manifest like the others."""
     prefix = f"{root}/{rid}"
     kept, seen = intact(store, prefix)  # seen: the damaged manifest, if any; a different one later is news
     if kept is not None:
@@ -133,6 +137,12 @@ def publish(store: Store, rid: str, outputs: dict[str, StageOutput], parameters:
                                      "rerun the flow: a stage whose files are missing is rebuilt") from e
         outputs = check_copies(store, incoming, outputs)
         files = {f"{stage}/{rel}": sha for stage, out in outputs.items() for rel, sha in out.files.items()}
+        for rel, data in (extra or {}).items():
+            if rel in files:
+                raise StoreError(f"{store.uri(prefix)}/{rel}: a stage's output already has this file",
+                                 "report this: the run's extra files must not replace a stage's")
+            store.write_bytes(f"{incoming}/{rel}", data)
+            files[rel] = hashlib.sha256(data).hexdigest()
         db = Path(tmp) / "expertbits.duckdb"
         copies = {stage: out.model_copy(update={"prefix": f"{incoming}/{stage}"}) for stage, out in outputs.items()}
         database(db, store, copies, Path(tmp))  # from the checked copies: the tables are the files

@@ -146,3 +146,17 @@ CREATE TABLE IF NOT EXISTS league_allocation (
     expert    INTEGER NOT NULL,
     bits      INTEGER NOT NULL
 );
+
+-- One row per (lm-eval task, metric), only in runs made with --lm-eval-tasks: lm-evaluation-harness
+-- on the full-precision checkpoint and on the shipped quantized folder (tasks/measure/harness.py).
+CREATE TABLE IF NOT EXISTS lm_eval (
+    task             VARCHAR NOT NULL,
+    metric           VARCHAR NOT NULL,  -- 'acc', 'acc_norm', 'bits_per_byte', ...; '(filter)' appended when not 'none'
+    fp               DOUBLE  NOT NULL,
+    fp_stderr        DOUBLE,            -- NULL where lm-eval gives none (perplexities)
+    quant            DOUBLE  NOT NULL,
+    quant_stderr     DOUBLE,
+    diff             DOUBLE  NOT NULL,  -- quant - fp
+    higher_is_better BOOLEAN,
+    samples          INTEGER            -- examples (or documents) evaluated
+);
