@@ -313,6 +313,50 @@ def test_readme_command_quantizes_the_bundled_model(tmp_path):
             f"({q['effective_bits']:.2f} in the routed experts; dense layers as stored)") in out.stdout
     if not __import__("torch").cuda.is_available():
         assert "evaluated on cpu (float32)" in out.stdout
+    _card_and_lm_eval(runs[0], manifest, env, tmp_path)
+
+
+def _card_and_lm_eval(run_dir, manifest, env, tmp_path):
+    """The default run's folder carries its model card (hub front matter, listed in the manifest);
+    `expertbits evaluate` publishes the run again with lm-eval's results, whose supersense accuracy
+    is the project's own scorer's on the same examples, for both models."""
+    import duckdb
+    import torch
+    from huggingface_hub import ModelCard
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from expertbits.tasks.model.load import load
+    from expertbits.zoo import resolve
+    from expertbits.zoo.cards import supersense_accuracy
+
+    card = ModelCard.load(run_dir / "quantization" / "README.md")  # huggingface_hub's own parser
+    meta = card.data.to_dict()
+    assert meta["base_model"] == "zoo://mixtral-tiny/wordnet" and meta["library_name"] == "expertbits"
+    assert {"moe", "quantized", "2-bit", "3-bit", "4-bit", "mixtral"} <= set(meta["tags"])
+    assert "quantization/README.md" in manifest["files"]
+    layer_rows = [line for line in card.text.splitlines() if line.startswith("| 0 | 8 |")]
+    bits = json.loads((run_dir / "quantization" / "config.json").read_text())["quantization_config"]["expert_bits"]["0"]
+    assert layer_rows == [f"| 0 | 8 | {bits.count(2)} | {bits.count(3)} | {bits.count(4)} | {sum(bits) / 8:.3f} |"]
+    assert f"| KL(fp ‖ quantized) per token | {manifest['summary']['evaluation']['kl']:.5f} |" in card.text
+
+    out = subprocess.run(["expertbits", "evaluate", run_dir.name, "--tasks", "expertbits_supersense", "--limit", "40"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    new = [r for r in run_dir.parent.iterdir() if r.name != run_dir.name]
+    assert len(new) == 1 and f"artifacts: {new[0]}" in out.stdout
+    assert subprocess.run(["expertbits", "verify", str(run_dir)], env=env).returncode == 0  # the first run is as it was
+    con = duckdb.connect(str(new[0] / "expertbits.duckdb"), read_only=True)
+    (fp_acc, q_acc, samples), = con.execute(
+        "SELECT fp, quant, samples FROM lm_eval WHERE task = 'expertbits_supersense' AND metric = 'acc'").fetchall()
+    assert samples == 40
+    fp = resolve("zoo://mixtral-tiny/wordnet")
+    q_model, tok = load(new[0] / "quantization")
+    with torch.no_grad():
+        assert q_acc == supersense_accuracy(q_model, tok, limit=40)
+        assert fp_acc == supersense_accuracy(AutoModelForCausalLM.from_pretrained(fp, dtype=torch.float32).eval(),
+                                             AutoTokenizer.from_pretrained(fp), limit=40)
+    assert "### lm-evaluation-harness" in (new[0] / "quantization" / "README.md").read_text()
+    assert "| expertbits_supersense | acc |" in out.stdout
 
 
 def test_credentials_in_storage_options_are_refused_with_the_fix():

@@ -1,0 +1,50 @@
+"""--lm-eval-tasks: the optional lm-eval stage of the quantize flow, end to end on the tiny pair."""
+
+import json
+import re
+from pathlib import Path
+
+import duckdb
+import pytest
+from support.flowruns import artifacts, task_states
+
+pytestmark = pytest.mark.integration
+
+
+def test_the_lm_eval_stage_publishes_its_table_card_and_artifact_and_is_cached(prefect_api, params, tmp_path):
+    from expertbits.flows.params import QuantizeParams
+    from expertbits.flows.quantize import quantize_moe
+
+    # the user's own task over a local text file, beside a zoo task
+    (tmp_path / "mine").mkdir()
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("def f(x):\n    return x\n", "import os\n")))
+    (tmp_path / "mine" / "docs.yaml").write_text(
+        f"task: my_code_ppl\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+        'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{text}}"\n'
+        "metric_list:\n  - metric: bits_per_byte\n")
+    p = dict(params, lm_eval_tasks=["expertbits_ppl_code", "my_code_ppl"], lm_eval_limit=2,
+             lm_eval_include_path=str(tmp_path / "mine"))
+    first = quantize_moe(QuantizeParams(**p), return_state=True)
+    manifest = first.result()
+    run_dir = Path(manifest.uri)
+    assert {"lm-eval/lm_eval.parquet", "lm-eval/lm_eval.json", "quantization/README.md"} <= set(manifest.files)
+    con = duckdb.connect(str(run_dir / "expertbits.duckdb"), read_only=True)
+    rows = con.execute("SELECT task, metric, fp, quant, diff, samples FROM lm_eval ORDER BY task, metric").fetchall()
+    con.close()
+    assert [(t, m) for t, m, *_ in rows] == [
+        ("expertbits_ppl_code", "bits_per_byte"), ("expertbits_ppl_code", "byte_perplexity"),
+        ("expertbits_ppl_code", "word_perplexity"), ("my_code_ppl", "bits_per_byte")]
+    assert all(fp != q and d == pytest.approx(q - fp) for _, _, fp, q, d, _ in rows)
+    assert [n for *_, n in rows] == [2, 2, 2, 2]
+    assert "| my_code_ppl | bits_per_byte |" in (run_dir / "quantization" / "README.md").read_text()
+    slug = re.sub(r"[^a-z0-9]+", "-", manifest.run_id.lower()).strip("-")
+    assert ("markdown", f"lm-eval-{slug}"[:100]) in artifacts(first)
+
+    again = quantize_moe(QuantizeParams(**p), return_state=True)
+    assert again.result().run_id == manifest.run_id
+    assert task_states(again)["lm-eval"] == "Cached"
+    # the run without lm-eval is another run; its stages are the same cache entries
+    plain = quantize_moe(QuantizeParams(**params), return_state=True).result()
+    assert plain.run_id != manifest.run_id and "lm-eval" not in plain.stages
+    assert {s: k for s, k in manifest.stages.items() if s != "lm-eval"} == plain.stages
