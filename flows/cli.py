@@ -147,6 +147,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fsspec/s3fs option, e.g. endpoint_url=http://127.0.0.1:9000; repeatable")
     ev.add_argument("--debug", action="store_true", help="show Prefect's log tracebacks and the full error")
     ev.set_defaults(dask=None)
+    ps = sub.add_parser("push", help="upload a run's quantized folder (model card included) to the Hugging Face hub",
+                        description="Verify a run against its manifest, then upload its quantization/ folder (the model "
+                                    "card included) to a hub repository as one commit, creating the repository (and the "
+                                    "branch) if needed, and record the commit in the store (pushes/<run-id>/, listed by "
+                                    "`expertbits runs`). The token is huggingface_hub's own: HF_TOKEN or `hf auth login`, "
+                                    "never an option.")
+    ps.add_argument("run", help="a run id (with --store), or the run's folder or s3:// URI")
+    ps.add_argument("target", help="hf://org/name or hf://org/name@branch")
+    ps.add_argument("--private", action="store_true", help="create the repository private (an existing one keeps its "
+                                                           "visibility)")
+    ps.add_argument("--store", default="expertbits-store", help="a local folder or s3://bucket/prefix")
+    ps.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="fsspec/s3fs option, e.g. endpoint_url=http://127.0.0.1:9000; repeatable")
     runs = sub.add_parser("runs", help="list the published runs of a store",
                           description="Every published run of a store (a prefix with its manifest), newest first: "
                                       "checkpoint, content digest, budget, allocator, KL and when. Read from the runs "
@@ -430,6 +443,36 @@ def export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_location(run: str, store: str) -> tuple[str, str]:
+    """(store, run id) of a run named by id (in `store`) or by its folder or URI, <store>/runs/<id>."""
+    from expertbits.tasks.errors import ExpertbitsError
+
+    if "/" not in run:
+        return store, run
+    parts = run.rstrip("/").rsplit("/", 2)
+    if len(parts) < 3 or parts[1] != "runs" or not parts[2]:
+        raise ExpertbitsError(f"{run}: not a run folder (<store>/runs/<id>)",
+                              "name a run by its id with --store, or give its runs/<id> folder")
+    return parts[0], parts[2]
+
+
+def push(args: argparse.Namespace) -> int:
+    from expertbits.tasks.errors import ExpertbitsError
+    from expertbits.tasks.store import push as hub
+    from expertbits.tasks.store.storage import Store
+
+    options = dict(item.partition("=")[::2] for item in args.storage_option)
+    try:
+        store, rid = _run_location(args.run, args.store)
+        record = hub.push(Store(store, options), rid, args.target, args.private)
+    except (ExpertbitsError, OSError) as e:
+        print(f"expertbits: {e}", file=sys.stderr)
+        return 1
+    print(f"pushed run {record['run_id']} ({record['files']} files) to {record['repo_id']}@{record['branch']}: "
+          f"commit {record['commit']}\n{record['commit_url']}")
+    return 0
+
+
 def evaluate_params(args: argparse.Namespace) -> dict[str, Any]:
     """The quantize flow's parameters that remake the run `args.run` with --lm-eval-tasks: its own
     recorded parameters (every stage a cache hit), the store it was read from, the lm-eval options."""
@@ -437,14 +480,7 @@ def evaluate_params(args: argparse.Namespace) -> dict[str, Any]:
     from expertbits.tasks.store.storage import Store
 
     options = dict(item.partition("=")[::2] for item in args.storage_option)
-    if "/" in args.run:  # the run's own folder or URI: its store is two levels up (<store>/runs/<id>)
-        run = args.run.rstrip("/")
-        store, rid = run.rsplit("/", 2)[0], run.rsplit("/", 1)[1]
-        if run.rsplit("/", 2)[1] != "runs":
-            raise ExpertbitsError(f"{args.run}: not a run folder (<store>/runs/<id>)",
-                                  "name a run by its id with --store, or give its runs/<id> folder")
-    else:
-        store, rid = args.store, args.run
+    store, rid = _run_location(args.run, args.store)
     try:
         manifest = json.loads(Store(store, options).read_bytes(f"runs/{rid}/manifest.json"))
         parameters = dict(manifest["summary"]["parameters"])
@@ -592,9 +628,11 @@ def _failure(e: BaseException, debug: bool) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("generate", "export", "runs", "verify", "gc", "deploy", "serve-deployments", "serve", "dev"):
+    if args.command in ("generate", "export", "runs", "verify", "gc", "push", "deploy", "serve-deployments", "serve",
+                        "dev"):
         _prefect_defaults()
-        return {"generate": generate, "export": export, "runs": list_runs, "verify": verify, "gc": collect_garbage}.get(
+        return {"generate": generate, "export": export, "runs": list_runs, "verify": verify, "gc": collect_garbage,
+                "push": push}.get(
             args.command, operate)(args)
     if args.command == "evaluate":
         try:

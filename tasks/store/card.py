@@ -1,7 +1,7 @@
 """The model card of a run's quantized folder: `quantization/README.md`, in the hub's format.
 
     ---
-    base_model: org/name            the checkpoint quantized (its hub id; else the URI it came from)
+    base_model: org/name            the checkpoint quantized, when it came from the hub (hf://)
     base_model_relation: quantized
     library_name: expertbits
     license: apache-2.0             carried over from the source checkpoint's card, when it has one
@@ -43,10 +43,11 @@ def source_license(card_text: str | None) -> dict[str, str]:
     return {k: str(meta[k]) for k in CARRIED if isinstance(meta, dict) and meta.get(k) not in (None, "")}
 
 
-def base_model(checkpoint_uri: str) -> str:
-    """The hub id of an hf:// checkpoint (revision dropped), else the URI as the run was given it."""
+def base_model(checkpoint_uri: str) -> str | None:
+    """The hub id of an hf:// checkpoint (revision dropped), else None: the hub reads `base_model`
+    as a model of the hub, so a folder, s3:// or zoo:// source is named in the card's text only."""
     m = HUB_URI.match(checkpoint_uri)
-    return m.group(1) if m else checkpoint_uri
+    return m.group(1) if m else None
 
 
 def _command(parameters: dict) -> str:
@@ -87,7 +88,8 @@ def render(*, run_id: str, parameters: dict, quantization_config: dict, summarie
     widths = sorted({b for per in expert_bits.values() for b in per})
     dense = {name: spec.get("bits") for name, spec in (qc.get("dense_modules") or {}).items()}
     head_packed = any(name == "lm_head" or name.endswith(".lm_head") for name in dense)
-    front = {"base_model": base_model(parameters["checkpoint"]), "base_model_relation": "quantized",
+    hub_id = base_model(parameters["checkpoint"])
+    front = {**({"base_model": hub_id, "base_model_relation": "quantized"} if hub_id else {}),
              "library_name": "expertbits", **source_license(source_card),
              "tags": ["moe", "quantized", "expertbits", "mixed-precision", *[f"{b}-bit" for b in widths],
                       *([model_type] if model_type else [])],
@@ -99,7 +101,8 @@ def render(*, run_id: str, parameters: dict, quantization_config: dict, summarie
         f"`{parameters['checkpoint']}` with every routed expert at its own bit-width "
         f"({', '.join(f'{b}' for b in widths)} bits, {al.get('achieved_avg_bits', parameters.get('avg_bits'))} on average), "
         f"made by [expertbits](https://pypi.org/project/expertbits/){f' {version}' if version else ''}. "
-        f"Only expertbits' loader (and its vLLM plugin) runs these packed weights.", "",
+        f"Only expertbits' loader (and its vLLM plugin) runs these packed weights."
+        + ("" if hub_id else " The source is not a hub model, so the metadata names no `base_model`."), "",
         "## Allocation", "",
         "| | |", "|---|---|",
         f"| allocator | {al.get('allocator', parameters.get('allocator'))} ({al.get('scope', '')} budget, "

@@ -20,7 +20,7 @@ from .storage import Store, modified
 
 # digest: the content digest of the checkpoint as the download stage computed it (sha256 of its files)
 COLUMNS = ("run_id", "checkpoint", "digest", "avg_bits", "allocator", "granularity", "symmetric", "quantizer", "kl",
-           "ppl_fp", "ppl_quant", "effective_bits", "created", "uri", "event_id")
+           "ppl_fp", "ppl_quant", "effective_bits", "created", "uri", "event_id", "pushed")
 
 # DuckDB SQL over every published run of a store; $manifests and $allocations are the globs under
 # the store root (parameters, so a quote in a path cannot break or change the query). `runs`
@@ -79,10 +79,19 @@ def list_runs(store: Store) -> pd.DataFrame:
             "ppl_fp": summary.get("evaluation", {}).get("ppl_fp"), "ppl_quant": summary.get("evaluation", {}).get("ppl_quant"),
             "effective_bits": summary.get("quantization", {}).get("effective_bits"),
             "created": pd.Timestamp(created).tz_convert("UTC") if created is not None else None,
-            "uri": manifest["uri"], "event_id": p.get("event_id"),
+            "uri": manifest["uri"], "event_id": p.get("event_id"), "pushed": _last_push(store, manifest["run_id"]),
         })
     frame = pd.DataFrame(rows, columns=list(COLUMNS))
     return frame.sort_values(["created", "run_id"], ascending=[False, True], na_position="last").reset_index(drop=True)
+
+
+def _last_push(store: Store, run_id: str) -> str | None:
+    """`org/name@branch <commit>` of the run's latest push (push.py's records), or None."""
+    names = sorted(r for r in store.list(f"pushes/{run_id}") if r.endswith(".json"))
+    if not names:
+        return None
+    last = json.loads(store.read_bytes(f"pushes/{run_id}/{names[-1]}"))
+    return f"{last['repo_id']}@{last['branch']} {last['commit'][:12]}"
 
 
 def table(frame: pd.DataFrame) -> str:
@@ -93,5 +102,5 @@ def table(frame: pd.DataFrame) -> str:
         digest=frame.digest.str[:12], kl=frame.kl.map(lambda v: f"{v:.5f}" if pd.notna(v) else "–"),
         created=frame.created.map(lambda t: t.strftime("%Y-%m-%d %H:%M") if pd.notna(t) else ""))
     cols = ["created", "run_id", "checkpoint", "digest", "avg_bits", "allocator", "granularity", "symmetric", "quantizer",
-            "kl"]
+            "kl"] + (["pushed"] if frame.pushed.notna().any() else [])
     return shown[cols].to_string(index=False)

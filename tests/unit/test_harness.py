@@ -13,7 +13,7 @@ from expertbits.tasks.errors import ExpertbitsError
 from expertbits.tasks.measure import harness
 from expertbits.tasks.model.load import load
 from expertbits.zoo import resolve, text_path
-from tests.support.quantized import quantize_mixed
+from support.quantized import quantize_mixed
 
 pytestmark = pytest.mark.slow  # each test loads lm-eval's task index (seconds) and runs models
 
