@@ -12,7 +12,7 @@ from expertbits.tasks.allocation.allocators import ALLOCATORS, NEEDS_ERROR, NEED
 from expertbits.tasks.allocation.budget import GRANULARITIES, AllocationConfig
 from expertbits.tasks.errors import ExpertbitsError
 from expertbits.tasks.measure.harness import HarnessConfig
-from expertbits.tasks.measure.league import DEFAULT_ALLOCATORS, TASKS, Grid
+from expertbits.tasks.measure.league import DEFAULT_ALLOCATORS, LM_EVAL, TASKS, Grid
 from expertbits.tasks.quantization.dense import DenseWidths
 from expertbits.tasks.quantization.method import METHODS, QuantizerConfig
 
@@ -335,7 +335,9 @@ class LeagueParams(CommonParams):
     quantizers: list[str] = Field(["rtn"], min_length=1, description=(
         f"Quantizers to compare ({', '.join(METHODS)}): rtn runs every variant; gptq (routed, sequential GPTQ on "
         "the calibration text) runs every allocator with per-expert widths and zero points"))
-    task: str | None = Field(None, description=f"Task accuracy to measure per cell: {', '.join(TASKS)}, or empty")
+    task: str | None = Field(None, description=(
+        f"Task accuracy to measure per cell and rank by: {', '.join(TASKS)} (an lm-evaluation-harness task, e.g. "
+        "lm-eval:expertbits_supersense or lm-eval:arc_easy with its dataset cached), or empty"))
     task_examples: int = Field(300, ge=1, description="Task examples per cell")
 
     @field_validator("task", mode="before")
@@ -349,7 +351,8 @@ class LeagueParams(CommonParams):
             if g not in GRANULARITIES:
                 raise ValueError(f"unknown granularity {g!r}; choose from {', '.join(GRANULARITIES)}")
         self.grid().cells()  # every cell's allocation config is validated before any work
-        if self.task is not None and self.task not in TASKS:
+        if self.task is not None and self.task != TASKS[0] and not (
+                self.task.startswith(LM_EVAL) and self.task[len(LM_EVAL):]):
             raise ValueError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
         return self
 

@@ -109,9 +109,14 @@ def run(model, tokenizer, config: HarnessConfig, device: str = "cpu", manager=No
     """lm-eval's results for one loaded model: rows of (task, metric, value, stderr,
     higher_is_better, samples), and lm-eval's own results dict (its configs and versions)."""
     import lm_eval
+    import torch
     from lm_eval.models.huggingface import HFLM
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, device=device, batch_size=config.batch_size)
+    if lm.device != torch.device(device):
+        # HFLM takes a model object's device from its weights; a streamed model (model/streaming.py,
+        # the league's cells) keeps them on `meta` between forwards and computes on `device`
+        lm._device = torch.device(device)
     out = lm_eval.simple_evaluate(
         model=lm, tasks=list(config.tasks), num_fewshot=config.num_fewshot, limit=config.limit,
         task_manager=manager or task_manager(config.include_path), log_samples=False, bootstrap_iters=1000,

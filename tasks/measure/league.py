@@ -204,18 +204,40 @@ def _nbytes(q: QuantizedTensor) -> int:
     return sum(t.numel() * t.element_size() for t in (q.packed, q.scales, q.zeros))
 
 
-TASKS = ("wordnet-supersense",)
+TASKS = ("wordnet-supersense", "lm-eval:<task>")
+LM_EVAL = "lm-eval:"  # an lm-evaluation-harness task (harness.py), ranked by its accuracy
 
 
 def task(name: str | None, examples: int) -> Callable | None:
-    """accuracy(model, tokenizer) of a named task, or None."""
+    """accuracy(model, tokenizer) of a named task, or None. `lm-eval:<task>` runs an lm-eval task
+    (lm-eval's own, the zoo's or none other) on each cell's model as the league holds it, and gives
+    its `acc` (else `acc_norm`, else its first higher-is-better metric)."""
     if name is None:
         return None
     if name == "wordnet-supersense":
         from expertbits.zoo.cards import supersense_accuracy
 
         return lambda model, tok, device="cpu": supersense_accuracy(model, tok, limit=examples, device=device)
-    raise BudgetError(f"unknown task {name!r}", f"choose one of {', '.join(TASKS)}, or none")
+    if name.startswith(LM_EVAL) and name[len(LM_EVAL):]:
+        from . import harness
+
+        config = harness.HarnessConfig(tasks=(name[len(LM_EVAL):],), limit=examples)
+        manager = harness.task_manager()
+        harness.check_tasks(config, manager)  # before any cell: an unknown or unreachable task fails the league first
+
+        def accuracy(model, tok, device="cpu") -> float:
+            rows, _ = harness.run(model, tok, config, device, manager)
+            by = {r["metric"]: r for r in rows if r["task"] == config.tasks[0]}
+            chosen = next((by[m] for m in ("acc", "acc_norm") if m in by), None) or next(
+                (r for r in by.values() if r["higher_is_better"]), None)
+            if chosen is None:
+                raise BudgetError(f"lm-eval task {config.tasks[0]!r} reports no accuracy (its metrics: {sorted(by)})",
+                                  "rank the league by a task with acc or another higher-is-better metric; measure "
+                                  "perplexity tasks with expertbits evaluate")
+            return chosen["value"]
+
+        return accuracy
+    raise BudgetError(f"unknown task {name!r}", "choose wordnet-supersense or lm-eval:<task>, or none")
 
 
 def run(ft_path: Path, stats: pd.DataFrame, calibration: pd.DataFrame | None,

@@ -130,3 +130,20 @@ def test_unknown_and_unreachable_tasks_are_clear_errors(monkeypatch, tmp_path):
         harness.task_manager(str(tmp_path / "absent"))
     with pytest.raises(ExpertbitsError, match="give one or more task names"):
         harness.HarnessConfig(tasks=())
+
+
+def test_the_league_ranks_by_an_lm_eval_task_as_by_the_projects_scorer(wordnet_pair):
+    """`--task lm-eval:expertbits_supersense` gives each cell the accuracy `--task wordnet-supersense`
+    does, on the model as the league holds it (streamed, its experts from the packed bytes)."""
+    from expertbits.tasks.measure import league
+    from expertbits.tasks.model.streaming import streamed
+    from expertbits.tasks.model.load import load as load_folder
+
+    ours, theirs = league.task("wordnet-supersense", 32), league.task("lm-eval:expertbits_supersense", 32)
+    _, tok = load_folder(wordnet_pair[1])
+    with streamed(wordnet_pair[1]) as model, torch.no_grad():
+        assert theirs(model, tok) == ours(model, tok)
+    with pytest.raises(ExpertbitsError, match="reports no accuracy"):
+        league.task("lm-eval:expertbits_ppl_code", 2)(load_folder(wordnet_pair[1])[0], tok)
+    with pytest.raises(ExpertbitsError, match="not among"):
+        league.task("lm-eval:no_such_task", 2)
