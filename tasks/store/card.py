@@ -100,7 +100,7 @@ def render(*, run_id: str, parameters: dict, quantization_config: dict, summarie
         f"# {run_id}", "",
         f"`{parameters['checkpoint']}` with every routed expert at its own bit-width "
         f"({', '.join(f'{b}' for b in widths)} bits, {al.get('achieved_avg_bits', parameters.get('avg_bits'))} on average), "
-        f"made by [expertbits](https://pypi.org/project/expertbits/){f' {version}' if version else ''}. "
+        f"made by expertbits{f' {version}' if version else ''}. "
         f"Only expertbits' loader (and its vLLM plugin) runs these packed weights."
         + ("" if hub_id else " The source is not a hub model, so the metadata names no `base_model`."), "",
         "## Allocation", "",
@@ -128,9 +128,9 @@ def render(*, run_id: str, parameters: dict, quantization_config: dict, summarie
         lines += ["### lm-evaluation-harness", "", lm_eval.rstrip(), ""]
     lines += [
         "## How to load it", "",
-        "With expertbits installed (`pip install expertbits`), from this folder or a download of it:", "",
+        "With expertbits installed, from this folder or a download of it:", "",
         "```python", "import expertbits", "", 'model, tokenizer = expertbits.load("path/to/this/folder")', "```", "",
-        "Or with transformers: `import expertbits.tasks.loader` (it registers the packed layers), then "
+        "Or with transformers: `import expertbits.tasks.model.load` (it registers the format), then "
         "`AutoModelForCausalLM.from_pretrained(folder)`. `expertbits generate --model <folder> --prompt ...` continues "
         "a prompt.", "",
     ]

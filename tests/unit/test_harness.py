@@ -147,3 +147,22 @@ def test_the_league_ranks_by_an_lm_eval_task_as_by_the_projects_scorer(wordnet_p
         league.task("lm-eval:expertbits_ppl_code", 2)(load_folder(wordnet_pair[1])[0], tok)
     with pytest.raises(ExpertbitsError, match="not among"):
         league.task("lm-eval:no_such_task", 2)
+
+
+def test_the_documented_lm_eval_snippet_runs_as_written(wordnet_pair):
+    """docs/evaluation.md, "lm-eval your own way": HFLM over a model from expertbits.load."""
+    import re
+
+    doc = (Path(__file__).parents[2] / "docs" / "evaluation.md").read_text()
+    section = doc.split("## lm-eval your own way", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    code = code.replace('"expertbits-store/runs/<id>/quantization"', repr(str(wordnet_pair[1])))
+    code = code.replace("print(results", "captured = (results")
+    scope: dict = {}
+    exec(compile(code, "docs/evaluation.md", "exec"), scope)
+    acc = scope["captured"]["expertbits_supersense"]["acc,none"]
+    model, tok = load(wordnet_pair[1])
+    from expertbits.zoo.cards import supersense_accuracy
+
+    with torch.no_grad():
+        assert acc == supersense_accuracy(model, tok, limit=100)
