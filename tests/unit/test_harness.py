@@ -17,7 +17,7 @@ from support.quantized import quantize_mixed
 
 pytestmark = pytest.mark.slow  # each test loads lm-eval's task index (seconds) and runs models
 
-SUPERSENSE = harness.HarnessConfig(tasks=("expertbits_supersense",), limit=48, batch_size=16)
+CONFIG = harness.HarnessConfig(tasks=("expertbits_supersense", "expertbits_ppl_code"), limit=3 * 16, batch_size=16)
 
 
 @pytest.fixture(scope="module")
@@ -29,39 +29,34 @@ def wordnet_pair(tmp_path_factory) -> tuple[Path, Path]:
     return fp, q
 
 
-def test_lm_eval_supersense_equals_the_projects_scorer_on_the_shipped_model(wordnet_pair):
-    from expertbits.zoo.cards import supersense_accuracy
-
-    model, tok = load(wordnet_pair[1])
-    rows, _ = harness.run(model, tok, SUPERSENSE)
-    (acc,) = [r for r in rows if r["metric"] == "acc"]
-    assert acc["samples"] == 48 and acc["stderr"] > 0
-    with torch.no_grad():
-        assert acc["value"] == pytest.approx(supersense_accuracy(model, tok, limit=48), abs=1e-12)
+@pytest.fixture(scope="module")
+def compared(wordnet_pair):
+    """lm-eval on both models, once for the module (the expensive part)."""
+    return harness.compare(*wordnet_pair, CONFIG)
 
 
-def test_fp_and_quantized_columns_are_each_models_own_evaluation(wordnet_pair):
+def test_each_column_is_its_models_own_evaluation_and_supersense_is_the_projects_scorer(wordnet_pair, compared):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from expertbits.zoo.cards import supersense_accuracy
 
-    config = harness.HarnessConfig(tasks=("expertbits_supersense", "expertbits_ppl_wordnet"), limit=48, batch_size=16)
-    table, raw = harness.compare(*wordnet_pair, config)
+    table, raw = compared
     by = {(r.task, r.metric): r for r in table.itertuples()}
-    assert set(by) == {("expertbits_supersense", "acc"), ("expertbits_ppl_wordnet", "bits_per_byte"),
-                       ("expertbits_ppl_wordnet", "byte_perplexity"), ("expertbits_ppl_wordnet", "word_perplexity")}
-    bpb = by[("expertbits_ppl_wordnet", "bits_per_byte")]
+    assert set(by) == {("expertbits_supersense", "acc"), ("expertbits_ppl_code", "bits_per_byte"),
+                       ("expertbits_ppl_code", "byte_perplexity"), ("expertbits_ppl_code", "word_perplexity")}
+    bpb = by[("expertbits_ppl_code", "bits_per_byte")]
     assert bpb.quant != bpb.fp and bpb.diff == pytest.approx(bpb.quant - bpb.fp)
-    assert bpb.quant > bpb.fp  # 2-4-bit experts predict their own fine-tuning text worse
+    acc = by[("expertbits_supersense", "acc")]
+    assert acc.samples == 48 and acc.quant_stderr > 0 and acc.fp_stderr > 0
     fp_model = AutoModelForCausalLM.from_pretrained(wordnet_pair[0], dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(wordnet_pair[0])
     q_model, _ = load(wordnet_pair[1])
-    with torch.no_grad():
-        assert by[("expertbits_supersense", "acc")].fp == pytest.approx(supersense_accuracy(fp_model, tok, limit=48))
-        assert by[("expertbits_supersense", "acc")].quant == pytest.approx(supersense_accuracy(q_model, tok, limit=48))
-    assert set(raw["seconds"]) == {"fp", "quant"} and raw["config"]["tasks"] == list(config.tasks)
+    with torch.no_grad():  # the project's own scorer, on the same 48 glosses, each model on its own
+        assert acc.fp == supersense_accuracy(fp_model, tok, limit=48)
+        assert acc.quant == supersense_accuracy(q_model, tok, limit=48)
+    assert set(raw["seconds"]) == {"fp", "quant"} and raw["config"]["tasks"] == list(CONFIG.tasks)
     md = harness.markdown(table)
-    assert "expertbits_supersense | acc |" in md and "±" in md
+    assert "| expertbits_supersense | acc |" in md and "±" in md
 
 
 def _bits_per_byte(model, tok, docs: list[str], window: int) -> float:
@@ -81,22 +76,23 @@ def _bits_per_byte(model, tok, docs: list[str], window: int) -> float:
     return nll / math.log(2) / sum(len(d.encode()) for d in docs)
 
 
-def test_the_zoo_perplexity_task_follows_its_stated_protocol(wordnet_pair):
+def test_the_zoo_perplexity_task_follows_its_stated_protocol(wordnet_pair, compared):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("zoo_data", harness.zoo_tasks() / "expertbits_zoo_data.py")
     data = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(data)
-    docs = [row["text"] for row in data.code()["test"]][:3]
     text = text_path("code-heldout").read_text()
-    assert "".join(data.documents(text)) == text  # the documents cover the text, whole lines, in order
-    assert all(len(d) >= data.DOC_CHARS and d.endswith("\n") for d in data.documents(text)[:-1])
-    model, tok = load(wordnet_pair[1])
-    rows, _ = harness.run(model, tok, harness.HarnessConfig(tasks=("expertbits_ppl_code",), limit=3, batch_size=4))
+    docs = data.documents(text)
+    assert "".join(docs) == text  # the documents cover the text, whole lines, in order
+    assert all(len(d) >= data.DOC_CHARS and d.endswith("\n") for d in docs[:-1])
+    assert [row["text"] for row in data.code()["test"]] == docs
+    rows = [r for r in compared[1]["quant"]["rows"] if r["task"] == "expertbits_ppl_code"]
     got = {r["metric"]: r["value"] for r in rows}
+    model, tok = load(wordnet_pair[1])
     window = model.config.max_position_embeddings
     with torch.no_grad():
-        assert got["bits_per_byte"] == pytest.approx(_bits_per_byte(model, tok, docs, window), rel=1e-4)
+        assert got["bits_per_byte"] == pytest.approx(_bits_per_byte(model, tok, docs[:48], window), rel=1e-4)
     assert got["byte_perplexity"] == pytest.approx(2 ** got["bits_per_byte"], rel=1e-6)
 
 
