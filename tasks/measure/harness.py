@@ -201,11 +201,14 @@ def compare(fp_path: Path, q_path: Path, config: HarnessConfig, placement: Place
 
 def markdown(table: pd.DataFrame) -> str:
     """The side-by-side table as markdown: value ± stderr for each model, and the difference."""
+    def num(v: float, sign: str = "") -> str:  # word perplexities of a tiny model run to 1e13
+        return f"{v:{sign}.4e}" if abs(v) >= 1e5 else f"{v:{sign}.4f}"
+
     def cell(v, s):
-        return f"{v:.4f}" + (f" ± {s:.4f}" if s is not None and not pd.isna(s) else "")
+        return num(v) + (f" ± {num(s)}" if s is not None and not pd.isna(s) else "")
 
     lines = ["| task | metric | full precision | quantized | difference | samples |", "|---|---|---|---|---|---|"]
     for r in table.itertuples():
         lines.append(f"| {r.task} | {r.metric} | {cell(r.fp, r.fp_stderr)} | {cell(r.quant, r.quant_stderr)} | "
-                     f"{r.diff:+.4f} | {'' if pd.isna(r.samples) else int(r.samples)} |")
+                     f"{num(r.diff, '+')} | {'' if pd.isna(r.samples) else int(r.samples)} |")
     return "\n".join(lines) + "\n"

@@ -56,8 +56,10 @@ STAGE_ENTRIES: dict[str, dict[str, tuple[str, ...]]] = {
 # Every other library the covered code imports (torch, transformers, triton, safetensors, duckdb,
 # pandas, numpy, scipy, matplotlib, ...) is in the key with its version.
 # Libraries that write a stage's bytes through another one: transformers' tokenizers cut the texts,
-# matplotlib writes its PNGs with Pillow, pandas holds its columns in numpy.
-IMPLIED = {"transformers": ("tokenizers",), "matplotlib": ("pillow",), "pandas": ("numpy",)}
+# matplotlib writes its PNGs with Pillow, pandas holds its columns in numpy, lm-eval reads its
+# tasks' data through datasets.
+IMPLIED = {"transformers": ("tokenizers",), "matplotlib": ("pillow",), "pandas": ("numpy",),
+           "lm_eval": ("datasets",)}
 NOT_IN_KEYS = {"prefect", "prefect_dask", "distributed", "dask", "fsspec", "s3fs", "huggingface_hub", "pydantic",
                "botocore", "aiobotocore", "httpx", "httpx2", "filelock"}
 
