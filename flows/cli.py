@@ -74,15 +74,20 @@ def _given(args: argparse.Namespace, model: type[BaseModel]) -> dict[str, Any]:
             # pydantic parses each item ("false" to a bool too), with its own error for a bad one
             given[name] = [x.strip() for x in value.split(",") if x.strip()]
     if "storage_options" in given:
-        opts = {}
-        for item in given["storage_options"]:
-            key, _, value = item.partition("=")
-            try:
-                opts[key] = json.loads(value)
-            except json.JSONDecodeError:
-                opts[key] = value
-        given["storage_options"] = opts
+        given["storage_options"] = _parse_options(given["storage_options"])
     return given
+
+
+def _parse_options(items: list[str]) -> dict[str, Any]:
+    """KEY=VALUE options, each VALUE parsed as JSON when it can be (use_ssl=false is False)."""
+    opts = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            opts[key] = json.loads(value)
+        except json.JSONDecodeError:
+            opts[key] = value
+    return opts
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -479,14 +484,18 @@ def evaluate_params(args: argparse.Namespace) -> dict[str, Any]:
     from expertbits.tasks.errors import ExpertbitsError
     from expertbits.tasks.store.storage import Store
 
-    options = dict(item.partition("=")[::2] for item in args.storage_option)
+    options = _parse_options(args.storage_option)
     store, rid = _run_location(args.run, args.store)
     try:
         manifest = json.loads(Store(store, options).read_bytes(f"runs/{rid}/manifest.json"))
         parameters = dict(manifest["summary"]["parameters"])
+        args.original_stages = dict(manifest["stages"])  # checked against the new run's (main)
     except FileNotFoundError as e:
         raise ExpertbitsError(f"{store}/runs/{rid}: no published run (no manifest.json)",
                               "`expertbits runs --store STORE` lists the runs") from e
+    except OSError as e:  # the store itself: credentials, network
+        raise ExpertbitsError(f"{store}: cannot read runs/{rid}/manifest.json ({type(e).__name__}: {e})",
+                              "check the store and its --storage-option settings") from e
     except (ValueError, KeyError, TypeError) as e:
         raise ExpertbitsError(f"{store}/runs/{rid}/manifest.json is not a run manifest ({type(e).__name__}: {e})",
                               "republish the run (rerun the flow: every stage is cached)") from e
@@ -494,7 +503,7 @@ def evaluate_params(args: argparse.Namespace) -> dict[str, Any]:
         raise ExpertbitsError(f"{store}/runs/{rid}: not a quantize run", "name a run of `expertbits quantize`")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     parameters = {k: v for k, v in parameters.items() if k in QuantizeParams.model_fields}
-    return {**parameters, "store": store, "storage_options": options, "lm_eval_tasks": tasks,
+    return {**parameters, "store": store, "storage_options": options, "event_id": None, "lm_eval_tasks": tasks,
             "lm_eval_limit": args.limit, "lm_eval_num_fewshot": args.num_fewshot,
             "lm_eval_batch_size": args.batch_size, "lm_eval_include_path": args.include_path}
 
@@ -669,6 +678,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         return _failure(e, args.debug)
     s = manifest.summary
+    rebuilt = sorted(stage for stage, key in getattr(args, "original_stages", {}).items()
+                     if manifest.stages.get(stage) != key)
     lines = [f"Λ: {_reference_line(s.get('reference'))}", _text_line("calibration text", s.get("routing") or s.get("calibration")),
              _text_line("evaluation text", s.get("evaluation"))]
     if args.command == "league":
@@ -691,6 +702,13 @@ def main(argv: list[str] | None = None) -> int:
                             + (f"; {q['dense_matrices']} dense layers packed at {'/'.join(map(str, q['dense_bits']))} bits"
                                if q.get("dense_matrices") else "; dense layers as stored") + ")")
     print("\n".join(line for line in lines if line) + f"\nartifacts: {manifest.uri}")
+    if rebuilt:  # `evaluate` promised the run's own model: say plainly that this is another one
+        print(f"expertbits: run {manifest.run_id} was rebuilt, not reused: its {', '.join(rebuilt)} "
+              f"stage{'s differ' if len(rebuilt) > 1 else ' differs'} from run {args.run}'s (the checkpoint, a text, the "
+              "device or a library version changed since), so its lm-eval results are for a different model\n"
+              "  fix: evaluate on the machine and versions that made the run, with the same inputs; or keep the "
+              "new run and its results", file=sys.stderr)
+        return 1
     return 0
 
 

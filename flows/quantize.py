@@ -28,6 +28,7 @@ from expertbits.tasks.stages.quantize_tasks import (
     allocate_bits,
     announce_gptq,
     calibrate_experts,
+    check_lm_eval,
     check_device,
     check_store,
     choose_quantizer,
@@ -58,6 +59,8 @@ def quantize_moe(params: QuantizeParams = QuantizeParams()) -> RunManifest:
     local = dict(cache_dir=p.cache_dir, storage_options=p.storage_options)
     check_store(store, p.storage_options)
     device = check_device(p.device)  # auto resolved once: every process keys alike
+    if (harness := p.harness_config()) is not None:
+        check_lm_eval(harness.as_dict())  # lm-eval, its tasks and their data, before GPTQ rather than after
 
     finetuned = fetch_checkpoint(pin_revision(p.checkpoint), p.cache_dir, p.storage_options)
     p = choose_quantizer(p, finetuned, p.cache_dir, p.storage_options)  # --quantizer auto: GPTQ, or RTN for Switch
@@ -93,7 +96,7 @@ def quantize_moe(params: QuantizeParams = QuantizeParams()) -> RunManifest:
                                 cache_dir=p.cache_dir, **io)
 
     lm_eval = None
-    if (harness := p.harness_config()) is not None:  # --lm-eval-tasks: standard benchmarks, both models
+    if harness is not None:  # --lm-eval-tasks: standard benchmarks, both models
         lm_eval = evaluate_tasks(finetuned, quantized, harness.as_dict(), device, cache_dir=p.cache_dir, **io)
 
     return publish_run(p.model_dump(mode="json"), choice, stats, calibration, allocation, quantized, validation, evaluation,

@@ -16,6 +16,8 @@ datasets cache) is an error naming the task and the fix before either model is l
 
 from __future__ import annotations
 
+import gc
+import hashlib
 import logging
 import math
 import time
@@ -41,6 +43,36 @@ def zoo_tasks() -> Path:
     from expertbits import zoo
 
     return Path(zoo.__file__).parent / "lm_eval_tasks"
+
+
+def folder_digest(folder: str | Path | None) -> str | None:
+    """A folder's files by content (names and bytes): an edited task or data file is a new digest."""
+    if folder is None:
+        return None
+    root, h = Path(folder), hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def tasks_digest(include_path: str | None = None) -> list[str | None]:
+    """What the tasks' results depend on beside code and library versions, for cache keys: the
+    zoo's task folder, the texts its tasks read (its corpora by their manifest), the user's folder."""
+    from expertbits import zoo
+
+    root = Path(zoo.__file__).parent
+    return [folder_digest(zoo_tasks()), folder_digest(root / "text"),
+            hashlib.sha256((root / "corpora" / "MANIFEST.sha256").read_bytes()).hexdigest(), folder_digest(include_path)]
+
+
+def require_lm_eval() -> None:
+    """lm-eval is the optional `eval` extra: a clear error where it is missing."""
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError as e:
+        raise ExpertbitsError(f"lm-evaluation-harness is not installed ({e})",
+                              'pip install -c infra/constraints.txt -e ".[eval]" (or pip install "lm-eval[hf]")',
+                              "lm_eval_tasks") from e
 
 
 @dataclass(frozen=True)
@@ -70,6 +102,7 @@ class HarnessConfig:
 
 
 def task_manager(include_path: str | None = None):
+    require_lm_eval()
     from lm_eval.tasks import TaskManager
 
     _quiet()
@@ -113,7 +146,7 @@ def run(model, tokenizer, config: HarnessConfig, device: str = "cpu", manager=No
     from lm_eval.models.huggingface import HFLM
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, device=device, batch_size=config.batch_size)
-    if lm.device != torch.device(device):
+    if lm.device.type == "meta":
         # HFLM takes a model object's device from its weights; a streamed model (model/streaming.py,
         # the league's cells) keeps them on `meta` between forwards and computes on `device`
         lm._device = torch.device(device)
@@ -185,6 +218,7 @@ def compare(fp_path: Path, q_path: Path, config: HarnessConfig, placement: Place
                 rows, raw[which] = run(model, tokenizer, config, placement.device, manager)
         finally:
             del model
+            gc.collect()  # the full-precision model's memory, reference cycles included, before the next loads
             if placement.is_cuda:
                 torch.cuda.empty_cache()
         raw[which]["rows"] = rows

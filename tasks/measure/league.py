@@ -208,6 +208,15 @@ TASKS = ("wordnet-supersense", "lm-eval:<task>")
 LM_EVAL = "lm-eval:"  # an lm-evaluation-harness task (harness.py), ranked by its accuracy
 
 
+def task_data(name: str | None) -> list[str | None] | None:
+    """For cache keys: the task files an lm-eval task reads (harness.tasks_digest), else None."""
+    if name is None or not name.startswith(LM_EVAL):
+        return None
+    from .harness import tasks_digest
+
+    return tasks_digest()
+
+
 def task(name: str | None, examples: int) -> Callable | None:
     """accuracy(model, tokenizer) of a named task, or None. `lm-eval:<task>` runs an lm-eval task
     (lm-eval's own, the zoo's or none other) on each cell's model as the league holds it, and gives

@@ -31,7 +31,7 @@ def league_key(checkpoint: CheckpointRecord, stats: StageOutput, calibrations: l
                text: TextRecord, seq_len: int, windows: int, task_name: str | None, task_examples: int,
                device: str) -> str:
     return stage_key("league", checkpoint.digest, stats.key, [c.key for c in calibrations], grid, text.digest, seq_len,
-                     windows, task_name, task_examples, placement_key(device))
+                     windows, task_name, task_examples, placement_key(device), league.task_data(task_name))
 
 
 @task(name="league", cache_key_fn=cache_key("league", league_key), persist_result=True, result_serializer="json")

@@ -300,7 +300,8 @@ def cells_key(indices: list[int], checkpoint: CheckpointRecord, stats: StageOutp
               grid: dict, text: TextRecord, seq_len: int, windows: int, task_name: str | None, task_examples: int,
               device: str) -> str:
     return stage_key("league", "cells", indices, checkpoint.digest, stats.key, [c.key for c in calibrations], grid,
-                     text.digest, seq_len, windows, task_name, task_examples, placement_key(device))
+                     text.digest, seq_len, windows, task_name, task_examples, placement_key(device),
+                     league.task_data(task_name))
 
 
 @task(name="league-cells", cache_key_fn=cache_key("league", cells_key, in_store=False), persist_result=True,

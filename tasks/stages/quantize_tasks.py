@@ -4,7 +4,6 @@ four): caching, retries, progress and store I/O follow `stage_io.py`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import tempfile
@@ -68,6 +67,15 @@ def check_device(device: str) -> str:
     get_run_logger().info(f"--device {device} -> {chosen}: the heavy stages compute on {placement}"
                           + ("" if placement.is_cuda else " in float32"))
     return chosen
+
+
+@task(name="check-lm-eval")
+def check_lm_eval(harness_config: dict) -> None:
+    """With --lm-eval-tasks, fail before any work (not after GPTQ) if lm-eval is missing, a task is
+    unknown, its dataset cannot be loaded here, or the include path is not a folder."""
+    config = harness.HarnessConfig(**{**harness_config, "tasks": tuple(harness_config["tasks"])})
+    harness.check_tasks(config)
+    get_run_logger().info(f"lm-eval tasks found: {', '.join(config.tasks)}")
 
 
 # ---- 1. download --------------------------------------------------------------------------------
@@ -432,20 +440,9 @@ def evaluate_model(checkpoint: CheckpointRecord, quantized: StageOutput, text: T
 
 # ---- 7. lm-eval (optional) ----------------------------------------------------------------------
 
-def _folder_digest(folder: str | None) -> str | None:
-    """The task YAMLs (and their data) a folder holds, by content: an edited task is a new key."""
-    if folder is None:
-        return None
-    root = Path(folder)
-    h = hashlib.sha256()
-    for f in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
-        h.update(f.relative_to(root).as_posix().encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
-    return h.hexdigest()
-
-
 def lm_eval_key(checkpoint: CheckpointRecord, quantized: StageOutput, harness_config: dict, device: str) -> str:
     return stage_key("lm-eval", checkpoint.digest, quantized.key, harness_config, placement_key(device),
-                     _folder_digest(str(harness.zoo_tasks())), _folder_digest(harness_config.get("include_path")))
+                     harness.tasks_digest(harness_config.get("include_path")))
 
 
 @task(name="lm-eval", cache_key_fn=cache_key("lm-eval", lm_eval_key), persist_result=True, result_serializer="json")

@@ -20,6 +20,7 @@ Rendering only: the caller reads the files.
 from __future__ import annotations
 
 import re
+import shlex
 from typing import Any
 
 import yaml
@@ -40,7 +41,8 @@ def source_license(card_text: str | None) -> dict[str, str]:
         meta = yaml.safe_load(body[: end.start()] if end else "") or {}
     except yaml.YAMLError:
         return {}
-    return {k: str(meta[k]) for k in CARRIED if isinstance(meta, dict) and meta.get(k) not in (None, "")}
+    # a string each, as the hub's metadata wants; anything else (a list, a mapping) is not carried
+    return {k: meta[k] for k in CARRIED if isinstance(meta, dict) and isinstance(meta.get(k), str) and meta[k].strip()}
 
 
 def base_model(checkpoint_uri: str) -> str | None:
@@ -51,10 +53,8 @@ def base_model(checkpoint_uri: str) -> str | None:
 
 
 def _command(parameters: dict) -> str:
-    def value(v: Any) -> str:
-        if isinstance(v, list):
-            return ",".join(map(str, v))
-        return str(v)
+    def value(v: Any) -> str:  # quoted for a POSIX shell: '*.o_proj=8' must not be globbed when pasted
+        return shlex.quote(",".join(map(str, v)) if isinstance(v, list) else str(v))
 
     parts = ["expertbits quantize"]
     for name, v in parameters.items():

@@ -90,8 +90,11 @@ def _last_push(store: Store, run_id: str) -> str | None:
     names = sorted(r for r in store.list(f"pushes/{run_id}") if r.endswith(".json"))
     if not names:
         return None
-    last = json.loads(store.read_bytes(f"pushes/{run_id}/{names[-1]}"))
-    return f"{last['repo_id']}@{last['branch']} {last['commit'][:12]}"
+    try:
+        last = json.loads(store.read_bytes(f"pushes/{run_id}/{names[-1]}"))
+        return f"{last['repo_id']}@{last['branch']} {last['commit'][:12]}"
+    except (ValueError, KeyError, TypeError):  # a damaged record does not hide the other runs
+        return f"? (unreadable record pushes/{run_id}/{names[-1]})"
 
 
 def table(frame: pd.DataFrame) -> str:

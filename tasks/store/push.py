@@ -42,9 +42,10 @@ def _refused(e: Exception, repo_id: str) -> ExpertbitsError:
     if status in (401, 403):
         return ExpertbitsError(f"the hub refused the push to {repo_id} ({status}): {first}",
                                "log in with a token that may write there: set HF_TOKEN, or run `hf auth login`")
-    return ExpertbitsError(f"the push to {repo_id} failed: {first}",
-                           "check the repository name and your network, then push again (a push is one commit: "
-                           "a failed one leaves the repository as it was)")
+    return ExpertbitsError(f"the push to {repo_id} failed ({type(e).__name__}: {first})",
+                           "check the repository name and your network, then push again: the folder is uploaded as "
+                           "one commit, so nothing of it was committed (the repository or branch may have been "
+                           "created already)")
 
 
 def push(store: Store, run_id: str, target: str, private: bool = False) -> dict:
@@ -74,24 +75,37 @@ def push(store: Store, run_id: str, target: str, private: bool = False) -> dict:
                 store.get_file(f"{folder_rel}/{rel}", folder / rel)
         try:
             api.create_repo(repo_id, private=private or None, exist_ok=True, repo_type="model")  # None: the owner's default
+            visible = api.repo_info(repo_id, repo_type="model")
+            if private and not visible.private:  # --private applies to a new repository only
+                raise ExpertbitsError(f"{repo_id} exists and is public, and --private was asked for",
+                                      "make the repository private on the hub first, or push without --private")
             if branch:
                 api.create_branch(repo_id, branch=branch, exist_ok=True, repo_type="model")
             info = api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="model", revision=branch,
                                      commit_message=f"expertbits run {run_id}",
                                      commit_description=f"The quantization/ folder of expertbits run {run_id} "
                                                         f"({manifest['uri']}), verified against its manifest.")
+        except ExpertbitsError:
+            raise
         except (HfHubHTTPError, OSError) as e:
             raise _refused(e, repo_id) from e
         except ValueError as e:  # the hub's check of the card's metadata ("Invalid metadata in README.md")
             raise ExpertbitsError(f"the hub refused the model card of {run_id}: {e}",
-                                  "report this (expertbits writes the card); the repository is as it was") from e
+                                  "report this (expertbits writes the card); nothing of the folder was committed") from e
+        except Exception as e:  # the HTTP client's own errors (connection refused, timeouts) are not OSErrors
+            raise _refused(e, repo_id) from e
     now = datetime.now(timezone.utc)
     record = {"run_id": run_id, "target": target, "repo_id": repo_id, "branch": branch or "main",
-              "commit": info.oid, "commit_url": info.commit_url, "private": private,
+              "commit": info.oid, "commit_url": info.commit_url, "private": bool(visible.private),
               "files": sum(1 for r in manifest["files"] if r.startswith("quantization/")),
               "pushed_at": now.isoformat(timespec="seconds")}
     store_rel = f"{PUSHES}/{run_id}/{now.strftime('%Y%m%dT%H%M%S%fZ')}-{info.oid[:12]}.json"
-    store.write_bytes(store_rel, json.dumps(record, indent=2).encode())
+    try:
+        store.write_bytes(store_rel, json.dumps(record, indent=2).encode())
+    except Exception as e:  # the commit is on the hub: say which, whatever happened to the record
+        raise StoreError(f"pushed {run_id} to {repo_id}@{record['branch']} as commit {info.oid} ({info.commit_url}), "
+                         f"but its record could not be written to {store.uri(store_rel)} ({type(e).__name__}: {e})",
+                         "the push itself succeeded; `expertbits runs` will not show it until you push again") from e
     return record
 
 

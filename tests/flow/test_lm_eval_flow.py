@@ -11,7 +11,7 @@ from support.flowruns import artifacts, task_states
 pytestmark = pytest.mark.integration
 
 
-def test_the_lm_eval_stage_publishes_its_table_card_and_artifact_and_is_cached(prefect_api, params, tmp_path):
+def test_the_lm_eval_stage_publishes_its_table_card_and_artifact_and_is_cached(prefect_api, params, tmp_path, capsys):
     from expertbits.flows.params import QuantizeParams
     from expertbits.flows.quantize import quantize_moe
 
@@ -48,3 +48,33 @@ def test_the_lm_eval_stage_publishes_its_table_card_and_artifact_and_is_cached(p
     plain = quantize_moe(QuantizeParams(**params), return_state=True).result()
     assert plain.run_id != manifest.run_id and "lm-eval" not in plain.stages
     assert {s: k for s, k in manifest.stages.items() if s != "lm-eval"} == plain.stages
+
+    # `expertbits evaluate` on the plain run: the same parameters plus the lm-eval options, every
+    # stage reused, so the run it publishes is the one above
+    from expertbits.flows.cli import main
+
+    store = params["store"]
+    ask = ["evaluate", plain.run_id, "--store", store, "--tasks", "expertbits_ppl_code,my_code_ppl", "--limit", "2",
+           "--include-path", str(tmp_path / "mine")]
+    assert main(ask) == 0
+    assert f"artifacts: {run_dir}" in capsys.readouterr().out
+    # a run whose stages would not be reused (here: its manifest names another allocation) is said to be rebuilt
+    recorded = Path(store) / "runs" / plain.run_id / "manifest.json"
+    edited = json.loads(recorded.read_text())
+    edited["stages"]["allocation"] = "0" * 32
+    recorded.write_text(json.dumps(edited))
+    assert main(ask) == 1
+    assert f"was rebuilt, not reused: its allocation stage differs from run {plain.run_id}'s" in capsys.readouterr().err
+
+
+def test_an_unknown_lm_eval_task_fails_the_run_before_any_work(prefect_api, params, tmp_path):
+    from expertbits.flows.params import QuantizeParams
+    from expertbits.flows.quantize import quantize_moe
+
+    state = quantize_moe(QuantizeParams(**params, lm_eval_tasks=["no_such_task"]), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ValueError, match=r"lm-eval task 'no_such_task': not among"):
+        state.result()
+    states = task_states(state, last="check-lm-eval")
+    assert states["check-lm-eval"] == "Failed" and "statistics" not in states and "download" not in states
+    assert not (tmp_path / "store" / "runs").exists()

@@ -38,6 +38,16 @@ def start(token: str):
                 return False
             return True
 
+        def do_GET(self):  # /api/models/<org>/<name>: the repository's info
+            if not self._authorized():
+                return
+            m = re.fullmatch(r"/api/models/([^/]+/[^/]+)", self.path.split("?")[0])
+            if not m or m.group(1) not in state["repos"]:
+                return self._send(404, {"error": "Repository not found"})
+            repo = state["repos"][m.group(1)]
+            self._send(200, {"id": m.group(1), "private": repo["private"], "sha": repo["branches"]["main"]["commit"],
+                             "siblings": [{"rfilename": f} for f in repo["branches"]["main"]["files"]]})
+
         def do_PUT(self):  # an LFS object, to the href the batch API gave (presigned: no token)
             state["requests"].append((self.command, self.path, {k.lower(): v for k, v in self.headers.items()}))
             m = re.fullmatch(r"/lfs-upload/([0-9a-f]{64})", self.path)

@@ -17,7 +17,8 @@ EVAL = {"kl": 0.0123, "ppl_fp": 10.0, "ppl_quant": 10.5, "tokens": 4080, "window
 
 def card(tmp_path, checkpoint, source=None, qc=QC, **kw):
     text = render(run_id="r-1", parameters={"checkpoint": checkpoint, "avg_bits": 2.875, "bit_widths": [2, 3, 4],
-                                            "rotate": True, "store": "s3://secret-bucket", "dense_override": []},
+                                            "rotate": True, "store": "s3://secret-bucket",
+                                            "dense_override": ["*.o_proj=8"]},
                   quantization_config=qc, summaries=SUMMARIES, evaluation=EVAL, source_card=source, **kw)
     (tmp_path / "README.md").write_text(text)
     return ModelCard.load(tmp_path / "README.md"), text
@@ -34,6 +35,7 @@ def test_a_hub_source_is_the_base_model_and_its_license_carries_over(tmp_path):
     assert "| 0 | 4 | 2 | 1 | 1 | 2.750 |" in text and "| 1 | 4 | 2 | 0 | 2 | 3.000 |" in text
     assert "| KL(fp ‖ quantized) per token | 0.01230 |" in text
     assert "--checkpoint hf://org/moe@0123abc" in text and "--rotate" in text and "secret-bucket" not in text
+    assert "--dense-override '*.o_proj=8'" in text  # quoted: pasted into a shell, the glob stays a glob
     assert 'LLM(model="path/to/this/folder")' in text
 
 
@@ -45,3 +47,4 @@ def test_other_sources_name_no_base_model_and_a_packed_head_says_vllm_refuses(tm
     assert "### lm-evaluation-harness\n\n| task | metric |" in text
     assert source_license("---\nlicense: [unclosed\n---\n") == {}  # a broken source card carries nothing
     assert source_license("# no front matter\nlicense: mit\n") == {}
+    assert source_license("---\nlicense: [mit, apache-2.0]\n---\n") == {}  # not one string: not carried

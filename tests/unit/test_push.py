@@ -107,3 +107,25 @@ def test_a_refused_token_is_a_clear_error_that_never_shows_it(hub, store, monkey
     err = capsys.readouterr().err
     assert "the hub refused the push to org/moe (401)" in err and "HF_TOKEN" in err and "hf_wrongTOKEN" not in err
     assert "org/moe" not in hub["repos"]
+
+
+def test_private_asked_of_a_public_repository_and_an_unreachable_hub_are_clear_errors(hub, store, monkeypatch,
+                                                                                          capsys):
+    import socket
+
+    import huggingface_hub.constants
+
+    assert main(["push", "micro-2.5b-0123456789", "hf://org/public", "--store", str(store)]) == 0
+    assert not hub["repos"]["org/public"]["private"]
+    commit = hub["repos"]["org/public"]["branches"]["main"]["commit"]
+    capsys.readouterr()
+    assert main(["push", "micro-2.5b-0123456789", "hf://org/public", "--private", "--store", str(store)]) == 1
+    assert "exists and is public, and --private was asked for" in capsys.readouterr().err
+    assert hub["repos"]["org/public"]["branches"]["main"]["commit"] == commit  # nothing uploaded
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    assert main(["push", "micro-2.5b-0123456789", "hf://org/moe", "--store", str(store)]) == 1
+    err = capsys.readouterr().err
+    assert "the push to org/moe failed" in err and "Traceback" not in err and "fix:" in err
