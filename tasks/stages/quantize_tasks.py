@@ -485,7 +485,7 @@ def publish_run(parameters: dict, reference: ReferenceChoice, stats: StageOutput
                "quantization": quantized, "validation": validation, "evaluation": evaluation,
                **({"lm-eval": lm_eval} if lm_eval else {})}
     rid = publish.run_id(parameters["checkpoint"], list(outputs.values()), f"{parameters['avg_bits']:g}b")
-    readme = model_card(st, rid, parameters, outputs, checkpoint, cache_dir, storage_options)
+    readme = model_card(st, parameters, outputs, checkpoint, cache_dir, storage_options)
     manifest = publish.publish(st, rid, outputs, parameters, notes={"reference": reference.model_dump()},
                                extra={"quantization/README.md": readme.encode()})
     _ui_artifacts(st, manifest, outputs)
@@ -493,7 +493,7 @@ def publish_run(parameters: dict, reference: ReferenceChoice, stats: StageOutput
     return manifest
 
 
-def model_card(st: Store, rid: str, parameters: dict, outputs: dict[str, StageOutput],
+def model_card(st: Store, parameters: dict, outputs: dict[str, StageOutput],
                checkpoint: CheckpointRecord | None, cache_dir: str | None, storage_options: dict) -> str:
     """The quantized folder's README.md (tasks/store/card.py), from the run's own records."""
     from importlib.metadata import PackageNotFoundError, version
@@ -512,7 +512,7 @@ def model_card(st: Store, rid: str, parameters: dict, outputs: dict[str, StageOu
         ours = version("expertbits")
     except PackageNotFoundError:
         ours = ""
-    return render(run_id=rid, parameters=parameters, quantization_config=config["quantization_config"],
+    return render(parameters=parameters, quantization_config=config["quantization_config"],
                   summaries={s: o.summary for s, o in outputs.items()},
                   evaluation=json.loads(read("evaluation", "evaluation.json")),
                   lm_eval=read("lm-eval", "lm_eval.md").decode() if "lm-eval" in outputs else None,

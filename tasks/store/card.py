@@ -8,7 +8,7 @@
     tags: [moe, quantized, expertbits, mixed-precision, 2-bit, 3-bit, 4-bit, mixtral]
     pipeline_tag: text-generation
     ---
-    # <run id>
+    # <checkpoint name>, <average> expert bits
     what it is, the allocation summary, a per-layer width table, KL and perplexity, lm-eval
     results when the run has them, how to load it, how it was made
 
@@ -79,7 +79,7 @@ def widths_table(expert_bits: dict[str, list[int]]) -> str:
     return "\n".join(lines)
 
 
-def render(*, run_id: str, parameters: dict, quantization_config: dict, summaries: dict[str, dict],
+def render(*, parameters: dict, quantization_config: dict, summaries: dict[str, dict],
            evaluation: dict, lm_eval: str | None = None, source_card: str | None = None,
            encoder_decoder: bool = False, model_type: str = "", version: str = "") -> str:
     """The card's text. `summaries`: the stage summaries the manifest holds (allocation, quantization)."""
@@ -97,7 +97,9 @@ def render(*, run_id: str, parameters: dict, quantization_config: dict, summarie
     ev = evaluation
     lines = [
         "---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---",
-        f"# {run_id}", "",
+        # not the run id: it names the store too, and a run's files are the same bytes in any store
+        f"# {parameters['checkpoint'].rstrip('/').rsplit('/', 1)[-1]}, "
+        f"{al.get('achieved_avg_bits', parameters.get('avg_bits'))} expert bits", "",
         f"`{parameters['checkpoint']}` with every routed expert at its own bit-width "
         f"({', '.join(f'{b}' for b in widths)} bits, {al.get('achieved_avg_bits', parameters.get('avg_bits'))} on average), "
         f"made by expertbits{f' {version}' if version else ''}. "

@@ -45,7 +45,10 @@ def test_steps_give_the_flows_tables_and_folder(prefect_api, params, tmp_path):
     summary = expertbits.quantize(ft, alloc, out, group_size=32, quantizer=quantizer, text=calibration_text, seq_len=64,
                                   rotate=True)
     assert summary["avg_bits"] == pytest.approx(2.5)
-    assert sha256s(out) == sha256s(run_dir / "quantization")  # every shard, config.json, the index, the tokenizer
+    shipped = sha256s(run_dir / "quantization")
+    assert "README.md" in shipped  # the model card: the run's, written when it is published
+    del shipped["README.md"]
+    assert sha256s(out) == shipped  # every shard, config.json, the index, the tokenizer
 
     metrics = expertbits.evaluate(ft, out, eval_text, seq_len=64, windows=4)
     published = json.loads((run_dir / "evaluation" / "evaluation.json").read_text())

@@ -16,7 +16,7 @@ EVAL = {"kl": 0.0123, "ppl_fp": 10.0, "ppl_quant": 10.5, "tokens": 4080, "window
 
 
 def card(tmp_path, checkpoint, source=None, qc=QC, **kw):
-    text = render(run_id="r-1", parameters={"checkpoint": checkpoint, "avg_bits": 2.875, "bit_widths": [2, 3, 4],
+    text = render(parameters={"checkpoint": checkpoint, "avg_bits": 2.875, "bit_widths": [2, 3, 4],
                                             "rotate": True, "store": "s3://secret-bucket",
                                             "dense_override": ["*.o_proj=8"]},
                   quantization_config=qc, summaries=SUMMARIES, evaluation=EVAL, source_card=source, **kw)
