@@ -22,6 +22,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
@@ -102,15 +103,22 @@ class HarnessConfig:
 
 
 def task_manager(include_path: str | None = None):
+    """lm-eval's task index over its own tasks, the zoo's and `include_path`'s. Indexing lm-eval's
+    hundreds of task folders takes seconds, so one index is kept per folder content."""
     require_lm_eval()
-    from lm_eval.tasks import TaskManager
-
     _quiet()
     if include_path is not None and not Path(include_path).is_dir():
         raise ExpertbitsError(f"--include-path {include_path}: no such folder",
                               "give a folder of lm-eval task YAMLs", "lm_eval_include_path")
-    paths = [str(zoo_tasks())] + ([str(Path(include_path).resolve())] if include_path else [])
-    return TaskManager(include_path=paths, include_defaults=True)
+    resolved = str(Path(include_path).resolve()) if include_path else None
+    return _indexed(resolved, folder_digest(resolved))
+
+
+@lru_cache(maxsize=8)
+def _indexed(include_path: str | None, _content: str | None):  # _content: an edited folder is indexed again
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=[str(zoo_tasks())] + ([include_path] if include_path else []), include_defaults=True)
 
 
 def check_tasks(config: HarnessConfig, manager=None) -> None:

@@ -135,7 +135,7 @@ def test_the_league_ranks_by_an_lm_eval_task_as_by_the_projects_scorer(wordnet_p
     from expertbits.tasks.model.streaming import streamed
     from expertbits.tasks.model.load import load as load_folder
 
-    ours, theirs = league.task("wordnet-supersense", 32), league.task("lm-eval:expertbits_supersense", 32)
+    ours, theirs = league.task("wordnet-supersense", 16), league.task("lm-eval:expertbits_supersense", 16)
     _, tok = load_folder(wordnet_pair[1])
     with streamed(wordnet_pair[1]) as model, torch.no_grad():
         assert theirs(model, tok) == ours(model, tok)
