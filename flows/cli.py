@@ -566,6 +566,9 @@ def option_errors(error: Exception, model: type[BaseModel], flags: dict[str, str
 
 
 _COMMAND = {QuantizeParams: "quantize", LeagueParams: "league"}
+# `expertbits evaluate` gives the lm-eval fields of QuantizeParams under its own, shorter options
+_EVALUATE_FLAGS = {"lm_eval_tasks": "--tasks", "lm_eval_limit": "--limit", "lm_eval_num_fewshot": "--num-fewshot",
+                   "lm_eval_batch_size": "--batch-size", "lm_eval_include_path": "--include-path"}
 _FLAGS = {  # fields whose option is not simply --field-name (errors raised by a quantize run's checks name
             # the quantize field; the league sets lists of them)
     QuantizeParams: {"storage_options": "--storage-option"},
@@ -658,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = model(**given)
     except ValueError as e:  # pydantic's ValidationError is one
-        problems = option_errors(e, model) + problems
+        problems = option_errors(e, model, _EVALUATE_FLAGS if args.command == "evaluate" else None) + problems
     if problems:
         print("expertbits: invalid options:\n" + "\n".join(f"  {p}" for p in problems), file=sys.stderr)
         return 2

@@ -162,3 +162,18 @@ def test_the_documented_lm_eval_snippet_runs_as_written(wordnet_pair):
 
     with torch.no_grad():
         assert acc == supersense_accuracy(model, tok, limit=100)
+
+
+def test_evaluate_names_its_own_options_and_a_missing_run(tmp_path, capsys):
+    from expertbits.flows.cli import main
+
+    run = tmp_path / "runs" / "r1"
+    run.mkdir(parents=True)
+    (run / "manifest.json").write_text(json.dumps({"run_id": "r1", "stages": {}, "summary": {"parameters": {
+        "checkpoint": "zoo://mixtral-tiny/wordnet", "avg_bits": 2.5}}}))
+    assert main(["evaluate", "r1", "--store", str(tmp_path), "--tasks", "x", "--limit", "0"]) == 2
+    assert "--limit: got 0: input should be greater than or equal to 1" in capsys.readouterr().err
+    assert main(["evaluate", "r2", "--store", str(tmp_path), "--tasks", "x"]) == 1
+    assert "runs/r2: no published run" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "elsewhere" / "r1"), "--tasks", "x"]) == 1
+    assert "not a run folder" in capsys.readouterr().err
