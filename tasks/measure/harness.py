@@ -128,7 +128,8 @@ def check_tasks(config: HarnessConfig, manager=None) -> None:
     known = set(manager.all_tasks)
     for name in config.tasks:
         if name not in known:
-            where = "lm-eval's tasks, the zoo's" + (f" or those in {config.include_path}" if config.include_path else " or an --include-path's")
+            where = "lm-eval's tasks, the zoo's" + (
+                f" or those in {config.include_path}" if config.include_path else " or an --include-path's")
             raise ExpertbitsError(f"lm-eval task {name!r}: not among {where}",
                                   "check the name (`lm_eval ls tasks` lists lm-eval's; the zoo's are "
                                   f"{', '.join(sorted(p.stem for p in zoo_tasks().glob('*.yaml')))}), or add "
