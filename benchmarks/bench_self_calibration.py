@@ -44,7 +44,7 @@ def self_sampled(checkpoint: str, seed: int = 0) -> str:
 
 def kl_of(pair: str, store: Path, calibration: str | None) -> dict:
     p = PAIRS[pair]
-    cmd = ["expertbits", "quantize", "--checkpoint", p["checkpoint"], "--reference", p["reference"], "--eval-text",
+    cmd = [sys.executable, "-m", "expertbits.flows.cli", "quantize", "--checkpoint", p["checkpoint"], "--reference", p["reference"], "--eval-text",
            p["eval_text"], "--calibration-text", calibration or p["calibration_text"], "--store", str(store)]
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
