@@ -682,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
         return _failure(e, args.debug)
     s = manifest.summary
     rebuilt = sorted(stage for stage, key in getattr(args, "original_stages", {}).items()
-                     if manifest.stages.get(stage) != key)
+                     if stage != "lm-eval" and manifest.stages.get(stage) != key)  # lm-eval: what evaluate redoes
     lines = [f"Λ: {_reference_line(s.get('reference'))}", _text_line("calibration text", s.get("routing") or s.get("calibration")),
              _text_line("evaluation text", s.get("evaluation"))]
     if args.command == "league":

@@ -58,6 +58,9 @@ def test_the_lm_eval_stage_publishes_its_table_card_and_artifact_and_is_cached(p
            "--include-path", str(tmp_path / "mine")]
     assert main(ask) == 0
     assert f"artifacts: {run_dir}" in capsys.readouterr().out
+    # an evaluated run evaluated again with other tasks: its lm-eval stage is the one redone
+    assert main(["evaluate", manifest.run_id, "--store", store, "--tasks", "expertbits_ppl_code", "--limit", "1"]) == 0
+    assert "rebuilt" not in capsys.readouterr().err
     # a run whose stages would not be reused (here: its manifest names another allocation) is said to be rebuilt
     recorded = Path(store) / "runs" / plain.run_id / "manifest.json"
     edited = json.loads(recorded.read_text())
