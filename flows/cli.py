@@ -360,10 +360,7 @@ def list_runs(args: argparse.Namespace) -> int:
     from expertbits.tasks.store import catalog
     from expertbits.tasks.store.storage import Store
 
-    options = {}
-    for item in args.storage_option:
-        key, _, value = item.partition("=")
-        options[key] = value
+    options = _parse_options(args.storage_option)
     try:
         frame = catalog.list_runs(Store(args.store, options))
     except (ExpertbitsError, OSError) as e:
@@ -382,7 +379,7 @@ def verify(args: argparse.Namespace) -> int:
     from expertbits.tasks.store.storage import Store
     from expertbits.tasks.store.verify import verify_run
 
-    options = dict(item.partition("=")[::2] for item in args.storage_option)
+    options = _parse_options(args.storage_option)
     try:
         if "/" in args.run:  # the run's own folder or URI
             report = verify_run(Store(args.run, options))
@@ -407,7 +404,7 @@ def collect_garbage(args: argparse.Namespace) -> int:
     from expertbits.tasks.store import gc
     from expertbits.tasks.store.storage import Store
 
-    options = dict(item.partition("=")[::2] for item in args.storage_option)
+    options = _parse_options(args.storage_option)
     try:
         age = gc.parse_age(args.older_than)
         if age < 3600:  # a publish re-hashing a large run writes nothing for minutes
@@ -466,7 +463,7 @@ def push(args: argparse.Namespace) -> int:
     from expertbits.tasks.store import push as hub
     from expertbits.tasks.store.storage import Store
 
-    options = dict(item.partition("=")[::2] for item in args.storage_option)
+    options = _parse_options(args.storage_option)
     try:
         store, rid = _run_location(args.run, args.store)
         record = hub.push(Store(store, options), rid, args.target, args.private)
@@ -681,8 +678,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         return _failure(e, args.debug)
     s = manifest.summary
-    rebuilt = sorted(stage for stage, key in getattr(args, "original_stages", {}).items()
-                     if stage != "lm-eval" and manifest.stages.get(stage) != key)  # lm-eval: what evaluate redoes
+    # the quantization key covers every stage the model depends on (checkpoint, statistics,
+    # calibration, allocation, quantizer); validation and evaluation may differ (another kernel
+    # device, another evaluation text) without the model differing: said, not an error
+    original = getattr(args, "original_stages", {})
+    rebuilt = [s for s in ("quantization",) if s in original and manifest.stages.get(s) != original[s]]
+    redone = sorted(s for s, key in original.items() if s not in ("lm-eval", *rebuilt) and manifest.stages.get(s) != key)
     lines = [f"Λ: {_reference_line(s.get('reference'))}", _text_line("calibration text", s.get("routing") or s.get("calibration")),
              _text_line("evaluation text", s.get("evaluation"))]
     if args.command == "league":
@@ -705,12 +706,16 @@ def main(argv: list[str] | None = None) -> int:
                             + (f"; {q['dense_matrices']} dense layers packed at {'/'.join(map(str, q['dense_bits']))} bits"
                                if q.get("dense_matrices") else "; dense layers as stored") + ")")
     print("\n".join(line for line in lines if line) + f"\nartifacts: {manifest.uri}")
+    if redone and not rebuilt:
+        print(f"note: the same quantized model as run {args.run}; its {', '.join(redone)} stage"
+              f"{'s were' if len(redone) > 1 else ' was'} computed again here (another kernel device or evaluation "
+              "text, or another expertbits or library version)")
     if rebuilt:  # `evaluate` promised the run's own model: say plainly that this is another one
-        print(f"expertbits: run {manifest.run_id} was rebuilt, not reused: its {', '.join(rebuilt)} "
-              f"stage{'s differ' if len(rebuilt) > 1 else ' differs'} from run {args.run}'s (the checkpoint, a text, the "
-              "device or a library version changed since), so its lm-eval results are for a different model\n"
-              "  fix: evaluate on the machine and versions that made the run, with the same inputs; or keep the "
-              "new run and its results", file=sys.stderr)
+        print(f"expertbits: run {manifest.run_id} was rebuilt, not reused: its quantized model differs from run "
+              f"{args.run}'s (the checkpoint or the calibration text changed, or expertbits, a library or the device "
+              "differs from what made the run), so its lm-eval results are for a different model\n"
+              "  fix: evaluate with the expertbits and library versions, device and inputs that made the run; or "
+              "keep the new run and its results", file=sys.stderr)
         return 1
     return 0
 

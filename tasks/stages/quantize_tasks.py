@@ -72,9 +72,10 @@ def check_device(device: str) -> str:
 @task(name="check-lm-eval")
 def check_lm_eval(harness_config: dict) -> None:
     """With --lm-eval-tasks, fail before any work (not after GPTQ) if lm-eval is missing, a task is
-    unknown, its dataset cannot be loaded here, or the include path is not a folder."""
+    unknown or the include path is not a folder. Datasets are loaded by the stage itself (checked
+    before its models load): a cached stage needs none on this machine."""
     config = harness.HarnessConfig(**{**harness_config, "tasks": tuple(harness_config["tasks"])})
-    harness.check_tasks(config)
+    harness.check_tasks(config, datasets=False)
     get_run_logger().info(f"lm-eval tasks found: {', '.join(config.tasks)}")
 
 

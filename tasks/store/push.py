@@ -44,8 +44,8 @@ def _refused(e: Exception, repo_id: str) -> ExpertbitsError:
                                "log in with a token that may write there: set HF_TOKEN, or run `hf auth login`")
     return ExpertbitsError(f"the push to {repo_id} failed ({type(e).__name__}: {first})",
                            "check the repository name and your network, then push again: the folder is uploaded as "
-                           "one commit, so nothing of it was committed (the repository or branch may have been "
-                           "created already)")
+                           "one commit, so it is either all there or not at all (a timeout can hide a commit that "
+                           "landed: look at the repository; it or the branch may have been created already)")
 
 
 def push(store: Store, run_id: str, target: str, private: bool = False) -> dict:
@@ -93,6 +93,8 @@ def push(store: Store, run_id: str, target: str, private: bool = False) -> dict:
             raise ExpertbitsError(f"the hub refused the model card of {run_id}: {e}",
                                   "report this (expertbits writes the card); nothing of the folder was committed") from e
         except Exception as e:  # the HTTP client's own errors (connection refused, timeouts) are not OSErrors
+            if type(e).__module__.split(".")[0] not in ("httpx", "httpx2", "httpcore", "requests", "urllib3"):
+                raise  # a bug, not the network: its own traceback
             raise _refused(e, repo_id) from e
     now = datetime.now(timezone.utc)
     record = {"run_id": run_id, "target": target, "repo_id": repo_id, "branch": branch or "main",

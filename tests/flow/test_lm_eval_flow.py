@@ -61,13 +61,19 @@ def test_the_lm_eval_stage_publishes_its_table_card_and_artifact_and_is_cached(p
     # an evaluated run evaluated again with other tasks: its lm-eval stage is the one redone
     assert main(["evaluate", manifest.run_id, "--store", store, "--tasks", "expertbits_ppl_code", "--limit", "1"]) == 0
     assert "rebuilt" not in capsys.readouterr().err
-    # a run whose stages would not be reused (here: its manifest names another allocation) is said to be rebuilt
+    # a run whose model would not be reused (here: its manifest names another quantization) is said to be
+    # rebuilt; one whose evaluation alone differs is the same model, and said so
     recorded = Path(store) / "runs" / plain.run_id / "manifest.json"
     edited = json.loads(recorded.read_text())
-    edited["stages"]["allocation"] = "0" * 32
+    edited["stages"]["evaluation"] = "0" * 32
+    recorded.write_text(json.dumps(edited))
+    assert main(ask) == 0
+    assert f"note: the same quantized model as run {plain.run_id}; its evaluation stage was computed again" \
+        in capsys.readouterr().out
+    edited["stages"]["quantization"] = "0" * 32
     recorded.write_text(json.dumps(edited))
     assert main(ask) == 1
-    assert f"was rebuilt, not reused: its allocation stage differs from run {plain.run_id}'s" in capsys.readouterr().err
+    assert f"was rebuilt, not reused: its quantized model differs from run {plain.run_id}'s" in capsys.readouterr().err
 
 
 def test_an_unknown_lm_eval_task_fails_the_run_before_any_work(prefect_api, params, tmp_path):
