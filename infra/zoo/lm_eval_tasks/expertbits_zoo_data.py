@@ -11,6 +11,8 @@ over all documents (not averaged per document).
 
 from __future__ import annotations
 
+from functools import partial
+
 DOC_CHARS = 2000
 
 
@@ -41,31 +43,16 @@ def supersense(**_metadata) -> dict:
     return _split([{"gloss": g, "label": labels.index(label)} for g, label in corpora.supersense_examples("test")])
 
 
-def _text(name: str) -> dict:
+def _text(name: str, **_metadata) -> dict:
     from expertbits.zoo import read_text
 
     return _split([{"text": doc} for doc in documents(read_text(f"zoo://text/{name}"))])
 
 
-def austen(**_metadata) -> dict:
-    return _text("austen-heldout")
-
-
-def web(**_metadata) -> dict:
-    return _text("web-heldout")
-
-
-def python(**_metadata) -> dict:
-    return _text("python-heldout")
-
-
-def wordnet(**_metadata) -> dict:
-    return _text("wordnet-supersense-test")
-
-
-def code(**_metadata) -> dict:
-    return _text("code-heldout")
-
-
-def docs(**_metadata) -> dict:
-    return _text("docs-heldout")
+# the YAMLs' `custom_dataset: !function expertbits_zoo_data.<name>`: one per held-out text
+austen = partial(_text, "austen-heldout")
+web = partial(_text, "web-heldout")
+python = partial(_text, "python-heldout")
+wordnet = partial(_text, "wordnet-supersense-test")
+code = partial(_text, "code-heldout")
+docs = partial(_text, "docs-heldout")
